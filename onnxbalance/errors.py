@@ -1,0 +1,30 @@
+"""The errors a user can cause. Each is caught once, in the CLI, and becomes one line and an exit code.
+
+Internal bugs are not dressed up as these: they stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class OnnxBalanceError(Exception):
+    """Base of every error the user can fix; ``exit_code`` is what the CLI returns for it."""
+
+    exit_code = 2
+
+
+class InputError(OnnxBalanceError):
+    """The input cannot be read or used: missing, not ONNX, truncated, invalid, bad option values."""
+
+
+class UnsupportedModelError(OnnxBalanceError):
+    """The model is valid ONNX but something in it cannot be balanced safely."""
+
+
+class OutputError(OnnxBalanceError):
+    """The output cannot be written where the user asked."""
+
+
+class VerificationError(OnnxBalanceError):
+    """The balanced model does not compute the same function as the input."""
+
+    exit_code = 3

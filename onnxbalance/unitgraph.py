@@ -1,0 +1,149 @@
+"""The contract between graph analysis and the solver.
+
+Analysis turns an ONNX graph into :class:`ModelUnits`: linear layers whose rows and columns are
+units, each unit mapped to a *scale group* (a hidden unit, or several units tied to one factor,
+ALGORITHM.md §6) or to :data:`FIXED` (inputs, outputs, and every unit that cannot move), plus the
+stored tensors that change when the groups are rescaled. :meth:`ModelUnits.unit_graph` turns that
+into the solver's input, :class:`UnitGraph`, whose layers carry coupling matrices
+
+    c[o, i] = sum over kernel taps / flattened positions of |W[o, i, ...]|^p
+
+Nothing here knows about ONNX or about the balancing algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FIXED = -1
+"""Group index of a unit whose scale is pinned to 1."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One linear map between units, as the solver sees it.
+
+    ``coupling`` is a non-negative float64 matrix of shape (rows, cols); ``row_groups[o]`` and
+    ``col_groups[i]`` are scale-group indices or :data:`FIXED`.
+    """
+
+    name: str
+    coupling: np.ndarray
+    row_groups: np.ndarray
+    col_groups: np.ndarray
+
+
+@dataclass(frozen=True)
+class UnitGraph:
+    """Scale groups and the layers that couple them: everything the solver needs."""
+
+    layers: tuple[Layer, ...]
+    group_names: tuple[str, ...]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_names)
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """How one stored tensor changes when the scale groups move (log-scales ``u``).
+
+    The tensor is multiplied elementwise by ``exp(u[row_groups])`` along ``row_axis`` and by
+    ``exp(-u[col_groups])`` along ``col_axis`` (either may be None). ``col_groups`` is 1-D (one
+    group per index along ``col_axis``) or 2-D with shape (len along row_axis, len along
+    col_axis) when the column unit depends on the row (grouped convolutions). ``expand_to`` is
+    the shape a broadcast tensor (a scalar bias) must take before its rows can differ.
+    """
+
+    tensor: str
+    row_axis: int | None = None
+    row_groups: np.ndarray | None = None
+    col_axis: int | None = None
+    col_groups: np.ndarray | None = None
+    expand_to: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LinearUnits:
+    """One linear layer found in the model.
+
+    ``weight`` holds the layer's effective weights (alpha of a Gemm, a BatchNorm's per-channel
+    factor already applied) as a 2-D array (rows, raw columns): kernel taps and flattened
+    positions are separate raw columns that ``col_groups`` maps onto the same unit.
+    ``col_groups`` is 1-D (raw columns) or 2-D (rows, raw columns), like in :class:`TensorEdit`.
+    """
+
+    name: str
+    weight: np.ndarray
+    row_groups: np.ndarray
+    col_groups: np.ndarray
+    edits: tuple[TensorEdit, ...] = ()
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Units that stay at scale 1, and why (one record per node and reason)."""
+
+    node: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelUnits:
+    """What analysis found: the linear layers, the scale groups, and what it left alone."""
+
+    layers: tuple[LinearUnits, ...]
+    group_names: tuple[str, ...]
+    skipped: tuple[Skip, ...] = field(default=())
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_names)
+
+    def unit_graph(self, p: float) -> UnitGraph:
+        """The solver's view for the l_{p,q} norm with this ``p``."""
+        layers = []
+        for layer in self.layers:
+            coupling, col_groups = coupling_matrix(layer.weight, layer.col_groups, p)
+            layers.append(
+                Layer(layer.name, coupling, np.asarray(layer.row_groups, np.int64), col_groups)
+            )
+        return UnitGraph(tuple(layers), self.group_names)
+
+
+def coupling_matrix(
+    weight: np.ndarray, col_groups: np.ndarray, p: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aggregate ``|weight|^p`` over raw columns that belong to the same unit.
+
+    Returns the coupling matrix (rows, unique column groups) in float64 and the group of each
+    of its columns. All :data:`FIXED` raw columns collapse into one column: their scale is 1,
+    so only their sum matters.
+
+    >>> c, g = coupling_matrix(np.array([[1.0, -2.0, 3.0]]), np.array([0, 0, FIXED]), 2.0)
+    >>> c.tolist(), g.tolist()
+    ([[9.0, 5.0]], [-1, 0])
+    """
+    powered = np.abs(np.asarray(weight, dtype=np.float64)) ** p
+    col_groups = np.asarray(col_groups, dtype=np.int64)
+    unique, column_of = np.unique(col_groups, return_inverse=True)
+    if col_groups.ndim == 1:
+        if len(unique) == len(col_groups) and np.array_equal(unique, col_groups):
+            return powered, col_groups
+        order = np.argsort(column_of, kind="stable")
+        if np.array_equal(order, np.arange(len(order))):
+            ordered = powered  # already grouped in runs (Flatten, all-fixed inputs): no copy
+        else:
+            ordered = powered[:, order]
+        starts = np.searchsorted(column_of[order], np.arange(len(unique)))
+        return np.add.reduceat(ordered, starts, axis=1), unique
+    n_rows = powered.shape[0]
+    flat_index = np.arange(n_rows)[:, None] * len(unique) + column_of.reshape(col_groups.shape)
+    coupling = np.bincount(
+        flat_index.ravel(), weights=powered.ravel(), minlength=n_rows * len(unique)
+    )
+    return coupling.reshape(n_rows, len(unique)), unique
