@@ -145,7 +145,9 @@ def external_ref(tensor: onnx.TensorProto, base_dir: Path | str | None) -> Exter
         offset = int(info.get("offset", "0"))
         length = int(info["length"]) if "length" in info else None
     except ValueError as exc:
-        raise InputError(f"tensor '{tensor.name}' has a non-numeric external offset or length") from exc
+        raise InputError(
+            f"tensor '{tensor.name}' has a non-numeric external offset or length"
+        ) from exc
     if offset < 0 or (length is not None and length < 0):
         raise InputError(f"tensor '{tensor.name}' has a negative external offset or length")
     return ExternalRef(path, offset, length)
@@ -319,9 +321,9 @@ def make_tensor(name: str, array: np.ndarray, data_type: int) -> onnx.TensorProt
 
 def iter_tensors(message: onnx.ModelProto | onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every stored tensor: initializers, sparse initializers' parts, node attributes, subgraphs."""
-    graphs: list[onnx.GraphProto] = [message.graph] if isinstance(message, onnx.ModelProto) else [
-        message
-    ]
+    graphs: list[onnx.GraphProto] = (
+        [message.graph] if isinstance(message, onnx.ModelProto) else [message]
+    )
     nodes_lists = []
     if isinstance(message, onnx.ModelProto):
         nodes_lists.extend(function.node for function in message.functions)
@@ -360,8 +362,9 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path | str | None) -> 
 
 
 def data_fields_empty(tensor: onnx.TensorProto) -> bool:
-    return not any(tensor.HasField(f) if f == "raw_data" else len(getattr(tensor, f)) for f in
-                   _DATA_FIELDS)
+    return not any(
+        tensor.HasField(f) if f == "raw_data" else len(getattr(tensor, f)) for f in _DATA_FIELDS
+    )
 
 
 def copy_metadata(tensor: onnx.TensorProto) -> onnx.TensorProto:

@@ -28,15 +28,21 @@ def mlp(widths=(4, 8, 6, 3), dtype="float32", seed=0, spread=3.0) -> onnx.ModelP
     np_dtype = tensors.numpy_dtype(data_type)
     nodes, inits = [], []
     current = "x"
-    for k, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for k, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=False)):
         scale = np.exp(rng.uniform(-spread, spread, size=(n_out, 1)))
         w = rng.standard_normal((n_out, n_in)) * scale / np.sqrt(n_in)
         b = rng.standard_normal(n_out) * 0.1
         inits.append(tensors.make_tensor(f"W{k}", w.astype(np_dtype), data_type))
         inits.append(tensors.make_tensor(f"b{k}", b.astype(np_dtype), data_type))
-        out = f"h{k}" if k < len(widths) - 2 else "y"
-        nodes.append(helper.make_node("Gemm", [current, f"W{k}", f"b{k}"], [f"z{k}" if out != "y" else "y"], transB=1, name=f"gemm{k}"))
-        if out != "y":
+        last = k == len(widths) - 2
+        out = "y" if last else f"h{k}"
+        gemm_out = "y" if last else f"z{k}"
+        nodes.append(
+            helper.make_node(
+                "Gemm", [current, f"W{k}", f"b{k}"], [gemm_out], transB=1, name=f"gemm{k}"
+            )
+        )
+        if not last:
             nodes.append(helper.make_node("Relu", [f"z{k}"], [out], name=f"relu{k}"))
         current = out
     graph = helper.make_graph(
