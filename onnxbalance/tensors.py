@@ -31,6 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxbalance.errors import InputError
+from onnxbalance.memory import release  # noqa: F401  (re-exported: callers free pages)
 
 try:  # onnx depends on ml_dtypes; the fallback keeps bfloat16 readable without it
     import ml_dtypes
@@ -265,25 +266,6 @@ def raw_bytes(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> m
     if dtype.itemsize > 1 and dtype.byteorder == ">":
         array = array.astype(dtype.newbyteorder("<"))
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-
-
-def release(array: np.ndarray) -> None:
-    """Give back the resident pages of a memory-mapped array (a no-op for ordinary arrays).
-
-    Mapped pages that were read count towards the process's resident memory until unmapped;
-    after this call they are dropped from it (the file stays in the page cache) and are read
-    again transparently if the array is touched later.
-    """
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-        if isinstance(base, memoryview):
-            base = base.obj
-    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            base.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):  # closed or unsupported: nothing to give back
-            pass
 
 
 def overflow_mask(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""Keeping resident memory near the size of the weights (numpy only; no ONNX here).
+
+Weights read from external data are memory maps: pages are read when a computation touches
+them and then count towards the process's resident set until unmapped. :func:`release` hands
+them back once a computation is done (they stay in the page cache and are re-read
+transparently if touched again). :func:`float64_blocks` converts a tensor to float64 a block of
+rows at a time, so a float32 weight never needs more than its float64 result plus one block.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import numpy as np
+
+BLOCK_BYTES = 16 * 2**20
+"""Float64 bytes converted per block."""
+
+
+def mapped_buffer(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map an array's data lives in, if any (following views and memoryviews)."""
+    base = array
+    while base is not None:
+        if isinstance(base, memoryview):
+            base = base.obj
+        if isinstance(base, mmap.mmap):
+            return base
+        base = getattr(base, "base", None)
+    return None
+
+
+def release(array: np.ndarray) -> None:
+    """Drop the resident pages of a memory-mapped array; a no-op for ordinary arrays."""
+    mapped = mapped_buffer(array)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # closed, or not supported here: nothing to give back
+            pass
+
+
+def row_blocks(n_rows: int, row_bytes: int) -> Iterator[slice]:
+    """Slices of about :data:`BLOCK_BYTES` each along the first axis."""
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def abs_power(weight: np.ndarray, p: float) -> np.ndarray:
+    """``|weight| ** p`` in float64, computed block by block in the result's own memory.
+
+    >>> abs_power(np.array([[-2.0, 3.0]], dtype=np.float32), 2.0).tolist()
+    [[4.0, 9.0]]
+    """
+    weight = np.asarray(weight)
+    out = np.empty(weight.shape, dtype=np.float64)
+    if weight.ndim == 0 or out.size == 0:
+        out[...] = np.abs(weight.astype(np.float64)) ** p
+        return out
+    row_bytes = out[0].nbytes
+    for rows in row_blocks(len(out), row_bytes):
+        block = out[rows]
+        block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
+        np.abs(block, out=block)
+        if p == 2.0:
+            np.square(block, out=block)
+        elif p != 1.0:
+            np.power(block, p, out=block)
+    release(weight)
+    return out
