@@ -134,13 +134,31 @@ def test_transposed_and_grouped_layouts():
         )
     )
     u = np.array([5.0, 0.0, -5.0])  # 1000 * e^5 = 148413 > 65504
-    edit = TensorEdit("W", row_axis=1, row_groups=np.array([0, 1]), col_axis=0,
-                      col_groups=np.array([FIXED, 2, FIXED]))  # fmt: skip
-    units = ModelUnits((LinearUnits("gemm", weight.T, np.array([0, 1]),
-                                    np.array([FIXED, 2, FIXED]), (edit,)),), ("a", "b", "c"))  # fmt: skip
+    edit = TensorEdit(
+        "W",
+        row_axis=1,
+        row_groups=np.array([0, 1]),
+        col_axis=0,
+        col_groups=np.array([FIXED, 2, FIXED]),
+    )
+    units = ModelUnits(
+        (LinearUnits("gemm", weight.T, np.array([0, 1]), np.array([FIXED, 2, FIXED]), (edit,)),),
+        ("a", "b", "c"),
+    )
     assert set(overflow.overflowing_groups(model, units, u)) == {0, 2}
-    grouped = TensorEdit("W", row_axis=1, row_groups=np.array([FIXED, FIXED]), col_axis=0,
-                         col_groups=np.array([[FIXED, 2, FIXED], [FIXED, FIXED, FIXED]]))  # fmt: skip
-    units = ModelUnits((LinearUnits("conv", weight.T, np.array([FIXED, FIXED]),
-                                    np.array([FIXED, 2, FIXED]), (grouped,)),), ("a", "b", "c"))  # fmt: skip
+    grouped = TensorEdit(
+        "W",
+        row_axis=1,
+        row_groups=np.array([FIXED, FIXED]),
+        col_axis=0,
+        col_groups=np.array([[FIXED, 2, FIXED], [FIXED, FIXED, FIXED]]),
+    )
+    units = ModelUnits(
+        (
+            LinearUnits(
+                "conv", weight.T, np.array([FIXED, FIXED]), np.array([FIXED, 2, FIXED]), (grouped,)
+            ),
+        ),
+        ("a", "b", "c"),
+    )
     assert set(overflow.overflowing_groups(model, units, u)) == {2}
