@@ -122,7 +122,8 @@ def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> 
                 if axes[0] != edit.row_axis:
                     col = col.T
                 values = values * col.reshape(shape)
-    result = values.astype(original.dtype)
+    with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
+        result = values.astype(original.dtype)
     if not np.isfinite(result).all() and np.isfinite(original).all():
         raise UnsupportedModelError(
             f"rescaled tensor '{tensor.name}' overflows {original.dtype}; balancing cannot be "

@@ -71,6 +71,7 @@ class GraphIndex:
         self.consumers: dict[str, list[tuple[int, int]]] = {}
         self.with_subgraphs: list[int] = []
         self._initializers = {t.name: t for t in graph.initializer}
+        self.sparse = frozenset(t.values.name for t in graph.sparse_initializer)
         self._constant_nodes: dict[str, onnx.NodeProto] = {}
         self._arrays: dict[str, np.ndarray] = {}
         for i, node in enumerate(self.nodes):

@@ -151,6 +151,8 @@ def _editable(graph: GraphIndex, name: str, role: str) -> str | None:
 def _weight(graph: GraphIndex, i: int, name: str, units_axis: int) -> Refusal | None:
     """Refuse a weight that is not a stored, 2-D, floating-point constant."""
     node = graph.nodes[i]
+    if name in graph.sparse:
+        return Refusal(f"weight '{name}' is a sparse initializer")
     if not graph.is_constant(name):
         producer = graph.producer_of(name)
         if producer is not None and producer.op_type in QUANTIZED:
@@ -162,7 +164,7 @@ def _weight(graph: GraphIndex, i: int, name: str, units_axis: int) -> Refusal | 
     shape = graph.shape(name)
     if shape is None:
         return Refusal(f"weight '{name}' is a Constant without a tensor value")
-    count = shape[units_axis] if shape else 0
+    count = shape[units_axis] if len(shape) == 2 else (shape[-1] if shape else 0)
     elem = graph.elem_type(name)
     if elem not in FLOAT_TYPES:
         return Refusal(f"weight '{name}' has dtype {dtype_name(elem)}, not floating point", count)
