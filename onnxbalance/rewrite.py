@@ -97,8 +97,8 @@ def _moves(edit: TensorEdit) -> bool:
 
 def _factor(groups: np.ndarray, u: np.ndarray, sign: float) -> np.ndarray:
     groups = np.asarray(groups, dtype=np.int64)
-    logs = np.where(groups == FIXED, 0.0, u[np.where(groups == FIXED, 0, groups)])
-    return np.exp(sign * logs)
+    padded = np.append(u, 0.0)  # FIXED units read the trailing 0
+    return np.exp(sign * padded[np.where(groups == FIXED, len(u), groups)])
 
 
 def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> np.ndarray:

@@ -222,9 +222,12 @@ def test_storage_style_and_broadcast_bias_expansion():
     assert stored(balanced)["fc2_b"].SerializeToString() == old_b2  # output rows: untouched
 
 
-def test_several_edits_compose_and_grouped_columns():
-    model = om.gemm_mlp()  # fc1_W has shape (6, 4), rows on axis 0
-    w = numpy_helper.to_array(stored(model)["fc1_W"]).astype(np.float64)
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_several_edits_compose_and_grouped_columns(trans_b):
+    model = om.gemm_mlp(trans_b=trans_b)  # fc1_W: (6, 4) rows on axis 0, or (4, 6) on axis 1
+    stored_w = numpy_helper.to_array(stored(model)["fc1_W"]).astype(np.float64)
+    w = stored_w if trans_b else stored_w.T
+    r, c = (0, 1) if trans_b else (1, 0)
     n = om.HID + om.IN
     u = np.random.default_rng(3).normal(size=n)
     rows = np.arange(om.HID)
@@ -232,15 +235,16 @@ def test_several_edits_compose_and_grouped_columns():
     per_row_cols = np.tile(cols[::-1], (om.HID, 1))  # 2-D: column unit depends on the row
     per_row_cols[0] = FIXED
     edits = (
-        TensorEdit("fc1_W", row_axis=0, row_groups=rows),
-        TensorEdit("fc1_W", col_axis=1, col_groups=cols),
-        TensorEdit("fc1_W", row_axis=0, row_groups=rows, col_axis=1, col_groups=per_row_cols),
+        TensorEdit("fc1_W", row_axis=r, row_groups=rows),
+        TensorEdit("fc1_W", col_axis=c, col_groups=cols),
+        TensorEdit("fc1_W", row_axis=r, row_groups=rows, col_axis=c, col_groups=per_row_cols),
     )
     units = ModelUnits((LinearUnits("a", w, rows, cols, edits),), tuple(f"g{k}" for k in range(n)))
     got = numpy_helper.to_array(stored(rewrite(model, units, u))["fc1_W"])
     grouped = np.where(per_row_cols == FIXED, 0.0, u[np.maximum(per_row_cols, 0)])
     expected = w * np.exp(2 * u[rows])[:, None] * np.exp(-u[cols])[None, :] * np.exp(-grouped)
     assert got.dtype == np.float32
+    expected = expected if trans_b else expected.T
     np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6)
 
 
