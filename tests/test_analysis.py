@@ -231,3 +231,28 @@ def test_analyse_does_not_mutate():
         before = model.SerializeToString()
         analyse(model)
         assert model.SerializeToString() == before
+
+
+def test_prelu_with_a_data_slope_blocks():
+    net = om.Net("prelu_data")
+    x = net.input("x", ["N", om.IN])
+    slope = net.input("slope", [HID])
+    h = net.op("PRelu", [net.gemm(x, om.IN, HID, "fc1"), slope], "act1")
+    net.output(net.gemm(h, HID, om.OUT, "fc2"))
+    skips = [("fc1", HID, "feeds PRelu 'act1' whose slope is not a constant")]
+    check(net.build(), {"fc1": (None, None), "fc2": (None, None)}, skips)
+
+
+def test_unit_graph_couplings_from_the_weights():
+    model = om.gemm_mlp(trans_b=0, alpha=0.5)  # alpha 0.5 is exact in float32
+    graph = analyse(model).unit_graph(2.0)
+    w1 = 0.5 * _init(model, "fc1_W").astype(np.float64).T
+    w2 = 0.5 * _init(model, "fc2_W").astype(np.float64).T
+    first, second = graph.layers
+    # fc1's inputs are all fixed graph inputs: one aggregated column
+    np.testing.assert_allclose(first.coupling, (w1**2).sum(axis=1, keepdims=True), rtol=1e-12)
+    assert first.col_groups.tolist() == [FIXED] and first.row_groups.tolist() == list(range(HID))
+    np.testing.assert_allclose(second.coupling, w2**2, rtol=1e-12)
+    assert second.col_groups.tolist() == list(range(HID))
+    assert second.row_groups.tolist() == [FIXED] * om.OUT
+    assert graph.group_names == tuple(f"fc1:{o}" for o in range(HID))

@@ -71,6 +71,7 @@ QUANTIZED_WEIGHT = {
     "ConvInteger": (1, 0),
 }
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
+STANDARD_DOMAINS = ("", "ai.onnx")
 LINEAR_OPS = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"} | set(QUANTIZED_WEIGHT))
 
 
@@ -194,6 +195,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 def match_linear(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
     """Gemm or MatMul(+Add) at node ``i``; None for ops that are not linear layers at all."""
+    if graph.nodes[i].domain not in STANDARD_DOMAINS:
+        return None  # a custom op that happens to share a standard name
     op = graph.nodes[i].op_type
     if op == "Gemm":
         return _match_gemm(graph, i)
@@ -273,7 +276,7 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
     if len(uses) == 1 and output not in graph.graph_outputs:
         j, slot = uses[0]
         add = graph.nodes[j]
-        if add.op_type == "Add" and slot in (0, 1) and len(add.input) == 2:
+        if add.op_type == "Add" and add.domain in STANDARD_DOMAINS and len(add.input) == 2:
             other = add.input[1 - slot]
             if graph.is_constant(other):
                 bias, nodes, output = other, (i, j), add.output[0]
@@ -299,18 +302,36 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
     )
 
 
+def _activation(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough | Refusal:
+    """Relu, LeakyRelu, PRelu: element-wise and positively homogeneous in input 0."""
+    node, name = graph.nodes[i], graph.names[i]
+    if slot != 0:
+        return Refusal(f"feeds {node.op_type} '{name}' as input {slot}")
+    if node.op_type == "PRelu" and (len(node.input) < 2 or not graph.is_constant(node.input[1])):
+        # a constant slope is not rescaled: PRelu(a z, s) = a PRelu(z, s) for any fixed s
+        return Refusal(f"feeds PRelu '{name}' whose slope is not a constant")
+    return PassThrough(node.output[0], axis, activation=True)
+
+
+# op type -> rule for ops the channel factors may pass through (next: pools, Flatten, Concat,
+# Transpose, ..., each returning where the channels land)
+PASSTHROUGH_RULES = {op: _activation for op in ACTIVATIONS}
+
+
 def match_passthrough(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough | Refusal:
-    """Where channel factors on input ``slot`` of node ``i`` (along ``axis``) go, or why not."""
+    """Where channel factors on input ``slot`` of node ``i`` (along ``axis``) go, or why not.
+
+    ``slot`` -1 means the node reads the tensor from inside one of its subgraphs.
+    """
     node = graph.nodes[i]
     op, name = node.op_type, graph.names[i]
     if slot < 0 or op in SUBGRAPH_OPS:
         return Refusal(f"used inside the subgraph of {op} '{name}'")
+    rule = PASSTHROUGH_RULES.get(op) if node.domain in STANDARD_DOMAINS else None
+    if rule is not None:
+        return rule(graph, i, slot, axis)
     if op in QUANTIZED:
         return Refusal(f"feeds quantized op {op} '{name}'")
-    if op in ACTIVATIONS and slot == 0:
-        if op == "PRelu" and (len(node.input) < 2 or not graph.is_constant(node.input[1])):
-            return Refusal(f"feeds PRelu '{name}' whose slope is not a constant")
-        return PassThrough(node.output[0], axis, activation=True)
     if op in LINEAR_OPS:
         return Refusal(f"feeds {op} '{name}', which is not a rescalable linear layer")
     if op in NOT_HOMOGENEOUS:
