@@ -214,6 +214,15 @@ def fan_out() -> onnx.ModelProto:
     return _finish(net, net.gemm(h2, HID, 2, "head_c", trans_b=0))
 
 
+def shape_reader() -> onnx.ModelProto:
+    """fc1's activation is also read by Shape (values do not matter): fc1 still moves."""
+    net = Net("shape_reader")
+    h = net.relu(net.gemm(net.input("x", ["N", IN]), IN, HID, "fc1"), "act1")
+    shape = net.op("Shape", [h], "shape")
+    net.outputs.append(helper.make_tensor_value_info(shape, TensorProto.INT64, None))
+    return _finish(net, net.gemm(h, HID, OUT, "fc2"))
+
+
 def hidden_is_output() -> onnx.ModelProto:
     """fc1's activation is also a graph output, so fc1 cannot move; fc2 still can."""
     net = Net("hidden_is_output")

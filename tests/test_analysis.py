@@ -100,6 +100,10 @@ def test_fan_out_to_three_layers():
     check(om.fan_out(), layers, [])
 
 
+def test_shape_of_an_activation_does_not_block():
+    check(om.shape_reader(), MLP, [])
+
+
 def test_hidden_activation_that_is_a_graph_output():
     layers = {"fc1": (None, None), "fc2": ("fc2", None), "fc3": (None, "fc2")}
     check(om.hidden_is_output(), layers, [("fc1", HID, "activation 'act1_out' is a graph output")])

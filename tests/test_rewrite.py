@@ -39,6 +39,7 @@ RUNNABLE = {
     "prelu_vec": lambda: om.activations("prelu_vec"),
     "fan_out": om.fan_out,
     "hidden_is_output": om.hidden_is_output,
+    "shape_reader": om.shape_reader,
     "shared_weight": om.shared_weight,
     "sigmoid": lambda: om.blocker("Sigmoid"),
     "clip": lambda: om.blocker("Clip"),

@@ -132,9 +132,10 @@ class PassThrough:
     """An op the channel factors pass through: they reappear on ``output`` along ``axis``.
 
     ``activation`` marks a positively homogeneous non-linearity (what makes a hidden unit).
+    ``output`` None means the op reads only the tensor's shape: the factors end there harmlessly.
     """
 
-    output: str
+    output: str | None
     axis: int
     activation: bool
 
@@ -313,9 +314,17 @@ def _activation(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough 
     return PassThrough(node.output[0], axis, activation=True)
 
 
+def _shape_only(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough:
+    """Shape, Size: their result does not depend on the values, so no factor reaches it."""
+    return PassThrough(None, axis, activation=False)
+
+
 # op type -> rule for ops the channel factors may pass through (next: pools, Flatten, Concat,
 # Transpose, ..., each returning where the channels land)
-PASSTHROUGH_RULES = {op: _activation for op in ACTIVATIONS}
+PASSTHROUGH_RULES = {op: _activation for op in ACTIVATIONS} | {
+    "Shape": _shape_only,
+    "Size": _shape_only,
+}
 
 
 def match_passthrough(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough | Refusal:

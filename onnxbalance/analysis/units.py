@@ -117,7 +117,8 @@ def _trace(
             step = match_passthrough(graph, i, slot, axis)
             if isinstance(step, Refusal):
                 return step.reason, carried
-            stack.append((step.output, step.axis, activated or step.activation))
+            if step.output is not None:
+                stack.append((step.output, step.axis, activated or step.activation))
     return None, carried
 
 
