@@ -131,7 +131,9 @@ class GraphIndex:
             proto = self.tensor_proto(name)
             if proto is None:
                 raise KeyError(name)
-            self._arrays[name] = numpy_helper.to_array(proto)
+            array = numpy_helper.to_array(proto)
+            array.setflags(write=False)  # handed out as views (layer weights): keep it intact
+            self._arrays[name] = array
         return self._arrays[name]
 
     def producer_of(self, name: str) -> onnx.NodeProto | None:

@@ -52,12 +52,13 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
 
     group_names: list[str] = []
     channels: dict[str, np.ndarray] = {}
-    rows: dict[str, np.ndarray] = {}
+    rows: dict[int, np.ndarray] = {}  # by node index: names need not be unique
     for layer in layers:
         reason, carried = _trace(graph, layer, reader)
         reason = layer.rows_refusal or reason
         if reason is None:
             groups = np.arange(len(group_names), len(group_names) + layer.n_rows, dtype=np.int64)
+            groups.setflags(write=False)  # shared by this layer's rows and its readers' columns
             group_names.extend(f"{layer.name}:{o}" for o in range(layer.n_rows))
             for tensor in carried:
                 channels[tensor] = groups
@@ -65,7 +66,7 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
             groups = np.full(layer.n_rows, FIXED, dtype=np.int64)
             if _reaches_linear(graph, layer.output):
                 skipped.append(Skip(layer.name, layer.n_rows, reason))
-        rows[layer.name] = groups
+        rows[layer.nodes[0]] = groups
 
     units = []
     seen_weights: set[str] = set()
@@ -77,7 +78,7 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
         cols = channels.get(layer.data_input)
         if cols is None:
             cols = np.full(layer.n_cols, FIXED, dtype=np.int64)
-        units.append(_units(graph, layer, rows[layer.name], cols))
+        units.append(_units(graph, layer, rows[layer.nodes[0]], cols))
     log.info(
         "analysis: %d linear layers, %d hidden units, %d skip records",
         len(units),
@@ -93,14 +94,15 @@ def _trace(
     """Follow the layer's output channels; return why they cannot move (or None) and the
     tensors that carry them."""
     carried: list[str] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, bool]] = set()
     stack = [(layer.output, layer.out_axis, False)]
     while stack:
         tensor, axis, activated = stack.pop()
-        if tensor in seen:
+        if (tensor, activated) in seen:
             continue
-        seen.add(tensor)
-        carried.append(tensor)
+        seen.add((tensor, activated))
+        if tensor not in carried:
+            carried.append(tensor)
         if tensor in graph.graph_outputs:
             what = "activation" if activated else "output"
             return f"{what} '{tensor}' is a graph output", carried
