@@ -353,3 +353,50 @@ def typed_storage() -> onnx.ModelProto:
             t.ClearField("raw_data")
             t.float_data.extend(values.ravel().tolist())
     return model
+
+
+def random_chain(seed: int) -> onnx.ModelProto:
+    """A random chain mixing every issue-3 pattern: layer kind, orientation, bias form, storage
+    (initializer / Constant node), activation or blocker between layers, side outputs."""
+    net = Net(f"random_chain_{seed}", seed=seed)
+    rng = np.random.default_rng(seed + 1000)
+    h, n_in = net.input("x", ["N", IN]), IN
+    depth = int(rng.integers(2, 6))
+    for k in range(1, depth + 1):
+        n_out = OUT if k == depth else int(rng.integers(2, 8))
+        name, node = f"fc{k}", bool(rng.integers(2))
+        bias = [None, "vec", "row", "scalar"][int(rng.integers(4))]
+        if rng.integers(2):
+            z = net.gemm(
+                h,
+                n_in,
+                n_out,
+                name,
+                trans_b=int(rng.integers(2)),
+                alpha=float(rng.choice([1.0, 0.5, 2.0])),
+                beta=float(rng.choice([1.0, 0.25, 3.0])),
+                bias=bias,
+                node=node,
+            )
+        else:
+            z = net.matmul(
+                h, n_in, n_out, name, bias=bias, bias_first=bool(rng.integers(2)), node=node
+            )
+        if k == depth:
+            return _finish(net, z)
+        kind = rng.choice(["relu", "relu", "leaky", "prelu", "sigmoid", "relu_out", "none"])
+        if kind == "leaky":
+            h = net.op("LeakyRelu", [z], f"act{k}", alpha=0.05)
+        elif kind == "prelu":
+            slope = net.const(f"slope{k}", rng.normal(size=n_out).astype(np.float32))
+            h = net.op("PRelu", [z, slope], f"act{k}")
+        elif kind == "sigmoid":
+            h = net.op("Sigmoid", [z], f"act{k}")
+        elif kind == "none":
+            h = z
+        else:
+            h = net.relu(z, f"act{k}")
+            if kind == "relu_out":
+                net.output(h)
+        n_in = n_out
+    raise AssertionError("unreachable")

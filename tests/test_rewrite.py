@@ -266,3 +266,12 @@ def test_wrong_number_of_scales():
     units = analyse(model)
     with pytest.raises(ValueError, match="log-scales"):
         rewrite(model, units, np.zeros(units.n_groups + 1))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_chains_keep_their_function(seed):
+    model = om.random_chain(seed)
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units, seed=seed, spread=2.0))
+    inputs = feeds(model, seed)
+    assert max_error(run(model, inputs), run(balanced, inputs)) <= 2e-5
