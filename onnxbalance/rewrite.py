@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import memory, tensors
 from .errors import UnsupportedModelError
 from .unitgraph import FIXED, ModelUnits, TensorEdit
 
@@ -103,17 +103,19 @@ def _factor(groups: np.ndarray, u: np.ndarray, sign: float) -> np.ndarray:
 
 def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> np.ndarray:
     """The tensor's new value in its own dtype."""
-    original = numpy_helper.to_array(tensor)
+    original = tensors.read_array(tensor)  # external data: memory-mapped, read once here
     values = original.astype(np.float64)
+    memory.release(original)
     for edit in edits:
         if edit.expand_to is not None and values.shape != tuple(edit.expand_to):
             values = np.broadcast_to(values, edit.expand_to).copy()
+        # in place: one float64 copy of the tensor at a time, however large it is
         if edit.row_axis is not None and edit.row_groups is not None:
-            values = values * _along(_factor(edit.row_groups, u, 1.0), edit.row_axis, values.ndim)
+            values *= _along(_factor(edit.row_groups, u, 1.0), edit.row_axis, values.ndim)
         if edit.col_axis is not None and edit.col_groups is not None:
             col = _factor(edit.col_groups, u, -1.0)
             if col.ndim == 1:
-                values = values * _along(col, edit.col_axis, values.ndim)
+                values *= _along(col, edit.col_axis, values.ndim)
             else:  # (rows, cols): the column unit depends on the row (grouped convolutions)
                 shape = [1] * values.ndim
                 shape[edit.row_axis] = col.shape[0]
@@ -121,7 +123,7 @@ def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> 
                 axes = sorted((edit.row_axis, edit.col_axis))
                 if axes[0] != edit.row_axis:
                     col = col.T
-                values = values * col.reshape(shape)
+                values *= col.reshape(shape)
     with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
         result = values.astype(original.dtype)
     if not np.isfinite(result).all() and np.isfinite(original).all():
@@ -140,7 +142,13 @@ def _along(factor: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 
 def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarray) -> None:
     """Make ``target`` = ``original`` with new values, in the same storage style."""
-    fresh = numpy_helper.from_array(values, original.name)
+    # decided before clearing: ``target`` may be ``original`` (a Constant's value)
+    raw = (
+        original.HasField("raw_data")
+        or tensors.is_external(original)  # big: raw bytes, never a Python list of floats
+        or original.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    )
+    fresh = tensors.make_tensor(original.name, values, original.data_type)
     if target is not original:
         target.Clear()
         for field, value in original.ListFields():
@@ -151,10 +159,7 @@ def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarr
     target.ClearField("data_location")
     del target.dims[:]
     target.dims.extend(fresh.dims)
-    if original.HasField("raw_data") or original.data_type not in (
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.DOUBLE,
-    ):
+    if raw:
         target.raw_data = fresh.raw_data
     elif original.data_type == onnx.TensorProto.FLOAT:
         target.float_data.extend(values.ravel().tolist())

@@ -20,6 +20,8 @@ caller can refuse the units responsible instead of writing infinities.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import mmap
 import os
 from collections.abc import Iterator
@@ -60,6 +62,25 @@ _DATA_FIELDS = (
     "double_data",
     "uint64_data",
 )
+
+
+_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "onnxbalance_external_folder", default=None
+)
+
+
+@contextlib.contextmanager
+def external_folder(base_dir: Path | str | os.PathLike | None) -> Iterator[None]:
+    """Resolve external data against ``base_dir`` in :func:`read_array` calls that give none.
+
+    The steps between load and save (analysis, rewrite) take a bare ModelProto; a lazily
+    loaded model's external references are relative to its file's folder, set here once.
+    """
+    token = _FOLDER.set(Path(base_dir) if base_dir is not None else None)
+    try:
+        yield
+    finally:
+        _FOLDER.reset(token)
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,8 @@ def resolve_location(base_dir: Path | str | None, location: str, name: str = "")
     A model file decides which files the tool reads; allowing ``../`` or absolute paths would let
     a downloaded model make it read (and copy into its output) any file the user can read.
     """
+    if base_dir is None:
+        base_dir = _FOLDER.get()
     if base_dir is None:
         raise InputError(
             f"tensor '{name}' uses external data '{location}' but the model was not loaded from "
