@@ -1,9 +1,10 @@
 """Writing a model (and its external data) so that nothing is ever half-written or lost.
 
-The output is built next to its destination under hidden temporary names, flushed and fsynced,
-and only then renamed over the destination, data file first and model file second, with
-SIGINT/SIGTERM deferred between the two renames. Any exception or interrupt before that point
-removes the temporaries and leaves an existing output untouched.
+The output is built in a hidden temporary folder next to its destination (so it can be opened
+and verified exactly as it will be), flushed and fsynced, and only then renamed over the
+destination, data file first and model file second, with SIGINT/SIGTERM deferred between the two
+renames. Any exception or interrupt before that point removes the temporary folder and leaves an
+existing output untouched.
 
 Tensor storage follows the input: a tensor stored externally is written to ``OUT.name +
 ".data"`` beside the output, one stored inline stays inline. Tensor bytes are streamed one
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -300,6 +302,126 @@ def _source_files(model: onnx.ModelProto, base_dir: Path | None) -> set[Path]:
     return files
 
 
+class Staged:
+    """A complete output written under a hidden temporary folder beside its destination.
+
+    ``model_path`` can be opened (by onnxruntime, for verification) exactly as the final file:
+    its external data sits next to it under its final name. :meth:`commit` moves both into
+    place, data first; :meth:`discard` (or leaving the ``with`` block without committing)
+    removes everything. Used as a context manager it never leaves temporaries behind.
+    """
+
+    def __init__(self, out: Path, folder: Path, has_data: bool) -> None:
+        self.out = out
+        self.folder = folder
+        self.model_path = folder / out.name
+        self.data_path = data_path_for(self.model_path) if has_data else None
+        self.committed = False
+
+    def commit(self) -> Path | None:
+        """Move the output into place; return the final external data path, if any."""
+        final_data = data_path_for(self.out) if self.data_path is not None else None
+        try:
+            _pause_for_tests()
+            with signals_deferred():
+                if self.data_path is not None:
+                    os.replace(self.data_path, final_data)
+                os.replace(self.model_path, self.out)
+                self.committed = True
+            _fsync_dir(self.out.parent if str(self.out.parent) else Path("."))
+        except OSError as exc:
+            raise OutputError(f"cannot write '{self.out}': {exc.strerror or exc}") from exc
+        finally:
+            self.discard()
+        return final_data
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def _check_destination(out: Path) -> Path:
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise OutputError(f"output '{out}' is a directory; give a file name")
+    if not folder.is_dir():
+        raise OutputError(f"output folder '{folder}' does not exist")
+    return folder
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    out: str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    external: Iterable[str] | None = None,
+    protected: Iterable[str | os.PathLike] = (),
+) -> Staged:
+    """Write the complete output (model and data) under a temporary folder beside ``out``.
+
+    Arguments as for :func:`save_model`. Nothing at ``out`` changes until
+    :meth:`Staged.commit`.
+
+    Raises:
+        OutputError: the destination cannot be written, or would overwrite the input's data.
+    """
+    out = Path(out)
+    base = Path(base_dir) if base_dir is not None else None
+    folder = _check_destination(out)
+    names, moved = _choose_external(model, external)
+    if moved:
+        log.warning(
+            "%d tensors moved to external data: inline they exceed protobuf's 2 GB limit",
+            len(moved),
+        )
+    if names:
+        data_path = data_path_for(out)
+        sources = _source_files(model, base)
+        guarded = {Path(p).resolve() for p in protected} | sources
+        if data_path.resolve() in guarded or out.resolve() in sources:
+            raise OutputError(
+                f"output data file '{data_path.name}' would overwrite the input's external "
+                "data; choose another output name or folder"
+            )
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    try:
+        temp = folder / f".{out.name}.{token}.tmp"
+        temp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+    staged = Staged(out, temp, bool(names))
+    try:
+        if staged.data_path is not None:
+            with open(staged.data_path, "xb") as handle:
+                writer = _DataWriter(handle, staged.data_path.name, base)
+                skeleton = _transform(
+                    model, lambda t: writer.add(t) if t.name in names else _inline(t, base)
+                )
+                _fsync(handle)
+        else:
+            skeleton = _transform(model, lambda t: _inline(t, base))
+        try:
+            serialized = skeleton.SerializeToString(deterministic=True)
+        except ValueError as exc:  # the graph itself is over protobuf's limit
+            raise OutputError(f"cannot write '{out}': {exc}") from exc
+        del skeleton
+        with open(staged.model_path, "xb") as handle:
+            handle.write(serialized)
+            _fsync(handle)
+    except OSError as exc:
+        staged.discard()
+        raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
 def save_model(
     model: onnx.ModelProto,
     out: str | os.PathLike,
@@ -322,60 +444,5 @@ def save_model(
     Raises:
         OutputError: the destination cannot be written, or would overwrite the input's data.
     """
-    out = Path(out)
-    base = Path(base_dir) if base_dir is not None else None
-    folder = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise OutputError(f"output '{out}' is a directory; give a file name")
-    if not folder.is_dir():
-        raise OutputError(f"output folder '{folder}' does not exist")
-    names, moved = _choose_external(model, external)
-    if moved:
-        log.warning(
-            "%d tensors moved to external data: inline they exceed protobuf's 2 GB limit",
-            len(moved),
-        )
-    data_path = data_path_for(out) if names else None
-    if data_path is not None:
-        guarded = {Path(p).resolve() for p in protected} | _source_files(model, base)
-        if data_path.resolve() in guarded or out.resolve() in _source_files(model, base):
-            raise OutputError(
-                f"output data file '{data_path.name}' would overwrite the input's external "
-                "data; choose another output name or folder"
-            )
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    model_tmp = folder / f".{out.name}.{token}.tmp"
-    data_tmp = folder / f".{out.name}.data.{token}.tmp" if data_path is not None else None
-    created: list[Path] = []
-    try:
-        if data_tmp is not None:
-            created.append(data_tmp)
-            with open(data_tmp, "xb") as handle:
-                writer = _DataWriter(handle, data_path.name, base)
-                skeleton = _transform(
-                    model,
-                    lambda t: writer.add(t) if t.name in names else _inline(t, base),
-                )
-                _fsync(handle)
-        else:
-            skeleton = _transform(model, lambda t: _inline(t, base))
-        created.append(model_tmp)
-        with open(model_tmp, "xb") as handle:
-            handle.write(skeleton.SerializeToString(deterministic=True))
-            _fsync(handle)
-        del skeleton
-        _pause_for_tests()
-        with signals_deferred():
-            if data_tmp is not None:
-                os.replace(data_tmp, data_path)
-                created.remove(data_tmp)
-            os.replace(model_tmp, out)
-            created.remove(model_tmp)
-        _fsync_dir(folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
-    finally:
-        for path in created:
-            with contextlib.suppress(OSError):
-                path.unlink()
-    return data_path
+    staged = stage_model(model, out, base_dir=base_dir, external=external, protected=protected)
+    return staged.commit()

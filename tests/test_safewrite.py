@@ -209,7 +209,8 @@ def test_signal_while_writing_leaves_nothing(folders, signum):
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert marker.exists()
-    assert len(os.listdir(out.parent)) == 3  # the temporaries exist right now
+    (temp,) = [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert sorted(os.listdir(temp)) == ["b.onnx", "b.onnx.data"]  # staged right now
     proc.send_signal(signum)
     assert proc.wait(timeout=30) == 128 + signum
     assert _digest(out.parent) == before
@@ -223,3 +224,17 @@ def test_signals_deferred_during_commit():
             reached = True
     assert reached
     assert info.value.signum == signal.SIGTERM
+
+
+def test_staged_output_opens_like_the_final_one(folders):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    out.write_bytes(b"old model")
+    with safewrite.stage_model(model, out, base_dir=path.parent) as staged:
+        np.testing.assert_array_equal(_outputs(staged.model_path), _outputs(path))
+        assert out.read_bytes() == b"old model"  # nothing final changed yet
+    assert os.listdir(out.parent) == ["b.onnx"]  # discarded on leaving the block
+    staged = safewrite.stage_model(model, out, base_dir=path.parent)
+    assert staged.commit() == folders / "out" / "b.onnx.data"
+    assert sorted(os.listdir(out.parent)) == ["b.onnx", "b.onnx.data"]
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
