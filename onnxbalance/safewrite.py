@@ -143,7 +143,7 @@ def _aligned(offset: int, nbytes: int) -> int:
     return offset
 
 
-def _transform(message, fn: Callable[[onnx.TensorProto], onnx.TensorProto]):
+def map_tensors(message, fn: Callable[[onnx.TensorProto], onnx.TensorProto]):
     """A copy of ``message`` with every TensorProto inside it replaced by ``fn(tensor)``.
 
     Walks the message's fields generically, so initializers, Constant attributes, sparse
@@ -166,9 +166,9 @@ def _transform(message, fn: Callable[[onnx.TensorProto], onnx.TensorProto]):
                 target.CopyFrom(fn(value))
         elif kind in _CONTAINERS:
             if field.is_repeated:
-                target.extend(_transform(m, fn) for m in value)
+                target.extend(map_tensors(m, fn) for m in value)
             else:
-                target.CopyFrom(_transform(value, fn))
+                target.CopyFrom(map_tensors(value, fn))
         elif field.is_repeated:
             target.extend(value)
         else:
@@ -399,12 +399,12 @@ def stage_model(
         if staged.data_path is not None:
             with open(staged.data_path, "xb") as handle:
                 writer = _DataWriter(handle, staged.data_path.name, base)
-                skeleton = _transform(
+                skeleton = map_tensors(
                     model, lambda t: writer.add(t) if t.name in names else _inline(t, base)
                 )
                 _fsync(handle)
         else:
-            skeleton = _transform(model, lambda t: _inline(t, base))
+            skeleton = map_tensors(model, lambda t: _inline(t, base))
         try:
             serialized = skeleton.SerializeToString(deterministic=True)
         except ValueError as exc:  # the graph itself is over protobuf's limit
