@@ -268,7 +268,8 @@ class _DataWriter:
         return stub
 
 
-def _inline(tensor: onnx.TensorProto, base_dir: Path | None) -> onnx.TensorProto:
+def inline_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> onnx.TensorProto:
+    """``tensor`` itself when inline, else an inline copy of it (raw bytes read from its file)."""
     if not tensors.is_external(tensor):
         return tensor
     stub = tensors.copy_metadata(tensor)
@@ -400,11 +401,11 @@ def stage_model(
             with open(staged.data_path, "xb") as handle:
                 writer = _DataWriter(handle, staged.data_path.name, base)
                 skeleton = map_tensors(
-                    model, lambda t: writer.add(t) if t.name in names else _inline(t, base)
+                    model, lambda t: writer.add(t) if t.name in names else inline_tensor(t, base)
                 )
                 _fsync(handle)
         else:
-            skeleton = map_tensors(model, lambda t: _inline(t, base))
+            skeleton = map_tensors(model, lambda t: inline_tensor(t, base))
         try:
             serialized = skeleton.SerializeToString(deterministic=True)
         except ValueError as exc:  # the graph itself is over protobuf's limit

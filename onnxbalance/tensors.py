@@ -50,6 +50,14 @@ FLOAT_TYPES = {
 if BFLOAT16 is not None:
     FLOAT_TYPES[onnx.TensorProto.BFLOAT16] = BFLOAT16
 
+# Sub-byte types are stored packed (several values per byte): their sizes follow other rules,
+# and they are never weights that balancing rescales, so onnx decodes them.
+_PACKED = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2", "FLOAT6E2M3", "FLOAT6E3M2")
+    if hasattr(onnx.TensorProto, name)
+)
+
 _BF16_MAX = 3.3895313892515355e38  # (2 - 2**-7) * 2**127, largest finite bfloat16
 
 # Fields that hold a tensor's values; everything else (name, dims, type, doc) is metadata.
@@ -226,6 +234,8 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> 
             is missing, too short or outside the model's folder, or the type is unknown.
     """
     dtype = numpy_dtype(tensor.data_type, tensor.name)
+    if tensor.data_type in _PACKED:
+        return _packed(tensor, base_dir)
     shape = tuple(int(d) for d in tensor.dims)
     nbytes = expected_nbytes(tensor)
     if dtype.kind in "OSU":  # strings are never weights; let onnx decode them
@@ -251,8 +261,30 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> 
     return array
 
 
+def _packed(tensor: onnx.TensorProto, base_dir: Path | str | None) -> np.ndarray:
+    folder = ""
+    if is_external(tensor):
+        folder = str(external_ref(tensor, base_dir).path.parent)  # refuses escaping paths
+    try:
+        array = numpy_helper.to_array(tensor, base_dir=folder)
+    except Exception as exc:  # onnx raises assorted types for malformed packed data
+        raise InputError(f"tensor '{tensor.name}' cannot be decoded: {exc}") from exc
+    array.flags.writeable = False
+    return array
+
+
 def _typed_fields(tensor: onnx.TensorProto) -> np.ndarray:
     """Decode values stored in the typed repeated fields (float_data, int32_data, ...)."""
+    _check_typed_count(tensor)
+    try:
+        array = numpy_helper.to_array(tensor)
+    except Exception as exc:  # onnx raises assorted types for malformed typed fields
+        raise InputError(f"tensor '{tensor.name}' cannot be decoded: {exc}") from exc
+    array.flags.writeable = False
+    return array
+
+
+def _check_typed_count(tensor: onnx.TensorProto) -> None:
     count = element_count(tensor)
     stored = max(
         len(tensor.float_data),
@@ -264,20 +296,11 @@ def _typed_fields(tensor: onnx.TensorProto) -> np.ndarray:
     )
     complex_types = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
     per_value = 2 if tensor.data_type in complex_types else 1
-    bits_per_int32 = {onnx.TensorProto.INT4: 2, onnx.TensorProto.UINT4: 2}
-    if tensor.data_type in bits_per_int32:
-        count = (count + 1) // 2
     if stored != count * per_value:
         raise InputError(
             f"tensor '{tensor.name}' holds {stored} values but its shape {list(tensor.dims)} "
             f"needs {count * per_value}"
         )
-    try:
-        array = numpy_helper.to_array(tensor)
-    except Exception as exc:  # onnx raises assorted types for malformed typed fields
-        raise InputError(f"tensor '{tensor.name}' cannot be decoded: {exc}") from exc
-    array.flags.writeable = False
-    return array
 
 
 def raw_bytes(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> memoryview:
@@ -359,17 +382,31 @@ def external_names(model: onnx.ModelProto) -> frozenset[str]:
     return frozenset(t.name for t in iter_tensors(model) if is_external(t))
 
 
-def check_external_data(model: onnx.ModelProto, base_dir: Path | str | None) -> None:
-    """Check every external reference (path inside the folder, sizes) without reading data."""
+def check_tensors(model: onnx.ModelProto, base_dir: Path | str | None) -> None:
+    """Check every stored tensor without reading external data: a known element type,
+    non-negative dims, inline bytes or values matching the declared shape, and external
+    references inside the model's folder and within their files.
+
+    Raises:
+        InputError: naming the first tensor that fails.
+    """
     for tensor in iter_tensors(model):
-        if is_external(tensor):
+        dtype = numpy_dtype(tensor.data_type, tensor.name)
+        nbytes = element_count(tensor) * dtype.itemsize
+        if tensor.data_type in _PACKED:
+            if is_external(tensor):
+                external_ref(tensor, base_dir)
+        elif is_external(tensor):
             _checked_external(tensor, base_dir)
-
-
-def data_fields_empty(tensor: onnx.TensorProto) -> bool:
-    return not any(
-        tensor.HasField(f) if f == "raw_data" else len(getattr(tensor, f)) for f in _DATA_FIELDS
-    )
+        elif tensor.HasField("raw_data"):
+            stored = len(tensor.raw_data)
+            if stored != nbytes and dtype.kind not in "OSU":
+                raise InputError(
+                    f"tensor '{tensor.name}' holds {stored} bytes but its shape "
+                    f"{list(tensor.dims)} needs {nbytes}"
+                )
+        elif dtype.kind not in "OSU":
+            _check_typed_count(tensor)
 
 
 def copy_metadata(tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -384,10 +421,3 @@ def copy_metadata(tensor: onnx.TensorProto) -> onnx.TensorProto:
         stub.segment.CopyFrom(tensor.segment)
     stub.metadata_props.extend(tensor.metadata_props)
     return stub
-
-
-def file_size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0

@@ -194,3 +194,34 @@ def test_iter_tensors_finds_attributes_and_subgraphs():
     )
     names = sorted(t.name for t in tensors.iter_tensors(helper.make_model(graph)))
     assert names == ["cv", "init", "s", "s"]
+
+
+def test_check_tensors_names_the_bad_one(tmp_path):
+    model = mlp()
+    tensors.check_tensors(model, None)  # a valid model passes
+    packed = helper.make_tensor("q", onnx.TensorProto.INT4, [3], [1, -2, 3])
+    model.graph.initializer.append(packed)
+    tensors.check_tensors(model, None)  # packed 4-bit storage is not mistaken for a bad size
+    assert tensors.read_array(packed).tolist() == [1, -2, 3]
+    for field, value, message in [
+        ("data_type", 9999, "unknown element type 9999"),
+        ("raw_data", b"\0" * 3, "holds 3 bytes"),
+    ]:
+        broken = mlp()
+        setattr(broken.graph.initializer[2], field, value)
+        with pytest.raises(InputError, match=message) as info:
+            tensors.check_tensors(broken, None)
+        assert "W1" in str(info.value)
+    typed = mlp()
+    tensor = typed.graph.initializer[1]
+    tensor.ClearField("raw_data")
+    tensor.float_data.extend([1.0])
+    with pytest.raises(InputError, match="'b0' holds 1 values"):
+        tensors.check_tensors(typed, None)
+    weight, _ = _external_weight(tmp_path)
+    external = mlp()
+    external.graph.initializer[0].CopyFrom(weight)
+    tensors.check_tensors(external, tmp_path)
+    _set(external.graph.initializer[0], "length", "4")
+    with pytest.raises(InputError, match="W0"):
+        tensors.check_tensors(external, tmp_path)
