@@ -91,6 +91,11 @@ def external_folder(base_dir: Path | str | os.PathLike | None) -> Iterator[None]
         _FOLDER.reset(token)
 
 
+def current_folder() -> Path | None:
+    """The folder set by the innermost :func:`external_folder`, if any."""
+    return _FOLDER.get()
+
+
 @dataclass(frozen=True)
 class ExternalRef:
     """Where an external tensor's bytes are: ``length`` bytes at ``offset`` of ``path``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -153,6 +154,7 @@ def test_protobuf_limit_moves_largest_tensors_out(folders, monkeypatch, caplog):
     path = save(mlp(widths=(4, 64, 64, 3)), folders / "in" / "m.onnx")
     model = onnx.load(path)
     monkeypatch.setattr(safewrite, "INLINE_BUDGET", 10_000)  # stands in for 2 GB
+    caplog.set_level(logging.WARNING, logger="onnxbalance.safewrite")
     out = folders / "out" / "b.onnx"
     assert safewrite.save_model(model, out, external=()) is not None
     moved = tensors.external_names(onnx.load(out, load_external_data=False))
