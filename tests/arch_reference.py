@@ -212,7 +212,7 @@ def objective(
         ue = np.append(u, 0.0)
         value = 0.0
         grad = np.zeros(n_groups + 1)
-        for logc, rows, cols in zip(logs, row_groups, col_groups):
+        for logc, rows, cols in zip(logs, row_groups, col_groups, strict=True):
             terms = logc + p * (ue[rows][:, None] - ue[cols])
             top = np.max(terms, axis=1, keepdims=True)
             top = np.where(np.isfinite(top), top, 0.0)
@@ -239,7 +239,9 @@ def reference_minimum(
 ) -> tuple[float, float, np.ndarray]:
     """(F at u = 0, min F, argmin u) for these effective weights, by L-BFGS on the convex F(u)."""
     rows = [layer.row_groups for layer in layers]
-    cols = [np.broadcast_to(layer.col_groups, w.shape) for layer, w in zip(layers, weights)]
+    cols = [
+        np.broadcast_to(layer.col_groups, w.shape) for layer, w in zip(layers, weights, strict=True)
+    ]
     f = objective(weights, rows, cols, n_groups, p, q)
     start, _ = f(np.zeros(n_groups))
     if n_groups == 0:
@@ -288,7 +290,7 @@ def run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarra
 def assert_equivalent(
     a: onnx.ModelProto, b: onnx.ModelProto, inputs: dict[str, np.ndarray], rtol: float = 1e-4
 ) -> None:
-    for x, y in zip(run(a, inputs), run(b, inputs)):
+    for x, y in zip(run(a, inputs), run(b, inputs), strict=True):
         scale = max(1.0, float(np.max(np.abs(x))))
         diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
         assert diff <= rtol * scale, f"outputs differ by {diff:.3g} (scale {scale:.3g})"

@@ -37,12 +37,12 @@ from torch_models import CASES, fixture, movable_groups
 IDS = [f"{name}-{'fold' if fold else 'bn'}" for name, fold in CASES]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(name: str, fold: bool):
     return fixture(name, fold=fold)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optimum(name: str, fold: bool) -> tuple[float, float, np.ndarray]:
     fx, _ = built(name, fold)
     return reference_minimum(fx.layers, [layer.effective for layer in fx.layers], fx.n_groups)
