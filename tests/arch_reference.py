@@ -294,3 +294,28 @@ def assert_equivalent(
         scale = max(1.0, float(np.max(np.abs(x))))
         diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
         assert diff <= rtol * scale, f"outputs differ by {diff:.3g} (scale {scale:.3g})"
+
+
+# ---------------------------------------------------------------- the acceptance check
+
+
+def check_balanced(fx: Fixture, balanced: onnx.ModelProto, units_balanced: int, best: float):
+    """What issue 5 requires of the tool's result on one fixture (p = q = 2).
+
+    * the count of balanced units (scale groups) equals the hand-derived count,
+    * the outputs are unchanged (onnxruntime, two seeded input sets),
+    * the norm over the hand-derived layers is the scipy optimum ``best``,
+    * every tensor that no movable unit touches is bit-for-bit unchanged, in its dtype.
+    """
+    assert units_balanced == fx.expected_balanced, fx.notes
+    assert_equivalent(fx.model, balanced, fx.inputs)
+    rng = np.random.default_rng(7)
+    other = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in fx.inputs.items()}
+    assert_equivalent(fx.model, balanced, other)
+    assert abs(norm_value(fx.layers, balanced) - best) <= 1e-5 * best
+    old, new = initializers(fx.model), initializers(balanced)
+    touched = fx.touched()
+    for tensor, value in old.items():
+        if tensor not in touched:
+            assert new[tensor].dtype == value.dtype, tensor
+            assert new[tensor].tobytes() == value.tobytes(), f"{tensor} must not change"

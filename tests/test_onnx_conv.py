@@ -1,0 +1,73 @@
+"""Issue 5 op-by-op fixtures (onnx_conv_models.py): hand-derived counts, equivalence, optimum.
+
+Unmarked tests check the fixtures themselves (valid models, the hand unit graph's tie structure
+keeps the function under any rescaling, the count matches the graph). ``@pytest.mark.arch``
+tests run onnxbalance.api.balance and fail until issue 5's analyser lands.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+from arch_reference import (
+    assert_equivalent,
+    check_balanced,
+    effective_weight,
+    initializers,
+    norm_value,
+    reference_minimum,
+    rescale_model,
+)
+from onnx_conv_models import FIXTURES
+from torch_models import movable_groups
+
+NAMES = sorted(FIXTURES)
+
+
+@functools.cache
+def built(name: str):
+    return FIXTURES[name]()
+
+
+@functools.cache
+def optimum(name: str):
+    fx = built(name)
+    return reference_minimum(fx.layers, [layer.effective for layer in fx.layers], fx.n_groups)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_is_consistent(name):
+    fx = built(name)
+    onnx.checker.check_model(fx.model, full_check=True)
+    assert movable_groups(fx.layers) == set(range(fx.n_groups))
+    assert fx.n_groups == fx.expected_balanced
+    tensors = initializers(fx.model)
+    for layer in fx.layers:
+        np.testing.assert_allclose(effective_weight(layer, tensors), layer.effective)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_rescaling_of_the_hand_groups_keeps_the_function(name):
+    fx = built(name)
+    u = np.random.default_rng(2).uniform(-1.5, 1.5, fx.n_groups)
+    assert_equivalent(fx.model, rescale_model(fx.model, fx.layers, u), fx.inputs)
+    start, best, u_best = optimum(name)
+    assert best < start
+    at_best = rescale_model(fx.model, fx.layers, u_best)
+    assert_equivalent(fx.model, at_best, fx.inputs)
+    assert norm_value(fx.layers, at_best) == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.arch
+@pytest.mark.parametrize("name", NAMES)
+def test_tool_balances_exactly_the_hand_derived_units(name, tmp_path):
+    from onnxbalance.api import balance
+
+    fx = built(name)
+    path = tmp_path / "model.onnx"
+    onnx.save(fx.model, str(path))
+    balanced, report = balance(str(path), p=2.0, q=2.0, verify=False)
+    check_balanced(fx, balanced, report.units_balanced, optimum(name)[1])
