@@ -20,7 +20,7 @@ sums over them, and keeping them makes the grouped-convolution column map explic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -319,3 +319,41 @@ def check_balanced(fx: Fixture, balanced: onnx.ModelProto, units_balanced: int, 
         if tensor not in touched:
             assert new[tensor].dtype == value.dtype, tensor
             assert new[tensor].tobytes() == value.tobytes(), f"{tensor} must not change"
+
+
+def _fails(check) -> bool:
+    try:
+        check()
+    except AssertionError:
+        return True
+    return False
+
+
+def assert_check_is_sharp(fx: Fixture, u_best: np.ndarray, best: float) -> None:
+    """check_balanced passes on the hand-made optimum and fails on four kinds of wrong result."""
+    good = rescale_model(fx.model, fx.layers, u_best)
+    check_balanced(fx, good, fx.expected_balanced, best)
+
+    assert _fails(lambda: check_balanced(fx, good, fx.expected_balanced + 1, best))
+    halfway = rescale_model(fx.model, fx.layers, u_best / 2)
+    assert _fails(lambda: check_balanced(fx, halfway, fx.expected_balanced, best))
+    # a consumer that forgets the scale of its input units changes the function
+    victim = next(lay for lay in reversed(fx.layers) if np.any(lay.col_groups != FIXED))
+    forgetful = tuple(
+        replace(layer, col_groups=np.full_like(layer.col_groups, FIXED))
+        if layer is victim
+        else layer
+        for layer in fx.layers
+    )
+    broken = rescale_model(fx.model, forgetful, u_best)
+    assert _fails(lambda: check_balanced(fx, broken, fx.expected_balanced, best))
+    # one ulp in a tensor that must stay fixed
+    frozen = next(
+        t
+        for t in good.graph.initializer
+        if t.name not in fx.touched() and t.dims and t.data_type == onnx.TensorProto.FLOAT
+    )
+    value = numpy_helper.to_array(frozen).copy()
+    value.flat[0] = np.nextafter(value.flat[0], np.float32(np.inf))
+    frozen.CopyFrom(numpy_helper.from_array(value, frozen.name))
+    assert _fails(lambda: check_balanced(fx, good, fx.expected_balanced, best))

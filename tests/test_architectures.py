@@ -21,9 +21,11 @@ import functools
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from arch_reference import (
+    assert_check_is_sharp,
     assert_equivalent,
     check_balanced,
     effective_weight,
@@ -126,3 +128,11 @@ def test_relu6_layer_tensors_are_bit_for_bit_unchanged(fold, tmp_path):
     ratio = new[dw.weight].astype(np.float64) / old[dw.weight].astype(np.float64)
     per_channel = ratio.reshape(ratio.shape[0], -1)
     np.testing.assert_allclose(per_channel, per_channel[:, :1], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "fold"), [c for c in CASES if c[1]], ids=lambda v: str(v))
+def test_acceptance_check_accepts_the_optimum_and_rejects_wrong_results(name, fold):
+    """The arch checks can fail: fed the hand-made optimum they pass; fed a wrong result, not."""
+    fx, _ = built(name, fold)
+    _, best, u_best = optimum(name, fold)
+    assert_check_is_sharp(fx, u_best, best)

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from arch_reference import (
+    assert_check_is_sharp,
     assert_equivalent,
     check_balanced,
     effective_weight,
@@ -71,3 +72,9 @@ def test_tool_balances_exactly_the_hand_derived_units(name, tmp_path):
     onnx.save(fx.model, str(path))
     balanced, report = balance(str(path), p=2.0, q=2.0, verify=False)
     check_balanced(fx, balanced, report.units_balanced, optimum(name)[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_acceptance_check_accepts_the_optimum_and_rejects_wrong_results(name):
+    _, best, u_best = optimum(name)
+    assert_check_is_sharp(built(name), u_best, best)
