@@ -446,9 +446,57 @@ def mul_const() -> Fixture:
     return b.finish(3, "3 channels through Mul by a constant; the Mul by an input stops")
 
 
-# stop_<op>: conv1 2->3 ReLU (3); conv2 3->4 -> <op> (not positively homogeneous): conv2 rows
-# fixed, so its bias stays bit-for-bit; conv3 4->2 out. Total 3.
-STOP_OPS = ("Clip", "HardSwish", "Sigmoid", "Tanh")
+# sum_merge: conv a 2->3 and conv b 2->3 (1x1), Sum -> ReLU -> conv 3->2 out: Sum ties channel k
+# of a with channel k of b (one factor each). Total 3.
+def sum_merge() -> Fixture:
+    b = Builder("sum_merge", 31)
+    x = b.input("x", (2, 2, 4, 4))
+    tied = b.groups.new(3)
+    ya = b.conv(x, fixed(2), 3, (3, 3), tied, pads=[1, 1, 1, 1])
+    yb = b.conv(x, fixed(2), 3, (1, 1), tied)
+    y = relu(b, b.op("Sum", [ya, yb]))
+    b.outputs.append(b.conv(y, tied, 2, (1, 1), fixed(2)))
+    return b.finish(3, "3 tied groups across the two Sum inputs")
+
+
+# identity_dropout: conv 2->3 ReLU (3) -> Identity -> Dropout (inference) -> conv 3->2 out.
+# Total 3.
+def identity_dropout() -> Fixture:
+    b = Builder("identity_dropout", 32)
+    x = b.input("x", (2, 2, 4, 4))
+    h = b.groups.new(3)
+    y = relu(b, b.conv(x, fixed(2), 3, (3, 3), h, pads=[1, 1, 1, 1]))
+    y = b.op("Dropout", [b.op("Identity", [y])])
+    b.outputs.append(b.conv(y, h, 2, (1, 1), fixed(2)))
+    return b.finish(3, "3 channels through Identity and Dropout")
+
+
+# matmul_3d: [batch, tokens, features] = [2, 5, 6] -> MatMul [6, 8] + Add bias -> ReLU (8) ->
+# MatMul [8, 3] + Add out (a transformer feed-forward block). Total 8.
+def matmul_3d() -> Fixture:
+    b = Builder("matmul_3d", 33)
+    x = b.input("x", (2, 5, 6))
+    h = b.groups.new(8)
+    y = relu(b, _matmul(b, x, fixed(6), 8, h))
+    b.outputs.append(_matmul(b, y, h, 3, fixed(3)))
+    return b.finish(8, "8 hidden features of a 3-D MatMul feed-forward block")
+
+
+# stop_<op>: conv1 2->3 ReLU (3); conv2 3->4 -> <op> (not positively homogeneous, or not known
+# to commute with a per-channel scale: Softmax and LayerNormalization mix channels, Sin is an
+# op the issue does not list, i.e. unknown): conv2 rows fixed, so its bias stays bit-for-bit;
+# conv3 4->2 out. Total 3.
+STOP_OPS = (
+    "Clip",
+    "HardSwish",
+    "Sigmoid",
+    "Tanh",
+    "Elu",
+    "Softplus",
+    "Softmax",
+    "LayerNormalization",
+    "Sin",
+)
 
 
 def stop(op_type: str) -> Fixture:
@@ -460,6 +508,11 @@ def stop(op_type: str) -> Fixture:
     if op_type == "Clip":
         lo, hi = b.const("lo", np.array(0, np.float32)), b.const("hi", np.array(6, np.float32))
         y = b.op("Clip", [y, lo, hi])
+    elif op_type == "Softmax":
+        y = b.op("Softmax", [y], axis=1)
+    elif op_type == "LayerNormalization":
+        scale = b.const("ln_scale", b.rng.uniform(0.5, 1.5, (4, 4, 4)).astype(np.float32))
+        y = b.op("LayerNormalization", [y, scale], axis=1)
     else:
         y = b.op(op_type, [y])
     b.outputs.append(b.conv(y, fixed(4), 2, (1, 1), fixed(2)))
@@ -488,6 +541,9 @@ FIXTURES = {
         residual_input,
         residual_clip,
         mul_const,
+        sum_merge,
+        identity_dropout,
+        matmul_3d,
     )
 }
 for _op in STOP_OPS:

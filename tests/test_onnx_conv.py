@@ -22,7 +22,7 @@ from arch_reference import (
     reference_minimum,
     rescale_model,
 )
-from onnx_conv_models import FIXTURES
+from onnx_conv_models import FIXTURES, STOP_OPS
 from torch_models import movable_groups
 
 NAMES = sorted(FIXTURES)
@@ -78,3 +78,18 @@ def test_tool_balances_exactly_the_hand_derived_units(name, tmp_path):
 def test_acceptance_check_accepts_the_optimum_and_rejects_wrong_results(name):
     _, best, u_best = optimum(name)
     assert_check_is_sharp(built(name), u_best, best)
+
+
+@pytest.mark.arch
+@pytest.mark.parametrize("op_type", STOP_OPS)
+def test_report_names_the_stop(op_type, tmp_path):
+    """The report's fixed-unit records say why: the stopping op (or its node) is named."""
+    from onnxbalance.api import balance
+
+    fx = built(f"stop_{op_type.lower()}")
+    path = tmp_path / "model.onnx"
+    onnx.save(fx.model, str(path))
+    _, report = balance(str(path), p=2.0, q=2.0, verify=False)
+    node = next(n.name for n in fx.model.graph.node if n.op_type == op_type)
+    text = repr(report.units_fixed).lower()
+    assert op_type.lower() in text or node.lower() in text
