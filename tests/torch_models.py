@@ -15,16 +15,24 @@ folds BN as well, so it is not used here. Two modes, both tested:
 * ``fold=False`` (do_constant_folding=False): explicit BatchNormalization nodes remain and the
   initializers keep their state_dict names; this is what exercises the BN rule on real graphs.
 
-Op lists observed with torch 2.13 (printed by ``python tests/torch_models.py``):
+Op lists observed with torch 2.13 (``python tests/torch_models.py`` prints them; Constant nodes
+left out). "bn" = fold=False; it differs from "fold" only by a BatchNormalization after each
+Conv that has one, plus Cast nodes on ReLU6's Clip bounds:
 
-* convnet            fold: Conv Relu MaxPool Conv Relu AveragePool Flatten Gemm Relu Gemm
-                     bn:   Conv BatchNormalization Relu MaxPool ... Flatten Gemm Relu Gemm
-* basic_*, bottleneck_*: Conv (BatchNormalization) Relu ... Add Relu GlobalAveragePool Flatten Gemm
-* dwsep_relu6        Clip (min 0, max 6 as inputs) for ReLU6
-* fire               Concat(axis=1)
-* transformer        fold: MatMul Add Reshape Transpose ... Softmax ... LayerNormalization
-                     MatMul Add Relu MatMul Add Add LayerNormalization (MatMul weights stored
-                     transposed [in, out]); bn mode adds Transpose nodes on the weights.
+* convnet      Conv Relu MaxPool Conv Relu AveragePool Flatten Gemm Relu Gemm
+* basic_identity     Conv Relu Conv Relu Conv Add Relu GlobalAveragePool Flatten Gemm
+* basic_on_input     Conv Relu Conv Add Relu GlobalAveragePool Flatten Gemm
+* basic_projection   Conv Relu Conv Relu Conv Conv Add Relu GlobalAveragePool Flatten Gemm
+* bottleneck_identity    Conv Relu Conv Relu Conv Relu Conv Add Relu GlobalAveragePool ...
+* bottleneck_projection  Conv Relu Conv Relu Conv Relu Conv Conv Add Relu GlobalAveragePool ...
+* dwsep_relu     Conv Relu Conv(group=8) Relu Conv Relu GlobalAveragePool Flatten Gemm
+* dwsep_relu6    Conv Relu Conv(group=8) Clip Conv Relu GlobalAveragePool Flatten Gemm
+                 (bn: ... BatchNormalization Cast Cast Clip ...)
+* fire           Conv Relu MaxPool Conv Relu Conv Relu Conv Relu Concat GlobalAveragePool ...
+* transformer (fold only)  Transpose MatMul Add (in_proj) Reshape/Slice/Gather/Transpose ...
+                 MatMul Softmax MatMul Transpose Reshape Gemm (out_proj) Reshape Transpose Add
+                 LayerNormalization MatMul Add Relu MatMul Add Add LayerNormalization; the
+                 feed-forward MatMul weights are stored transposed [in, out].
 
 Locating tensors: the tests find each layer's initializers in the exported model by value (the
 folded names are not predictable), then never rely on names again.
