@@ -12,6 +12,11 @@ coupling matrix: c @ x for rho and c.T @ y for the outgoing loads.
 
 Columns whose group is fixed have scale 1, so they are summed once into a per-row constant and
 never enter the matrix-vector products.
+
+Scales may span hundreds of orders of magnitude (weights from 1e-30 to 1e30, p up to 4), so the
+vectors fed to the products are shifted by their largest log-entry (every entry in (0, 1]) and
+the shift is added back in the log domain. Every load is bounded by F itself (each term of rho_o
+is at most rho_o), so once the inputs are finite nothing overflows.
 """
 
 from __future__ import annotations
@@ -37,34 +42,62 @@ class Loads:
 
 @dataclass(frozen=True)
 class _PreparedLayer:
+    name: str
     free: np.ndarray  # coupling restricted to columns of movable groups, C-contiguous float64
     fixed_row_sum: np.ndarray  # per row: sum of the coupling over fixed columns
     row_groups: np.ndarray
-    col_groups: np.ndarray  # groups of the columns of ``free``
+    col_groups: np.ndarray  # groups of the columns of ``free`` (never FIXED)
+    row_movable: np.ndarray  # row_groups != FIXED
+    has_fixed_columns: bool
+
+
+def check_graph(graph: UnitGraph) -> None:
+    """Raise ValueError naming the layer if a coupling matrix is unusable (NaN, Inf, negative,
+    or not matching its group arrays)."""
+    for layer in graph.layers:
+        coupling = np.asarray(layer.coupling)
+        if coupling.ndim != 2:
+            raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
+        if not np.all(np.isfinite(coupling)):
+            raise ValueError(f"layer {layer.name!r} has NaN or infinite weights")
+        if np.any(coupling < 0):
+            raise ValueError(f"layer {layer.name!r}: coupling matrix has negative entries")
+        rows, cols = coupling.shape
+        for what, groups, size in (
+            ("row", layer.row_groups, rows),
+            ("column", layer.col_groups, cols),
+        ):
+            groups = np.asarray(groups)
+            if groups.shape != (size,):
+                raise ValueError(
+                    f"layer {layer.name!r}: {what} groups have shape {groups.shape}, "
+                    f"expected ({size},)"
+                )
+            if groups.size and (groups.min() < FIXED or groups.max() >= graph.n_groups):
+                raise ValueError(f"layer {layer.name!r}: {what} group index out of range")
 
 
 def _prepare(graph: UnitGraph) -> tuple[_PreparedLayer, ...]:
+    check_graph(graph)
     prepared = []
     for layer in graph.layers:
         coupling = np.asarray(layer.coupling, dtype=np.float64)
-        if not np.all(np.isfinite(coupling)):
-            raise ValueError(f"layer {layer.name!r} has NaN or infinite weights")
         col_groups = np.asarray(layer.col_groups, dtype=np.int64)
+        row_groups = np.asarray(layer.row_groups, dtype=np.int64)
         movable = col_groups != FIXED
+        row_movable = row_groups != FIXED
         prepared.append(
             _PreparedLayer(
+                name=layer.name,
                 free=np.ascontiguousarray(coupling[:, movable]),
                 fixed_row_sum=coupling[:, ~movable].sum(axis=1),
-                row_groups=np.asarray(layer.row_groups, dtype=np.int64),
+                row_groups=row_groups,
                 col_groups=col_groups[movable],
+                row_movable=row_movable,
+                has_fixed_columns=bool((~movable).any()),
             )
         )
     return tuple(prepared)
-
-
-def _scales_of(log_scales: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """u of each unit: the group's log-scale, or 0 for fixed units."""
-    return np.where(groups == FIXED, 0.0, log_scales[np.maximum(groups, 0)])
 
 
 def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -92,39 +125,65 @@ class Objective:
         self.layers = _prepare(graph)
         self.passes = 0
 
-    def row_sums(self, log_scales: np.ndarray) -> list[np.ndarray]:
-        """rho_o of every row of every layer (one pass)."""
+    def _log_row_sums(self, log_scales: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per layer: (p u_o of each row, log rho_o); -inf where a row has only zero couplings."""
         self.passes += 1
         p = self.p
-        sums = []
-        for layer in self.layers:
-            row_factor = np.exp(p * _scales_of(log_scales, layer.row_groups))
-            col_factor = np.exp(-p * _scales_of(log_scales, layer.col_groups))
-            sums.append(row_factor * (layer.free @ col_factor + layer.fixed_row_sum))
-        return sums
+        # FIXED is -1, so indexing this with a unit's group gives 0 for fixed units.
+        padded = np.append(log_scales, 0.0)
+        out = []
+        with np.errstate(divide="ignore"):
+            for layer in self.layers:
+                row_shift = p * padded[layer.row_groups]
+                if layer.col_groups.size:
+                    col_log = -p * log_scales[layer.col_groups]
+                    top = float(col_log.max())
+                    if layer.has_fixed_columns:
+                        top = max(top, 0.0)
+                    sums = layer.free @ np.exp(col_log - top)
+                    if layer.has_fixed_columns:
+                        sums += layer.fixed_row_sum * np.exp(-top)
+                    log_rho = row_shift + top + np.log(sums)
+                else:
+                    log_rho = row_shift + np.log(layer.fixed_row_sum)
+                out.append((row_shift, log_rho))
+        return out
+
+    def row_sums(self, log_scales: np.ndarray) -> list[np.ndarray]:
+        """rho_o of every row of every layer (one pass)."""
+        return [np.exp(log_rho) for _, log_rho in self._log_row_sums(log_scales)]
 
     def value(self, log_scales: np.ndarray) -> float:
         """F(u) = ||W||_{p,q}^q after rescaling by exp(u) (one pass)."""
-        return float(sum(np.sum(_safe_power(rho, self.r)) for rho in self.row_sums(log_scales)))
+        r = self.r
+        return float(
+            sum(np.exp(r * log_rho).sum() for _, log_rho in self._log_row_sums(log_scales))
+        )
 
     def loads(self, log_scales: np.ndarray) -> Loads:
         """F(u), in_g and out_g at ``log_scales`` (two passes)."""
         p, r = self.p, self.r
-        rows = self.row_sums(log_scales)
+        rows = self._log_row_sums(log_scales)
         self.passes += 1
         value = 0.0
         incoming = np.zeros(self.n_groups)
         outgoing = np.zeros(self.n_groups)
-        for layer, rho in zip(self.layers, rows):
-            row_load = _safe_power(rho, r)
-            value += float(row_load.sum())
-            incoming += _accumulate(row_load, layer.row_groups, self.n_groups)
-            if layer.col_groups.size:
-                row_factor = np.exp(p * _scales_of(log_scales, layer.row_groups))
-                col_factor = np.exp(-p * _scales_of(log_scales, layer.col_groups))
-                weighted = _safe_power(rho, r - 1.0) * row_factor
-                outgoing += _accumulate(
-                    col_factor * (layer.free.T @ weighted), layer.col_groups, self.n_groups
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for layer, (row_shift, log_rho) in zip(self.layers, rows, strict=True):
+                row_load = np.exp(r * log_rho)
+                value += float(row_load.sum())
+                incoming += _accumulate(row_load, layer.row_groups, self.n_groups)
+                if not layer.col_groups.size:
+                    continue
+                live = np.isfinite(log_rho)  # rows with only zero couplings carry nothing back
+                log_weight = np.where(live, (r - 1.0) * log_rho + row_shift, -np.inf)
+                top = float(log_weight.max())
+                if not np.isfinite(top):
+                    continue
+                back = layer.free.T @ np.exp(log_weight - top)
+                col_log = -p * log_scales[layer.col_groups]
+                outgoing += np.bincount(
+                    layer.col_groups, np.exp(col_log + top + np.log(back)), self.n_groups
                 )
         return Loads(value, incoming, outgoing)
 
