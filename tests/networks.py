@@ -4,7 +4,9 @@ A :class:`Network` has nodes 0..n-1: node 0 is the input, node n-1 the output, t
 ReLU layers. Each edge (src, dst, W) adds ``W @ h_src`` to node dst's pre-activation, W of shape
 (size[dst], size[src]); layered networks have edges k -> k+1 only, DAG networks add skip edges.
 Every hidden unit has a scale group (several units may share one: tied groups); input and output
-units are FIXED.
+units are FIXED. The unit graph has one layer per edge (as separate Gemms whose outputs are
+added would have in ONNX), so a node fed by two edges contributes one row per edge to the norm;
+the reference in tests/reference.py uses the same layers.
 """
 
 from __future__ import annotations
@@ -83,10 +85,12 @@ def make_network(
     ties: int = 0,
     paper_init: bool = False,
     bias: bool = True,
+    group_pool: int = 0,
 ) -> Network:
     """A random network: ``skips`` extra edges between non-adjacent nodes, a fraction of weights
-    set to zero, ``ties`` pairs of hidden units merged into one group. ``paper_init``: Gaussian
-    weights of variance 2 / fan-in and zero biases (the paper's Fig. 2 setup)."""
+    set to zero, ``ties`` pairs of hidden units merged into one group, or (``group_pool`` > 0)
+    every hidden unit in a random one of that many groups. ``paper_init``: Gaussian weights of
+    variance 2 / fan-in and zero biases (the paper's Fig. 2 setup)."""
     rng = np.random.default_rng(seed)
     sizes = tuple(int(s) for s in sizes)
     n = len(sizes)
@@ -120,7 +124,28 @@ def make_network(
         _, compact = np.unique(mapping, return_inverse=True)
         groups = [g if g[0] == FIXED else compact[g] for g in groups]
         n_groups = int(compact.max()) + 1
+    if group_pool:
+        groups = [g if g[0] == FIXED else rng.integers(0, group_pool, g.size) for g in groups]
+        n_groups = group_pool
     return Network(sizes, tuple(edges), tuple(biases), tuple(groups), n_groups)
+
+
+def dead_and_cut_off_network() -> Network:
+    """h1 = [a, b, c, d], h2 = [e, f, g]; a has zero incoming weights, b zero outgoing weights;
+    c and g share a group whose only input is the self-loop c -> g (cut off from the inputs)."""
+    rng = np.random.default_rng(7)
+    w1 = rng.normal(size=(4, 3))
+    w1[0] = 0.0  # a: dead (incoming)
+    w1[2] = 0.0  # c: fed by nothing but ...
+    w2 = rng.normal(size=(3, 4))
+    w2[:, 1] = 0.0  # b: dead (outgoing)
+    w2[2] = 0.0
+    w2[2, 2] = 1.5  # ... g, in c's group, fed only by c
+    w3 = rng.normal(size=(2, 3))
+    groups = (np.full(3, FIXED), np.array([0, 1, 2, 3]), np.array([4, 5, 2]), np.full(2, FIXED))
+    biases = (np.zeros(0), rng.normal(size=4), rng.normal(size=3), rng.normal(size=2))
+    edges = (Edge(0, 1, w1), Edge(1, 2, w2), Edge(2, 3, w3))
+    return Network((3, 4, 3, 2), edges, biases, groups, 6)
 
 
 PAPER_SIZES = (
@@ -144,8 +169,11 @@ def networks(
     max_width: int = 5,
     zeros: bool = False,
     ties: bool = False,
+    max_ties: int = 2,
+    group_pool: bool = False,
 ) -> Network:
-    """Small random networks: layered (dag=False) or with skip edges (dag=True)."""
+    """Small random networks: layered (dag=False) or with skip edges (dag=True); ``group_pool``
+    puts hidden units in a few random groups (many ties and self-loops)."""
     hidden = draw(st.integers(1, max_hidden))
     sizes = [draw(st.integers(1, max_width)) for _ in range(hidden + 2)]
     return make_network(
@@ -153,7 +181,8 @@ def networks(
         seed=draw(st.integers(0, 2**32 - 1)),
         skips=draw(st.integers(1, 4)) if dag else 0,
         zero_fraction=draw(st.sampled_from([0.0, 0.3, 0.6])) if zeros else 0.0,
-        ties=draw(st.integers(0, 2)) if ties else 0,
+        ties=draw(st.integers(0, max_ties)) if ties else 0,
+        group_pool=draw(st.integers(1, 5)) if group_pool else 0,
     )
 
 

@@ -9,7 +9,15 @@ import pytest
 import reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from networks import Edge, Network, exponents, make_network, networks, paper_networks
+from networks import (
+    Edge,
+    Network,
+    dead_and_cut_off_network,
+    exponents,
+    make_network,
+    networks,
+    paper_networks,
+)
 
 from onnxbalance.solver import SolveResult, methods, solve
 from onnxbalance.solver.mu import step_size
@@ -112,24 +120,6 @@ def test_unbalanced_network_takes_more_than_one_sweep():
     tilted = Network(net.sizes, (Edge(0, 1, w1), net.edges[1]), net.biases, net.groups, 6)
     result = solve(tilted.unit_graph(2.0), 2.0, 2.0)
     assert result.sweeps > 1 and result.norm_after < result.norm_before
-
-
-def dead_and_cut_off_network() -> Network:
-    """h1 = [a, b, c, d], h2 = [e, f, g]; a has zero incoming weights, b zero outgoing weights;
-    c and g share a group whose only input is the self-loop c -> g (cut off from the inputs)."""
-    rng = np.random.default_rng(7)
-    w1 = rng.normal(size=(4, 3))
-    w1[0] = 0.0  # a: dead (incoming)
-    w1[2] = 0.0  # c: fed by nothing but ...
-    w2 = rng.normal(size=(3, 4))
-    w2[:, 1] = 0.0  # b: dead (outgoing)
-    w2[2] = 0.0
-    w2[2, 2] = 1.5  # ... g, in c's group, fed only by c
-    w3 = rng.normal(size=(2, 3))
-    groups = (np.full(3, FIXED), np.array([0, 1, 2, 3]), np.array([4, 5, 2]), np.full(2, FIXED))
-    biases = (np.zeros(0), rng.normal(size=4), rng.normal(size=3), rng.normal(size=2))
-    edges = (Edge(0, 1, w1), Edge(1, 2, w2), Edge(2, 3, w3))
-    return Network((3, 4, 3, 2), edges, biases, groups, 6)
 
 
 def test_dead_and_cut_off_groups_stay_at_one_and_the_rest_converges():

@@ -58,10 +58,12 @@ def _reachable(graph: UnitGraph, anchored: np.ndarray, forward: bool) -> np.ndar
     reached unit. Passes repeat until nothing changes (one or two for feed-forward orders).
     """
     reached = np.zeros(graph.n_groups, dtype=bool)
+    # Layers usually come in forward order: walk them backwards for the backward search.
+    order = graph.layers if forward else graph.layers[::-1]
     changed = True
     while changed:
         changed = False
-        for layer in graph.layers:
+        for layer in order:
             coupling = np.asarray(layer.coupling, dtype=np.float64)
             sources = np.asarray(layer.col_groups if forward else layer.row_groups, np.int64)
             targets = np.asarray(layer.row_groups if forward else layer.col_groups, np.int64)
