@@ -11,6 +11,7 @@ minimum and median; a sweep needs exactly those two products per layer, so the t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def sweep_times(graph, p: float, q: float, sweeps: int) -> list[float]:
     return list(np.diff(stamps))
 
 
-def per_sweep_cost(graph, rounds: int = 8) -> tuple[float, float, float, float]:
+def per_sweep_cost(graph, rounds: int = 20) -> tuple[float, float, float, float]:
     """(sweep, raw) seconds as the minimum and the median over interleaved rounds, so that
     load from other processes hits both alike."""
     raw_run = raw_products(graph)
@@ -84,6 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     exponents = ((2.0, 2.0),) if args.quick else EXPONENTS
     nets = paper_networks()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average {load} on {os.cpu_count()} cores (minimums are the figures to trust)")
     print("Per-sweep cost (p = q = 2): one sweep / (c @ x + c.T @ y over all layers)")
     print(
         f"{'network':<38}{'sweep ms':>10}{'raw ms':>8}{'ratio':>7}"

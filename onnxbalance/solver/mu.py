@@ -17,6 +17,7 @@ after the last step give the final norm, so a solve of k sweeps costs 2 (k + 1) 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -60,6 +61,8 @@ def solve_mu(
     objective = Objective(graph, p, q)
     eta = step_size(objective.p, objective.q)
     movable = movable_groups(graph)
+    # A slice when every group moves (the usual case) avoids copying the loads each sweep.
+    selected = slice(None) if movable.all() else np.flatnonzero(movable)
     log_scales = np.zeros(graph.n_groups)
     loads = objective.loads(log_scales)
     history = [objective.norm(loads.value)]
@@ -68,20 +71,23 @@ def solve_mu(
     converged = not movable.any()
     message = "nothing to balance: no movable scale groups" if converged else ""
     while not converged and sweeps < max_sweeps:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = eta * (np.log(loads.outgoing[movable]) - np.log(loads.incoming[movable]))
-        if not np.all(np.isfinite(step)):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            step = np.log(loads.outgoing[selected] / loads.incoming[selected])
+        step *= eta
+        high, low = float(step.max()), float(step.min())
+        if not (math.isfinite(high) and math.isfinite(low)):
             bad = graph.group_names[int(np.flatnonzero(movable)[~np.isfinite(step)][0])]
             message = f"stopped after {sweeps} sweeps: the loads of group {bad!r} under/overflowed"
             logger.warning(message)
             break
-        log_scales[movable] += step
+        log_scales[selected] += step
         loads = objective.loads(log_scales)
         sweeps += 1
         history.append(objective.norm(loads.value))
         if progress is not None:
             progress(sweeps, history[-1])
-        largest = float(np.max(np.abs(np.expm1(step))))
+        # expm1 is monotone: the largest |factor - 1| sits at the largest or smallest step.
+        largest = max(math.expm1(high), -math.expm1(low))
         if largest < tol:
             converged = True
             message = f"converged in {sweeps} sweeps: every factor within {tol:g} of 1"
