@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..unitgraph import FIXED, UnitGraph
-from .objective import Objective
+from ..unitgraph import UnitGraph
+from .objective import Objective, movable_groups
 from .result import SolveResult
 
 logger = logging.getLogger(__name__)
@@ -32,16 +32,6 @@ logger = logging.getLogger(__name__)
 def step_size(p: float, q: float) -> float:
     """The exponent eta of Algorithm 1 that keeps every update monotone."""
     return 1.0 / (4.0 * q) if q >= p / 2.0 else (p - q) / (p * p)
-
-
-def movable_groups(graph: UnitGraph) -> np.ndarray:
-    """Boolean mask of groups that some layer row or column maps to (the others never move)."""
-    used = np.zeros(graph.n_groups, dtype=bool)
-    for layer in graph.layers:
-        for groups in (layer.row_groups, layer.col_groups):
-            groups = np.asarray(groups, dtype=np.int64)
-            used[groups[groups != FIXED]] = True
-    return used
 
 
 def solve_mu(

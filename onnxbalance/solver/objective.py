@@ -176,6 +176,16 @@ class _RowSums:
     col_log: np.ndarray | None  # -p u_i of each movable column (None: no movable column)
 
 
+def movable_groups(graph: UnitGraph) -> np.ndarray:
+    """Boolean mask of groups that some layer row or column maps to (the others never move)."""
+    used = np.zeros(graph.n_groups, dtype=bool)
+    for layer in graph.layers:
+        for groups in (layer.row_groups, layer.col_groups):
+            groups = np.asarray(groups, dtype=np.int64)
+            used[groups[groups != FIXED]] = True
+    return used
+
+
 def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     movable = groups != FIXED
     return np.bincount(groups[movable], weights=values[movable], minlength=n_groups)
