@@ -98,6 +98,7 @@ class _PreparedLayer:
     has_empty_rows: bool  # some row has only zero couplings (rho = 0)
     empty_rows: np.ndarray  # mask of those rows
     free_col_sums: np.ndarray  # c.T @ 1 over the free columns (rows of fixed scale, r = 1)
+    zero_cols: np.ndarray  # free columns with only zero couplings
     log_range: float  # largest |log| of a non-zero free coupling or fixed row sum
 
 
@@ -163,6 +164,7 @@ def _prepare(graph: UnitGraph) -> tuple[_PreparedLayer, ...]:
                 has_empty_rows=bool(empty_rows.any()),
                 empty_rows=empty_rows,
                 free_col_sums=free.sum(axis=0),
+                zero_cols=free.sum(axis=0) == 0,
                 log_range=float(log_range),
             )
         )
@@ -184,6 +186,22 @@ def movable_groups(graph: UnitGraph) -> np.ndarray:
             groups = np.asarray(groups, dtype=np.int64)
             used[groups[groups != FIXED]] = True
     return used
+
+
+_TINY = float(np.exp(-600.0))
+"""A shifted sum below this may have lost its terms to underflow (they were measured against
+the largest entry of the whole layer, not of their own row): such rows are redone exactly."""
+
+
+def _log_sum_terms(block: np.ndarray, log_factors: np.ndarray, extra: np.ndarray | None):
+    """log sum_j block[k, j] exp(log_factors[j]) for every row k of ``block``, by log-sum-exp
+    within the row; ``extra`` is the log of one more term per row (fixed columns) or None."""
+    terms = np.log(block) + log_factors[None, :]
+    if extra is not None:
+        terms = np.concatenate([terms, extra[:, None]], axis=1)
+    top = terms.max(axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)  # rows without terms stay at log 0 = -inf
+    return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
 
 
 def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -233,8 +251,15 @@ class Objective:
                 sums = layer.free @ factors
                 if layer.has_fixed_columns:
                     sums += layer.fixed_row_sum * np.exp(-top)
+                redo = sums < _TINY
+                if layer.has_empty_rows:
+                    redo &= ~layer.empty_rows
                 log_rho = np.log(sums, out=sums)
                 log_rho += top
+                if redo.any():
+                    rows = np.flatnonzero(redo)
+                    extra = layer.log_fixed_row_sum[rows] if layer.has_fixed_columns else None
+                    log_rho[rows] = _log_sum_terms(layer.free[rows], col_log, extra)
             else:
                 log_rho = layer.log_fixed_row_sum.copy()
             if row_log is not None:
@@ -335,7 +360,12 @@ class Objective:
                     continue
                 weights = log_weight - top
                 back = layer.free.T @ np.exp(weights, out=weights)
+                redo = (back < _TINY) & ~layer.zero_cols
                 log_back = np.log(back, out=back)
+                if redo.any():
+                    cols = np.flatnonzero(redo)
+                    exact = _log_sum_terms(layer.free[:, cols].T, log_weight, None)
+                    log_back[cols] = exact - top
                 log_back += rows.col_log
                 log_back += top
                 layer.cols.scatter(outgoing, np.exp(log_back, out=log_back))
