@@ -18,8 +18,10 @@ stays within exp(+-600), loads() uses plain factors exp(p u), computed once per 
 groups; for r = 1 that leaves no exp or power per layer, so a sweep costs little more than its
 matrix-vector products. Beyond that (weights from 1e-30 to 1e30 with p = 4, scales far from 1)
 it switches to the log domain: the vectors fed to the products are shifted by their largest
-log-entry (every entry in (0, 1]) and the shift is added back in logs. Every load is bounded by
-F itself (each term of rho_o is at most rho_o), so once the inputs are finite nothing overflows.
+log-entry (every entry in (0, 1]) and the shift is added back in logs; a row or column whose
+shifted sum falls below exp(-600) may have lost its terms to underflow and is redone by
+log-sum-exp within itself. Every load is bounded by F itself (each term of rho_o is at most
+rho_o), so once the inputs are finite nothing overflows.
 """
 
 from __future__ import annotations
