@@ -318,10 +318,10 @@ class Objective:
                     row_load, weight = rho, row_factor
                 else:
                     row_load = rho**r
-                    weight = rho ** (r - 1.0)
+                    weight = row_load / rho  # rho^(r-1) without a second power
                     if row_factor is not None:
                         weight *= row_factor
-                    if layer.has_empty_rows:  # rho = 0 rows carry nothing back (avoid 0 * inf)
+                    if layer.has_empty_rows:  # rho = 0 rows carry nothing back (not 0 / 0)
                         weight[layer.empty_rows] = 0.0
                 value += float(row_load.sum())
                 layer.rows.scatter(incoming, row_load)
