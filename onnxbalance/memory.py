@@ -56,16 +56,19 @@ def abs_power(weight: np.ndarray, p: float) -> np.ndarray:
     weight = np.asarray(weight)
     out = np.empty(weight.shape, dtype=np.float64)
     if weight.ndim == 0 or out.size == 0:
-        out[...] = np.abs(weight.astype(np.float64)) ** p
+        with np.errstate(over="ignore"):
+            out[...] = np.abs(weight.astype(np.float64)) ** p
         return out
     row_bytes = out[0].nbytes
-    for rows in row_blocks(len(out), row_bytes):
-        block = out[rows]
-        block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
-        np.abs(block, out=block)
-        if p == 2.0:
-            np.square(block, out=block)
-        elif p != 1.0:
-            np.power(block, p, out=block)
+    # huge weights give inf here, which the solver refuses with the layer's name: no warning
+    with np.errstate(over="ignore"):
+        for rows in row_blocks(len(out), row_bytes):
+            block = out[rows]
+            block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
+            np.abs(block, out=block)
+            if p == 2.0:
+                np.square(block, out=block)
+            elif p != 1.0:
+                np.power(block, p, out=block)
     release(weight)
     return out

@@ -52,3 +52,12 @@ def test_coupling_of_mapped_weight_gives_pages_back(tmp_path):
     assert _rss_file_kb() - start < 0.2 * weight.nbytes / 1024  # released after use
     np.testing.assert_allclose(coupling, weight.astype(np.float64) ** 2, rtol=1e-15)
     np.testing.assert_array_equal(mapped, weight)  # still readable after release
+
+
+def test_abs_power_of_huge_values_is_inf_without_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = memory.abs_power(np.array([[1e200, 2.0]]), 2.0)
+    assert result.tolist() == [[np.inf, 4.0]]
