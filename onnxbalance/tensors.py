@@ -340,15 +340,20 @@ def to_dtype(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
     return cast, mask
 
 
+def raw_bytes_of(array: np.ndarray) -> bytes:
+    """ONNX raw storage of an array: little-endian, C order."""
+    if array.dtype.itemsize > 1:
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return np.ascontiguousarray(array).tobytes()
+
+
 def make_tensor(name: str, array: np.ndarray, data_type: int) -> onnx.TensorProto:
     """A raw-data TensorProto holding ``array`` (already in the numpy dtype of ``data_type``)."""
     dtype = numpy_dtype(data_type, name)
     if array.dtype != dtype:
         raise ValueError(f"array dtype {array.dtype} does not match ONNX type {data_type}")
     tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(array.shape))
-    if dtype.itemsize > 1:
-        array = array.astype(dtype.newbyteorder("<"), copy=False)
-    tensor.raw_data = np.ascontiguousarray(array).tobytes()
+    tensor.raw_data = raw_bytes_of(array)
     return tensor
 
 
