@@ -27,9 +27,10 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from onnxbalance import tensors
@@ -234,21 +235,45 @@ def _copy_range(source: Path, offset: int, length: int, sink) -> None:
     sink.seek(0, os.SEEK_END)
 
 
+Blocks = Callable[[], tuple[tuple[int, ...], Iterable[np.ndarray]]]
+"""A tensor's new value produced on demand: (shape, arrays that concatenate along axis 0 to
+the value, in the tensor's dtype). Lets a rescaled weight go from its source file to the
+output file a few megabytes at a time."""
+
+
 class _DataWriter:
     """Appends tensors to the external data file and returns the stubs that point to them."""
 
-    def __init__(self, handle, location: str, base_dir: Path | None) -> None:
+    def __init__(
+        self, handle, location: str, base_dir: Path | None, generated: Mapping[str, Blocks]
+    ) -> None:
         self.handle = handle
         self.location = location
         self.base_dir = base_dir
+        self.generated = generated
         self.offset = 0
 
     def add(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        blocks = None
+        if tensor.name in self.generated:
+            shape, blocks = self.generated[tensor.name]()
+            stub = tensors.copy_metadata(tensor)
+            del stub.dims[:]
+            stub.dims.extend(shape)
+            tensor = stub
         nbytes = tensors.expected_nbytes(tensor)
         start = _aligned(self.offset, nbytes)
         if start > self.offset:
             self.handle.write(b"\0" * (start - self.offset))
-        if tensors.is_external(tensor):
+        if blocks is not None:
+            written = 0
+            for block in blocks:
+                data = tensors.raw_bytes_of(block)
+                self.handle.write(data)
+                written += len(data)
+            if written != nbytes:  # a producer bug, not the user's input
+                raise RuntimeError(f"tensor '{tensor.name}': {written} bytes for {nbytes}")
+        elif tensors.is_external(tensor):
             ref = tensors._checked_external(tensor, self.base_dir)
             _copy_range(ref.path, ref.offset, nbytes, self.handle)
         else:
@@ -268,8 +293,20 @@ class _DataWriter:
         return stub
 
 
-def inline_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> onnx.TensorProto:
-    """``tensor`` itself when inline, else an inline copy of it (raw bytes read from its file)."""
+def inline_tensor(
+    tensor: onnx.TensorProto, base_dir: Path | None, generated: Mapping[str, Blocks] | None = None
+) -> onnx.TensorProto:
+    """``tensor`` itself when inline, else an inline copy of it (raw bytes read from its file,
+    or produced by ``generated``)."""
+    if generated and tensor.name in generated:
+        shape, blocks = generated[tensor.name]()
+        parts = list(blocks)
+        values = np.concatenate(parts) if shape else parts[0].reshape(())
+        stub = tensors.copy_metadata(tensor)
+        del stub.dims[:]
+        stub.dims.extend(shape)
+        stub.raw_data = tensors.raw_bytes_of(values)
+        return stub
     if not tensors.is_external(tensor):
         return tensor
     stub = tensors.copy_metadata(tensor)
@@ -362,11 +399,13 @@ def stage_model(
     base_dir: str | os.PathLike | None = None,
     external: Iterable[str] | None = None,
     protected: Iterable[str | os.PathLike] = (),
+    generated: Mapping[str, Blocks] | None = None,
 ) -> Staged:
     """Write the complete output (model and data) under a temporary folder beside ``out``.
 
-    Arguments as for :func:`save_model`. Nothing at ``out`` changes until
-    :meth:`Staged.commit`.
+    Arguments as for :func:`save_model`; ``generated`` gives tensors whose values are produced
+    while writing (:data:`Blocks`), by name, instead of read from ``model``. Nothing at ``out``
+    changes until :meth:`Staged.commit`.
 
     Raises:
         OutputError: the destination cannot be written, or would overwrite the input's data.
@@ -396,16 +435,20 @@ def stage_model(
     except OSError as exc:
         raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
     staged = Staged(out, temp, bool(names))
+    generated = dict(generated or {})
     try:
         if staged.data_path is not None:
             with open(staged.data_path, "xb") as handle:
-                writer = _DataWriter(handle, staged.data_path.name, base)
+                writer = _DataWriter(handle, staged.data_path.name, base, generated)
                 skeleton = map_tensors(
-                    model, lambda t: writer.add(t) if t.name in names else inline_tensor(t, base)
+                    model,
+                    lambda t: (
+                        writer.add(t) if t.name in names else inline_tensor(t, base, generated)
+                    ),
                 )
                 _fsync(handle)
         else:
-            skeleton = map_tensors(model, lambda t: inline_tensor(t, base))
+            skeleton = map_tensors(model, lambda t: inline_tensor(t, base, generated))
         try:
             serialized = skeleton.SerializeToString(deterministic=True)
         except ValueError as exc:  # the graph itself is over protobuf's limit

@@ -106,3 +106,15 @@ def test_dtypes_rewritten_in_their_own_type(tmp_path, dtype, external):
     # each weight is rounded once more than in the input: a few ulps of the output scale
     scale = np.abs(reference).max()
     np.testing.assert_allclose(result, reference, atol=40 * eps * scale, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(RUNNABLE))
+def test_block_wise_rewrite_equals_whole(monkeypatch, name):
+    model = RUNNABLE[name]()
+    units = analyse(model)
+    u = np.random.default_rng(4).uniform(-2, 2, units.n_groups)
+    whole = _values(rewrite(model, units, u))
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 24)  # blocks of one to three rows
+    blocked = _values(rewrite(model, units, u))
+    for key, value in whole.items():
+        np.testing.assert_array_equal(blocked[key], value, err_msg=key)

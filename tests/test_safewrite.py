@@ -240,3 +240,33 @@ def test_staged_output_opens_like_the_final_one(folders):
     assert staged.commit() == folders / "out" / "b.onnx.data"
     assert sorted(os.listdir(out.parent)) == ["b.onnx", "b.onnx.data"]
     np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+@pytest.mark.parametrize("layout", ["external", "inline"])
+def test_generated_tensors_are_streamed_in(folders, layout):
+    """Values produced while writing replace the stored ones, in blocks, with a new shape."""
+    model, path = _lazy(folders)
+    new_w0 = np.arange(32, dtype=np.float32).reshape(8, 4) - 7
+    new_b0 = np.full(8, 0.5, dtype=np.float32)
+
+    def w0():
+        return (8, 4), iter([new_w0[:3], new_w0[3:]])
+
+    def b0():  # a scalar expanded to one entry per unit
+        return (8,), iter([new_b0])
+
+    out = folders / "out" / "b.onnx"
+    external = None if layout == "external" else ()
+    staged = safewrite.stage_model(
+        model, out, base_dir=path.parent, external=external, generated={"W0": w0, "b0": b0}
+    )
+    staged.commit()
+    written = {t.name: t for t in onnx.load(out, load_external_data=False).graph.initializer}
+    assert tensors.is_external(written["W0"]) == (layout == "external")
+    np.testing.assert_array_equal(tensors.read_array(written["W0"], out.parent), new_w0)
+    np.testing.assert_array_equal(tensors.read_array(written["b0"], out.parent), new_b0)
+    original = {t.name: t for t in model.graph.initializer}
+    np.testing.assert_array_equal(
+        tensors.read_array(written["W1"], out.parent),
+        tensors.read_array(original["W1"], path.parent),
+    )
