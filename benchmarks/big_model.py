@@ -18,6 +18,7 @@ model over protobuf's 2 GB limit.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -186,7 +187,14 @@ def main() -> int:
         )
         report = folder / "report.json"
         if report.exists():
-            print("report:", report.read_text()[:2000])
+            data = json.loads(report.read_text())
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in data["seconds"].items())
+            print(f"stages of the verified run (s): {stages}")
+            print(
+                f"solver {data['solver']}: {data['sweeps']} steps, {data['passes']} passes, "
+                f"norm ratio {data['norm_ratio']:.4f}, converged {data['converged']}, "
+                f"verification passed {data['verify']['passed']}"
+            )
     finally:
         if options.keep:
             print(f"kept {folder}")

@@ -50,6 +50,17 @@ def ort_outputs(path: Path, width: int, dtype=np.float32) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
+@pytest.fixture(params=["in memory", "streamed"])
+def stream(request, monkeypatch):
+    """Both rewrite paths: small tensors in memory, large ones streamed into the output file
+    (the size threshold lowered so that small test models take the large-model path)."""
+    from onnxbalance import api
+
+    if request.param == "streamed":
+        monkeypatch.setattr(api, "STREAM_BYTES", 0)
+    return request.param
+
+
 @pytest.fixture
 def dirs(tmp_path):
     (tmp_path / "in").mkdir()
@@ -58,7 +69,7 @@ def dirs(tmp_path):
 
 
 @pytest.mark.parametrize("threshold", [0, 100, None])
-def test_layout_kept_and_input_untouched(dirs, threshold):
+def test_layout_kept_and_input_untouched(dirs, threshold, stream):
     """External data goes next to OUT (each tensor stored as in IN); inline stays inline."""
     src_dir, out_dir = dirs
     model = mlp(widths=(4, 8, 6, 3), seed=2)
@@ -116,7 +127,7 @@ def test_models_over_the_protobuf_limit(dirs, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("external", [False, True])
-def test_dtypes(dirs, dtype, external):
+def test_dtypes(dirs, dtype, external, stream):
     src_dir, out_dir = dirs
     model = mlp(widths=(6, 16, 12, 4), dtype=dtype, seed=3, spread=1.5)
     src = save(model, src_dir / "m.onnx", external=external)
@@ -151,7 +162,7 @@ def overflowing_fp16_model() -> onnx.ModelProto:
     return model
 
 
-def test_units_that_would_overflow_are_refused_with_a_reason(dirs):
+def test_units_that_would_overflow_are_refused_with_a_reason(dirs, stream):
     src_dir, out_dir = dirs
     src = save(overflowing_fp16_model(), src_dir / "m.onnx")
     code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
@@ -179,8 +190,8 @@ def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monk
     old.write_bytes(b"previous output")
     real = rewrite_module.rewrite
 
-    def wrong(model, units, log_scales):  # a broken rewrite: verification must catch it
-        out = real(model, units, log_scales)
+    def wrong(model, units, log_scales, **options):  # broken: verification must catch it
+        out = real(model, units, log_scales, **options)
         tensor = next(t for t in out.graph.initializer if t.name == "W1")
         array = tensors.read_array(tensor).astype(np.float32) * np.float32(3)
         tensor.CopyFrom(tensors.make_tensor("W1", array, tensor.data_type))
@@ -196,7 +207,7 @@ def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monk
     assert report["verify"]["passed"] is False
 
 
-def test_deterministic_bytes(dirs, tmp_path):
+def test_deterministic_bytes(dirs, tmp_path, stream):
     src_dir, out_dir = dirs
     src = save(mlp(widths=(4, 8, 6, 3), seed=6), src_dir / "m.onnx", external=True)
     other = tmp_path / "again"
@@ -264,3 +275,24 @@ def test_terminate_at_any_moment_leaves_nothing_or_a_complete_output(dirs):
         else:
             assert proc.returncode in (143, -signal.SIGTERM)
         outcomes.add(bool(names))
+
+
+def test_streamed_weights_are_verified_too(dirs, monkeypatch):
+    """A wrong streamed tensor is caught by verification and nothing is written."""
+    from onnxbalance import api, rewrite
+
+    monkeypatch.setattr(api, "STREAM_BYTES", 0)
+    real = rewrite.rescaled_blocks
+
+    def wrong(tensor, edits, u):
+        shape, dtype, blocks = real(tensor, edits, u)
+        if tensor.name != "W1":
+            return shape, dtype, blocks
+        return shape, dtype, (block * 3 for block in blocks)
+
+    monkeypatch.setattr(rewrite, "rescaled_blocks", wrong)
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+    code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
+    assert code == 3 and out == "" and "differs" in err
+    assert os.listdir(out_dir) == ["r.json"]
