@@ -1,0 +1,255 @@
+"""A faster exact solver: Newton's method on the log-scales with preconditioned conjugate gradients.
+
+It minimises the same convex F(u) = ||W||_{p,q}^q as Algorithm 1 (ALGORITHM.md §3-§7) on the same
+unit graph, tied and pinned groups included, and stops on the same test.
+
+Each iteration at u, with gradient g = q (in - out):
+
+1. Solve H d = -g inexactly with conjugate gradients (curvature.py: H v costs two passes; the
+   preconditioner is Jacobi plus a per-layer coarse correction). The relative residual target
+   min(1/2, sqrt(|g|_rel)) gives superlinear convergence near the minimum. If CG meets
+   non-positive curvature it stops there (first iteration: the preconditioned gradient).
+2. Backtracking line search from step 1: accept the first step with
+   F(u + a d) <= F(u) + 1e-4 a g.d (Armijo), so F strictly decreases. Trial points are full
+   evaluations (two passes), so the accepted one already carries the next gradient.
+3. If d is not a descent direction or the line search fails, take one step of Algorithm 1
+   instead: u_g += eta log(out_g / in_g). Its auxiliary-function argument guarantees that F does
+   not increase, so every accepted step is monotone.
+
+Stopping: converged when every group's Algorithm-1 factor a_g = (out_g / in_g)^eta satisfies
+|a_g - 1| < tol at the current point, exactly the test that ends Algorithm 1, so both solvers
+stop on the same tolerance. Newton typically passes it with a much smaller gradient than
+Algorithm 1 does (the last step converges quadratically).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..unitgraph import FIXED, UnitGraph
+from .curvature import Curvature, Point, Workspace, evaluate
+from .objective import Objective
+from .result import SolveResult
+
+logger = logging.getLogger(__name__)
+
+ARMIJO = 1e-4
+MAX_BACKTRACKS = 30
+
+
+def mu_exponent(p: float, q: float) -> float:
+    """eta of Algorithm 1 (ALGORITHM.md §4)."""
+    return 1.0 / (4.0 * q) if q >= p / 2.0 else (p - q) / (p * p)
+
+
+def mu_log_step(point: Point, movable: np.ndarray, eta: float) -> np.ndarray:
+    """One Algorithm-1 sweep as a change of log-scales: eta log(out / in) on movable groups."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = eta * (np.log(point.outgoing) - np.log(point.incoming))
+    return np.where(movable & np.isfinite(step), step, 0.0)
+
+
+def mu_converged(point: Point, movable: np.ndarray, eta: float, tol: float) -> bool:
+    """Algorithm 1's stopping test |a_g - 1| < tol for the factors of a sweep from ``point``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = eta * (np.log(point.outgoing[movable]) - np.log(point.incoming[movable]))
+    return bool(np.all(np.abs(np.expm1(step)) < tol))
+
+
+@dataclass(frozen=True)
+class NewtonOutcome:
+    """What :func:`minimise` found; the dispatcher turns it into a SolveResult."""
+
+    log_scales: np.ndarray
+    converged: bool
+    iterations: int  # accepted steps
+    cg_iterations: int
+    mu_fallbacks: int
+    values: tuple[float, ...]  # F at the start and after every accepted step
+    message: str
+
+
+def _conjugate_gradients(
+    curvature: Curvature, rhs: np.ndarray, rtol: float, max_iter: int
+) -> tuple[np.ndarray, int]:
+    """Approximately solve H x = rhs; stops early on non-positive curvature."""
+    x = np.zeros_like(rhs)
+    residual = rhs.copy()
+    z = curvature.precondition(residual)
+    direction = z.copy()
+    rz = float(residual @ z)
+    target = rtol * np.sqrt(max(rz, 0.0))
+    for iteration in range(1, max_iter + 1):
+        h_direction = curvature.matvec(direction)
+        curvature_along = float(direction @ h_direction)
+        if not curvature_along > 0:
+            return (x if iteration > 1 else z), iteration
+        alpha = rz / curvature_along
+        x += alpha * direction
+        residual -= alpha * h_direction
+        z = curvature.precondition(residual)
+        rz_new = float(residual @ z)
+        if np.sqrt(max(rz_new, 0.0)) <= target:
+            return x, iteration
+        direction = z + (rz_new / rz) * direction
+        rz = rz_new
+    return x, max_iter
+
+
+def _line_search(
+    workspace: Workspace, point: Point, direction: np.ndarray, slope: float
+) -> Point | None:
+    """First point along ``direction`` (steps 1, then shrinking) that satisfies Armijo."""
+    step = 1.0
+    for _ in range(MAX_BACKTRACKS):
+        trial = evaluate(workspace, point.log_scales + step * direction)
+        if np.isfinite(trial.value):
+            if trial.value <= point.value + ARMIJO * step * slope:
+                return trial
+            # minimiser of the quadratic through F(0), F'(0), F(step), kept in [0.1, 0.5] step
+            excess = trial.value - point.value - step * slope
+            shrink = -slope * step / (2.0 * excess) if excess > 0 else 0.5
+            step *= min(0.5, max(0.1, shrink))
+        else:
+            step *= 0.1
+    return None
+
+
+def minimise(
+    objective: Objective,
+    movable: np.ndarray,
+    *,
+    tol: float = 1e-6,
+    max_steps: int = 10_000,
+    max_cg: int = 50,
+    progress: Callable[[int, float], None] | None = None,
+) -> NewtonOutcome:
+    """Minimise F over the movable groups from u = 0 (the other groups stay at 0).
+
+    Args:
+        objective: F(u) on the unit graph; its ``passes`` counter is advanced honestly.
+        movable: boolean mask of the groups that may move.
+        tol: Algorithm 1's tolerance delta on the per-group factors.
+        max_steps: accepted steps before giving up (reported as not converged).
+        max_cg: conjugate-gradient iterations per Newton iteration.
+        progress: optional callable(step, ||W||_{p,q}) after every accepted step.
+
+    Returns:
+        The log-scales, whether the stopping test passed, and F after every accepted step.
+    """
+    workspace = Workspace(objective, movable)
+    movable = workspace.movable
+    eta = mu_exponent(objective.p, objective.q)
+    point = evaluate(workspace, np.zeros(objective.n_groups))
+    values = [point.value]
+    counts = {"cg": 0, "fallback": 0}
+
+    def outcome(converged: bool, message: str) -> NewtonOutcome:
+        return NewtonOutcome(
+            point.log_scales,
+            converged,
+            len(values) - 1,
+            counts["cg"],
+            counts["fallback"],
+            tuple(values),
+            message,
+        )
+
+    def accept(trial: Point) -> None:
+        nonlocal point
+        point = trial
+        values.append(point.value)
+        if progress is not None:
+            progress(len(values) - 1, objective.norm(point.value))
+
+    first = True
+    while True:
+        if not movable.any() or mu_converged(point, movable, eta, tol):
+            return outcome(
+                True,
+                f"converged in {len(values) - 1} steps: every factor of an "
+                f"Algorithm-1 sweep within {tol:g} of 1",
+            )
+        if len(values) - 1 >= max_steps:
+            return outcome(False, f"did not converge in {max_steps} steps; raise max_sweeps or tol")
+        curvature = Curvature(workspace, point)
+        curvature.build_coarse()
+        if first:
+            # The per-layer scales are the slow, strongly nonlinear part: solve them exactly.
+            first = False
+            shift = curvature.coarse_minimiser()
+            if np.any(shift):
+                trial = evaluate(workspace, point.log_scales + shift)
+                if trial.value < point.value:
+                    accept(trial)
+                    continue
+        gradient = np.where(movable, point.gradient(objective.q), 0.0)
+        mu_step = mu_log_step(point, movable, eta)
+        forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
+        direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
+        counts["cg"] += used
+        slope = float(gradient @ direction)
+        trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
+        if trial is None:
+            # Algorithm 1's step cannot raise F; the check guards only against round-off.
+            counts["fallback"] += 1
+            trial = evaluate(workspace, point.log_scales + mu_step)
+            if not trial.value <= point.value:
+                return outcome(False, "stalled: no step decreases the norm (round-off level)")
+        accept(trial)
+        logger.debug("newton step %d: F=%.17g cg=%d", len(values) - 1, point.value, used)
+
+
+def movable_groups(graph: UnitGraph) -> np.ndarray:
+    """Boolean mask of groups that some layer row or column maps to (the others never move)."""
+    used = np.zeros(graph.n_groups, dtype=bool)
+    for layer in graph.layers:
+        for groups in (layer.row_groups, layer.col_groups):
+            groups = np.asarray(groups, dtype=np.int64)
+            used[groups[groups != FIXED]] = True
+    return used
+
+
+def solve_newton(
+    graph: UnitGraph,
+    p: float,
+    q: float,
+    *,
+    tol: float,
+    max_sweeps: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> SolveResult:
+    """Run the Newton solver on ``graph`` (dead and cut-off groups already FIXED).
+
+    ``max_sweeps`` bounds the number of accepted steps. Returns a SolveResult with
+    ``pinned=()``; :func:`onnxbalance.solver.solve` fills it in.
+    """
+    objective = Objective(graph, p, q)
+    found = minimise(
+        objective, movable_groups(graph), tol=tol, max_steps=max_sweeps, progress=progress
+    )
+    history = tuple(objective.norm(value) for value in found.values)
+    logger.debug(
+        "newton: %s (%d passes, %d CG iterations)",
+        found.message,
+        objective.passes,
+        found.cg_iterations,
+    )
+    return SolveResult(
+        log_scales=found.log_scales,
+        norm_before=history[0],
+        norm_after=history[-1],
+        sweeps=found.iterations,
+        passes=objective.passes,
+        converged=found.converged,
+        message=found.message,
+        history=history,
+        pinned=(),
+        solver="newton",
+        p=objective.p,
+        q=objective.q,
+    )
