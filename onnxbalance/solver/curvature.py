@@ -54,6 +54,7 @@ from ..unitgraph import FIXED
 from .objective import Objective, _accumulate
 
 FLOAT32_RANGE = 1e30  # largest ratio of non-zero couplings (and of scale factors) run in float32
+COARSE_RTOL = 1e-12  # the coarse solve stops when its Newton step would gain less (relative)
 
 
 def _group_values(values: np.ndarray, index: np.ndarray, movable: np.ndarray) -> np.ndarray:
@@ -91,13 +92,15 @@ def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
 
 
 def _float32_copy(free: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """free / max(free) in float32, or None if its non-zero entries span more than float32."""
     if free.size == 0:
         return None, 1.0
     cmax = float(free.max())
-    nonzero = free[free > 0]
-    if cmax <= 0 or nonzero.min() < cmax / FLOAT32_RANGE:
+    if not cmax > 0 or np.min(free, where=free > 0, initial=cmax) < cmax / FLOAT32_RANGE:
         return None, 1.0
-    return (free * (1.0 / cmax)).astype(np.float32), cmax
+    scaled = np.empty(free.shape, dtype=np.float32)
+    np.multiply(free, 1.0 / cmax, out=scaled, casting="unsafe")
+    return scaled, cmax
 
 
 class Workspace:
@@ -260,14 +263,26 @@ class Curvature:
         objective = workspace.objective
         p, r = objective.p, objective.r
         self._use32 = []
-        for structure, state in zip(workspace.structures, point.layers, strict=True):
-            moderate = bool(
+        self._products = []  # per layer: (matrix, column factor, 1 / sums in the matrix's units)
+        for layer, structure, state in zip(
+            objective.layers, workspace.structures, point.layers, strict=True
+        ):
+            use32 = bool(
                 structure.free32 is not None
                 and state.col_factor.size
                 and state.col_factor.min() > 1.0 / FLOAT32_RANGE
                 and state.row_weight.min(initial=1.0) > 1.0 / FLOAT32_RANGE
             )
-            self._use32.append(moderate)
+            self._use32.append(use32)
+            scale = structure.cmax if use32 else 1.0
+            with np.errstate(divide="ignore"):
+                inverse = np.where(state.sums > 0, scale / state.sums, 0.0)
+            if use32:
+                self._products.append(
+                    (structure.free32, state.col_factor.astype(np.float32), inverse, scale)
+                )
+            else:
+                self._products.append((layer.free, state.col_factor, inverse, scale))
         diagonal = p * p * r * (r * point.incoming + point.outgoing)
         self.diagonal = np.where(workspace.movable & (diagonal > 0), diagonal, 1.0)
         self.fractions: list[np.ndarray] | None = None
@@ -281,27 +296,25 @@ class Curvature:
         v = np.where(workspace.movable, v, 0.0)
         result = np.zeros(n)
         objective.passes += 2
-        for layer, structure, state, use32 in zip(
-            objective.layers, workspace.structures, self.point.layers, self._use32, strict=True
+        size = float(np.max(np.abs(v), initial=0.0))
+        if not size > 0:
+            return result
+        v = v / size  # H is linear; a unit-size v keeps every float32 intermediate in range
+        for layer, structure, state, (matrix, col_factor, inverse, scale) in zip(
+            objective.layers, workspace.structures, self.point.layers, self._products, strict=True
         ):
             v_rows = _group_values(v, structure.row_index, structure.row_movable)
             if not layer.col_groups.size:  # rows fed by fixed units only
                 result += _accumulate(p * p * r * r * state.load * v_rows, layer.row_groups, n)
                 continue
             v_cols = v[layer.col_groups]
-            d = p * (
-                v_rows - _fractions(structure, layer.free, state, v_cols[:, None], use32)[:, 0]
-            )
+            d = p * (v_rows - inverse * (matrix @ (col_factor * v_cols.astype(matrix.dtype))))
             result += _accumulate(p * r * r * state.load * d, layer.row_groups, n)
             y = state.row_weight * (p * r * (r - 1.0) * d + r * p * p * v_rows)
-            if use32:
-                back = (structure.free32.T @ y.astype(np.float32)).astype(np.float64)
-                back *= structure.cmax
-            else:
-                back = layer.free.T @ y
+            back = scale * (matrix.T @ y.astype(matrix.dtype)).astype(np.float64)
             column = r * p * p * v_cols * state.col_out - state.col_scale * back
             result += np.bincount(layer.col_groups, weights=column, minlength=n)
-        return np.where(workspace.movable, result, 0.0)
+        return np.where(workspace.movable, result * size, 0.0)
 
     def build_coarse(self) -> None:
         """P^T H P for the layer aggregates, Cholesky-factored (see the module docstring)."""
@@ -344,7 +357,7 @@ class Curvature:
             z[live] += solved[aggregate[live]]
         return z
 
-    def coarse_minimiser(self, max_iter: int = 200) -> np.ndarray:
+    def coarse_minimiser(self, max_iter: int = 200, rtol: float = COARSE_RTOL) -> np.ndarray:
         """P z with z minimising F(u + P z) (damped Newton on the coarse space, no passes).
 
         Zero if the coarse space is empty or :meth:`build_coarse` has not run.
@@ -383,7 +396,7 @@ class Curvature:
             except np.linalg.LinAlgError:
                 break
             slope = float(gradient @ step)
-            if not (np.isfinite(slope) and slope < -1e-15 * value):
+            if not (np.isfinite(slope) and slope < -rtol * value):
                 break
             length = 1.0
             for _ in range(60):
