@@ -343,6 +343,10 @@ class Curvature:
         except np.linalg.LinAlgError:
             self._coarse_factor = None  # keep the Jacobi part alone
 
+    def reuse_coarse(self, other: Curvature) -> None:
+        """Precondition with the coarse matrix of a nearby point (no pass)."""
+        self._coarse_factor = other._coarse_factor
+
     def precondition(self, residual: np.ndarray) -> np.ndarray:
         movable = self.workspace.movable
         z = np.where(movable, residual / self.diagonal, 0.0)

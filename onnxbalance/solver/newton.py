@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 ARMIJO = 1e-4
 MAX_BACKTRACKS = 30
 ROUND_OFF = 64 * np.finfo(float).eps
+# The coarse matrix (one block pass) is rebuilt only after u moved by more than this since it
+# was last built: it only preconditions, and near the minimum it hardly changes.
+COARSE_REUSE = 0.2
 
 
 def resolution(value: float) -> float:
@@ -196,6 +199,7 @@ def minimise(
             progress(len(values) - 1, objective.norm(point.value))
 
     first = True
+    coarse_source: Curvature | None = None  # the last point whose coarse matrix was built
     while True:
         if not movable.any() or mu_converged(point, movable, eta, tol):
             return outcome(
@@ -206,7 +210,16 @@ def minimise(
         if len(values) - 1 >= max_steps:
             return outcome(False, f"did not converge in {max_steps} steps; raise max_sweeps or tol")
         curvature = Curvature(workspace, point)
-        curvature.build_coarse()
+        moved = (
+            np.inf
+            if coarse_source is None
+            else float(np.max(np.abs(point.log_scales - coarse_source.point.log_scales)))
+        )
+        if moved > COARSE_REUSE:
+            curvature.build_coarse()
+            coarse_source = curvature
+        else:
+            curvature.reuse_coarse(coarse_source)
         if first:
             # The per-layer scales are the slow, strongly nonlinear part: solve them exactly.
             first = False
