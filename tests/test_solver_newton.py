@@ -7,12 +7,13 @@ import pytest
 import reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from networks import Edge, Network, exponents, make_network, networks
-from test_solver_mu import check_against_reference, dead_and_cut_off_network, tied_network
+from networks import Edge, Network, dead_and_cut_off_network, exponents, make_network, networks
+from test_solver_mu import check_against_reference, tied_network
 
-from onnxbalance.solver import newton, solve
+from onnxbalance.solver import methods, newton, solve
 from onnxbalance.solver.curvature import Curvature, Workspace, aggregates, evaluate
 from onnxbalance.solver.objective import Objective
+from onnxbalance.unitgraph import FIXED
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TIGHT = {"tol": 1e-10, "max_sweeps": 10_000, "method": "newton"}
@@ -181,3 +182,47 @@ def test_coarse_matrix_and_minimiser_are_exact(p, q):
     coarse_gradient = prolong.T @ objective.loads(u + shift).gradient(q)
     assert np.abs(coarse_gradient).max() < 1e-6 * objective.value(u)
     assert objective.value(u + shift) < objective.value(u)
+
+
+def test_newton_is_the_default_method():
+    graph = make_network((3, 4, 2), seed=0).unit_graph(2.0)
+    assert methods()[0] == "newton"
+    assert solve(graph).solver == "newton"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    net=networks(dag=True, zeros=True, ties=True),
+    p=exponents,
+    q=exponents,
+    spread=st.sampled_from([0.1, 3.0, 60.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_evaluate_matches_the_reference_loads(net, p, q, spread, seed):
+    u = np.random.default_rng(seed).normal(scale=spread, size=net.n_groups)
+    objective = Objective(net.unit_graph(p), p, q)
+    point = evaluate(Workspace(objective, np.ones(net.n_groups, dtype=bool)), u)
+    incoming, outgoing = reference.loads(net.layers(), net.n_groups, u, p, q)
+    assert point.value == pytest.approx(reference.objective(net.layers(), u, p, q), rel=1e-11)
+    np.testing.assert_allclose(point.incoming, incoming, rtol=1e-11, atol=1e-300)
+    np.testing.assert_allclose(point.outgoing, outgoing, rtol=1e-11, atol=1e-300)
+
+
+def test_evaluate_redoes_a_row_lost_to_underflow():
+    """The case of test_objective: one row sits e^900 below another column of its layer."""
+    weights = [np.zeros((1, 1)), np.array([[0.0], [-0.54], [0.0], [0.0]]), np.zeros((1, 4))]
+    weights[2][0, 3] = 0.04
+    net = Network(
+        (1, 1, 4, 1),
+        tuple(Edge(k, k + 1, w) for k, w in enumerate(weights)),
+        tuple(np.zeros(s) for s in (0, 1, 4, 1)),
+        (np.array([FIXED]), np.array([0]), np.array([1, 2, 3, 4]), np.array([FIXED])),
+        5,
+    )
+    u = np.array([27.0, 30.0, -129.0, 66.0, 100.0])
+    objective = Objective(net.unit_graph(4.0), 4.0, 1.0)
+    point = evaluate(Workspace(objective, np.ones(5, dtype=bool)), u)
+    incoming, outgoing = reference.loads(net.layers(), net.n_groups, u, 4.0, 1.0)
+    assert outgoing[4] > 0
+    np.testing.assert_allclose(point.outgoing, outgoing, rtol=1e-12)
+    np.testing.assert_allclose(point.incoming, incoming, rtol=1e-12)

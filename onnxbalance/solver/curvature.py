@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..unitgraph import FIXED
-from .objective import Objective, _accumulate
+from .objective import _TINY, Objective, _accumulate
 
 FLOAT32_RANGE = 1e30  # largest ratio of non-zero couplings (and of scale factors) run in float32
 COARSE_RTOL = 1e-12  # the coarse solve stops when its Newton step would gain less (relative)
@@ -171,10 +171,17 @@ class Point:
 
 
 def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
-    """F(u), in_g and out_g like :meth:`Objective.loads` (two passes), keeping the layer states."""
+    """F(u), in_g and out_g like :meth:`Objective.loads` (two passes), keeping the layer states.
+
+    The vectors are shifted by one largest log-entry per layer. If that leaves a row or column
+    sum below objective.py's underflow threshold (a row far below the rest of its layer), F and
+    the loads are taken from :meth:`Objective.loads` instead (two more passes, counted), which
+    redoes such rows exactly; the layer states then only steer the Hessian.
+    """
     objective = workspace.objective
     p, r, n = objective.p, objective.r, objective.n_groups
     objective.passes += 2
+    suspect = False
     value = 0.0
     incoming = np.zeros(n)
     outgoing = np.zeros(n)
@@ -189,6 +196,7 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
             if col_log.size:
                 sums = sums + layer.free @ col_factor
             log_rho = row_log + top + np.log(sums)  # -inf for rows with only zero couplings
+            suspect = suspect or bool(np.any((sums < _TINY) & ~layer.empty_rows))
             load = np.exp(r * log_rho)
             value += float(load.sum())
             incoming += _accumulate(load, layer.row_groups, n)
@@ -199,6 +207,7 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
                 row_weight = np.exp(log_weight - top2)
                 col_scale = np.exp(col_log + top2)
                 back = layer.free.T @ row_weight
+                suspect = suspect or bool(np.any((back < _TINY) & ~layer.zero_cols))
                 col_out = np.where(back > 0, np.exp(col_log + top2 + np.log(back)), 0.0)
                 outgoing += np.bincount(layer.col_groups, weights=col_out, minlength=n)
             else:
@@ -206,6 +215,9 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
                 col_scale = np.zeros_like(col_log)
                 col_out = np.zeros_like(col_log)
             states.append(LayerState(load, sums, col_factor, row_weight, col_scale, col_out))
+    if suspect:
+        exact = objective.loads(log_scales)
+        value, incoming, outgoing = exact.value, exact.incoming, exact.outgoing
     return Point(np.array(log_scales, dtype=np.float64), value, incoming, outgoing, tuple(states))
 
 

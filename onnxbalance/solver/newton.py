@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..unitgraph import FIXED, UnitGraph
+from ..unitgraph import UnitGraph
 from .curvature import Curvature, Point, Workspace, evaluate
-from .objective import Objective
+from .objective import Objective, movable_groups
 from .result import SolveResult
 
 logger = logging.getLogger(__name__)
@@ -244,16 +244,6 @@ def minimise(
                 return outcome(False, "stalled: no step decreases the norm (round-off level)")
         accept(trial)
         logger.debug("newton step %d: F=%.17g cg=%d", len(values) - 1, point.value, used)
-
-
-def movable_groups(graph: UnitGraph) -> np.ndarray:
-    """Boolean mask of groups that some layer row or column maps to (the others never move)."""
-    used = np.zeros(graph.n_groups, dtype=bool)
-    for layer in graph.layers:
-        for groups in (layer.row_groups, layer.col_groups):
-            groups = np.asarray(groups, dtype=np.int64)
-            used[groups[groups != FIXED]] = True
-    return used
 
 
 def solve_newton(
