@@ -3,12 +3,17 @@
 It minimises the same convex F(u) = ||W||_{p,q}^q as Algorithm 1 (ALGORITHM.md §3-§7) on the same
 unit graph, tied and pinned groups included, and stops on the same test.
 
-Each iteration at u, with gradient g = q (in - out):
+First, u moves to the exact minimiser of F over the per-layer scales (curvature.py: the coarse
+space, solved without further passes): in a deep network that is the slow, strongly nonlinear
+part that Algorithm 1 needs thousands of sweeps for. Then each iteration at u, with gradient
+g = q (in - out):
 
 1. Solve H d = -g inexactly with conjugate gradients (curvature.py: H v costs two passes; the
-   preconditioner is Jacobi plus a per-layer coarse correction). The relative residual target
-   min(1/2, sqrt(|g|_rel)) gives superlinear convergence near the minimum. If CG meets
-   non-positive curvature it stops there (first iteration: the preconditioned gradient).
+   preconditioner is Jacobi plus a per-layer coarse correction, rebuilt only after u moved by
+   more than COARSE_REUSE). The relative residual target min(1/2, sqrt(max |eta log(out/in)|))
+   gives superlinear convergence near the minimum. If CG meets non-positive curvature (possible
+   for r < 1 only through round-off) it stops there (first iteration: the preconditioned
+   gradient).
 2. Backtracking line search from step 1: accept the first step with
    F(u + a d) <= F(u) + 1e-4 a g.d (Armijo), so F strictly decreases. Trial points are full
    evaluations (two passes), so the accepted one already carries the next gradient.
@@ -16,10 +21,15 @@ Each iteration at u, with gradient g = q (in - out):
    instead: u_g += eta log(out_g / in_g). Its auxiliary-function argument guarantees that F does
    not increase, so every accepted step is monotone.
 
+Round-off: once the predicted decrease -g.d is below the resolution of the computed F (about
+64 eps |log F| relative), F values no longer order the points; a step is then accepted if F stays
+within that resolution and Algorithm 1's imbalance max_g |log(out_g / in_g)| shrinks. Algorithm 1
+itself is monotone only up to the same round-off.
+
 Stopping: converged when every group's Algorithm-1 factor a_g = (out_g / in_g)^eta satisfies
 |a_g - 1| < tol at the current point, exactly the test that ends Algorithm 1, so both solvers
 stop on the same tolerance. Newton typically passes it with a much smaller gradient than
-Algorithm 1 does (the last step converges quadratically).
+Algorithm 1 does (the last step converges quadratically), so its minimum is the more accurate.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import numpy as np
 
 from ..unitgraph import UnitGraph
 from .curvature import Curvature, Point, Workspace, evaluate
+from .mu import step_size
 from .objective import Objective, movable_groups
 from .result import SolveResult
 
@@ -49,11 +60,6 @@ def resolution(value: float) -> float:
     """Relative round-off of a computed F: a sum of many exp(r log rho_o), and exp(x) carries
     a relative error of about |x| eps, so the resolution grows with |log F|."""
     return ROUND_OFF * max(1.0, abs(float(np.log(value)))) if value > 0 else ROUND_OFF
-
-
-def mu_exponent(p: float, q: float) -> float:
-    """eta of Algorithm 1 (ALGORITHM.md §4)."""
-    return 1.0 / (4.0 * q) if q >= p / 2.0 else (p - q) / (p * p)
 
 
 def mu_log_step(point: Point, movable: np.ndarray, eta: float) -> np.ndarray:
@@ -175,7 +181,7 @@ def minimise(
     """
     workspace = Workspace(objective, movable)
     movable = workspace.movable
-    eta = mu_exponent(objective.p, objective.q)
+    eta = step_size(objective.p, objective.q)
     point = evaluate(workspace, np.zeros(objective.n_groups))
     values = [point.value]
     counts = {"cg": 0, "fallback": 0}
