@@ -225,11 +225,12 @@ def main() -> None:
     print(
         f"{'network':27s} {'mu pass':>7s} {'mu s':>8s} | {'lbfgs':>6s} {'s':>7s} | "
         f"{'newt':>5s} {'s':>7s} | {'mu/newt':>8s} {'dF newt':>9s} {'dF lbfgs':>9s} | "
-        f"{'vs exact: mu':>8s} {'lbfgs':>8s} {'newton':>8s}"
+        f"{'vs exact: mu':>8s} {'lbfgs':>8s} {'newton':>8s} | {'newt-mu*':>8s}"
     )
     print(
-        "(dF: relative difference of the reached minimum F to Algorithm 1's; 'vs exact': to "
-        "Newton at tol 1e-13)"
+        "(dF: relative difference of the reached minimum F to Algorithm 1's at the same tol; "
+        "'vs exact': to Newton at tol 1e-13; newt-mu*: Newton at tol 1e-6 vs Algorithm 1 at "
+        f"tol {MU_TIGHT:g})"
     )
     for depth in depths:
         sizes = (128,) + (128,) * depth + (10,)

@@ -54,7 +54,7 @@ from ..unitgraph import FIXED
 from .objective import _TINY, Objective, _accumulate
 
 FLOAT32_RANGE = 1e30  # largest ratio of non-zero couplings (and of scale factors) run in float32
-COARSE_RTOL = 1e-12  # the coarse solve stops when its Newton step would gain less (relative)
+COARSE_RTOL = 1e-9  # the coarse solve stops when its Newton step would gain less (relative)
 
 
 def _group_values(values: np.ndarray, index: np.ndarray, movable: np.ndarray) -> np.ndarray:
@@ -91,12 +91,13 @@ def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
     return compact
 
 
-def _float32_copy(free: np.ndarray) -> tuple[np.ndarray | None, float]:
-    """free / max(free) in float32, or None if its non-zero entries span more than float32."""
-    if free.size == 0:
+def _float32_copy(free: np.ndarray, log_range: float) -> tuple[np.ndarray | None, float]:
+    """free / max(free) in float32, or None if its non-zero entries may span more than float32
+    (``log_range`` bounds |log c| over the layer's non-zero couplings, from objective.py)."""
+    if free.size == 0 or 2.0 * log_range > np.log(FLOAT32_RANGE):
         return None, 1.0
     cmax = float(free.max())
-    if not cmax > 0 or np.min(free, where=free > 0, initial=cmax) < cmax / FLOAT32_RANGE:
+    if not cmax > 0:
         return None, 1.0
     scaled = np.empty(free.shape, dtype=np.float32)
     np.multiply(free, 1.0 / cmax, out=scaled, casting="unsafe")
@@ -128,7 +129,7 @@ class Workspace:
             live_cols = np.nonzero(col_agg >= 0)[0]
             col_indicator[live_cols, np.searchsorted(col_used, col_agg[live_cols])] = 1.0
             self.block_passes = max(self.block_passes, col_used.size)
-            free32, cmax = _float32_copy(layer.free)
+            free32, cmax = _float32_copy(layer.free, layer.log_range)
             structures.append(
                 _LayerStructure(
                     row_movable,
@@ -216,7 +217,8 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
                 col_out = np.zeros_like(col_log)
             states.append(LayerState(load, sums, col_factor, row_weight, col_scale, col_out))
     if suspect:
-        exact = objective.loads(log_scales)
+        with np.errstate(over="ignore"):  # an overflowing trial point is rejected, not an error
+            exact = objective.loads(log_scales)
         value, incoming, outgoing = exact.value, exact.incoming, exact.outgoing
     return Point(np.array(log_scales, dtype=np.float64), value, incoming, outgoing, tuple(states))
 
