@@ -6,9 +6,10 @@ seconds, and the relative difference of the reached minimum F to Algorithm 1's a
 reference (Newton at tol 1e-13). All three stop on the same test: every factor of an Algorithm-1
 sweep from the current point within tol of 1 (for L-BFGS-B checked at every evaluation).
 
-Networks: ReLU MLPs of width 128 (input 128, output 10) with 4, 16 and 64 hidden layers; the
-paper's three networks; a ResNet-18-style network (3x3 conv couplings summed over the taps,
-residual Adds as tied groups). Weights Gaussian with variance 2 / fan-in, p = q = 2.
+Networks (tests/networks.py, Gaussian weights of variance 2 / fan-in, p = q = 2): ReLU MLPs of
+width 128 (input 128, output 10) with 4, 16 and 64 hidden layers; the paper's three networks; and
+a ResNet-18-style unit graph built here (3x3 conv couplings summed over the taps, residual Adds
+as tied groups).
 
 Then, for the deepest paper network written as an ONNX Gemm MLP: the Newton solve time against
 onnx.load + onnx.save of that file (best of several runs of each, interleaved).
@@ -32,6 +33,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from networks import PAPER_SIZES, Edge, Network, make_network, paper_networks  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
@@ -46,30 +50,6 @@ from onnxbalance.unitgraph import FIXED, Layer, UnitGraph  # noqa: E402
 P = Q = 2.0
 TOL = 1e-6
 MU_TIGHT = 1e-10  # Algorithm 1 run to (near) full convergence, for the last column
-PAPER = {
-    "paper 200-2500-1250-10": (200, 2500, 1250, 10),
-    "paper 200-2000-...-250-10": (200, 2000, 1000, 500, 250, 10),
-    "paper 200-1000-...-250-10": (200, 1000, 750, 750, 500, 500, 250, 10),
-}
-
-
-def mlp_weights(sizes, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [
-        rng.normal(0.0, np.sqrt(2.0 / a), size=(b, a))
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-    ]
-
-
-def mlp_graph(weights: list[np.ndarray]) -> UnitGraph:
-    layers, columns, n = [], np.full(weights[0].shape[1], FIXED), 0
-    for k, w in enumerate(weights):
-        last = k == len(weights) - 1
-        rows = np.full(w.shape[0], FIXED) if last else np.arange(n, n + w.shape[0])
-        n += 0 if last else w.shape[0]
-        layers.append(Layer(f"fc{k}", np.abs(w) ** P, rows, columns))
-        columns = rows
-    return UnitGraph(tuple(layers), tuple(f"h{g}" for g in range(n)))
 
 
 def resnet_graph(seed: int = 0) -> UnitGraph:
@@ -159,7 +139,7 @@ def row(name: str, graph: UnitGraph) -> None:
     f_mu, f_fast, f_exact = mu.norm_after**Q, fast.norm_after**Q, exact.norm_after**Q
     f_tight = tight.norm_after**Q
     print(
-        f"{name:27s} {mu.passes:7d} {mu_time:8.2f} | {passes_lbfgs:6d} {time_lbfgs:7.2f} | "
+        f"{name:38s} {mu.passes:7d} {mu_time:8.2f} | {passes_lbfgs:6d} {time_lbfgs:7.2f} | "
         f"{fast.passes:5d} {fast_time:7.3f} | {mu.passes / fast.passes:7.1f}x "
         f"{(f_fast - f_mu) / f_mu:+9.1e} {(value_lbfgs - f_mu) / f_mu:+9.1e} | "
         f"{(f_mu - f_exact) / f_exact:+8.1e} {(value_lbfgs - f_exact) / f_exact:+8.1e} "
@@ -170,7 +150,8 @@ def row(name: str, graph: UnitGraph) -> None:
         print(f"    not converged: mu: {mu.message}; newton: {fast.message}; {tight.message}")
 
 
-def gemm_mlp(weights: list[np.ndarray]) -> onnx.ModelProto:
+def gemm_mlp(net: Network) -> onnx.ModelProto:
+    weights = [edge.weight for edge in net.edges]
     nodes, inits, x = [], [], "x"
     for k, w in enumerate(weights):
         inits.append(numpy_helper.from_array(w.astype(np.float32), f"W{k}"))
@@ -190,12 +171,13 @@ def gemm_mlp(weights: list[np.ndarray]) -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
-def io_versus_solve(sizes, repeats: int = 7) -> None:
-    weights = mlp_weights(sizes, seed=2)
-    graph = mlp_graph([w.astype(np.float32).astype(np.float64) for w in weights])
+def io_versus_solve(net: Network, repeats: int = 7) -> None:
+    # The solver sees the weights as stored in the file (float32).
+    stored = [Edge(e.src, e.dst, e.weight.astype(np.float32).astype(np.float64)) for e in net.edges]
+    graph = Network(net.sizes, tuple(stored), net.biases, net.groups, net.n_groups).unit_graph(P)
     with tempfile.TemporaryDirectory() as folder:
         path, copy = Path(folder) / "mlp.onnx", Path(folder) / "copy.onnx"
-        onnx.save(gemm_mlp(weights), path)
+        onnx.save(gemm_mlp(net), path)
         io_times, solve_times, newton_times = [], [], []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -209,7 +191,7 @@ def io_versus_solve(sizes, repeats: int = 7) -> None:
             newton_times.append(time.perf_counter() - start)
         size = path.stat().st_size / 1e6
     print(
-        f"\n{'-'.join(map(str, sizes))} as ONNX ({size:.1f} MB): onnx.load + onnx.save "
+        f"\n{'-'.join(map(str, net.sizes))} as ONNX ({size:.1f} MB): onnx.load + onnx.save "
         f"best {min(io_times) * 1e3:.1f} ms (median {np.median(io_times) * 1e3:.1f}); "
         f"newton solve best {min(solve_times) * 1e3:.1f} ms "
         f"(median {np.median(solve_times) * 1e3:.1f}) incl. liveness and set-up; Newton "
@@ -223,7 +205,7 @@ def main() -> None:
     depths = (4, 16) if quick else (4, 16, 64)
     print(f"p = q = {P:g}, tol = {TOL:g}; passes = products of every coupling matrix with a vector")
     print(
-        f"{'network':27s} {'mu pass':>7s} {'mu s':>8s} | {'lbfgs':>6s} {'s':>7s} | "
+        f"{'network':38s} {'mu pass':>7s} {'mu s':>8s} | {'lbfgs':>6s} {'s':>7s} | "
         f"{'newt':>5s} {'s':>7s} | {'mu/newt':>8s} {'dF newt':>9s} {'dF lbfgs':>9s} | "
         f"{'vs exact: mu':>8s} {'lbfgs':>8s} {'newton':>8s} | {'newt-mu*':>8s}"
     )
@@ -233,12 +215,13 @@ def main() -> None:
         f"tol {MU_TIGHT:g})"
     )
     for depth in depths:
-        sizes = (128,) + (128,) * depth + (10,)
-        row(f"MLP 128 x {depth}", mlp_graph(mlp_weights(sizes, seed=depth)))
-    for k, (name, sizes) in enumerate(PAPER.items()):
-        row(name, mlp_graph(mlp_weights(sizes, seed=k)))
+        net = make_network((128,) * (depth + 1) + (10,), seed=depth, paper_init=True)
+        row(f"MLP 128 x {depth}", net.unit_graph(P))
+    papers = paper_networks()
+    for sizes, net in zip(PAPER_SIZES, papers, strict=True):
+        row("paper " + "-".join(map(str, sizes)), net.unit_graph(P))
     row("ResNet-18-style", resnet_graph())
-    io_versus_solve(PAPER["paper 200-1000-...-250-10"])
+    io_versus_solve(papers[-1])
 
 
 if __name__ == "__main__":
