@@ -226,3 +226,14 @@ def test_evaluate_redoes_a_row_lost_to_underflow():
     assert outgoing[4] > 0
     np.testing.assert_allclose(point.outgoing, outgoing, rtol=1e-12)
     np.testing.assert_allclose(point.incoming, incoming, rtol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(net=networks(dag=True, ties=True), p=exponents, q=exponents)
+def test_balancing_a_balanced_network_costs_one_evaluation(net, p, q):
+    first = solve(net.unit_graph(p), p, q, tol=1e-12, method="newton")
+    assert first.converged
+    again = solve(net.rescaled(first.log_scales).unit_graph(p), p, q, tol=1e-6, method="newton")
+    assert again.converged and again.sweeps == 0 and again.passes == 2
+    assert np.all(again.log_scales == 0.0)
+    assert again.norm_after == pytest.approx(first.norm_after, rel=1e-12)
