@@ -1,0 +1,261 @@
+"""The ``onnxbalance`` command: parse, call the api, print, map errors to exit codes.
+
+Exit codes: 0 done (also when there is nothing to balance), 1 ``--check`` found the model not
+balanced, 2 bad usage or an unreadable/invalid/unsupported input or unwritable output,
+3 verification failed. Results and the summary go to stdout; progress, logs and the one-line
+error to stderr.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import api, io
+from .errors import InputError, OnnxBalanceError, OutputError, VerificationError
+from .report import Report, summary_table
+
+PROG = "onnxbalance"
+EXIT_OK, EXIT_UNBALANCED, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+
+
+class Solver(str, enum.Enum):
+    newton = "newton"
+    mu = "mu"
+
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Balance the hidden units of a ReLU network stored as ONNX (minimum l_{p,q} norm, "
+    "same function).",
+)
+
+
+@app.command()
+def run(
+    source: Annotated[Path, typer.Argument(metavar="IN", help="ONNX model to balance.")],
+    output: Annotated[
+        Path | None,
+        typer.Argument(metavar="OUT", help="Where to write the balanced model (not with --check)."),
+    ] = None,
+    p: Annotated[float, typer.Option("--p", help="Inner exponent of the l_{p,q} norm.")] = 2.0,
+    q: Annotated[float, typer.Option("--q", help="Outer exponent of the l_{p,q} norm.")] = 2.0,
+    tol: Annotated[
+        float, typer.Option(help="Stop when every scale factor moves by less than this.")
+    ] = 1e-6,
+    max_sweeps: Annotated[int, typer.Option(help="Give up after this many sweeps.")] = 10_000,
+    solver: Annotated[
+        Solver | None, typer.Option(help="newton (fast, exact) or mu (Algorithm 1).")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare both models in onnxruntime.")
+    ] = True,
+    inputs: Annotated[
+        Path | None, typer.Option(metavar="F.npz", help="Verify on these arrays (.npz).")
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=D1,D2,..", help="Shape of an input with dynamic dims."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+    report: Annotated[
+        Path | None, typer.Option(metavar="F.json", help="Write the run's report as JSON.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(metavar="F.png", help="Plot norm/norm_before per sweep.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if IN is not balanced.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log each stage; list fixed units.")
+    ] = False,
+) -> None:
+    """Balance IN into OUT, or --check how far IN is from balanced."""
+    _configure_logging(verbose and not quiet)
+    try:
+        code = _run(source, output, p, q, tol, max_sweeps, solver, verify, inputs, input_shape,
+                    seed, report, plot, check, quiet, verbose)  # fmt: skip
+    except OnnxBalanceError as exc:
+        _error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        code = 130
+    if code:
+        raise typer.Exit(code)
+
+
+def _run(source, output, p, q, tol, max_sweeps, solver, verify, inputs, input_shape, seed,
+         report, plot, check, quiet, verbose) -> int:  # fmt: skip
+    if check and output is not None:
+        raise InputError("--check writes nothing; drop OUT")
+    if not check and output is None:
+        raise InputError("missing OUT (or use --check to only measure)")
+    shapes = parse_input_shapes(input_shape or [])
+    extra = [path for path in (output, report) if path is not None]
+    if report is not None:
+        io.check_output_path(report, source, *([output] if output else []), what="report")
+    if plot is not None:
+        io.check_output_path(plot, source, *extra, what="plot")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise OutputError("--plot needs matplotlib: pip install 'onnxbalance[plot]'")
+    if output is not None:
+        io.check_output_path(output, source)
+    method = solver.value if solver is not None else None
+    with _Progress(enabled=not quiet and sys.stderr.isatty()) as progress:
+        options = dict(tol=tol, max_sweeps=max_sweeps, solver=method,
+                       progress=progress.sweep, on_stage=progress.stage)  # fmt: skip
+        if check:
+            result = api.check(source, p, q, **options)
+        else:
+            try:
+                result = api.balance_file(
+                    source, output, p, q, verify=verify, inputs=inputs, input_shapes=shapes,
+                    seed=seed, **options,
+                )  # fmt: skip
+            except VerificationError as error:
+                failed = getattr(error, "report", None)
+                if failed is not None:
+                    _finish(failed, report, None, quiet=quiet, verbose=verbose, check=False)
+                raise
+    _finish(result, report, plot, quiet=quiet, verbose=verbose, check=check)
+    if check:
+        return EXIT_OK if result.balanced else EXIT_UNBALANCED
+    return EXIT_OK
+
+
+def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
+    """``NAME=D1,D2,..`` (or ``NAME=D1xD2``) -> {NAME: (D1, D2, ..)}.
+
+    >>> parse_input_shapes(["x=1,3,224,224", "mask=2x5"])
+    {'x': (1, 3, 224, 224), 'mask': (2, 5)}
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, dims = value.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape:
+            raise InputError(f"--input-shape {value!r}: expected NAME=D1,D2,.. (e.g. x=1,3,32,32)")
+        shapes[name] = shape
+    return shapes
+
+
+def _finish(
+    result: Report, report_path: Path | None, plot: Path | None, *, quiet, verbose, check
+) -> None:
+    if report_path is not None:
+        text = json.dumps(result.to_dict(), indent=2) + "\n"
+        io.write_bytes(report_path, text.encode())
+    if plot is not None:
+        _plot(result, plot)
+    if quiet:
+        return
+    from rich.console import Console
+
+    console = Console(file=sys.stdout)
+    console.print(summary_table(result, verbose=verbose, check=check))
+    if check:
+        if result.balanced:
+            console.print(f"balanced: the norm can drop by {100 * result.gap:.3g}% at most")
+        else:
+            console.print(
+                f"NOT balanced: the norm can drop by {100 * result.gap:.3g}% "
+                f"({result.norm_before:.6g} -> {result.norm_after:.6g}), "
+                f"max imbalance {result.max_imbalance_before:.3g}"
+            )
+
+
+def _plot(result: Report, path: Path) -> None:
+    try:
+        from .plot import plot_convergence
+    except ImportError as exc:
+        raise OutputError(f"--plot is not available: {exc}") from None
+    title = f"{Path(result.source).name}: l_{{{result.p:g},{result.q:g}}} ({result.solver})"
+    try:
+        plot_convergence(result.history, path, title=title)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+
+
+class _Progress:
+    """A rich spinner on stderr showing the stage and the solver's sweep; silent when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress = None
+        self._task = None
+        self._stage = ""
+        if enabled:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=Console(file=sys.stderr),
+                transient=True,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def stage(self, name: str) -> None:
+        self._stage = name
+        if self._progress is not None:
+            self._progress.update(self._task, description=name)
+
+    def sweep(self, step: int, norm: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=f"solve: sweep {step}, norm {norm:.6g}")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format=f"{PROG}: %(message)s",
+        force=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the command, turn every user error into one line and an exit code."""
+    try:
+        code = app(args=argv, prog_name=PROG, standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing IN
+        _error(exc.format_message())
+        return EXIT_USAGE
+    except typer.Abort:
+        _error("interrupted")
+        return 130
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def _error(message: str) -> None:
+    line = " ".join(str(message).split())
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
