@@ -52,10 +52,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if uses_external_data(model):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except OSError as exc:
+        except (OSError, onnx.checker.ValidationError) as exc:
             raise InputError(
-                f"{path}: cannot read its external weight data: {exc.strerror or exc} "
-                f"({getattr(exc, 'filename', '') or 'file next to the model'})"
+                f"{path}: cannot read its external weight data: {_first_line(exc)}"
             ) from None
     check_model(model, str(path))
     return model
@@ -180,9 +179,10 @@ def load_inputs(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InputError(f"{path}: no such file (--inputs expects a .npz archive)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise InputError(f"{path}: a single .npy array; --inputs expects a .npz archive")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise InputError(f"{path}: a single .npy array; --inputs expects a .npz archive")
+        with archive:
             return {name: archive[name] for name in archive.files}
     except InputError:
         raise
