@@ -46,7 +46,9 @@ def gemm_mlp(
             numpy_helper.from_array(b.astype(dtype), f"B{k}"),
         ]
         out = "y" if k == n_layers - 1 else f"h{k}"
-        nodes.append(helper.make_node("Gemm", [current, f"W{k}", f"B{k}"], [out], f"gemm{k}", transB=1))
+        nodes.append(
+            helper.make_node("Gemm", [current, f"W{k}", f"B{k}"], [out], f"gemm{k}", transB=1)
+        )
         if k < n_layers - 1:
             nodes.append(helper.make_node("Relu", [out], [f"r{k}"], f"relu{k}"))
             current = f"r{k}"

@@ -1,4 +1,4 @@
-"""Output comparison: equivalent models pass, changed ones fail, inputs follow the declared types."""
+"""Output comparison: equivalent models pass, changed ones fail, inputs follow declared types."""
 
 from __future__ import annotations
 
