@@ -141,13 +141,16 @@ def run_model(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         names = [o.name for o in session.get_outputs()]
+        types = [o.type for o in session.get_outputs()]
         values = session.run(names, dict(feed))
     except Exception as exc:  # onnxruntime raises its own untyped exception classes
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"onnxruntime cannot run {what}: {message}") from None
     finally:
         session = None  # free the session's buffers before the next model is loaded
-    return {name: _to_array(value) for name, value in zip(names, values, strict=True)}
+    return {
+        name: _to_array(value, kind) for name, value, kind in zip(names, values, types, strict=True)
+    }
 
 
 def compare_output(name: str, reference: np.ndarray, result: np.ndarray) -> OutputComparison:
@@ -266,11 +269,20 @@ def _dtype_and_shape(
     return dtype, tuple(d if d else 1 for d in declared)
 
 
-def _to_array(value: Any) -> np.ndarray:
-    """onnxruntime returns arrays, but sequences of maps (ZipMap) as lists of dicts."""
+_ORT_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+                      "tensor(float16)": np.float16}  # fmt: skip
+
+
+def _to_array(value: Any, kind: str = "") -> np.ndarray:
+    """onnxruntime returns arrays, but sequences of maps (ZipMap) as lists of Python dicts.
+
+    Their values come back as Python floats; the declared element type (``kind`` is e.g.
+    ``seq(map(int64,tensor(float)))``) says which tolerance applies.
+    """
     if isinstance(value, np.ndarray):
         return value
+    dtype = next((t for name, t in _ORT_ELEMENT_TYPES.items() if name in kind), None)
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         keys = sorted(value[0])
-        return np.array([[row[k] for k in keys] for row in value])
-    return np.asarray(value)
+        return np.array([[row[k] for k in keys] for row in value], dtype=dtype)
+    return np.asarray(value, dtype=dtype)

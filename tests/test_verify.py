@@ -171,3 +171,13 @@ def test_onnxruntime_failure_is_a_user_error():
     with pytest.raises(InputError, match="onnxruntime cannot run the input model") as info:
         run_model(model, {"x": np.ones(2, np.float32)}, "the input model")
     assert "\n" not in str(info.value)
+
+
+def test_zipmap_outputs_keep_their_declared_float_type():
+    from onnxbalance.verify import _to_array
+
+    rows = [{1: 0.25, 0: 0.75}, {0: 0.5, 1: 0.5}]
+    array = _to_array(rows, "seq(map(int64,tensor(float)))")
+    assert array.dtype == np.float32
+    np.testing.assert_array_equal(array, [[0.75, 0.25], [0.5, 0.5]])
+    assert _to_array(rows, "seq(map(int64,tensor(double)))").dtype == np.float64
