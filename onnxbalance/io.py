@@ -9,6 +9,7 @@ file and a failed run leaves nothing behind. The input is only ever opened for r
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -25,8 +26,9 @@ from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
-_PROTOBUF_LIMIT = 2**31 - 1
-"""Protobuf cannot serialise a message this large; bigger models keep their weights outside."""
+_FULL_CHECK_BYTES = 256 * 2**20
+"""Shape inference (the checker's full check) only below this size: it is cheap for small models,
+and for huge ones the structural check already catches malformed graphs."""
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -42,33 +44,37 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not path.is_file():
         raise InputError(f"{path}: not a regular file")
     try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise InputError(f"{path}: not an ONNX model or truncated ({_first_line(exc)})") from None
+        data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{path}: not an ONNX model or truncated ({_first_line(exc)})") from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
-    if uses_external_data(model):
-        try:
-            external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, onnx.checker.ValidationError) as exc:
-            raise InputError(
-                f"{path}: cannot read its external weight data: {_first_line(exc)}"
-            ) from None
-    check_model(model, str(path))
+    if not uses_external_data(model):
+        # The checker reads the bytes we already hold: checking the parsed proto would serialise
+        # it again, which costs more than reading the file.
+        check_model(data, str(path), full=len(data) < _FULL_CHECK_BYTES)
+        return model
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, onnx.checker.ValidationError) as exc:
+        raise InputError(
+            f"{path}: cannot read its external weight data: {_first_line(exc)}"
+        ) from None
+    check_model(model, str(path), full=False)
     return model
 
 
-def check_model(model: onnx.ModelProto, name: str = "model") -> None:
-    """Run ``onnx.checker`` (structure, opsets; shape inference when the model is small).
+def check_model(model: onnx.ModelProto | bytes, name: str = "model", full: bool = True) -> None:
+    """Run ``onnx.checker`` (structure, opsets; with ``full``, strict shape inference too).
 
     Raises:
         InputError: with the checker's first line.
     """
-    # Full check runs strict shape inference on a serialised copy; for big models that copy is a
-    # large share of the run, and the structural check already catches malformed graphs.
-    full = model.ByteSize() < 64 * 2**20
     try:
         onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -118,8 +124,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
         OutputError: the folder is missing or not writable, or the disk is full.
     """
     path = Path(path)
-    if model.ByteSize() < _PROTOBUF_LIMIT:
-        write_bytes(path, model.SerializeToString())
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # over protobuf's 2 GB limit
+        data = None
+    if data is not None:
+        write_bytes(path, data)
         return
     data_name = path.name + ".data"
     with _temporary_folder(path) as tmp:
@@ -154,10 +164,10 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        # No fsync: the rename already keeps readers from ever seeing half a file; surviving a
+        # power cut would cost more than the whole write of a large model.
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         _make_readable(Path(tmp_name))
         os.replace(tmp_name, path)
         tmp_name = None
@@ -210,11 +220,16 @@ def _temporary_folder(path: Path) -> Iterator[Path]:
         yield Path(name)
 
 
-def _make_readable(path: Path) -> None:
-    """mkstemp creates files 0600; give the result the mode a plain ``open`` would."""
+@functools.cache
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
+
+
+def _make_readable(path: Path) -> None:
+    """mkstemp creates files 0600; give the result the mode a plain ``open`` would."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _first_line(exc: BaseException) -> str:
