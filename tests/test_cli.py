@@ -258,3 +258,55 @@ def test_import_does_not_load_onnxruntime():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_no_relu_model_is_copied_with_exit_0(tmp_path, capsys):
+    from onnx_models import no_relu
+
+    onnx.save(no_relu(), tmp_path / "tanh.onnx")
+    before = digest(tmp_path / "tanh.onnx")
+    code, out, err = cli(capsys, tmp_path / "tanh.onnx", tmp_path / "copy.onnx")
+    assert code == 0 and err == ""
+    assert "nothing to balance" in out
+    assert digest(tmp_path / "tanh.onnx") == before
+    assert listing(tmp_path) == ["copy.onnx", "tanh.onnx"]
+    assert cli(capsys, tmp_path / "tanh.onnx", "--check")[0] == 0
+
+
+def test_fixed_units_are_listed_with_reasons(tmp_path, capsys, monkeypatch):
+    from onnx_models import blocker
+
+    monkeypatch.setenv("COLUMNS", "240")  # rich wraps long cells at 80 columns otherwise
+
+    onnx.save(blocker("Sigmoid"), tmp_path / "sig.onnx")
+    code, out, err = cli(capsys, tmp_path / "sig.onnx", tmp_path / "o.onnx", "--verbose",
+                         "--report", tmp_path / "r.json")  # fmt: skip
+    assert code == 0, err
+    fixed = json.loads((tmp_path / "r.json").read_text())["units_fixed"]
+    assert any(entry["name"] == "fc2" and entry["count"] == 6 for entry in fixed), fixed
+    assert all(set(entry) == {"name", "count", "reason"} for entry in fixed)
+    reason = next(entry["reason"] for entry in fixed if entry["name"] == "fc2")
+    assert reason in out  # --verbose lists the reasons in the summary
+    code, quiet_out, _ = cli(capsys, tmp_path / "sig.onnx", tmp_path / "o2.onnx")
+    assert reason not in quiet_out
+
+
+def test_plot_option_writes_a_png(folder, capsys):
+    pytest.importorskip("matplotlib")
+    code, out, err = cli(capsys, folder / "in.onnx", folder / "o.onnx", "--plot",
+                         folder / "conv.png", "-q")  # fmt: skip
+    assert code == 0, err
+    assert (folder / "conv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_one_line_and_writes_nothing(folder, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
+    )
+    code, out, err = cli(capsys, folder / "in.onnx", folder / "o.onnx", "--plot", folder / "p.png")
+    assert code == 2
+    assert_one_line_error(err, "matplotlib")
+    assert listing(folder) == ["in.onnx"]
