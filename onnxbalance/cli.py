@@ -40,7 +40,18 @@ app = typer.Typer(
 )
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"{PROG} {__version__}")
+        raise typer.Exit()
+
+
+@app.command(
+    epilog="Exit codes: 0 done (also nothing to balance), 1 --check found IN not balanced, "
+    "2 bad usage or unreadable/invalid/unsupported input, 3 verification failed."
+)
 def run(
     source: Annotated[Path, typer.Argument(metavar="IN", help="ONNX model to balance.")],
     output: Annotated[
@@ -80,6 +91,10 @@ def run(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log each stage; list fixed units.")
     ] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = None,
 ) -> None:
     """Balance IN into OUT, or --check how far IN is from balanced."""
     _configure_logging(verbose and not quiet)
