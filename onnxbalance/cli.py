@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -98,9 +99,12 @@ def run(
 ) -> None:
     """Balance IN into OUT, or --check how far IN is from balanced."""
     _configure_logging(verbose and not quiet)
+    invocation = Invocation(
+        source, output, p, q, tol, max_sweeps, solver.value if solver else None, verify,
+        inputs, tuple(input_shape or ()), seed, report, plot, check, quiet, verbose,
+    )  # fmt: skip
     try:
-        code = _run(source, output, p, q, tol, max_sweeps, solver, verify, inputs, input_shape,
-                    seed, report, plot, check, quiet, verbose)  # fmt: skip
+        code = _run(invocation)
     except OnnxBalanceError as exc:
         _error(str(exc))
         code = exc.exit_code
@@ -111,41 +115,62 @@ def run(
         raise typer.Exit(code)
 
 
-def _run(source, output, p, q, tol, max_sweeps, solver, verify, inputs, input_shape, seed,
-         report, plot, check, quiet, verbose) -> int:  # fmt: skip
-    if check and output is not None:
+@dataclass(frozen=True)
+class Invocation:
+    """The parsed command line."""
+
+    source: Path
+    output: Path | None
+    p: float
+    q: float
+    tol: float
+    max_sweeps: int
+    solver: str | None
+    verify: bool
+    inputs: Path | None
+    input_shape: tuple[str, ...]
+    seed: int
+    report: Path | None
+    plot: Path | None
+    check: bool
+    quiet: bool
+    verbose: bool
+
+
+def _run(args: Invocation) -> int:
+    """Check every path before any work, run, write the report/plot, print the summary."""
+    if args.check and args.output is not None:
         raise InputError("--check writes nothing; drop OUT")
-    if not check and output is None:
+    if not args.check and args.output is None:
         raise InputError("missing OUT (or use --check to only measure)")
-    shapes = parse_input_shapes(input_shape or [])
-    extra = [path for path in (output, report) if path is not None]
-    if report is not None:
-        io.check_output_path(report, source, *([output] if output else []), what="report")
-    if plot is not None:
-        io.check_output_path(plot, source, *extra, what="plot")
+    shapes = parse_input_shapes(args.input_shape)
+    written = [path for path in (args.output, args.report) if path is not None]
+    if args.report is not None:
+        io.check_output_path(args.report, args.source, *written[:-1], what="report")
+    if args.plot is not None:
+        io.check_output_path(args.plot, args.source, *written, what="plot")
         if importlib.util.find_spec("matplotlib") is None:
             raise OutputError("--plot needs matplotlib: pip install 'onnxbalance[plot]'")
-    if output is not None:
-        io.check_output_path(output, source)
-    method = solver.value if solver is not None else None
-    with _Progress(enabled=not quiet and sys.stderr.isatty()) as progress:
-        options = dict(tol=tol, max_sweeps=max_sweeps, solver=method,
+    if args.output is not None:
+        io.check_output_path(args.output, args.source)
+    with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        options = dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
                        progress=progress.sweep, on_stage=progress.stage)  # fmt: skip
-        if check:
-            result = api.check(source, p, q, **options)
+        if args.check:
+            result = api.check(args.source, args.p, args.q, **options)
         else:
             try:
                 result = api.balance_file(
-                    source, output, p, q, verify=verify, inputs=inputs, input_shapes=shapes,
-                    seed=seed, **options,
+                    args.source, args.output, args.p, args.q, verify=args.verify,
+                    inputs=args.inputs, input_shapes=shapes, seed=args.seed, **options,
                 )  # fmt: skip
             except VerificationError as error:
                 failed = getattr(error, "report", None)
                 if failed is not None:
-                    _finish(failed, report, None, quiet=quiet, verbose=verbose, check=False)
+                    _finish(failed, replace(args, plot=None))
                 raise
-    _finish(result, report, plot, quiet=quiet, verbose=verbose, check=check)
-    if check:
+    _finish(result, args)
+    if args.check:
         return EXIT_OK if result.balanced else EXIT_UNBALANCED
     return EXIT_OK
 
@@ -169,22 +194,22 @@ def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _finish(
-    result: Report, report_path: Path | None, plot: Path | None, *, quiet, verbose, check
-) -> None:
-    if report_path is not None:
+def _finish(result: Report, args: Invocation) -> None:
+    if args.report is not None:
         text = json.dumps(result.to_dict(), indent=2) + "\n"
-        io.write_bytes(report_path, text.encode())
-    if plot is not None:
-        _plot(result, plot)
-    if quiet:
+        io.write_bytes(args.report, text.encode())
+    if args.plot is not None:
+        _plot(result, args.plot)
+    if args.quiet:
         return
     from rich.console import Console
 
     console = Console(file=sys.stdout)
-    console.print(summary_table(result, verbose=verbose, check=check))
-    if check:
-        if result.balanced:
+    console.print(summary_table(result, verbose=args.verbose, check=args.check))
+    if args.check:
+        if not result.changed:
+            console.print("balanced: nothing in IN can be rescaled")
+        elif result.balanced:
             console.print(f"balanced: the norm can drop by {100 * result.gap:.3g}% at most")
         else:
             console.print(
