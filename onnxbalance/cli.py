@@ -283,13 +283,27 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command, turn every user error into one line and an exit code."""
     try:
         code = app(args=argv, prog_name=PROG, standalone_mode=False)
-    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing IN
+    except _usage_errors() as exc:  # unknown option, bad value, missing IN
         _error(exc.format_message())
         return EXIT_USAGE
     except typer.Abort:
         _error("interrupted")
         return 130
     return code if isinstance(code, int) else EXIT_OK
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Typer's usage-error base: its vendored click's (newer typer) or click's (older typer)."""
+    classes: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):
+        classes.append(typer.TyperException)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        classes.append(click.ClickException)
+    return tuple(classes)
 
 
 def _error(message: str) -> None:
