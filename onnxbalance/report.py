@@ -208,8 +208,8 @@ def verification_text(comparison: Comparison | None) -> str:
         return "skipped"
     verdict = "PASSED" if comparison.passed else "FAILED"
     return (
-        f"{verdict} (max abs diff {comparison.max_abs_diff:.3g}, "
-        f"max rel diff {comparison.max_rel_diff:.3g}, {len(comparison.outputs)} outputs)"
+        f"{verdict}: max abs diff {comparison.max_abs_diff:.3g}, "
+        f"max rel diff {comparison.max_rel_diff:.3g}"
     )
 
 
@@ -235,11 +235,12 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
         table.add_row("norm before", f"{report.norm_before:.6g}")
         table.add_row(after, f"{report.norm_after:.6g}")
         table.add_row("ratio", f"{report.ratio:.6f} ({100 * report.gap:.4g}% lower)")
-        table.add_row("max imbalance", f"{report.max_imbalance_before:.3g}")
+        imbalance = f"{report.max_imbalance_before:.3g}"
         if not check:
-            table.add_row("max imbalance after", f"{report.max_imbalance_after:.3g}")
+            imbalance += f" -> {report.max_imbalance_after:.3g}"
+        table.add_row("max imbalance", imbalance)
         converged = "converged" if report.converged else "NOT converged"
-        table.add_row("solver", f"{report.solver}: {report.sweeps} sweeps, {converged}")
+        table.add_row("solver", f"{report.solver}, {report.sweeps} sweeps, {converged}")
         if verbose and report.message:
             table.add_row("", report.message)
     if not check and not report.changed:
@@ -252,6 +253,8 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
                 table.add_row("", line + (f" ({o.reason})" if o.reason else ""))
     for stage, seconds in report.seconds.items():
         table.add_row(f"seconds {stage}", f"{seconds:.3f}")
+    if report.seconds:
+        table.add_row("seconds total", f"{sum(report.seconds.values()):.3f}")
     return table
 
 
