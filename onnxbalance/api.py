@@ -26,7 +26,7 @@ import onnx
 
 from . import io
 from .errors import InputError, VerificationError
-from .report import Comparison, Report, fixed_entries, verification_text
+from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,11 @@ def balance(
             )
     report = _report(units, graph, result, p, q, tol, timer.seconds, source, comparison)
     if comparison is not None and not comparison.passed:
+        worst = max(comparison.failures, key=lambda o: o.max_rel_diff)
         error = VerificationError(
-            f"{source or 'model'}: balanced model differs from the input: "
-            f"{verification_text(comparison)}"
+            f"{source or 'model'}: the balanced model's output {worst.name!r} differs from the "
+            f"input's ({worst.reason}; max abs diff {worst.max_abs_diff:.3g}, max rel diff "
+            f"{worst.max_rel_diff:.3g}); the balanced model is not written"
         )
         error.report = report  # type: ignore[attr-defined]
         error.model = balanced  # type: ignore[attr-defined]
