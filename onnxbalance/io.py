@@ -124,10 +124,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
         OutputError: the folder is missing or not writable, or the disk is full.
     """
     path = Path(path)
-    try:
-        data = model.SerializeToString()
-    except ValueError:  # over protobuf's 2 GB limit
-        data = None
+    data = _serialize(model)
     if data is not None:
         write_bytes(path, data)
         return
@@ -198,6 +195,14 @@ def load_inputs(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npz archive ({_first_line(exc)})") from None
+
+
+def _serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None when it is over protobuf's 2 GB limit."""
+    try:
+        return model.SerializeToString()
+    except ValueError:
+        return None
 
 
 def _same_file(a: Path, b: Path) -> bool:

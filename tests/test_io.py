@@ -166,3 +166,15 @@ def test_load_inputs(tmp_path):
     (tmp_path / "bad.npz").write_text("garbage")
     with pytest.raises(InputError, match="not a readable .npz"):
         io.load_inputs(tmp_path / "bad.npz")
+
+
+def test_save_too_large_for_protobuf_keeps_weights_beside(tmp_path, monkeypatch):
+    model = gemm_mlp([40, 50, 3], seed=5)
+    monkeypatch.setattr(io, "_serialize", lambda m: None)  # as if over 2 GB
+    io.save_model(model, tmp_path / "big.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    loaded = io.load_model(tmp_path / "big.onnx")
+    for a, b in zip(loaded.graph.initializer, model.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert io.uses_external_data(onnx.load(tmp_path / "big.onnx", load_external_data=False))
+    assert not io.uses_external_data(model)  # the caller's model is left as it was
