@@ -93,7 +93,8 @@ def _render(table) -> str:
 def test_summary_table_rows():
     text = _render(summary_table(_report()))
     needles = ("units found", "7", "units balanced", "units left fixed", "norm before",
-               "norm after", "0.800000", "12 sweeps", "PASSED", "seconds total", "seconds solve")  # fmt: skip
+               "norm after", "0.800000", "12 sweeps", "PASSED", "seconds total",
+               "seconds solve")  # fmt: skip
     for needle in needles:
         assert needle in text
     assert "feeds Sigmoid" not in text
