@@ -123,6 +123,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
     (folder / "text.onnx").write_text("hello, not onnx\n")
     (folder / "cut.onnx").write_bytes(src.read_bytes()[:700])
     (folder / "link.onnx").symlink_to(src)
+    np.savez(folder / "wrong.npz", z=np.ones((1, 10), np.float32))
     return {
         "missing": ([folder / "nope.onnx", folder / "o.onnx"], "no such file"),
         "not onnx": ([folder / "text.onnx", folder / "o.onnx"], "text.onnx"),
@@ -138,6 +139,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
         "bad input shape": ([src, folder / "o.onnx", "--input-shape", "x"], "NAME=D1"),
         "unknown input": ([src, folder / "o.onnx", "--input-shape", "z=1,10"], "z"),
         "missing npz": ([src, folder / "o.onnx", "--inputs", folder / "a.npz"], "a.npz"),
+        "npz names": ([src, folder / "o.onnx", "--inputs", folder / "wrong.npz"], "missing x"),
         "report is in": ([src, folder / "o.onnx", "--report", src], "same file"),
         "unknown option": ([src, folder / "o.onnx", "--frobnicate"], "frobnicate"),
         "bad solver": ([src, folder / "o.onnx", "--solver", "magic"], "magic"),
@@ -148,7 +150,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
 BAD = [
     "missing", "not onnx", "truncated", "out folder missing", "out is in",
     "out is a symlink to in", "p zero", "p negative", "q negative", "no OUT", "OUT with check",
-    "bad input shape", "unknown input", "missing npz", "report is in", "unknown option",
+    "bad input shape", "unknown input", "missing npz", "npz names", "report is in", "unknown option",
     "bad solver", "p not a number",
 ]  # fmt: skip
 
