@@ -150,7 +150,8 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
 BAD = [
     "missing", "not onnx", "truncated", "out folder missing", "out is in",
     "out is a symlink to in", "p zero", "p negative", "q negative", "no OUT", "OUT with check",
-    "bad input shape", "unknown input", "missing npz", "npz names", "report is in", "unknown option",
+    "bad input shape", "unknown input", "missing npz", "npz names", "report is in",
+    "unknown option",
     "bad solver", "p not a number",
 ]  # fmt: skip
 
