@@ -143,8 +143,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
             _make_readable(tmp / data_name)
             _make_readable(tmp / path.name)
             os.replace(tmp / data_name, path.parent / data_name)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        try:
             os.replace(tmp / path.name, path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / data_name)
             raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
