@@ -66,7 +66,7 @@ def run(
     ] = 1e-6,
     max_sweeps: Annotated[int, typer.Option(help="Give up after this many sweeps.")] = 10_000,
     solver: Annotated[
-        Solver | None, typer.Option(help="newton (fast, exact) or mu (Algorithm 1).")
+        Solver | None, typer.Option(help="newton (fast, exact; default) or mu (Algorithm 1).")
     ] = None,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare both models in onnxruntime.")
