@@ -329,3 +329,16 @@ def test_readme_quick_start_command(tmp_path):
     done = _module(*args, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "PASSED" in done.stdout and (tmp_path / "mlp_balanced.onnx").exists()
+
+
+def test_both_solvers_reach_the_same_minimum(folder, capsys):
+    norms = {}
+    for solver in ("newton", "mu"):
+        report = folder / f"{solver}.json"
+        code, _, err = cli(capsys, folder / "in.onnx", folder / f"{solver}.onnx", "--solver",
+                           solver, "--tol", "1e-9", "--report", report, "-q")  # fmt: skip
+        assert code == 0, err
+        data = json.loads(report.read_text())
+        assert data["solver"] == solver and data["converged"]
+        norms[solver] = data["norm_after"]
+    assert norms["newton"] == pytest.approx(norms["mu"], rel=1e-9)
