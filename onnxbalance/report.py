@@ -240,7 +240,8 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
             imbalance += f" -> {report.max_imbalance_after:.3g}"
         table.add_row("max imbalance", imbalance)
         converged = "converged" if report.converged else "NOT converged"
-        table.add_row("solver", f"{report.solver}, {report.sweeps} sweeps, {converged}")
+        steps = "sweeps" if report.solver == "mu" else "steps"
+        table.add_row("solver", f"{report.solver}, {report.sweeps} {steps}, {converged}")
         if verbose and report.message:
             table.add_row("", report.message)
     if not check and not report.changed:

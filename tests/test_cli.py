@@ -64,7 +64,7 @@ def test_balance_writes_output_and_report(folder, capsys):
     assert listing(folder) == ["in.onnx", "out.onnx", "r.json"]
     assert digest(src) == before
     for row in ("units found", "units balanced", "norm before", "norm after", "ratio",
-                "sweeps", "PASSED", "seconds write"):  # fmt: skip
+                "solver", "PASSED", "seconds write"):  # fmt: skip
         assert row in out
     data = json.loads(rep.read_text())
     for key in ("p", "q", "norm_before", "norm_after", "sweeps", "converged", "units_balanced",
