@@ -34,6 +34,7 @@ from onnxbalance.solver import solve
 from sample_models.generate import DEFAULT_OUTDIR, PAPER_NETWORKS, SPECS, write
 
 PAIRS: tuple[tuple[float, float], ...] = ((1, 1), (1, 2), (2, 1), (2, 2), (3, 2), (2, 3))
+XLABELS = {"mu": "sweeps of multiplicative updates (log scale)"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,13 +65,14 @@ def convergence(
     *,
     tol: float = 1e-6,
     max_sweeps: int = 5000,
+    solver: str = "mu",
 ) -> list[Curve]:
-    """Run Algorithm 1 on ``model`` once per (p, q) and return the recorded curves."""
+    """Run the solver (Algorithm 1 unless told otherwise) once per (p, q); return the curves."""
     units = analyse(model)
     curves = []
     for p, q in pairs:
         start = time.perf_counter()
-        result = solve(units.unit_graph(p), p, q, tol=tol, max_sweeps=max_sweeps, method="mu")
+        result = solve(units.unit_graph(p), p, q, tol=tol, max_sweeps=max_sweeps, method=solver)
         curves.append(
             Curve(
                 network,
@@ -99,7 +101,9 @@ def write_csv(curves: Sequence[Curve], path: Path) -> None:
                 )
 
 
-def draw(curves: Sequence[Curve], path: Path, max_sweeps: int) -> None:
+def draw(
+    curves: Sequence[Curve], path: Path, *, tol: float, max_sweeps: int, solver: str = "mu"
+) -> None:
     """One panel per network, one curve per (p, q); legend entries give the final ratio."""
     networks = list(dict.fromkeys(curve.network for curve in curves))
     fig = new_figure(figsize=(5.2 * len(networks), 4.8), layout="constrained")
@@ -113,13 +117,15 @@ def draw(curves: Sequence[Curve], path: Path, max_sweeps: int) -> None:
             histories[f"{curve.label}: {end} ({stop})"] = curve.history
         sizes = SPECS[network].sizes
         title = f"{'-'.join(map(str, sizes))}\n({len(sizes) - 2} hidden layers)"
-        draw_convergence(ax, histories, title, log_x=True)
+        draw_convergence(ax, histories, title, log_x=True, xlabel=XLABELS.get(solver, "steps"))
         if ax is not axes[0]:
             ax.set_ylabel("")
+    axes[0].set_xlim(0, max(curve.sweeps for curve in curves))  # shared: deeper needs more
+    method = "Algorithm 1 (multiplicative updates)" if solver == "mu" else f"solver {solver!r}"
     fig.suptitle(
-        "Algorithm 1 (multiplicative updates) on random ReLU networks, after Saul (2023) Fig. 2"
-        f"\nnorm ratio after each sweep; stop when every factor is within tol of 1"
-        f" (at most {max_sweeps} sweeps)"
+        f"{method} on random ReLU networks, after Saul (2023) Fig. 2\n"
+        "norm ratio after each sweep, from the initial weights until every factor of a sweep is"
+        f" within {tol:g} of 1 (cap {max_sweeps} sweeps)"
     )
     save_figure(fig, path, dpi=110)
 
@@ -130,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=DEFAULT_OUTDIR, help="where the ONNX go")
     parser.add_argument("--max-sweeps", type=int, default=5000)
     parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument("--solver", default="mu", help="mu = Algorithm 1, the paper's method")
     parser.add_argument("--networks", nargs="+", choices=PAPER_NETWORKS, default=PAPER_NETWORKS)
     args = parser.parse_args(argv)
 
@@ -138,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = time.perf_counter()
     for network in args.networks:
         model = onnx.load(write(network, args.models))
-        for curve in convergence(model, network, tol=args.tol, max_sweeps=args.max_sweeps):
+        runs = convergence(
+            model, network, tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver
+        )
+        for curve in runs:
             ratio = norm_ratios(curve.history)[-1]
             print(
                 f"{network} p={curve.p:g} q={curve.q:g}: {curve.sweeps} sweeps "
@@ -148,7 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             curves.append(curve)
     write_csv(curves, args.outdir / "fig2.csv")
-    draw(curves, args.outdir / "fig2.png", args.max_sweeps)
+    draw(
+        curves,
+        args.outdir / "fig2.png",
+        tol=args.tol,
+        max_sweeps=args.max_sweeps,
+        solver=args.solver,
+    )
     print(f"wrote {args.outdir / 'fig2.png'} and fig2.csv in {time.perf_counter() - total:.0f} s")
     return 0
 

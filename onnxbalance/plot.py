@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MISSING_MATPLOTLIB = "matplotlib is needed for --plot: pip install 'onnxbalance[plot]'"
 
+XLABEL = "solver steps (sweeps of Algorithm 1 for --solver mu)"
+
 Histories = Sequence[float] | Mapping[str, Sequence[float]]
 
 
@@ -57,9 +59,14 @@ def new_figure(**kwargs: Any) -> Figure:
 
 
 def draw_convergence(
-    ax: Axes, histories: Histories, title: str | None = None, *, log_x: bool = False
+    ax: Axes,
+    histories: Histories,
+    title: str | None = None,
+    *,
+    log_x: bool = False,
+    xlabel: str = XLABEL,
 ) -> None:
-    """Draw one curve per history on ``ax``: x = sweeps (0 = start), y = norm ratio.
+    """Draw one curve per history on ``ax``: x = sweeps or steps (0 = start), y = norm ratio.
 
     With ``log_x`` the x-axis is symmetric-log (linear between 0 and 1), so the starting
     point at sweep 0 stays visible.
@@ -70,8 +77,9 @@ def draw_convergence(
         ax.plot(np.arange(ratios.size), ratios, label=label or None, linewidth=1.6)
     if log_x:
         ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlim(left=0)
-    ax.set_xlabel("sweeps of multiplicative updates")
+    longest = max(len(history) for history in named.values())
+    ax.set_xlim(0, max(longest - 1, 1))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(r"$\|W\|_{p,q} \, / \, \|W_0\|_{p,q}$")
     if title:
         ax.set_title(title)
@@ -81,7 +89,12 @@ def draw_convergence(
 
 
 def plot_convergence(
-    history: Histories, path: str | Path, title: str | None = None, *, log_x: bool = False
+    history: Histories,
+    path: str | Path,
+    title: str | None = None,
+    *,
+    log_x: bool = False,
+    xlabel: str = XLABEL,
 ) -> Path:
     """Write a PNG of the norm ratio against sweeps for one or several named histories.
 
@@ -90,6 +103,7 @@ def plot_convergence(
         path: where to write the image (format from the suffix; PNG for ``--plot F.png``).
         title: optional axes title.
         log_x: symmetric-log x-axis, for runs of thousands of sweeps.
+        xlabel: what one step of the history is.
 
     Returns:
         The path written.
@@ -99,7 +113,7 @@ def plot_convergence(
         OutputError: the file cannot be written.
     """
     fig = new_figure(figsize=(6.4, 4.2), layout="constrained")
-    draw_convergence(fig.subplots(), history, title, log_x=log_x)
+    draw_convergence(fig.subplots(), history, title, log_x=log_x, xlabel=xlabel)
     return save_figure(fig, path)
 
 
