@@ -43,6 +43,7 @@ class Curve:
     """One run of Algorithm 1: the norms at the start and after every sweep."""
 
     network: str
+    sizes: tuple[int, ...]
     p: float
     q: float
     history: tuple[float, ...]
@@ -61,6 +62,7 @@ class Curve:
 def convergence(
     model: onnx.ModelProto,
     network: str,
+    sizes: Sequence[int],
     pairs: Iterable[tuple[float, float]] = PAIRS,
     *,
     tol: float = 1e-6,
@@ -76,6 +78,7 @@ def convergence(
         curves.append(
             Curve(
                 network,
+                tuple(sizes),
                 float(p),
                 float(q),
                 tuple(result.history),
@@ -91,7 +94,7 @@ def write_csv(curves: Sequence[Curve], path: Path) -> None:
         out = csv.writer(handle)
         out.writerow(["network", "layers", "p", "q", "sweep", "norm", "norm_ratio"])
         for curve in curves:
-            layers = "-".join(map(str, SPECS[curve.network].sizes))
+            layers = "-".join(map(str, curve.sizes))
             for sweep, (norm, ratio) in enumerate(
                 zip(curve.history, norm_ratios(curve.history), strict=True)
             ):
@@ -115,7 +118,7 @@ def draw(
             end = f"{norm_ratios(curve.history)[-1]:.3f}"
             stop = f"{curve.sweeps} sweeps" if curve.converged else f"cap {curve.sweeps}"
             histories[f"{curve.label}: {end} ({stop})"] = curve.history
-        sizes = SPECS[network].sizes
+        sizes = mine[0].sizes
         title = f"{'-'.join(map(str, sizes))}\n({len(sizes) - 2} hidden layers)"
         draw_convergence(ax, histories, title, log_x=True, xlabel=XLABELS.get(solver, "steps"))
         if ax is not axes[0]:
@@ -137,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-sweeps", type=int, default=5000)
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--solver", default="mu", help="mu = Algorithm 1, the paper's method")
-    parser.add_argument("--networks", nargs="+", choices=PAPER_NETWORKS, default=PAPER_NETWORKS)
+    parser.add_argument("--networks", nargs="+", choices=list(SPECS), default=PAPER_NETWORKS)
     args = parser.parse_args(argv)
 
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for network in args.networks:
         model = onnx.load(write(network, args.models))
         runs = convergence(
-            model, network, tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver
+            model,
+            network,
+            SPECS[network].sizes,
+            tol=args.tol,
+            max_sweeps=args.max_sweeps,
+            solver=args.solver,
         )
         for curve in runs:
             ratio = norm_ratios(curve.history)[-1]
