@@ -10,8 +10,11 @@ eta = 1/(4q) or (p-q)/p^2) from the weights as initialised and record
 until every factor of a sweep is within ``tol`` of 1 or ``max_sweeps`` is reached. The models
 go through the tool's own path: ONNX file -> analysis -> unit graph -> solver.
 
-Writes docs/fig2.png (one panel per network, one curve per (p, q)) and docs/fig2.csv (every
-plotted point: network, layers, p, q, sweep, norm, norm_ratio). Usage, from the repo root::
+Writes docs/fig2.png (one panel per network, one curve per (p, q) labelled with its final
+ratio, and a panel of sweeps to convergence against depth) and docs/fig2.csv (every plotted
+point: network, layers, p, q, sweep, norm, norm_ratio). About 15 s of CPU on one idle core
+(dominated by the 18 solves; up to ~75 s wall on a busy 2-core machine). Usage, from the repo
+root::
 
     python -m benchmarks.fig2 [--outdir docs] [--max-sweeps 5000] [--tol 1e-6]
 """
@@ -56,7 +59,7 @@ class Curve:
 
     @property
     def label(self) -> str:
-        return f"p={self.p:g}, q={self.q:g}"
+        return f"({self.p:g}, {self.q:g})"
 
 
 def convergence(
@@ -107,30 +110,79 @@ def write_csv(curves: Sequence[Curve], path: Path) -> None:
 def draw(
     curves: Sequence[Curve], path: Path, *, tol: float, max_sweeps: int, solver: str = "mu"
 ) -> None:
-    """One panel per network, one curve per (p, q); legend entries give the final ratio."""
+    """One panel per network (one curve per (p, q), legend = final ratio and sweeps), and a last
+    panel with the sweeps each run took against depth.
+
+    Two columns, so that the figure keeps legible text at README width.
+    """
     networks = list(dict.fromkeys(curve.network for curve in curves))
-    fig = new_figure(figsize=(5.2 * len(networks), 4.8), layout="constrained")
-    axes = fig.subplots(1, len(networks), sharex=True, sharey=True, squeeze=False)[0]
-    for ax, network in zip(axes, networks, strict=True):
+    n_rows = (len(networks) + 2) // 2
+    fig = new_figure(figsize=(11.0, 4.3 * n_rows), layout="constrained")
+    axes = list(fig.subplots(n_rows, 2, squeeze=False).ravel())
+    panels, summary = axes[: len(networks)], axes[len(networks)]
+    xlabel = XLABELS.get(solver, "steps")
+    for ax, network in zip(panels, networks, strict=True):
         mine = [curve for curve in curves if curve.network == network]
-        histories = {}
-        for curve in mine:
-            end = f"{norm_ratios(curve.history)[-1]:.3f}"
-            stop = f"{curve.sweeps} sweeps" if curve.converged else f"cap {curve.sweeps}"
-            histories[f"{curve.label}: {end} ({stop})"] = curve.history
-        sizes = mine[0].sizes
-        title = f"{'-'.join(map(str, sizes))}\n({len(sizes) - 2} hidden layers)"
-        draw_convergence(ax, histories, title, log_x=True, xlabel=XLABELS.get(solver, "steps"))
-        if ax is not axes[0]:
-            ax.set_ylabel("")
-    axes[0].set_xlim(0, max(curve.sweeps for curve in curves))  # shared: deeper needs more
+        histories = {curve.label: curve.history for curve in mine}
+        draw_convergence(ax, histories, _network_title(mine[0].sizes), log_x=True, xlabel=xlabel)
+        ax.get_legend().remove()  # the curves are labelled at their ends instead
+        _label_ends(ax, mine)
+        if ax is not panels[0]:
+            ax.sharex(panels[0])
+            ax.sharey(panels[0])
+    # one x-range for all (deeper needs more sweeps), with room on the right for the end labels
+    panels[0].set_xlim(0, 15 * max(curve.sweeps for curve in curves))
+    _draw_sweeps(summary, curves, networks)
+    for ax in axes[len(networks) + 1 :]:
+        ax.set_visible(False)
     method = "Algorithm 1 (multiplicative updates)" if solver == "mu" else f"solver {solver!r}"
     fig.suptitle(
         f"{method} on random ReLU networks, after Saul (2023) Fig. 2\n"
-        "norm ratio after each sweep, from the initial weights until every factor of a sweep is"
-        f" within {tol:g} of 1 (cap {max_sweeps} sweeps)"
+        "labels: (p, q) and final norm ratio; stop when all factors of a sweep are within"
+        f" {tol:g} of 1 (cap {max_sweeps} sweeps)"
     )
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=100)
+
+
+def _label_ends(ax, curves: Sequence[Curve], min_gap: float = 0.045) -> None:
+    """Write "(p, q) final ratio" right of each curve's last point, nudged apart vertically."""
+    ends = sorted((norm_ratios(c.history)[-1], k) for k, c in enumerate(curves))
+    placed: list[float] = []
+    for ratio, _ in ends:
+        placed.append(max(ratio, placed[-1] + min_gap) if placed else ratio)
+    shift = max(0.0, placed[-1] - 0.97) if placed else 0.0  # keep the top label inside
+    lines = ax.get_lines()
+    for y, (ratio, k) in zip(placed, ends, strict=True):
+        curve = curves[k]
+        ax.annotate(
+            f"{curve.label}  {ratio:.3f}",
+            xy=(curve.sweeps, ratio),
+            xytext=(curve.sweeps * 1.15 + 0.5, y - shift),
+            color=lines[k].get_color(),
+            fontsize=9,
+            va="center",
+        )
+
+
+def _network_title(sizes: Sequence[int]) -> str:
+    return f"{'-'.join(map(str, sizes))}  ({len(sizes) - 2} hidden layers)"
+
+
+def _draw_sweeps(ax, curves: Sequence[Curve], networks: Sequence[str]) -> None:
+    """Sweeps to convergence against the number of hidden layers, one line per (p, q)."""
+    depth = {c.network: len(c.sizes) - 2 for c in curves}
+    order = sorted(networks, key=depth.__getitem__)
+    for label in dict.fromkeys(curve.label for curve in curves):
+        runs = {c.network: c for c in curves if c.label == label}
+        xs = [depth[n] for n in order if n in runs]
+        ax.plot(xs, [runs[n].sweeps for n in order if n in runs], marker="o", label=label)
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(sorted(set(depth.values())))
+    ax.set_xlabel("hidden layers (3750 hidden units in every network)")
+    ax.set_ylabel("sweeps until converged")
+    ax.set_title("deeper networks need more sweeps")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, title="(p, q)", title_fontsize=9)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
