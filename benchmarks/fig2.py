@@ -132,7 +132,7 @@ def draw(
             ax.sharey(panels[0])
     # one x-range for all (deeper needs more sweeps), with room on the right for the end labels
     panels[0].set_xlim(0, 15 * max(curve.sweeps for curve in curves))
-    _draw_sweeps(summary, curves, networks)
+    _draw_sweeps(summary, curves, networks, "sweeps" if solver == "mu" else "steps")
     for ax in axes[len(networks) + 1 :]:
         ax.set_visible(False)
     method = "Algorithm 1 (multiplicative updates)" if solver == "mu" else f"solver {solver!r}"
@@ -168,8 +168,8 @@ def _network_title(sizes: Sequence[int]) -> str:
     return f"{'-'.join(map(str, sizes))}  ({len(sizes) - 2} hidden layers)"
 
 
-def _draw_sweeps(ax, curves: Sequence[Curve], networks: Sequence[str]) -> None:
-    """Sweeps to convergence against the number of hidden layers, one line per (p, q)."""
+def _draw_sweeps(ax, curves: Sequence[Curve], networks: Sequence[str], unit: str) -> None:
+    """Sweeps (or solver steps) to convergence against the number of hidden layers."""
     depth = {c.network: len(c.sizes) - 2 for c in curves}
     order = sorted(networks, key=depth.__getitem__)
     for label in dict.fromkeys(curve.label for curve in curves):
@@ -179,8 +179,8 @@ def _draw_sweeps(ax, curves: Sequence[Curve], networks: Sequence[str]) -> None:
     ax.set_ylim(bottom=0)
     ax.set_xticks(sorted(set(depth.values())))
     ax.set_xlabel("hidden layers (3750 hidden units in every network)")
-    ax.set_ylabel("sweeps until converged")
-    ax.set_title("deeper networks need more sweeps")
+    ax.set_ylabel(f"{unit} until converged")
+    ax.set_title(f"deeper networks need more {unit}" if unit == "sweeps" else f"{unit}, by depth")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9, title="(p, q)", title_fontsize=9)
 
@@ -198,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
     curves: list[Curve] = []
     total = time.perf_counter()
+    unit = "sweeps" if args.solver == "mu" else "steps"
     for network in args.networks:
         model = onnx.load(write(network, args.models))
         runs = convergence(
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for curve in runs:
             ratio = norm_ratios(curve.history)[-1]
             print(
-                f"{network} p={curve.p:g} q={curve.q:g}: {curve.sweeps} sweeps "
+                f"{network} p={curve.p:g} q={curve.q:g}: {curve.sweeps} {unit} "
                 f"({'converged' if curve.converged else 'NOT converged'}), "
                 f"ratio {ratio:.6f}, {curve.seconds:.1f} s",
                 flush=True,
