@@ -378,6 +378,13 @@ def _report(
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
+    from .solver.objective import Objective
+
+    objective = Objective(graph, p, q)  # prepared once: a pass over every coupling matrix
+
+    def imbalance(log_scales: np.ndarray) -> float:
+        return _imbalance(objective, graph, log_scales, pinned_groups)
+
     return Report(
         p=p,
         q=q,
@@ -393,21 +400,17 @@ def _report(
         units_balanced=units.n_groups - len(pinned),
         units_fixed=fixed,
         history=history,
-        max_imbalance_before=_imbalance(graph, p, q, np.zeros(units.n_groups), pinned_groups),
-        max_imbalance_after=_imbalance(graph, p, q, result.log_scales, pinned_groups),
+        max_imbalance_before=imbalance(np.zeros(units.n_groups)),
+        max_imbalance_after=imbalance(result.log_scales),
         verify=comparison,
         seconds=dict(seconds),
         source=source,
     )
 
 
-def _imbalance(
-    graph: UnitGraph, p: float, q: float, log_scales: np.ndarray, pinned: np.ndarray
-) -> float:
+def _imbalance(objective, graph: UnitGraph, log_scales: np.ndarray, pinned: np.ndarray) -> float:
     """max over moving groups of |in - out| / (in + out) at ``log_scales``."""
-    from .solver.objective import Objective
-
-    loads = Objective(graph, p, q).loads(np.asarray(log_scales, dtype=np.float64))
+    loads = objective.loads(np.asarray(log_scales, dtype=np.float64))
     moving = np.ones(graph.n_groups, dtype=bool)
     moving[pinned] = False
     total = loads.incoming + loads.outgoing
