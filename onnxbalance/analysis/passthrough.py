@@ -285,11 +285,14 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     if isinstance(data, Refusal):
         return data
     before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
-    if before is None or after is None:
-        missing = node.output[0] if before else node.input[0]
-        return Refusal(f"shape of '{missing}' cannot be inferred")
+    if before is None or any(d is None for d in before[data.axis + len(before) :]):
+        return Refusal(f"shape of '{node.input[0]}' cannot be inferred")
+    if after is None:
+        return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
     mapped = reshaped(before, data.axis, after, len(data.units))
     if mapped is None:
+        if None in after[1:]:
+            return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
         return Refusal(f"feeds {_name(graph, i)}, which spreads the unit axis over several axes")
     axis, index = mapped
     return Step(outputs=((node.output[0], data.take(index, axis)),))

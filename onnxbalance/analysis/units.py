@@ -235,7 +235,8 @@ def _row_skips(layer, span, rows, roots, state, root_reason, unit_name) -> list[
             root = int(roots[u])
             if root in root_reason:
                 member, why = root_reason[root]
-                reason = f"tied to '{unit_name[member]}', which is fixed: {why}"
+                layer_name = unit_name[member].rsplit(":", 1)[0]
+                reason = f"tied by a merge to units of '{layer_name}', which are fixed: {why}"
             else:
                 reason = "not read by any linear layer (unused channel)"
         counts[reason] = counts.get(reason, 0) + 1
@@ -292,8 +293,8 @@ def _units(
         tensor_cols = cols.reshape(layer.group, per_group)[group_of_row]
         raw_cols = np.repeat(tensor_cols, layer.taps, axis=1)
     edits = []
-    if moves_rows or (cols != FIXED).any():
-        own_rows = moves_rows and layer.bn is None
+    own_rows = moves_rows and layer.bn is None  # with BN, gamma and beta carry the rows
+    if own_rows or (cols != FIXED).any():
         edits.append(
             TensorEdit(
                 tensor=layer.weight,
