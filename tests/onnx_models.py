@@ -577,7 +577,7 @@ def conv_chain(between: str, bn: bool = False) -> onnx.ModelProto:
 def conv_dims(spatial: int, group: int, depthwise_stride: bool = False) -> onnx.ModelProto:
     """1-D/2-D/3-D convs without attributes (defaults), a grouped conv, no-bias conv, output."""
     net = ConvNet(f"conv{spatial}d_g{group}", seed=spatial * 10 + group)
-    size = {1: [11], 2: [6, 6], 3: [3, 4, 4]}[spatial]
+    size = {1: [11], 2: [6, 6], 3: [5, 5, 6]}[spatial]
     k3, k1 = (3,) * spatial, (1,) * spatial
     h = net.relu(net.conv(net.input("x", [2, 2, *size]), 2, CH, "conv1", k3), "act1")
     attrs = {"strides": [2] * spatial, "dilations": [1] * spatial} if depthwise_stride else {}
