@@ -682,10 +682,11 @@ def gemm_bn(shared_scale: bool = False) -> onnx.ModelProto:
     return _finish(net, net.gemm(h, HID, OUT, "fc3"))
 
 
-def ffn(with_attention_reshape: bool = False) -> onnx.ModelProto:
+def ffn(with_attention_reshape: bool = False, transposed: bool = False) -> onnx.ModelProto:
     """Transformer encoder FFN on [batch, tokens, features]: LayerNorm -> MatMul+Add (8 -> 16)
     -> Relu -> MatMul+Add (16 -> 8) -> Add(residual) -> LayerNorm -> y; optionally a projection
-    whose output is split into 2 heads by Reshape (which stops it) and merged back."""
+    whose output is split into 2 heads by Reshape (which stops it) and merged back; optionally
+    the FFN weights are stored [out, in] behind Transpose nodes (torch without constant folding)."""
     net = ConvNet(f"ffn_{with_attention_reshape}", seed=13)
     x = net.input("x", [2, 5, 8])
     h = net.op(
@@ -700,8 +701,12 @@ def ffn(with_attention_reshape: bool = False) -> onnx.ModelProto:
             "Reshape", [net.relu(heads, "head_act"), _ints(net, "flat", [2, 5, 8])], "merge_heads"
         )
         h = net.op("Add", [h, net.matmul(merged, 8, 8, "o_proj")], "attn_res")
-    f = net.relu(net.matmul(h, 8, 16, "ff1"), "ff_act")
-    y = net.op("Add", [h, net.matmul(f, 16, 8, "ff2")], "ff_res")
+    w1 = w2 = None
+    if transposed:
+        w1 = net.op("Transpose", [net.rand("ff1_Wt", (16, 8))], "t1", perm=[1, 0])
+        w2 = net.op("Transpose", [net.rand("ff2_Wt", (8, 16))], "t2")
+    f = net.relu(net.matmul(h, 8, 16, "ff1", weight=w1), "ff_act")
+    y = net.op("Add", [h, net.matmul(f, 16, 8, "ff2", weight=w2)], "ff_res")
     g, b = _floats(net, "g1", np.ones(8)), _floats(net, "b1", np.zeros(8))
     return _finish(net, net.op("LayerNormalization", [y, g, b], "ln1"))
 
@@ -724,3 +729,14 @@ def dynamic_flatten() -> onnx.ModelProto:
     net = ConvNet("dynamic_flatten", seed=19)
     h = net.relu(net.conv(net.input("x", ["N", 2, "H", "W"]), 2, CH, "conv", pads=[1] * 4), "act")
     return _finish(net, net.gemm(net.op("Flatten", [h], "flat"), 36 * CH, OUT, "fc"))
+
+
+def conv_add_bias() -> onnx.ModelProto:
+    """Conv without bias + Add of a [1, C, 1, 1] constant -> Relu -> Conv + Add of a [C, 1, 1]
+    constant -> Relu -> Conv (how some converters store conv biases)."""
+    net = ConvNet("conv_add_bias", seed=23)
+    z = net.conv(net.input("x", [2, 2, 6, 6]), 2, CH, "conv1", bias=False)
+    h = net.relu(net.op("Add", [z, net.rand("b1", (1, CH, 1, 1))], "add1"), "act1")
+    z = net.conv(h, CH, 6, "conv2", (1, 1), bias=False)
+    h = net.relu(net.op("Add", [net.rand("b2", (6, 1, 1)), z], "add2"), "act2")
+    return _finish(net, net.conv(h, 6, 3, "conv3", (1, 1)))

@@ -541,9 +541,25 @@ def test_gemm_batchnorm():
     check_units(om.gemm_bn(shared_scale=True), layers, [("fc1", HID, shared), ("fc2", HID, shared)])
 
 
-def test_transformer_ffn():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_transformer_ffn(transposed):
     layers = {"ff1": (own("ff1", 16), fixed(8)), "ff2": (fixed(8), own("ff1", 16))}
-    check_units(om.ffn(), layers, [], n_groups=16)
+    units = check_units(om.ffn(transposed=transposed), layers, [], n_groups=16)
+    edit = units.layers[0].edits[0]
+    # a weight behind Transpose is edited where it is stored, as [out, in]
+    want = ("ff1_Wt", 0, 1) if transposed else ("ff1_W", 1, 0)
+    assert (edit.tensor, edit.row_axis, edit.col_axis) == want
+
+
+def test_conv_bias_from_an_add():
+    layers = {
+        "conv1": (own("conv1", CH), taps(fixed(2), 9)),
+        "conv2": (own("conv2", 6), own("conv1", CH)),
+        "conv3": (fixed(3), own("conv2", 6)),
+    }
+    units = check_units(om.conv_add_bias(), layers, [])
+    biases = [(e.tensor, e.row_axis) for layer in units.layers[:2] for e in layer.edits[1:]]
+    assert biases == [("b1", 1), ("b2", 0)]
 
 
 def test_transformer_ffn_after_attention_style_heads():

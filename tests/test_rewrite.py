@@ -73,6 +73,8 @@ RUNNABLE = {
     "gemm_bn": om.gemm_bn,
     "gemm_bn_shared": lambda: om.gemm_bn(shared_scale=True),
     "ffn": om.ffn,
+    "ffn_transposed": lambda: om.ffn(transposed=True),
+    "conv_add_bias": om.conv_add_bias,
     "ffn_heads": lambda: om.ffn(with_attention_reshape=True),
     "split_unused": om.split_unused,
 }

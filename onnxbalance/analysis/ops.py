@@ -137,6 +137,7 @@ class LinearMatch:
     group: int = 1
     taps: int = 1
     bn: BatchNorm | None = None
+    bias_axis: int = -1  # the bias's axis that holds one entry per unit (from the end)
 
     def effective_weight(self, graph: GraphIndex) -> np.ndarray:
         """Rows = output units, raw columns = (input unit, tap), with alpha and BN applied."""
@@ -311,24 +312,26 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         if shape is not None and len(shape) == 2 and graph.elem_type(a) in FLOAT_TYPES:
             return Refusal(f"constant weight '{a}' is the left MatMul operand", shape[0])
         return None
-    refusal = _weight(graph, i, b, -1)
-    if refusal is not None or not graph.is_constant(b):
+    stored, row_axis, col_axis = _transposed_constant(graph, b), 0, 1
+    if stored is None:  # the usual [in, out] weight
+        stored, row_axis, col_axis = b, 1, 0
+    refusal = _weight(graph, i, stored, row_axis)
+    if refusal is not None or not graph.is_constant(stored):
         return refusal
-    n_cols, n_rows = graph.shape(b)
-    weight_refusal = _editable(graph, b, "weight")
+    shape = graph.shape(stored)
+    n_rows, n_cols = shape[row_axis], shape[col_axis]
+    weight_refusal = _editable(graph, stored, "weight")
+    if stored != b and graph.n_uses(b) > 1:
+        weight_refusal = f"weight '{b}' is used by {graph.n_uses(b)} node inputs"
     rows_refusal = weight_refusal
     output, nodes = node.output[0], (i,)
     bias, bias_shape = None, ()
-    uses = graph.uses(output)
-    if len(uses) == 1 and output not in graph.graph_outputs:
-        j, slot = uses[0]
-        add = graph.nodes[j]
-        if add.op_type == "Add" and add.domain in STANDARD_DOMAINS and len(add.input) == 2:
-            other = add.input[1 - slot]
-            if graph.is_constant(other):
-                bias, nodes, output = other, (i, j), add.output[0]
-                bias_shape, bias_refusal = _bias(graph, bias, n_rows)
-                rows_refusal = rows_refusal or bias_refusal
+    added = _added_constant(graph, output)
+    if added is not None:
+        j, bias = added
+        nodes, output = (i, j), graph.nodes[j].output[0]
+        bias_shape, bias_refusal = _bias(graph, bias, n_rows)
+        rows_refusal = rows_refusal or bias_refusal
     return LinearMatch(
         name=graph.names[i],
         nodes=nodes,
@@ -336,9 +339,9 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         in_axis=-1,
         output=output,
         out_axis=-1,
-        weight=b,
-        row_axis=1,
-        col_axis=0,
+        weight=stored,
+        row_axis=row_axis,
+        col_axis=col_axis,
         alpha=1.0,
         n_rows=n_rows,
         n_cols=n_cols,
@@ -347,6 +350,24 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         rows_refusal=rows_refusal,
         cols_refusal=weight_refusal,
     )
+
+
+def _transposed_constant(graph: GraphIndex, name: str) -> str | None:
+    """The stored [out, in] weight behind ``Transpose(W)`` (torch's export without constant
+    folding), or None. Rescaling W's rows and columns rescales the transpose's alike."""
+    producer = graph.producer_of(name)
+    if (
+        producer is None
+        or producer.op_type != "Transpose"
+        or producer.domain not in STANDARD_DOMAINS
+        or not graph.is_constant(producer.input[0])
+        or name in graph.graph_outputs
+    ):
+        return None
+    shape = graph.shape(producer.input[0])
+    if shape is None or len(shape) != 2 or list(attr(producer, "perm", [1, 0])) != [1, 0]:
+        return None
+    return producer.input[0]
 
 
 def _match_conv(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
@@ -387,12 +408,23 @@ def _match_conv(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
             bias_refusal = f"bias '{bias}' is not a constant"
         rows_refusal = rows_refusal or bias_refusal
     axis = -(len(shape) - 1)  # channels: axis 1 of an [N, C, spatial...] tensor
+    output, nodes, bias_axis = node.output[0], (i,), -1
+    if bias is None:  # a bias added by a separate Add of a [C, 1, ...] constant
+        added = _added_constant(graph, output)
+        if added is not None:
+            j, other = added
+            shape_b = graph.shape(other)
+            ones = all(d == 1 for k, d in enumerate(shape_b) if k != len(shape_b) + axis)
+            if len(shape_b) >= -axis and shape_b[axis] == n_rows and ones:
+                bias, bias_shape, bias_axis = other, shape_b, axis
+                nodes, output = (i, j), graph.nodes[j].output[0]
+                rows_refusal = rows_refusal or _bias(graph, other, n_rows)[1]
     return LinearMatch(
         name=name,
-        nodes=(i,),
+        nodes=nodes,
         data_input=node.input[0],
         in_axis=axis,
-        output=node.output[0],
+        output=output,
         out_axis=axis,
         weight=w,
         row_axis=row_axis,
@@ -407,7 +439,23 @@ def _match_conv(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         kind="convT" if transposed else "conv",
         group=group,
         taps=taps,
+        bias_axis=bias_axis,
     )
+
+
+def _added_constant(graph: GraphIndex, output: str) -> tuple[int, str] | None:
+    """The Add node and its constant operand when ``output``'s only reader adds a constant."""
+    uses = graph.uses(output)
+    if len(uses) != 1 or output in graph.graph_outputs:
+        return None
+    j, slot = uses[0]
+    add = graph.nodes[j]
+    if add.op_type != "Add" or add.domain not in STANDARD_DOMAINS or len(add.input) != 2:
+        return None
+    other = add.input[1 - slot]
+    if not graph.is_constant(other) or graph.shape(other) is None:
+        return None
+    return j, other
 
 
 def _with_batchnorm(graph: GraphIndex, match: LinearMatch) -> LinearMatch:

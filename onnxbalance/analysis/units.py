@@ -307,6 +307,9 @@ def _units(
     if moves_rows and layer.bn is not None:
         bn = layer.bn
         edits += [TensorEdit(t, row_axis=0, row_groups=rows) for t in (bn.scale, bn.bias)]
+    elif moves_rows and layer.bias is not None and layer.kind != "dense":
+        axis = len(layer.bias_shape) + layer.bias_axis
+        edits.append(TensorEdit(tensor=layer.bias, row_axis=axis, row_groups=rows))
     elif moves_rows and layer.bias is not None:
         expand_to = layer.bias_expand_to()
         rank = len(expand_to if expand_to is not None else layer.bias_shape)
