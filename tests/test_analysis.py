@@ -602,3 +602,22 @@ def test_reshaped_channel_maps():
     # splitting the channel axis into heads has no single-axis map
     assert reshaped((2, 5, 8), -1, (2, 5, 2, 4), 8) is None
     assert reshaped((None, 3, None, 2), -3, (None, 12), 3) is None
+
+
+def test_shape_inference_does_not_need_weight_values():
+    from onnxbalance.analysis.shapes import infer_shapes
+
+    net = om.ConvNet("big_constants", seed=1)
+    x = net.input("x", ["N", 16, 9, 9])
+    w = net.const("W", np.ones((40, 16, 3, 3), np.float32), node=True)  # a Constant node
+    h = net.relu(net.op("Conv", [x, w], "conv"), "act")
+    net.output(net.op("Flatten", [h], "flat"))
+    model = net.build()
+    shapes = infer_shapes(model)
+    assert shapes["act_out"] == (None, 40, 7, 7)
+    assert shapes["flat_out"] == (None, 40 * 49)
+    # the copy given to shape inference holds no weight values
+    from onnxbalance.analysis.shapes import _weight_free
+
+    light = _weight_free(model)
+    assert light.ByteSize() < 2000 < model.ByteSize()

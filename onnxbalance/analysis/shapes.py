@@ -60,17 +60,21 @@ def _weight_free(model: onnx.ModelProto) -> onnx.ModelProto:
                 setattr(light, field.name, value)
     graph, source = light.graph, model.graph
     graph.name = source.name
-    graph.node.extend(source.node)
     graph.input.extend(source.input)
+    for node in source.node:
+        value = _large_constant(node)
+        if value is None:
+            graph.node.append(node)
+        else:  # a Constant holding a weight: its shape is all inference needs
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(node.output[0], value.data_type, value.dims)
+            )
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
     graph.sparse_initializer.extend(source.sparse_initializer)
     declared = {v.name for v in source.input}
     for tensor in source.initializer:
-        size = 1
-        for d in tensor.dims:
-            size *= d
-        if tensor.data_type in FLOAT_TYPES and size > _KEEP_ELEMENTS:
+        if _large(tensor):
             if tensor.name not in declared:
                 graph.input.append(
                     onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
@@ -78,6 +82,22 @@ def _weight_free(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             graph.initializer.append(tensor)
     return light
+
+
+def _large(tensor: onnx.TensorProto) -> bool:
+    size = 1
+    for d in tensor.dims:
+        size *= d
+    return tensor.data_type in FLOAT_TYPES and size > _KEEP_ELEMENTS
+
+
+def _large_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR and _large(attr.t):
+            return attr.t
+    return None
 
 
 def _repeated(field) -> bool:
