@@ -90,50 +90,33 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
     state = _Units(int(offsets[-1]))
     reads = _propagate(graph, layers, offsets, state)
 
-    # groups: one per root that is neither fixed nor unread, numbered in layer/row order
-    n_units = int(offsets[-1])
-    roots = np.fromiter((state.find(u) for u in range(n_units)), np.int64, n_units)
-    root_reason: dict[int, tuple[int, str]] = {}
-    for u, reason in sorted(state.reason.items()):
-        root_reason.setdefault(int(roots[u]), (u, reason))
-    root_read = np.zeros(n_units, dtype=bool)
-    np.logical_or.at(root_read, roots, state.read)
-    group_of_root: dict[int, int] = {}
-    group_names: list[str] = []
-    unit_group = np.full(n_units + 1, FIXED, dtype=np.int64)  # index -1: "no unit"
     unit_name = [f"{layer.name}:{o}" for layer in layers for o in range(layer.n_rows)]
-    for u in range(n_units):
-        root = int(roots[u])
-        if root in root_reason or not root_read[root]:
-            continue
-        if root not in group_of_root:
-            group_of_root[root] = len(group_names)
-            group_names.append(unit_name[root])
-        unit_group[u] = group_of_root[root]
-    unit_group.setflags(write=False)
+    groups = _Groups(state, unit_name)
 
     reaches = _reaches_linear(graph)
     units = []
     seen_weights: set[str] = set()
     for k, layer in enumerate(layers):
         span = np.arange(offsets[k], offsets[k + 1])
-        rows = unit_group[span]
+        rows = groups.of_unit[span]
         if layer.output in reaches:
-            skipped.extend(_row_skips(layer, span, rows, roots, state, root_reason, unit_name))
+            skipped.extend(groups.skips(layer.name, span))
         # a weight read by two nodes is stored once and counts once in the norm
         if layer.weight in seen_weights:
             continue
         seen_weights.add(layer.weight)
         read = reads.get(k)
-        cols = np.full(layer.n_cols, FIXED, dtype=np.int64) if read is None else unit_group[read]
+        cols = (
+            np.full(layer.n_cols, FIXED, dtype=np.int64) if read is None else groups.of_unit[read]
+        )
         units.append(_units(graph, layer, rows, cols))
     log.info(
         "analysis: %d linear layers, %d hidden units, %d skip records",
         len(units),
-        len(group_names),
+        len(groups.names),
         len(skipped),
     )
-    return ModelUnits(tuple(units), tuple(group_names), tuple(skipped))
+    return ModelUnits(tuple(units), tuple(groups.names), tuple(skipped))
 
 
 def _propagate(
@@ -224,23 +207,48 @@ def _apply(graph: GraphIndex, i: int, step: Step, state: _Units) -> None:
                 state.union(column[0], other)
 
 
-def _row_skips(layer, span, rows, roots, state, root_reason, unit_name) -> list[Skip]:
-    """Why the layer's fixed rows are fixed, one Skip per distinct reason."""
-    counts: dict[str, int] = {}
-    for u, group in zip(span.tolist(), rows.tolist(), strict=True):
-        if group != FIXED:
-            continue
-        reason = state.reason.get(u)
-        if reason is None:
-            root = int(roots[u])
-            if root in root_reason:
-                member, why = root_reason[root]
-                layer_name = unit_name[member].rsplit(":", 1)[0]
-                reason = f"tied by a merge to units of '{layer_name}', which are fixed: {why}"
-            else:
+class _Groups:
+    """Scale groups: one per union-find root that is neither fixed nor unread, numbered in
+    layer/row order and named after the root's unit."""
+
+    def __init__(self, state: _Units, unit_name: list[str]) -> None:
+        n = len(unit_name)
+        self.unit_name = unit_name
+        self.state = state
+        self.roots = np.fromiter((state.find(u) for u in range(n)), np.int64, n)
+        self.root_reason: dict[int, tuple[int, str]] = {}  # root -> (first fixed member, why)
+        for u, reason in sorted(state.reason.items()):
+            self.root_reason.setdefault(int(self.roots[u]), (u, reason))
+        read = np.zeros(n, dtype=bool)
+        np.logical_or.at(read, self.roots, state.read)
+        self.names: list[str] = []
+        self.of_unit = np.full(n + 1, FIXED, dtype=np.int64)  # index -1 ("no unit"): FIXED
+        number: dict[int, int] = {}
+        for u, root in enumerate(self.roots.tolist()):
+            if root in self.root_reason or not read[root]:
+                continue
+            if root not in number:
+                number[root] = len(self.names)
+                self.names.append(unit_name[root])
+            self.of_unit[u] = number[root]
+        self.of_unit.setflags(write=False)  # shared by layers' rows and columns
+
+    def skips(self, layer: str, span: np.ndarray) -> list[Skip]:
+        """Why the layer's fixed rows are fixed, one Skip per distinct reason."""
+        counts: dict[str, int] = {}
+        for u in span.tolist():
+            if self.of_unit[u] != FIXED:
+                continue
+            reason = self.state.reason.get(u)
+            root = int(self.roots[u])
+            if reason is None and root in self.root_reason:
+                member, why = self.root_reason[root]
+                other = self.unit_name[member].rsplit(":", 1)[0]
+                reason = f"tied by a merge to units of '{other}', which are fixed: {why}"
+            elif reason is None:
                 reason = "not read by any linear layer (unused channel)"
-        counts[reason] = counts.get(reason, 0) + 1
-    return [Skip(layer.name, n, reason) for reason, n in counts.items()]
+            counts[reason] = counts.get(reason, 0) + 1
+        return [Skip(layer, n, reason) for reason, n in counts.items()]
 
 
 def _reaches_linear(graph: GraphIndex) -> set[str]:
