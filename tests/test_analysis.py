@@ -621,3 +621,25 @@ def test_shape_inference_does_not_need_weight_values():
 
     light = _weight_free(model)
     assert light.ByteSize() < 2000 < model.ByteSize()
+
+
+def test_nodes_stored_out_of_order_are_analysed_in_dependency_order():
+    model = om.resnet_block("projection")
+    expected = analyse(model)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    units = analyse(model)
+    assert units.n_groups == expected.n_groups
+    # same groups on the same rows and columns, up to the groups' numbering
+    renamed: dict[int, int] = {FIXED: FIXED}
+    want = {layer.name: layer for layer in expected.layers}
+    for layer in units.layers:
+        other = want[layer.name]
+        for got, ref in (
+            (layer.row_groups, other.row_groups),
+            (layer.col_groups, other.col_groups),
+        ):
+            for g, r in zip(np.ravel(got).tolist(), np.ravel(ref).tolist(), strict=True):
+                assert renamed.setdefault(g, r) == r
+    assert len(set(renamed.values())) == len(renamed)

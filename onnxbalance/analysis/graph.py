@@ -98,6 +98,30 @@ class GraphIndex:
             if node.op_type == "Constant" and node.output:
                 self._constant_nodes[node.output[0]] = node
 
+    def topological_order(self) -> list[int]:
+        """Node indices, producers first. ONNX requires the stored order to be one; the runtime
+        does not, so a graph stored out of order is analysed in an order that is."""
+        inputs = [
+            {name for name in node.input if name in self.producer}
+            | {name for name in self.implicit.get(i, ()) if name in self.producer}
+            for i, node in enumerate(self.nodes)
+        ]
+        if all(self.producer[name] < i for i, names in enumerate(inputs) for name in names):
+            return list(range(len(self.nodes)))
+        waiting = [len(names) for names in inputs]
+        ready = [i for i, count in enumerate(waiting) if count == 0]
+        order: list[int] = []
+        while ready:
+            i = ready.pop()
+            order.append(i)
+            for name in self.nodes[i].output:
+                for j in {j for j, _ in self.uses(name)} if name else ():
+                    waiting[j] -= 1
+                    if waiting[j] == 0:
+                        ready.append(j)
+        placed = set(order)
+        return order + [i for i in range(len(self.nodes)) if i not in placed]  # cycles: invalid
+
     def uses(self, name: str) -> list[tuple[int, int]]:
         return self.consumers.get(name, [])
 

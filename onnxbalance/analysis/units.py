@@ -78,7 +78,7 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
     graph = GraphIndex(model.graph, infer_shapes(model))
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
-    for i in range(len(graph.nodes)):
+    for i in graph.topological_order():
         match = match_linear(graph, i)
         if isinstance(match, Refusal):
             skipped.append(Skip(graph.names[i], match.count, match.reason))
@@ -135,7 +135,8 @@ def _propagate(
             what = "activation" if carrier.activated.all() else "output"
             state.fix(carrier.units, f"{what} '{name}' is a graph output")
 
-    for i, node in enumerate(graph.nodes):
+    for i in graph.topological_order():
+        node = graph.nodes[i]
         implicit = [carriers[name] for name in graph.implicit.get(i, ()) if name in carriers]
         for carrier in implicit:
             op = node.op_type
@@ -255,7 +256,7 @@ def _reaches_linear(graph: GraphIndex) -> set[str]:
     """Tensors with a linear op (or a subgraph that may hold one) downstream: fixed units of a
     layer whose output reaches none are output units, not worth a Skip record."""
     reach: set[str] = set()
-    for i in reversed(range(len(graph.nodes))):
+    for i in reversed(graph.topological_order()):
         node = graph.nodes[i]
         if (
             node.op_type in LINEAR_OPS
