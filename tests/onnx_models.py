@@ -511,6 +511,7 @@ BETWEEN = {
         ),
         CH,
     ),
+    "reduce_hw": lambda n, h: (n.op("ReduceMax", [h], "mid", axes=[-1, 2], keepdims=1), CH),
     "slice_hw": lambda n, h: (
         n.op("Slice", [h, _ints(n, "s", [1]), _ints(n, "e", [5]), _ints(n, "a", [-1])], "mid"),
         CH,
@@ -663,6 +664,9 @@ def flatten_reshape(kind: str) -> onnx.ModelProto:
     elif kind == "reshape":
         h = net.op("Reshape", [h, _ints(net, "shape", [-1, 36])], "flat")
         z = net.matmul(h, 36, 5, "fc1")
+    elif kind == "mean":  # spatial mean without keepdims: [N, 4]
+        h = net.op("ReduceMean", [h], "flat", axes=[2, 3], keepdims=0)
+        z = net.gemm(h, CH, 5, "fc1")
     else:  # channels last, then Flatten: column j is channel j % 4
         h = net.op("Flatten", [net.op("Transpose", [h], "nhwc", perm=[0, 2, 3, 1])], "flat")
         z = net.gemm(h, 36, 5, "fc1")

@@ -326,6 +326,7 @@ PASSING = [
     "div_channels",
     "slice_reverse",
     "slice_hw",
+    "reduce_hw",
 ]
 
 
@@ -502,11 +503,11 @@ def test_merges(kind):
     check_units(om.merges(kind), layers, skips)
 
 
-@pytest.mark.parametrize("kind", ["flatten", "reshape", "nhwc"])
+@pytest.mark.parametrize("kind", ["flatten", "reshape", "nhwc", "mean"])
 def test_flatten_and_reshape_map_channels_to_columns(kind):
     conv = own("conv", CH)
     # NCHW Flatten: column j is channel j // 9; channels last: column j is channel j % 4
-    cols = [label for label in conv for _ in range(9)] if kind != "nhwc" else conv * 9
+    cols = {"nhwc": conv * 9, "mean": conv}.get(kind, [label for label in conv for _ in range(9)])
     layers = {
         "conv": (conv, taps(fixed(2), 9)),
         "fc1": (own("fc1", 5), cols),

@@ -69,7 +69,10 @@ RUNNABLE = {
     "resnet_no_relu_after_add": lambda: om.resnet_block("identity", relu_after_add=False),
     **{f"merge_{k}": (lambda k=k: om.merges(k)) for k in ("concat_c", "concat_h", "sub", "sum3")},
     "merge_add_constant": lambda: om.merges("add_constant"),
-    **{f"flatten_{k}": (lambda k=k: om.flatten_reshape(k)) for k in ("flatten", "reshape", "nhwc")},
+    **{
+        f"flatten_{k}": (lambda k=k: om.flatten_reshape(k))
+        for k in ("flatten", "reshape", "nhwc", "mean")
+    },
     "gemm_bn": om.gemm_bn,
     "gemm_bn_shared": lambda: om.gemm_bn(shared_scale=True),
     "ffn": om.ffn,

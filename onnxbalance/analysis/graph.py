@@ -79,6 +79,7 @@ class GraphIndex:
         self.sparse = frozenset(t.values.name for t in graph.sparse_initializer)
         self._constant_nodes: dict[str, onnx.NodeProto] = {}
         self._arrays: dict[str, np.ndarray] = {}
+        self._order: list[int] | None = None
         for i, node in enumerate(self.nodes):
             for slot, name in enumerate(node.input):
                 if name:
@@ -101,6 +102,12 @@ class GraphIndex:
     def topological_order(self) -> list[int]:
         """Node indices, producers first. ONNX requires the stored order to be one; the runtime
         does not, so a graph stored out of order is analysed in an order that is."""
+        if self._order is not None:
+            return self._order
+        self._order = self._sorted()
+        return self._order
+
+    def _sorted(self) -> list[int]:
         inputs = [
             {name for name in node.input if name in self.producer}
             | {name for name in self.implicit.get(i, ()) if name in self.producer}

@@ -9,7 +9,8 @@ channels c because the op commutes with them:
 * positively homogeneous activations (Relu, LeakyRelu, PRelu with a constant slope):
   f(a z) = a f(z) for a > 0, element-wise; these make the units *hidden* (``activated``);
 * copies and per-channel maps: Identity, Dropout (inference), max/average/Lp pools and their
-  global forms (they act on each channel of an [N, C, ...] tensor separately), Pad (zero
+  global forms (they act on each channel of an [N, C, ...] tensor separately), mean, sum, max,
+  min, L1 and L2 reductions over other axes (all positively homogeneous), Pad (zero
   constant, edge, reflect or wrap; nothing added along the unit axis), Resize/Upsample (each
   channel interpolated alone; the unit axis keeps its size), Mul/Div by a constant (any values:
   a (y k) = (a y) k);
@@ -164,6 +165,41 @@ def _scale_by_constant(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -
     return _same(graph, i, data)
 
 
+REDUCTIONS = frozenset(
+    ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2")
+)
+
+
+def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Positively homogeneous reductions over axes other than the unit axis (a spatial mean)."""
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    rank = _rank(graph, node.input[0])
+    if isinstance(rank, Refusal):
+        return rank
+    if len(node.input) > 1 and node.input[1]:  # opset 13 (ReduceSum) / 18: axes as an input
+        axes = _constant(graph, node.input[1])
+        if axes is None:
+            return Refusal(f"feeds {_name(graph, i)} whose axes are not a constant")
+    else:
+        axes = attr(node, "axes", None)
+    if axes is None or len(axes) == 0:
+        if int(attr(node, "noop_with_empty_axes", 0)):
+            return _same(graph, i, data)
+        axes = range(rank)  # the default reduces every axis
+    axes = {int(a) % rank for a in np.asarray(axes).ravel()}
+    k = data.axis + rank
+    if k in axes:
+        return Refusal(f"feeds {_name(graph, i)}, which reduces over the unit axis")
+    if int(attr(node, "keepdims", 1)):
+        return _same(graph, i, data)
+    kept = k - sum(1 for a in axes if a < k)
+    moved = Carrier(data.units, data.activated, kept - (rank - len(axes)))
+    return Step(outputs=((node.output[0], moved),))
+
+
 def _pad(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     node = graph.nodes[i]
     data = _only_data(graph, i, carried)
@@ -211,11 +247,20 @@ def _resize(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if mode not in ("nearest", "linear", "cubic", "bilinear", "trilinear"):
         return Refusal(f"feeds {_name(graph, i)} with mode {mode}")
     before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
-    if before is None or after is None or len(before) != len(after):
-        return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
-    if before[data.axis] is None or before[data.axis] != after[data.axis]:
-        return Refusal(f"feeds {_name(graph, i)}, which resizes the unit axis")
-    return _same(graph, i, data)
+    if (
+        before is not None
+        and after is not None
+        and None not in (before[data.axis], after[data.axis])
+    ):
+        if before[data.axis] != after[data.axis]:
+            return Refusal(f"feeds {_name(graph, i)}, which resizes the unit axis")
+        return _same(graph, i, data)
+    # sizes unknown: constant scales (Resize input 2, Upsample input 1) must keep the axis
+    slot = 1 if node.op_type == "Upsample" or len(node.input) == 2 else 2
+    scales = _constant(graph, node.input[slot]) if len(node.input) > slot else None
+    if scales is not None and scales.size >= -data.axis and scales.ravel()[data.axis] == 1:
+        return _same(graph, i, data)
+    return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
 
 
 # ------------------------------------------------------------------ index maps
@@ -442,6 +487,7 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
         _pool,
     ),
     **dict.fromkeys(("Mul", "Div"), _scale_by_constant),
+    **dict.fromkeys(REDUCTIONS, _reduce),
     "Pad": _pad,
     "Resize": _resize,
     "Upsample": _resize,
