@@ -327,6 +327,8 @@ PASSING = [
     "slice_reverse",
     "slice_hw",
     "reduce_hw",
+    "batchnorm_alone",
+    "add_channels",
 ]
 
 
@@ -350,7 +352,8 @@ STOPPING = {
     "reshape_split_channels": "feeds Reshape 'r1', which spreads the unit axis",
     "layernorm": "feeds LayerNormalization 'mid'",
     "reduce_channels": "feeds ReduceMean 'mid'",
-    "batchnorm_alone": "feeds BatchNormalization 'mid', which does not directly follow",
+    "add_scalar": "merged by Add 'mid' with 'k', which cannot be rescaled",
+    "batchnorm_input_mean": "feeds BatchNormalization 'mid' whose parameters cannot be rescaled",
 }
 
 
@@ -360,6 +363,16 @@ def test_ops_that_stop_the_channel_scales(between):
     n_in = analyse(model).layers[1].weight.shape[1]
     layers = {"conv1": (fixed(CH), taps(fixed(2), 9)), "conv2": (fixed(3), fixed(n_in))}
     check_units(model, layers, [("conv1", CH, STOPPING[between])], n_groups=0)
+
+
+def test_constants_rescaled_with_the_channels_they_meet():
+    # a BatchNormalization after the Relu: its mean and bias scale with conv1's units
+    units = analyse(om.conv_chain("batchnorm_alone"))
+    assert [(e.tensor, e.row_axis) for e in units.edits] == [("mid_bias", 0), ("mid_mean", 0)]
+    assert [names(units, e.row_groups) for e in units.edits] == [own("conv1", CH)] * 2
+    # a [C, 1, 1] constant added to them
+    units = analyse(om.conv_chain("add_channels"))
+    assert [(e.tensor, e.row_axis) for e in units.edits] == [("k", 0)]
 
 
 def test_conv_batchnorm_moves_gamma_beta_not_the_conv():
@@ -490,13 +503,12 @@ def test_merges(kind):
         a_rows = b_rows = c_cols = fixed(CH)
         reason = "merged by Sum 'merge' with 'z', which cannot be rescaled"
         skips = [("a", CH, reason), ("b", CH, reason)]
-    else:
-        a_rows = c_cols = fixed(CH)
-        skips = [("a", CH, "merged by Add 'merge' with 'k', which cannot be rescaled")]
+    else:  # a per-channel constant added to a's channels is rescaled with them
+        c_cols = own("a", CH)
     layers = {
         "a": (a_rows, taps(fixed(2), 9)),
         "b": (b_rows, fixed(2)),
-        "c": (fixed(3), c_cols if kind != "add_constant" else fixed(CH)),
+        "c": (fixed(3), c_cols),
     }
     if kind == "add_constant":  # b's output is read by nothing: output units, no skip record
         layers["b"] = (fixed(CH), fixed(2))

@@ -123,8 +123,7 @@ def max_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
 def moving(units: ModelUnits) -> set[str]:
     return {
         e.tensor
-        for layer in units.layers
-        for e in layer.edits
+        for e in [e for layer in units.layers for e in layer.edits] + list(units.edits)
         if any(
             g is not None and (np.asarray(g) != FIXED).any() for g in (e.row_groups, e.col_groups)
         )

@@ -19,10 +19,14 @@ channels c because the op commutes with them:
   whose trailing size t divides s, output index x belongs to channel (x t // s) mod C (column
   j of Flatten([N, C, H, W]) is channel j // (H W)); Concat along the unit axis offsets the
   channels, Split and Slice along it select them;
+* affine maps with stored constants that are rescaled with the units: Add/Sub of a per-channel
+  constant (x + b -> a x + a b), a BatchNormalization that is not right after a layer
+  (pre-activation, after a Relu): gamma (a x - a mean) / s + a beta = a BN(x);
 * merges: Add, Sum, Sub (and Concat along another axis) join channel k of every input into one
   output channel, which is exact only if those units share one factor: they are *tied*
-  (ALGORITHM.md §6). An input that carries no unit (a graph input, a constant, the output of a
-  non-homogeneous op) has scale 1, so the tie fixes the whole group.
+  (ALGORITHM.md §6). An input that carries no unit (a graph input, a constant that cannot be
+  rescaled per channel, the output of a non-homogeneous op) has scale 1, so the tie fixes the
+  whole group.
 
 Everything else stops the units (they keep scale 1): non-homogeneous functions (Clip/Relu6,
 Sigmoid, Gelu, Softmax, LayerNormalization, ...), ops mixing channels (MatMul of two activations,
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import GraphIndex
+from .graph import FLOAT_TYPES, GraphIndex
 from .ops import (
     ACTIVATIONS,
     LINEAR_OPS,
@@ -65,11 +69,14 @@ class Carrier:
 @dataclass(frozen=True)
 class Step:
     """Where the units go: output carriers, and groups of carriers whose units must be tied
-    entry by entry (a merge); ``fixes`` are (units, reason) that must keep scale 1."""
+    entry by entry (a merge); ``fixes`` are (units, reason) that must keep scale 1; ``scaled``
+    are stored constants whose entries along an axis scale with the units (a bias added to
+    rescaled channels, a BatchNormalization's mean and bias)."""
 
     outputs: tuple[tuple[str, Carrier], ...] = ()
     ties: tuple[tuple[Carrier, ...], ...] = ()
     fixes: tuple[tuple[np.ndarray, str], ...] = ()
+    scaled: tuple[tuple[str, int, np.ndarray], ...] = ()  # (constant, its axis, units)
 
 
 Rule = Callable[[GraphIndex, int, dict[int, Carrier]], "Step | Refusal"]
@@ -436,6 +443,10 @@ def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     for c in carried.values():
         if c.axis != first.axis or len(c.units) != len(first.units):
             return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
+    if len(carried) == 1 and len(node.input) == 2 and node.op_type in ("Add", "Sub"):
+        scaled = _per_unit_constant(graph, node.input[1 - next(iter(carried))], first)
+        if scaled is not None:
+            return Step(outputs=((node.output[0], first),), scaled=(scaled,))
     fixes = []
     for slot, name in enumerate(node.input):
         if slot not in carried and name:
@@ -464,11 +475,47 @@ def _shape_only(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step:
     return Step()
 
 
-def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Refusal:
-    return Refusal(
-        f"feeds BatchNormalization '{graph.names[i]}', which does not directly follow a linear "
-        f"layer (or has non-constant statistics)"
-    )
+def _per_unit_constant(
+    graph: GraphIndex, name: str, data: Carrier
+) -> tuple[str, int, np.ndarray] | None:
+    """A stored float constant with one entry per unit along the units' axis (ones elsewhere)
+    that may be rewritten: adding it to rescaled channels is exact once it is rescaled too."""
+    shape = graph.shape(name)
+    if not _is_constant(graph, name) or shape is None or len(shape) < -data.axis:
+        return None
+    axis = len(shape) + data.axis
+    if shape[axis] != len(data.units) or any(d != 1 for k, d in enumerate(shape) if k != axis):
+        return None
+    if graph.elem_type(name) not in FLOAT_TYPES or graph.n_uses(name) != 1:
+        return None
+    return name, axis, data.units
+
+
+def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """A BatchNormalization not absorbed into a layer (pre-activation, after a Relu, after a
+    merge): gamma (a x - a mean) / s + a beta = a BN(x), so mean and bias scale with the units."""
+    node, name = graph.nodes[i], graph.names[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    rank = _rank(graph, node.input[0])
+    if isinstance(rank, Refusal):
+        return rank
+    refusal = Refusal(f"feeds BatchNormalization '{name}' whose parameters cannot be rescaled")
+    if data.axis + rank != 1 or len(node.input) != 5 or any(node.output[1:]):
+        return refusal
+    if int(attr(node, "training_mode", 0)) or not int(attr(node, "spatial", 1)):
+        return refusal
+    channels = Carrier(data.units, data.activated, -1)  # parameters are 1-D, one per channel
+    bias, mean = (_per_unit_constant(graph, node.input[k], channels) for k in (2, 3))
+    scale, var = node.input[1], node.input[4]
+    if (
+        bias is None
+        or mean is None
+        or not (_is_constant(graph, scale) and _is_constant(graph, var))
+    ):
+        return refusal
+    return Step(outputs=((node.output[0], data),), scaled=(bias, mean))
 
 
 # op type -> rule

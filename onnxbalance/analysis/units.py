@@ -88,7 +88,7 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
 
     offsets = np.cumsum([0] + [layer.n_rows for layer in layers])
     state = _Units(int(offsets[-1]))
-    reads = _propagate(graph, layers, offsets, state)
+    reads, scaled = _propagate(graph, layers, offsets, state)
 
     unit_name = [f"{layer.name}:{o}" for layer in layers for o in range(layer.n_rows)]
     groups = _Groups(state, unit_name)
@@ -116,18 +116,25 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
         len(groups.names),
         len(skipped),
     )
-    return ModelUnits(tuple(units), tuple(groups.names), tuple(skipped))
+    edits = []
+    for tensor, axis, carried in scaled:
+        rows = groups.of_unit[carried]
+        if (rows != FIXED).any():
+            edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows))
+    return ModelUnits(tuple(units), tuple(groups.names), tuple(skipped), tuple(edits))
 
 
 def _propagate(
     graph: GraphIndex, layers: list[LinearMatch], offsets: np.ndarray, state: _Units
-) -> dict[int, np.ndarray]:
-    """One pass over the nodes: carry units forward, record ties and reasons; return, per layer
-    index, the units its data input carries (the layer's column units)."""
+) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray]]]:
+    """One pass over the nodes: carry units forward, record ties and reasons. Returns, per
+    layer index, the units its data input carries (the layer's column units), and the stored
+    constants that scale with units (tensor, axis, units)."""
     first = {layer.nodes[0]: k for k, layer in enumerate(layers)}
     absorbed = {j for layer in layers for j in layer.nodes[1:]}
     carriers: dict[str, Carrier] = {}
     reads: dict[int, np.ndarray] = {}
+    scaled: list[tuple[str, int, np.ndarray]] = []
 
     def carry(name: str, carrier: Carrier) -> None:
         carriers[name] = carrier
@@ -167,9 +174,10 @@ def _propagate(
                 state.fix(carrier.units, step.reason)
             continue
         _apply(graph, i, step, state)
+        scaled.extend(step.scaled)
         for name, carrier in step.outputs:
             carry(name, carrier)
-    return reads
+    return reads, scaled
 
 
 def _read(layer: LinearMatch, carrier: Carrier, state: _Units) -> bool:
