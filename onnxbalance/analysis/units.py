@@ -99,8 +99,17 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
     for k, layer in enumerate(layers):
         span = np.arange(offsets[k], offsets[k + 1])
         rows = groups.of_unit[span]
-        if layer.output in reaches:
-            skipped.extend(groups.skips(layer.name, span))
+        why = groups.skips(layer.name, span) if layer.output in reaches else []
+        skipped.extend(why)
+        log.info(
+            "layer %s: %d of %d units movable%s",
+            layer.name,
+            int((rows != FIXED).sum()),
+            layer.n_rows,
+            "".join(f"; {s.count} fixed: {s.reason}" for s in why)
+            if layer.output in reaches
+            else " (output units: no linear layer reads them)",
+        )
         # a weight read by two nodes is stored once and counts once in the norm
         if layer.weight in seen_weights:
             continue
