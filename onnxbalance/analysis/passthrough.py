@@ -230,6 +230,8 @@ def _pad(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refus
         pads, value, axes = attr(node, "pads", []), attr(node, "value", 0.0), None
     pads = np.asarray(pads, dtype=np.int64).ravel()
     axes = np.arange(rank) if axes is None else (np.asarray(axes).ravel() % rank)
+    if len(pads) != 2 * len(axes):
+        return Refusal(f"feeds Pad '{graph.names[i]}' with {len(pads)} pads for rank {rank}")
     if mode == "constant" and np.any(np.asarray(value, dtype=np.float64) != 0):
         return Refusal(f"feeds Pad '{graph.names[i]}' with a non-zero constant")
     k = data.axis + rank
@@ -249,8 +251,16 @@ def _resize(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     mode = mode.decode() if isinstance(mode, bytes) else mode
     transform = attr(node, "coordinate_transformation_mode", b"half_pixel")
     transform = transform.decode() if isinstance(transform, bytes) else transform
-    if transform == "tf_crop_and_resize" and float(attr(node, "extrapolation_value", 0.0)):
-        return Refusal(f"feeds Resize '{graph.names[i]}' that extrapolates a non-zero constant")
+    # these keep index x on an axis of scale 1; tf_half_pixel_for_nn may round it to x + 1,
+    # tf_crop_and_resize may crop the unit axis and extrapolate a constant
+    if transform not in (
+        "half_pixel",
+        "half_pixel_symmetric",
+        "pytorch_half_pixel",
+        "align_corners",
+        "asymmetric",
+    ):
+        return Refusal(f"feeds {_name(graph, i)} with coordinate transformation {transform}")
     if mode not in ("nearest", "linear", "cubic", "bilinear", "trilinear"):
         return Refusal(f"feeds {_name(graph, i)} with mode {mode}")
     before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
@@ -263,6 +273,8 @@ def _resize(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
             return Refusal(f"feeds {_name(graph, i)}, which resizes the unit axis")
         return _same(graph, i, data)
     # sizes unknown: constant scales (Resize input 2, Upsample input 1) must keep the axis
+    if attr(node, "axes", None) is not None:
+        return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
     slot = 1 if node.op_type == "Upsample" or len(node.input) == 2 else 2
     scales = _constant(graph, node.input[slot]) if len(node.input) > slot else None
     if scales is not None and scales.size >= -data.axis and scales.ravel()[data.axis] == 1:
