@@ -456,6 +456,16 @@ def _floats(net: Net, name: str, values) -> str:
     return net.const(name, np.asarray(values, dtype=np.float32))
 
 
+def _split_h_concat(net: Net, h: str) -> str:
+    """Split along the height into two parts and Concat them back in swapped order."""
+    net.nodes.append(
+        helper.make_node(
+            "Split", [h, _ints(net, "sp", [2, 4])], ["top", "bottom"], name="split", axis=2
+        )
+    )
+    return net.op("Concat", ["bottom", "top"], "mid", axis=2)
+
+
 # op between conv1's Relu and conv2: builder(net, h) -> (tensor, channels conv2 reads)
 BETWEEN = {
     "identity": lambda n, h: (n.op("Identity", [h], "mid"), CH),
@@ -510,6 +520,15 @@ BETWEEN = {
             "mid",
         ),
         CH,
+    ),
+    "split_h_concat": lambda n, h: (_split_h_concat(n, h), CH),
+    "slice_step2": lambda n, h: (
+        n.op(
+            "Slice",
+            [h, _ints(n, "s", [0]), _ints(n, "e", [9]), _ints(n, "a", [1]), _ints(n, "st", [2])],
+            "mid",
+        ),
+        CH // 2,
     ),
     "reduce_hw": lambda n, h: (n.op("ReduceMax", [h], "mid", axes=[-1, 2], keepdims=1), CH),
     "slice_hw": lambda n, h: (
@@ -661,6 +680,8 @@ def merges(kind: str) -> onnx.ModelProto:
         h, channels = net.op("Concat", [a, b], "merge", axis=1), 2 * CH
     elif kind == "concat_h":
         h = net.op("Concat", [a, b], "merge", axis=-2)
+    elif kind == "concat_input":  # graph input channels carry no unit: scale 1
+        h, channels = net.op("Concat", [a, x], "merge", axis=1), CH + 2
     elif kind == "sub":
         h = net.op("Sub", [a, b], "merge")
     elif kind == "sum3":

@@ -327,6 +327,8 @@ PASSING = [
     "slice_reverse",
     "slice_hw",
     "reduce_hw",
+    "split_h_concat",
+    "slice_step2",
     "batchnorm_alone",
     "add_channels",
 ]
@@ -334,9 +336,15 @@ PASSING = [
 
 @pytest.mark.parametrize("between", PASSING)
 def test_ops_the_channel_scales_pass_through(between):
-    cols = own("conv1", CH)[::-1] if between == "slice_reverse" else own("conv1", CH)
-    layers = {"conv1": (own("conv1", CH), taps(fixed(2), 9)), "conv2": (fixed(3), cols)}
-    check_units(om.conv_chain(between), layers, [], n_groups=CH)
+    cols = own("conv1", CH)
+    rows = own("conv1", CH)
+    if between == "slice_reverse":
+        cols = cols[::-1]
+    elif between == "slice_step2":  # channels 0 and 2 are read; 1 and 3 by nothing
+        cols, rows = cols[::2], [rows[0], None, rows[2], None]
+    layers = {"conv1": (rows, taps(fixed(2), 9)), "conv2": (fixed(3), cols)}
+    skips = [("conv1", 2, "not read by any linear layer")] if between == "slice_step2" else []
+    check_units(om.conv_chain(between), layers, skips)
 
 
 STOPPING = {
@@ -491,12 +499,16 @@ def test_residual_add_feeding_a_layer_without_relu_fixes_the_tied_group():
     check_units(om.resnet_block("identity", relu_after_add=False), layers, skips, n_groups=CH)
 
 
-@pytest.mark.parametrize("kind", ["concat_c", "concat_h", "sub", "sum3", "add_constant"])
+@pytest.mark.parametrize(
+    "kind", ["concat_c", "concat_input", "concat_h", "sub", "sum3", "add_constant"]
+)
 def test_merges(kind):
     a_rows, b_rows = own("a", CH), own("b", CH)
     skips = []
     if kind == "concat_c":
         c_cols = own("a", CH) + own("b", CH)
+    elif kind == "concat_input":
+        c_cols, b_rows = own("a", CH) + fixed(2), fixed(CH)
     elif kind in ("concat_h", "sub"):
         b_rows = c_cols = own("a", CH)  # channel k of both branches: one tied group
     elif kind == "sum3":

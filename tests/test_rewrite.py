@@ -67,7 +67,10 @@ RUNNABLE = {
     "resnet_projection": lambda: om.resnet_block("projection"),
     "resnet_input": lambda: om.resnet_block("input"),
     "resnet_no_relu_after_add": lambda: om.resnet_block("identity", relu_after_add=False),
-    **{f"merge_{k}": (lambda k=k: om.merges(k)) for k in ("concat_c", "concat_h", "sub", "sum3")},
+    **{
+        f"merge_{k}": (lambda k=k: om.merges(k))
+        for k in ("concat_c", "concat_input", "concat_h", "sub", "sum3")
+    },
     "merge_add_constant": lambda: om.merges("add_constant"),
     **{
         f"flatten_{k}": (lambda k=k: om.flatten_reshape(k))
