@@ -530,6 +530,7 @@ BETWEEN = {
         ),
         CH // 2,
     ),
+    "clip_min0": lambda n, h: (n.op("Clip", [h, _floats(n, "lo", 0.0)], "mid"), CH),
     "reduce_hw": lambda n, h: (n.op("ReduceMax", [h], "mid", axes=[-1, 2], keepdims=1), CH),
     "slice_hw": lambda n, h: (
         n.op("Slice", [h, _ints(n, "s", [1]), _ints(n, "e", [5]), _ints(n, "a", [-1])], "mid"),

@@ -327,6 +327,7 @@ PASSING = [
     "slice_reverse",
     "slice_hw",
     "reduce_hw",
+    "clip_min0",
     "split_h_concat",
     "slice_step2",
     "batchnorm_alone",
@@ -668,3 +669,17 @@ def test_nodes_stored_out_of_order_are_analysed_in_dependency_order():
             for g, r in zip(np.ravel(got).tolist(), np.ravel(ref).tolist(), strict=True):
                 assert renamed.setdefault(g, r) == r
     assert len(set(renamed.values())) == len(renamed)
+
+
+@pytest.mark.parametrize("bounds, moves", [((0.0,), True), ((0.0, 6.0), False), ((), False)])
+def test_clip_is_an_activation_only_with_bounds_0_and_infinity(bounds, moves):
+    net = om.Net("clip_bounds")
+    z = net.gemm(net.input("x", ["N", om.IN]), om.IN, HID, "fc1")
+    limits = [net.const(f"c{k}", np.float32(b)) for k, b in enumerate(bounds)]
+    net.output(net.gemm(net.op("Clip", [z, *limits], "clip"), HID, om.OUT, "fc2"))
+    if moves:
+        check(net.build(), MLP, [])
+    else:
+        # no bounds: Clip is the identity, which leaves fc1 linear-to-linear
+        reason = "not positively homogeneous" if bounds else "with no activation between"
+        check(net.build(), {"fc1": (None, None), "fc2": (None, None)}, [("fc1", HID, reason)])

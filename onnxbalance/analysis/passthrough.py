@@ -6,7 +6,8 @@ A rule gets the carriers of a node's inputs and says where the units land on its
 (:class:`Step`), or refuses with a reason. Every rule is exact for any positive factors a_c on
 channels c because the op commutes with them:
 
-* positively homogeneous activations (Relu, LeakyRelu, PRelu with a constant slope):
+* positively homogeneous activations (Relu, LeakyRelu, PRelu with a constant slope, Clip with
+  bounds 0 and +inf):
   f(a z) = a f(z) for a > 0, element-wise; these make the units *hidden* (``activated``);
 * copies and per-channel maps: Identity, Dropout (inference), max/average/Lp pools and their
   global forms (they act on each channel of an [N, C, ...] tensor separately), mean, sum, max,
@@ -128,6 +129,26 @@ def _activation(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step 
         # a constant slope is not rescaled: PRelu(a z, s) = a PRelu(z, s) for any fixed s
         return Refusal(f"feeds PRelu '{graph.names[i]}' whose slope is not a constant")
     return _same(graph, i, data, activated=True)
+
+
+def _clip(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Clip with bounds 0 and +inf is Relu (torch's clamp(min=0)); any finite bound other than
+    min = 0 breaks homogeneity (Relu6 = Clip(0, 6))."""
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    bounds = []
+    for slot, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        if len(node.input) > slot and node.input[slot]:
+            value = _constant(graph, node.input[slot])
+            bounds.append(None if value is None or value.size != 1 else float(value.ravel()[0]))
+        else:  # opset < 11 bounds are attributes
+            bounds.append(float(attr(node, name, default)))
+    low, high = bounds
+    if high == np.inf and low in (0.0, -np.inf):
+        return _same(graph, i, data, activated=low == 0.0)
+    return Refusal(f"feeds Clip '{graph.names[i]}', which is not positively homogeneous")
 
 
 def _copy(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -534,6 +555,7 @@ def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
 PASSTHROUGH_RULES: dict[str, Rule] = {
     **{op: _activation for op in ACTIVATIONS},
     **dict.fromkeys(("Identity", "Dropout"), _copy),
+    "Clip": _clip,
     **dict.fromkeys(
         (
             "MaxPool",
