@@ -16,8 +16,14 @@
    units and its columns the groups of the units its data input carries (FIXED where none).
 
 A unit's scale a multiplies the row and bias of its layer (or, with a BatchNormalization after
-the layer, that channel's BN scale and bias; see :mod:`.ops`) and divides every column that
-reads it. Only the main graph is analysed: If/Loop/Scan bodies are left alone and reported.
+the layer, that channel's BN scale and bias; see :mod:`.ops`), every stored constant its channel
+meets on the way (a per-channel bias added later, the mean and bias of a BatchNormalization it
+passes through: ``ModelUnits.edits``), and divides every column that reads it. Only the main
+graph is analysed: If/Loop/Scan bodies are left alone and reported.
+
+Requiring an activation on every path keeps to ALGORITHM.md §1 (hidden units of a ReLU
+network): a layer feeding another linear layer directly keeps its units at scale 1, although
+that rescaling would be exact too.
 """
 
 from __future__ import annotations
