@@ -783,3 +783,71 @@ def conv_add_bias() -> onnx.ModelProto:
     z = net.conv(h, CH, 6, "conv2", (1, 1), bias=False)
     h = net.relu(net.op("Add", [net.rand("b2", (6, 1, 1)), z], "add2"), "act2")
     return _finish(net, net.conv(h, 6, 3, "conv3", (1, 1)))
+
+
+def random_conv_net(seed: int) -> onnx.ModelProto:
+    """A random DAG of issue-5 patterns on 6x6 images: convs (grouped, with or without bias or
+    BN), activations or stops after them, pools, Concat, residual Add, Mul by constants,
+    Transpose round trips, side outputs; every tensor nothing reads ends in one Concat, then
+    GlobalAveragePool, Flatten, Gemm."""
+    net = ConvNet(f"random_conv_{seed}", seed=seed)
+    rng = np.random.default_rng(seed + 500)
+    tensors = [(net.input("x", [2, 3, 6, 6]), 3)]  # (name, channels)
+    unread = set()
+
+    def pick(channels: int | None = None, avoid: str = "") -> tuple[str, int]:
+        fits = [t for t in tensors if channels in (None, t[1])]
+        pool = [t for t in fits[-3:] if t[0] != avoid] or [t for t in fits if t[0] != avoid]
+        pool = pool or fits
+        chosen = pool[int(rng.integers(len(pool)))]
+        unread.discard(chosen[0])
+        return chosen
+
+    for k in range(int(rng.integers(4, 10))):
+        x, c = pick()
+        kind = rng.choice(["conv", "conv", "conv", "conv", "pool", "concat", "add", "add", "mul"])
+        kind = "transpose" if rng.integers(12) == 0 else kind
+        name = f"n{k}"
+        if kind == "conv":
+            out = int(rng.choice([c, c, 2, 4])) if c != 3 else int(rng.choice([2, 4]))
+            group = c if (out == c and rng.integers(3) == 0) else 1
+            kernel = int(rng.choice([1, 3]))
+            z = net.conv(
+                x, c, out, name, (kernel, kernel), group=group, bias=bool(rng.integers(2)),
+                pads=[kernel // 2] * 4,
+            )  # fmt: skip
+            if rng.integers(3) == 0:
+                z = net.bn(z, out, f"{name}_bn")
+            act = rng.choice(["relu", "relu", "relu", "leaky", "clip6", "none", "sigmoid"])
+            if act == "relu":
+                z = net.relu(z, f"{name}_act")
+            elif act == "leaky":
+                z = net.op("LeakyRelu", [z], f"{name}_act", alpha=0.1)
+            elif act == "clip6":
+                lo, hi = _floats(net, f"{name}_lo", 0.0), _floats(net, f"{name}_hi", 6.0)
+                z = net.op("Clip", [z, lo, hi], f"{name}_act")
+            elif act == "sigmoid":
+                z = net.op("Sigmoid", [z], f"{name}_act")
+            tensors.append((z, out))
+        elif kind == "pool":
+            op = str(rng.choice(["MaxPool", "AveragePool"]))
+            tensors.append((net.op(op, [x], name, kernel_shape=[3, 3], pads=[1] * 4), c))
+        elif kind == "concat":
+            y, d = pick()
+            tensors.append((net.op("Concat", [x, y], name, axis=1), c + d))
+        elif kind == "add":
+            y, _ = pick(c, avoid=x)
+            tensors.append((net.op("Add", [x, y], name), c))
+        elif kind == "mul":
+            scale = net.rand(f"{name}_k", (1, c, 1, 1))
+            tensors.append((net.op("Mul", [x, scale], name), c))
+        else:
+            t = net.op("Transpose", [x], f"{name}_t", perm=[0, 2, 3, 1])
+            tensors.append((net.op("Transpose", [t], name, perm=[0, 3, 1, 2]), c))
+        unread.add(tensors[-1][0])
+        if rng.integers(8) == 0:
+            net.output(tensors[-1][0])
+    ends = [t for t in tensors if t[0] in unread]
+    x = net.op("Concat", [t[0] for t in ends], "ends", axis=1) if len(ends) > 1 else ends[0][0]
+    h = net.op("Flatten", [net.op("GlobalAveragePool", [x], "gap")], "flat")
+    return _finish(net, net.gemm(h, sum(t[1] for t in ends), OUT, "fc"))

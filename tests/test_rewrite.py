@@ -344,3 +344,13 @@ def test_tensors_of_fixed_units_stay_bit_identical(name):
         assert not np.array_equal(
             numpy_helper.to_array(new[tensor]), numpy_helper.to_array(old[tensor])
         ), tensor
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_conv_nets_keep_their_function(seed):
+    model = om.random_conv_net(seed)
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units, seed=seed, spread=1.5))
+    inputs = feeds(model, seed)
+    assert max_error(run(model, inputs), run(balanced, inputs)) <= 5e-5
+    assert without(model, moving(units)) == without(balanced, moving(units))
