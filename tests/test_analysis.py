@@ -683,3 +683,37 @@ def test_clip_is_an_activation_only_with_bounds_0_and_infinity(bounds, moves):
         # no bounds: Clip is the identity, which leaves fc1 linear-to-linear
         reason = "not positively homogeneous" if bounds else "with no activation between"
         check(net.build(), {"fc1": (None, None), "fc2": (None, None)}, [("fc1", HID, reason)])
+
+
+def test_without_inferred_shapes_ranks_come_from_the_layers():
+    # a custom op hides every shape downstream: a conv's output rank is still known from its
+    # weight, so MaxPool and Split pass; Flatten needs H and W, so it stops
+    from onnx import helper
+
+    net = om.ConvNet("custom_op", seed=1)
+    x = net.input("x", [2, 2, 6, 6])
+    net.nodes.append(helper.make_node("Foo", [x], ["foo"], name="foo", domain="com.example"))
+    h = net.relu(net.conv("foo", 2, CH, "conv1", pads=[1] * 4), "act1")
+    h = net.op("MaxPool", [h], "pool", kernel_shape=[2, 2])
+    net.nodes.append(helper.make_node("Split", [h], ["s0", "s1"], name="split", axis=1))
+    h = net.relu(net.conv("s1", 2, CH, "conv2"), "act2")
+    y = net.gemm(net.op("Flatten", [h], "flat"), CH, om.OUT, "fc")
+    graph = helper.make_graph(
+        net.nodes,
+        "custom_op",
+        net.inputs,
+        [helper.make_tensor_value_info(name, 1, None) for name in (y, "s0")],
+        net.initializers,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    layers = {
+        "conv1": ([None, None, "conv1:2", "conv1:3"], fixed(2 * 9)),
+        "conv2": (fixed(CH), taps(["conv1:2", "conv1:3"], 9)),
+        "fc": (fixed(om.OUT), fixed(CH)),
+    }
+    skips = [
+        ("conv1", 2, "activation 's0' is a graph output"),
+        ("conv2", CH, "shape of 'act2_out' cannot be inferred"),
+    ]
+    check_units(model, layers, skips)

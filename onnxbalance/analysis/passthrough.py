@@ -61,10 +61,12 @@ class Carrier:
     units: np.ndarray
     activated: np.ndarray  # per entry: has it passed a positively homogeneous activation?
     axis: int
+    rank: int | None = None  # the tensor's rank when known without shape inference
 
-    def take(self, index: np.ndarray, axis: int | None = None) -> Carrier:
+    def take(self, index: np.ndarray, axis: int | None = None, rank: int | None = None) -> Carrier:
         axis = self.axis if axis is None else axis
-        return Carrier(self.units[index], self.activated[index], axis)
+        rank = self.rank if rank is None else rank
+        return Carrier(self.units[index], self.activated[index], axis, rank)
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ def _only_data(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Carrie
     return carried[0]
 
 
-def _rank(graph: GraphIndex, name: str) -> int | Refusal:
+def _rank(graph: GraphIndex, name: str, carrier: Carrier | None = None) -> int | Refusal:
     rank = graph.rank(name)
+    if rank is None and carrier is not None:
+        rank = carrier.rank
     if rank is None:
         return Refusal(f"shape of '{name}' cannot be inferred")
     return rank
@@ -105,7 +109,9 @@ def _rank(graph: GraphIndex, name: str) -> int | Refusal:
 def _same(graph: GraphIndex, i: int, carrier: Carrier, activated: bool = False) -> Step:
     out = graph.nodes[i].output[0]
     if activated:
-        carrier = Carrier(carrier.units, np.ones_like(carrier.activated), carrier.axis)
+        carrier = Carrier(
+            carrier.units, np.ones_like(carrier.activated), carrier.axis, carrier.rank
+        )
     return Step(outputs=((out, carrier),))
 
 
@@ -169,7 +175,7 @@ def _pool(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    rank = _rank(graph, graph.nodes[i].input[0])
+    rank = _rank(graph, graph.nodes[i].input[0], data)
     if isinstance(rank, Refusal):
         return rank
     if data.axis + rank != 1:
@@ -204,7 +210,7 @@ def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    rank = _rank(graph, node.input[0])
+    rank = _rank(graph, node.input[0], data)
     if isinstance(rank, Refusal):
         return rank
     if len(node.input) > 1 and node.input[1]:  # opset 13 (ReduceSum) / 18: axes as an input
@@ -224,7 +230,8 @@ def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if int(attr(node, "keepdims", 1)):
         return _same(graph, i, data)
     kept = k - sum(1 for a in axes if a < k)
-    moved = Carrier(data.units, data.activated, kept - (rank - len(axes)))
+    kept_rank = rank - len(axes)
+    moved = Carrier(data.units, data.activated, kept - kept_rank, kept_rank)
     return Step(outputs=((node.output[0], moved),))
 
 
@@ -233,7 +240,7 @@ def _pad(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refus
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    rank = _rank(graph, node.input[0])
+    rank = _rank(graph, node.input[0], data)
     if isinstance(rank, Refusal):
         return rank
     mode = attr(node, "mode", b"constant")
@@ -313,12 +320,13 @@ def _transpose(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
         return data
     perm = attr(node, "perm", None)
     if perm is None:
-        rank = _rank(graph, node.input[0])
+        rank = _rank(graph, node.input[0], data)
         if isinstance(rank, Refusal):
             return rank
         perm = list(reversed(range(rank)))
     rank = len(perm)
-    moved = Carrier(data.units, data.activated, list(perm).index(data.axis + rank) - rank)
+    axis = list(perm).index(data.axis + rank) - rank
+    moved = Carrier(data.units, data.activated, axis, rank)
     return Step(outputs=((node.output[0], moved),))
 
 
@@ -380,17 +388,17 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
             return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
         return Refusal(f"feeds {_name(graph, i)}, which spreads the unit axis over several axes")
     axis, index = mapped
-    return Step(outputs=((node.output[0], data.take(index, axis)),))
+    return Step(outputs=((node.output[0], data.take(index, axis, len(after))),))
 
 
 def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     node = graph.nodes[i]
-    rank = _rank(graph, node.output[0])
+    first = next(iter(carried.values()))
+    rank = _rank(graph, node.output[0], first)
     if isinstance(rank, Refusal):
         return rank
     axis = int(attr(node, "axis", 0))
     axis = axis - rank if axis >= 0 else axis
-    first = next(iter(carried.values()))
     if any(c.axis != first.axis for c in carried.values()):
         return Refusal(f"feeds {_name(graph, i)} with units on different axes")
     if axis != first.axis:
@@ -406,7 +414,7 @@ def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
             return Refusal(f"shape of '{name}' cannot be inferred")
         units.append(np.full(dims[axis], -1, dtype=np.int64))
         activated.append(np.ones(dims[axis], dtype=bool))
-    out = Carrier(np.concatenate(units), np.concatenate(activated), axis)
+    out = Carrier(np.concatenate(units), np.concatenate(activated), axis, rank)
     return Step(outputs=((node.output[0], out),))
 
 
@@ -415,7 +423,7 @@ def _split(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    rank = _rank(graph, node.input[0])
+    rank = _rank(graph, node.input[0], data)
     if isinstance(rank, Refusal):
         return rank
     axis = int(attr(node, "axis", 0))
@@ -423,18 +431,34 @@ def _split(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     outputs = [out for out in node.output if out]
     if axis != data.axis:
         return Step(outputs=tuple((out, data) for out in outputs))
-    start, pieces = 0, []
-    for out in node.output:
-        dims = graph.dims(out) if out else None
-        if dims is None or len(dims) != rank or dims[axis] is None:
-            return Refusal(f"shape of '{out}' cannot be inferred")
-        stop = start + dims[axis]
-        if out:
-            pieces.append((out, data.take(np.arange(start, stop))))
-        start = stop
-    if start != len(data.units):
+    sizes = _split_sizes(graph, i, len(data.units))
+    if sizes is None or sum(sizes) != len(data.units):
         return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+    start, pieces = 0, []
+    for out, size in zip(node.output, sizes, strict=True):
+        if out:
+            pieces.append((out, data.take(np.arange(start, start + size))))
+        start += size
     return Step(outputs=tuple(pieces))
+
+
+def _split_sizes(graph: GraphIndex, i: int, total: int) -> list[int] | None:
+    """The parts' sizes along the split axis: inferred, or from the split input (opset >= 13),
+    the split attribute (older opsets), or equal parts (the last one smaller, opset 18)."""
+    node = graph.nodes[i]
+    axis = int(attr(node, "axis", 0))
+    inferred = [graph.dims(out) for out in node.output]
+    if all(d is not None and len(d) > axis % len(d) and d[axis] is not None for d in inferred):
+        return [int(d[axis]) for d in inferred]
+    if len(node.input) > 1 and node.input[1]:
+        sizes = _constant(graph, node.input[1])
+        return None if sizes is None else [int(v) for v in np.ravel(sizes)]
+    sizes = attr(node, "split", None)
+    if sizes is not None:
+        return [int(v) for v in sizes]
+    n = len(node.output)
+    step = -(-total // n)
+    return [max(0, min(step, total - k * step)) for k in range(n)]
 
 
 def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -442,7 +466,7 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    rank = _rank(graph, node.input[0])
+    rank = _rank(graph, node.input[0], data)
     if isinstance(rank, Refusal):
         return rank
     if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps are inputs
@@ -497,7 +521,7 @@ def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
             reason = f"merged by {_name(graph, i)} with '{name}', which cannot be rescaled"
             fixes.extend((c.units, reason) for c in carried.values())
     activated = np.logical_and.reduce([c.activated for c in carried.values()])
-    out = Carrier(first.units, activated, first.axis)
+    out = Carrier(first.units, activated, first.axis, first.rank)
     return Step(
         outputs=((node.output[0], out),), ties=(tuple(carried.values()),), fixes=tuple(fixes)
     )
@@ -531,7 +555,7 @@ def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    rank = _rank(graph, node.input[0])
+    rank = _rank(graph, node.input[0], data)
     if isinstance(rank, Refusal):
         return rank
     refusal = Refusal(f"feeds BatchNormalization '{name}' whose parameters cannot be rescaled")

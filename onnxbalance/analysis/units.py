@@ -179,7 +179,11 @@ def _propagate(
             if layer.rows_refusal is not None:
                 state.fix(units, layer.rows_refusal)
             else:
-                carry(layer.output, Carrier(units, np.zeros(len(units), bool), layer.out_axis))
+                rank = graph.rank(layer.output)
+                if layer.kind != "dense" or graph.nodes[i].op_type == "Gemm":
+                    rank = 1 - layer.out_axis if layer.kind != "dense" else 2
+                activated = np.zeros(len(units), bool)
+                carry(layer.output, Carrier(units, activated, layer.out_axis, rank))
             continue
         if not carried:
             continue
