@@ -558,8 +558,10 @@ def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
     rank = _rank(graph, node.input[0], data)
     if isinstance(rank, Refusal):
         return rank
+    if data.axis + rank != 1:
+        return Refusal(f"feeds BatchNormalization '{name}', which normalises another axis")
     refusal = Refusal(f"feeds BatchNormalization '{name}' whose parameters cannot be rescaled")
-    if data.axis + rank != 1 or len(node.input) != 5 or any(node.output[1:]):
+    if len(node.input) != 5 or any(node.output[1:]):
         return refusal
     if int(attr(node, "training_mode", 0)) or not int(attr(node, "spatial", 1)):
         return refusal
