@@ -224,9 +224,10 @@ def _bias(graph: GraphIndex, name: str, n_rows: int) -> tuple[tuple[int, ...], s
 
 
 def attr(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
+    """An attribute's value, or ``default`` (the ONNX spec's) when the node leaves it out."""
+    for proto in node.attribute:
+        if proto.name == name:
+            return onnx.helper.get_attribute_value(proto)
     return default
 
 
