@@ -106,6 +106,19 @@ def _rank(graph: GraphIndex, name: str, carrier: Carrier | None = None) -> int |
     return rank
 
 
+def _data_with_rank(
+    graph: GraphIndex, i: int, carried: dict[int, Carrier]
+) -> tuple[Carrier, int] | Refusal:
+    """The carrier of input 0 and that input's rank, or why the node cannot pass units on."""
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    rank = _rank(graph, graph.nodes[i].input[0], data)
+    if isinstance(rank, Refusal):
+        return rank
+    return data, rank
+
+
 def _same(graph: GraphIndex, i: int, carrier: Carrier, activated: bool = False) -> Step:
     out = graph.nodes[i].output[0]
     if activated:
@@ -172,12 +185,10 @@ def _copy(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
 
 def _pool(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Pools act on each channel (axis 1) separately: the units must be on axis 1."""
-    data = _only_data(graph, i, carried)
-    if isinstance(data, Refusal):
-        return data
-    rank = _rank(graph, graph.nodes[i].input[0], data)
-    if isinstance(rank, Refusal):
-        return rank
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
     if data.axis + rank != 1:
         return Refusal(f"feeds {_name(graph, i)}, which pools over the unit axis")
     return _same(graph, i, data)
@@ -207,12 +218,10 @@ REDUCTIONS = frozenset(
 def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Positively homogeneous reductions over axes other than the unit axis (a spatial mean)."""
     node = graph.nodes[i]
-    data = _only_data(graph, i, carried)
-    if isinstance(data, Refusal):
-        return data
-    rank = _rank(graph, node.input[0], data)
-    if isinstance(rank, Refusal):
-        return rank
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
     if len(node.input) > 1 and node.input[1]:  # opset 13 (ReduceSum) / 18: axes as an input
         axes = _constant(graph, node.input[1])
         if axes is None:
@@ -237,12 +246,10 @@ def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
 
 def _pad(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     node = graph.nodes[i]
-    data = _only_data(graph, i, carried)
-    if isinstance(data, Refusal):
-        return data
-    rank = _rank(graph, node.input[0], data)
-    if isinstance(rank, Refusal):
-        return rank
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
     mode = attr(node, "mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode not in ("constant", "edge", "reflect", "wrap"):
@@ -420,12 +427,10 @@ def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
 
 def _split(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     node = graph.nodes[i]
-    data = _only_data(graph, i, carried)
-    if isinstance(data, Refusal):
-        return data
-    rank = _rank(graph, node.input[0], data)
-    if isinstance(rank, Refusal):
-        return rank
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
     axis = int(attr(node, "axis", 0))
     axis = axis - rank if axis >= 0 else axis
     outputs = [out for out in node.output if out]
@@ -463,12 +468,10 @@ def _split_sizes(graph: GraphIndex, i: int, total: int) -> list[int] | None:
 
 def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     node = graph.nodes[i]
-    data = _only_data(graph, i, carried)
-    if isinstance(data, Refusal):
-        return data
-    rank = _rank(graph, node.input[0], data)
-    if isinstance(rank, Refusal):
-        return rank
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
     if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps are inputs
         values = [_constant(graph, n) if n else None for n in node.input[1:5]]
         if any(v is None for v, n in zip(values, node.input[1:5], strict=False) if n):
@@ -552,12 +555,10 @@ def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
     """A BatchNormalization not absorbed into a layer (pre-activation, after a Relu, after a
     merge): gamma (a x - a mean) / s + a beta = a BN(x), so mean and bias scale with the units."""
     node, name = graph.nodes[i], graph.names[i]
-    data = _only_data(graph, i, carried)
-    if isinstance(data, Refusal):
-        return data
-    rank = _rank(graph, node.input[0], data)
-    if isinstance(rank, Refusal):
-        return rank
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
     if data.axis + rank != 1:
         return Refusal(f"feeds BatchNormalization '{name}', which normalises another axis")
     refusal = Refusal(f"feeds BatchNormalization '{name}' whose parameters cannot be rescaled")
