@@ -24,12 +24,13 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
 from onnxbalance import memory, tensors
-from onnxbalance.unitgraph import FIXED, LinearUnits, ModelUnits, Skip, TensorEdit
+from onnxbalance.unitgraph import FIXED, ModelUnits, Skip, TensorEdit
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,8 @@ def overflowing_groups(
     """
     u = np.asarray(log_scales, dtype=np.float64)
     by_tensor: dict[str, list[TensorEdit]] = defaultdict(list)
-    for layer in units.layers:
-        for edit in layer.edits:
-            by_tensor[edit.tensor].append(edit)
+    for edit in [e for layer in units.layers for e in layer.edits] + list(units.edits):
+        by_tensor[edit.tensor].append(edit)
     stored = stored_tensors(model)
     reasons: dict[int, str] = {}
     for name, edits in by_tensor.items():
@@ -180,23 +180,23 @@ def pin_groups(units: ModelUnits, reasons: Mapping[int, str]) -> ModelUnits:
     keep = [g for g in range(units.n_groups) if g not in reasons]
     mapping = np.full(units.n_groups, FIXED, dtype=np.int64)
     mapping[keep] = np.arange(len(keep))
+
+    def renumbered(edits):
+        return tuple(
+            replace(
+                e,
+                row_groups=_renumber(e.row_groups, mapping),
+                col_groups=_renumber(e.col_groups, mapping),
+            )
+            for e in edits
+        )
+
     layers = []
     for layer in units.layers:
-        edits = tuple(
-            TensorEdit(
-                tensor=e.tensor,
-                row_axis=e.row_axis,
-                row_groups=_renumber(e.row_groups, mapping),
-                col_axis=e.col_axis,
-                col_groups=_renumber(e.col_groups, mapping),
-                expand_to=e.expand_to,
-            )
-            for e in layer.edits
-        )
+        edits = renumbered(layer.edits)
         layers.append(
-            LinearUnits(
-                name=layer.name,
-                weight=layer.weight,
+            replace(
+                layer,
                 row_groups=_renumber(layer.row_groups, mapping),
                 col_groups=_renumber(layer.col_groups, mapping),
                 edits=edits,
@@ -209,4 +209,7 @@ def pin_groups(units: ModelUnits, reasons: Mapping[int, str]) -> ModelUnits:
         Skip(node=node, count=count, reason=reason) for (node, reason), count in counts.items()
     )
     names = tuple(units.group_names[g] for g in keep)
-    return ModelUnits(layers=tuple(layers), group_names=names, skipped=skipped)
+    return replace(
+        units, layers=tuple(layers), group_names=names, skipped=skipped,
+        edits=renumbered(units.edits),
+    )  # fmt: skip

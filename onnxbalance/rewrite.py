@@ -99,10 +99,9 @@ def checked_scales(units: ModelUnits, log_scales: Sequence[float]) -> np.ndarray
 def tensor_edits(units: ModelUnits) -> dict[str, list[TensorEdit]]:
     """The edits that move something, by the name of the tensor they change."""
     edits: dict[str, list[TensorEdit]] = {}
-    for layer in units.layers:
-        for edit in layer.edits:
-            if _moves(edit):
-                edits.setdefault(edit.tensor, []).append(edit)
+    for edit in [e for layer in units.layers for e in layer.edits] + list(units.edits):
+        if _moves(edit):
+            edits.setdefault(edit.tensor, []).append(edit)
     return edits
 
 
