@@ -296,3 +296,22 @@ def test_streamed_weights_are_verified_too(dirs, monkeypatch):
     code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
     assert code == 3 and out == "" and "differs" in err
     assert os.listdir(out_dir) == ["r.json"]
+
+
+def test_api_and_check_on_external_data(dirs):
+    """balance(path) returns a model that stands alone; --check reads external data lazily."""
+    import onnxbalance
+
+    src_dir, _ = dirs
+    src = save(mlp(seed=11), src_dir / "m.onnx", external=True)
+    before = snapshot(src_dir)
+    balanced, report = onnxbalance.balance(src)
+    assert report.verify.passed and not tensors.external_names(balanced)
+    session = ort.InferenceSession(balanced.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((7, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        session.run(None, {"x": x})[0], ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+    code, out, err = run(src, "--check", "-q")
+    assert code == 1 and err == ""  # not balanced
+    assert snapshot(src_dir) == before
