@@ -61,3 +61,16 @@ def test_abs_power_of_huge_values_is_inf_without_warning():
         warnings.simplefilter("error")
         result = memory.abs_power(np.array([[1e200, 2.0]]), 2.0)
     assert result.tolist() == [[np.inf, 4.0]]
+
+
+def test_populated_arrays_are_ordinary_and_never_released(monkeypatch):
+    monkeypatch.setattr(memory, "POPULATE_BYTES", 0)
+    weight = np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32)
+    result = memory.abs_power(weight, 2.0)
+    np.testing.assert_array_equal(result, weight.astype(np.float64) ** 2)
+    assert result.flags.writeable and result.dtype == np.float64
+    memory.release(result)  # a writable anonymous map: must not be dropped (it would read 0)
+    np.testing.assert_array_equal(result, weight.astype(np.float64) ** 2)
+    copy = memory.empty_float64((3, 5))
+    copy[...] = 7.0
+    assert copy.sum() == 105.0
