@@ -1,0 +1,451 @@
+"""Does balancing before per-tensor int8 quantization rescue badly scaled equivalent networks?
+
+Trained models from bundled data (scikit-learn digits and breast_cancer MLPs, a small torch CNN
+on the 8x8 digits images), each as trained and as equivalent variants whose hidden units are
+rescaled by seeded factors a_h = 10^U(-s, s) (W_in[h, :] * a_h, b[h] * a_h, W_out[:, h] / a_h:
+the same function, ALGORITHM.md §1). Every model is quantized with onnxruntime's static QDQ,
+per-tensor, int8 quantization (MinMax calibration on the training split) as is, and after
+``onnxbalance.balance`` for several (p, q). Accuracy is measured on the test split.
+
+    PYTHONPATH=. python benchmarks/quantization.py [--verbose] [--csv F] [--png F]
+
+Prints a table, writes docs/quantization.csv and docs/quantization.png. A few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from onnxbalance.weightstats import LayerStats, format_stats_table, layer_stats
+
+PQ = ((1.0, 1.0), (2.0, 2.0), (1.0, 2.0), (2.0, 1.0), (3.0, 2.0))
+SPREADS = (0.0, 1.0, 2.0)  # per-unit factors 10^U(-s, s); s = 0 is the model as trained
+SEED = 0
+PENDING_CONV = "n/a: conv support pending"
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """One hidden layer's units, where they appear in the stored tensors.
+
+    ``in_weight`` has the units along ``in_axis`` (their incoming weights), ``bias`` is their
+    bias (units along its last axis), ``out_weight`` has them along ``out_axis`` with ``repeat``
+    consecutive entries per unit (a Flatten after a conv spreads one channel over H*W columns).
+    """
+
+    in_weight: str
+    in_axis: int
+    bias: str
+    out_weight: str
+    out_axis: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    model: onnx.ModelProto
+    hidden: tuple[Rescale, ...]
+    x_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    output: str  # class scores or probabilities, argmax = prediction
+    conv: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=0.3, random_state=SEED, stratify=y)
+
+
+def _sklearn_mlp(name: str, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...]) -> Task:
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPClassifier
+
+    x_train, x_test, y_train, y_test = _split(x.astype(np.float32), y)
+    clf = MLPClassifier(hidden, max_iter=500, random_state=SEED).fit(x_train, y_train)
+    # zipmap=False keeps the probabilities a plain tensor (no ZipMap / sequence-of-maps output)
+    model = to_onnx(clf, x_train[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
+    # skl2onnx names the MatMul weights coefficient, coefficient1, ... (input, output)
+    suffix = [""] + [str(k) for k in range(1, len(hidden) + 1)]
+    layers = tuple(
+        Rescale(
+            f"coefficient{suffix[k]}", 1, f"intercepts{suffix[k]}", f"coefficient{suffix[k + 1]}", 0
+        )
+        for k in range(len(hidden))
+    )
+    return Task(name, model, layers, x_train, x_test, y_test, "probabilities")
+
+
+def digits_mlp() -> Task:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return _sklearn_mlp("digits MLP 64-128-64-10", x / 16.0, y, (128, 64))
+
+
+def breast_cancer_mlp() -> Task:
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    # standardise with the training statistics only (same split as _split)
+    x_train, _, _, _ = _split(x, y)
+    x = (x - x_train.mean(0)) / x_train.std(0)
+    return _sklearn_mlp("breast_cancer MLP 30-64-32-2", x, y, (64, 32))
+
+
+def digits_cnn() -> Task:
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    torch.manual_seed(SEED)
+    torch.set_num_threads(1)
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    x_train, x_test, y_train, y_test = _split(x, y)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
+    for _ in range(30):
+        perm = torch.randperm(len(xt))
+        for start in range(0, len(xt), 64):
+            idx = perm[start : start + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+            opt.step()
+    net.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cnn.onnx")
+        torch.onnx.export(
+            net,
+            (torch.from_numpy(x_train[:1]),),
+            path,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+        model = onnx.load(path)
+    hidden = (
+        Rescale("0.weight", 0, "0.bias", "3.weight", 1),
+        Rescale("3.weight", 0, "3.bias", "6.weight", 1, repeat=4 * 4),
+    )
+    return Task("digits CNN c16-c32-fc10", model, hidden, x_train, x_test, y_test, "logits", True)
+
+
+# --------------------------------------------------------------------------------------------
+# equivalent variants, quantization, accuracy
+
+
+def rescale_units(model: onnx.ModelProto, hidden: tuple[Rescale, ...], spread: float, seed: int):
+    """An equivalent model whose hidden units are scaled by 10^U(-spread, spread)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    arrays = {name: numpy_helper.to_array(t).astype(np.float64) for name, t in inits.items()}
+    rng = np.random.default_rng(seed)
+    for layer in hidden:
+        n = arrays[layer.bias].shape[-1]
+        factors = 10.0 ** rng.uniform(-spread, spread, size=n)
+        shape = [1] * arrays[layer.in_weight].ndim
+        shape[layer.in_axis] = n
+        arrays[layer.in_weight] = arrays[layer.in_weight] * factors.reshape(shape)
+        arrays[layer.bias] = arrays[layer.bias] * factors
+        shape = [1] * arrays[layer.out_weight].ndim
+        shape[layer.out_axis] = n * layer.repeat
+        arrays[layer.out_weight] = arrays[layer.out_weight] / np.repeat(
+            factors, layer.repeat
+        ).reshape(shape)
+    for layer in hidden:
+        for name in (layer.in_weight, layer.bias, layer.out_weight):
+            dtype = numpy_helper.to_array(inits[name]).dtype
+            inits[name].CopyFrom(numpy_helper.from_array(arrays[name].astype(dtype), name))
+    return out
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def scores(model: onnx.ModelProto, task: Task) -> np.ndarray:
+    sess = _session(model)
+    return sess.run([task.output], {sess.get_inputs()[0].name: task.x_test})[0]
+
+
+def accuracy(model: onnx.ModelProto, task: Task) -> float:
+    return float(np.mean(np.argmax(scores(model, task), axis=1) == task.y_test))
+
+
+def check_equivalent(reference: onnx.ModelProto, model: onnx.ModelProto, task: Task, what: str):
+    """Fail loudly if a model meant to be equivalent computes something else in float32."""
+    ref, out = scores(reference, task), scores(model, task)
+    diff = float(np.max(np.abs(out - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
+    if diff > 1e-3 or not np.array_equal(np.argmax(ref, 1), np.argmax(out, 1)):
+        raise RuntimeError(f"{task.name}: {what} is not equivalent (relative diff {diff:.2e})")
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 128) -> None:
+        self._items = iter([{input_name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._items, None)
+
+
+def quantize(model: onnx.ModelProto, task: Task) -> onnx.ModelProto:
+    """Static QDQ per-tensor int8 (activations and weights), MinMax on the training split.
+
+    The recommended onnxruntime flow: ``quant_pre_process`` (shape inference, graph
+    optimisation), then ``quantize_static``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre = os.path.join(tmp, "f32.onnx"), os.path.join(tmp, "pre.onnx")
+        dst = os.path.join(tmp, "int8.onnx")
+        onnx.save(model, src)
+        quant_pre_process(src, pre)
+        quantize_static(
+            pre,
+            dst,
+            _Batches(model.graph.input[0].name, task.x_train),
+            quant_format=QuantFormat.QDQ,
+            per_channel=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        return onnx.load(dst)
+
+
+# --------------------------------------------------------------------------------------------
+# balancing (onnxbalance) and per-layer statistics
+
+
+def _balancer() -> Callable | None:
+    try:
+        from onnxbalance.api import balance
+    except ImportError:
+        return None
+    return balance
+
+
+def weight_stats(model: onnx.ModelProto) -> list[LayerStats] | None:
+    """Per-layer statistics of every linear layer onnxbalance's analysis finds (rows = units)."""
+    try:
+        from onnxbalance.analysis import analyse
+    except ImportError:
+        return None
+    return [layer_stats(layer.name, layer.weight) for layer in analyse(model).layers]
+
+
+def _balance_or_reason(balance: Callable | None, model: onnx.ModelProto, task: Task, p, q):
+    if balance is None:
+        return None, "n/a: onnxbalance.api not available"
+    try:
+        balanced, _ = balance(model, p=p, q=q, inputs={model.graph.input[0].name: task.x_test[:64]})
+    except Exception as exc:  # noqa: BLE001 - a benchmark row records why, it does not stop the run
+        if task.conv:
+            return None, PENDING_CONV
+        return None, f"n/a: {type(exc).__name__}: {exc}"
+    return balanced, ""
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def run(tasks: list[Task], pqs, spreads, verbose: bool) -> list[dict]:
+    balance = _balancer()
+    rows = []
+    for task in tasks:
+        for spread in spreads:
+            t0 = time.perf_counter()
+            model = task.model
+            if spread:
+                model = rescale_units(task.model, task.hidden, spread, SEED)
+                check_equivalent(task.model, model, task, f"the 10^±{spread:g} variant")
+            row: dict = {
+                "model": task.name,
+                "variant": "as trained" if spread == 0 else f"10^±{spread:g}",
+                "float32": accuracy(model, task),
+                "int8": accuracy(quantize(model, task), task),
+            }
+            before = weight_stats(model) if verbose else None
+            for p, q in pqs:
+                key = f"int8 balanced p={p:g} q={q:g}"
+                balanced, reason = _balance_or_reason(balance, model, task, p, q)
+                if balanced is None:
+                    row[key] = reason
+                    continue
+                check_equivalent(model, balanced, task, f"the balanced (p={p:g}, q={q:g}) model")
+                row[key] = accuracy(quantize(balanced, task), task)
+                if verbose and before is not None and (p, q) == (2.0, 2.0):
+                    after = weight_stats(balanced)
+                    print(
+                        f"\n{task.name}, {row['variant']}: per-layer weights, before | after p=q=2"
+                    )
+                    print(format_stats_table(before, after))
+            if verbose and before is not None and balance is None:
+                print(f"\n{task.name}, {row['variant']}: per-layer weights")
+                print(format_stats_table(before))
+            rows.append(row)
+            print(
+                f"  {task.name:<30} {row['variant']:<11} done in {time.perf_counter() - t0:5.1f} s",
+                file=sys.stderr,
+            )
+    return rows
+
+
+def _fmt(value) -> str:
+    return f"{100 * value:5.1f}" if isinstance(value, float) else str(value)
+
+
+def print_table(rows: list[dict], pqs) -> None:
+    keys = ["float32", "int8"] + [f"int8 balanced p={p:g} q={q:g}" for p, q in pqs]
+    heads = ["float32", "int8"] + [f"bal({p:g},{q:g})" for p, q in pqs]
+    print(f"\n{'model':<30} {'variant':<11} " + " ".join(f"{h:>10}" for h in heads))
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row.get(k, "")
+            cells.append(f"{_fmt(v):>10}" if isinstance(v, float) else f"{'n/a':>10}")
+        print(f"{row['model']:<30} {row['variant']:<11} " + " ".join(cells))
+    notes = {
+        v for row in rows for k, v in row.items() if isinstance(v, str) and v.startswith("n/a")
+    }
+    for note in sorted(notes):
+        print(f"  {note}")
+    print("accuracy on the test split, %; int8 = onnxruntime quantize_static QDQ per-tensor")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+
+
+def _tick(variant: str) -> str:
+    if variant.startswith("10^±"):
+        s = variant[4:]
+        return f"units $\\times\\,10^{{U(-{s},{s})}}$"
+    return variant
+
+
+def write_png(rows: list[dict], pqs, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    series = [("float32", "float32", "0.25")] + [("int8", "int8, not balanced", "tab:red")]
+    colors = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan", "tab:olive"]
+    series += [
+        (f"int8 balanced p={p:g} q={q:g}", f"int8, balanced p={p:g} q={q:g}", colors[i % 6])
+        for i, (p, q) in enumerate(pqs)
+    ]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.6), sharey=True)
+    axes = np.atleast_1d(axes)
+    width = 0.8 / len(series)
+    for ax, name in zip(axes, models, strict=True):
+        mrows = [row for row in rows if row["model"] == name]
+        x = np.arange(len(mrows))
+        for j, (key, label, color) in enumerate(series):
+            vals = [row.get(key) for row in mrows]
+            heights = [100 * v if isinstance(v, float) else 0.0 for v in vals]
+            bars = ax.bar(
+                x + (j - (len(series) - 1) / 2) * width, heights, width, color=color, label=label
+            )
+            for bar, v in zip(bars, vals, strict=True):
+                if not isinstance(v, float):
+                    ax.text(bar.get_x() + width / 2, 2, "n/a", rotation=90, ha="center", fontsize=7)
+        ax.set_xticks(x, [_tick(row["variant"]) for row in mrows])
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8, frameon=False)
+    fig.suptitle(
+        "Per-tensor int8 (onnxruntime QDQ) of equivalent networks, without and with onnxbalance",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # quantize_static warns on the root logger for every model; keep the output a table
+    logging.getLogger().setLevel(logging.ERROR)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", type=Path, default=Path("docs/quantization.csv"))
+    parser.add_argument("--png", type=Path, default=Path("docs/quantization.png"))
+    parser.add_argument("--verbose", action="store_true", help="per-layer weight statistics")
+    parser.add_argument("--quick", action="store_true", help="only p = q = 2, digits MLP")
+    args = parser.parse_args(argv)
+    builders = [digits_mlp] if args.quick else [digits_mlp, breast_cancer_mlp, digits_cnn]
+    pqs = ((2.0, 2.0),) if args.quick else PQ
+    t0 = time.perf_counter()
+    tasks = [build() for build in builders]
+    print(f"trained {len(tasks)} models in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    rows = run(tasks, pqs, SPREADS, args.verbose)
+    print_table(rows, pqs)
+    write_csv(rows, args.csv)
+    write_png(rows, pqs, args.png)
+    print(f"wrote {args.csv} and {args.png} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
