@@ -1,4 +1,6 @@
-"""The errors a user can cause. Each is caught once, in the CLI, and becomes one line and an exit code.
+"""The errors a user can cause.
+
+Each is caught once, in the CLI, and becomes one line on stderr and an exit code.
 
 Internal bugs are not dressed up as these: they stay ordinary exceptions.
 """
@@ -13,7 +15,7 @@ class OnnxBalanceError(Exception):
 
 
 class InputError(OnnxBalanceError):
-    """The input cannot be read or used: missing, not ONNX, truncated, invalid, bad option values."""
+    """The input cannot be read or used: missing, not ONNX, truncated, invalid, bad options."""
 
 
 class UnsupportedModelError(OnnxBalanceError):

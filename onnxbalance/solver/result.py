@@ -1,4 +1,7 @@
-"""The record every solver returns. Not converging is data (``converged``, ``message``), not an error."""
+"""The record every solver returns.
+
+Not converging is data (``converged``, ``message``), not an error.
+"""
 
 from __future__ import annotations
 

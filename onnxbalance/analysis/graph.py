@@ -1,0 +1,141 @@
+"""A read-only index over the main graph of an ONNX model.
+
+Answers the questions every matching rule asks: who produces a tensor, who reads it (including
+implicit reads from inside If/Loop/Scan bodies, which name outer tensors without listing them as
+inputs), whether it is a constant (an initializer or the ``value`` of a Constant node), whether
+such a constant can be overridden at run time (an initializer that is also a graph input), and
+how many node inputs use it. Tensor data is read only on request and cached; shapes and dtypes
+come from the protos without touching (possibly external) data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+    }
+)
+
+
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    """The node's name, or a stable stand-in for unnamed nodes."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+def dtype_name(elem_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(elem_type)
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads but does not define itself: its implicit outer-scope inputs."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(name for name in node.input if name)
+        for sub in subgraphs(node):
+            used |= outer_names(sub)
+        defined.update(node.output)
+    used.update(v.name for v in graph.output)
+    return used - defined
+
+
+class GraphIndex:
+    """Producers, consumers and constants of one (main) graph. Never mutates the graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.nodes = list(graph.node)
+        self.names = [node_name(node, i) for i, node in enumerate(self.nodes)]
+        self.graph_inputs = frozenset(v.name for v in graph.input)
+        self.graph_outputs = frozenset(v.name for v in graph.output)
+        self.producer: dict[str, int] = {}
+        # (node index, input slot); slot -1 marks a read from inside the node's subgraphs
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        self.with_subgraphs: list[int] = []
+        self._initializers = {t.name: t for t in graph.initializer}
+        self.sparse = frozenset(t.values.name for t in graph.sparse_initializer)
+        self._constant_nodes: dict[str, onnx.NodeProto] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        for i, node in enumerate(self.nodes):
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((i, slot))
+            implicit: set[str] = set()
+            for sub in subgraphs(node):
+                implicit |= outer_names(sub)
+            if any(True for _ in subgraphs(node)):
+                self.with_subgraphs.append(i)
+            for name in sorted(implicit):
+                self.consumers.setdefault(name, []).append((i, -1))
+            for name in node.output:
+                if name:
+                    self.producer[name] = i
+            if node.op_type == "Constant" and node.output:
+                self._constant_nodes[node.output[0]] = node
+
+    def uses(self, name: str) -> list[tuple[int, int]]:
+        return self.consumers.get(name, [])
+
+    def n_uses(self, name: str) -> int:
+        """Node inputs reading ``name`` (a node reading it twice counts twice)."""
+        return len(self.uses(name))
+
+    def is_constant(self, name: str) -> bool:
+        return name in self._initializers or name in self._constant_nodes
+
+    def tensor_proto(self, name: str) -> onnx.TensorProto | None:
+        """The stored tensor behind a constant: an initializer or a Constant node's ``value``."""
+        if name in self._initializers:
+            return self._initializers[name]
+        node = self._constant_nodes.get(name)
+        if node is None:
+            return None
+        for attr in node.attribute:
+            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                return attr.t
+        return None
+
+    def is_overridable(self, name: str) -> bool:
+        """An initializer that is also a graph input: its stored value is only a default."""
+        return name in self._initializers and name in self.graph_inputs
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        proto = self.tensor_proto(name)
+        return None if proto is None else tuple(int(d) for d in proto.dims)
+
+    def elem_type(self, name: str) -> int | None:
+        proto = self.tensor_proto(name)
+        return None if proto is None else proto.data_type
+
+    def array(self, name: str) -> np.ndarray:
+        """The constant's value (read once, cached). Raises KeyError for non-constants."""
+        if name not in self._arrays:
+            proto = self.tensor_proto(name)
+            if proto is None:
+                raise KeyError(name)
+            array = numpy_helper.to_array(proto)
+            array.setflags(write=False)  # handed out as views (layer weights): keep it intact
+            self._arrays[name] = array
+        return self._arrays[name]
+
+    def producer_of(self, name: str) -> onnx.NodeProto | None:
+        i = self.producer.get(name)
+        return None if i is None else self.nodes[i]

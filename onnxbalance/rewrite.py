@@ -1,0 +1,186 @@
+"""Apply log-scales to the stored tensors of a model: nothing but the edited tensors changes.
+
+Each :class:`~onnxbalance.unitgraph.TensorEdit` multiplies a tensor by ``exp(u[row_groups])``
+along its row axis and by ``exp(-u[col_groups])`` along its column axis (u = 0 for FIXED), i.e.
+``W[o, i] <- W[o, i] * a_o / a_i`` and ``b[o] <- b[o] * a_o``. Several edits of one tensor
+compose multiplicatively. The arithmetic is done in float64 and the result cast back to the
+tensor's own dtype; a broadcast bias is first expanded to ``expand_to``.
+
+The new model shares no message with the input: every proto field is copied once, except the
+edited tensors, which are rebuilt from their new values (keeping name, doc string and metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import UnsupportedModelError
+from .unitgraph import FIXED, ModelUnits, TensorEdit
+
+log = logging.getLogger(__name__)
+
+_DATA_FIELDS = (
+    "raw_data",
+    "float_data",
+    "double_data",
+    "int32_data",
+    "int64_data",
+    "uint64_data",
+    "string_data",
+    "external_data",
+)
+
+
+def rewrite(
+    model: onnx.ModelProto, units: ModelUnits, log_scales: Sequence[float]
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights and biases are rescaled by ``exp(log_scales)``.
+
+    Args:
+        model: the original model (not modified).
+        units: what :func:`onnxbalance.analysis.analyse` found in it.
+        log_scales: one log-scale per scale group of ``units``.
+
+    Returns:
+        The new model; only the tensors named by the edits differ, in their own dtype and shape
+        (a broadcast bias may be expanded to one entry per unit).
+
+    Raises:
+        ValueError: ``log_scales`` does not have one finite entry per group, or an edit names a
+            tensor the model does not store.
+        UnsupportedModelError: a rescaled tensor no longer fits its dtype (float16 overflow).
+    """
+    u = np.asarray(log_scales, dtype=np.float64)
+    if u.shape != (units.n_groups,):
+        raise ValueError(f"expected {units.n_groups} log-scales, got shape {u.shape}")
+    if not np.isfinite(u).all():
+        raise ValueError("log-scales must be finite")
+    edits: dict[str, list[TensorEdit]] = {}
+    for layer in units.layers:
+        for edit in layer.edits:
+            if _moves(edit):
+                edits.setdefault(edit.tensor, []).append(edit)
+
+    out = _copy_without_initializers(model)
+    done: set[str] = set()
+    for tensor in model.graph.initializer:
+        new = out.graph.initializer.add()
+        if tensor.name in edits:
+            _fill(new, tensor, _apply(tensor, edits[tensor.name], u))
+            done.add(tensor.name)
+        else:
+            new.CopyFrom(tensor)
+    for node in out.graph.node:
+        if node.op_type != "Constant" or not node.output or node.output[0] not in edits:
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                _fill(attr.t, attr.t, _apply(attr.t, edits[node.output[0]], u))
+                done.add(node.output[0])
+    missing = sorted(set(edits) - done)
+    if missing:
+        raise ValueError(f"edited tensors not stored in the main graph: {missing}")
+    log.info("rewrite: %d tensors rescaled", len(done))
+    return out
+
+
+def _moves(edit: TensorEdit) -> bool:
+    return any(
+        g is not None and (np.asarray(g) != FIXED).any() for g in (edit.row_groups, edit.col_groups)
+    )
+
+
+def _factor(groups: np.ndarray, u: np.ndarray, sign: float) -> np.ndarray:
+    groups = np.asarray(groups, dtype=np.int64)
+    padded = np.append(u, 0.0)  # FIXED units read the trailing 0
+    return np.exp(sign * padded[np.where(groups == FIXED, len(u), groups)])
+
+
+def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> np.ndarray:
+    """The tensor's new value in its own dtype."""
+    original = numpy_helper.to_array(tensor)
+    values = original.astype(np.float64)
+    for edit in edits:
+        if edit.expand_to is not None and values.shape != tuple(edit.expand_to):
+            values = np.broadcast_to(values, edit.expand_to).copy()
+        if edit.row_axis is not None and edit.row_groups is not None:
+            values = values * _along(_factor(edit.row_groups, u, 1.0), edit.row_axis, values.ndim)
+        if edit.col_axis is not None and edit.col_groups is not None:
+            col = _factor(edit.col_groups, u, -1.0)
+            if col.ndim == 1:
+                values = values * _along(col, edit.col_axis, values.ndim)
+            else:  # (rows, cols): the column unit depends on the row (grouped convolutions)
+                shape = [1] * values.ndim
+                shape[edit.row_axis] = col.shape[0]
+                shape[edit.col_axis] = col.shape[1]
+                axes = sorted((edit.row_axis, edit.col_axis))
+                if axes[0] != edit.row_axis:
+                    col = col.T
+                values = values * col.reshape(shape)
+    with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
+        result = values.astype(original.dtype)
+    if not np.isfinite(result).all() and np.isfinite(original).all():
+        raise UnsupportedModelError(
+            f"rescaled tensor '{tensor.name}' overflows {original.dtype}; balancing cannot be "
+            f"stored in this dtype"
+        )
+    return result
+
+
+def _along(factor: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = len(factor)
+    return factor.reshape(shape)
+
+
+def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarray) -> None:
+    """Make ``target`` = ``original`` with new values, in the same storage style."""
+    fresh = numpy_helper.from_array(values, original.name)
+    if target is not original:
+        target.Clear()
+        for field, value in original.ListFields():
+            if field.name not in _DATA_FIELDS and field.name not in ("dims", "data_location"):
+                _copy_field(target, field, value)
+    for name in _DATA_FIELDS:
+        target.ClearField(name)
+    target.ClearField("data_location")
+    del target.dims[:]
+    target.dims.extend(fresh.dims)
+    if original.HasField("raw_data") or original.data_type not in (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+    ):
+        target.raw_data = fresh.raw_data
+    elif original.data_type == onnx.TensorProto.FLOAT:
+        target.float_data.extend(values.ravel().tolist())
+    else:
+        target.double_data.extend(values.ravel().tolist())
+
+
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy every field of the model except the main graph's initializers."""
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    return out
+
+
+def _copy_field(target, field, value) -> None:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; older ones have .label
+    if repeated is None:
+        repeated = field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)

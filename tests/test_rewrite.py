@@ -1,0 +1,277 @@
+"""rewrite(): random log-scales (no solver) must leave every model's function unchanged, touch
+only the edited tensors, keep their dtype/storage, and leave units that cannot move bit-exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_models as om
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from onnxbalance.analysis import analyse
+from onnxbalance.errors import UnsupportedModelError
+from onnxbalance.rewrite import rewrite
+from onnxbalance.unitgraph import FIXED, LinearUnits, ModelUnits, TensorEdit
+
+RUNNABLE = {
+    "gemm_b1": lambda: om.gemm_mlp(trans_b=1),
+    "gemm_b0": lambda: om.gemm_mlp(trans_b=0),
+    "gemm_alpha_beta_nodes": lambda: om.gemm_mlp(trans_b=0, alpha=0.7, beta=1.3, node=True),
+    "gemm_bias_row": lambda: om.gemm_mlp(bias="row"),
+    "gemm_bias_scalar": lambda: om.gemm_mlp(trans_b=0, bias="scalar"),
+    "gemm_bias_one": lambda: om.gemm_mlp(bias="one", node=True),
+    "gemm_no_bias": lambda: om.gemm_mlp(bias=None),
+    "deep": lambda: om.deep_mlp(5, trans_b=0),
+    "trans_a_first": lambda: om.gemm_trans_a(first=True),
+    "trans_a_second": lambda: om.gemm_trans_a(first=False),
+    "matmul_add": lambda: om.matmul_mlp(),
+    "matmul_add_first": lambda: om.matmul_mlp(bias_first=True),
+    "matmul_bias_row_first": lambda: om.matmul_mlp(bias="row", bias_first=True),
+    "matmul_bias_scalar": lambda: om.matmul_mlp(bias="scalar"),
+    "matmul_no_bias": lambda: om.matmul_mlp(bias=None),
+    "matmul_nodes_3d": lambda: om.matmul_mlp(node=True, batch_dims=2, bias="scalar"),
+    "leaky": lambda: om.activations("leaky"),
+    "prelu_scalar": lambda: om.activations("prelu_scalar"),
+    "prelu_vec": lambda: om.activations("prelu_vec"),
+    "fan_out": om.fan_out,
+    "hidden_is_output": om.hidden_is_output,
+    "shape_reader": om.shape_reader,
+    "shared_weight": om.shared_weight,
+    "sigmoid": lambda: om.blocker("Sigmoid"),
+    "clip": lambda: om.blocker("Clip"),
+    "weight_is_input": om.weight_is_input,
+    "no_relu": om.no_relu,
+    "linear_linear": om.linear_linear,
+    "dequantized": om.dequantized,
+    "qlinear": om.qlinear,
+    "subgraph": om.subgraph,
+    "float64": om.float64_mlp,
+    "typed_storage": om.typed_storage,
+}
+
+
+def feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    stored = {t.name for t in model.graph.initializer}
+    out = {}
+    for value in model.graph.input:
+        if value.name in stored:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 5 for d in tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if dtype == np.bool_:
+            out[value.name] = np.array(True)
+        else:
+            out[value.name] = rng.normal(size=shape).astype(dtype)
+    return out
+
+
+def run(model: onnx.ModelProto, inputs) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, inputs)
+
+
+def max_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
+    """Largest difference, relative to each output's scale."""
+    worst = 0.0
+    for a, b in zip(reference, other, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = np.abs(a).max()
+        assert scale > 0, "a zero output proves nothing"
+        worst = max(worst, float(np.abs(a - b).max() / scale))
+    return worst
+
+
+def moving(units: ModelUnits) -> set[str]:
+    return {
+        e.tensor
+        for layer in units.layers
+        for e in layer.edits
+        if any(
+            g is not None and (np.asarray(g) != FIXED).any() for g in (e.row_groups, e.col_groups)
+        )
+    }
+
+
+def random_scales(units: ModelUnits, seed: int = 1, spread: float = 1.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(scale=spread, size=units.n_groups)
+
+
+def stored(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors[node.output[0]] = node.attribute[0].t
+    return tensors
+
+
+def without(model: onnx.ModelProto, names: set[str]) -> bytes:
+    """The model's bytes with the named tensors' data blanked out."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    keep = [t for t in copy.graph.initializer if t.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(keep)
+    for node in copy.graph.node:
+        if node.op_type == "Constant" and node.output[0] in names:
+            node.attribute[0].t.Clear()
+    return copy.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("name", sorted(RUNNABLE))
+def test_random_scales_preserve_the_function(name):
+    model = RUNNABLE[name]()
+    before = model.SerializeToString()
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units))
+    assert model.SerializeToString() == before  # input untouched
+    inputs = feeds(model)
+    tolerance = 1e-12 if name == "float64" else 1e-5
+    assert max_error(run(model, inputs), run(balanced, inputs)) <= tolerance
+
+    # only the edited tensors differ; everything else (nodes, names, order, opsets, ir_version,
+    # producer, metadata, doc strings, value_info, other tensors) is byte-identical
+    edited = moving(units)
+    assert without(model, edited) == without(balanced, edited)
+    old, new = stored(model), stored(balanced)
+    assert [t.name for t in model.graph.initializer] == [t.name for t in balanced.graph.initializer]
+    for tensor in edited:
+        assert new[tensor].data_type == old[tensor].data_type
+        assert new[tensor].name == old[tensor].name
+        assert not new[tensor].external_data
+
+
+def test_the_equivalence_check_has_teeth():
+    # dropping fc1's bias edit, or rescaling fc1 without its outgoing columns, changes outputs
+    model = om.gemm_mlp()
+    units = analyse(model)
+    u = random_scales(units)
+    inputs = feeds(model)
+    reference = run(model, inputs)
+    fc1, fc2 = units.layers
+    no_bias = dataclasses.replace(fc1, edits=fc1.edits[:1])
+    broken = [
+        dataclasses.replace(units, layers=(no_bias, fc2)),
+        dataclasses.replace(units, layers=(fc1, dataclasses.replace(fc2, edits=()))),
+    ]
+    for wrong in broken:
+        assert max_error(reference, run(rewrite(model, wrong, u), inputs)) > 1e-3
+
+
+HAND_UNCHANGED = {
+    # tensors whose units all stay at scale 1, read off the architecture
+    "gemm_b1": ({"fc2_b"}, {"fc1_W", "fc1_b", "fc2_W"}),
+    "hidden_is_output": ({"fc1_W", "fc1_b", "fc3_b"}, {"fc2_W", "fc2_b", "fc3_W"}),
+    "shared_weight": (
+        {"W", "fc1_b", "fc2_b", "fc3_b", "fc4_W", "fc4_b"},
+        {"fc0_W", "fc0_b", "fc1_W"},
+    ),
+    "sigmoid": ({"fc2_b", "fc4_b"}, {"fc1_W", "fc1_b", "fc2_W", "fc3_W", "fc3_b", "fc4_W"}),
+    "weight_is_input": ({"fc1_W", "fc1_b", "fc3_b"}, {"fc2_W", "fc2_b", "fc3_W"}),
+    "linear_linear": ({"fc1_W", "fc1_b", "fc3_b"}, {"fc2_W", "fc2_b", "fc3_W"}),
+    "trans_a_second": ({"fc1_W", "fc1_b", "fc2_W", "fc2_b"}, set()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_UNCHANGED))
+def test_fixed_units_stay_bit_identical(name):
+    unchanged, changed = HAND_UNCHANGED[name]
+    model = RUNNABLE[name]()
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units, spread=0.5))
+    old, new = stored(model), stored(balanced)
+    assert set(old) == unchanged | changed
+    for tensor in unchanged:
+        assert new[tensor].SerializeToString() == old[tensor].SerializeToString(), tensor
+    for tensor in changed:
+        assert not np.array_equal(
+            numpy_helper.to_array(new[tensor]), numpy_helper.to_array(old[tensor])
+        ), tensor
+
+
+def test_nothing_to_move_gives_identical_bytes():
+    model = om.no_relu()
+    units = analyse(model)
+    assert units.n_groups == 0
+    balanced = rewrite(model, units, np.zeros(0))
+    assert balanced.SerializeToString(deterministic=True) == model.SerializeToString(
+        deterministic=True
+    )
+
+
+def test_storage_style_and_broadcast_bias_expansion():
+    model = om.typed_storage()  # fc1_W in float_data
+    balanced = rewrite(model, analyse(model), random_scales(analyse(model)))
+    fc1_w = stored(balanced)["fc1_W"]
+    assert len(fc1_w.float_data) == om.HID * om.IN and not fc1_w.raw_data
+    assert stored(balanced)["fc2_W"].raw_data  # raw stays raw
+
+    model = om.gemm_mlp(bias="scalar")
+    balanced = rewrite(model, analyse(model), random_scales(analyse(model)))
+    assert list(stored(model)["fc1_b"].dims) == []
+    assert list(stored(balanced)["fc1_b"].dims) == [om.HID]
+    old_b2 = stored(model)["fc2_b"].SerializeToString()
+    assert stored(balanced)["fc2_b"].SerializeToString() == old_b2  # output rows: untouched
+
+
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_several_edits_compose_and_grouped_columns(trans_b):
+    model = om.gemm_mlp(trans_b=trans_b)  # fc1_W: (6, 4) rows on axis 0, or (4, 6) on axis 1
+    stored_w = numpy_helper.to_array(stored(model)["fc1_W"]).astype(np.float64)
+    w = stored_w if trans_b else stored_w.T
+    r, c = (0, 1) if trans_b else (1, 0)
+    n = om.HID + om.IN
+    u = np.random.default_rng(3).normal(size=n)
+    rows = np.arange(om.HID)
+    cols = np.arange(om.HID, n)
+    per_row_cols = np.tile(cols[::-1], (om.HID, 1))  # 2-D: column unit depends on the row
+    per_row_cols[0] = FIXED
+    edits = (
+        TensorEdit("fc1_W", row_axis=r, row_groups=rows),
+        TensorEdit("fc1_W", col_axis=c, col_groups=cols),
+        TensorEdit("fc1_W", row_axis=r, row_groups=rows, col_axis=c, col_groups=per_row_cols),
+    )
+    units = ModelUnits((LinearUnits("a", w, rows, cols, edits),), tuple(f"g{k}" for k in range(n)))
+    got = numpy_helper.to_array(stored(rewrite(model, units, u))["fc1_W"])
+    grouped = np.where(per_row_cols == FIXED, 0.0, u[np.maximum(per_row_cols, 0)])
+    expected = w * np.exp(2 * u[rows])[:, None] * np.exp(-u[cols])[None, :] * np.exp(-grouped)
+    assert got.dtype == np.float32
+    expected = expected if trans_b else expected.T
+    np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6)
+
+
+def test_float16_keeps_dtype_and_overflow_is_reported():
+    net = om.Net("f16", dtype=np.float16)
+    h = net.relu(net.gemm(net.input("x", ["N", om.IN]), om.IN, om.HID, "fc1"), "act1")
+    net.output(net.gemm(h, om.HID, om.OUT, "fc2"))
+    model = net.build()
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units))
+    assert stored(balanced)["fc1_W"].data_type == onnx.TensorProto.FLOAT16
+    with pytest.raises(UnsupportedModelError, match="fc1_W"):
+        rewrite(model, units, np.full(units.n_groups, 30.0))
+
+
+def test_wrong_number_of_scales():
+    model = om.gemm_mlp()
+    units = analyse(model)
+    with pytest.raises(ValueError, match="log-scales"):
+        rewrite(model, units, np.zeros(units.n_groups + 1))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_chains_keep_their_function(seed):
+    model = om.random_chain(seed)
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units, seed=seed, spread=2.0))
+    inputs = feeds(model, seed)
+    assert max_error(run(model, inputs), run(balanced, inputs)) <= 2e-5
