@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,11 @@ def _sklearn_mlp(name: str, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...
     from sklearn.neural_network import MLPClassifier
 
     x_train, x_test, y_train, y_test = _split(x.astype(np.float32), y)
-    clf = MLPClassifier(hidden, max_iter=500, random_state=SEED).fit(x_train, y_train)
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: on a shared 2-core machine a threaded BLAS makes this tiny fit ~10x slower
+    with threadpool_limits(1):
+        clf = MLPClassifier(hidden, max_iter=500, random_state=SEED).fit(x_train, y_train)
     # zipmap=False keeps the probabilities a plain tensor (no ZipMap / sequence-of-maps output)
     model = to_onnx(clf, x_train[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
     # skl2onnx names the MatMul weights coefficient, coefficient1, ... (input, output)
@@ -149,7 +154,9 @@ def digits_cnn() -> Task:
             nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
             opt.step()
     net.eval()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but writes plain Conv/Relu/MaxPool/Flatten/Gemm
+        warnings.simplefilter("ignore", DeprecationWarning)
         path = os.path.join(tmp, "cnn.onnx")
         torch.onnx.export(
             net,
@@ -197,6 +204,11 @@ def rescale_units(model: onnx.ModelProto, hidden: tuple[Rescale, ...], spread: f
             dtype = numpy_helper.to_array(inits[name]).dtype
             inits[name].CopyFrom(numpy_helper.from_array(arrays[name].astype(dtype), name))
     return out
+
+
+def hidden_units(task: Task) -> int:
+    dims = {t.name: tuple(t.dims) for t in task.model.graph.initializer}
+    return sum(dims[layer.bias][-1] for layer in task.hidden)
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -281,12 +293,16 @@ def _balance_or_reason(balance: Callable | None, model: onnx.ModelProto, task: T
     if balance is None:
         return None, "n/a: onnxbalance.api not available"
     try:
-        balanced, _ = balance(model, p=p, q=q, inputs={model.graph.input[0].name: task.x_test[:64]})
+        balanced, report = balance(
+            model, p=p, q=q, inputs={model.graph.input[0].name: task.x_test[:64]}
+        )
     except Exception as exc:  # noqa: BLE001 - a benchmark row records why, it does not stop the run
         if task.conv:
             return None, PENDING_CONV
         return None, f"n/a: {type(exc).__name__}: {exc}"
-    return balanced, ""
+    if report.units_balanced == 0:
+        return None, PENDING_CONV if task.conv else "n/a: nothing to balance"
+    return balanced, report
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,10 +328,13 @@ def run(tasks: list[Task], pqs, spreads, verbose: bool) -> list[dict]:
             before = weight_stats(model) if verbose else None
             for p, q in pqs:
                 key = f"int8 balanced p={p:g} q={q:g}"
-                balanced, reason = _balance_or_reason(balance, model, task, p, q)
+                balanced, report = _balance_or_reason(balance, model, task, p, q)
                 if balanced is None:
-                    row[key] = reason
+                    row[key] = report
                     continue
+                if (p, q) == (2.0, 2.0):
+                    row["hidden units"] = hidden_units(task)
+                    row["units balanced"] = report.units_balanced
                 check_equivalent(model, balanced, task, f"the balanced (p={p:g}, q={q:g}) model")
                 row[key] = accuracy(quantize(balanced, task), task)
                 if verbose and before is not None and (p, q) == (2.0, 2.0):
@@ -341,20 +360,23 @@ def _fmt(value) -> str:
 
 def print_table(rows: list[dict], pqs) -> None:
     keys = ["float32", "int8"] + [f"int8 balanced p={p:g} q={q:g}" for p, q in pqs]
-    heads = ["float32", "int8"] + [f"bal({p:g},{q:g})" for p, q in pqs]
+    heads = ["float32", "int8"] + [f"bal({p:g},{q:g})" for p, q in pqs] + ["balanced"]
     print(f"\n{'model':<30} {'variant':<11} " + " ".join(f"{h:>10}" for h in heads))
     for row in rows:
         cells = []
         for k in keys:
             v = row.get(k, "")
             cells.append(f"{_fmt(v):>10}" if isinstance(v, float) else f"{'n/a':>10}")
+        units = f"{row['units balanced']}/{row['hidden units']}" if "hidden units" in row else "-"
+        cells.append(f"{units:>10}")
         print(f"{row['model']:<30} {row['variant']:<11} " + " ".join(cells))
     notes = {
         v for row in rows for k, v in row.items() if isinstance(v, str) and v.startswith("n/a")
     }
     for note in sorted(notes):
         print(f"  {note}")
-    print("accuracy on the test split, %; int8 = onnxruntime quantize_static QDQ per-tensor")
+    print("accuracy on the test split, %; int8 = onnxruntime quantize_static QDQ per-tensor;")
+    print("balanced = hidden units onnxbalance rescaled (p = q = 2) / hidden units in the model")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
