@@ -429,6 +429,12 @@ def write_png(rows: list[dict], pqs, path: Path) -> None:
                 if not isinstance(v, float):
                     ax.text(bar.get_x() + width / 2, 2, "n/a", rotation=90, ha="center", fontsize=7)
         ax.set_xticks(x, [_tick(row["variant"]) for row in mrows])
+        notes = sorted(
+            {v for row in mrows for v in row.values() if isinstance(v, str) and v.startswith("n/a")}
+        )
+        if notes:
+            ax.text(0.98, 0.5, "\n".join(notes), transform=ax.transAxes, ha="right", fontsize=9,
+                    style="italic", bbox={"facecolor": "white", "edgecolor": "0.7"})  # fmt: skip
         ax.set_title(name, fontsize=10)
         ax.set_ylim(0, 105)
         ax.grid(axis="y", alpha=0.3)
