@@ -12,6 +12,16 @@ coupling matrix: c @ x for rho and c.T @ y for the outgoing loads.
 
 Columns whose group is fixed have scale 1, so they are summed once into a per-row constant and
 never enter the matrix-vector products.
+
+Two numeric paths give the same loads. While every coupling times every factor exp(+-p u)
+stays within exp(+-600), loads() uses plain factors exp(p u), computed once per call for all
+groups; for r = 1 that leaves no exp or power per layer, so a sweep costs little more than its
+matrix-vector products. Beyond that (weights from 1e-30 to 1e30 with p = 4, scales far from 1)
+it switches to the log domain: the vectors fed to the products are shifted by their largest
+log-entry (every entry in (0, 1]) and the shift is added back in logs; a row or column whose
+shifted sum falls below exp(-600) may have lost its terms to underflow and is redone by
+log-sum-exp within itself. Every load is bounded by F itself (each term of rho_o is at most
+rho_o), so once the inputs are finite nothing overflows.
 """
 
 from __future__ import annotations
@@ -36,35 +46,164 @@ class Loads:
 
 
 @dataclass(frozen=True)
+class _Side:
+    """How the rows (or the movable columns) of one layer map onto scale groups.
+
+    A side whose groups are one contiguous run start, start+1, ... (every plain hidden layer)
+    gathers and scatters by slicing, which keeps the per-sweep overhead near the cost of the
+    matrix-vector products themselves.
+    """
+
+    groups: np.ndarray
+    movable: np.ndarray  # groups != FIXED
+    span: slice | None  # set when groups == arange(start, stop)
+    all_fixed: bool
+    all_movable: bool
+
+    @staticmethod
+    def of(groups: np.ndarray) -> _Side:
+        movable = groups != FIXED
+        span = None
+        if groups.size and movable.all():
+            start = int(groups[0])
+            if np.array_equal(groups, np.arange(start, start + groups.size)):
+                span = slice(start, start + groups.size)
+        return _Side(groups, movable, span, not movable.any(), bool(movable.all()))
+
+    def gather(self, padded: np.ndarray) -> np.ndarray:
+        """Each unit's value from ``padded`` (group values with a trailing 0 for FIXED = -1)."""
+        return padded[self.span] if self.span is not None else padded[self.groups]
+
+    def scatter(self, target: np.ndarray, values: np.ndarray) -> None:
+        """target[g] += sum of values over the units of group g (fixed units dropped)."""
+        if self.all_fixed:
+            return
+        if self.span is not None:
+            target[self.span] += values
+        elif self.all_movable:
+            target += np.bincount(self.groups, values, target.size)
+        else:
+            target += np.bincount(self.groups[self.movable], values[self.movable], target.size)
+
+
+@dataclass(frozen=True)
 class _PreparedLayer:
+    name: str
     free: np.ndarray  # coupling restricted to columns of movable groups, C-contiguous float64
     fixed_row_sum: np.ndarray  # per row: sum of the coupling over fixed columns
     row_groups: np.ndarray
-    col_groups: np.ndarray  # groups of the columns of ``free``
+    col_groups: np.ndarray  # groups of the columns of ``free`` (never FIXED)
+    rows: _Side
+    cols: _Side
+    log_fixed_row_sum: np.ndarray  # log of fixed_row_sum (-inf where 0)
+    has_fixed_columns: bool
+    has_empty_rows: bool  # some row has only zero couplings (rho = 0)
+    empty_rows: np.ndarray  # mask of those rows
+    free_col_sums: np.ndarray  # c.T @ 1 over the free columns (rows of fixed scale, r = 1)
+    zero_cols: np.ndarray  # free columns with only zero couplings
+    log_range: float  # largest |log| of a non-zero free coupling or fixed row sum
+
+
+def check_graph(graph: UnitGraph) -> None:
+    """Raise ValueError naming the layer if a coupling matrix is unusable (NaN, Inf, negative,
+    or not matching its group arrays)."""
+    for layer in graph.layers:
+        coupling = np.asarray(layer.coupling)
+        if coupling.ndim != 2:
+            raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
+        if coupling.size:
+            # Two reductions instead of full-size boolean temporaries: NaN or Inf anywhere
+            # makes the sum non-finite (finite couplings are far below overflow).
+            if not np.isfinite(coupling.sum()):
+                raise ValueError(f"layer {layer.name!r} has NaN or infinite weights")
+            if coupling.min() < 0:
+                raise ValueError(f"layer {layer.name!r}: coupling matrix has negative entries")
+        rows, cols = coupling.shape
+        for what, groups, size in (
+            ("row", layer.row_groups, rows),
+            ("column", layer.col_groups, cols),
+        ):
+            groups = np.asarray(groups)
+            if groups.shape != (size,):
+                raise ValueError(
+                    f"layer {layer.name!r}: {what} groups have shape {groups.shape}, "
+                    f"expected ({size},)"
+                )
+            if groups.size and (groups.min() < FIXED or groups.max() >= graph.n_groups):
+                raise ValueError(f"layer {layer.name!r}: {what} group index out of range")
 
 
 def _prepare(graph: UnitGraph) -> tuple[_PreparedLayer, ...]:
+    check_graph(graph)
     prepared = []
     for layer in graph.layers:
         coupling = np.asarray(layer.coupling, dtype=np.float64)
-        if not np.all(np.isfinite(coupling)):
-            raise ValueError(f"layer {layer.name!r} has NaN or infinite weights")
         col_groups = np.asarray(layer.col_groups, dtype=np.int64)
+        row_groups = np.asarray(layer.row_groups, dtype=np.int64)
         movable = col_groups != FIXED
+        fixed_row_sum = coupling[:, ~movable].sum(axis=1)
+        with np.errstate(divide="ignore"):
+            log_fixed_row_sum = np.log(fixed_row_sum)
+        # No copy when every column moves: the sweep then reads the caller's matrix itself.
+        free = np.ascontiguousarray(coupling if movable.all() else coupling[:, movable])
+        empty_rows = coupling.sum(axis=1) == 0
+        log_range = 0.0
+        for part in (free, fixed_row_sum):
+            if part.size and part.max() > 0:
+                smallest = np.min(part, where=part > 0, initial=np.inf)
+                log_range = max(log_range, abs(np.log(part.max())), abs(np.log(smallest)))
         prepared.append(
             _PreparedLayer(
-                free=np.ascontiguousarray(coupling[:, movable]),
-                fixed_row_sum=coupling[:, ~movable].sum(axis=1),
-                row_groups=np.asarray(layer.row_groups, dtype=np.int64),
+                name=layer.name,
+                free=free,
+                fixed_row_sum=fixed_row_sum,
+                row_groups=row_groups,
                 col_groups=col_groups[movable],
+                rows=_Side.of(row_groups),
+                cols=_Side.of(col_groups[movable]),
+                log_fixed_row_sum=log_fixed_row_sum,
+                has_fixed_columns=bool((~movable).any()),
+                has_empty_rows=bool(empty_rows.any()),
+                empty_rows=empty_rows,
+                free_col_sums=free.sum(axis=0),
+                zero_cols=free.sum(axis=0) == 0,
+                log_range=float(log_range),
             )
         )
     return tuple(prepared)
 
 
-def _scales_of(log_scales: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """u of each unit: the group's log-scale, or 0 for fixed units."""
-    return np.where(groups == FIXED, 0.0, log_scales[np.maximum(groups, 0)])
+@dataclass(frozen=True)
+class _RowSums:
+    log_rho: np.ndarray
+    row_log: np.ndarray | None  # p u_o of each row (None: every row fixed)
+    col_log: np.ndarray | None  # -p u_i of each movable column (None: no movable column)
+
+
+def movable_groups(graph: UnitGraph) -> np.ndarray:
+    """Boolean mask of groups that some layer row or column maps to (the others never move)."""
+    used = np.zeros(graph.n_groups, dtype=bool)
+    for layer in graph.layers:
+        for groups in (layer.row_groups, layer.col_groups):
+            groups = np.asarray(groups, dtype=np.int64)
+            used[groups[groups != FIXED]] = True
+    return used
+
+
+_TINY = float(np.exp(-600.0))
+"""A shifted sum below this may have lost its terms to underflow (they were measured against
+the largest entry of the whole layer, not of their own row): such rows are redone exactly."""
+
+
+def _log_sum_terms(block: np.ndarray, log_factors: np.ndarray, extra: np.ndarray | None):
+    """log sum_j block[k, j] exp(log_factors[j]) for every row k of ``block``, by log-sum-exp
+    within the row; ``extra`` is the log of one more term per row (fixed columns) or None."""
+    terms = np.log(block) + log_factors[None, :]
+    if extra is not None:
+        terms = np.concatenate([terms, extra[:, None]], axis=1)
+    top = terms.max(axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)  # rows without terms stay at log 0 = -inf
+    return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
 
 
 def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
@@ -72,11 +211,9 @@ def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.nda
     return np.bincount(groups[movable], weights=values[movable], minlength=n_groups)
 
 
-def _safe_power(base: np.ndarray, exponent: float) -> np.ndarray:
-    """base**exponent with 0**negative taken as 0: such a row has only zero couplings."""
-    with np.errstate(divide="ignore"):
-        powered = np.power(base, exponent)
-    return np.where(base > 0, powered, 0.0)
+_DIRECT_LIMIT = 600.0
+"""Largest log-magnitude of a scale factor times a coupling for which loads() skips the log
+domain: exp(600) ~ 1e260 leaves room for row sums and powers below float64's 1e308."""
 
 
 class Objective:
@@ -91,41 +228,149 @@ class Objective:
         self.n_groups = graph.n_groups
         self.layers = _prepare(graph)
         self.passes = 0
+        self._log_range = max((layer.log_range for layer in self.layers), default=0.0)
+
+    def _log_row_sums(self, log_scales: np.ndarray) -> list[_RowSums]:
+        """Per layer: log rho_o (-inf where a row has only zero couplings) and the log factors
+        it used, for the outgoing pass. Call inside ``np.errstate(divide="ignore")``."""
+        self.passes += 1
+        # p u per group with a trailing 0: FIXED is -1, so a fixed unit gathers 0.
+        scaled = np.empty(self.n_groups + 1)
+        np.multiply(log_scales, self.p, out=scaled[:-1])
+        scaled[-1] = 0.0
+        negated = -scaled
+        out = []
+        for layer in self.layers:
+            row_log = None if layer.rows.all_fixed else layer.rows.gather(scaled)
+            col_log = None
+            if layer.col_groups.size:
+                col_log = layer.cols.gather(negated)
+                top = float(col_log.max())
+                if layer.has_fixed_columns and top < 0.0:
+                    top = 0.0
+                factors = col_log - top
+                np.exp(factors, out=factors)
+                sums = layer.free @ factors
+                if layer.has_fixed_columns:
+                    sums += layer.fixed_row_sum * np.exp(-top)
+                redo = sums < _TINY
+                if layer.has_empty_rows:
+                    redo &= ~layer.empty_rows
+                log_rho = np.log(sums, out=sums)
+                log_rho += top
+                if redo.any():
+                    rows = np.flatnonzero(redo)
+                    extra = layer.log_fixed_row_sum[rows] if layer.has_fixed_columns else None
+                    log_rho[rows] = _log_sum_terms(layer.free[rows], col_log, extra)
+            else:
+                log_rho = layer.log_fixed_row_sum.copy()
+            if row_log is not None:
+                log_rho += row_log
+            out.append(_RowSums(log_rho, row_log, col_log))
+        return out
 
     def row_sums(self, log_scales: np.ndarray) -> list[np.ndarray]:
         """rho_o of every row of every layer (one pass)."""
-        self.passes += 1
-        p = self.p
-        sums = []
-        for layer in self.layers:
-            row_factor = np.exp(p * _scales_of(log_scales, layer.row_groups))
-            col_factor = np.exp(-p * _scales_of(log_scales, layer.col_groups))
-            sums.append(row_factor * (layer.free @ col_factor + layer.fixed_row_sum))
-        return sums
+        with np.errstate(divide="ignore"):
+            return [np.exp(rows.log_rho) for rows in self._log_row_sums(log_scales)]
 
     def value(self, log_scales: np.ndarray) -> float:
         """F(u) = ||W||_{p,q}^q after rescaling by exp(u) (one pass)."""
-        return float(sum(np.sum(_safe_power(rho, self.r)) for rho in self.row_sums(log_scales)))
+        r = self.r
+        with np.errstate(divide="ignore"):
+            per_layer = self._log_row_sums(log_scales)
+        return float(sum(np.exp(r * rows.log_rho).sum() for rows in per_layer))
 
     def loads(self, log_scales: np.ndarray) -> Loads:
         """F(u), in_g and out_g at ``log_scales`` (two passes)."""
-        p, r = self.p, self.r
-        rows = self.row_sums(log_scales)
-        self.passes += 1
+        log_scales = np.asarray(log_scales, dtype=np.float64)
+        scaled = self.p * log_scales
+        largest = float(max(scaled.max(), -scaled.min())) if scaled.size else 0.0
+        if self._log_range + 2.0 * largest < _DIRECT_LIMIT:
+            return self._direct_loads(scaled)
+        return self._log_loads(log_scales)
+
+    def _direct_loads(self, scaled: np.ndarray) -> Loads:
+        """loads() with plain factors exp(p u): every product stays within exp(+-_DIRECT_LIMIT)
+        (the caller checked), and for r = 1 no exp or power is taken per layer at all."""
+        r = self.r
+        self.passes += 2
+        factor = np.empty(self.n_groups + 1)  # exp(p u) per group, 1 for FIXED (index -1)
+        np.exp(scaled, out=factor[:-1])
+        factor[-1] = 1.0
+        inverse = 1.0 / factor
         value = 0.0
         incoming = np.zeros(self.n_groups)
         outgoing = np.zeros(self.n_groups)
-        for layer, rho in zip(self.layers, rows):
-            row_load = _safe_power(rho, r)
-            value += float(row_load.sum())
-            incoming += _accumulate(row_load, layer.row_groups, self.n_groups)
-            if layer.col_groups.size:
-                row_factor = np.exp(p * _scales_of(log_scales, layer.row_groups))
-                col_factor = np.exp(-p * _scales_of(log_scales, layer.col_groups))
-                weighted = _safe_power(rho, r - 1.0) * row_factor
-                outgoing += _accumulate(
-                    col_factor * (layer.free.T @ weighted), layer.col_groups, self.n_groups
-                )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for layer in self.layers:
+                row_factor = None if layer.rows.all_fixed else layer.rows.gather(factor)
+                col_factor = None
+                if layer.col_groups.size:
+                    col_factor = layer.cols.gather(inverse)
+                    sums = layer.free @ col_factor
+                    if layer.has_fixed_columns:
+                        sums += layer.fixed_row_sum
+                else:
+                    sums = layer.fixed_row_sum
+                rho = sums if row_factor is None else sums * row_factor
+                if r == 1.0:
+                    row_load, weight = rho, row_factor
+                else:
+                    row_load = rho**r
+                    weight = row_load / rho  # rho^(r-1) without a second power
+                    if row_factor is not None:
+                        weight *= row_factor
+                    if layer.has_empty_rows:  # rho = 0 rows carry nothing back (not 0 / 0)
+                        weight[layer.empty_rows] = 0.0
+                value += float(row_load.sum())
+                layer.rows.scatter(incoming, row_load)
+                if col_factor is None:
+                    continue
+                back = layer.free_col_sums if weight is None else layer.free.T @ weight
+                layer.cols.scatter(outgoing, back * col_factor)
+        return Loads(value, incoming, outgoing)
+
+    def _log_loads(self, log_scales: np.ndarray) -> Loads:
+        """loads() with every scale factor kept in the log domain (any magnitudes)."""
+        r = self.r
+        value = 0.0
+        incoming = np.zeros(self.n_groups)
+        outgoing = np.zeros(self.n_groups)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_layer = self._log_row_sums(log_scales)
+            self.passes += 1
+            for layer, rows in zip(self.layers, per_layer, strict=True):
+                row_load = np.exp(r * rows.log_rho)
+                value += float(row_load.sum())
+                layer.rows.scatter(incoming, row_load)
+                if rows.col_log is None:
+                    continue
+                # log of rho_o^(r-1) exp(p u_o): what row o sends back to its columns
+                if r == 1.0:
+                    log_weight = (
+                        np.zeros_like(rows.log_rho) if rows.row_log is None else rows.row_log
+                    )
+                else:
+                    log_weight = (r - 1.0) * rows.log_rho
+                    if rows.row_log is not None:
+                        log_weight += rows.row_log
+                if layer.has_empty_rows:  # rho = 0 rows carry nothing back (avoid 0 * inf)
+                    log_weight = np.where(np.isneginf(rows.log_rho), -np.inf, log_weight)
+                top = float(log_weight.max())
+                if not np.isfinite(top):
+                    continue
+                weights = log_weight - top
+                back = layer.free.T @ np.exp(weights, out=weights)
+                redo = (back < _TINY) & ~layer.zero_cols
+                log_back = np.log(back, out=back)
+                if redo.any():
+                    cols = np.flatnonzero(redo)
+                    exact = _log_sum_terms(layer.free[:, cols].T, log_weight, None)
+                    log_back[cols] = exact - top
+                log_back += rows.col_log
+                log_back += top
+                layer.cols.scatter(outgoing, np.exp(log_back, out=log_back))
         return Loads(value, incoming, outgoing)
 
     def norm(self, value: float) -> float:

@@ -1,0 +1,141 @@
+"""Which scale groups have no finite optimum and must stay at scale 1 (ALGORITHM.md §4, existence).
+
+F(u) attains its minimum over a set of free groups when every one of them lies on a path of
+non-zero couplings that starts at a fixed column (an input side) and ends at a fixed row (an
+output side). Then for any direction v != 0 some coupling on such a path sees v rise from its
+column to its row, so F grows without bound along v (F is coercive). A group that is on no such
+path can move off to infinity while F keeps decreasing:
+
+* dead: all its incoming couplings are zero (nothing stops its scale from growing) or all its
+  outgoing couplings are zero (nothing stops it from shrinking);
+* cut off: it cannot be reached from a fixed column, or cannot reach a fixed row.
+
+Dead groups are pinned first and then count as fixed, so their other side still anchors the
+units next to them (a unit fed only by a dead unit with non-zero outgoing weights is live). A
+tied group's self-loop (a coupling between two of its own units) never anchors it: rescaling the
+group leaves that coupling unchanged. Pinning every cut-off group at once leaves each remaining
+group on the path that made it live, so the remaining problem has a finite minimum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..unitgraph import FIXED, Layer, UnitGraph
+from .result import PinnedGroup
+
+DEAD_INCOMING = "dead: all incoming weights are zero"
+DEAD_OUTGOING = "dead: all outgoing weights are zero"
+DEAD_BOTH = "dead: all incoming and outgoing weights are zero"
+CUT_FROM_INPUTS = "cut off from the inputs"
+CUT_FROM_OUTPUTS = "cut off from the outputs"
+CUT_FROM_BOTH = "cut off from the inputs and the outputs"
+
+
+def _weight_totals(graph: UnitGraph) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: total incoming and total outgoing coupling (self-loops included)."""
+    incoming = np.zeros(graph.n_groups)
+    outgoing = np.zeros(graph.n_groups)
+    for layer in graph.layers:
+        coupling = np.asarray(layer.coupling, dtype=np.float64)
+        rows = np.asarray(layer.row_groups, dtype=np.int64)
+        cols = np.asarray(layer.col_groups, dtype=np.int64)
+        keep = rows != FIXED
+        incoming += np.bincount(rows[keep], coupling.sum(axis=1)[keep], graph.n_groups)
+        keep = cols != FIXED
+        outgoing += np.bincount(cols[keep], coupling.sum(axis=0)[keep], graph.n_groups)
+    return incoming, outgoing
+
+
+def _reachable(graph: UnitGraph, anchored: np.ndarray, forward: bool) -> np.ndarray:
+    """Groups reached by non-zero couplings from a fixed or ``anchored`` column (forward) or
+    reaching a fixed or ``anchored`` row (backward). Anchored groups themselves are excluded.
+
+    Each pass over the layers is one matrix-vector product per layer with an indicator vector;
+    a coupling is non-negative, so a positive product means some non-zero coupling hits a
+    reached unit. Passes repeat until nothing changes (one or two for feed-forward orders).
+    """
+    reached = np.zeros(graph.n_groups, dtype=bool)
+    # Layers usually come in forward order: walk them backwards for the backward search.
+    order = graph.layers if forward else graph.layers[::-1]
+    changed = True
+    while changed:
+        changed = False
+        for layer in order:
+            coupling = np.asarray(layer.coupling, dtype=np.float64)
+            sources = np.asarray(layer.col_groups if forward else layer.row_groups, np.int64)
+            targets = np.asarray(layer.row_groups if forward else layer.col_groups, np.int64)
+            # Padded with True at index -1 == FIXED: fixed units are always sources.
+            active = np.append(anchored | reached, True)[sources]
+            hits = (coupling @ active if forward else coupling.T @ active) > 0
+            new = hits & (targets != FIXED)
+            new_groups = np.unique(targets[new])
+            new_groups = new_groups[~reached[new_groups] & ~anchored[new_groups]]
+            if new_groups.size:
+                reached[new_groups] = True
+                changed = True
+    return reached
+
+
+def find_pinned(graph: UnitGraph) -> tuple[PinnedGroup, ...]:
+    """Groups that must stay at scale 1, in group order, each with the reason.
+
+    >>> import numpy as np
+    >>> from onnxbalance.unitgraph import Layer
+    >>> g = UnitGraph((Layer("fc1", np.array([[1.0], [0.0]]), np.array([0, 1]), np.array([FIXED])),
+    ...                Layer("fc2", np.array([[1.0, 1.0]]), np.array([FIXED]), np.array([0, 1]))),
+    ...               ("h0", "h1"))
+    >>> [(p.name, p.reason) for p in find_pinned(g)]
+    [('h1', 'dead: all incoming weights are zero')]
+    """
+    incoming, outgoing = _weight_totals(graph)
+    no_in, no_out = incoming == 0, outgoing == 0
+    dead = no_in | no_out
+    from_inputs = _reachable(graph, dead, forward=True)
+    to_outputs = _reachable(graph, dead, forward=False)
+    pinned = []
+    for group in range(graph.n_groups):
+        if no_in[group] and no_out[group]:
+            reason = DEAD_BOTH
+        elif no_in[group]:
+            reason = DEAD_INCOMING
+        elif no_out[group]:
+            reason = DEAD_OUTGOING
+        elif not from_inputs[group] and not to_outputs[group]:
+            reason = CUT_FROM_BOTH
+        elif not from_inputs[group]:
+            reason = CUT_FROM_INPUTS
+        elif not to_outputs[group]:
+            reason = CUT_FROM_OUTPUTS
+        else:
+            continue
+        pinned.append(PinnedGroup(group, graph.group_names[group], reason))
+    return tuple(pinned)
+
+
+def pin_groups(graph: UnitGraph, groups) -> UnitGraph:
+    """The same graph with ``groups`` mapped to FIXED (group indices and names unchanged)."""
+    mask = np.zeros(graph.n_groups, dtype=bool)
+    mask[np.asarray(list(groups), dtype=np.int64)] = True
+    if not mask.any():
+        return graph
+
+    def fix(groups_of_units: np.ndarray) -> np.ndarray:
+        units = np.asarray(groups_of_units, dtype=np.int64)
+        return np.where(np.append(mask, True)[units], FIXED, units)  # FIXED indexes the pad
+
+    layers: list[Layer] = [
+        dataclasses.replace(
+            layer, row_groups=fix(layer.row_groups), col_groups=fix(layer.col_groups)
+        )
+        for layer in graph.layers
+    ]
+    return UnitGraph(tuple(layers), graph.group_names)
+
+
+def pin_dead_and_cut_off(graph: UnitGraph) -> tuple[UnitGraph, tuple[PinnedGroup, ...]]:
+    """The graph with every dead or cut-off group FIXED, and the pinned groups with reasons."""
+    pinned = find_pinned(graph)
+    return pin_groups(graph, (p.group for p in pinned)), pinned

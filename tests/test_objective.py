@@ -1,0 +1,62 @@
+"""Objective: F and the loads, against the reference, on both of its numeric paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from networks import Edge, Network, exponents, networks
+
+from onnxbalance.solver import Objective
+from onnxbalance.unitgraph import FIXED
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    net=networks(dag=True, zeros=True, ties=True),
+    p=exponents,
+    q=exponents,
+    spread=st.sampled_from([0.1, 3.0, 60.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_loads_match_the_reference_on_both_paths(net, p, q, spread, seed):
+    u = np.random.default_rng(seed).normal(scale=spread, size=net.n_groups)
+    objective = Objective(net.unit_graph(p), p, q)
+    direct = objective.loads(u)
+    objective._log_range = np.inf  # force the log-domain path
+    logged = objective.loads(u)
+    incoming, outgoing = reference.loads(net.layers(), net.n_groups, u, p, q)
+    value = reference.objective(net.layers(), u, p, q)
+    for loads in (direct, logged):
+        assert loads.value == pytest.approx(value, rel=1e-11)
+        np.testing.assert_allclose(loads.incoming, incoming, rtol=1e-11, atol=1e-300)
+        np.testing.assert_allclose(loads.outgoing, outgoing, rtol=1e-11, atol=1e-300)
+    assert objective.value(u) == pytest.approx(value, rel=1e-11)
+    if spread < 10:  # rho itself (not rho^r) can exceed float64 for the widest spreads
+        rows = np.concatenate(objective.row_sums(u))
+        assert float(np.sum(rows ** (q / p))) == pytest.approx(value, rel=1e-11)
+    assert objective.passes == 2 + 2 + 1 + (1 if spread < 10 else 0)
+
+
+def test_a_row_far_below_the_rest_of_its_layer_is_not_lost_to_underflow():
+    """The output row's only coupling is to a unit scaled by e^-400 while another column of the
+    same layer sits at e^+517: a shift shared by the whole layer would underflow that row."""
+    weights = [np.zeros((1, 1)), np.array([[0.0], [-0.54], [0.0], [0.0]]), np.zeros((1, 4))]
+    weights[2][0, 3] = 0.04
+    net = Network(
+        (1, 1, 4, 1),
+        tuple(Edge(k, k + 1, w) for k, w in enumerate(weights)),
+        tuple(np.zeros(s) for s in (0, 1, 4, 1)),
+        (np.array([FIXED]), np.array([0]), np.array([1, 2, 3, 4]), np.array([FIXED])),
+        5,
+    )
+    u = np.array([27.0, 30.0, -129.0, 66.0, 100.0])
+    objective = Objective(net.unit_graph(4.0), 4.0, 1.0)
+    loads = objective.loads(u)
+    incoming, outgoing = reference.loads(net.layers(), net.n_groups, u, 4.0, 1.0)
+    assert outgoing[4] > 0
+    np.testing.assert_allclose(loads.outgoing, outgoing, rtol=1e-12)
+    np.testing.assert_allclose(loads.incoming, incoming, rtol=1e-12)
+    assert objective.value(u) == pytest.approx(reference.objective(net.layers(), u, 4.0, 1.0))
