@@ -15,8 +15,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
 
 from onnxbalance import balance
+from onnxbalance.report import summary_table
 from onnxbalance.weightstats import layer_stats
 
 WIDTHS = (12, 32, 24, 16, 5)
@@ -106,3 +108,38 @@ def test_balancing_rescues_int8_accuracy_on_a_trained_mlp() -> None:
     assert float32 > 0.9
     assert int8 < float32 - 0.3  # per-tensor int8 really breaks the rescaled model
     assert int8_balanced >= float32 - 0.01
+
+
+def test_report_carries_per_layer_stats_before_and_after() -> None:
+    model = unbalanced_mlp(seed=3)
+    balanced, report = balance(model, p=2.0, q=2.0)
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in balanced.graph.initializer}
+    n_layers = len(WIDTHS) - 1
+    assert len(report.layers_before) == len(report.layers_after) == n_layers
+    for k in range(n_layers):
+        expected_before = layer_stats("", before[f"W{k}"].T)
+        expected_after = layer_stats("", after[f"W{k}"].T)
+        got_before, got_after = report.layers_before[k], report.layers_after[k]
+        assert got_before.units == expected_before.units == WIDTHS[k + 1]
+        assert got_before.largest == pytest.approx(expected_before.largest, rel=1e-6)
+        assert got_before.spread == pytest.approx(expected_before.spread, rel=1e-6)
+        assert got_before.lost_int8 == expected_before.lost_int8
+        # the report computes "after" from the solver's scales, the model stores float32
+        assert got_after.largest == pytest.approx(expected_after.largest, rel=1e-5)
+        assert got_after.spread == pytest.approx(expected_after.spread, rel=1e-5)
+        assert got_after.lost_int8 == expected_after.lost_int8
+    layers = report.to_dict()["layers"]
+    assert [entry["before"]["spread"] for entry in layers] == pytest.approx(
+        [s.spread for s in report.layers_before]
+    )
+    assert all("after" in entry for entry in layers)
+    console = Console(width=200, record=True)
+    console.print(summary_table(report, verbose=True))
+    text = console.export_text()
+    first = report.layers_before[0]
+    assert f"weights {first.name}" in text
+    assert f"spread {first.spread:.3g}->{report.layers_after[0].spread:.3g}" in text
+    console = Console(width=200, record=True)
+    console.print(summary_table(report, verbose=False))
+    assert "spread" not in console.export_text()
