@@ -42,7 +42,8 @@ from onnxbalance.weightstats import LayerStats, format_stats_table, layer_stats
 
 PQ = ((1.0, 1.0), (2.0, 2.0), (1.0, 2.0), (2.0, 1.0), (3.0, 2.0))
 SPREADS = (0.0, 1.0, 2.0)  # per-unit factors 10^U(-s, s); s = 0 is the model as trained
-SEED = 0
+SPLIT_SEED = 0  # one train/test split for every model and seed: rows stay comparable
+SEEDS = 8  # training seeds; seed k also draws the k-th variant's unit factors
 PENDING_CONV = "n/a: conv support pending"
 
 
@@ -72,6 +73,7 @@ class Task:
     x_test: np.ndarray
     y_test: np.ndarray
     output: str  # class scores or probabilities, argmax = prediction
+    seed: int = 0
     conv: bool = False
 
 
@@ -82,10 +84,12 @@ class Task:
 def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(x, y, test_size=0.3, random_state=SEED, stratify=y)
+    return train_test_split(x, y, test_size=0.3, random_state=SPLIT_SEED, stratify=y)
 
 
-def _sklearn_mlp(name: str, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...]) -> Task:
+def _sklearn_mlp(
+    name: str, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], seed: int
+) -> Task:
     from skl2onnx import to_onnx
     from sklearn.neural_network import MLPClassifier
 
@@ -94,7 +98,7 @@ def _sklearn_mlp(name: str, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...
 
     # one BLAS thread: on a shared 2-core machine a threaded BLAS makes this tiny fit ~10x slower
     with threadpool_limits(1):
-        clf = MLPClassifier(hidden, max_iter=500, random_state=SEED).fit(x_train, y_train)
+        clf = MLPClassifier(hidden, max_iter=500, random_state=seed).fit(x_train, y_train)
     # zipmap=False keeps the probabilities a plain tensor (no ZipMap / sequence-of-maps output)
     model = to_onnx(clf, x_train[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
     # skl2onnx names the MatMul weights coefficient, coefficient1, ... (input, output)
@@ -105,32 +109,32 @@ def _sklearn_mlp(name: str, x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...
         )
         for k in range(len(hidden))
     )
-    return Task(name, model, layers, x_train, x_test, y_test, "probabilities")
+    return Task(name, model, layers, x_train, x_test, y_test, "probabilities", seed)
 
 
-def digits_mlp() -> Task:
+def digits_mlp(seed: int = 0) -> Task:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    return _sklearn_mlp("digits MLP 64-128-64-10", x / 16.0, y, (128, 64))
+    return _sklearn_mlp("digits MLP 64-128-64-10", x / 16.0, y, (128, 64), seed)
 
 
-def breast_cancer_mlp() -> Task:
+def breast_cancer_mlp(seed: int = 0) -> Task:
     from sklearn.datasets import load_breast_cancer
 
     x, y = load_breast_cancer(return_X_y=True)
     # standardise with the training statistics only (same split as _split)
     x_train, _, _, _ = _split(x, y)
     x = (x - x_train.mean(0)) / x_train.std(0)
-    return _sklearn_mlp("breast_cancer MLP 30-64-32-2", x, y, (64, 32))
+    return _sklearn_mlp("breast_cancer MLP 30-64-32-2", x, y, (64, 32), seed)
 
 
-def digits_cnn() -> Task:
+def digits_cnn(seed: int = 0) -> Task:
     import torch
     from sklearn.datasets import load_digits
     from torch import nn
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     torch.set_num_threads(1)
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
@@ -173,7 +177,8 @@ def digits_cnn() -> Task:
         Rescale("0.weight", 0, "0.bias", "3.weight", 1),
         Rescale("3.weight", 0, "3.bias", "6.weight", 1, repeat=4 * 4),
     )
-    return Task("digits CNN c16-c32-fc10", model, hidden, x_train, x_test, y_test, "logits", True)
+    name = "digits CNN c16-c32-fc10"
+    return Task(name, model, hidden, x_train, x_test, y_test, "logits", seed, conv=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,15 +322,16 @@ def run(tasks: list[Task], pqs, spreads, verbose: bool) -> list[dict]:
             t0 = time.perf_counter()
             model = task.model
             if spread:
-                model = rescale_units(task.model, task.hidden, spread, SEED)
+                model = rescale_units(task.model, task.hidden, spread, task.seed)
                 check_equivalent(task.model, model, task, f"the 10^±{spread:g} variant")
             row: dict = {
                 "model": task.name,
+                "seed": task.seed,
                 "variant": "as trained" if spread == 0 else f"10^±{spread:g}",
                 "float32": accuracy(model, task),
                 "int8": accuracy(quantize(model, task), task),
             }
-            before = weight_stats(model) if verbose else None
+            before = weight_stats(model) if verbose and task.seed == 0 else None
             for p, q in pqs:
                 key = f"int8 balanced p={p:g} q={q:g}"
                 balanced, report = _balance_or_reason(balance, model, task, p, q)
@@ -348,7 +354,8 @@ def run(tasks: list[Task], pqs, spreads, verbose: bool) -> list[dict]:
                 print(format_stats_table(before))
             rows.append(row)
             print(
-                f"  {task.name:<30} {row['variant']:<11} done in {time.perf_counter() - t0:5.1f} s",
+                f"  {task.name:<30} seed {task.seed} {row['variant']:<11} "
+                f"done in {time.perf_counter() - t0:5.1f} s",
                 file=sys.stderr,
             )
     return rows
@@ -361,7 +368,7 @@ def _fmt(value) -> str:
 def print_table(rows: list[dict], pqs) -> None:
     keys = ["float32", "int8"] + [f"int8 balanced p={p:g} q={q:g}" for p, q in pqs]
     heads = ["float32", "int8"] + [f"bal({p:g},{q:g})" for p, q in pqs] + ["balanced"]
-    print(f"\n{'model':<30} {'variant':<11} " + " ".join(f"{h:>10}" for h in heads))
+    print(f"\n{'model':<30} {'seed':>4} {'variant':<11} " + " ".join(f"{h:>10}" for h in heads))
     for row in rows:
         cells = []
         for k in keys:
@@ -369,7 +376,7 @@ def print_table(rows: list[dict], pqs) -> None:
             cells.append(f"{_fmt(v):>10}" if isinstance(v, float) else f"{'n/a':>10}")
         units = f"{row['units balanced']}/{row['hidden units']}" if "hidden units" in row else "-"
         cells.append(f"{units:>10}")
-        print(f"{row['model']:<30} {row['variant']:<11} " + " ".join(cells))
+        print(f"{row['model']:<30} {row['seed']:>4} {row['variant']:<11} " + " ".join(cells))
     notes = {
         v for row in rows for k, v in row.items() if isinstance(v, str) and v.startswith("n/a")
     }
@@ -377,6 +384,76 @@ def print_table(rows: list[dict], pqs) -> None:
         print(f"  {note}")
     print("accuracy on the test split, %; int8 = onnxruntime quantize_static QDQ per-tensor;")
     print("balanced = hidden units onnxbalance rescaled (p = q = 2) / hidden units in the model")
+
+
+def summarize(rows: list[dict], pqs) -> list[dict]:
+    """Per (p, q), the issue's two targets in percentage points.
+
+    On rescaled variants: float32 - int8 after balancing (target: at most 1).
+    As trained: int8 without balancing - int8 after balancing (target: at most 0.5).
+    """
+    summary = []
+    for p, q in pqs:
+        key = f"int8 balanced p={p:g} q={q:g}"
+        measured = [row for row in rows if isinstance(row.get(key), float)]
+        variants = [100 * (r["float32"] - r[key]) for r in measured if r["variant"] != "as trained"]
+        trained = [100 * (r["int8"] - r[key]) for r in measured if r["variant"] == "as trained"]
+        summary.append(
+            {
+                "p": p,
+                "q": q,
+                "rows": len(measured),
+                "variants worst loss vs float32": max(variants, default=float("nan")),
+                "variants mean loss vs float32": float(np.mean(variants)) if variants else np.nan,
+                "as trained worst loss vs int8": max(trained, default=float("nan")),
+                "mean int8 balanced": 100 * float(np.mean([r[key] for r in measured]))
+                if measured
+                else float("nan"),
+            }
+        )
+    return summary
+
+
+def print_summary(summary: list[dict], n_rows: int) -> None:
+    print(
+        f"\n{'(p, q)':<10} {'rows':>5}   {'variants: worst / mean loss vs float32':<42}"
+        f"{'as trained: worst loss vs int8':<34}{'mean int8':>9}"
+    )
+    for s in summary:
+        worst, mean = s["variants worst loss vs float32"], s["variants mean loss vs float32"]
+        trained = s["as trained worst loss vs int8"]
+        verdict_v = "ok" if worst <= 1.0 else "MISSED"
+        verdict_t = "ok" if trained <= 0.5 else "MISSED"
+        pq = f"({s['p']:g}, {s['q']:g})"
+        print(
+            f"{pq:<10} {s['rows']:>2}/{n_rows:<2}   {worst:>6.2f} / {mean:5.2f}  {verdict_v:<26}"
+            f"{trained:>6.2f}  {verdict_t:<26}{s['mean int8 balanced']:>9.2f}"
+        )
+    print("percentage points; targets (issue 8): variants <= 1, as trained <= 0.5")
+
+
+def markdown_table(rows: list[dict], pqs) -> str:
+    """Mean accuracy over seeds per model and variant, as a Markdown table (for the README)."""
+    keys = ["float32", "int8"] + [f"int8 balanced p={p:g} q={q:g}" for p, q in pqs]
+    heads = ["float32", "int8"] + [f"int8 balanced ({p:g},{q:g})" for p, q in pqs]
+    lines = [
+        "| model | variant | " + " | ".join(heads) + " |",
+        "|---|---|" + "---:|" * len(heads),
+    ]
+    for (model, variant), group in _groups(rows).items():
+        cells = []
+        for key in keys:
+            vals = [r[key] for r in group if isinstance(r.get(key), float)]
+            cells.append(f"{100 * np.mean(vals):.1f}" if vals else "n/a")
+        lines.append(f"| {model} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["variant"]), []).append(row)
+    return groups
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -416,19 +493,27 @@ def write_png(rows: list[dict], pqs, path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.6), sharey=True)
     axes = np.atleast_1d(axes)
     width = 0.8 / len(series)
+    n_seeds = len({row["seed"] for row in rows})
     for ax, name in zip(axes, models, strict=True):
         mrows = [row for row in rows if row["model"] == name]
-        x = np.arange(len(mrows))
+        variants = list(dict.fromkeys(row["variant"] for row in mrows))
+        x = np.arange(len(variants))
         for j, (key, label, color) in enumerate(series):
-            vals = [row.get(key) for row in mrows]
-            heights = [100 * v if isinstance(v, float) else 0.0 for v in vals]
-            bars = ax.bar(
-                x + (j - (len(series) - 1) / 2) * width, heights, width, color=color, label=label
-            )
-            for bar, v in zip(bars, vals, strict=True):
-                if not isinstance(v, float):
-                    ax.text(bar.get_x() + width / 2, 2, "n/a", rotation=90, ha="center", fontsize=7)
-        ax.set_xticks(x, [_tick(row["variant"]) for row in mrows])
+            values = []
+            for variant in variants:
+                vals = [r.get(key) for r in mrows if r["variant"] == variant]
+                values.append([100 * v for v in vals if isinstance(v, float)])
+            mean = [np.mean(v) if v else 0.0 for v in values]
+            low = [m - min(v) if v else 0.0 for m, v in zip(mean, values, strict=True)]
+            high = [max(v) - m if v else 0.0 for m, v in zip(mean, values, strict=True)]
+            offset = x + (j - (len(series) - 1) / 2) * width
+            ax.bar(offset, mean, width, color=color, label=label)
+            if n_seeds > 1:
+                ax.errorbar(offset, mean, yerr=[low, high], fmt="none", ecolor="k", lw=0.8)
+            for xi, v in zip(offset, values, strict=True):
+                if not v:
+                    ax.text(xi, 2, "n/a", rotation=90, ha="center", fontsize=7)
+        ax.set_xticks(x, [_tick(v) for v in variants])
         notes = sorted(
             {v for row in mrows for v in row.values() if isinstance(v, str) and v.startswith("n/a")}
         )
@@ -441,8 +526,10 @@ def write_png(rows: list[dict], pqs, path: Path) -> None:
     axes[0].set_ylabel("test accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8, frameon=False)
+    seeds = f"mean of {n_seeds} training seeds, whiskers min..max" if n_seeds > 1 else "one seed"
     fig.suptitle(
-        "Per-tensor int8 (onnxruntime QDQ) of equivalent networks, without and with onnxbalance",
+        "Per-tensor int8 (onnxruntime static QDQ) of equivalent networks, without and with "
+        f"onnxbalance ({seeds})",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
@@ -460,15 +547,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=Path("docs/quantization.csv"))
     parser.add_argument("--png", type=Path, default=Path("docs/quantization.png"))
     parser.add_argument("--verbose", action="store_true", help="per-layer weight statistics")
-    parser.add_argument("--quick", action="store_true", help="only p = q = 2, digits MLP")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="training seeds per model")
+    parser.add_argument("--quick", action="store_true", help="only p = q = 2, digits MLP, 1 seed")
     args = parser.parse_args(argv)
     builders = [digits_mlp] if args.quick else [digits_mlp, breast_cancer_mlp, digits_cnn]
     pqs = ((2.0, 2.0),) if args.quick else PQ
+    seeds = range(1 if args.quick else args.seeds)
     t0 = time.perf_counter()
-    tasks = [build() for build in builders]
+    tasks = [build(seed) for build in builders for seed in seeds]
     print(f"trained {len(tasks)} models in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     rows = run(tasks, pqs, SPREADS, args.verbose)
     print_table(rows, pqs)
+    print_summary(summarize(rows, pqs), len(rows))
+    print(f"\nmean over {len(seeds)} seeds, test accuracy (%):\n")
+    print(markdown_table(rows, pqs))
     write_csv(rows, args.csv)
     write_png(rows, pqs, args.png)
     print(f"wrote {args.csv} and {args.png} ({time.perf_counter() - t0:.0f} s)")
