@@ -58,6 +58,7 @@ def sweep_times(graph, p: float, q: float, sweeps: int) -> list[float]:
         graph,
         p,
         q,
+        method="mu",
         tol=1e-300,
         max_sweeps=sweeps,
         progress=lambda step, norm: stamps.append(time.perf_counter()),
@@ -95,7 +96,7 @@ def main() -> None:
     for sizes, net in zip(PAPER_SIZES, nets, strict=True):
         graph = net.unit_graph(2.0)
         sweep, raw, sweep_med, raw_med = per_sweep_cost(graph)
-        setup = best_of(lambda g=graph: solve(g, tol=1e-300, max_sweeps=0), 3)
+        setup = best_of(lambda g=graph: solve(g, tol=1e-300, max_sweeps=0, method="mu"), 3)
         name = "-".join(map(str, sizes))
         print(
             f"{name:<38}{sweep * 1e3:>10.2f}{raw * 1e3:>8.2f}{sweep / raw:>7.2f}"
@@ -113,7 +114,7 @@ def main() -> None:
         for p, q in exponents:
             graph = net.unit_graph(p)
             start = time.perf_counter()
-            result = solve(graph, p, q, tol=1e-6, max_sweeps=10_000)
+            result = solve(graph, p, q, tol=1e-6, max_sweeps=10_000, method="mu")
             seconds = time.perf_counter() - start
             ratio = result.norm_after / result.norm_before
             print(

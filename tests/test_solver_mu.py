@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -19,12 +20,14 @@ from networks import (
     paper_networks,
 )
 
-from onnxbalance.solver import SolveResult, methods, solve
+from onnxbalance.solver import SolveResult, methods
+from onnxbalance.solver import solve as solve_any
 from onnxbalance.solver.mu import step_size
 from onnxbalance.unitgraph import FIXED, Layer, UnitGraph
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TIGHT = {"tol": 1e-10, "max_sweeps": 200_000}
+solve = functools.partial(solve_any, method="mu")  # the default method is "newton"
 
 
 def check_against_reference(net: Network, p: float, q: float, result: SolveResult) -> None:

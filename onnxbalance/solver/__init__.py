@@ -28,6 +28,7 @@ __all__ = ["Objective", "PinnedGroup", "SolveResult", "methods", "solve"]
 Progress = Callable[[int, float], None]
 
 _METHODS: dict[str, str] = {
+    "newton": "newton:solve_newton",
     "mu": "mu:solve_mu",
 }
 
@@ -51,7 +52,7 @@ def solve(
     *,
     tol: float = 1e-6,
     max_sweeps: int = 10_000,
-    method: str = "mu",
+    method: str = "newton",
     progress: Progress | None = None,
 ) -> SolveResult:
     """Log-scales of every scale group minimising ||W||_{p,q}, with dead/cut-off groups at 0.

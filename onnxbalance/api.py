@@ -1,0 +1,310 @@
+"""The library entry points: balance a model, balance a file, check how far a model is from balance.
+
+One direction of flow, each stage timed:
+
+    load -> analyse (ModelUnits) -> solve (SolveResult) -> rewrite -> verify -> Report
+
+"Balanced" (``check``): re-balancing could lower ||W||_{p,q} by at most a relative ``tol``,
+i.e. ``1 - norm_min / norm <= tol``. Near the optimum the norm is quadratic in the log-scales,
+so a model balanced to scale tolerance ``tol`` (and stored in float32) is far inside this bound,
+while any model with a real imbalance is far outside it. The report also gives the largest
+per-unit imbalance |in - out| / (in + out) (ALGORITHM.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+
+import numpy as np
+import onnx
+
+from . import io
+from .errors import InputError, VerificationError
+from .report import Comparison, Report, fixed_entries
+from .unitgraph import ModelUnits, UnitGraph
+
+log = logging.getLogger(__name__)
+
+ModelOrPath = onnx.ModelProto | str | os.PathLike
+Progress = Callable[[int, float], None]
+Stage = Callable[[str], None]
+
+
+def balance(
+    model_or_path: ModelOrPath,
+    p: float = 2.0,
+    q: float = 2.0,
+    *,
+    tol: float = 1e-6,
+    max_sweeps: int = 10_000,
+    solver: str | None = None,
+    verify: bool = True,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    on_stage: Stage | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Rescale the hidden units of a ReLU network to minimise its l_{p,q} weight norm.
+
+    The function the model computes is unchanged; ``model_or_path`` is never modified. When
+    nothing can be balanced the returned model is an unchanged copy (``report.changed`` is False).
+
+    Args:
+        model_or_path: an ``onnx.ModelProto`` or the path of an ONNX file.
+        p, q: the norm (ALGORITHM.md §2); both > 0.
+        tol: stop when every scale factor of a sweep changes by less than this.
+        max_sweeps: give up after this many sweeps (``report.converged`` is then False).
+        solver: ``"newton"`` or ``"mu"`` (Algorithm 1); None for the solver's default.
+        verify: run both models in onnxruntime and compare their outputs.
+        inputs: arrays (or an ``.npz`` path) to verify with, instead of seeded random ones.
+        input_shapes: shapes for inputs with dynamic dimensions (default: 1 per dynamic dim).
+        progress: called with (sweep, norm) as the solver goes.
+        on_stage: called with each stage's name as it starts.
+
+    Returns:
+        The balanced model and the run's :class:`Report`.
+
+    Raises:
+        InputError, UnsupportedModelError: the model or an option cannot be used.
+        VerificationError: the outputs differ beyond tolerance; its ``report`` attribute holds
+            the full report (``report.verify.passed`` is False).
+    """
+    _check_options(p, q, tol, max_sweeps)
+    timer = _Timer(on_stage)
+    with timer("load"):
+        model, source = _load(model_or_path)
+        feed = io.load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
+    with timer("analyse"):
+        units = _analyse(model)
+        graph = units.unit_graph(p)
+    if units.n_groups == 0:
+        report = _report(units, graph, None, p, q, tol, timer.seconds, source)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy, report
+    with timer("solve"):
+        result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
+    with timer("rewrite"):
+        from .rewrite import rewrite
+
+        balanced = rewrite(model, units, result.log_scales)
+    comparison = None
+    if verify:
+        with timer("verify"):
+            from .verify import compare_models
+
+            comparison = compare_models(
+                model, balanced, inputs=feed, input_shapes=input_shapes, seed=seed
+            )
+    report = _report(units, graph, result, p, q, tol, timer.seconds, source, comparison)
+    if comparison is not None and not comparison.passed:
+        worst = max(comparison.failures, key=lambda o: o.max_rel_diff)
+        error = VerificationError(
+            f"{source or 'model'}: the balanced model's output {worst.name!r} differs from the "
+            f"input's ({worst.reason}; max abs diff {worst.max_abs_diff:.3g}, max rel diff "
+            f"{worst.max_rel_diff:.3g}); the balanced model is not written"
+        )
+        error.report = report  # type: ignore[attr-defined]
+        error.model = balanced  # type: ignore[attr-defined]
+        raise error
+    return balanced, report
+
+
+def balance_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    p: float = 2.0,
+    q: float = 2.0,
+    **options,
+) -> Report:
+    """Balance the ONNX file ``src`` and write the result to ``dst`` atomically.
+
+    ``dst`` is checked before any work (its folder must exist; it must not be ``src``). Nothing is
+    written when anything fails, verification included. Options are those of :func:`balance`.
+    """
+    io.check_output_path(dst, src)
+    on_stage = options.get("on_stage")
+    balanced, report = balance(src, p, q, **options)
+    start = time.perf_counter()
+    if on_stage is not None:
+        on_stage("write")
+    io.save_model(balanced, dst)
+    seconds = {**report.seconds, "write": time.perf_counter() - start}
+    return replace(report, seconds=seconds, output=str(dst))
+
+
+def check(
+    model_or_path: ModelOrPath,
+    p: float = 2.0,
+    q: float = 2.0,
+    *,
+    tol: float = 1e-6,
+    max_sweeps: int = 10_000,
+    solver: str | None = None,
+    progress: Progress | None = None,
+    on_stage: Stage | None = None,
+) -> Report:
+    """How far the model is from balanced; nothing is rewritten or written.
+
+    ``report.norm_after`` is the smallest norm balancing reaches, ``report.balanced`` tells
+    whether the current norm is within a relative ``tol`` of it (see the module docstring).
+    """
+    _check_options(p, q, tol, max_sweeps)
+    timer = _Timer(on_stage)
+    with timer("load"):
+        model, source = _load(model_or_path)
+    with timer("analyse"):
+        units = _analyse(model)
+        graph = units.unit_graph(p)
+    if units.n_groups == 0:
+        return _report(units, graph, None, p, q, tol, timer.seconds, source)
+    with timer("solve"):
+        result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
+    return _report(units, graph, result, p, q, tol, timer.seconds, source)
+
+
+def _check_options(p: float, q: float, tol: float, max_sweeps: int) -> None:
+    for name, value in (("p", p), ("q", q)):
+        if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):
+            raise InputError(f"--{name} must be a positive number, got {value}")
+    if not (np.isfinite(tol) and tol > 0):
+        raise InputError(f"--tol must be a positive number, got {tol}")
+    if max_sweeps < 1:
+        raise InputError(f"--max-sweeps must be at least 1, got {max_sweeps}")
+
+
+def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, ""
+    if isinstance(model_or_path, str | os.PathLike):
+        return io.load_model(model_or_path), str(model_or_path)
+    raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+
+
+def _analyse(model: onnx.ModelProto) -> ModelUnits:
+    from .analysis import analyse
+
+    return analyse(model)
+
+
+def _solve(graph, p, q, tol, max_sweeps, solver, progress, source):
+    from .solver import solve
+
+    method = {"method": solver} if solver else {}
+    try:
+        return solve(graph, p, q, tol=tol, max_sweeps=max_sweeps, progress=progress, **method)
+    except ValueError as exc:
+        # The solver refuses NaN/Inf couplings and unknown methods; both are the user's to fix.
+        raise InputError(f"{source or 'model'}: {exc}") from None
+
+
+def _report(
+    units: ModelUnits,
+    graph: UnitGraph,
+    result,
+    p: float,
+    q: float,
+    tol: float,
+    seconds: Mapping[str, float],
+    source: str,
+    comparison: Comparison | None = None,
+) -> Report:
+    pinned = () if result is None else result.pinned
+    fixed = fixed_entries(
+        [(skip.node, skip.count, skip.reason) for skip in units.skipped]
+        + [(_layer_of(pin.name), 1, pin.reason) for pin in pinned]
+    )
+    found = units.n_groups + sum(skip.count for skip in units.skipped)
+    pinned_groups = np.array([pin.group for pin in pinned], dtype=np.int64)
+    if result is None:
+        norm = _norm(graph, p, q)
+        return Report(
+            p=p, q=q, tol=tol, solver="none", norm_before=norm, norm_after=norm, sweeps=0,
+            passes=0, converged=True, message="nothing to balance: no rescalable hidden units",
+            units_found=found, units_balanced=0, units_fixed=fixed, history=(1.0,),
+            seconds=dict(seconds), source=source,
+        )  # fmt: skip
+    before = result.norm_before
+    history = tuple(h / before if before > 0 else 1.0 for h in result.history)
+    return Report(
+        p=p,
+        q=q,
+        tol=tol,
+        solver=result.solver,
+        norm_before=result.norm_before,
+        norm_after=result.norm_after,
+        sweeps=result.sweeps,
+        passes=result.passes,
+        converged=result.converged,
+        message=result.message,
+        units_found=found,
+        units_balanced=units.n_groups - len(pinned),
+        units_fixed=fixed,
+        history=history,
+        max_imbalance_before=_imbalance(graph, p, q, np.zeros(units.n_groups), pinned_groups),
+        max_imbalance_after=_imbalance(graph, p, q, result.log_scales, pinned_groups),
+        verify=comparison,
+        seconds=dict(seconds),
+        source=source,
+    )
+
+
+def _imbalance(
+    graph: UnitGraph, p: float, q: float, log_scales: np.ndarray, pinned: np.ndarray
+) -> float:
+    """max over moving groups of |in - out| / (in + out) at ``log_scales``."""
+    from .solver.objective import Objective
+
+    loads = Objective(graph, p, q).loads(np.asarray(log_scales, dtype=np.float64))
+    moving = np.ones(graph.n_groups, dtype=bool)
+    moving[pinned] = False
+    total = loads.incoming + loads.outgoing
+    moving &= total > 0
+    if not moving.any():
+        return 0.0
+    gap = np.abs(loads.incoming - loads.outgoing)[moving] / total[moving]
+    return float(gap.max())
+
+
+def _norm(graph: UnitGraph, p: float, q: float) -> float:
+    if not graph.layers:
+        return 0.0
+    from .solver.objective import Objective
+
+    objective = Objective(graph, p, q)
+    # One dummy entry: with no scale groups every unit is FIXED and never indexes it.
+    return objective.norm(objective.value(np.zeros(max(graph.n_groups, 1))))
+
+
+_INDEX_SUFFIX = re.compile(r"(\[\d+\]|[:#/]\d+)$")
+
+
+def _layer_of(group_name: str) -> str:
+    """The layer part of a scale group's name ("relu1[17]" or "relu1:17" -> "relu1")."""
+    return _INDEX_SUFFIX.sub("", group_name) or group_name
+
+
+class _Timer:
+    """Times named stages in the order they run and announces each one."""
+
+    def __init__(self, on_stage: Stage | None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._on_stage = on_stage
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self._on_stage is not None:
+            self._on_stage(stage)
+        log.info("%s ...", stage)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start

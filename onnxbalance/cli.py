@@ -1,0 +1,315 @@
+"""The ``onnxbalance`` command: parse, call the api, print, map errors to exit codes.
+
+Exit codes: 0 done (also when there is nothing to balance), 1 ``--check`` found the model not
+balanced, 2 bad usage or an unreadable/invalid/unsupported input or unwritable output,
+3 verification failed. Results and the summary go to stdout; progress, logs and the one-line
+error to stderr.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import json
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import api, io
+from .errors import InputError, OnnxBalanceError, OutputError, VerificationError
+from .report import Report, summary_table
+
+PROG = "onnxbalance"
+EXIT_OK, EXIT_UNBALANCED, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+
+
+class Solver(str, enum.Enum):
+    newton = "newton"
+    mu = "mu"
+
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Balance the hidden units of a ReLU network stored as ONNX (minimum l_{p,q} norm, "
+    "same function).",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"{PROG} {__version__}")
+        raise typer.Exit()
+
+
+@app.command(
+    epilog="Exit codes: 0 done (also nothing to balance), 1 --check found IN not balanced, "
+    "2 bad usage or unreadable/invalid/unsupported input, 3 verification failed."
+)
+def run(
+    source: Annotated[Path, typer.Argument(metavar="IN", help="ONNX model to balance.")],
+    output: Annotated[
+        Path | None,
+        typer.Argument(metavar="OUT", help="Where to write the balanced model (not with --check)."),
+    ] = None,
+    p: Annotated[float, typer.Option("--p", help="Inner exponent of the l_{p,q} norm.")] = 2.0,
+    q: Annotated[float, typer.Option("--q", help="Outer exponent of the l_{p,q} norm.")] = 2.0,
+    tol: Annotated[
+        float, typer.Option(help="Stop when every scale factor moves by less than this.")
+    ] = 1e-6,
+    max_sweeps: Annotated[int, typer.Option(help="Give up after this many sweeps.")] = 10_000,
+    solver: Annotated[
+        Solver | None, typer.Option(help="newton (fast, exact; default) or mu (Algorithm 1).")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare both models in onnxruntime.")
+    ] = True,
+    inputs: Annotated[
+        Path | None, typer.Option(metavar="F.npz", help="Verify on these arrays (.npz).")
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=D1,D2,..", help="Shape of an input with dynamic dims."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+    report: Annotated[
+        Path | None, typer.Option(metavar="F.json", help="Write the run's report as JSON.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(metavar="F.png", help="Plot norm/norm_before per sweep.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if IN is not balanced.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log each stage; list fixed units.")
+    ] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = None,
+) -> None:
+    """Balance IN into OUT, or --check how far IN is from balanced."""
+    _configure_logging(verbose and not quiet)
+    invocation = Invocation(
+        source, output, p, q, tol, max_sweeps, solver.value if solver else None, verify,
+        inputs, tuple(input_shape or ()), seed, report, plot, check, quiet, verbose,
+    )  # fmt: skip
+    try:
+        code = _run(invocation)
+    except OnnxBalanceError as exc:
+        _error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        code = 130
+    if code:
+        raise typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The parsed command line."""
+
+    source: Path
+    output: Path | None
+    p: float
+    q: float
+    tol: float
+    max_sweeps: int
+    solver: str | None
+    verify: bool
+    inputs: Path | None
+    input_shape: tuple[str, ...]
+    seed: int
+    report: Path | None
+    plot: Path | None
+    check: bool
+    quiet: bool
+    verbose: bool
+
+
+def _run(args: Invocation) -> int:
+    """Check every path before any work, run, write the report/plot, print the summary."""
+    if args.check and args.output is not None:
+        raise InputError("--check writes nothing; drop OUT")
+    if not args.check and args.output is None:
+        raise InputError("missing OUT (or use --check to only measure)")
+    shapes = parse_input_shapes(args.input_shape)
+    written = [path for path in (args.output, args.report) if path is not None]
+    if args.report is not None:
+        io.check_output_path(args.report, args.source, *written[:-1], what="report")
+    if args.plot is not None:
+        io.check_output_path(args.plot, args.source, *written, what="plot")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise OutputError("--plot needs matplotlib: pip install 'onnxbalance[plot]'")
+    if args.output is not None:
+        io.check_output_path(args.output, args.source)
+    with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        options = dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
+                       progress=progress.sweep, on_stage=progress.stage)  # fmt: skip
+        if args.check:
+            result = api.check(args.source, args.p, args.q, **options)
+        else:
+            try:
+                result = api.balance_file(
+                    args.source, args.output, args.p, args.q, verify=args.verify,
+                    inputs=args.inputs, input_shapes=shapes, seed=args.seed, **options,
+                )  # fmt: skip
+            except VerificationError as error:
+                failed = getattr(error, "report", None)
+                if failed is not None:
+                    _finish(failed, replace(args, plot=None))
+                raise
+    _finish(result, args)
+    if args.check:
+        return EXIT_OK if result.balanced else EXIT_UNBALANCED
+    return EXIT_OK
+
+
+def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
+    """``NAME=D1,D2,..`` (or ``NAME=D1xD2``) -> {NAME: (D1, D2, ..)}.
+
+    >>> parse_input_shapes(["x=1,3,224,224", "mask=2x5"])
+    {'x': (1, 3, 224, 224), 'mask': (2, 5)}
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, dims = value.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape:
+            raise InputError(f"--input-shape {value!r}: expected NAME=D1,D2,.. (e.g. x=1,3,32,32)")
+        shapes[name] = shape
+    return shapes
+
+
+def _finish(result: Report, args: Invocation) -> None:
+    if args.report is not None:
+        text = json.dumps(result.to_dict(), indent=2) + "\n"
+        io.write_bytes(args.report, text.encode())
+    if args.plot is not None:
+        _plot(result, args.plot)
+    if args.quiet:
+        return
+    from rich.console import Console
+
+    console = Console(file=sys.stdout)
+    console.print(summary_table(result, verbose=args.verbose, check=args.check))
+    if args.check:
+        if not result.changed:
+            console.print("balanced: nothing in IN can be rescaled")
+        elif result.balanced:
+            console.print(f"balanced: the norm can drop by {100 * result.gap:.3g}% at most")
+        else:
+            console.print(
+                f"NOT balanced: the norm can drop by {100 * result.gap:.3g}% "
+                f"({result.norm_before:.6g} -> {result.norm_after:.6g}), "
+                f"max imbalance {result.max_imbalance_before:.3g}"
+            )
+
+
+def _plot(result: Report, path: Path) -> None:
+    try:
+        from .plot import plot_convergence
+    except ImportError as exc:
+        raise OutputError(f"--plot is not available: {exc}") from None
+    title = f"{Path(result.source).name}: l_{{{result.p:g},{result.q:g}}} ({result.solver})"
+    try:
+        plot_convergence(result.history, path, title=title)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+
+
+class _Progress:
+    """A rich spinner on stderr showing the stage and the solver's sweep; silent when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress = None
+        self._task = None
+        self._stage = ""
+        if enabled:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=Console(file=sys.stderr),
+                transient=True,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def stage(self, name: str) -> None:
+        self._stage = name
+        if self._progress is not None:
+            self._progress.update(self._task, description=name)
+
+    def sweep(self, step: int, norm: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=f"solve: sweep {step}, norm {norm:.6g}")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format=f"{PROG}: %(message)s",
+        force=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the command, turn every user error into one line and an exit code."""
+    try:
+        code = app(args=argv, prog_name=PROG, standalone_mode=False)
+    except _usage_errors() as exc:  # unknown option, bad value, missing IN
+        _error(exc.format_message())
+        return EXIT_USAGE
+    except typer.Abort:
+        _error("interrupted")
+        return 130
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Typer's usage-error base: its vendored click's (newer typer) or click's (older typer)."""
+    classes: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):
+        classes.append(typer.TyperException)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        classes.append(click.ClickException)
+    return tuple(classes)
+
+
+def _error(message: str) -> None:
+    line = " ".join(str(message).split())
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The records a balancing run produces, their JSON form, and the summary table.
+
+A :class:`Report` aggregates one run: the l_{p,q} norm before and after (their ratio is what
+balancing bought), how many hidden units moved and which were left at scale 1 and why, the solver's
+history as ratios norm/norm_before (monotone non-increasing for every solver we ship), the
+output comparison, and seconds per stage. :class:`Comparison` is the verification record
+(Polygraphy's comparator is the model): per output the largest absolute difference and that
+difference relative to the output's magnitude, max|reference|.
+
+Records only: nothing here runs a model or a solver. ``rich`` is imported when a table is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """One output of the original model against the same output of the balanced one.
+
+    ``max_rel_diff`` is ``max_abs_diff / max|reference|``: relative to the output's magnitude, so
+    entries near zero do not blow it up. ``passed`` applies the dtype's tolerance elementwise
+    (``|diff| <= rtol * |reference| + atol``); ``reason`` says why it failed, empty if it passed.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    rtol: float
+    atol: float
+    passed: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Both models run on the same inputs; ``passed`` only if every output passed."""
+
+    outputs: tuple[OutputComparison, ...]
+    n_inputs: int
+    seed: int
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((o.max_abs_diff for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max((o.max_rel_diff for o in self.outputs), default=0.0)
+
+    @property
+    def failures(self) -> tuple[OutputComparison, ...]:
+        return tuple(o for o in self.outputs if not o.passed)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "max_abs_diff": _finite(self.max_abs_diff),
+            "max_rel_diff": _finite(self.max_rel_diff),
+            "n_inputs": self.n_inputs,
+            "seed": self.seed,
+            "outputs": [
+                {
+                    "name": o.name,
+                    "dtype": o.dtype,
+                    "shape": list(o.shape),
+                    "max_abs_diff": _finite(o.max_abs_diff),
+                    "max_rel_diff": _finite(o.max_rel_diff),
+                    "rtol": o.rtol,
+                    "atol": o.atol,
+                    "passed": o.passed,
+                    "reason": o.reason,
+                }
+                for o in self.outputs
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class FixedEntry:
+    """Hidden units of one layer left at scale 1 for one reason."""
+
+    name: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one balancing run (or one ``--check``) found out.
+
+    ``history`` holds norm/norm_before at the start and after every sweep or accepted step.
+    ``verify`` is None when verification was skipped (``--no-verify``, ``--check``, or nothing
+    changed). ``seconds`` maps stage name to wall-clock seconds, in the order the stages ran.
+    ``max_imbalance_before``/``_after`` are max over balanced units of |in - out| / (in + out)
+    (ALGORITHM.md §3; 0 means exactly balanced).
+    """
+
+    p: float
+    q: float
+    tol: float
+    solver: str
+    norm_before: float
+    norm_after: float
+    sweeps: int
+    passes: int
+    converged: bool
+    message: str
+    units_found: int
+    units_balanced: int
+    units_fixed: tuple[FixedEntry, ...]
+    history: tuple[float, ...]
+    max_imbalance_before: float = 0.0
+    max_imbalance_after: float = 0.0
+    verify: Comparison | None = None
+    seconds: Mapping[str, float] = field(default_factory=dict)
+    source: str = ""
+    output: str = ""
+
+    @property
+    def changed(self) -> bool:
+        """False when there was nothing to balance and the output equals the input."""
+        return self.units_balanced > 0
+
+    @property
+    def ratio(self) -> float:
+        """norm_after / norm_before (1 when the norm is 0 or nothing moved)."""
+        return self.norm_after / self.norm_before if self.norm_before > 0 else 1.0
+
+    @property
+    def gap(self) -> float:
+        """How much balancing can lower the norm, relative: 1 - ratio."""
+        return 1.0 - self.ratio
+
+    @property
+    def balanced(self) -> bool:
+        """Re-balancing would lower the norm by at most a relative ``tol`` (or nothing can move)."""
+        return not self.changed or self.gap <= self.tol
+
+    @property
+    def n_fixed(self) -> int:
+        return sum(entry.count for entry in self.units_fixed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN and infinities become null)."""
+        return {
+            "source": self.source,
+            "output": self.output,
+            "p": self.p,
+            "q": self.q,
+            "tol": self.tol,
+            "solver": self.solver,
+            "norm_before": _finite(self.norm_before),
+            "norm_after": _finite(self.norm_after),
+            "norm_ratio": _finite(self.ratio),
+            "sweeps": self.sweeps,
+            "passes": self.passes,
+            "converged": self.converged,
+            "message": self.message,
+            "changed": self.changed,
+            "input_balanced": self.balanced,
+            "units_found": self.units_found,
+            "units_balanced": self.units_balanced,
+            "units_fixed": [
+                {"name": e.name, "count": e.count, "reason": e.reason} for e in self.units_fixed
+            ],
+            "max_imbalance_before": _finite(self.max_imbalance_before),
+            "max_imbalance_after": _finite(self.max_imbalance_after),
+            "verify": self.verify.to_dict() if self.verify is not None else None,
+            "seconds": {stage: round(s, 6) for stage, s in self.seconds.items()},
+            "history": [_finite(h) for h in self.history],
+        }
+
+
+def fixed_entries(records: Iterable[tuple[str, int, str]]) -> tuple[FixedEntry, ...]:
+    """Merge (layer, count, reason) records: one entry per layer and reason, first-seen order.
+
+    >>> fixed_entries([("a", 2, "dead"), ("b", 1, "output"), ("a", 3, "dead")])
+    (FixedEntry(name='a', count=5, reason='dead'), FixedEntry(name='b', count=1, reason='output'))
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for name, count, reason in records:
+        counts[(name, reason)] = counts.get((name, reason), 0) + int(count)
+    return tuple(FixedEntry(name, count, reason) for (name, reason), count in counts.items())
+
+
+def verification_text(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return "skipped"
+    verdict = "PASSED" if comparison.passed else "FAILED"
+    return (
+        f"{verdict}: max abs diff {comparison.max_abs_diff:.3g}, "
+        f"max rel diff {comparison.max_rel_diff:.3g}"
+    )
+
+
+def summary_table(report: Report, *, verbose: bool = False, check: bool = False) -> Table:
+    """The end-of-run table: units, norms, sweeps, verification, seconds per stage."""
+    from rich.table import Table
+
+    title = "onnxbalance check" if check else "onnxbalance"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("norm", f"l_{{{_num(report.p)},{_num(report.q)}}}")
+    table.add_row("units found", str(report.units_found))
+    table.add_row("units balanced" if not check else "units movable", str(report.units_balanced))
+    table.add_row("units left fixed", str(report.n_fixed))
+    if verbose:
+        for entry in report.units_fixed:
+            table.add_row("", f"{entry.count} in {entry.name}: {entry.reason}")
+    if not report.changed:
+        table.add_row("result", "nothing to balance: output is an unchanged copy")
+    else:
+        after = "minimum norm" if check else "norm after"
+        table.add_row("norm before", f"{report.norm_before:.6g}")
+        table.add_row(after, f"{report.norm_after:.6g}")
+        table.add_row("ratio", f"{report.ratio:.6f} ({100 * report.gap:.4g}% lower)")
+        imbalance = f"{report.max_imbalance_before:.3g}"
+        if not check:
+            imbalance += f" -> {report.max_imbalance_after:.3g}"
+        table.add_row("max imbalance", imbalance)
+        converged = "converged" if report.converged else "NOT converged"
+        steps = "sweeps" if report.solver == "mu" else "steps"
+        table.add_row("solver", f"{report.solver}, {report.sweeps} {steps}, {converged}")
+        if verbose and report.message:
+            table.add_row("", report.message)
+    if not check and not report.changed:
+        table.add_row("verification", "not needed (model unchanged)")
+    elif not check:
+        table.add_row("verification", verification_text(report.verify))
+        if report.verify is not None and (verbose or not report.verify.passed):
+            for o in report.verify.outputs:
+                line = f"{o.name}: abs {o.max_abs_diff:.3g}, rel {o.max_rel_diff:.3g}"
+                table.add_row("", line + (f" ({o.reason})" if o.reason else ""))
+    for stage, seconds in report.seconds.items():
+        table.add_row(f"seconds {stage}", f"{seconds:.3f}")
+    if report.seconds:
+        table.add_row("seconds total", f"{sum(report.seconds.values()):.3f}")
+    return table
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None

@@ -1,0 +1,432 @@
+"""Second-order information of F(u) on a unit graph: Hessian-vector products, a two-level
+preconditioner and the exact objective on the coarse (per-layer) space.
+
+Notation of objective.py: for one row o of one layer, t_oi = c[o, i] exp(p (u_o - u_i)) over its
+movable columns, rho_o = exp(p u_o) (fixed_o + sum_i c[o, i] exp(-p u_i)), s_o = rho_o - sum_i t_oi
+and F(u) = sum_o rho_o^r. With e_o / e_i the indicator vector of the group of a row / column
+(zero for units that cannot move),
+
+    grad rho_o   = p (rho_o e_o - sum_i t_oi e_i)
+    hess rho_o   = p^2 (sum_i t_oi (e_o - e_i)(e_o - e_i)^T + s_o e_o e_o^T)
+    H            = sum_o r (r-1) rho_o^(r-2) grad rho_o grad rho_o^T + r rho_o^(r-1) hess rho_o.
+
+With D_o = grad rho_o . v / rho_o = p (v_o - (t v)_o / rho_o) the two row terms add up to
+p r^2 rho_o^r D_o on the row's group, and the column terms to
+
+    (H v)_i  +=  r p^2 v_i out_i - (t^T y)_i,     y_o = rho_o^(r-1) (p r (r-1) D_o + r p^2 v_o)
+
+where out_i = (t^T rho^(r-1))_i is the column's outgoing load (known from the gradient). So one
+Hessian-vector product costs two passes over every coupling matrix: t v and t^T y. Everything is
+written with bounded quantities (loads rho^r <= F, ratios t/rho in [0, 1], vectors shifted by
+their largest log-entry as in objective.py), so scales of 1e+-100 do not overflow. Layers whose
+couplings span less than 1e30 use a float32 copy for these products while the scales stay
+moderate (the Hessian only steers the step; F and its gradient, which decide acceptance and
+convergence, stay in float64).
+
+F is convex in u, so H is positive semi-definite; for r < 1 its first term is negative and only
+the sum is guaranteed non-negative, which is why the Newton solver guards against non-positive
+curvature.
+
+Coarse space. Aggregates group the movable scale groups by the first layer whose rows they are;
+P is the 0/1 matrix (group, aggregate). In a deep narrow network the slow mode is the per-layer
+mean of u (a 1-D Laplacian along depth that Algorithm 1 and Jacobi resolve slowly). Shifting u by
+P z multiplies t_oi by exp(p (z_A(o) - z_b(i))), so with the per-row fractions
+T_ob = (sum of t_oi over the columns of aggregate b) / rho_o (one product of each coupling matrix
+with a block of k_l indicator columns, k_l = number of aggregates among the layer's columns, 1 in
+an MLP),
+
+    rho_o(u + P z) = rho_o exp(p z_A(o)) (1 - sum_b T_ob + sum_b T_ob exp(-p z_b))
+
+is known exactly for every z without touching c again. This gives both the Galerkin matrix
+P^T H P of the two-level preconditioner (Jacobi p^2 r (r in_g + out_g) plus P (P^T H P)^-1 P^T)
+and the exact minimiser of F over the coarse space, used to move u to the right per-layer scales
+before Newton starts. We count a block product as k_l passes (max over layers), which
+over-counts (one product with a k-column block is cheaper than k products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..unitgraph import FIXED
+from .objective import _TINY, Objective, _accumulate
+
+FLOAT32_RANGE = 1e30  # largest ratio of non-zero couplings (and of scale factors) run in float32
+COARSE_RTOL = 1e-9  # the coarse solve stops when its Newton step would gain less (relative)
+
+
+def _group_values(values: np.ndarray, index: np.ndarray, movable: np.ndarray) -> np.ndarray:
+    return np.where(movable, values[index], 0.0)
+
+
+@dataclass(frozen=True)
+class _LayerStructure:
+    """What a solve needs of one layer besides the float64 couplings (fixed per solve)."""
+
+    row_movable: np.ndarray  # row_groups != FIXED
+    row_index: np.ndarray  # row_groups with FIXED replaced by 0
+    free32: np.ndarray | None  # float32 copy of free / cmax, None if the range is too wide
+    cmax: float
+    local: np.ndarray  # aggregates touched by this layer (global indices)
+    row_onehot: np.ndarray  # (rows, len(local)): row's aggregate, zero row if it cannot move
+    col_indicator: np.ndarray  # (movable cols, k): column's aggregate among ``col_local``
+    col_local: np.ndarray  # positions in ``local`` of the columns' aggregates
+
+
+def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
+    """Coarse aggregate of every group: the first layer whose rows it is (-1: cannot move)."""
+    aggregate = np.full(objective.n_groups, -1, dtype=np.int64)
+    for index, layer in enumerate(objective.layers):
+        groups = layer.row_groups[layer.row_groups != FIXED]
+        aggregate[groups[aggregate[groups] < 0]] = index
+    for layer in objective.layers:  # a group that is never a row: one aggregate of its own kind
+        groups = layer.col_groups[aggregate[layer.col_groups] < 0]
+        aggregate[groups] = len(objective.layers)
+    aggregate[~movable] = -1
+    live = aggregate >= 0
+    compact = np.full_like(aggregate, -1)
+    compact[live] = np.unique(aggregate[live], return_inverse=True)[1]
+    return compact
+
+
+def _float32_copy(free: np.ndarray, log_range: float) -> tuple[np.ndarray | None, float]:
+    """free / max(free) in float32, or None if its non-zero entries may span more than float32
+    (``log_range`` bounds |log c| over the layer's non-zero couplings, from objective.py)."""
+    if free.size == 0 or 2.0 * log_range > np.log(FLOAT32_RANGE):
+        return None, 1.0
+    cmax = float(free.max())
+    if not cmax > 0:
+        return None, 1.0
+    scaled = np.empty(free.shape, dtype=np.float32)
+    np.multiply(free, 1.0 / cmax, out=scaled, casting="unsafe")
+    return scaled, cmax
+
+
+class Workspace:
+    """The objective, the movable mask and the per-layer structure shared by all iterations."""
+
+    def __init__(self, objective: Objective, movable: np.ndarray) -> None:
+        self.objective = objective
+        self.movable = np.asarray(movable, dtype=bool)
+        self.aggregate = aggregates(objective, self.movable)
+        self.n_coarse = max(int(self.aggregate.max()) + 1, 0) if self.aggregate.size else 0
+        self.block_passes = 0
+        structures = []
+        for layer in objective.layers:
+            row_movable = layer.row_groups != FIXED
+            row_index = np.where(row_movable, layer.row_groups, 0)
+            row_agg = np.where(row_movable, self.aggregate[row_index], -1)
+            col_agg = self.aggregate[layer.col_groups]
+            local = np.unique(np.concatenate([row_agg, col_agg]))
+            local = local[local >= 0]
+            row_onehot = np.zeros((row_agg.size, local.size))
+            live_rows = np.nonzero(row_agg >= 0)[0]
+            row_onehot[live_rows, np.searchsorted(local, row_agg[live_rows])] = 1.0
+            col_used = np.unique(col_agg[col_agg >= 0])
+            col_indicator = np.zeros((col_agg.size, col_used.size))
+            live_cols = np.nonzero(col_agg >= 0)[0]
+            col_indicator[live_cols, np.searchsorted(col_used, col_agg[live_cols])] = 1.0
+            self.block_passes = max(self.block_passes, col_used.size)
+            free32, cmax = _float32_copy(layer.free, layer.log_range)
+            structures.append(
+                _LayerStructure(
+                    row_movable,
+                    row_index,
+                    free32,
+                    cmax,
+                    local,
+                    row_onehot,
+                    col_indicator,
+                    np.searchsorted(local, col_used),
+                )
+            )
+        self.structures = tuple(structures)
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Per-row and per-column quantities of one layer at one point u (all bounded)."""
+
+    load: np.ndarray  # rho_o^r
+    sums: np.ndarray  # (c @ col_factor)_o + fixed_o exp(-top): rho_o = exp(p u_o + top) sums_o
+    col_factor: np.ndarray  # exp(-p u_i - top), in (0, 1]
+    row_weight: np.ndarray  # rho_o^(r-1) exp(p u_o - top2), in [0, 1]
+    col_scale: np.ndarray  # exp(-p u_i + top2): out_i = col_scale_i (c^T row_weight)_i
+    col_out: np.ndarray  # out_i per movable column
+
+
+@dataclass(frozen=True)
+class Point:
+    """F, its loads and the layer states at one point u (two passes to compute)."""
+
+    log_scales: np.ndarray
+    value: float
+    incoming: np.ndarray
+    outgoing: np.ndarray
+    layers: tuple[LayerState, ...]
+
+    def gradient(self, q: float) -> np.ndarray:
+        return q * (self.incoming - self.outgoing)
+
+
+def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
+    """F(u), in_g and out_g like :meth:`Objective.loads` (two passes), keeping the layer states.
+
+    The vectors are shifted by one largest log-entry per layer. If that leaves a row or column
+    sum below objective.py's underflow threshold (a row far below the rest of its layer), F and
+    the loads are taken from :meth:`Objective.loads` instead (two more passes, counted), which
+    redoes such rows exactly; the layer states then only steer the Hessian.
+    """
+    objective = workspace.objective
+    p, r, n = objective.p, objective.r, objective.n_groups
+    objective.passes += 2
+    suspect = False
+    value = 0.0
+    incoming = np.zeros(n)
+    outgoing = np.zeros(n)
+    states = []
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        for layer, structure in zip(objective.layers, workspace.structures, strict=True):
+            row_log = p * _group_values(log_scales, structure.row_index, structure.row_movable)
+            col_log = -p * log_scales[layer.col_groups]
+            top = max(float(col_log.max()) if col_log.size else 0.0, 0.0)
+            col_factor = np.exp(col_log - top)
+            sums = layer.fixed_row_sum * np.exp(-top)
+            if col_log.size:
+                sums = sums + layer.free @ col_factor
+            log_rho = row_log + top + np.log(sums)  # -inf for rows with only zero couplings
+            suspect = suspect or bool(np.any((sums < _TINY) & ~layer.empty_rows))
+            load = np.exp(r * log_rho)
+            value += float(load.sum())
+            incoming += _accumulate(load, layer.row_groups, n)
+            live = np.isfinite(log_rho)
+            log_weight = np.where(live, (r - 1.0) * log_rho + row_log, -np.inf)
+            top2 = float(log_weight.max()) if log_weight.size else -np.inf
+            if col_log.size and np.isfinite(top2):
+                row_weight = np.exp(log_weight - top2)
+                col_scale = np.exp(col_log + top2)
+                back = layer.free.T @ row_weight
+                suspect = suspect or bool(np.any((back < _TINY) & ~layer.zero_cols))
+                col_out = np.where(back > 0, np.exp(col_log + top2 + np.log(back)), 0.0)
+                outgoing += np.bincount(layer.col_groups, weights=col_out, minlength=n)
+            else:
+                row_weight = np.zeros_like(load)
+                col_scale = np.zeros_like(col_log)
+                col_out = np.zeros_like(col_log)
+            states.append(LayerState(load, sums, col_factor, row_weight, col_scale, col_out))
+    if suspect:
+        with np.errstate(over="ignore"):  # an overflowing trial point is rejected, not an error
+            exact = objective.loads(log_scales)
+        value, incoming, outgoing = exact.value, exact.incoming, exact.outgoing
+    return Point(np.array(log_scales, dtype=np.float64), value, incoming, outgoing, tuple(states))
+
+
+def _fractions(
+    structure: _LayerStructure, free: np.ndarray, state: LayerState, block: np.ndarray, use32: bool
+) -> np.ndarray:
+    """(t @ block)_o / rho_o for a block of column vectors (one pass per column of the block)."""
+    if use32:
+        product = structure.free32 @ (state.col_factor[:, None] * block).astype(np.float32)
+        product = product.astype(np.float64) * structure.cmax
+    else:
+        product = free @ (state.col_factor[:, None] * block)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(state.sums[:, None] > 0, product / state.sums[:, None], 0.0)
+
+
+def _coarse_terms(
+    load: np.ndarray, fractions: np.ndarray, onehot: np.ndarray, p: float, r: float
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """sum_o rho_o^r with its gradient and Hessian in one layer's local coarse coordinates.
+
+    ``fractions`` holds T_ob (see the module docstring); grad rho_o / rho_o = p (onehot_o - T_o).
+    """
+    direction = p * (onehot - fractions)
+    gradient = r * (load @ direction)
+    hessian = r * (r - 1.0) * (direction.T @ (load[:, None] * direction))
+    cross = onehot.T @ (load[:, None] * fractions)
+    hessian += r * p * p * (onehot.T @ (load[:, None] * onehot) - cross - cross.T)
+    hessian += r * p * p * np.diag(load @ fractions)
+    return float(load.sum()), gradient, hessian
+
+
+def _shifted(
+    load: np.ndarray, fractions: np.ndarray, onehot: np.ndarray, z: np.ndarray, p: float, r: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads and fractions after u += P z (exact, no pass over c)."""
+    col_log = -p * z
+    top = max(float(col_log.max()), 0.0)
+    moved = fractions * np.exp(col_log - top)[None, :]
+    rest = np.maximum(1.0 - fractions.sum(axis=1), 0.0) * np.exp(-top)  # fixed/pinned columns
+    total = rest + moved.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        factor = np.exp(r * (p * (onehot @ z) + top + np.log(total)))
+        new_load = np.where(load > 0, load * factor, 0.0)
+        new_fractions = np.where(total[:, None] > 0, moved / total[:, None], 0.0)
+    return new_load, new_fractions
+
+
+class Curvature:
+    """Hessian of F at one point, restricted to the movable groups, and its preconditioner."""
+
+    def __init__(self, workspace: Workspace, point: Point) -> None:
+        self.workspace = workspace
+        self.point = point
+        objective = workspace.objective
+        p, r = objective.p, objective.r
+        self._use32 = []
+        self._products = []  # per layer: (matrix, column factor, 1 / sums in the matrix's units)
+        for layer, structure, state in zip(
+            objective.layers, workspace.structures, point.layers, strict=True
+        ):
+            use32 = bool(
+                structure.free32 is not None
+                and state.col_factor.size
+                and state.col_factor.min() > 1.0 / FLOAT32_RANGE
+                and state.row_weight.min(initial=1.0) > 1.0 / FLOAT32_RANGE
+            )
+            self._use32.append(use32)
+            scale = structure.cmax if use32 else 1.0
+            with np.errstate(divide="ignore"):
+                inverse = np.where(state.sums > 0, scale / state.sums, 0.0)
+            if use32:
+                self._products.append(
+                    (structure.free32, state.col_factor.astype(np.float32), inverse, scale)
+                )
+            else:
+                self._products.append((layer.free, state.col_factor, inverse, scale))
+        diagonal = p * p * r * (r * point.incoming + point.outgoing)
+        self.diagonal = np.where(workspace.movable & (diagonal > 0), diagonal, 1.0)
+        self.fractions: list[np.ndarray] | None = None
+        self._coarse_factor: np.ndarray | None = None
+
+    def matvec(self, v: np.ndarray) -> np.ndarray:
+        """H v (two passes); entries of groups that cannot move are held at zero."""
+        workspace = self.workspace
+        objective = workspace.objective
+        p, r, n = objective.p, objective.r, objective.n_groups
+        v = np.where(workspace.movable, v, 0.0)
+        result = np.zeros(n)
+        objective.passes += 2
+        size = float(np.max(np.abs(v), initial=0.0))
+        if not size > 0:
+            return result
+        v = v / size  # H is linear; a unit-size v keeps every float32 intermediate in range
+        for layer, structure, state, (matrix, col_factor, inverse, scale) in zip(
+            objective.layers, workspace.structures, self.point.layers, self._products, strict=True
+        ):
+            v_rows = _group_values(v, structure.row_index, structure.row_movable)
+            if not layer.col_groups.size:  # rows fed by fixed units only
+                result += _accumulate(p * p * r * r * state.load * v_rows, layer.row_groups, n)
+                continue
+            v_cols = v[layer.col_groups]
+            d = p * (v_rows - inverse * (matrix @ (col_factor * v_cols.astype(matrix.dtype))))
+            result += _accumulate(p * r * r * state.load * d, layer.row_groups, n)
+            y = state.row_weight * (p * r * (r - 1.0) * d + r * p * p * v_rows)
+            back = scale * (matrix.T @ y.astype(matrix.dtype)).astype(np.float64)
+            column = r * p * p * v_cols * state.col_out - state.col_scale * back
+            result += np.bincount(layer.col_groups, weights=column, minlength=n)
+        return np.where(workspace.movable, result * size, 0.0)
+
+    def build_coarse(self) -> None:
+        """P^T H P for the layer aggregates, Cholesky-factored (see the module docstring)."""
+        workspace = self.workspace
+        if workspace.n_coarse == 0:
+            return
+        objective = workspace.objective
+        p, r = objective.p, objective.r
+        objective.passes += workspace.block_passes
+        self.fractions = []
+        coarse = np.zeros((workspace.n_coarse, workspace.n_coarse))
+        for layer, structure, state, use32 in zip(
+            objective.layers, workspace.structures, self.point.layers, self._use32, strict=True
+        ):
+            fractions = np.zeros((state.load.size, structure.local.size))
+            if structure.col_indicator.shape[1]:
+                fractions[:, structure.col_local] = _fractions(
+                    structure, layer.free, state, structure.col_indicator, use32
+                )
+            self.fractions.append(fractions)
+            if structure.local.size:
+                _, _, hessian = _coarse_terms(state.load, fractions, structure.row_onehot, p, r)
+                coarse[np.ix_(structure.local, structure.local)] += hessian
+        try:
+            self._coarse_factor = np.linalg.cholesky(coarse)
+        except np.linalg.LinAlgError:
+            self._coarse_factor = None  # keep the Jacobi part alone
+
+    def reuse_coarse(self, other: Curvature) -> None:
+        """Precondition with the coarse matrix of a nearby point (no pass)."""
+        self._coarse_factor = other._coarse_factor
+
+    def precondition(self, residual: np.ndarray) -> np.ndarray:
+        movable = self.workspace.movable
+        z = np.where(movable, residual / self.diagonal, 0.0)
+        if self._coarse_factor is not None:
+            aggregate = self.workspace.aggregate
+            live = aggregate >= 0
+            restricted = np.bincount(
+                aggregate[live], weights=residual[live], minlength=self.workspace.n_coarse
+            )
+            lower = self._coarse_factor
+            solved = np.linalg.solve(lower.T, np.linalg.solve(lower, restricted))
+            z[live] += solved[aggregate[live]]
+        return z
+
+    def coarse_minimiser(self, max_iter: int = 200, rtol: float = COARSE_RTOL) -> np.ndarray:
+        """P z with z minimising F(u + P z) (damped Newton on the coarse space, no passes).
+
+        Zero if the coarse space is empty or :meth:`build_coarse` has not run.
+        """
+        workspace = self.workspace
+        if self.fractions is None or workspace.n_coarse == 0:
+            return np.zeros(workspace.objective.n_groups)
+        p, r = workspace.objective.p, workspace.objective.r
+        layers = [
+            (state.load, fractions, structure)
+            for state, fractions, structure in zip(
+                self.point.layers, self.fractions, workspace.structures, strict=True
+            )
+        ]
+
+        def terms(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+            value = 0.0
+            gradient = np.zeros(workspace.n_coarse)
+            hessian = np.zeros((workspace.n_coarse, workspace.n_coarse))
+            for load, fractions, structure in layers:
+                if not structure.local.size:
+                    value += float(load.sum())
+                    continue
+                moved = _shifted(load, fractions, structure.row_onehot, z[structure.local], p, r)
+                v, g, h = _coarse_terms(moved[0], moved[1], structure.row_onehot, p, r)
+                value += v
+                gradient[structure.local] += g
+                hessian[np.ix_(structure.local, structure.local)] += h
+            return value, gradient, hessian
+
+        z = np.zeros(workspace.n_coarse)
+        value, gradient, hessian = terms(z)
+        for _ in range(max_iter):
+            try:
+                step = -np.linalg.solve(hessian, gradient)
+            except np.linalg.LinAlgError:
+                break
+            slope = float(gradient @ step)
+            if not (np.isfinite(slope) and slope < -rtol * value):
+                break
+            length = 1.0
+            for _ in range(60):
+                trial = terms(z + length * step)
+                if trial[0] <= value + 1e-4 * length * slope:
+                    break
+                length *= 0.5
+            else:
+                break
+            z = z + length * step
+            value, gradient, hessian = trial
+        shift = np.zeros(workspace.objective.n_groups)
+        live = workspace.aggregate >= 0
+        shift[live] = z[workspace.aggregate[live]]
+        return shift

@@ -1,0 +1,293 @@
+"""A faster exact solver: Newton's method on the log-scales with preconditioned conjugate gradients.
+
+It minimises the same convex F(u) = ||W||_{p,q}^q as Algorithm 1 (ALGORITHM.md §3-§7) on the same
+unit graph, tied and pinned groups included, and stops on the same test.
+
+First, u moves to the exact minimiser of F over the per-layer scales (curvature.py: the coarse
+space, solved without further passes): in a deep network that is the slow, strongly nonlinear
+part that Algorithm 1 needs thousands of sweeps for. Then each iteration at u, with gradient
+g = q (in - out):
+
+1. Solve H d = -g inexactly with conjugate gradients (curvature.py: H v costs two passes; the
+   preconditioner is Jacobi plus a per-layer coarse correction, rebuilt only after u moved by
+   more than COARSE_REUSE). The relative residual target min(1/2, sqrt(max |eta log(out/in)|))
+   gives superlinear convergence near the minimum. If CG meets non-positive curvature (possible
+   for r < 1 only through round-off) it stops there (first iteration: the preconditioned
+   gradient).
+2. Backtracking line search from step 1: accept the first step with
+   F(u + a d) <= F(u) + 1e-4 a g.d (Armijo), so F strictly decreases. Trial points are full
+   evaluations (two passes), so the accepted one already carries the next gradient.
+3. If d is not a descent direction or the line search fails, take one step of Algorithm 1
+   instead: u_g += eta log(out_g / in_g). Its auxiliary-function argument guarantees that F does
+   not increase, so every accepted step is monotone.
+
+Round-off: once the predicted decrease -g.d is below the resolution of the computed F (about
+64 eps |log F| relative), F values no longer order the points; a step is then accepted if F stays
+within that resolution and Algorithm 1's imbalance max_g |log(out_g / in_g)| shrinks. Algorithm 1
+itself is monotone only up to the same round-off.
+
+Stopping: converged when every group's Algorithm-1 factor a_g = (out_g / in_g)^eta satisfies
+|a_g - 1| < tol at the current point, exactly the test that ends Algorithm 1, so both solvers
+stop on the same tolerance. Newton typically passes it with a much smaller gradient than
+Algorithm 1 does (the last step converges quadratically), so its minimum is the more accurate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..unitgraph import UnitGraph
+from .curvature import Curvature, Point, Workspace, evaluate
+from .mu import step_size
+from .objective import Objective, movable_groups
+from .result import SolveResult
+
+logger = logging.getLogger(__name__)
+
+ARMIJO = 1e-4
+MAX_BACKTRACKS = 30
+ROUND_OFF = 64 * np.finfo(float).eps
+# The coarse matrix (one block pass) is rebuilt only after u moved by more than this since it
+# was last built: it only preconditions, and near the minimum it hardly changes.
+COARSE_REUSE = 0.2
+
+
+def resolution(value: float) -> float:
+    """Relative round-off of a computed F: a sum of many exp(r log rho_o), and exp(x) carries
+    a relative error of about |x| eps, so the resolution grows with |log F|."""
+    return ROUND_OFF * max(1.0, abs(float(np.log(value)))) if value > 0 else ROUND_OFF
+
+
+def mu_log_step(point: Point, movable: np.ndarray, eta: float) -> np.ndarray:
+    """One Algorithm-1 sweep as a change of log-scales: eta log(out / in) on movable groups."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = eta * (np.log(point.outgoing) - np.log(point.incoming))
+    return np.where(movable & np.isfinite(step), step, 0.0)
+
+
+def mu_converged(point: Point, movable: np.ndarray, eta: float, tol: float) -> bool:
+    """Algorithm 1's stopping test |a_g - 1| < tol for the factors of a sweep from ``point``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = eta * (np.log(point.outgoing[movable]) - np.log(point.incoming[movable]))
+    return bool(np.all(np.abs(np.expm1(step)) < tol))
+
+
+@dataclass(frozen=True)
+class NewtonOutcome:
+    """What :func:`minimise` found; the dispatcher turns it into a SolveResult."""
+
+    log_scales: np.ndarray
+    converged: bool
+    iterations: int  # accepted steps
+    cg_iterations: int
+    mu_fallbacks: int
+    values: tuple[float, ...]  # F at the start and after every accepted step
+    message: str
+
+
+def _conjugate_gradients(
+    curvature: Curvature, rhs: np.ndarray, rtol: float, max_iter: int
+) -> tuple[np.ndarray, int]:
+    """Approximately solve H x = rhs; stops early on non-positive curvature."""
+    x = np.zeros_like(rhs)
+    residual = rhs.copy()
+    z = curvature.precondition(residual)
+    direction = z.copy()
+    rz = float(residual @ z)
+    target = rtol * np.sqrt(max(rz, 0.0))
+    for iteration in range(1, max_iter + 1):
+        h_direction = curvature.matvec(direction)
+        curvature_along = float(direction @ h_direction)
+        if not curvature_along > 0:
+            return (x if iteration > 1 else z), iteration
+        alpha = rz / curvature_along
+        x += alpha * direction
+        residual -= alpha * h_direction
+        z = curvature.precondition(residual)
+        rz_new = float(residual @ z)
+        if np.sqrt(max(rz_new, 0.0)) <= target:
+            return x, iteration
+        direction = z + (rz_new / rz) * direction
+        rz = rz_new
+    return x, max_iter
+
+
+def _imbalance(point: Point, workspace: Workspace) -> float:
+    """max_g |log(out_g / in_g)|: Algorithm 1's stopping measure, scale-free per group."""
+    movable = workspace.movable
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log(point.outgoing[movable]) - np.log(point.incoming[movable])
+    return float(np.max(np.abs(ratio), initial=0.0)) if np.all(np.isfinite(ratio)) else np.inf
+
+
+def _line_search(
+    workspace: Workspace, point: Point, direction: np.ndarray, slope: float
+) -> Point | None:
+    """First point along ``direction`` (steps 1, then shrinking) that satisfies Armijo.
+
+    When the predicted decrease -slope is below the resolution of F (round-off), comparing F
+    values says nothing; then the full step is taken if F stays within its resolution and the
+    imbalance max_g |log(out_g / in_g)| shrinks (in exact arithmetic such a Newton step
+    decreases F), else None.
+    """
+    step = 1.0
+    at_round_off = -slope <= resolution(point.value) * point.value
+    for _ in range(MAX_BACKTRACKS):
+        moved = point.log_scales + step * direction
+        if np.array_equal(moved, point.log_scales):
+            return None
+        trial = evaluate(workspace, moved)
+        if at_round_off:
+            same = trial.value <= point.value * (1.0 + resolution(point.value))
+            shrinks = _imbalance(trial, workspace) < _imbalance(point, workspace)
+            return trial if same and shrinks else None
+        if np.isfinite(trial.value):
+            if trial.value <= point.value + ARMIJO * step * slope:
+                return trial
+            # minimiser of the quadratic through F(0), F'(0), F(step), kept in [0.1, 0.5] step
+            excess = trial.value - point.value - step * slope
+            shrink = -slope * step / (2.0 * excess) if excess > 0 else 0.5
+            step *= min(0.5, max(0.1, shrink))
+        else:
+            step *= 0.1
+    return None
+
+
+def minimise(
+    objective: Objective,
+    movable: np.ndarray,
+    *,
+    tol: float = 1e-6,
+    max_steps: int = 10_000,
+    max_cg: int = 50,
+    progress: Callable[[int, float], None] | None = None,
+) -> NewtonOutcome:
+    """Minimise F over the movable groups from u = 0 (the other groups stay at 0).
+
+    Args:
+        objective: F(u) on the unit graph; its ``passes`` counter is advanced honestly.
+        movable: boolean mask of the groups that may move.
+        tol: Algorithm 1's tolerance delta on the per-group factors.
+        max_steps: accepted steps before giving up (reported as not converged).
+        max_cg: conjugate-gradient iterations per Newton iteration.
+        progress: optional callable(step, ||W||_{p,q}) after every accepted step.
+
+    Returns:
+        The log-scales, whether the stopping test passed, and F after every accepted step.
+    """
+    workspace = Workspace(objective, movable)
+    movable = workspace.movable
+    eta = step_size(objective.p, objective.q)
+    point = evaluate(workspace, np.zeros(objective.n_groups))
+    values = [point.value]
+    counts = {"cg": 0, "fallback": 0}
+
+    def outcome(converged: bool, message: str) -> NewtonOutcome:
+        return NewtonOutcome(
+            point.log_scales,
+            converged,
+            len(values) - 1,
+            counts["cg"],
+            counts["fallback"],
+            tuple(values),
+            message,
+        )
+
+    def accept(trial: Point) -> None:
+        nonlocal point
+        point = trial
+        values.append(point.value)
+        if progress is not None:
+            progress(len(values) - 1, objective.norm(point.value))
+
+    first = True
+    coarse_source: Curvature | None = None  # the last point whose coarse matrix was built
+    while True:
+        if not movable.any() or mu_converged(point, movable, eta, tol):
+            return outcome(
+                True,
+                f"converged in {len(values) - 1} steps: every factor of an "
+                f"Algorithm-1 sweep within {tol:g} of 1",
+            )
+        if len(values) - 1 >= max_steps:
+            return outcome(False, f"did not converge in {max_steps} steps; raise max_sweeps or tol")
+        curvature = Curvature(workspace, point)
+        moved = (
+            np.inf
+            if coarse_source is None
+            else float(np.max(np.abs(point.log_scales - coarse_source.point.log_scales)))
+        )
+        if moved > COARSE_REUSE:
+            curvature.build_coarse()
+            coarse_source = curvature
+        else:
+            curvature.reuse_coarse(coarse_source)
+        if first:
+            # The per-layer scales are the slow, strongly nonlinear part: solve them exactly.
+            first = False
+            shift = curvature.coarse_minimiser()
+            if np.any(shift):
+                trial = evaluate(workspace, point.log_scales + shift)
+                if trial.value < point.value:
+                    accept(trial)
+                    continue
+        gradient = np.where(movable, point.gradient(objective.q), 0.0)
+        mu_step = mu_log_step(point, movable, eta)
+        forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
+        direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
+        counts["cg"] += used
+        slope = float(gradient @ direction)
+        trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
+        if trial is None:
+            # Algorithm 1's step cannot raise F: the check only allows for the round-off in F.
+            counts["fallback"] += 1
+            trial = evaluate(workspace, point.log_scales + mu_step)
+            if not trial.value <= point.value * (1.0 + resolution(point.value)):
+                return outcome(False, "stalled: no step decreases the norm (round-off level)")
+        accept(trial)
+        logger.debug("newton step %d: F=%.17g cg=%d", len(values) - 1, point.value, used)
+
+
+def solve_newton(
+    graph: UnitGraph,
+    p: float,
+    q: float,
+    *,
+    tol: float,
+    max_sweeps: int,
+    progress: Callable[[int, float], None] | None = None,
+) -> SolveResult:
+    """Run the Newton solver on ``graph`` (dead and cut-off groups already FIXED).
+
+    ``max_sweeps`` bounds the number of accepted steps. Returns a SolveResult with
+    ``pinned=()``; :func:`onnxbalance.solver.solve` fills it in.
+    """
+    objective = Objective(graph, p, q)
+    found = minimise(
+        objective, movable_groups(graph), tol=tol, max_steps=max_sweeps, progress=progress
+    )
+    history = tuple(objective.norm(value) for value in found.values)
+    logger.debug(
+        "newton: %s (%d passes, %d CG iterations)",
+        found.message,
+        objective.passes,
+        found.cg_iterations,
+    )
+    return SolveResult(
+        log_scales=found.log_scales,
+        norm_before=history[0],
+        norm_after=history[-1],
+        sweeps=found.iterations,
+        passes=objective.passes,
+        converged=found.converged,
+        message=found.message,
+        history=history,
+        pinned=(),
+        solver="newton",
+        p=objective.p,
+        q=objective.q,
+    )

@@ -1,0 +1,288 @@
+"""Run the original and the balanced model on the same inputs and compare every output.
+
+The only module that imports onnxruntime (lazily, inside :func:`run_model`).
+
+Inputs are seeded random arrays built from each graph input's declared dtype and shape
+(dynamic dimensions: 1, or the user's ``input_shapes``), or the user's arrays. Floating outputs
+pass when, elementwise,
+
+    |balanced - reference| <= rtol * |reference| + atol,    atol = atol_scale * max|reference|
+
+with (rtol, atol_scale) chosen by dtype (float32: 1e-5, 1e-5): tolerances relative to the
+output's magnitude, because rescaling by exact powers would be exact and the only differences
+are rounding. Integer and boolean outputs (labels) must be equal. A floating output that is all
+zero on the test inputs fails: it could not tell a broken model from a correct one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import InputError
+from .report import Comparison, OutputComparison
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Comparison", "OutputComparison", "compare_models", "make_inputs", "tolerance"]
+
+_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-5, 1e-5),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (3e-2, 3e-2),
+}
+
+
+def tolerance(dtype: np.dtype | str) -> tuple[float, float]:
+    """(rtol, atol relative to max|reference|) for outputs of this dtype; (0, 0) means exact."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    return _TOLERANCES.get(name, (0.0, 0.0))
+
+
+def compare_models(
+    original: onnx.ModelProto,
+    balanced: onnx.ModelProto,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> Comparison:
+    """Run both models in onnxruntime (one after the other) and compare every output.
+
+    Raises:
+        InputError: bad ``inputs``/``input_shapes``, or onnxruntime refuses the original model
+            or the inputs.
+    """
+    feed = make_inputs(original, inputs=inputs, input_shapes=input_shapes, seed=seed)
+    reference = run_model(original, feed, "the input model")
+    result = run_model(balanced, feed, "the balanced model")
+    outputs = tuple(compare_output(name, reference[name], result[name]) for name in reference)
+    comparison = Comparison(outputs=outputs, n_inputs=len(feed), seed=seed)
+    log.info(
+        "verification %s: max abs diff %.3g, max rel diff %.3g",
+        "passed" if comparison.passed else "FAILED",
+        comparison.max_abs_diff,
+        comparison.max_rel_diff,
+    )
+    return comparison
+
+
+def make_inputs(
+    model: onnx.ModelProto,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The arrays to feed: the user's ``inputs`` if given, else seeded random ones.
+
+    Random floats are standard normal, integers uniform in [0, 4) (small enough to be valid
+    indices), booleans fair coin flips.
+
+    Raises:
+        InputError: an input is not fed or unknown, a shape has the wrong rank or a
+            non-positive dimension, or an input's dtype cannot be generated.
+    """
+    declared = graph_inputs(model)
+    input_shapes = dict(input_shapes or {})
+    unknown = sorted(set(input_shapes) - set(declared))
+    if unknown:
+        raise InputError(
+            f"--input-shape names {', '.join(unknown)}, not inputs of the model "
+            f"(inputs: {', '.join(declared) or 'none'})"
+        )
+    if inputs is not None:
+        return _check_fed(declared, inputs)
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name, value in declared.items():
+        dtype, shape = _dtype_and_shape(name, value, input_shapes.get(name))
+        if np.issubdtype(dtype, np.floating):
+            feed[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feed[name] = rng.integers(0, 2, size=shape).astype(np.bool_)
+        elif np.issubdtype(dtype, np.integer):
+            feed[name] = rng.integers(0, 4, size=shape).astype(dtype)
+        else:
+            raise InputError(
+                f"input {name!r} has dtype {dtype}, which cannot be generated; "
+                "give arrays with --inputs FILE.npz"
+            )
+    return feed
+
+
+def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The inputs a caller must feed: graph inputs that are not initializers (old IR lists both)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {v.name: v for v in model.graph.input if v.name not in initializers}
+
+
+def run_model(
+    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` on ``feed``, as arrays keyed by output name.
+
+    Raises:
+        InputError: onnxruntime cannot load or run the model.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Basic optimisations only: fusions could differ between the two graphs and blur the check.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        names = [o.name for o in session.get_outputs()]
+        types = [o.type for o in session.get_outputs()]
+        values = session.run(names, dict(feed))
+    except Exception as exc:  # onnxruntime raises its own untyped exception classes
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"onnxruntime cannot run {what}: {message}") from None
+    finally:
+        session = None  # free the session's buffers before the next model is loaded
+    return {
+        name: _to_array(value, kind) for name, value, kind in zip(names, values, types, strict=True)
+    }
+
+
+def compare_output(name: str, reference: np.ndarray, result: np.ndarray) -> OutputComparison:
+    """Compare one output; see the module docstring for the rule."""
+    dtype = reference.dtype
+    shape = tuple(int(d) for d in reference.shape)
+    rtol, atol_scale = tolerance(dtype)
+
+    def record(abs_diff: float, rel_diff: float, atol: float, passed: bool, reason: str = ""):
+        return OutputComparison(
+            name, dtype.name, shape, abs_diff, rel_diff, rtol, atol, passed, reason
+        )
+
+    if result.shape != reference.shape:
+        return record(np.inf, np.inf, 0.0, False, f"shape {result.shape} != {reference.shape}")
+    if not np.issubdtype(dtype, np.inexact):
+        if dtype.kind in "OUS":
+            equal = np.array_equal(reference, result)
+            return record(
+                0.0 if equal else np.inf,
+                0.0 if equal else np.inf,
+                0.0,
+                equal,
+                "" if equal else "values differ",
+            )
+        differ = int(np.count_nonzero(reference != result))
+        diff = np.abs(reference.astype(np.float64) - result.astype(np.float64))
+        abs_diff = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(reference.astype(np.float64)).max()) if reference.size else 0.0
+        rel = abs_diff / scale if scale > 0 else (0.0 if abs_diff == 0 else np.inf)
+        reason = f"{differ} of {reference.size} values differ" if differ else ""
+        return record(abs_diff, rel, 0.0, differ == 0, reason)
+
+    ref = reference.astype(np.float64)
+    res = result.astype(np.float64)
+    finite = np.isfinite(ref)
+    same_nonfinite = np.array_equal(ref[~finite], res[~finite], equal_nan=True)
+    if not np.all(np.isfinite(res[finite])) or not same_nonfinite:
+        return record(np.inf, np.inf, 0.0, False, "non-finite values differ")
+    ref, res = ref[finite], res[finite]
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    diff = np.abs(ref - res)
+    abs_diff = float(diff.max()) if diff.size else 0.0
+    atol = atol_scale * scale
+    if scale == 0.0:
+        return record(
+            abs_diff,
+            0.0 if abs_diff == 0 else np.inf,
+            0.0,
+            False,
+            "output is all zero on the test inputs, so the check cannot fail",
+        )
+    rel_diff = abs_diff / scale
+    bad = int(np.count_nonzero(diff > rtol * np.abs(ref) + atol))
+    reason = f"{bad} of {ref.size} values outside tolerance" if bad else ""
+    return record(abs_diff, rel_diff, atol, bad == 0, reason)
+
+
+def _check_fed(
+    declared: Mapping[str, onnx.ValueInfoProto], inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    missing = sorted(set(declared) - set(inputs))
+    extra = sorted(set(inputs) - set(declared))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"not model inputs: {', '.join(extra)}")
+        raise InputError(f"--inputs arrays do not match the model's inputs ({'; '.join(parts)})")
+    feed = {}
+    for name, value in declared.items():
+        array = np.asarray(inputs[name])
+        dtype, _ = _dtype_and_shape(name, value, array.shape)
+        if array.dtype != dtype:
+            raise InputError(
+                f"--inputs array {name!r} has dtype {array.dtype}, the model expects {dtype}"
+            )
+        feed[name] = array
+    return feed
+
+
+def _dtype_and_shape(
+    name: str, value: onnx.ValueInfoProto, override: Sequence[int] | None
+) -> tuple[np.dtype, tuple[int, ...]]:
+    if not value.type.HasField("tensor_type"):
+        raise InputError(f"input {name!r} is not a tensor; give arrays with --inputs FILE.npz")
+    tensor_type = value.type.tensor_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except (KeyError, TypeError, ValueError):
+        raise InputError(
+            f"input {name!r} has an element type numpy cannot hold; give arrays with --inputs"
+        ) from None
+    declared = (
+        [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if tensor_type.HasField("shape")
+        else None
+    )
+    if override is not None:
+        shape = tuple(int(d) for d in override)
+        if declared is not None and len(shape) != len(declared):
+            raise InputError(
+                f"input {name!r} has rank {len(declared)}, but {len(shape)} dimensions were given"
+            )
+        if any(d <= 0 for d in shape):
+            raise InputError(f"input {name!r}: dimensions must be positive, got {shape}")
+        for given, fixed in zip(shape, declared or [], strict=False):
+            if fixed is not None and fixed > 0 and given != fixed:
+                raise InputError(
+                    f"input {name!r}: dimension {given} given where the model fixes {fixed}"
+                )
+        return dtype, shape
+    if declared is None:
+        raise InputError(f"input {name!r} has no declared shape; give it with --input-shape")
+    return dtype, tuple(d if d else 1 for d in declared)
+
+
+_ORT_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+                      "tensor(float16)": np.float16}  # fmt: skip
+
+
+def _to_array(value: Any, kind: str = "") -> np.ndarray:
+    """onnxruntime returns arrays, but sequences of maps (ZipMap) as lists of Python dicts.
+
+    Their values come back as Python floats; the declared element type (``kind`` is e.g.
+    ``seq(map(int64,tensor(float)))``) says which tolerance applies.
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    dtype = next((t for name, t in _ORT_ELEMENT_TYPES.items() if name in kind), None)
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        keys = sorted(value[0])
+        return np.array([[row[k] for k in keys] for row in value], dtype=dtype)
+    return np.asarray(value, dtype=dtype)

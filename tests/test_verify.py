@@ -1,0 +1,183 @@
+"""Output comparison: equivalent models pass, changed ones fail, inputs follow declared types."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from gemm_mlp import add_relu_model, gemm_mlp
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxbalance.errors import InputError
+from onnxbalance.verify import compare_models, compare_output, make_inputs, run_model, tolerance
+
+
+def _perturbed(model: onnx.ModelProto, name: str, factor: float) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.name == name:
+            array = numpy_helper.to_array(tensor) * np.float32(factor)
+            tensor.CopyFrom(numpy_helper.from_array(array, name))
+    return copy
+
+
+def test_identical_models_pass_with_zero_difference():
+    model = gemm_mlp([5, 7, 3], seed=0)
+    result = compare_models(model, model)
+    assert result.passed and bool(result)
+    assert result.max_abs_diff == 0.0 and result.max_rel_diff == 0.0
+    assert result.n_inputs == 1 and [o.name for o in result.outputs] == ["y"]
+
+
+def test_rescaled_equivalent_model_passes():
+    # the same function with hidden units scaled by 1000 and 1e-3: only rounding differs
+    original = gemm_mlp([10, 20, 20, 4], seed=1)
+    rescaled = gemm_mlp([10, 20, 20, 4], seed=1, scale_hidden=[1e3, 1e-3])
+    result = compare_models(original, rescaled)
+    assert result.passed
+    assert 0.0 < result.max_rel_diff < 1e-5
+
+
+def test_changed_weight_fails_and_says_why():
+    original = gemm_mlp([10, 20, 4], seed=2)
+    changed = _perturbed(original, "W1", 1.01)
+    result = compare_models(original, changed)
+    assert not result.passed
+    (failure,) = result.failures
+    assert failure.name == "y" and "outside tolerance" in failure.reason
+    assert result.max_abs_diff > 0
+
+
+def test_all_zero_output_counts_as_failure():
+    # Relu of a strongly negative pre-activation: the output is 0 for any test input
+    model = gemm_mlp([3, 4], seed=0)
+    for tensor in model.graph.initializer:
+        if tensor.name == "B0":
+            tensor.CopyFrom(numpy_helper.from_array(np.full(4, -1e6, np.float32), "B0"))
+    relu = helper.make_node("Relu", ["y"], ["z"], "last_relu")
+    model.graph.node.append(relu)
+    model.graph.output[0].name = "z"
+    result = compare_models(model, model)
+    assert not result.passed
+    assert "all zero" in result.outputs[0].reason
+
+
+def test_seeded_inputs_are_reproducible_and_shapes_resolved():
+    model = gemm_mlp([5, 6, 2], batch="N")
+    a = make_inputs(model, seed=3)
+    b = make_inputs(model, seed=3)
+    c = make_inputs(model, seed=4)
+    assert a["x"].shape == (1, 5) and a["x"].dtype == np.float32
+    np.testing.assert_array_equal(a["x"], b["x"])
+    assert not np.array_equal(a["x"], c["x"])
+    assert make_inputs(model, input_shapes={"x": (7, 5)})["x"].shape == (7, 5)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        ({"y": (1, 5)}, "not inputs of the model"),
+        ({"x": (1, 5, 1)}, "rank 2"),
+        ({"x": (0, 5)}, "positive"),
+        ({"x": (2, 6)}, "model fixes 5"),
+    ],
+)
+def test_bad_input_shapes(shapes, message):
+    with pytest.raises(InputError, match=message):
+        make_inputs(gemm_mlp([5, 6, 2]), input_shapes=shapes)
+
+
+def test_integer_and_bool_inputs_are_generated():
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["idx"], ["fi"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["mask"], ["fm"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["fi", "fm"], ["s"]),
+            helper.make_node("Add", ["s", "x"], ["y"]),
+        ],
+        "typed",
+        [
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["B", 3]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", 3]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = make_inputs(model, input_shapes={"idx": (4, 3), "mask": (4, 3), "x": (4, 3)})
+    assert feed["idx"].dtype == np.int64 and feed["mask"].dtype == np.bool_
+    assert set(np.unique(feed["idx"])) <= {0, 1, 2, 3}
+    assert compare_models(model, model, input_shapes={"idx": (4, 3), "mask": (4, 3),
+                                                      "x": (4, 3)}).passed  # fmt: skip
+
+
+def test_user_inputs_are_checked_and_used():
+    model = gemm_mlp([5, 6, 2])
+    x = np.arange(15, dtype=np.float32).reshape(3, 5)
+    result = compare_models(model, model, inputs={"x": x})
+    assert result.passed and result.outputs[0].shape == (3, 2)
+    with pytest.raises(InputError, match="missing x"):
+        compare_models(model, model, inputs={"z": x})
+    with pytest.raises(InputError, match="dtype float64"):
+        compare_models(model, model, inputs={"x": x.astype(np.float64)})
+
+
+def test_tolerance_fits_the_dtype():
+    assert tolerance("float32") == (1e-5, 1e-5)
+    assert tolerance(np.float16)[0] >= 1e-3
+    assert tolerance(np.float64)[0] <= 1e-9
+    assert tolerance(np.int64) == (0.0, 0.0)
+    ref = np.linspace(-1, 1, 50).astype(np.float32)
+    assert compare_output("y", ref, ref * np.float32(1 + 2e-6)).passed
+    assert not compare_output("y", ref, ref * np.float32(1 + 1e-3)).passed
+    ref64 = ref.astype(np.float64)
+    assert not compare_output("y", ref64, ref64 * (1 + 2e-6)).passed
+    ref16 = ref.astype(np.float16)
+    assert compare_output("y", ref16, (ref16 * np.float16(1.001)).astype(np.float16)).passed
+
+
+def test_integer_outputs_must_match_exactly():
+    labels = np.array([0, 3, 7])
+    assert compare_output("label", labels, labels.copy()).passed
+    failed = compare_output("label", labels, np.array([0, 3, 6]))
+    assert not failed.passed and "1 of 3" in failed.reason
+    # a label output that happens to be all zero is fine: it is exact, not a blind check
+    assert compare_output("label", np.zeros(3, np.int64), np.zeros(3, np.int64)).passed
+
+
+def test_nan_and_shape_mismatch_fail():
+    ref = np.ones(4, np.float32)
+    bad = ref.copy()
+    bad[1] = np.nan
+    assert "non-finite" in compare_output("y", ref, bad).reason
+    assert "shape" in compare_output("y", ref, np.ones(5, np.float32)).reason
+
+
+def test_model_without_weights_runs():
+    model = add_relu_model()
+    assert compare_models(model, model).passed
+
+
+def test_onnxruntime_failure_is_a_user_error():
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["y"], domain="com.example")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    with pytest.raises(InputError, match="onnxruntime cannot run the input model") as info:
+        run_model(model, {"x": np.ones(2, np.float32)}, "the input model")
+    assert "\n" not in str(info.value)
+
+
+def test_zipmap_outputs_keep_their_declared_float_type():
+    from onnxbalance.verify import _to_array
+
+    rows = [{1: 0.25, 0: 0.75}, {0: 0.5, 1: 0.5}]
+    array = _to_array(rows, "seq(map(int64,tensor(float)))")
+    assert array.dtype == np.float32
+    np.testing.assert_array_equal(array, [[0.75, 0.25], [0.5, 0.5]])
+    assert _to_array(rows, "seq(map(int64,tensor(double)))").dtype == np.float64
