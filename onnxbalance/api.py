@@ -28,6 +28,7 @@ from . import io
 from .errors import InputError, VerificationError
 from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
+from .weightstats import LayerStats, layer_stats
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def _report(
             p=p, q=q, tol=tol, solver="none", norm_before=norm, norm_after=norm, sweeps=0,
             passes=0, converged=True, message="nothing to balance: no rescalable hidden units",
             units_found=found, units_balanced=0, units_fixed=fixed, history=(1.0,),
-            seconds=dict(seconds), source=source,
+            seconds=dict(seconds), source=source, layers_before=_weight_stats(units),
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
@@ -253,7 +254,24 @@ def _report(
         verify=comparison,
         seconds=dict(seconds),
         source=source,
+        layers_before=_weight_stats(units),
+        layers_after=_weight_stats(units, result.log_scales),
     )
+
+
+def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
+    """Per-layer weight-range statistics (rows = units), at the given log-scales if any."""
+    from .scaling import scale_weight, unit_log_scales
+
+    stats = []
+    for layer in units.layers:
+        weight = layer.weight
+        if log_scales is not None:
+            rows = unit_log_scales(log_scales, layer.row_groups)
+            cols = unit_log_scales(log_scales, layer.col_groups)
+            weight = scale_weight(weight, rows, cols)
+        stats.append(layer_stats(layer.name, weight))
+    return tuple(stats)
 
 
 def _imbalance(
