@@ -13,7 +13,7 @@ go through the tool's own path: ONNX file -> analysis -> unit graph -> solver.
 Writes docs/fig2.png (one panel per network, one curve per (p, q) labelled with its final
 ratio, and a panel of sweeps to convergence against depth) and docs/fig2.csv (every plotted
 point: network, layers, p, q, sweep, norm, norm_ratio). About 15 s of CPU on one idle core
-(dominated by the 18 solves; up to ~75 s wall on a busy 2-core machine). Usage, from the repo
+(dominated by the 18 solves; up to ~90 s wall on a busy 2-core machine). Usage, from the repo
 root::
 
     python -m benchmarks.fig2 [--outdir docs] [--max-sweeps 5000] [--tol 1e-6]

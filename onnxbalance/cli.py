@@ -20,7 +20,8 @@ from typing import Annotated
 import typer
 
 from . import api, io
-from .errors import InputError, OnnxBalanceError, OutputError, VerificationError
+from .errors import InputError, OnnxBalanceError, VerificationError
+from .plot import MISSING_MATPLOTLIB, plot_convergence
 from .report import Report, summary_table
 
 PROG = "onnxbalance"
@@ -150,7 +151,7 @@ def _run(args: Invocation) -> int:
     if args.plot is not None:
         io.check_output_path(args.plot, args.source, *written, what="plot")
         if importlib.util.find_spec("matplotlib") is None:
-            raise OutputError("--plot needs matplotlib: pip install 'onnxbalance[plot]'")
+            raise InputError(MISSING_MATPLOTLIB)
     if args.output is not None:
         io.check_output_path(args.output, args.source)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
@@ -220,15 +221,8 @@ def _finish(result: Report, args: Invocation) -> None:
 
 
 def _plot(result: Report, path: Path) -> None:
-    try:
-        from .plot import plot_convergence
-    except ImportError as exc:
-        raise OutputError(f"--plot is not available: {exc}") from None
-    title = f"{Path(result.source).name}: l_{{{result.p:g},{result.q:g}}} ({result.solver})"
-    try:
-        plot_convergence(result.history, path, title=title)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+    title = rf"{Path(result.source).name}: $\ell_{{{result.p:g},{result.q:g}}}$ ({result.solver})"
+    plot_convergence(result.history, path, title=title)
 
 
 class _Progress:

@@ -74,7 +74,11 @@ def draw_convergence(
     named = _named(histories)
     for label, history in named.items():
         ratios = norm_ratios(history)
-        ax.plot(np.arange(ratios.size), ratios, label=label or None, linewidth=1.6)
+        marker = "o" if ratios.size <= 30 else None  # a few solver steps: show each one
+        ax.plot(
+            np.arange(ratios.size), ratios, label=label or None, linewidth=1.6, marker=marker,
+            markersize=3,
+        )  # fmt: skip
     if log_x:
         ax.set_xscale("symlog", linthresh=1.0)
     longest = max(len(history) for history in named.values())

@@ -61,10 +61,9 @@ def rewrite(
     if not np.isfinite(u).all():
         raise ValueError("log-scales must be finite")
     edits: dict[str, list[TensorEdit]] = {}
-    for layer in units.layers:
-        for edit in layer.edits:
-            if _moves(edit):
-                edits.setdefault(edit.tensor, []).append(edit)
+    for edit in [e for layer in units.layers for e in layer.edits] + list(units.edits):
+        if _moves(edit):
+            edits.setdefault(edit.tensor, []).append(edit)
 
     out = _copy_without_initializers(model)
     done: set[str] = set()

@@ -94,11 +94,16 @@ class Skip:
 
 @dataclass(frozen=True)
 class ModelUnits:
-    """What analysis found: the linear layers, the scale groups, and what it left alone."""
+    """What analysis found: the linear layers, the scale groups, and what it left alone.
+
+    ``edits`` rescale stored tensors outside the linear layers' weights and biases: constants
+    added to rescaled channels, and the mean and bias of a BatchNormalization they pass through.
+    """
 
     layers: tuple[LinearUnits, ...]
     group_names: tuple[str, ...]
     skipped: tuple[Skip, ...] = field(default=())
+    edits: tuple[TensorEdit, ...] = field(default=())
 
     @property
     def n_groups(self) -> int:

@@ -260,3 +260,460 @@ def test_unit_graph_couplings_from_the_weights():
     assert second.col_groups.tolist() == list(range(HID))
     assert second.row_groups.tolist() == [FIXED] * om.OUT
     assert graph.group_names == tuple(f"fc1:{o}" for o in range(HID))
+
+
+# --- issue 5: convolutions, BN, pass-through ops, merges --------------------------------------
+# Expectations are per layer: rows and *raw* columns as group names (None = FIXED), built from
+# the architecture by hand: own(layer, n) are a layer's own units, a conv's raw columns repeat
+# each input channel over its kernel taps.
+
+CH = om.CH
+
+
+def own(layer: str, n: int) -> list[str]:
+    return [f"{layer}:{o}" for o in range(n)]
+
+
+def taps(labels: list, k: int) -> list:
+    return [label for label in labels for _ in range(k)]
+
+
+def fixed(n: int) -> list[None]:
+    return [None] * n
+
+
+def check_units(model, layers: dict, skips: list, n_groups: int | None = None):
+    """layers: {name: (row labels, raw column labels (1-D list or 2-D list of lists))}."""
+    units = analyse(model)
+    found = {layer.name: layer for layer in units.layers}
+    assert sorted(found) == sorted(layers)
+    for name, (rows, cols) in layers.items():
+        layer = found[name]
+        assert names(units, layer.row_groups) == rows, name
+        got_cols = np.vectorize(lambda g: units.group_names[g] if g != FIXED else "-")(
+            layer.col_groups
+        )
+        want = np.array(cols, dtype=object)
+        want[want == None] = "-"  # noqa: E711 - elementwise comparison
+        assert got_cols.shape == want.shape, name
+        assert (got_cols == want).all(), (name, got_cols)
+    expected = {label for rows, _ in layers.values() for label in rows if label is not None}
+    assert sorted(units.group_names) == sorted(expected)
+    if n_groups is not None:
+        assert units.n_groups == n_groups
+    got = sorted((s.node, s.count, s.reason) for s in units.skipped)
+    assert len(got) == len(skips), got
+    for (node, count, reason), (want_node, want_count, want_reason) in zip(
+        got, sorted(skips), strict=True
+    ):
+        assert (node, count) == (want_node, want_count), got
+        assert want_reason in reason, got
+    return units
+
+
+PASSING = [
+    "identity",
+    "dropout",
+    "maxpool",
+    "avgpool",
+    "lppool",
+    "pad_reflect",
+    "pad_zero",
+    "resize_linear",
+    "transpose_roundtrip",
+    "unsqueeze_squeeze",
+    "mul_scalar",
+    "div_channels",
+    "slice_reverse",
+    "slice_hw",
+    "reduce_hw",
+    "clip_min0",
+    "split_h_concat",
+    "slice_step2",
+    "batchnorm_alone",
+    "add_channels",
+]
+
+
+@pytest.mark.parametrize("between", PASSING)
+def test_ops_the_channel_scales_pass_through(between):
+    cols = own("conv1", CH)
+    rows = own("conv1", CH)
+    if between == "slice_reverse":
+        cols = cols[::-1]
+    elif between == "slice_step2":  # channels 0 and 2 are read; 1 and 3 by nothing
+        cols, rows = cols[::2], [rows[0], None, rows[2], None]
+    layers = {"conv1": (rows, taps(fixed(2), 9)), "conv2": (fixed(3), cols)}
+    skips = [("conv1", 2, "not read by any linear layer")] if between == "slice_step2" else []
+    check_units(om.conv_chain(between), layers, skips)
+
+
+STOPPING = {
+    "clip": "feeds Clip 'mid', which is not positively homogeneous",
+    "hardswish": "feeds HardSwish 'mid', which is not positively homogeneous",
+    "pad_value": "feeds Pad 'mid' with a non-zero constant",
+    "pad_channels": "feeds Pad 'mid', which pads the unit axis",
+    "resize_channels": "feeds Resize 'mid', which resizes the unit axis",
+    "nhwc_pool": "feeds GlobalAveragePool 'mid', which pools over the unit axis",
+    "mul_input": "feeds Mul 'mid' whose other input 'gate' is not a constant",
+    "div_by_units": "divides in Div 'mid'",
+    "mul_self": "feeds Mul 'mid' with scaled units on both inputs",
+    "reshape_split_channels": "feeds Reshape 'r1', which spreads the unit axis",
+    "layernorm": "feeds LayerNormalization 'mid'",
+    "reduce_channels": "feeds ReduceMean 'mid'",
+    "add_scalar": "merged by Add 'mid' with 'k', which cannot be rescaled",
+    "batchnorm_input_mean": "feeds BatchNormalization 'mid' whose parameters cannot be rescaled",
+}
+
+
+@pytest.mark.parametrize("between", sorted(STOPPING))
+def test_ops_that_stop_the_channel_scales(between):
+    model = om.conv_chain(between)
+    n_in = analyse(model).layers[1].weight.shape[1]
+    layers = {"conv1": (fixed(CH), taps(fixed(2), 9)), "conv2": (fixed(3), fixed(n_in))}
+    check_units(model, layers, [("conv1", CH, STOPPING[between])], n_groups=0)
+
+
+def test_constants_rescaled_with_the_channels_they_meet():
+    # a BatchNormalization after the Relu: its mean and bias scale with conv1's units
+    units = analyse(om.conv_chain("batchnorm_alone"))
+    assert [(e.tensor, e.row_axis) for e in units.edits] == [("mid_bias", 0), ("mid_mean", 0)]
+    assert [names(units, e.row_groups) for e in units.edits] == [own("conv1", CH)] * 2
+    # a [C, 1, 1] constant added to them
+    units = analyse(om.conv_chain("add_channels"))
+    assert [(e.tensor, e.row_axis) for e in units.edits] == [("k", 0)]
+
+
+def test_conv_batchnorm_moves_gamma_beta_not_the_conv():
+    model = om.conv_chain("maxpool", bn=True)
+    units = check_units(
+        model,
+        {"conv1": (own("conv1", CH), taps(fixed(2), 9)), "conv2": (fixed(3), own("conv1", CH))},
+        [],
+    )
+    conv1, conv2 = units.layers
+    # the rows move through BN scale and bias; the conv's inputs are fixed: no weight edit,
+    # and the conv bias, BN mean and var are never edited
+    assert [(e.tensor, e.row_axis) for e in conv1.edits] == [("bn1_scale", 0), ("bn1_bias", 0)]
+    assert [e.tensor for e in conv2.edits] == ["conv2_W"]
+    w = _init(model, "conv1_W").reshape(CH, -1).astype(np.float64)
+    scale, var = _init(model, "bn1_scale"), _init(model, "bn1_var")
+    factor = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)
+    np.testing.assert_allclose(conv1.weight, w * factor[:, None], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spatial, group, stride",
+    [(1, 1, False), (2, 1, True), (3, 1, False), (2, 2, False), (2, 4, True)],
+)
+def test_conv_dimensions_groups_and_default_attributes(spatial, group, stride):
+    k = 3**spatial
+    per_group = CH // group
+    # row o of conv2 reads the input channels of its group, each over k taps
+    grouped = [
+        taps([f"conv1:{(o // per_group) * per_group + j}" for j in range(per_group)], k)
+        for o in range(CH)
+    ]
+    layers = {
+        "conv1": (own("conv1", CH), taps(fixed(2), k)),
+        "conv2": (own("conv2", CH), grouped if group > 1 else taps(own("conv1", CH), k)),
+        "conv3": (fixed(3), own("conv2", CH)),
+    }
+    check_units(om.conv_dims(spatial, group, stride), layers, [], n_groups=2 * CH)
+
+
+def test_conv_transpose_group_1_is_a_layer_and_grouped_is_refused():
+    layers = {
+        "conv1": (own("conv1", CH), fixed(2)),
+        "ct": (own("ct", 6), taps(own("conv1", CH), 4)),  # raw columns (input channel, tap)
+        "conv3": (fixed(3), own("ct", 6)),
+    }
+    units = check_units(om.conv_transpose(1), layers, [])
+    edit = units.layers[1].edits[0]
+    assert (edit.row_axis, edit.col_axis) == (1, 0)  # weight [in, out, kh, kw]
+    skips = [
+        ("ct", 6, "ConvTranspose 'ct' with group 2 is not rescaled"),
+        ("conv1", CH, "feeds ConvTranspose 'ct', which is not a rescalable linear layer"),
+    ]
+    layers = {"conv1": (fixed(CH), fixed(2)), "conv3": (fixed(3), fixed(6))}
+    check_units(om.conv_transpose(2), layers, skips)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+def test_depthwise_separable(act):
+    depthwise_cols = [taps([f"stem:{o}"], 9) for o in range(CH)]
+    dw_rows = own("dw", CH) if act == "relu" else fixed(CH)
+    layers = {
+        "stem": (own("stem", CH), taps(fixed(2), 9)),
+        "dw": (dw_rows, depthwise_cols),
+        "pw": (own("pw", 6), dw_rows),
+        "fc": (fixed(om.OUT), own("pw", 6)),
+    }
+    skips = [] if act == "relu" else [("dw", CH, "feeds Clip 'relu6'")]
+    check_units(om.dwsep(act), layers, skips)
+
+
+def test_resnet_identity_block_ties_stem_and_second_conv():
+    tied = own("stem", CH)  # a tied group is named after its first unit
+    layers = {
+        "stem": (tied, taps(fixed(CH), 9)),
+        "c1": (own("c1", CH), taps(tied, 9)),
+        "c2": (tied, taps(own("c1", CH), 9)),
+        "fc": (fixed(om.OUT), tied),
+    }
+    check_units(om.resnet_block("identity"), layers, [], n_groups=2 * CH)
+
+
+def test_resnet_projection_block_ties_second_conv_and_projection():
+    tied = own("c2", 6)
+    layers = {
+        "stem": (own("stem", CH), taps(fixed(CH), 9)),
+        "c1": (own("c1", 6), taps(own("stem", CH), 9)),
+        "c2": (tied, taps(own("c1", 6), 9)),
+        "proj": (tied, own("stem", CH)),
+        "fc": (fixed(om.OUT), tied),
+    }
+    check_units(om.resnet_block("projection"), layers, [], n_groups=CH + 12)
+
+
+def test_resnet_block_on_the_graph_input_fixes_the_residual_group():
+    layers = {
+        "c1": (own("c1", CH), taps(fixed(CH), 9)),
+        "c2": (fixed(CH), taps(own("c1", CH), 9)),
+        "fc": (fixed(om.OUT), fixed(CH)),
+    }
+    skips = [("c2", CH, "merged by Add 'add' with 'x', which cannot be rescaled")]
+    check_units(om.resnet_block("input"), layers, skips, n_groups=CH)
+
+
+def test_residual_add_feeding_a_layer_without_relu_fixes_the_tied_group():
+    layers = {
+        "stem": (fixed(CH), taps(fixed(CH), 9)),
+        "c1": (own("c1", CH), taps(fixed(CH), 9)),
+        "c2": (fixed(CH), taps(own("c1", CH), 9)),
+        "fc": (fixed(om.OUT), fixed(CH)),
+    }
+    skips = [
+        ("c2", CH, "output feeds 'fc' with no activation between"),
+        ("stem", CH, "tied by a merge to units of 'c2', which are fixed: output feeds 'fc'"),
+    ]
+    check_units(om.resnet_block("identity", relu_after_add=False), layers, skips, n_groups=CH)
+
+
+@pytest.mark.parametrize(
+    "kind", ["concat_c", "concat_input", "concat_h", "sub", "sum3", "add_constant"]
+)
+def test_merges(kind):
+    a_rows, b_rows = own("a", CH), own("b", CH)
+    skips = []
+    if kind == "concat_c":
+        c_cols = own("a", CH) + own("b", CH)
+    elif kind == "concat_input":
+        c_cols, b_rows = own("a", CH) + fixed(2), fixed(CH)
+    elif kind in ("concat_h", "sub"):
+        b_rows = c_cols = own("a", CH)  # channel k of both branches: one tied group
+    elif kind == "sum3":
+        a_rows = b_rows = c_cols = fixed(CH)
+        reason = "merged by Sum 'merge' with 'z', which cannot be rescaled"
+        skips = [("a", CH, reason), ("b", CH, reason)]
+    else:  # a per-channel constant added to a's channels is rescaled with them
+        c_cols = own("a", CH)
+    layers = {
+        "a": (a_rows, taps(fixed(2), 9)),
+        "b": (b_rows, fixed(2)),
+        "c": (fixed(3), c_cols),
+    }
+    if kind == "add_constant":  # b's output is read by nothing: output units, no skip record
+        layers["b"] = (fixed(CH), fixed(2))
+    check_units(om.merges(kind), layers, skips)
+
+
+@pytest.mark.parametrize("kind", ["flatten", "reshape", "nhwc", "mean"])
+def test_flatten_and_reshape_map_channels_to_columns(kind):
+    conv = own("conv", CH)
+    # NCHW Flatten: column j is channel j // 9; channels last: column j is channel j % 4
+    cols = {"nhwc": conv * 9, "mean": conv}.get(kind, [label for label in conv for _ in range(9)])
+    layers = {
+        "conv": (conv, taps(fixed(2), 9)),
+        "fc1": (own("fc1", 5), cols),
+        "fc2": (fixed(om.OUT), own("fc1", 5)),
+    }
+    check_units(om.flatten_reshape(kind), layers, [], n_groups=CH + 5)
+
+
+def test_flatten_of_an_unknown_spatial_size_stops():
+    layers = {"conv": (fixed(CH), taps(fixed(2), 9)), "fc": (fixed(om.OUT), fixed(36 * CH))}
+    skips = [("conv", CH, "shape of 'act_out' cannot be inferred")]
+    check_units(om.dynamic_flatten(), layers, skips)
+
+
+def test_gemm_batchnorm():
+    layers = {
+        "fc1": (own("fc1", HID), fixed(om.IN)),
+        "fc2": (own("fc2", HID), own("fc1", HID)),
+        "fc3": (fixed(om.OUT), own("fc2", HID)),
+    }
+    units = check_units(om.gemm_bn(), layers, [])
+    assert [e.tensor for e in units.layers[0].edits] == ["bn1_scale", "bn1_bias"]
+    assert [e.tensor for e in units.layers[1].edits] == ["fc2_W", "bn2_scale", "bn2_bias"]
+    assert units.layers[1].edits[0].row_groups is None  # fc2's rows move through BN only
+
+    shared = "BN scale 'shared_scale' is used by 2 node inputs"
+    layers = {
+        "fc1": (fixed(HID), fixed(om.IN)),
+        "fc2": (fixed(HID), fixed(HID)),
+        "fc3": (fixed(om.OUT), fixed(HID)),
+    }
+    check_units(om.gemm_bn(shared_scale=True), layers, [("fc1", HID, shared), ("fc2", HID, shared)])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_transformer_ffn(transposed):
+    layers = {"ff1": (own("ff1", 16), fixed(8)), "ff2": (fixed(8), own("ff1", 16))}
+    units = check_units(om.ffn(transposed=transposed), layers, [], n_groups=16)
+    edit = units.layers[0].edits[0]
+    # a weight behind Transpose is edited where it is stored, as [out, in]
+    want = ("ff1_Wt", 0, 1) if transposed else ("ff1_W", 1, 0)
+    assert (edit.tensor, edit.row_axis, edit.col_axis) == want
+
+
+def test_conv_bias_from_an_add():
+    layers = {
+        "conv1": (own("conv1", CH), taps(fixed(2), 9)),
+        "conv2": (own("conv2", 6), own("conv1", CH)),
+        "conv3": (fixed(3), own("conv2", 6)),
+    }
+    units = check_units(om.conv_add_bias(), layers, [])
+    biases = [(e.tensor, e.row_axis) for layer in units.layers[:2] for e in layer.edits[1:]]
+    assert biases == [("b1", 1), ("b2", 0)]
+
+
+def test_transformer_ffn_after_attention_style_heads():
+    layers = {
+        "v_proj": (fixed(8), fixed(8)),
+        "o_proj": (fixed(8), fixed(8)),
+        "ff1": (own("ff1", 16), fixed(8)),
+        "ff2": (fixed(8), own("ff1", 16)),
+    }
+    skips = [
+        ("v_proj", 8, "feeds Reshape 'split_heads', which spreads the unit axis"),
+        ("o_proj", 8, "merged by Add 'attn_res' with 'ln0_out', which cannot be rescaled"),
+    ]
+    check_units(om.ffn(with_attention_reshape=True), layers, skips, n_groups=16)
+
+
+def test_split_with_an_unused_part():
+    layers = {
+        "conv": (own("conv", 2) + fixed(4), taps(fixed(2), 9)),
+        "a": (fixed(3), own("conv", 2)),
+    }
+    check_units(om.split_unused(), layers, [("conv", 4, "not read by any linear layer")])
+
+
+def test_reshaped_channel_maps():
+    from onnxbalance.analysis.passthrough import reshaped
+
+    # Flatten of [N, 3, 2, 2]: columns 0-3 are channel 0, ...
+    axis, index = reshaped((None, 3, 2, 2), -3, (None, 12), 3)
+    assert axis == -1 and index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # Squeeze / Unsqueeze keep the channel as one axis
+    assert reshaped((2, 3, 1, 1), -3, (2, 3), 3)[1].tolist() == [0, 1, 2]
+    assert reshaped((2, 3), -1, (2, 3, 1, 1), 3)[0] == -3
+    # channels last then flattened: column j is channel j % 3
+    axis, index = reshaped((None, 2, 2, 3), -1, (None, 12), 3)
+    assert index.tolist() == [0, 1, 2] * 4
+    # Flatten(axis=2) puts the channel into the rows: [2*3, 4], row r is channel r % 3
+    axis, index = reshaped((2, 3, 2, 2), -3, (6, 4), 3)
+    assert axis == -2 and index.tolist() == [0, 1, 2, 0, 1, 2]
+    # splitting the channel axis into heads has no single-axis map
+    assert reshaped((2, 5, 8), -1, (2, 5, 2, 4), 8) is None
+    assert reshaped((None, 3, None, 2), -3, (None, 12), 3) is None
+
+
+def test_shape_inference_does_not_need_weight_values():
+    from onnxbalance.analysis.shapes import infer_shapes
+
+    net = om.ConvNet("big_constants", seed=1)
+    x = net.input("x", ["N", 16, 9, 9])
+    w = net.const("W", np.ones((40, 16, 3, 3), np.float32), node=True)  # a Constant node
+    h = net.relu(net.op("Conv", [x, w], "conv"), "act")
+    net.output(net.op("Flatten", [h], "flat"))
+    model = net.build()
+    shapes = infer_shapes(model)
+    assert shapes["act_out"] == (None, 40, 7, 7)
+    assert shapes["flat_out"] == (None, 40 * 49)
+    # the copy given to shape inference holds no weight values
+    from onnxbalance.analysis.shapes import _weight_free
+
+    light = _weight_free(model)
+    assert light.ByteSize() < 2000 < model.ByteSize()
+
+
+def test_nodes_stored_out_of_order_are_analysed_in_dependency_order():
+    model = om.resnet_block("projection")
+    expected = analyse(model)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    units = analyse(model)
+    assert units.n_groups == expected.n_groups
+    # same groups on the same rows and columns, up to the groups' numbering
+    renamed: dict[int, int] = {FIXED: FIXED}
+    want = {layer.name: layer for layer in expected.layers}
+    for layer in units.layers:
+        other = want[layer.name]
+        for got, ref in (
+            (layer.row_groups, other.row_groups),
+            (layer.col_groups, other.col_groups),
+        ):
+            for g, r in zip(np.ravel(got).tolist(), np.ravel(ref).tolist(), strict=True):
+                assert renamed.setdefault(g, r) == r
+    assert len(set(renamed.values())) == len(renamed)
+
+
+@pytest.mark.parametrize("bounds, moves", [((0.0,), True), ((0.0, 6.0), False), ((), False)])
+def test_clip_is_an_activation_only_with_bounds_0_and_infinity(bounds, moves):
+    net = om.Net("clip_bounds")
+    z = net.gemm(net.input("x", ["N", om.IN]), om.IN, HID, "fc1")
+    limits = [net.const(f"c{k}", np.float32(b)) for k, b in enumerate(bounds)]
+    net.output(net.gemm(net.op("Clip", [z, *limits], "clip"), HID, om.OUT, "fc2"))
+    if moves:
+        check(net.build(), MLP, [])
+    else:
+        # no bounds: Clip is the identity, which leaves fc1 linear-to-linear
+        reason = "not positively homogeneous" if bounds else "with no activation between"
+        check(net.build(), {"fc1": (None, None), "fc2": (None, None)}, [("fc1", HID, reason)])
+
+
+def test_without_inferred_shapes_ranks_come_from_the_layers():
+    # a custom op hides every shape downstream: a conv's output rank is still known from its
+    # weight, so MaxPool and Split pass; Flatten needs H and W, so it stops
+    from onnx import helper
+
+    net = om.ConvNet("custom_op", seed=1)
+    x = net.input("x", [2, 2, 6, 6])
+    net.nodes.append(helper.make_node("Foo", [x], ["foo"], name="foo", domain="com.example"))
+    h = net.relu(net.conv("foo", 2, CH, "conv1", pads=[1] * 4), "act1")
+    h = net.op("MaxPool", [h], "pool", kernel_shape=[2, 2])
+    net.nodes.append(helper.make_node("Split", [h], ["s0", "s1"], name="split", axis=1))
+    h = net.relu(net.conv("s1", 2, CH, "conv2"), "act2")
+    y = net.gemm(net.op("Flatten", [h], "flat"), CH, om.OUT, "fc")
+    graph = helper.make_graph(
+        net.nodes,
+        "custom_op",
+        net.inputs,
+        [helper.make_tensor_value_info(name, 1, None) for name in (y, "s0")],
+        net.initializers,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    layers = {
+        "conv1": ([None, None, "conv1:2", "conv1:3"], fixed(2 * 9)),
+        "conv2": (fixed(CH), taps(["conv1:2", "conv1:3"], 9)),
+        "fc": (fixed(om.OUT), fixed(CH)),
+    }
+    skips = [
+        ("conv1", 2, "activation 's0' is a graph output"),
+        ("conv2", CH, "shape of 'act2_out' cannot be inferred"),
+    ]
+    check_units(model, layers, skips)

@@ -51,6 +51,38 @@ RUNNABLE = {
     "subgraph": om.subgraph,
     "float64": om.float64_mlp,
     "typed_storage": om.typed_storage,
+    # issue 5: convolutions, BN, pass-through ops, merges
+    # (2 / Relu output divides by zero: analysis only)
+    **{f"conv_{b}": (lambda b=b: om.conv_chain(b)) for b in om.BETWEEN if b != "div_by_units"},
+    "conv_bn_maxpool": lambda: om.conv_chain("maxpool", bn=True),
+    **{
+        f"conv{d}d_g{g}": (lambda d=d, g=g, s=s: om.conv_dims(d, g, s))
+        for d, g, s in [(1, 1, False), (2, 1, True), (3, 1, False), (2, 2, False), (2, 4, True)]
+    },
+    "conv_transpose_g1": lambda: om.conv_transpose(1),
+    "conv_transpose_g2": lambda: om.conv_transpose(2),
+    "dwsep_relu": lambda: om.dwsep("relu"),
+    "dwsep_relu6": lambda: om.dwsep("relu6"),
+    "resnet_identity": lambda: om.resnet_block("identity"),
+    "resnet_projection": lambda: om.resnet_block("projection"),
+    "resnet_input": lambda: om.resnet_block("input"),
+    "resnet_no_relu_after_add": lambda: om.resnet_block("identity", relu_after_add=False),
+    **{
+        f"merge_{k}": (lambda k=k: om.merges(k))
+        for k in ("concat_c", "concat_input", "concat_h", "sub", "sum3")
+    },
+    "merge_add_constant": lambda: om.merges("add_constant"),
+    **{
+        f"flatten_{k}": (lambda k=k: om.flatten_reshape(k))
+        for k in ("flatten", "reshape", "nhwc", "mean")
+    },
+    "gemm_bn": om.gemm_bn,
+    "gemm_bn_shared": lambda: om.gemm_bn(shared_scale=True),
+    "ffn": om.ffn,
+    "ffn_transposed": lambda: om.ffn(transposed=True),
+    "conv_add_bias": om.conv_add_bias,
+    "ffn_heads": lambda: om.ffn(with_attention_reshape=True),
+    "split_unused": om.split_unused,
 }
 
 
@@ -94,8 +126,7 @@ def max_error(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
 def moving(units: ModelUnits) -> set[str]:
     return {
         e.tensor
-        for layer in units.layers
-        for e in layer.edits
+        for e in [e for layer in units.layers for e in layer.edits] + list(units.edits)
         if any(
             g is not None and (np.asarray(g) != FIXED).any() for g in (e.row_groups, e.col_groups)
         )
@@ -275,3 +306,51 @@ def test_random_chains_keep_their_function(seed):
     balanced = rewrite(model, units, random_scales(units, seed=seed, spread=2.0))
     inputs = feeds(model, seed)
     assert max_error(run(model, inputs), run(balanced, inputs)) <= 2e-5
+
+
+CONV_UNCHANGED = {
+    # (tensors bit-for-bit unchanged, tensors that change), read off the architecture
+    "dwsep_relu6": (
+        # the depthwise conv feeds ReLU6: its bias and BN stay; the stem's and the pointwise
+        # conv's rows move through their BN scale/bias, their inputs are fixed: weights stay
+        {"dw_b", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var", "stem_W", "pw_W", "fc_b"},
+        {"bn0_scale", "bn0_bias", "dw_W", "bn2_scale", "bn2_bias", "fc_W"},
+    ),
+    "conv_bn_maxpool": (
+        {"conv1_W", "conv1_b", "bn1_mean", "bn1_var", "conv2_b"},
+        {"bn1_scale", "bn1_bias", "conv2_W"},
+    ),
+    "conv_clip": ({"conv1_W", "conv1_b", "conv2_W", "conv2_b"}, set()),
+    "conv_hardswish": ({"conv1_W", "conv1_b", "conv2_W", "conv2_b"}, set()),
+    "resnet_no_relu_after_add": (
+        {"stem_W", "stem_b", "c2_b", "fc_W", "fc_b"},
+        {"c1_W", "c1_b", "c2_W"},
+    ),
+    "merge_sum3": ({"a_W", "a_b", "b_W", "b_b", "c_W", "c_b"}, set()),
+    "ffn": ({"ff2_b", "g0", "b0", "g1", "b1"}, {"ff1_W", "ff1_b", "ff2_W"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONV_UNCHANGED))
+def test_tensors_of_fixed_units_stay_bit_identical(name):
+    unchanged, changed = CONV_UNCHANGED[name]
+    model = RUNNABLE[name]()
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units, spread=0.5))
+    old, new = stored(model), stored(balanced)
+    for tensor in unchanged:
+        assert new[tensor].SerializeToString() == old[tensor].SerializeToString(), tensor
+    for tensor in changed:
+        assert not np.array_equal(
+            numpy_helper.to_array(new[tensor]), numpy_helper.to_array(old[tensor])
+        ), tensor
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_conv_nets_keep_their_function(seed):
+    model = om.random_conv_net(seed)
+    units = analyse(model)
+    balanced = rewrite(model, units, random_scales(units, seed=seed, spread=1.5))
+    inputs = feeds(model, seed)
+    assert max_error(run(model, inputs), run(balanced, inputs)) <= 5e-5
+    assert without(model, moving(units)) == without(balanced, moving(units))

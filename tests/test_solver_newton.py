@@ -8,7 +8,7 @@ import reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from networks import Edge, Network, dead_and_cut_off_network, exponents, make_network, networks
-from test_solver_mu import check_against_reference, tied_network
+from solver_checks import check_against_reference, tied_network
 
 from onnxbalance.solver import methods, newton, solve
 from onnxbalance.solver.curvature import Curvature, Workspace, aggregates, evaluate

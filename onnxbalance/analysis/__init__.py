@@ -1,7 +1,10 @@
 """Graph analysis: an ONNX model -> :class:`~onnxbalance.unitgraph.ModelUnits`.
 
-``graph`` indexes the main graph, ``ops`` holds one matching rule per op family, ``units``
-follows unit channels from layer to layer and builds the contract.
+``graph`` indexes the main graph, ``shapes`` infers static shapes without copying weights,
+``ops`` matches linear layers (Gemm, MatMul, Conv, ConvTranspose, with a BatchNormalization
+after them), ``passthrough`` holds one rule per op family saying where channel factors land
+(or why they stop), and ``units`` walks the graph once, ties merged channels and builds the
+contract.
 """
 
 from .units import analyse

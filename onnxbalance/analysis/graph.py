@@ -5,7 +5,8 @@ implicit reads from inside If/Loop/Scan bodies, which name outer tensors without
 inputs), whether it is a constant (an initializer or the ``value`` of a Constant node), whether
 such a constant can be overridden at run time (an initializer that is also a graph input), and
 how many node inputs use it. Tensor data is read only on request and cached; shapes and dtypes
-come from the protos without touching (possibly external) data.
+come from the protos without touching (possibly external) data. Shapes of computed tensors come
+from :func:`onnxbalance.analysis.shapes.infer_shapes` when the caller passes them.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
 class GraphIndex:
     """Producers, consumers and constants of one (main) graph. Never mutates the graph."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(
+        self, graph: onnx.GraphProto, shapes: dict[str, tuple[int | None, ...]] | None = None
+    ) -> None:
         self.graph = graph
+        self.shapes = shapes or {}
         self.nodes = list(graph.node)
         self.names = [node_name(node, i) for i, node in enumerate(self.nodes)]
         self.graph_inputs = frozenset(v.name for v in graph.input)
@@ -70,10 +74,12 @@ class GraphIndex:
         # (node index, input slot); slot -1 marks a read from inside the node's subgraphs
         self.consumers: dict[str, list[tuple[int, int]]] = {}
         self.with_subgraphs: list[int] = []
+        self.implicit: dict[int, list[str]] = {}  # outer tensors read inside a node's subgraphs
         self._initializers = {t.name: t for t in graph.initializer}
         self.sparse = frozenset(t.values.name for t in graph.sparse_initializer)
         self._constant_nodes: dict[str, onnx.NodeProto] = {}
         self._arrays: dict[str, np.ndarray] = {}
+        self._order: list[int] | None = None
         for i, node in enumerate(self.nodes):
             for slot, name in enumerate(node.input):
                 if name:
@@ -85,11 +91,43 @@ class GraphIndex:
                 self.with_subgraphs.append(i)
             for name in sorted(implicit):
                 self.consumers.setdefault(name, []).append((i, -1))
+            if implicit:
+                self.implicit[i] = sorted(implicit)
             for name in node.output:
                 if name:
                     self.producer[name] = i
             if node.op_type == "Constant" and node.output:
                 self._constant_nodes[node.output[0]] = node
+
+    def topological_order(self) -> list[int]:
+        """Node indices, producers first. ONNX requires the stored order to be one; the runtime
+        does not, so a graph stored out of order is analysed in an order that is."""
+        if self._order is not None:
+            return self._order
+        self._order = self._sorted()
+        return self._order
+
+    def _sorted(self) -> list[int]:
+        inputs = [
+            {name for name in node.input if name in self.producer}
+            | {name for name in self.implicit.get(i, ()) if name in self.producer}
+            for i, node in enumerate(self.nodes)
+        ]
+        if all(self.producer[name] < i for i, names in enumerate(inputs) for name in names):
+            return list(range(len(self.nodes)))
+        waiting = [len(names) for names in inputs]
+        ready = [i for i, count in enumerate(waiting) if count == 0]
+        order: list[int] = []
+        while ready:
+            i = ready.pop()
+            order.append(i)
+            for name in self.nodes[i].output:
+                for j in {j for j, _ in self.uses(name)} if name else ():
+                    waiting[j] -= 1
+                    if waiting[j] == 0:
+                        ready.append(j)
+        placed = set(order)
+        return order + [i for i in range(len(self.nodes)) if i not in placed]  # cycles: invalid
 
     def uses(self, name: str) -> list[tuple[int, int]]:
         return self.consumers.get(name, [])
@@ -117,7 +155,17 @@ class GraphIndex:
         """An initializer that is also a graph input: its stored value is only a default."""
         return name in self._initializers and name in self.graph_inputs
 
+    def dims(self, name: str) -> tuple[int | None, ...] | None:
+        """A computed or stored tensor's shape (None per unknown dimension), None if unknown."""
+        shape = self.shape(name)
+        return shape if shape is not None else self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        dims = self.dims(name)
+        return None if dims is None else len(dims)
+
     def shape(self, name: str) -> tuple[int, ...] | None:
+        """A constant's stored shape (None for computed tensors)."""
         proto = self.tensor_proto(name)
         return None if proto is None else tuple(int(d) for d in proto.dims)
 

@@ -1,23 +1,37 @@
-"""Matching rules, one per op family. Each returns a match or a :class:`Refusal` with a reason.
+"""Matching of linear layers: Gemm, MatMul(+Add), Conv, ConvTranspose, each optionally followed
+by an inference-form BatchNormalization. Each rule returns a match or a :class:`Refusal`.
 
-Units are *channels of a tensor*: a linear layer's output units are the entries of its output
-along one axis (``out_axis``, counted from the end), and it reads its input units along
-``in_axis``. A per-channel factor a > 0 on a layer's units is exact when
+A linear layer's output units are the entries of its output along one axis (``out_axis``,
+counted from the end: -1 for Gemm/MatMul features, -(k+1) for the channels of a k-D conv), and
+it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact because
 
-* linear (Gemm, MatMul with a constant 2-D weight, optionally + a constant bias):
-  ``y = alpha * x W^T + beta * b``; scaling row o of W and b[o] by a_o scales y[..., o] by a_o,
-  and scaling column i of W by 1/a_i undoes a factor a_i carried by x[..., i];
-* activation (Relu, LeakyRelu, PRelu with a constant slope): f(a z) = a f(z) for a > 0
-  (positive homogeneity), element-wise, so the channel axis and the factors pass through;
-* stop (everything else): the factors cannot pass; units reaching it keep scale 1.
-
-Pass-through ops that move or merge channels (pools, Flatten, Concat, residual Add, ...) belong
-next to :func:`match_passthrough`: they return a :class:`PassThrough` whose output channel axis
-(and, later, channel map) says where each input channel lands.
+* Gemm / MatMul with a constant 2-D weight, + a constant bias: ``y = alpha * x W^T + beta * b``;
+  scaling row o of W and b[o] by a_o scales y[..., o] by a_o, and scaling column i of W by 1/a_i
+  undoes a factor a_i carried by x[..., i]. Attributes left out take the ONNX defaults
+  (transA = transB = 0, alpha = beta = 1).
+* Conv, weight [O, I/g, k...], any kernel, stride, padding, dilation: output channel o of group
+  gi = o // (O/g) reads input channels gi*(I/g) .. (gi+1)*(I/g)-1 through all kernel taps; the
+  units are output channels, and the raw columns of row o are (input channel, tap) pairs, so
+  the coupling sums |W|^p over the taps (ALGORITHM.md §2). group defaults to 1; padding,
+  strides and dilations never mix channels, so they do not matter.
+* ConvTranspose, weight [I, O/g, k...]: with group 1 output channel o reads every input channel
+  through W[:, o, taps]; rows are axis 1 of the weight, columns axis 0. A grouped ConvTranspose
+  would need a row factor that depends on the column's group, which a tensor edit cannot
+  express: it is refused.
+* BatchNormalization (inference form) right after the layer:
+  ``y = gamma (z - mean) / sqrt(var + eps) + beta``. Scaling output channel o by a_o exactly
+  means multiplying gamma[o] and beta[o] by a_o while the layer's rows, its bias, mean and var
+  stay unchanged (scaling those instead is not exact because of eps). So the row edit moves
+  from the layer's weight and bias to gamma and beta; the columns are still divided by the
+  input units' factors. The norm uses the *folded* network's weights,
+  ``W_eff[o, ...] = W[o, ...] * gamma[o] / sqrt(var[o] + eps)``: the weights the BN-free
+  equivalent network has, and the ones a BN-folding export would store, so a model balances to
+  the same result whether or not its exporter folded BN. The file keeps its BN nodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,12 +98,23 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class BatchNorm:
+    """An inference-form BatchNormalization absorbed into the layer before it."""
+
+    node: int
+    scale: str
+    bias: str
+    factor: np.ndarray  # gamma / sqrt(var + eps), float64
+
+
+@dataclass(frozen=True)
 class LinearMatch:
     """A linear layer: ``output[..., o] = sum_i weight[o, i] * data[..., i] + bias[o]``.
 
-    ``row_axis``/``col_axis`` say which axis of the stored weight holds output/input units.
-    ``rows_refusal`` says why the output units cannot move (weight or bias not editable);
-    ``cols_refusal`` why the input units cannot (weight not editable).
+    ``row_axis``/``col_axis`` say which axis of the stored weight holds output/input units;
+    ``kind`` is "dense" (Gemm, MatMul), "conv" or "convT"; ``taps`` the kernel size of a conv.
+    ``rows_refusal`` says why the output units cannot move (weight, bias or BN parameters not
+    editable); ``cols_refusal`` why the input units cannot (weight not editable).
     """
 
     name: str
@@ -108,14 +133,30 @@ class LinearMatch:
     bias_shape: tuple[int, ...] = ()
     rows_refusal: str | None = None
     cols_refusal: str | None = None
+    kind: str = "dense"
+    group: int = 1
+    taps: int = 1
+    bn: BatchNorm | None = None
+    bias_axis: int = -1  # the bias's axis that holds one entry per unit (from the end)
 
     def effective_weight(self, graph: GraphIndex) -> np.ndarray:
-        """Rows = output units, columns = input units, with Gemm's alpha applied."""
+        """Rows = output units, raw columns = (input unit, tap), with alpha and BN applied."""
         w = graph.array(self.weight)
-        oriented = w.T if self.row_axis == 1 else w
-        if self.alpha == 1.0:
-            return oriented
-        return self.alpha * oriented.astype(np.float64)
+        if self.kind == "conv":
+            oriented = w.reshape(w.shape[0], -1)
+        elif self.kind == "convT":  # [I, O, taps] -> [O, I * taps] (group 1 only)
+            oriented = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 0, 2)
+            oriented = oriented.reshape(w.shape[1], -1)
+        else:
+            oriented = w.T if self.row_axis == 1 else w
+        if self.bn is None:
+            if self.alpha == 1.0:
+                return oriented
+            return self.alpha * oriented.astype(np.float64)
+        # in the weight's precision (at least float32): float64 would double a big copy for
+        # a relative change of ~1e-7 in the couplings
+        factor = (self.alpha * self.bn.factor).astype(np.result_type(oriented.dtype, np.float32))
+        return oriented * factor[:, None]
 
     def bias_expand_to(self) -> tuple[int, ...] | None:
         """The shape a broadcast bias takes so that each unit gets its own entry."""
@@ -125,19 +166,6 @@ class LinearMatch:
         if shape[-1] == 1 and self.n_rows != 1:
             return shape[:-1] + (self.n_rows,)
         return None
-
-
-@dataclass(frozen=True)
-class PassThrough:
-    """An op the channel factors pass through: they reappear on ``output`` along ``axis``.
-
-    ``activation`` marks a positively homogeneous non-linearity (what makes a hidden unit).
-    ``output`` None means the op reads only the tensor's shape: the factors end there harmlessly.
-    """
-
-    output: str | None
-    axis: int
-    activation: bool
 
 
 def _editable(graph: GraphIndex, name: str, role: str) -> str | None:
@@ -150,8 +178,11 @@ def _editable(graph: GraphIndex, name: str, role: str) -> str | None:
     return None
 
 
-def _weight(graph: GraphIndex, i: int, name: str, units_axis: int) -> Refusal | None:
-    """Refuse a weight that is not a stored, 2-D, floating-point constant."""
+def _weight(
+    graph: GraphIndex, i: int, name: str, units_axis: int, conv: bool = False
+) -> Refusal | None:
+    """Refuse a weight that is not a stored floating-point constant of the right rank
+    (2-D for Gemm/MatMul, at least 3-D for a convolution)."""
     node = graph.nodes[i]
     if name in graph.sparse:
         return Refusal(f"weight '{name}' is a sparse initializer")
@@ -166,11 +197,16 @@ def _weight(graph: GraphIndex, i: int, name: str, units_axis: int) -> Refusal | 
     shape = graph.shape(name)
     if shape is None:
         return Refusal(f"weight '{name}' is a Constant without a tensor value")
-    count = shape[units_axis] if len(shape) == 2 else (shape[-1] if shape else 0)
+    if conv:
+        count = shape[units_axis] if len(shape) > units_axis else 0
+    else:
+        count = shape[units_axis] if len(shape) == 2 else (shape[-1] if shape else 0)
     elem = graph.elem_type(name)
     if elem not in FLOAT_TYPES:
         return Refusal(f"weight '{name}' has dtype {dtype_name(elem)}, not floating point", count)
-    if len(shape) != 2:
+    if conv and len(shape) < 3:
+        return Refusal(f"{node.op_type} weight '{name}' has rank {len(shape)}, not >= 3", count)
+    if not conv and len(shape) != 2:
         return Refusal(f"{node.op_type} weight '{name}' has rank {len(shape)}, not 2", count)
     return None
 
@@ -187,22 +223,34 @@ def _bias(graph: GraphIndex, name: str, n_rows: int) -> tuple[tuple[int, ...], s
     return shape, _editable(graph, name, "bias")
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
+def attr(node: onnx.NodeProto, name: str, default):
+    """An attribute's value, or ``default`` (the ONNX spec's) when the node leaves it out."""
+    for proto in node.attribute:
+        if proto.name == name:
+            return onnx.helper.get_attribute_value(proto)
     return default
 
 
 def match_linear(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
-    """Gemm or MatMul(+Add) at node ``i``; None for ops that are not linear layers at all."""
+    """Gemm, MatMul(+Add), Conv or ConvTranspose at node ``i``, with a BatchNormalization
+    after it when there is one; None for ops that are not linear layers at all."""
     if graph.nodes[i].domain not in STANDARD_DOMAINS:
         return None  # a custom op that happens to share a standard name
     op = graph.nodes[i].op_type
+    match: LinearMatch | Refusal | None = None
     if op == "Gemm":
-        return _match_gemm(graph, i)
-    if op == "MatMul":
-        return _match_matmul(graph, i)
+        match = _match_gemm(graph, i)
+    elif op == "MatMul":
+        match = _match_matmul(graph, i)
+    elif op in ("Conv", "ConvTranspose"):
+        match = _match_conv(graph, i)
+    if isinstance(match, LinearMatch):
+        rank = graph.rank(match.output)
+        if match.kind != "dense" or rank == 2:  # BN normalises axis 1: the units' axis
+            return _with_batchnorm(graph, match)
+        return match
+    if match is not None:
+        return match
     if op in QUANTIZED_WEIGHT:
         slot, axis = QUANTIZED_WEIGHT[op]
         node = graph.nodes[i]
@@ -216,8 +264,8 @@ def _match_gemm(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
     node = graph.nodes[i]
     if len(node.input) < 2:
         return None
-    trans_a = int(_attr(node, "transA", 0))
-    trans_b = int(_attr(node, "transB", 0))
+    trans_a = int(attr(node, "transA", 0))
+    trans_b = int(attr(node, "transB", 0))
     b = node.input[1]
     refusal = _weight(graph, i, b, 0 if trans_b else 1)
     if refusal is not None or not graph.is_constant(b):
@@ -247,7 +295,7 @@ def _match_gemm(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         weight=b,
         row_axis=row_axis,
         col_axis=col_axis,
-        alpha=float(_attr(node, "alpha", 1.0)),
+        alpha=float(attr(node, "alpha", 1.0)),
         n_rows=n_rows,
         n_cols=n_cols,
         bias=bias,
@@ -265,24 +313,26 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         if shape is not None and len(shape) == 2 and graph.elem_type(a) in FLOAT_TYPES:
             return Refusal(f"constant weight '{a}' is the left MatMul operand", shape[0])
         return None
-    refusal = _weight(graph, i, b, -1)
-    if refusal is not None or not graph.is_constant(b):
+    stored, row_axis, col_axis = _transposed_constant(graph, b), 0, 1
+    if stored is None:  # the usual [in, out] weight
+        stored, row_axis, col_axis = b, 1, 0
+    refusal = _weight(graph, i, stored, row_axis)
+    if refusal is not None or not graph.is_constant(stored):
         return refusal
-    n_cols, n_rows = graph.shape(b)
-    weight_refusal = _editable(graph, b, "weight")
+    shape = graph.shape(stored)
+    n_rows, n_cols = shape[row_axis], shape[col_axis]
+    weight_refusal = _editable(graph, stored, "weight")
+    if stored != b and graph.n_uses(b) > 1:
+        weight_refusal = f"weight '{b}' is used by {graph.n_uses(b)} node inputs"
     rows_refusal = weight_refusal
     output, nodes = node.output[0], (i,)
     bias, bias_shape = None, ()
-    uses = graph.uses(output)
-    if len(uses) == 1 and output not in graph.graph_outputs:
-        j, slot = uses[0]
-        add = graph.nodes[j]
-        if add.op_type == "Add" and add.domain in STANDARD_DOMAINS and len(add.input) == 2:
-            other = add.input[1 - slot]
-            if graph.is_constant(other):
-                bias, nodes, output = other, (i, j), add.output[0]
-                bias_shape, bias_refusal = _bias(graph, bias, n_rows)
-                rows_refusal = rows_refusal or bias_refusal
+    added = _added_constant(graph, output)
+    if added is not None:
+        j, bias = added
+        nodes, output = (i, j), graph.nodes[j].output[0]
+        bias_shape, bias_refusal = _bias(graph, bias, n_rows)
+        rows_refusal = rows_refusal or bias_refusal
     return LinearMatch(
         name=graph.names[i],
         nodes=nodes,
@@ -290,9 +340,9 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         in_axis=-1,
         output=output,
         out_axis=-1,
-        weight=b,
-        row_axis=1,
-        col_axis=0,
+        weight=stored,
+        row_axis=row_axis,
+        col_axis=col_axis,
         alpha=1.0,
         n_rows=n_rows,
         n_cols=n_cols,
@@ -303,46 +353,146 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
     )
 
 
-def _activation(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough | Refusal:
-    """Relu, LeakyRelu, PRelu: element-wise and positively homogeneous in input 0."""
+def _transposed_constant(graph: GraphIndex, name: str) -> str | None:
+    """The stored [out, in] weight behind ``Transpose(W)`` (torch's export without constant
+    folding), or None. Rescaling W's rows and columns rescales the transpose's alike."""
+    producer = graph.producer_of(name)
+    if (
+        producer is None
+        or producer.op_type != "Transpose"
+        or producer.domain not in STANDARD_DOMAINS
+        or not graph.is_constant(producer.input[0])
+        or name in graph.graph_outputs
+    ):
+        return None
+    shape = graph.shape(producer.input[0])
+    if shape is None or len(shape) != 2 or list(attr(producer, "perm", [1, 0])) != [1, 0]:
+        return None
+    return producer.input[0]
+
+
+def _match_conv(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
     node, name = graph.nodes[i], graph.names[i]
-    if slot != 0:
-        return Refusal(f"feeds {node.op_type} '{name}' as input {slot}")
-    if node.op_type == "PRelu" and (len(node.input) < 2 or not graph.is_constant(node.input[1])):
-        # a constant slope is not rescaled: PRelu(a z, s) = a PRelu(z, s) for any fixed s
-        return Refusal(f"feeds PRelu '{name}' whose slope is not a constant")
-    return PassThrough(node.output[0], axis, activation=True)
+    transposed = node.op_type == "ConvTranspose"
+    if len(node.input) < 2:
+        return None
+    w = node.input[1]
+    refusal = _weight(graph, i, w, 1 if transposed else 0, conv=True)
+    if refusal is not None or not graph.is_constant(w):
+        return refusal
+    shape = graph.shape(w)
+    group = int(attr(node, "group", 1))
+    if group < 1:
+        return Refusal(f"{node.op_type} '{name}' has an invalid group {group}", shape[0])
+    if transposed:
+        n_rows, n_cols = shape[1] * group, shape[0]
+        if group != 1:
+            # row o's factor would depend on the input channel's group: no tensor edit for it
+            return Refusal(f"ConvTranspose '{name}' with group {group} is not rescaled", n_rows)
+        row_axis, col_axis = 1, 0
+    else:
+        n_rows, n_cols = shape[0], shape[1] * group
+        if n_rows % group:
+            return Refusal(f"Conv '{name}' has {n_rows} outputs for group {group}", n_rows)
+        row_axis, col_axis = 0, 1
+    taps = int(np.prod(shape[2:], dtype=np.int64))
+    weight_refusal = _editable(graph, w, "weight")
+    rows_refusal = weight_refusal
+    bias, bias_shape = None, ()
+    if len(node.input) > 2 and node.input[2]:
+        bias = node.input[2]
+        if graph.is_constant(bias):
+            bias_shape, bias_refusal = _bias(graph, bias, n_rows)
+            if len(bias_shape) != 1:
+                bias_refusal = bias_refusal or f"bias '{bias}' has rank {len(bias_shape)}"
+        else:
+            bias_refusal = f"bias '{bias}' is not a constant"
+        rows_refusal = rows_refusal or bias_refusal
+    axis = -(len(shape) - 1)  # channels: axis 1 of an [N, C, spatial...] tensor
+    output, nodes, bias_axis = node.output[0], (i,), -1
+    if bias is None:  # a bias added by a separate Add of a [C, 1, ...] constant
+        added = _added_constant(graph, output)
+        if added is not None:
+            j, other = added
+            shape_b = graph.shape(other)
+            ones = all(d == 1 for k, d in enumerate(shape_b) if k != len(shape_b) + axis)
+            if len(shape_b) >= -axis and shape_b[axis] == n_rows and ones:
+                bias, bias_shape, bias_axis = other, shape_b, axis
+                nodes, output = (i, j), graph.nodes[j].output[0]
+                rows_refusal = rows_refusal or _bias(graph, other, n_rows)[1]
+    return LinearMatch(
+        name=name,
+        nodes=nodes,
+        data_input=node.input[0],
+        in_axis=axis,
+        output=output,
+        out_axis=axis,
+        weight=w,
+        row_axis=row_axis,
+        col_axis=col_axis,
+        alpha=1.0,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        bias=bias,
+        bias_shape=bias_shape,
+        rows_refusal=rows_refusal,
+        cols_refusal=weight_refusal,
+        kind="convT" if transposed else "conv",
+        group=group,
+        taps=taps,
+        bias_axis=bias_axis,
+    )
 
 
-def _shape_only(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough:
-    """Shape, Size: their result does not depend on the values, so no factor reaches it."""
-    return PassThrough(None, axis, activation=False)
+def _added_constant(graph: GraphIndex, output: str) -> tuple[int, str] | None:
+    """The Add node and its constant operand when ``output``'s only reader adds a constant."""
+    uses = graph.uses(output)
+    if len(uses) != 1 or output in graph.graph_outputs:
+        return None
+    j, slot = uses[0]
+    add = graph.nodes[j]
+    if add.op_type != "Add" or add.domain not in STANDARD_DOMAINS or len(add.input) != 2:
+        return None
+    other = add.input[1 - slot]
+    if not graph.is_constant(other) or graph.shape(other) is None:
+        return None
+    return j, other
 
 
-# op type -> rule for ops the channel factors may pass through (next: pools, Flatten, Concat,
-# Transpose, ..., each returning where the channels land)
-PASSTHROUGH_RULES = {op: _activation for op in ACTIVATIONS} | {
-    "Shape": _shape_only,
-    "Size": _shape_only,
-}
-
-
-def match_passthrough(graph: GraphIndex, i: int, slot: int, axis: int) -> PassThrough | Refusal:
-    """Where channel factors on input ``slot`` of node ``i`` (along ``axis``) go, or why not.
-
-    ``slot`` -1 means the node reads the tensor from inside one of its subgraphs.
-    """
-    node = graph.nodes[i]
-    op, name = node.op_type, graph.names[i]
-    if slot < 0 or op in SUBGRAPH_OPS:
-        return Refusal(f"used inside the subgraph of {op} '{name}'")
-    rule = PASSTHROUGH_RULES.get(op) if node.domain in STANDARD_DOMAINS else None
-    if rule is not None:
-        return rule(graph, i, slot, axis)
-    if op in QUANTIZED:
-        return Refusal(f"feeds quantized op {op} '{name}'")
-    if op in LINEAR_OPS:
-        return Refusal(f"feeds {op} '{name}', which is not a rescalable linear layer")
-    if op in NOT_HOMOGENEOUS:
-        return Refusal(f"feeds {op} '{name}', which is not positively homogeneous")
-    return Refusal(f"feeds {op} '{name}', which does not pass per-unit scales")
+def _with_batchnorm(graph: GraphIndex, match: LinearMatch) -> LinearMatch:
+    """Absorb an inference-form BatchNormalization that is the only reader of the output."""
+    uses = graph.uses(match.output)
+    if len(uses) != 1 or match.output in graph.graph_outputs:
+        return match
+    j, slot = uses[0]
+    node = graph.nodes[j]
+    if node.op_type != "BatchNormalization" or node.domain not in STANDARD_DOMAINS or slot != 0:
+        return match
+    if len(node.input) != 5 or any(out for out in node.output[1:]):
+        return match  # training form (running statistics as outputs)
+    if int(attr(node, "training_mode", 0)) or not int(attr(node, "spatial", 1)):
+        return match
+    params = node.input[1:]
+    for param in params:
+        if (
+            not graph.is_constant(param)
+            or graph.shape(param) != (match.n_rows,)
+            or graph.elem_type(param) not in FLOAT_TYPES
+        ):
+            return match
+    scale, bias, _, var = params
+    eps = float(attr(node, "epsilon", 1e-5))
+    # the factor the runtime applies: computed in float64 from the stored float values
+    factor = graph.array(scale).astype(np.float64) / np.sqrt(
+        graph.array(var).astype(np.float64) + eps
+    )
+    reason = _editable(graph, scale, "BN scale") or _editable(graph, bias, "BN bias")
+    if scale == bias:
+        reason = f"BN scale and bias are the same tensor '{scale}'"
+    return dataclasses.replace(
+        match,
+        nodes=match.nodes + (j,),
+        output=node.output[0],
+        rows_refusal=match.cols_refusal or reason,
+        bn=BatchNorm(j, scale, bias, factor),
+    )

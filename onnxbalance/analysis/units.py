@@ -1,17 +1,29 @@
 """Build :class:`~onnxbalance.unitgraph.ModelUnits` from an ONNX model.
 
-1. Find the linear layers (:func:`ops.match_linear`).
-2. For each layer, follow its output channels forward through pass-through ops
-   (:func:`ops.match_passthrough`). Its output units are *hidden* (one scale group each) when
-   every path passes at least one positively homogeneous activation and ends in the input of a
-   linear layer that reads the same channel axis and whose weight can be edited; no tensor on
-   the way may be a graph output. Otherwise they stay at scale 1 (:data:`FIXED`), with a Skip
-   naming the layer and the first reason found, unless nothing linear lies downstream (output
-   units, which never move).
-3. Every tensor on those paths carries the layer's groups along its channel axis; a layer's
-   columns take the groups of its data input (FIXED when it carries none: graph inputs, ...).
+1. Infer static shapes (:mod:`.shapes`) and find the linear layers (:func:`ops.match_linear`);
+   every output row of every layer is a candidate unit.
+2. Walk the nodes once, in their (topological) order, carrying each layer's units forward
+   through pass-through ops (:mod:`.passthrough`), which say where every channel lands. A merge
+   (residual Add, ...) ties the units it joins, channel by channel (union-find, ALGORITHM.md §6).
+   A unit is *fixed* (scale 1) when any path from it
+   * reaches a linear layer that is not a rescalable reader (weight shared or overridable, reads
+     another axis) or reaches it without passing a positively homogeneous activation,
+   * stops at an op that does not commute with positive per-channel factors (with its reason),
+   * reaches a graph output, or a merge with something that carries no unit;
+   and when no path from it reaches a linear layer at all (output units; channels sliced away).
+   A tied group is fixed when any of its members is.
+3. The remaining groups are the hidden units; each layer's rows take the groups of its output
+   units and its columns the groups of the units its data input carries (FIXED where none).
 
-Only the main graph is analysed: If/Loop/Scan bodies are left alone and reported.
+A unit's scale a multiplies the row and bias of its layer (or, with a BatchNormalization after
+the layer, that channel's BN scale and bias; see :mod:`.ops`), every stored constant its channel
+meets on the way (a per-channel bias added later, the mean and bias of a BatchNormalization it
+passes through: ``ModelUnits.edits``), and divides every column that reads it. Only the main
+graph is analysed: If/Loop/Scan bodies are left alone and reported.
+
+Requiring an activation on every path keeps to ALGORITHM.md §1 (hidden units of a ReLU
+network): a layer feeding another linear layer directly keeps its units at scale 1, although
+that rescaling would be exact too.
 """
 
 from __future__ import annotations
@@ -23,9 +35,39 @@ import onnx
 
 from ..unitgraph import FIXED, LinearUnits, ModelUnits, Skip, TensorEdit
 from .graph import GraphIndex, subgraphs
-from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear, match_passthrough
+from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
+from .passthrough import Carrier, Step, match_passthrough
+from .shapes import infer_shapes
 
 log = logging.getLogger(__name__)
+
+
+class _Units:
+    """Candidate units: union-find for ties, the first reason each one must stay fixed, and
+    whether any linear layer reads it."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+        self.reason: dict[int, str] = {}
+        self.read = np.zeros(n, dtype=bool)
+
+    def find(self, u: int) -> int:
+        parent = self.parent
+        root = u
+        while parent[root] != root:
+            root = int(parent[root])
+        while parent[u] != root:
+            parent[u], u = root, int(parent[u])
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the earliest unit names the group
+
+    def fix(self, units: np.ndarray, reason: str) -> None:
+        for u in np.unique(units[units >= 0]).tolist():
+            self.reason.setdefault(u, reason)
 
 
 def analyse(model: onnx.ModelProto) -> ModelUnits:
@@ -36,107 +78,221 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
 
     Returns:
         The layers with their row/column scale groups and the tensor edits that rescale them,
-        one group name ``"<layer>:<unit>"`` per hidden unit, and the Skip records.
+        one group name ``"<layer>:<unit>"`` per hidden unit (a tied group takes the name of its
+        first unit), and the Skip records.
     """
-    graph = GraphIndex(model.graph)
+    graph = GraphIndex(model.graph, infer_shapes(model))
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
-    for i in range(len(graph.nodes)):
+    for i in graph.topological_order():
         match = match_linear(graph, i)
         if isinstance(match, Refusal):
             skipped.append(Skip(graph.names[i], match.count, match.reason))
         elif match is not None:
             layers.append(match)
     skipped.extend(_subgraph_skips(graph))
-    reader = {layer.nodes[0]: layer for layer in layers}
 
-    group_names: list[str] = []
-    channels: dict[str, np.ndarray] = {}
-    rows: dict[int, np.ndarray] = {}  # by node index: names need not be unique
-    for layer in layers:
-        reason, carried = _trace(graph, layer, reader)
-        reason = layer.rows_refusal or reason
-        if reason is None:
-            groups = np.arange(len(group_names), len(group_names) + layer.n_rows, dtype=np.int64)
-            groups.setflags(write=False)  # shared by this layer's rows and its readers' columns
-            group_names.extend(f"{layer.name}:{o}" for o in range(layer.n_rows))
-            for tensor in carried:
-                channels[tensor] = groups
-        else:
-            groups = np.full(layer.n_rows, FIXED, dtype=np.int64)
-            if _reaches_linear(graph, layer.output):
-                skipped.append(Skip(layer.name, layer.n_rows, reason))
-        rows[layer.nodes[0]] = groups
+    offsets = np.cumsum([0] + [layer.n_rows for layer in layers])
+    state = _Units(int(offsets[-1]))
+    reads, scaled = _propagate(graph, layers, offsets, state)
 
+    unit_name = [f"{layer.name}:{o}" for layer in layers for o in range(layer.n_rows)]
+    groups = _Groups(state, unit_name)
+
+    reaches = _reaches_linear(graph)
     units = []
     seen_weights: set[str] = set()
-    for layer in layers:
+    for k, layer in enumerate(layers):
+        span = np.arange(offsets[k], offsets[k + 1])
+        rows = groups.of_unit[span]
+        why = groups.skips(layer.name, span) if layer.output in reaches else []
+        skipped.extend(why)
+        log.info(
+            "layer %s: %d of %d units movable%s",
+            layer.name,
+            int((rows != FIXED).sum()),
+            layer.n_rows,
+            "".join(f"; {s.count} fixed: {s.reason}" for s in why)
+            if layer.output in reaches
+            else " (output units: no linear layer reads them)",
+        )
         # a weight read by two nodes is stored once and counts once in the norm
         if layer.weight in seen_weights:
             continue
         seen_weights.add(layer.weight)
-        cols = channels.get(layer.data_input)
-        if cols is None:
-            cols = np.full(layer.n_cols, FIXED, dtype=np.int64)
-        units.append(_units(graph, layer, rows[layer.nodes[0]], cols))
+        read = reads.get(k)
+        cols = (
+            np.full(layer.n_cols, FIXED, dtype=np.int64) if read is None else groups.of_unit[read]
+        )
+        units.append(_units(graph, layer, rows, cols))
     log.info(
         "analysis: %d linear layers, %d hidden units, %d skip records",
         len(units),
-        len(group_names),
+        len(groups.names),
         len(skipped),
     )
-    return ModelUnits(tuple(units), tuple(group_names), tuple(skipped))
+    edits = []
+    for tensor, axis, carried in scaled:
+        rows = groups.of_unit[carried]
+        if (rows != FIXED).any():
+            edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows))
+    return ModelUnits(tuple(units), tuple(groups.names), tuple(skipped), tuple(edits))
 
 
-def _trace(
-    graph: GraphIndex, layer: LinearMatch, reader: dict[int, LinearMatch]
-) -> tuple[str | None, list[str]]:
-    """Follow the layer's output channels; return why they cannot move (or None) and the
-    tensors that carry them."""
-    carried: list[str] = []
-    seen: set[tuple[str, bool]] = set()
-    stack = [(layer.output, layer.out_axis, False)]
-    while stack:
-        tensor, axis, activated = stack.pop()
-        if (tensor, activated) in seen:
+def _propagate(
+    graph: GraphIndex, layers: list[LinearMatch], offsets: np.ndarray, state: _Units
+) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray]]]:
+    """One pass over the nodes: carry units forward, record ties and reasons. Returns, per
+    layer index, the units its data input carries (the layer's column units), and the stored
+    constants that scale with units (tensor, axis, units)."""
+    first = {layer.nodes[0]: k for k, layer in enumerate(layers)}
+    absorbed = {j for layer in layers for j in layer.nodes[1:]}
+    carriers: dict[str, Carrier] = {}
+    reads: dict[int, np.ndarray] = {}
+    scaled: list[tuple[str, int, np.ndarray]] = []
+
+    def carry(name: str, carrier: Carrier) -> None:
+        carriers[name] = carrier
+        if name in graph.graph_outputs:
+            what = "activation" if carrier.activated.all() else "output"
+            state.fix(carrier.units, f"{what} '{name}' is a graph output")
+
+    for i in graph.topological_order():
+        node = graph.nodes[i]
+        implicit = [carriers[name] for name in graph.implicit.get(i, ()) if name in carriers]
+        for carrier in implicit:
+            op = node.op_type
+            state.fix(carrier.units, f"used inside the subgraph of {op} '{graph.names[i]}'")
+        if i in absorbed:
             continue
-        seen.add((tensor, activated))
-        if tensor not in carried:
-            carried.append(tensor)
-        if tensor in graph.graph_outputs:
-            what = "activation" if activated else "output"
-            return f"{what} '{tensor}' is a graph output", carried
-        for i, slot in graph.uses(tensor):
-            consumer = reader.get(i)
-            if consumer is not None and slot == 0 and consumer.data_input == tensor:
-                if not activated:
-                    return f"output feeds '{consumer.name}' with no activation between", carried
-                if consumer.in_axis != axis:
-                    return f"activation feeds '{consumer.name}', which reads it transposed", carried
-                if consumer.cols_refusal is not None:
-                    return f"activation feeds '{consumer.name}': {consumer.cols_refusal}", carried
-                continue
-            step = match_passthrough(graph, i, slot, axis)
-            if isinstance(step, Refusal):
-                return step.reason, carried
-            if step.output is not None:
-                stack.append((step.output, step.axis, activated or step.activation))
-    return None, carried
+        carried = {s: carriers[name] for s, name in enumerate(node.input) if name in carriers}
+        k = first.get(i)
+        if k is not None:
+            layer = layers[k]
+            for slot, carrier in carried.items():
+                if slot == 0:
+                    if _read(layer, carrier, state):
+                        reads[k] = carrier.units
+                else:
+                    state.fix(carrier.units, f"feeds {node.op_type} '{layer.name}' as input {slot}")
+            units = np.arange(offsets[k], offsets[k + 1], dtype=np.int64)
+            if layer.rows_refusal is not None:
+                state.fix(units, layer.rows_refusal)
+            else:
+                rank = graph.rank(layer.output)
+                if layer.kind != "dense" or graph.nodes[i].op_type == "Gemm":
+                    rank = 1 - layer.out_axis if layer.kind != "dense" else 2
+                activated = np.zeros(len(units), bool)
+                carry(layer.output, Carrier(units, activated, layer.out_axis, rank))
+            continue
+        if not carried:
+            continue
+        step = match_passthrough(graph, i, carried)
+        if isinstance(step, Refusal):
+            for carrier in carried.values():
+                state.fix(carrier.units, step.reason)
+            continue
+        _apply(graph, i, step, state)
+        scaled.extend(step.scaled)
+        for name, carrier in step.outputs:
+            carry(name, carrier)
+    return reads, scaled
 
 
-def _reaches_linear(graph: GraphIndex, tensor: str) -> bool:
-    """Whether any linear op lies downstream: if not, these are output units, not hidden ones."""
-    seen, stack = {tensor}, [tensor]
-    while stack:
-        for i, _ in graph.uses(stack.pop()):
-            node = graph.nodes[i]
-            if node.op_type in LINEAR_OPS or i in graph.with_subgraphs:
-                return True
-            for out in node.output:
-                if out and out not in seen:
-                    seen.add(out)
-                    stack.append(out)
+def _read(layer: LinearMatch, carrier: Carrier, state: _Units) -> bool:
+    """Check the units reaching a layer's data input; True if they become its columns."""
+    units = carrier.units
+    if not carrier.activated.all():
+        state.fix(
+            units[~carrier.activated], f"output feeds '{layer.name}' with no activation between"
+        )
+    if carrier.axis != layer.in_axis:
+        state.fix(units, f"activation feeds '{layer.name}', which reads it transposed")
+    elif len(units) != layer.n_cols:
+        state.fix(units, f"feeds '{layer.name}' {len(units)} channels, not {layer.n_cols}")
+    elif layer.cols_refusal is not None:
+        state.fix(units, f"activation feeds '{layer.name}': {layer.cols_refusal}")
+    else:
+        state.read[units[units >= 0]] = True
+        return True
     return False
+
+
+def _apply(graph: GraphIndex, i: int, step: Step, state: _Units) -> None:
+    for units, reason in step.fixes:
+        state.fix(units, reason)
+    name = f"{graph.nodes[i].op_type} '{graph.names[i]}'"
+    for carriers in step.ties:
+        stacked = np.stack([c.units for c in carriers])  # (inputs, channels)
+        lonely = (stacked < 0).any(axis=0)
+        if lonely.any():
+            state.fix(
+                stacked[:, lonely].ravel(),
+                f"merged by {name} with a channel that cannot be rescaled",
+            )
+        for column in stacked[:, ~lonely].T.tolist():
+            for other in column[1:]:
+                state.union(column[0], other)
+
+
+class _Groups:
+    """Scale groups: one per union-find root that is neither fixed nor unread, numbered in
+    layer/row order and named after the root's unit."""
+
+    def __init__(self, state: _Units, unit_name: list[str]) -> None:
+        n = len(unit_name)
+        self.unit_name = unit_name
+        self.state = state
+        self.roots = np.fromiter((state.find(u) for u in range(n)), np.int64, n)
+        self.root_reason: dict[int, tuple[int, str]] = {}  # root -> (first fixed member, why)
+        for u, reason in sorted(state.reason.items()):
+            self.root_reason.setdefault(int(self.roots[u]), (u, reason))
+        read = np.zeros(n, dtype=bool)
+        np.logical_or.at(read, self.roots, state.read)
+        self.names: list[str] = []
+        self.of_unit = np.full(n + 1, FIXED, dtype=np.int64)  # index -1 ("no unit"): FIXED
+        number: dict[int, int] = {}
+        for u, root in enumerate(self.roots.tolist()):
+            if root in self.root_reason or not read[root]:
+                continue
+            if root not in number:
+                number[root] = len(self.names)
+                self.names.append(unit_name[root])
+            self.of_unit[u] = number[root]
+        self.of_unit.setflags(write=False)  # shared by layers' rows and columns
+
+    def skips(self, layer: str, span: np.ndarray) -> list[Skip]:
+        """Why the layer's fixed rows are fixed, one Skip per distinct reason."""
+        counts: dict[str, int] = {}
+        for u in span.tolist():
+            if self.of_unit[u] != FIXED:
+                continue
+            reason = self.state.reason.get(u)
+            root = int(self.roots[u])
+            if reason is None and root in self.root_reason:
+                member, why = self.root_reason[root]
+                other = self.unit_name[member].rsplit(":", 1)[0]
+                reason = f"tied by a merge to units of '{other}', which are fixed: {why}"
+            elif reason is None:
+                reason = "not read by any linear layer (unused channel)"
+            counts[reason] = counts.get(reason, 0) + 1
+        return [Skip(layer, n, reason) for reason, n in counts.items()]
+
+
+def _reaches_linear(graph: GraphIndex) -> set[str]:
+    """Tensors with a linear op (or a subgraph that may hold one) downstream: fixed units of a
+    layer whose output reaches none are output units, not worth a Skip record."""
+    reach: set[str] = set()
+    for i in reversed(graph.topological_order()):
+        node = graph.nodes[i]
+        if (
+            node.op_type in LINEAR_OPS
+            or i in graph.with_subgraphs
+            or any(out in reach for out in node.output if out)
+        ):
+            reach.update(name for name in node.input if name)
+            reach.update(graph.implicit.get(i, ()))
+    return reach
 
 
 def _subgraph_skips(graph: GraphIndex) -> list[Skip]:
@@ -161,21 +317,39 @@ def _count_linear(graph: onnx.GraphProto) -> int:
 def _units(
     graph: GraphIndex, layer: LinearMatch, rows: np.ndarray, cols: np.ndarray
 ) -> LinearUnits:
+    """The layer's record: raw column groups for the coupling, and the tensor edits."""
+    moves_rows = bool((rows != FIXED).any())
+    if layer.kind == "dense":
+        raw_cols = tensor_cols = cols
+    elif layer.group == 1:
+        raw_cols, tensor_cols = np.repeat(cols, layer.taps), cols
+    else:  # row o of group g reads input channels g*(I/g) .. (g+1)*(I/g)-1
+        per_group = layer.n_cols // layer.group
+        group_of_row = np.arange(layer.n_rows) // (layer.n_rows // layer.group)
+        tensor_cols = cols.reshape(layer.group, per_group)[group_of_row]
+        raw_cols = np.repeat(tensor_cols, layer.taps, axis=1)
     edits = []
-    if (rows != FIXED).any() or (cols != FIXED).any():
+    own_rows = moves_rows and layer.bn is None  # with BN, gamma and beta carry the rows
+    if own_rows or (cols != FIXED).any():
         edits.append(
             TensorEdit(
                 tensor=layer.weight,
                 row_axis=layer.row_axis,
-                row_groups=rows,
+                row_groups=rows if own_rows else None,
                 col_axis=layer.col_axis,
-                col_groups=cols,
+                col_groups=tensor_cols,
             )
         )
-    if layer.bias is not None and (rows != FIXED).any():
+    if moves_rows and layer.bn is not None:
+        bn = layer.bn
+        edits += [TensorEdit(t, row_axis=0, row_groups=rows) for t in (bn.scale, bn.bias)]
+    elif moves_rows and layer.bias is not None and layer.kind != "dense":
+        axis = len(layer.bias_shape) + layer.bias_axis
+        edits.append(TensorEdit(tensor=layer.bias, row_axis=axis, row_groups=rows))
+    elif moves_rows and layer.bias is not None:
         expand_to = layer.bias_expand_to()
         rank = len(expand_to if expand_to is not None else layer.bias_shape)
         edits.append(
             TensorEdit(tensor=layer.bias, row_axis=rank - 1, row_groups=rows, expand_to=expand_to)
         )
-    return LinearUnits(layer.name, layer.effective_weight(graph), rows, cols, tuple(edits))
+    return LinearUnits(layer.name, layer.effective_weight(graph), rows, raw_cols, tuple(edits))

@@ -1,0 +1,629 @@
+"""Ops that per-unit factors pass through, one rule per op family, each with the channel map.
+
+A tensor that carries units is described by a :class:`Carrier`: the unit behind each index
+along one axis (``axis``, counted from the end), -1 for entries that carry no unit (scale 1).
+A rule gets the carriers of a node's inputs and says where the units land on its outputs
+(:class:`Step`), or refuses with a reason. Every rule is exact for any positive factors a_c on
+channels c because the op commutes with them:
+
+* positively homogeneous activations (Relu, LeakyRelu, PRelu with a constant slope, Clip with
+  bounds 0 and +inf):
+  f(a z) = a f(z) for a > 0, element-wise; these make the units *hidden* (``activated``);
+* copies and per-channel maps: Identity, Dropout (inference), max/average/Lp pools and their
+  global forms (they act on each channel of an [N, C, ...] tensor separately), mean, sum, max,
+  min, L1 and L2 reductions over other axes (all positively homogeneous), Pad (zero
+  constant, edge, reflect or wrap; nothing added along the unit axis), Resize/Upsample (each
+  channel interpolated alone; the unit axis keeps its size), Mul/Div by a constant (any values:
+  a (y k) = (a y) k);
+* index maps: Transpose follows the axis; Flatten, Reshape, Squeeze, Unsqueeze keep row-major
+  order, so when the unit axis and everything after it (inner size s) fold into one output axis
+  whose trailing size t divides s, output index x belongs to channel (x t // s) mod C (column
+  j of Flatten([N, C, H, W]) is channel j // (H W)); Concat along the unit axis offsets the
+  channels, Split and Slice along it select them;
+* affine maps with stored constants that are rescaled with the units: Add/Sub of a per-channel
+  constant (x + b -> a x + a b), a BatchNormalization that is not right after a layer
+  (pre-activation, after a Relu): gamma (a x - a mean) / s + a beta = a BN(x);
+* merges: Add, Sum, Sub (and Concat along another axis) join channel k of every input into one
+  output channel, which is exact only if those units share one factor: they are *tied*
+  (ALGORITHM.md §6). An input that carries no unit (a graph input, a constant that cannot be
+  rescaled per channel, the output of a non-homogeneous op) has scale 1, so the tie fixes the
+  whole group.
+
+Everything else stops the units (they keep scale 1): non-homogeneous functions (Clip/Relu6,
+Sigmoid, Gelu, Softmax, LayerNormalization, ...), ops mixing channels (MatMul of two activations,
+reductions over the unit axis), unknown ops, and shapes that cannot be inferred.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import FLOAT_TYPES, GraphIndex
+from .ops import (
+    ACTIVATIONS,
+    LINEAR_OPS,
+    NOT_HOMOGENEOUS,
+    QUANTIZED,
+    STANDARD_DOMAINS,
+    SUBGRAPH_OPS,
+    Refusal,
+    attr,
+)
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """The units a tensor carries along ``axis`` (negative, from the end); -1 = no unit."""
+
+    units: np.ndarray
+    activated: np.ndarray  # per entry: has it passed a positively homogeneous activation?
+    axis: int
+    rank: int | None = None  # the tensor's rank when known without shape inference
+
+    def take(self, index: np.ndarray, axis: int | None = None, rank: int | None = None) -> Carrier:
+        axis = self.axis if axis is None else axis
+        rank = self.rank if rank is None else rank
+        return Carrier(self.units[index], self.activated[index], axis, rank)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the units go: output carriers, and groups of carriers whose units must be tied
+    entry by entry (a merge); ``fixes`` are (units, reason) that must keep scale 1; ``scaled``
+    are stored constants whose entries along an axis scale with the units (a bias added to
+    rescaled channels, a BatchNormalization's mean and bias)."""
+
+    outputs: tuple[tuple[str, Carrier], ...] = ()
+    ties: tuple[tuple[Carrier, ...], ...] = ()
+    fixes: tuple[tuple[np.ndarray, str], ...] = ()
+    scaled: tuple[tuple[str, int, np.ndarray], ...] = ()  # (constant, its axis, units)
+
+
+Rule = Callable[[GraphIndex, int, dict[int, Carrier]], "Step | Refusal"]
+
+
+def _name(graph: GraphIndex, i: int) -> str:
+    return f"{graph.nodes[i].op_type} '{graph.names[i]}'"
+
+
+def _only_data(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Carrier | Refusal:
+    """The carrier of input 0, refusing units that arrive on any other input."""
+    for slot in carried:
+        if slot != 0:
+            return Refusal(f"feeds {_name(graph, i)} as input {slot}")
+    return carried[0]
+
+
+def _rank(graph: GraphIndex, name: str, carrier: Carrier | None = None) -> int | Refusal:
+    rank = graph.rank(name)
+    if rank is None and carrier is not None:
+        rank = carrier.rank
+    if rank is None:
+        return Refusal(f"shape of '{name}' cannot be inferred")
+    return rank
+
+
+def _data_with_rank(
+    graph: GraphIndex, i: int, carried: dict[int, Carrier]
+) -> tuple[Carrier, int] | Refusal:
+    """The carrier of input 0 and that input's rank, or why the node cannot pass units on."""
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    rank = _rank(graph, graph.nodes[i].input[0], data)
+    if isinstance(rank, Refusal):
+        return rank
+    return data, rank
+
+
+def _same(graph: GraphIndex, i: int, carrier: Carrier, activated: bool = False) -> Step:
+    out = graph.nodes[i].output[0]
+    if activated:
+        carrier = Carrier(
+            carrier.units, np.ones_like(carrier.activated), carrier.axis, carrier.rank
+        )
+    return Step(outputs=((out, carrier),))
+
+
+def _is_constant(graph: GraphIndex, name: str) -> bool:
+    return bool(name) and graph.is_constant(name) and not graph.is_overridable(name)
+
+
+def _constant(graph: GraphIndex, name: str) -> np.ndarray | None:
+    return graph.array(name) if _is_constant(graph, name) else None
+
+
+# ------------------------------------------------------------------ element-wise, per channel
+
+
+def _activation(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    if node.op_type == "PRelu" and (len(node.input) < 2 or not _is_constant(graph, node.input[1])):
+        # a constant slope is not rescaled: PRelu(a z, s) = a PRelu(z, s) for any fixed s
+        return Refusal(f"feeds PRelu '{graph.names[i]}' whose slope is not a constant")
+    return _same(graph, i, data, activated=True)
+
+
+def _clip(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Clip with bounds 0 and +inf is Relu (torch's clamp(min=0)); any finite bound other than
+    min = 0 breaks homogeneity (Relu6 = Clip(0, 6))."""
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    bounds = []
+    for slot, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        if len(node.input) > slot and node.input[slot]:
+            value = _constant(graph, node.input[slot])
+            bounds.append(None if value is None or value.size != 1 else float(value.ravel()[0]))
+        else:  # opset < 11 bounds are attributes
+            bounds.append(float(attr(node, name, default)))
+    low, high = bounds
+    if high == np.inf and low in (0.0, -np.inf):
+        return _same(graph, i, data, activated=low == 0.0)
+    return Refusal(f"feeds Clip '{graph.names[i]}', which is not positively homogeneous")
+
+
+def _copy(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Identity, Dropout in inference mode (its mask output carries nothing)."""
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+        mode = _constant(graph, node.input[2])
+        if mode is None or bool(mode):
+            return Refusal(f"feeds Dropout '{graph.names[i]}' that may run in training mode")
+    return _same(graph, i, data)
+
+
+def _pool(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Pools act on each channel (axis 1) separately: the units must be on axis 1."""
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    if data.axis + rank != 1:
+        return Refusal(f"feeds {_name(graph, i)}, which pools over the unit axis")
+    return _same(graph, i, data)
+
+
+def _scale_by_constant(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Mul by a constant (either side) or Div by a constant: a (y k) = (a y) k."""
+    node = graph.nodes[i]
+    if len(carried) != 1 or len(node.input) != 2:
+        return Refusal(f"feeds {_name(graph, i)} with scaled units on both inputs")
+    (slot, data), other = next(iter(carried.items())), node.input[1 - next(iter(carried))]
+    if node.op_type == "Div" and slot != 0:
+        return Refusal(f"divides in {_name(graph, i)}, which is not homogeneous in the divisor")
+    if not _is_constant(graph, other):
+        return Refusal(f"feeds {_name(graph, i)} whose other input '{other}' is not a constant")
+    shape = graph.shape(other) or ()
+    if len(shape) >= -data.axis and shape[data.axis] not in (1, len(data.units)):
+        return Refusal(f"feeds {_name(graph, i)}, whose constant does not broadcast per unit")
+    return _same(graph, i, data)
+
+
+REDUCTIONS = frozenset(
+    ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2")
+)
+
+
+def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Positively homogeneous reductions over axes other than the unit axis (a spatial mean)."""
+    node = graph.nodes[i]
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    if len(node.input) > 1 and node.input[1]:  # opset 13 (ReduceSum) / 18: axes as an input
+        axes = _constant(graph, node.input[1])
+        if axes is None:
+            return Refusal(f"feeds {_name(graph, i)} whose axes are not a constant")
+    else:
+        axes = attr(node, "axes", None)
+    if axes is None or len(axes) == 0:
+        if int(attr(node, "noop_with_empty_axes", 0)):
+            return _same(graph, i, data)
+        axes = range(rank)  # the default reduces every axis
+    axes = {int(a) % rank for a in np.asarray(axes).ravel()}
+    k = data.axis + rank
+    if k in axes:
+        return Refusal(f"feeds {_name(graph, i)}, which reduces over the unit axis")
+    if int(attr(node, "keepdims", 1)):
+        return _same(graph, i, data)
+    kept = k - sum(1 for a in axes if a < k)
+    kept_rank = rank - len(axes)
+    moved = Carrier(data.units, data.activated, kept - kept_rank, kept_rank)
+    return Step(outputs=((node.output[0], moved),))
+
+
+def _pad(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    node = graph.nodes[i]
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    mode = attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        return Refusal(f"feeds Pad '{graph.names[i]}' with mode {mode}")
+    if len(node.input) > 1:  # opset >= 11: pads, constant_value, axes are inputs
+        pads = _constant(graph, node.input[1])
+        given = [*node.input[2:4], "", ""]
+        value = _constant(graph, given[0]) if given[0] else 0.0
+        axes = _constant(graph, given[1]) if given[1] else None
+        if pads is None or value is None or (given[1] and axes is None):
+            return Refusal(f"feeds Pad '{graph.names[i]}' whose pads are not constants")
+    else:
+        pads, value, axes = attr(node, "pads", []), attr(node, "value", 0.0), None
+    pads = np.asarray(pads, dtype=np.int64).ravel()
+    axes = np.arange(rank) if axes is None else (np.asarray(axes).ravel() % rank)
+    if len(pads) != 2 * len(axes):
+        return Refusal(f"feeds Pad '{graph.names[i]}' with {len(pads)} pads for rank {rank}")
+    if mode == "constant" and np.any(np.asarray(value, dtype=np.float64) != 0):
+        return Refusal(f"feeds Pad '{graph.names[i]}' with a non-zero constant")
+    k = data.axis + rank
+    for j, ax in enumerate(axes):
+        if ax == k and (pads[j] != 0 or pads[j + len(axes)] != 0):
+            return Refusal(f"feeds Pad '{graph.names[i]}', which pads the unit axis")
+    return _same(graph, i, data)
+
+
+def _resize(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Resize/Upsample interpolate each channel alone; the unit axis must keep its size."""
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    mode = attr(node, "mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    transform = attr(node, "coordinate_transformation_mode", b"half_pixel")
+    transform = transform.decode() if isinstance(transform, bytes) else transform
+    # these keep index x on an axis of scale 1; tf_half_pixel_for_nn may round it to x + 1,
+    # tf_crop_and_resize may crop the unit axis and extrapolate a constant
+    if transform not in (
+        "half_pixel",
+        "half_pixel_symmetric",
+        "pytorch_half_pixel",
+        "align_corners",
+        "asymmetric",
+    ):
+        return Refusal(f"feeds {_name(graph, i)} with coordinate transformation {transform}")
+    if mode not in ("nearest", "linear", "cubic", "bilinear", "trilinear"):
+        return Refusal(f"feeds {_name(graph, i)} with mode {mode}")
+    before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
+    if (
+        before is not None
+        and after is not None
+        and None not in (before[data.axis], after[data.axis])
+    ):
+        if before[data.axis] != after[data.axis]:
+            return Refusal(f"feeds {_name(graph, i)}, which resizes the unit axis")
+        return _same(graph, i, data)
+    # sizes unknown: constant scales (Resize input 2, Upsample input 1) must keep the axis
+    if attr(node, "axes", None) is not None:
+        return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+    slot = 1 if node.op_type == "Upsample" or len(node.input) == 2 else 2
+    scales = _constant(graph, node.input[slot]) if len(node.input) > slot else None
+    if scales is not None and scales.size >= -data.axis and scales.ravel()[data.axis] == 1:
+        return _same(graph, i, data)
+    return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+
+
+# ------------------------------------------------------------------ index maps
+
+
+def _transpose(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    perm = attr(node, "perm", None)
+    if perm is None:
+        rank = _rank(graph, node.input[0], data)
+        if isinstance(rank, Refusal):
+            return rank
+        perm = list(reversed(range(rank)))
+    rank = len(perm)
+    axis = list(perm).index(data.axis + rank) - rank
+    moved = Carrier(data.units, data.activated, axis, rank)
+    return Step(outputs=((node.output[0], moved),))
+
+
+def reshaped(
+    before: tuple[int | None, ...], axis: int, after: tuple[int | None, ...], n_units: int
+) -> tuple[int, np.ndarray] | None:
+    """Where units on ``axis`` of a ``before``-shaped tensor land when its elements are laid out
+    again, in the same row-major order, as ``after`` (Reshape, Flatten, Squeeze, Unsqueeze).
+
+    Returns the output axis (from the end) and, per index along it, the unit's position along
+    the input axis; None when the units do not map onto one output axis.
+
+    >>> reshaped((None, 3, 2, 2), -3, (None, 12), 3)[1].tolist()
+    [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    """
+    k = axis + len(before)
+    if before[k] != n_units or any(d is None for d in before[k:]):
+        return None
+    inner = int(np.prod(before[k + 1 :], dtype=np.int64))
+    # sizes of the input's trailing blocks that contain whole channels
+    blocks = set()
+    size = n_units * inner
+    blocks.add(size)
+    for d in reversed(before[:k]):
+        if d is None:
+            break
+        size *= d
+        blocks.add(size)
+    trailing = 1
+    suffixes = []
+    for d in reversed(after):
+        if d is None:
+            break
+        suffixes.append((trailing, trailing * d))
+        trailing *= d
+    # suffixes[j] = (product after axis m, product from axis m) for m = len(after) - 1 - j
+    for j in reversed(range(len(suffixes))):
+        inner_out, from_m = suffixes[j]
+        if from_m in blocks and inner % inner_out == 0 and after[len(after) - 1 - j] != 1:
+            m_size = from_m // inner_out
+            index = (np.arange(m_size, dtype=np.int64) * inner_out // inner) % n_units
+            return -1 - j, index
+    return None
+
+
+def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
+    if before is None or any(d is None for d in before[data.axis + len(before) :]):
+        return Refusal(f"shape of '{node.input[0]}' cannot be inferred")
+    if after is None:
+        return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+    mapped = reshaped(before, data.axis, after, len(data.units))
+    if mapped is None:
+        if None in after[1:]:
+            return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+        return Refusal(f"feeds {_name(graph, i)}, which spreads the unit axis over several axes")
+    axis, index = mapped
+    return Step(outputs=((node.output[0], data.take(index, axis, len(after))),))
+
+
+def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    node = graph.nodes[i]
+    first = next(iter(carried.values()))
+    rank = _rank(graph, node.output[0], first)
+    if isinstance(rank, Refusal):
+        return rank
+    axis = int(attr(node, "axis", 0))
+    axis = axis - rank if axis >= 0 else axis
+    if any(c.axis != first.axis for c in carried.values()):
+        return Refusal(f"feeds {_name(graph, i)} with units on different axes")
+    if axis != first.axis:
+        return _merge(graph, i, carried)
+    units, activated = [], []
+    for slot, name in enumerate(node.input):
+        if slot in carried:
+            units.append(carried[slot].units)
+            activated.append(carried[slot].activated)
+            continue
+        dims = graph.dims(name)
+        if dims is None or len(dims) != rank or dims[axis] is None:
+            return Refusal(f"shape of '{name}' cannot be inferred")
+        units.append(np.full(dims[axis], -1, dtype=np.int64))
+        activated.append(np.ones(dims[axis], dtype=bool))
+    out = Carrier(np.concatenate(units), np.concatenate(activated), axis, rank)
+    return Step(outputs=((node.output[0], out),))
+
+
+def _split(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    node = graph.nodes[i]
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    axis = int(attr(node, "axis", 0))
+    axis = axis - rank if axis >= 0 else axis
+    outputs = [out for out in node.output if out]
+    if axis != data.axis:
+        return Step(outputs=tuple((out, data) for out in outputs))
+    sizes = _split_sizes(graph, i, len(data.units))
+    if sizes is None or sum(sizes) != len(data.units):
+        return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+    start, pieces = 0, []
+    for out, size in zip(node.output, sizes, strict=True):
+        if out:
+            pieces.append((out, data.take(np.arange(start, start + size))))
+        start += size
+    return Step(outputs=tuple(pieces))
+
+
+def _split_sizes(graph: GraphIndex, i: int, total: int) -> list[int] | None:
+    """The parts' sizes along the split axis: inferred, or from the split input (opset >= 13),
+    the split attribute (older opsets), or equal parts (the last one smaller, opset 18)."""
+    node = graph.nodes[i]
+    axis = int(attr(node, "axis", 0))
+    inferred = [graph.dims(out) for out in node.output]
+    if all(d is not None and len(d) > axis % len(d) and d[axis] is not None for d in inferred):
+        return [int(d[axis]) for d in inferred]
+    if len(node.input) > 1 and node.input[1]:
+        sizes = _constant(graph, node.input[1])
+        return None if sizes is None else [int(v) for v in np.ravel(sizes)]
+    sizes = attr(node, "split", None)
+    if sizes is not None:
+        return [int(v) for v in sizes]
+    n = len(node.output)
+    step = -(-total // n)
+    return [max(0, min(step, total - k * step)) for k in range(n)]
+
+
+def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    node = graph.nodes[i]
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps are inputs
+        values = [_constant(graph, n) if n else None for n in node.input[1:5]]
+        if any(v is None for v, n in zip(values, node.input[1:5], strict=False) if n):
+            return Refusal(f"feeds Slice '{graph.names[i]}' whose bounds are not constants")
+        values += [None] * (4 - len(values))
+        starts, ends, axes, steps = values
+    else:
+        starts, ends = attr(node, "starts", []), attr(node, "ends", [])
+        axes, steps = attr(node, "axes", None), None
+    starts = np.asarray(starts, dtype=np.int64).ravel()
+    ends = np.asarray(ends, dtype=np.int64).ravel()
+    axes = np.arange(len(starts)) if axes is None else np.asarray(axes, dtype=np.int64).ravel()
+    steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
+    index = np.arange(len(data.units))
+    for start, end, ax, step in zip(starts, ends, axes, steps, strict=True):
+        if (ax if ax < 0 else ax - rank) == data.axis:
+            # ONNX clamps like Python slicing; INT64 bounds stay valid Python ints
+            index = index[slice(int(start), int(end), int(step))]
+    return Step(outputs=((node.output[0], data.take(index)),))
+
+
+# ------------------------------------------------------------------ merges and readers
+
+
+def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Add, Sum, Sub, Concat along another axis: channel k of each input is one output channel."""
+    node = graph.nodes[i]
+    first = next(iter(carried.values()))
+    for c in carried.values():
+        if c.axis != first.axis or len(c.units) != len(first.units):
+            return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
+    if len(carried) == 1 and len(node.input) == 2 and node.op_type in ("Add", "Sub"):
+        scaled = _per_unit_constant(graph, node.input[1 - next(iter(carried))], first)
+        if scaled is not None:
+            return Step(outputs=((node.output[0], first),), scaled=(scaled,))
+    fixes = []
+    for slot, name in enumerate(node.input):
+        if slot not in carried and name:
+            dims = graph.dims(name)
+            if (
+                dims is not None
+                and len(dims) >= -first.axis
+                and dims[first.axis]
+                not in (
+                    None,
+                    len(first.units),
+                )
+            ):
+                return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
+            reason = f"merged by {_name(graph, i)} with '{name}', which cannot be rescaled"
+            fixes.extend((c.units, reason) for c in carried.values())
+    activated = np.logical_and.reduce([c.activated for c in carried.values()])
+    out = Carrier(first.units, activated, first.axis, first.rank)
+    return Step(
+        outputs=((node.output[0], out),), ties=(tuple(carried.values()),), fixes=tuple(fixes)
+    )
+
+
+def _shape_only(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step:
+    """Shape, Size: their result does not depend on the values, so no factor reaches it."""
+    return Step()
+
+
+def _per_unit_constant(
+    graph: GraphIndex, name: str, data: Carrier
+) -> tuple[str, int, np.ndarray] | None:
+    """A stored float constant with one entry per unit along the units' axis (ones elsewhere)
+    that may be rewritten: adding it to rescaled channels is exact once it is rescaled too."""
+    shape = graph.shape(name)
+    if not _is_constant(graph, name) or shape is None or len(shape) < -data.axis:
+        return None
+    axis = len(shape) + data.axis
+    if shape[axis] != len(data.units) or any(d != 1 for k, d in enumerate(shape) if k != axis):
+        return None
+    if graph.elem_type(name) not in FLOAT_TYPES or graph.n_uses(name) != 1:
+        return None
+    return name, axis, data.units
+
+
+def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """A BatchNormalization not absorbed into a layer (pre-activation, after a Relu, after a
+    merge): gamma (a x - a mean) / s + a beta = a BN(x), so mean and bias scale with the units."""
+    node, name = graph.nodes[i], graph.names[i]
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    if data.axis + rank != 1:
+        return Refusal(f"feeds BatchNormalization '{name}', which normalises another axis")
+    refusal = Refusal(f"feeds BatchNormalization '{name}' whose parameters cannot be rescaled")
+    if len(node.input) != 5 or any(node.output[1:]):
+        return refusal
+    if int(attr(node, "training_mode", 0)) or not int(attr(node, "spatial", 1)):
+        return refusal
+    channels = Carrier(data.units, data.activated, -1)  # parameters are 1-D, one per channel
+    bias, mean = (_per_unit_constant(graph, node.input[k], channels) for k in (2, 3))
+    scale, var = node.input[1], node.input[4]
+    if (
+        bias is None
+        or mean is None
+        or not (_is_constant(graph, scale) and _is_constant(graph, var))
+    ):
+        return refusal
+    return Step(outputs=((node.output[0], data),), scaled=(bias, mean))
+
+
+# op type -> rule
+PASSTHROUGH_RULES: dict[str, Rule] = {
+    **{op: _activation for op in ACTIVATIONS},
+    **dict.fromkeys(("Identity", "Dropout"), _copy),
+    "Clip": _clip,
+    **dict.fromkeys(
+        (
+            "MaxPool",
+            "AveragePool",
+            "LpPool",
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+            "GlobalLpPool",
+        ),
+        _pool,
+    ),
+    **dict.fromkeys(("Mul", "Div"), _scale_by_constant),
+    **dict.fromkeys(REDUCTIONS, _reduce),
+    "Pad": _pad,
+    "Resize": _resize,
+    "Upsample": _resize,
+    "Transpose": _transpose,
+    **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), _reshape),
+    "Concat": _concat,
+    "Split": _split,
+    "Slice": _slice,
+    **dict.fromkeys(("Add", "Sum", "Sub"), _merge),
+    "Shape": _shape_only,
+    "Size": _shape_only,
+    "BatchNormalization": _batchnorm,
+}
+
+
+def match_passthrough(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Where the units carried by node ``i``'s inputs (by input slot) go, or why they stop."""
+    node = graph.nodes[i]
+    op, name = node.op_type, graph.names[i]
+    if op in SUBGRAPH_OPS:
+        return Refusal(f"used inside the subgraph of {op} '{name}'")
+    rule = PASSTHROUGH_RULES.get(op) if node.domain in STANDARD_DOMAINS else None
+    if rule is not None:
+        return rule(graph, i, carried)
+    if op in QUANTIZED:
+        return Refusal(f"feeds quantized op {op} '{name}'")
+    if op in LINEAR_OPS:
+        return Refusal(f"feeds {op} '{name}', which is not a rescalable linear layer")
+    if op in NOT_HOMOGENEOUS:
+        return Refusal(f"feeds {op} '{name}', which is not positively homogeneous")
+    return Refusal(f"feeds {op} '{name}', which does not pass per-unit scales")

@@ -1,0 +1,46 @@
+"""Checks shared by the solver tests: a solve result against the independent scipy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference
+from networks import Network, make_network
+
+from onnxbalance.solver import SolveResult
+
+
+def check_against_reference(net: Network, p: float, q: float, result: SolveResult) -> None:
+    layers = net.layers()
+    pinned = [g.group for g in result.pinned]
+    assert result.converged, result.message
+    assert np.all(result.log_scales[pinned] == 0.0)
+    # The reported norms are the real norms of the rescaled network.
+    start = reference.objective(layers, np.zeros(net.n_groups), p, q) ** (1 / q)
+    end = reference.objective(layers, result.log_scales, p, q) ** (1 / q)
+    assert result.norm_before == pytest.approx(start, rel=1e-12)
+    assert result.norm_after == pytest.approx(end, rel=1e-12)
+    # Monotone: F never increases from sweep to sweep.
+    history = np.array(result.history)
+    assert history[0] == result.norm_before and history[-1] == result.norm_after
+    assert np.all(np.diff(history) <= 1e-12 * history[:-1])
+    # Balanced: in_g = out_g for every live group.
+    incoming, outgoing = reference.loads(layers, net.n_groups, result.log_scales, p, q)
+    live = (incoming + outgoing) > 0
+    live[pinned] = False
+    np.testing.assert_allclose(incoming[live], outgoing[live], rtol=1e-6)
+    # Optimal: the same minimum as L-BFGS on log F with the same pinned groups.
+    best = reference.minimise(layers, net.n_groups, p, q, pinned=pinned)
+    assert result.norm_after == pytest.approx(best.norm, rel=1e-6)
+
+
+def tied_network(tie: bool) -> Network:
+    net = make_network((3, 4, 4, 2), seed=11)
+    if not tie:
+        return net
+    groups = list(net.groups)
+    groups[2] = groups[2].copy()
+    groups[2][1] = groups[1][0]  # units h1[0] and h2[1] share one factor
+    _, compact = np.unique(np.concatenate(groups[1:3]), return_inverse=True)
+    groups[1], groups[2] = compact[:4], compact[4:]
+    return Network(net.sizes, net.edges, net.biases, tuple(groups), 7)
