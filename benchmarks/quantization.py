@@ -7,7 +7,8 @@ the same function, ALGORITHM.md §1). Every model is quantized with onnxruntime'
 per-tensor, int8 quantization (MinMax calibration on the training split) as is, and after
 ``onnxbalance.balance`` for several (p, q). Accuracy is measured on the test split.
 
-    PYTHONPATH=. python benchmarks/quantization.py [--verbose] [--csv F] [--png F]
+    PYTHONPATH=. python benchmarks/quantization.py [--verbose] [--seeds N] [--quick]
+        [--csv F] [--png F] [--replot]
 
 Prints a table, writes docs/quantization.csv and docs/quantization.png. A few minutes on 2 cores.
 """
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +38,13 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from onnxbalance.weightstats import LayerStats, format_stats_table, layer_stats
+from onnxbalance import balance
+from onnxbalance.weightstats import format_stats_table
 
 PQ = ((1.0, 1.0), (2.0, 2.0), (1.0, 2.0), (2.0, 1.0), (3.0, 2.0))
 SPREADS = (0.0, 1.0, 2.0)  # per-unit factors 10^U(-s, s); s = 0 is the model as trained
 SPLIT_SEED = 0  # one train/test split for every model and seed: rows stay comparable
 SEEDS = 8  # training seeds; seed k also draws the k-th variant's unit factors
-PENDING_CONV = "n/a: conv support pending"
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,6 @@ class Task:
     y_test: np.ndarray
     output: str  # class scores or probabilities, argmax = prediction
     seed: int = 0
-    conv: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +177,7 @@ def digits_cnn(seed: int = 0) -> Task:
         Rescale("3.weight", 0, "3.bias", "6.weight", 1, repeat=4 * 4),
     )
     name = "digits CNN c16-c32-fc10"
-    return Task(name, model, hidden, x_train, x_test, y_test, "logits", seed, conv=True)
+    return Task(name, model, hidden, x_train, x_test, y_test, "logits", seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,36 +276,13 @@ def quantize(model: onnx.ModelProto, task: Task) -> onnx.ModelProto:
 # balancing (onnxbalance) and per-layer statistics
 
 
-def _balancer() -> Callable | None:
-    try:
-        from onnxbalance.api import balance
-    except ImportError:
-        return None
-    return balance
-
-
-def weight_stats(model: onnx.ModelProto) -> list[LayerStats] | None:
-    """Per-layer statistics of every linear layer onnxbalance's analysis finds (rows = units)."""
-    try:
-        from onnxbalance.analysis import analyse
-    except ImportError:
-        return None
-    return [layer_stats(layer.name, layer.weight) for layer in analyse(model).layers]
-
-
-def _balance_or_reason(balance: Callable | None, model: onnx.ModelProto, task: Task, p, q):
-    if balance is None:
-        return None, "n/a: onnxbalance.api not available"
-    try:
-        balanced, report = balance(
-            model, p=p, q=q, inputs={model.graph.input[0].name: task.x_test[:64]}
-        )
-    except Exception as exc:  # noqa: BLE001 - a benchmark row records why, it does not stop the run
-        if task.conv:
-            return None, PENDING_CONV
-        return None, f"n/a: {type(exc).__name__}: {exc}"
+def _balance(model: onnx.ModelProto, task: Task, p: float, q: float):
+    """The balanced model and its report, or None and why there is nothing to compare."""
+    balanced, report = balance(
+        model, p=p, q=q, inputs={model.graph.input[0].name: task.x_test[:64]}
+    )
     if report.units_balanced == 0:
-        return None, PENDING_CONV if task.conv else "n/a: nothing to balance"
+        return None, "n/a: nothing to balance"
     return balanced, report
 
 
@@ -315,7 +291,6 @@ def _balance_or_reason(balance: Callable | None, model: onnx.ModelProto, task: T
 
 
 def run(tasks: list[Task], pqs, spreads, verbose: bool) -> list[dict]:
-    balance = _balancer()
     rows = []
     for task in tasks:
         for spread in spreads:
@@ -331,10 +306,9 @@ def run(tasks: list[Task], pqs, spreads, verbose: bool) -> list[dict]:
                 "float32": accuracy(model, task),
                 "int8": accuracy(quantize(model, task), task),
             }
-            before = weight_stats(model) if verbose and task.seed == 0 else None
             for p, q in pqs:
                 key = f"int8 balanced p={p:g} q={q:g}"
-                balanced, report = _balance_or_reason(balance, model, task, p, q)
+                balanced, report = _balance(model, task, p, q)
                 if balanced is None:
                     row[key] = report
                     continue
@@ -343,15 +317,10 @@ def run(tasks: list[Task], pqs, spreads, verbose: bool) -> list[dict]:
                     row["units balanced"] = report.units_balanced
                 check_equivalent(model, balanced, task, f"the balanced (p={p:g}, q={q:g}) model")
                 row[key] = accuracy(quantize(balanced, task), task)
-                if verbose and before is not None and (p, q) == (2.0, 2.0):
-                    after = weight_stats(balanced)
-                    print(
-                        f"\n{task.name}, {row['variant']}: per-layer weights, before | after p=q=2"
-                    )
-                    print(format_stats_table(before, after))
-            if verbose and before is not None and balance is None:
-                print(f"\n{task.name}, {row['variant']}: per-layer weights")
-                print(format_stats_table(before))
+                if verbose and task.seed == 0 and (p, q) == (2.0, 2.0):
+                    title = f"{task.name}, {row['variant']}: per-layer weights, before | after"
+                    print(f"\n{title} p=q=2")
+                    print(format_stats_table(report.layers_before, report.layers_after))
             rows.append(row)
             print(
                 f"  {task.name:<30} seed {task.seed} {row['variant']:<11} "

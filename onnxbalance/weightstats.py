@@ -23,6 +23,7 @@ all zero has spread 1. Pure numpy; nothing here knows about ONNX.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -92,7 +93,9 @@ def layer_stats(name: str, weight_rows_first: np.ndarray) -> LayerStats:
     )
 
 
-def format_stats_table(before: list[LayerStats], after: list[LayerStats] | None = None) -> str:
+def format_stats_table(
+    before: Sequence[LayerStats], after: Sequence[LayerStats] | None = None
+) -> str:
     """A plain-text table of per-layer statistics, before (and after) balancing.
 
     Layers are matched by position; ``after`` must list the same layers in the same order.
