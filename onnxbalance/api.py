@@ -30,6 +30,7 @@ from . import io, safewrite, tensors
 from .errors import InputError, UnsupportedModelError, VerificationError
 from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
+from .weightstats import LayerStats, layer_stats
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +375,7 @@ def _report(
             p=p, q=q, tol=tol, solver="none", norm_before=norm, norm_after=norm, sweeps=0,
             passes=0, converged=True, message="nothing to balance: no rescalable hidden units",
             units_found=found, units_balanced=0, units_fixed=fixed, history=(1.0,),
-            seconds=dict(seconds), source=source,
+            seconds=dict(seconds), source=source, layers_before=_weight_stats(units),
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
@@ -405,7 +406,29 @@ def _report(
         verify=comparison,
         seconds=dict(seconds),
         source=source,
+        layers_before=_weight_stats(units),
+        layers_after=_weight_stats(units, result.log_scales),
     )
+
+
+def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
+    """Per-layer weight-range statistics (rows = units), at the given log-scales if any.
+
+    The statistics depend only on each unit's largest magnitude, computed a block of rows at a
+    time (:func:`onnxbalance.memory.row_max_abs`): no scaled copy of a weight is ever made.
+    """
+    from .memory import row_max_abs
+    from .scaling import unit_log_scales
+
+    stats = []
+    for layer in units.layers:
+        rows = cols = None
+        if log_scales is not None:
+            rows = unit_log_scales(log_scales, layer.row_groups)
+            cols = unit_log_scales(log_scales, layer.col_groups)
+        maxima = row_max_abs(layer.weight, rows, cols)
+        stats.append(layer_stats(layer.name, maxima[:, None]))
+    return tuple(stats)
 
 
 def _imbalance(objective, graph: UnitGraph, log_scales: np.ndarray, pinned: np.ndarray) -> float:

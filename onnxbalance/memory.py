@@ -101,3 +101,32 @@ def abs_power(weight: np.ndarray, p: float) -> np.ndarray:
                 np.power(block, p, out=block)
     release(weight)
     return out
+
+
+def row_max_abs(
+    weight: np.ndarray, row_log: np.ndarray | None = None, col_log: np.ndarray | None = None
+) -> np.ndarray:
+    """``max_i |W[o, i]| * exp(row_log[o] - col_log[..., i])`` per row o, a block at a time.
+
+    ``col_log`` is 1-D (one per column) or 2-D (rows, cols). Without log-scales: the rows'
+    largest magnitudes. No full-size temporary, and mapped pages are given back afterwards.
+
+    >>> row_max_abs(np.array([[1.0, -3.0], [0.5, 0.0]])).tolist()
+    [3.0, 0.5]
+    """
+    weight = np.asarray(weight)
+    rows = weight.reshape(weight.shape[0], -1) if weight.ndim != 2 else weight
+    out = np.zeros(rows.shape[0])
+    if rows.shape[1] == 0:
+        return out
+    col_factor = None if col_log is None else np.exp(-np.asarray(col_log, dtype=np.float64))
+    with np.errstate(over="ignore"):
+        for block_rows in row_blocks(rows.shape[0], 8 * rows.shape[1]):
+            block = np.abs(rows[block_rows].astype(np.float64))
+            if col_factor is not None:
+                block *= col_factor[block_rows] if col_factor.ndim == 2 else col_factor
+            out[block_rows] = block.max(axis=1)
+        if row_log is not None:
+            out *= np.exp(np.asarray(row_log, dtype=np.float64))
+    release(weight)
+    return out

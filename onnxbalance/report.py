@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .weightstats import LayerStats
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -135,6 +137,8 @@ class Report:
     seconds: Mapping[str, float] = field(default_factory=dict)
     source: str = ""
     output: str = ""
+    layers_before: tuple[LayerStats, ...] = ()
+    layers_after: tuple[LayerStats, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -188,6 +192,7 @@ class Report:
             "verify": self.verify.to_dict() if self.verify is not None else None,
             "seconds": {stage: round(s, 6) for stage, s in self.seconds.items()},
             "history": [_finite(h) for h in self.history],
+            "layers": layer_stats_dicts(self.layers_before, self.layers_after),
         }
 
 
@@ -201,6 +206,25 @@ def fixed_entries(records: Iterable[tuple[str, int, str]]) -> tuple[FixedEntry, 
     for name, count, reason in records:
         counts[(name, reason)] = counts.get((name, reason), 0) + int(count)
     return tuple(FixedEntry(name, count, reason) for (name, reason), count in counts.items())
+
+
+def layer_stats_dicts(
+    before: tuple[LayerStats, ...], after: tuple[LayerStats, ...]
+) -> list[dict[str, Any]]:
+    """Per layer: its weight-range statistics before and (when balanced) after."""
+    rows = []
+    for i, b in enumerate(before):
+        entry: dict[str, Any] = {"name": b.name, "before": _stats_dict(b)}
+        if i < len(after):
+            entry["after"] = _stats_dict(after[i])
+        rows.append(entry)
+    return rows
+
+
+def _stats_dict(stats: LayerStats) -> dict[str, Any]:
+    d = stats.to_dict()
+    del d["name"]
+    return {k: _finite(v) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def verification_text(comparison: Comparison | None) -> str:
@@ -252,6 +276,10 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
             for o in report.verify.outputs:
                 line = f"{o.name}: abs {o.max_abs_diff:.3g}, rel {o.max_rel_diff:.3g}"
                 table.add_row("", line + (f" ({o.reason})" if o.reason else ""))
+    if verbose:
+        for i, b in enumerate(report.layers_before):
+            a = report.layers_after[i] if i < len(report.layers_after) else None
+            table.add_row(f"weights {b.name}", _stats_text(b, a))
     for stage, seconds in report.seconds.items():
         table.add_row(f"seconds {stage}", f"{seconds:.3f}")
     if report.seconds:
@@ -266,3 +294,17 @@ def _num(x: float) -> str:
 def _finite(x: float) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _stats_text(before: LayerStats, after: LayerStats | None) -> str:
+    """max|w|, spread of per-unit ranges, units lost at int8: 'before->after' each."""
+    if after is None:
+        return (
+            f"max|w| {before.largest:.3g}  spread {before.spread:.3g}  "
+            f"lost@int8 {before.lost_int8} of {before.units}"
+        )
+    return (
+        f"max|w| {before.largest:.3g}->{after.largest:.3g}  "
+        f"spread {before.spread:.3g}->{after.spread:.3g}  "
+        f"lost@int8 {before.lost_int8}->{after.lost_int8} of {before.units}"
+    )

@@ -74,3 +74,18 @@ def test_populated_arrays_are_ordinary_and_never_released(monkeypatch):
     copy = memory.empty_float64((3, 5))
     copy[...] = 7.0
     assert copy.sum() == 105.0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_row_max_abs_matches_scaled_copy(monkeypatch, grouped):
+    from onnxbalance.scaling import scale_weight
+    from onnxbalance.weightstats import unit_max
+
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 40)
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((9, 6)).astype(np.float32)
+    rows = rng.uniform(-2, 2, 9)
+    cols = rng.uniform(-2, 2, (9, 6) if grouped else 6)
+    expected = unit_max(scale_weight(weight.astype(np.float64), rows, cols))
+    np.testing.assert_allclose(memory.row_max_abs(weight, rows, cols), expected, rtol=1e-14)
+    np.testing.assert_array_equal(memory.row_max_abs(weight), unit_max(weight))
