@@ -13,6 +13,7 @@ per-unit imbalance |in - out| / (in + out) (ALGORITHM.md §3).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -20,17 +21,22 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import io
-from .errors import InputError, VerificationError
+from . import io, safewrite, tensors
+from .errors import InputError, UnsupportedModelError, VerificationError
 from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
 from .weightstats import LayerStats, layer_stats
 
 log = logging.getLogger(__name__)
+
+STREAM_BYTES = 2**20
+"""balance_file streams rescaled initializers of at least this size straight into the output
+file (small ones are rewritten in memory, like :func:`balance` does)."""
 
 ModelOrPath = onnx.ModelProto | str | os.PathLike
 Progress = Callable[[int, float], None]
@@ -80,41 +86,27 @@ def balance(
     _check_options(p, q, tol, max_sweeps)
     timer = _Timer(on_stage)
     with timer("load"):
-        model, source = _load(model_or_path)
+        model, source, folder = _load(model_or_path)
         feed = io.load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
-    with timer("analyse"):
-        units = _analyse(model)
-        graph = units.unit_graph(p)
-    if units.n_groups == 0:
-        report = _report(units, graph, None, p, q, tol, timer.seconds, source)
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy, report
-    with timer("solve"):
-        result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
-    with timer("rewrite"):
-        from .rewrite import rewrite
-
-        balanced = rewrite(model, units, result.log_scales)
-    comparison = None
-    if verify:
-        with timer("verify"):
-            from .verify import compare_models
-
-            comparison = compare_models(
-                model, balanced, inputs=feed, input_shapes=input_shapes, seed=seed
-            )
-    report = _report(units, graph, result, p, q, tol, timer.seconds, source, comparison)
-    if comparison is not None and not comparison.passed:
-        worst = max(comparison.failures, key=lambda o: o.max_rel_diff)
-        error = VerificationError(
-            f"{source or 'model'}: the balanced model's output {worst.name!r} differs from the "
-            f"input's ({worst.reason}; max abs diff {worst.max_abs_diff:.3g}, max rel diff "
-            f"{worst.max_rel_diff:.3g}); the balanced model is not written"
+    with tensors.external_folder(folder):
+        balanced, report = _balanced(
+            model, source, p, q, tol, max_sweeps, solver, progress, timer, _rewrite(model, timer)
         )
-        error.report = report  # type: ignore[attr-defined]
-        error.model = balanced  # type: ignore[attr-defined]
-        raise error
+        # a returned model stands alone: weights still in the input's data files are read in
+        balanced = _self_contained(model if balanced is None else balanced)
+        if report.solver == "none":
+            return balanced, report
+        comparison = None
+        if verify:
+            with timer("verify"):
+                from .verify import compare_models
+
+                original = source if folder is not None else model
+                comparison = compare_models(
+                    original, balanced, inputs=feed, input_shapes=input_shapes, seed=seed
+                )
+    report = replace(report, verify=comparison, seconds=dict(timer.seconds))
+    _raise_if_failed(report, source, balanced)
     return balanced, report
 
 
@@ -123,22 +115,173 @@ def balance_file(
     dst: str | os.PathLike,
     p: float = 2.0,
     q: float = 2.0,
-    **options,
+    *,
+    tol: float = 1e-6,
+    max_sweeps: int = 10_000,
+    solver: str | None = None,
+    verify: bool = True,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    on_stage: Stage | None = None,
 ) -> Report:
     """Balance the ONNX file ``src`` and write the result to ``dst`` atomically.
 
-    ``dst`` is checked before any work (its folder must exist; it must not be ``src``). Nothing is
-    written when anything fails, verification included. Options are those of :func:`balance`.
+    ``dst`` is checked before any work (its folder must exist; it must not be ``src``). Weights
+    stored in external data files are read lazily and streamed to ``dst``'s own data file
+    (``dst.name + ".data"``; each tensor keeps the storage it had). The output is staged beside
+    ``dst``, verified from there, and only then moved into place: nothing is written when
+    anything fails, verification included. Options are those of :func:`balance`.
+
+    Raises:
+        VerificationError: its ``report`` attribute holds the full report.
     """
     io.check_output_path(dst, src)
-    on_stage = options.get("on_stage")
-    balanced, report = balance(src, p, q, **options)
-    start = time.perf_counter()
-    if on_stage is not None:
-        on_stage("write")
-    io.save_model(balanced, dst)
-    seconds = {**report.seconds, "write": time.perf_counter() - start}
-    return replace(report, seconds=seconds, output=str(dst))
+    _check_options(p, q, tol, max_sweeps)
+    timer = _Timer(on_stage)
+    with timer("load"):
+        model, source, folder = _load(src)
+        feed = io.load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
+    with tensors.external_folder(folder):
+        produce = _rewrite_while_writing(model, dst, src, folder, timer)
+        staged, report = _balanced(
+            model, source, p, q, tol, max_sweeps, solver, progress, timer, produce
+        )
+        if staged is None:  # nothing to balance: the model is written as it is
+            with timer("write"):
+                staged = safewrite.stage_model(
+                    model, dst, base_dir=folder, external=tensors.external_names(model),
+                    protected=[src],
+                )  # fmt: skip
+        with staged:
+            comparison = None
+            if verify and report.solver != "none":
+                with timer("verify"):
+                    from .verify import compare_models
+
+                    comparison = compare_models(
+                        src, staged.model_path, inputs=feed, input_shapes=input_shapes, seed=seed
+                    )
+            report = replace(
+                report, verify=comparison, seconds=dict(timer.seconds), output=str(dst)
+            )
+            _raise_if_failed(report, source, None)
+            staged.commit()
+    return report
+
+
+def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | None) -> None:
+    comparison = report.verify
+    if comparison is None or comparison.passed:
+        return
+    worst = max(comparison.failures, key=lambda o: o.max_rel_diff)
+    error = VerificationError(
+        f"{source or 'model'}: the balanced model's output {worst.name!r} differs from the "
+        f"input's ({worst.reason}; max abs diff {worst.max_abs_diff:.3g}, max rel diff "
+        f"{worst.max_rel_diff:.3g}); the balanced model is not written"
+    )
+    error.report = report  # type: ignore[attr-defined]
+    error.model = balanced  # type: ignore[attr-defined]
+    raise error
+
+
+def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, produce):
+    """analyse -> solve -> ``produce(units, log_scales)`` (rewrite, or rewrite while writing).
+
+    Returns (what ``produce`` made or None when there is nothing to balance, report). The
+    coupling matrices (twice the weights' bytes for float32) are dropped before ``produce``
+    allocates anything. Units whose rescaled weights would overflow their dtype are fixed at
+    scale 1 with a reason and the rest solved again (see :mod:`onnxbalance.overflow`).
+    """
+    from .overflow import overflowing_groups, pin_groups
+
+    with timer("analyse"):
+        units = _analyse(model)
+        graph = units.unit_graph(p)
+    if units.n_groups == 0:
+        return None, _report(units, graph, None, p, q, tol, timer.seconds, source)
+    with timer("solve"):
+        result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
+        report = _report(units, graph, result, p, q, tol, timer.seconds, source)
+    del graph
+    while True:
+        try:
+            return produce(units, result.log_scales), report
+        except UnsupportedModelError:
+            reasons = overflowing_groups(model, units, result.log_scales)
+            if not reasons:
+                raise
+        log.warning("%d units fixed: their rescaled weights would overflow", len(reasons))
+        with timer("solve"):
+            units = pin_groups(units, reasons)
+            graph = units.unit_graph(p)
+            if units.n_groups == 0:
+                report = _report(units, graph, None, p, q, tol, timer.seconds, source)
+                return None, report
+            result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
+            report = _report(units, graph, result, p, q, tol, timer.seconds, source)
+            del graph
+
+
+def _rewrite(model, timer):
+    """``produce`` for :func:`_balanced`: the balanced model in memory."""
+    from .rewrite import rewrite
+
+    def produce(units, log_scales):
+        with timer("rewrite"):
+            return rewrite(model, units, log_scales)
+
+    return produce
+
+
+def _rewrite_while_writing(model, dst, src, folder, timer):
+    """``produce`` for :func:`_balanced`: the balanced model staged beside ``dst``.
+
+    Rescaled initializers are computed block by block as the output file is written
+    (:func:`onnxbalance.rewrite.rescaled_blocks`): the new weights never sit in memory whole.
+    """
+    from .rewrite import checked_scales, rescaled_blocks, rewrite, tensor_edits
+
+    stored = {t.name: t for t in model.graph.initializer}
+
+    def produce(units, log_scales):
+        u = checked_scales(units, log_scales)
+        edits = tensor_edits(units)
+        streamed = frozenset(
+            name
+            for name in edits
+            if name in stored and tensors.expected_nbytes(stored[name]) >= STREAM_BYTES
+        )
+        with timer("rewrite"):
+            balanced = (
+                rewrite(model, units, u, skip=streamed) if streamed else rewrite(model, units, u)
+            )
+
+        def blocks(name):
+            shape, _, values = rescaled_blocks(stored[name], edits[name], u)
+            return shape, values
+
+        with timer("write"):
+            return safewrite.stage_model(
+                balanced,
+                dst,
+                base_dir=folder,
+                external=tensors.external_names(model),
+                protected=[src],
+                generated={name: functools.partial(blocks, name) for name in streamed},
+            )
+
+    return produce
+
+
+def _self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every external tensor read in (a copy; the input is never changed)."""
+    if not tensors.external_names(model):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    return safewrite.map_tensors(model, lambda t: safewrite.inline_tensor(t, None))
 
 
 def check(
@@ -160,8 +303,8 @@ def check(
     _check_options(p, q, tol, max_sweeps)
     timer = _Timer(on_stage)
     with timer("load"):
-        model, source = _load(model_or_path)
-    with timer("analyse"):
+        model, source, folder = _load(model_or_path)
+    with tensors.external_folder(folder), timer("analyse"):
         units = _analyse(model)
         graph = units.unit_graph(p)
     if units.n_groups == 0:
@@ -181,11 +324,13 @@ def _check_options(p: float, q: float, tol: float, max_sweeps: int) -> None:
         raise InputError(f"--max-sweeps must be at least 1, got {max_sweeps}")
 
 
-def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str]:
+def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None]:
+    """(model, source name, folder its external data is relative to, if loaded from a file)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, ""
+        return model_or_path, "", None
     if isinstance(model_or_path, str | os.PathLike):
-        return io.load_model(model_or_path), str(model_or_path)
+        path = Path(model_or_path)
+        return io.load_model(path), str(model_or_path), path.parent
     raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
 
 
@@ -234,6 +379,13 @@ def _report(
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
+    from .solver.objective import Objective
+
+    objective = Objective(graph, p, q)  # prepared once: a pass over every coupling matrix
+
+    def imbalance(log_scales: np.ndarray) -> float:
+        return _imbalance(objective, graph, log_scales, pinned_groups)
+
     return Report(
         p=p,
         q=q,
@@ -249,8 +401,8 @@ def _report(
         units_balanced=units.n_groups - len(pinned),
         units_fixed=fixed,
         history=history,
-        max_imbalance_before=_imbalance(graph, p, q, np.zeros(units.n_groups), pinned_groups),
-        max_imbalance_after=_imbalance(graph, p, q, result.log_scales, pinned_groups),
+        max_imbalance_before=imbalance(np.zeros(units.n_groups)),
+        max_imbalance_after=imbalance(result.log_scales),
         verify=comparison,
         seconds=dict(seconds),
         source=source,
@@ -274,13 +426,9 @@ def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
     return tuple(stats)
 
 
-def _imbalance(
-    graph: UnitGraph, p: float, q: float, log_scales: np.ndarray, pinned: np.ndarray
-) -> float:
+def _imbalance(objective, graph: UnitGraph, log_scales: np.ndarray, pinned: np.ndarray) -> float:
     """max over moving groups of |in - out| / (in + out) at ``log_scales``."""
-    from .solver.objective import Objective
-
-    loads = Objective(graph, p, q).loads(np.asarray(log_scales, dtype=np.float64))
+    loads = objective.loads(np.asarray(log_scales, dtype=np.float64))
     moving = np.ones(graph.n_groups, dtype=bool)
     moving[pinned] = False
     total = loads.incoming + loads.outgoing

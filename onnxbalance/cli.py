@@ -12,6 +12,7 @@ import enum
 import importlib.util
 import json
 import logging
+import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from . import api, io
+from . import api, io, safewrite
 from .errors import InputError, OnnxBalanceError, VerificationError
 from .plot import MISSING_MATPLOTLIB, plot_convergence
 from .report import Report, summary_table
@@ -99,19 +100,29 @@ def run(
     ] = None,
 ) -> None:
     """Balance IN into OUT, or --check how far IN is from balanced."""
-    _configure_logging(verbose and not quiet)
+    _configure_logging(verbose and not quiet, quiet)
     invocation = Invocation(
         source, output, p, q, tol, max_sweeps, solver.value if solver else None, verify,
         inputs, tuple(input_shape or ()), seed, report, plot, check, quiet, verbose,
     )  # fmt: skip
     try:
-        code = _run(invocation)
+        # SIGTERM too becomes an exception, so every temporary file is removed on the way out
+        with safewrite.interrupts_raise():
+            code = _run(invocation)
     except OnnxBalanceError as exc:
         _error(str(exc))
         code = exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _error("interrupted")
-        code = 130
+        code = 128 + getattr(exc, "signum", signal.SIGINT)
+    except Exception as exc:
+        # An interrupt inside a C extension can come back wrapped (an ImportError while
+        # onnxruntime loads): still an interrupt, not a bug.
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        _error("interrupted")
+        code = 128 + getattr(interrupt, "signum", signal.SIGINT)
     if code:
         raise typer.Exit(code)
 
@@ -264,9 +275,21 @@ class _Progress:
             self._progress.update(self._task, description=f"solve: sweep {step}, norm {norm:.6g}")
 
 
-def _configure_logging(verbose: bool) -> None:
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _configure_logging(verbose: bool, quiet: bool = False) -> None:
+    # --quiet: nothing on success, warnings included; errors still give their one line
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
+        level=level,
         stream=sys.stderr,
         format=f"{PROG}: %(message)s",
         force=True,

@@ -14,7 +14,6 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from . import safewrite, tensors
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ and for huge ones the structural check already catches malformed graphs."""
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read and check an ONNX model, with weights stored outside it loaded from its folder.
+    """Read and check an ONNX model; weights stored outside it stay on disk until read.
 
     Raises:
         InputError: missing, not a regular file, not ONNX (or truncated), external data
@@ -54,22 +54,46 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputError(f"{path}: not an ONNX model or truncated ({_first_line(exc)})") from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version)")
+    try:
+        _check_text(model)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a valid ONNX model (a text field is not UTF-8)") from None
+    try:
+        # Weights in external files stay there: checked here (known types, paths inside the
+        # folder, sizes within the files), memory-mapped later one tensor at a time.
+        tensors.check_tensors(model, path.parent)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     if not uses_external_data(model):
         # The checker reads the bytes we already hold: checking the parsed proto would serialise
         # it again, which costs more than reading the file.
         check_model(data, str(path), full=len(data) < _FULL_CHECK_BYTES)
         return model
-    try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, onnx.checker.ValidationError) as exc:
-        raise InputError(
-            f"{path}: cannot read its external weight data: {_first_line(exc)}"
-        ) from None
-    check_model(model, str(path), full=False)
+    check_model(str(path), str(path), full=len(data) < _FULL_CHECK_BYTES)
     return model
 
 
-def check_model(model: onnx.ModelProto | bytes, name: str = "model", full: bool = True) -> None:
+def _check_text(message) -> None:
+    """Refuse text fields that are not UTF-8: protobuf (proto2) keeps them as raw bytes, and
+    they would fail later, wherever a name happens to be read or copied. Bytes fields (tensor
+    data) are not touched."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            value = getattr(message, field.name)
+            for text in value if field.is_repeated else (value,):
+                if not isinstance(text, str):
+                    raise UnicodeDecodeError("utf-8", bytes(text), 0, 1, field.name)
+        elif field.type == field.TYPE_MESSAGE:
+            if field.is_repeated:
+                for item in getattr(message, field.name):
+                    _check_text(item)
+            elif message.HasField(field.name):
+                _check_text(getattr(message, field.name))
+
+
+def check_model(
+    model: onnx.ModelProto | bytes | str, name: str = "model", full: bool = True
+) -> None:
     """Run ``onnx.checker`` (structure, opsets; with ``full``, strict shape inference too).
 
     Raises:
@@ -114,43 +138,26 @@ def check_output_path(
     return out
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` to ``path`` atomically.
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    external: frozenset[str] | None = None,
+) -> None:
+    """Write ``model`` to ``path`` atomically, streaming tensors (:mod:`onnxbalance.safewrite`).
 
-    A model too large for one protobuf message keeps its weights in ``<name>.data`` beside it;
-    the data file is put in place before the model that points at it.
+    Tensors stored in external files keep that storage, in ``<name>.data`` beside ``path``
+    (read from ``base_dir``, default: the folder set by ``tensors.external_folder``); a model
+    too large for one protobuf message moves its largest tensors there too. The data file is
+    put in place before the model that points at it.
 
     Raises:
-        OutputError: the folder is missing or not writable, or the disk is full.
+        OutputError: the folder is missing or not writable, the disk is full, or the data file
+            would overwrite the input's.
     """
-    path = Path(path)
-    data = _serialize(model)
-    if data is not None:
-        write_bytes(path, data)
-        return
-    data_name = path.name + ".data"
-    with _temporary_folder(path) as tmp:
-        staged = onnx.ModelProto()
-        staged.CopyFrom(model)
-        try:
-            onnx.save_model(
-                staged,
-                str(tmp / path.name),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-            )
-            _make_readable(tmp / data_name)
-            _make_readable(tmp / path.name)
-            os.replace(tmp / data_name, path.parent / data_name)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        try:
-            os.replace(tmp / path.name, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(path.parent / data_name)
-            raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    folder = base_dir if base_dir is not None else tensors.current_folder()
+    safewrite.save_model(model, path, base_dir=folder, external=external)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -202,14 +209,6 @@ def load_inputs(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not a readable .npz archive ({_first_line(exc)})") from None
 
 
-def _serialize(model: onnx.ModelProto) -> bytes | None:
-    """The model's bytes, or None when it is over protobuf's 2 GB limit."""
-    try:
-        return model.SerializeToString()
-    except ValueError:
-        return None
-
-
 def _same_file(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
@@ -217,17 +216,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def _temporary_folder(path: Path) -> Iterator[Path]:
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        tmp = tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    with tmp as name:
-        yield Path(name)
 
 
 @functools.cache

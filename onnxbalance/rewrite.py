@@ -13,12 +13,12 @@ edited tensors, which are rebuilt from their new values (keeping name, doc strin
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import memory, tensors
 from .errors import UnsupportedModelError
 from .unitgraph import FIXED, ModelUnits, TensorEdit
 
@@ -37,7 +37,11 @@ _DATA_FIELDS = (
 
 
 def rewrite(
-    model: onnx.ModelProto, units: ModelUnits, log_scales: Sequence[float]
+    model: onnx.ModelProto,
+    units: ModelUnits,
+    log_scales: Sequence[float],
+    *,
+    skip: frozenset[str] = frozenset(),
 ) -> onnx.ModelProto:
     """A copy of ``model`` whose weights and biases are rescaled by ``exp(log_scales)``.
 
@@ -45,6 +49,8 @@ def rewrite(
         model: the original model (not modified).
         units: what :func:`onnxbalance.analysis.analyse` found in it.
         log_scales: one log-scale per scale group of ``units``.
+        skip: initializers left as they are: the caller streams their new values
+            (:func:`rescaled_blocks`) straight to the output file instead of holding them.
 
     Returns:
         The new model; only the tensors named by the edits differ, in their own dtype and shape
@@ -55,21 +61,13 @@ def rewrite(
             tensor the model does not store.
         UnsupportedModelError: a rescaled tensor no longer fits its dtype (float16 overflow).
     """
-    u = np.asarray(log_scales, dtype=np.float64)
-    if u.shape != (units.n_groups,):
-        raise ValueError(f"expected {units.n_groups} log-scales, got shape {u.shape}")
-    if not np.isfinite(u).all():
-        raise ValueError("log-scales must be finite")
-    edits: dict[str, list[TensorEdit]] = {}
-    for edit in [e for layer in units.layers for e in layer.edits] + list(units.edits):
-        if _moves(edit):
-            edits.setdefault(edit.tensor, []).append(edit)
-
+    u = checked_scales(units, log_scales)
+    edits = tensor_edits(units)
     out = _copy_without_initializers(model)
-    done: set[str] = set()
+    done: set[str] = set(skip)
     for tensor in model.graph.initializer:
         new = out.graph.initializer.add()
-        if tensor.name in edits:
+        if tensor.name in edits and tensor.name not in skip:
             _fill(new, tensor, _apply(tensor, edits[tensor.name], u))
             done.add(tensor.name)
         else:
@@ -88,6 +86,25 @@ def rewrite(
     return out
 
 
+def checked_scales(units: ModelUnits, log_scales: Sequence[float]) -> np.ndarray:
+    """``log_scales`` as float64, checked: one finite entry per scale group."""
+    u = np.asarray(log_scales, dtype=np.float64)
+    if u.shape != (units.n_groups,):
+        raise ValueError(f"expected {units.n_groups} log-scales, got shape {u.shape}")
+    if not np.isfinite(u).all():
+        raise ValueError("log-scales must be finite")
+    return u
+
+
+def tensor_edits(units: ModelUnits) -> dict[str, list[TensorEdit]]:
+    """The edits that move something, by the name of the tensor they change."""
+    edits: dict[str, list[TensorEdit]] = {}
+    for edit in [e for layer in units.layers for e in layer.edits] + list(units.edits):
+        if _moves(edit):
+            edits.setdefault(edit.tensor, []).append(edit)
+    return edits
+
+
 def _moves(edit: TensorEdit) -> bool:
     return any(
         g is not None and (np.asarray(g) != FIXED).any() for g in (edit.row_groups, edit.col_groups)
@@ -100,34 +117,79 @@ def _factor(groups: np.ndarray, u: np.ndarray, sign: float) -> np.ndarray:
     return np.exp(sign * padded[np.where(groups == FIXED, len(u), groups)])
 
 
-def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> np.ndarray:
-    """The tensor's new value in its own dtype."""
-    original = numpy_helper.to_array(tensor)
-    values = original.astype(np.float64)
+def _factors(edits: list[TensorEdit], u: np.ndarray, ndim: int) -> list[np.ndarray]:
+    """Each edit's row and column factors, shaped to broadcast against the whole tensor."""
+    factors = []
     for edit in edits:
-        if edit.expand_to is not None and values.shape != tuple(edit.expand_to):
-            values = np.broadcast_to(values, edit.expand_to).copy()
         if edit.row_axis is not None and edit.row_groups is not None:
-            values = values * _along(_factor(edit.row_groups, u, 1.0), edit.row_axis, values.ndim)
+            factors.append(_along(_factor(edit.row_groups, u, 1.0), edit.row_axis, ndim))
         if edit.col_axis is not None and edit.col_groups is not None:
             col = _factor(edit.col_groups, u, -1.0)
             if col.ndim == 1:
-                values = values * _along(col, edit.col_axis, values.ndim)
+                factors.append(_along(col, edit.col_axis, ndim))
             else:  # (rows, cols): the column unit depends on the row (grouped convolutions)
-                shape = [1] * values.ndim
+                shape = [1] * ndim
                 shape[edit.row_axis] = col.shape[0]
                 shape[edit.col_axis] = col.shape[1]
                 axes = sorted((edit.row_axis, edit.col_axis))
                 if axes[0] != edit.row_axis:
                     col = col.T
-                values = values * col.reshape(shape)
-    with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
-        result = values.astype(original.dtype)
-    if not np.isfinite(result).all() and np.isfinite(original).all():
-        raise UnsupportedModelError(
-            f"rescaled tensor '{tensor.name}' overflows {original.dtype}; balancing cannot be "
-            f"stored in this dtype"
-        )
+                factors.append(col.reshape(shape))
+    return factors
+
+
+def rescaled_blocks(
+    tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray
+) -> tuple[tuple[int, ...], np.dtype, Iterator[np.ndarray]]:
+    """The tensor's new value as (shape, dtype, blocks along axis 0 in that dtype).
+
+    Blocks are computed in float64 a few megabytes at a time and cast back, so rescaling a
+    tensor of any size needs no full-size temporary; external data is read memory-mapped.
+
+    Raises (while iterating):
+        UnsupportedModelError: a rescaled entry no longer fits the dtype (float16 overflow).
+    """
+    original = tensors.read_array(tensor)  # external data: memory-mapped, read as needed
+    shape = original.shape
+    for edit in edits:
+        if edit.expand_to is not None:
+            shape = tuple(int(d) for d in edit.expand_to)
+    values = np.broadcast_to(original, shape) if shape != original.shape else original
+    factors = _factors(edits, u, len(shape))
+
+    def blocks() -> Iterator[np.ndarray]:
+        if not shape:  # a scalar: one block
+            slices = [()]
+        else:
+            slices = memory.row_blocks(shape[0], 8 * int(np.prod(shape[1:], dtype=np.int64)))
+        for rows in slices:
+            block = np.array(values[rows], dtype=np.float64)
+            before = np.isfinite(block)
+            for factor in factors:
+                block *= factor[rows] if shape and factor.shape[0] != 1 else factor
+            with np.errstate(over="ignore", invalid="ignore"):  # reported below, with a name
+                result = block.astype(original.dtype)
+            if not np.isfinite(result)[before].all():
+                raise UnsupportedModelError(
+                    f"rescaled tensor '{tensor.name}' overflows {original.dtype.name}; "
+                    "balancing cannot be stored in this dtype"
+                )
+            yield result
+        memory.release(original)
+
+    return shape, original.dtype, blocks()
+
+
+def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> np.ndarray:
+    """The tensor's new value in its own dtype."""
+    shape, dtype, blocks = rescaled_blocks(tensor, edits, u)
+    if not shape:
+        return next(iter(blocks)).reshape(())
+    result = np.empty(shape, dtype=dtype)
+    start = 0
+    for block in blocks:
+        result[start : start + len(block)] = block
+        start += len(block)
     return result
 
 
@@ -139,7 +201,12 @@ def _along(factor: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 
 def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarray) -> None:
     """Make ``target`` = ``original`` with new values, in the same storage style."""
-    fresh = numpy_helper.from_array(values, original.name)
+    # decided before clearing: ``target`` may be ``original`` (a Constant's value)
+    raw = (
+        original.HasField("raw_data")
+        or tensors.is_external(original)  # big: raw bytes, never a Python list of floats
+        or original.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    )
     if target is not original:
         target.Clear()
         for field, value in original.ListFields():
@@ -149,12 +216,9 @@ def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarr
         target.ClearField(name)
     target.ClearField("data_location")
     del target.dims[:]
-    target.dims.extend(fresh.dims)
-    if original.HasField("raw_data") or original.data_type not in (
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.DOUBLE,
-    ):
-        target.raw_data = fresh.raw_data
+    target.dims.extend(values.shape)
+    if raw:  # straight from the array: no intermediate TensorProto holding another copy
+        target.raw_data = tensors.raw_bytes_of(values)
     elif original.data_type == onnx.TensorProto.FLOAT:
         target.float_data.extend(values.ravel().tolist())
     else:

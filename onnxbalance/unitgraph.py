@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxbalance.memory import abs_power
+
 FIXED = -1
 """Group index of a unit whose scale is pinned to 1."""
 
@@ -133,7 +135,7 @@ def coupling_matrix(
     >>> c.tolist(), g.tolist()
     ([[9.0, 5.0]], [-1, 0])
     """
-    powered = np.abs(np.asarray(weight, dtype=np.float64)) ** p
+    powered = abs_power(weight, p)  # block-wise: no full-size temporaries, mapped pages freed
     col_groups = np.asarray(col_groups, dtype=np.int64)
     unique, column_of = np.unique(col_groups, return_inverse=True)
     if col_groups.ndim == 1:

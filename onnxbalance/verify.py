@@ -17,16 +17,23 @@ zero on the test inputs fails: it could not tell a broken model from a correct o
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from . import safewrite, tensors, upcast
 from .errors import InputError
 from .report import Comparison, OutputComparison
 
 log = logging.getLogger(__name__)
+
+_PROTOBUF_LIMIT = 2**31 - 1
 
 __all__ = ["Comparison", "OutputComparison", "compare_models", "make_inputs", "tolerance"]
 
@@ -44,24 +51,59 @@ def tolerance(dtype: np.dtype | str) -> tuple[float, float]:
     return _TOLERANCES.get(name, (0.0, 0.0))
 
 
+ModelSource = onnx.ModelProto | str | os.PathLike
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A model to run: its graph (tensors possibly still in external files), and the file it
+    came from, if any, which onnxruntime then opens itself (reading external data its way)."""
+
+    proto: onnx.ModelProto
+    path: Path | None
+    folder: Path | None
+
+    @classmethod
+    def of(cls, model: ModelSource) -> _Source:
+        if isinstance(model, onnx.ModelProto):
+            return cls(model, None, tensors.current_folder())
+        path = Path(model)
+        return cls(onnx.load(path, load_external_data=False), path, path.parent)
+
+    def as_float32(self) -> _Source:
+        with tensors.external_folder(self.folder):
+            return _Source(upcast.to_float32(self.proto), None, self.folder)
+
+
 def compare_models(
-    original: onnx.ModelProto,
-    balanced: onnx.ModelProto,
+    original: ModelSource,
+    balanced: ModelSource,
     *,
     inputs: Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
 ) -> Comparison:
-    """Run both models in onnxruntime (one after the other) and compare every output.
+    """Run both models in onnxruntime, one after the other, and compare every output.
+
+    Each model is a ModelProto or a path; from a path onnxruntime reads the file and its
+    external data itself, so models over protobuf's 2 GB limit work, and each session is freed
+    before the next one loads. bfloat16 models run as float32 (onnxruntime has no bfloat16 CPU
+    kernels; the conversion is exact, see :mod:`onnxbalance.upcast`) with bfloat16 tolerances.
 
     Raises:
         InputError: bad ``inputs``/``input_shapes``, or onnxruntime refuses the original model
             or the inputs.
     """
-    feed = make_inputs(original, inputs=inputs, input_shapes=input_shapes, seed=seed)
-    reference = run_model(original, feed, "the input model")
-    result = run_model(balanced, feed, "the balanced model")
-    outputs = tuple(compare_output(name, reference[name], result[name]) for name in reference)
+    first, second = _Source.of(original), _Source.of(balanced)
+    as_dtype = None
+    if upcast.uses_bfloat16(first.proto) or upcast.uses_bfloat16(second.proto):
+        first, second, as_dtype = first.as_float32(), second.as_float32(), "bfloat16"
+    feed = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
+    reference = run_model(first, feed, "the input model")
+    result = run_model(second, feed, "the balanced model")
+    outputs = tuple(
+        compare_output(name, reference[name], result[name], as_dtype) for name in reference
+    )
     comparison = Comparison(outputs=outputs, n_inputs=len(feed), seed=seed)
     log.info(
         "verification %s: max abs diff %.3g, max rel diff %.3g",
@@ -123,23 +165,40 @@ def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 def run_model(
-    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], what: str
+    model: ModelSource | _Source, feed: Mapping[str, np.ndarray], what: str
 ) -> dict[str, np.ndarray]:
     """All outputs of ``model`` on ``feed``, as arrays keyed by output name.
 
     Raises:
         InputError: onnxruntime cannot load or run the model.
     """
+    source = model if isinstance(model, _Source) else _Source.of(model)
+    if source.path is not None:
+        return _run_session(str(source.path), feed, what)
+    if not tensors.external_names(source.proto) and source.proto.ByteSize() < _PROTOBUF_LIMIT:
+        return _run_session(source.proto.SerializeToString(), feed, what)
+    # external references or too big for one message: onnxruntime needs a file
+    with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-") as folder:
+        with safewrite.stage_model(
+            source.proto, Path(folder) / "model.onnx", base_dir=source.folder
+        ) as staged:
+            return _run_session(str(staged.model_path), feed, what)
+
+
+def _run_session(
+    model: bytes | str, feed: Mapping[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Basic optimisations only: fusions could differ between the two graphs and blur the check.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # No packed copies of the weights: verification runs once, and memory matters more.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = None
     try:
-        session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         types = [o.type for o in session.get_outputs()]
         values = session.run(names, dict(feed))
@@ -153,11 +212,14 @@ def run_model(
     }
 
 
-def compare_output(name: str, reference: np.ndarray, result: np.ndarray) -> OutputComparison:
-    """Compare one output; see the module docstring for the rule."""
+def compare_output(
+    name: str, reference: np.ndarray, result: np.ndarray, as_dtype: str | None = None
+) -> OutputComparison:
+    """Compare one output; see the module docstring for the rule. ``as_dtype`` names the dtype
+    whose tolerances apply when the model ran in a wider one (bfloat16 run as float32)."""
     dtype = reference.dtype
     shape = tuple(int(d) for d in reference.shape)
-    rtol, atol_scale = tolerance(dtype)
+    rtol, atol_scale = tolerance(as_dtype if as_dtype and dtype.kind == "f" else dtype)
 
     def record(abs_diff: float, rel_diff: float, atol: float, passed: bool, reason: str = ""):
         return OutputComparison(

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .. import tensors
 
 FLOAT_TYPES = frozenset(
     {
@@ -179,7 +180,8 @@ class GraphIndex:
             proto = self.tensor_proto(name)
             if proto is None:
                 raise KeyError(name)
-            array = numpy_helper.to_array(proto)
+            # external data stays on disk, memory-mapped, until a computation reads it
+            array = tensors.read_array(proto)
             array.setflags(write=False)  # handed out as views (layer weights): keep it intact
             self._arrays[name] = array
         return self._arrays[name]

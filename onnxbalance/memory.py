@@ -1,0 +1,103 @@
+"""Keeping resident memory near the size of the weights (numpy only; no ONNX here).
+
+Weights read from external data are memory maps: pages are read when a computation touches
+them and then count towards the process's resident set until unmapped. :func:`release` hands
+them back once a computation is done (they stay in the page cache and are re-read
+transparently if touched again). :func:`float64_blocks` converts a tensor to float64 a block of
+rows at a time, so a float32 weight never needs more than its float64 result plus one block.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import numpy as np
+
+BLOCK_BYTES = 16 * 2**20
+"""Float64 bytes converted per block."""
+
+
+def mapped_buffer(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map an array's data lives in, if any (following views and memoryviews)."""
+    base = array
+    while base is not None:
+        if isinstance(base, memoryview):
+            base = base.obj
+        if isinstance(base, mmap.mmap):
+            return base
+        base = getattr(base, "base", None)
+    return None
+
+
+def release(array: np.ndarray) -> None:
+    """Drop the resident pages of a read-only file mapping; a no-op for anything else.
+
+    Only read-only maps (tensors read from files) qualify: dropping the pages of a writable
+    anonymous map, like :func:`empty_float64`'s, would zero its contents.
+    """
+    mapped = mapped_buffer(array)
+    if mapped is None or not memoryview(mapped).readonly:
+        return
+    if hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # closed, or not supported here: nothing to give back
+            pass
+
+
+POPULATE_BYTES = 64 * 2**20
+"""Arrays at least this large get their pages in one call (:func:`empty_float64`)."""
+
+
+def empty_float64(shape: tuple[int, ...]) -> np.ndarray:
+    """``np.empty(shape, float64)``, with the pages of a large array faulted in up front.
+
+    A fresh page costs a fault on its first touch; on virtual machines whose host backs guest
+    memory lazily, that fault is expensive, and faulting a gigabyte page by page takes seconds.
+    ``MAP_POPULATE`` maps it in one call, several times faster. Elsewhere (or small arrays):
+    ``np.empty``. The mapping is released when the array is.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 8
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if nbytes < POPULATE_BYTES or not populate:
+        return np.empty(shape, dtype=np.float64)
+    try:
+        mapped = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    except (OSError, ValueError, AttributeError):
+        return np.empty(shape, dtype=np.float64)
+    return np.frombuffer(mapped, dtype=np.float64).reshape(shape)
+
+
+def row_blocks(n_rows: int, row_bytes: int) -> Iterator[slice]:
+    """Slices of about :data:`BLOCK_BYTES` each along the first axis."""
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def abs_power(weight: np.ndarray, p: float) -> np.ndarray:
+    """``|weight| ** p`` in float64, computed block by block in the result's own memory.
+
+    >>> abs_power(np.array([[-2.0, 3.0]], dtype=np.float32), 2.0).tolist()
+    [[4.0, 9.0]]
+    """
+    weight = np.asarray(weight)
+    out = empty_float64(weight.shape)
+    if weight.ndim == 0 or out.size == 0:
+        with np.errstate(over="ignore"):
+            out[...] = np.abs(weight.astype(np.float64)) ** p
+        return out
+    row_bytes = out[0].nbytes
+    # huge weights give inf here, which the solver refuses with the layer's name: no warning
+    with np.errstate(over="ignore"):
+        for rows in row_blocks(len(out), row_bytes):
+            block = out[rows]
+            block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
+            np.abs(block, out=block)
+            if p == 2.0:
+                np.square(block, out=block)
+            elif p != 1.0:
+                np.power(block, p, out=block)
+    release(weight)
+    return out

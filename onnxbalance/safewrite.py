@@ -1,0 +1,492 @@
+"""Writing a model (and its external data) so that nothing is ever half-written or lost.
+
+The output is built in a hidden temporary folder next to its destination (so it can be opened
+and verified exactly as it will be), flushed and fsynced, and only then renamed over the
+destination, data file first and model file second, with SIGINT/SIGTERM deferred between the two
+renames. Any exception or interrupt before that point removes the temporary folder and leaves an
+existing output untouched.
+
+Tensor storage follows the input: a tensor stored externally is written to ``OUT.name +
+".data"`` beside the output, one stored inline stays inline. Tensor bytes are streamed one
+tensor at a time (external sources are copied file-to-file), so neither the model's weights
+nor a serialized model larger than protobuf's 2 GB limit ever sit in memory as one message.
+The input's own data files are never written: an output whose data file would be one of them
+is refused.
+
+The bytes written depend only on the model: tensors appear in graph order at offsets aligned
+like ``onnx.save`` aligns them, and no timestamps or random names reach the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxbalance import tensors
+from onnxbalance.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+"""A serialized protobuf message cannot be larger than this."""
+
+INLINE_BUDGET = PROTOBUF_LIMIT - 64 * 2**20
+"""Inline tensor bytes allowed before the largest ones move to external data (room for the
+graph itself)."""
+
+ALIGN_THRESHOLD = 2**20
+ALLOCATION_GRANULARITY = 65536
+"""Tensors of at least 1 MiB start at multiples of 64 KiB, as ``onnx.save`` aligns them, so
+onnxruntime can memory-map them on every platform."""
+
+_CHUNK = 16 * 2**20
+_PAUSE_ENV = "ONNXBALANCE_TEST_PAUSE_BEFORE_COMMIT"
+
+_CONTAINERS = {
+    d.full_name
+    for d in (
+        onnx.ModelProto.DESCRIPTOR,
+        onnx.GraphProto.DESCRIPTOR,
+        onnx.NodeProto.DESCRIPTOR,
+        onnx.AttributeProto.DESCRIPTOR,
+        onnx.FunctionProto.DESCRIPTOR,
+        onnx.TrainingInfoProto.DESCRIPTOR,
+        onnx.SparseTensorProto.DESCRIPTOR,
+    )
+}
+_TENSOR = onnx.TensorProto.DESCRIPTOR.full_name
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks clean up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` for the duration (main thread only).
+
+    SIGTERM's default action kills the process without running ``finally`` blocks, which would
+    leave temporary files behind; raising instead lets every writer clean up.
+    """
+    if not _in_main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then deliver the first one as an interrupt."""
+    if not _in_main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    if pending:
+        raise Interrupted(pending[0])
+
+
+def _pause_for_tests() -> None:
+    """Let a test deliver a signal while temporaries exist (``marker-path:seconds``)."""
+    setting = os.environ.get(_PAUSE_ENV)
+    if not setting:
+        return
+    marker, _, seconds = setting.rpartition(":")
+    Path(marker).write_text("paused")
+    time.sleep(float(seconds))
+
+
+def data_path_for(out: Path) -> Path:
+    """Where the external data of the model saved at ``out`` goes."""
+    return out.with_name(out.name + ".data")
+
+
+def _aligned(offset: int, nbytes: int) -> int:
+    if nbytes >= ALIGN_THRESHOLD and offset % ALLOCATION_GRANULARITY:
+        return offset + ALLOCATION_GRANULARITY - offset % ALLOCATION_GRANULARITY
+    return offset
+
+
+def map_tensors(message, fn: Callable[[onnx.TensorProto], onnx.TensorProto]):
+    """A copy of ``message`` with every TensorProto inside it replaced by ``fn(tensor)``.
+
+    Walks the message's fields generically, so initializers, Constant attributes, sparse
+    tensors, subgraphs and functions are all covered, and copies everything else as is. The
+    input is never modified and tensor data is never copied here (``fn`` decides).
+    """
+    out = type(message)()
+    for field, value in message.ListFields():
+        kind = field.message_type.full_name if field.message_type is not None else None
+        target = getattr(out, field.name)
+        if kind is None:
+            if field.is_repeated:
+                target.extend(value)
+            else:
+                setattr(out, field.name, value)
+        elif kind == _TENSOR:
+            if field.is_repeated:
+                target.extend(fn(t) for t in value)
+            else:
+                target.CopyFrom(fn(value))
+        elif kind in _CONTAINERS:
+            if field.is_repeated:
+                target.extend(map_tensors(m, fn) for m in value)
+            else:
+                target.CopyFrom(map_tensors(value, fn))
+        elif field.is_repeated:
+            target.extend(value)
+        else:
+            target.CopyFrom(value)
+    return out
+
+
+def _stored_nbytes(tensor: onnx.TensorProto) -> int:
+    try:
+        return tensors.expected_nbytes(tensor)
+    except Exception:  # strings or unknown types: never moved to external data
+        return 0
+
+
+def _choose_external(
+    model: onnx.ModelProto, external: Iterable[str] | None
+) -> tuple[frozenset[str], list[str]]:
+    """Names to store externally: the requested layout, plus the largest inline tensors when
+    keeping them inline would exceed the protobuf limit. Returns (names, names moved)."""
+    all_tensors = list(tensors.iter_tensors(model))
+    names = (
+        set(external)
+        if external is not None
+        else {t.name for t in all_tensors if tensors.is_external(t)}
+    )
+    inline = sorted(
+        (t for t in all_tensors if t.name not in names and t.name and _stored_nbytes(t)),
+        key=lambda t: (-_stored_nbytes(t), t.name),
+    )
+    total = sum(_stored_nbytes(t) for t in inline)
+    moved = []
+    for tensor in inline:
+        if total <= INLINE_BUDGET:
+            break
+        names.add(tensor.name)
+        moved.append(tensor.name)
+        total -= _stored_nbytes(tensor)
+    return frozenset(names), moved
+
+
+def _copy_range(source: Path, offset: int, length: int, sink) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``source`` to the open file ``sink``, file to file
+    (never through memory maps, so copying does not grow the resident set)."""
+    sink.flush()
+    with open(source, "rb") as src:
+        remaining = length
+        position = offset
+        out_fd = sink.fileno()
+        while remaining:
+            try:
+                done = os.copy_file_range(src.fileno(), out_fd, min(remaining, _CHUNK), position)
+            except (AttributeError, OSError):
+                done = 0
+            if done <= 0:  # unsupported here, or the filesystem declined: plain reads
+                src.seek(position)
+                chunk = src.read(min(remaining, _CHUNK))
+                if not chunk:
+                    raise OSError(f"'{source.name}' ended early")
+                os.write(out_fd, chunk)
+                done = len(chunk)
+            remaining -= done
+            position += done
+    sink.seek(0, os.SEEK_END)
+
+
+Blocks = Callable[[], tuple[tuple[int, ...], Iterable[np.ndarray]]]
+"""A tensor's new value produced on demand: (shape, arrays that concatenate along axis 0 to
+the value, in the tensor's dtype). Lets a rescaled weight go from its source file to the
+output file a few megabytes at a time."""
+
+
+class _DataWriter:
+    """Appends tensors to the external data file and returns the stubs that point to them."""
+
+    def __init__(
+        self, handle, location: str, base_dir: Path | None, generated: Mapping[str, Blocks]
+    ) -> None:
+        self.handle = handle
+        self.location = location
+        self.base_dir = base_dir
+        self.generated = generated
+        self.offset = 0
+
+    def add(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        blocks = None
+        if tensor.name in self.generated:
+            shape, blocks = self.generated[tensor.name]()
+            stub = tensors.copy_metadata(tensor)
+            del stub.dims[:]
+            stub.dims.extend(shape)
+            tensor = stub
+        nbytes = tensors.expected_nbytes(tensor)
+        start = _aligned(self.offset, nbytes)
+        if start > self.offset:
+            self.handle.write(b"\0" * (start - self.offset))
+        if blocks is not None:
+            written = 0
+            for block in blocks:
+                data = tensors.raw_bytes_of(block)
+                self.handle.write(data)
+                written += len(data)
+            if written != nbytes:  # a producer bug, not the user's input
+                raise RuntimeError(f"tensor '{tensor.name}': {written} bytes for {nbytes}")
+        elif tensors.is_external(tensor):
+            ref = tensors._checked_external(tensor, self.base_dir)
+            _copy_range(ref.path, ref.offset, nbytes, self.handle)
+        else:
+            data = tensors.raw_bytes(tensor, self.base_dir)
+            self.handle.write(data)
+            del data
+        self.offset = start + nbytes
+        stub = tensors.copy_metadata(tensor)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (
+            ("location", self.location),
+            ("offset", str(start)),
+            ("length", str(nbytes)),
+        ):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, value
+        return stub
+
+
+def inline_tensor(
+    tensor: onnx.TensorProto, base_dir: Path | None, generated: Mapping[str, Blocks] | None = None
+) -> onnx.TensorProto:
+    """``tensor`` itself when inline, else an inline copy of it (raw bytes read from its file,
+    or produced by ``generated``)."""
+    if generated and tensor.name in generated:
+        shape, blocks = generated[tensor.name]()
+        parts = list(blocks)
+        values = np.concatenate(parts) if shape else parts[0].reshape(())
+        stub = tensors.copy_metadata(tensor)
+        del stub.dims[:]
+        stub.dims.extend(shape)
+        stub.raw_data = tensors.raw_bytes_of(values)
+        return stub
+    if not tensors.is_external(tensor):
+        return tensor
+    stub = tensors.copy_metadata(tensor)
+    stub.raw_data = bytes(tensors.raw_bytes(tensor, base_dir))
+    return stub
+
+
+def _fsync(handle) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported on this platform/filesystem: the renames still happened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _source_files(model: onnx.ModelProto, base_dir: Path | None) -> set[Path]:
+    files = set()
+    for tensor in tensors.iter_tensors(model):
+        if tensors.is_external(tensor):
+            files.add(tensors.external_ref(tensor, base_dir).path)
+    return files
+
+
+class Staged:
+    """A complete output written under a hidden temporary folder beside its destination.
+
+    ``model_path`` can be opened (by onnxruntime, for verification) exactly as the final file:
+    its external data sits next to it under its final name. :meth:`commit` moves both into
+    place, data first; :meth:`discard` (or leaving the ``with`` block without committing)
+    removes everything. Used as a context manager it never leaves temporaries behind.
+    """
+
+    def __init__(self, out: Path, folder: Path, has_data: bool) -> None:
+        self.out = out
+        self.folder = folder
+        self.model_path = folder / out.name
+        self.data_path = data_path_for(self.model_path) if has_data else None
+        self.committed = False
+
+    def commit(self) -> Path | None:
+        """Move the output into place; return the final external data path, if any."""
+        final_data = data_path_for(self.out) if self.data_path is not None else None
+        try:
+            _pause_for_tests()
+            with signals_deferred():
+                if self.data_path is not None:
+                    os.replace(self.data_path, final_data)
+                os.replace(self.model_path, self.out)
+                self.committed = True
+            _fsync_dir(self.out.parent if str(self.out.parent) else Path("."))
+        except OSError as exc:
+            raise OutputError(f"cannot write '{self.out}': {exc.strerror or exc}") from exc
+        finally:
+            self.discard()
+        return final_data
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def _check_destination(out: Path) -> Path:
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise OutputError(f"output '{out}' is a directory; give a file name")
+    if not folder.is_dir():
+        raise OutputError(f"output folder '{folder}' does not exist")
+    return folder
+
+
+def stage_model(
+    model: onnx.ModelProto,
+    out: str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    external: Iterable[str] | None = None,
+    protected: Iterable[str | os.PathLike] = (),
+    generated: Mapping[str, Blocks] | None = None,
+) -> Staged:
+    """Write the complete output (model and data) under a temporary folder beside ``out``.
+
+    Arguments as for :func:`save_model`; ``generated`` gives tensors whose values are produced
+    while writing (:data:`Blocks`), by name, instead of read from ``model``. Nothing at ``out``
+    changes until :meth:`Staged.commit`.
+
+    Raises:
+        OutputError: the destination cannot be written, or would overwrite the input's data.
+    """
+    out = Path(out)
+    base = Path(base_dir) if base_dir is not None else None
+    folder = _check_destination(out)
+    names, moved = _choose_external(model, external)
+    if moved:
+        log.warning(
+            "%d tensors moved to external data: inline they exceed protobuf's 2 GB limit",
+            len(moved),
+        )
+    if names:
+        data_path = data_path_for(out)
+        sources = _source_files(model, base)
+        guarded = {Path(p).resolve() for p in protected} | sources
+        if data_path.resolve() in guarded or out.resolve() in sources:
+            raise OutputError(
+                f"output data file '{data_path.name}' would overwrite the input's external "
+                "data; choose another output name or folder"
+            )
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    try:
+        temp = folder / f".{out.name}.{token}.tmp"
+        temp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+    staged = Staged(out, temp, bool(names))
+    generated = dict(generated or {})
+    try:
+        if staged.data_path is not None:
+            with open(staged.data_path, "xb") as handle:
+                writer = _DataWriter(handle, staged.data_path.name, base, generated)
+                skeleton = map_tensors(
+                    model,
+                    lambda t: (
+                        writer.add(t) if t.name in names else inline_tensor(t, base, generated)
+                    ),
+                )
+                _fsync(handle)
+        else:
+            skeleton = map_tensors(model, lambda t: inline_tensor(t, base, generated))
+        try:
+            serialized = skeleton.SerializeToString(deterministic=True)
+        except ValueError as exc:  # the graph itself is over protobuf's limit
+            raise OutputError(f"cannot write '{out}': {exc}") from exc
+        del skeleton
+        with open(staged.model_path, "xb") as handle:
+            handle.write(serialized)
+            _fsync(handle)
+    except OSError as exc:
+        staged.discard()
+        raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def save_model(
+    model: onnx.ModelProto,
+    out: str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    external: Iterable[str] | None = None,
+    protected: Iterable[str | os.PathLike] = (),
+) -> Path | None:
+    """Write ``model`` to ``out`` atomically; return the external data file written, if any.
+
+    Args:
+        model: the model; tensors may still reference external data under ``base_dir`` (a
+            model loaded with ``load_external_data=False``). It is not modified.
+        out: destination model path. Its data file, when needed, is ``out.name + ".data"``.
+        base_dir: folder the model's external references are relative to.
+        external: names of the tensors to store externally (the input's layout, see
+            :func:`onnxbalance.tensors.external_names`); None keeps each tensor's storage.
+        protected: further files that must not be overwritten (the input model).
+
+    Raises:
+        OutputError: the destination cannot be written, or would overwrite the input's data.
+    """
+    staged = stage_model(model, out, base_dir=base_dir, external=external, protected=protected)
+    return staged.commit()

@@ -1,0 +1,182 @@
+"""Fuzz the command line with damaged models (tests/fuzz_mutations.py).
+
+Whatever the input, the run must end with exit code 2 or 3 and exactly one line on stderr, no
+traceback and nothing written, or with exit code 0 and an output that computes what the input
+computes. The default budget keeps CI fast; set ONNXBALANCE_FUZZ_SECONDS (total seconds) for a
+longer search, and ONNXBALANCE_FUZZ_SEED to replay another sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import random
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from fuzz_mutations import MUTATIONS
+from mlp_models import mlp
+
+from onnxbalance import cli, tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET = float(os.environ.get("ONNXBALANCE_FUZZ_SECONDS", "3"))
+SEED = int(os.environ.get("ONNXBALANCE_FUZZ_SEED", "0"))
+BASES = {
+    "mlp32": lambda: mlp(widths=(4, 8, 6, 3), seed=1),
+    "mlp64": lambda: mlp(widths=(3, 5, 2), dtype="float64", seed=2),
+}
+_SHOWN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _run_cli(args: list[str]) -> tuple[int, str, str, list[str]]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        warnings.simplefilter("always")
+        code = cli.main(args)
+    shown = [str(w.message) for w in caught if not issubclass(w.category, _SHOWN_BY_DEFAULT)]
+    return code, stdout.getvalue(), stderr.getvalue(), shown
+
+
+def _outputs(path: Path, fill: int, seed: int = 3) -> list[np.ndarray]:
+    """Outputs on seeded inputs, dynamic dimensions set to ``fill``."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for value in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else fill for d in value.shape]
+        dtype = np.float64 if "double" in value.type else np.float32
+        feed[value.name] = rng.standard_normal(shape).astype(dtype)
+    return session.run(None, feed)
+
+
+def _stored(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(path, load_external_data=False)
+    return {t.name: tensors.read_array(t, path.parent) for t in model.graph.initializer}
+
+
+def _same_function(source: Path, balanced: Path, label: str) -> None:
+    """The balanced model computes what the input computes, on batches of 2 when the input
+    accepts them (a damaged model may only run with the tool's default of 1)."""
+    expected = None
+    for fill in (2, 1):
+        try:
+            expected = _outputs(source, fill)
+            break
+        except Exception:  # onnxruntime's own exception types
+            continue
+    if expected is None:
+        # onnxruntime cannot run the input at all (a damaged graph the checker lets through):
+        # success is only right if the tool changed nothing, i.e. found nothing to balance
+        before, after = _stored(source), _stored(balanced)
+        assert before.keys() == after.keys(), label
+        for name, value in before.items():
+            np.testing.assert_array_equal(after[name], value, err_msg=f"{label} {name}")
+        return
+    got = _outputs(balanced, fill)
+    for a, b in zip(expected, got, strict=True):
+        finite = np.isfinite(a)  # NaN/Inf weights may give NaN/Inf outputs: the same ones
+        np.testing.assert_array_equal(b[~finite], a[~finite], err_msg=label)
+        scale = float(np.max(np.abs(a[finite]), initial=0.0)) or 1.0
+        np.testing.assert_allclose(
+            b[finite], a[finite], rtol=1e-4, atol=1e-5 * scale, err_msg=label
+        )
+
+
+def check_case(tmp_path: Path, kind: str, base: str, seed: int) -> None:
+    case = tmp_path / f"{kind}-{base}-{seed}"
+    source, target = case / "in", case / "out"
+    source.mkdir(parents=True)
+    target.mkdir()
+    rng = random.Random(f"{SEED}-{kind}-{base}-{seed}")
+    path, what = MUTATIONS[kind](rng, BASES[base](), source)
+    label = f"[{kind} {base} seed={seed}: {what}]"
+    before = _snapshot(source)
+    out = target / "out.onnx"
+    try:
+        code, stdout, stderr, shown = _run_cli([str(path), str(out), "--quiet"])
+    except BaseException as exc:  # any escape is a bug: the CLI must map every failure
+        pytest.fail(f"{label} raised {type(exc).__name__}: {exc}")
+    assert _snapshot(source) == before, f"{label} modified the input folder"
+    assert not shown, f"{label} emitted warnings {shown}"
+    assert "Traceback" not in stderr + stdout, f"{label} printed a traceback"
+    if code == 0:
+        assert stdout == "" and stderr == "", f"{label} --quiet printed {stdout!r} {stderr!r}"
+        _same_function(path, out, label)
+        return
+    assert code in (2, 3), f"{label} exit code {code}: {stderr!r}"
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxbalance: error: "), f"{label} {lines}"
+    assert stdout == "", f"{label} printed {stdout!r} on failure"
+    assert not any(target.iterdir()), f"{label} left {os.listdir(target)} behind"
+
+
+@pytest.mark.parametrize("kind", sorted(MUTATIONS))
+def test_fuzz(tmp_path, kind):
+    """At least one case per mutation and base model, then more until the budget is spent."""
+    deadline = time.monotonic() + BUDGET / len(MUTATIONS)
+    seed = 0
+    while True:
+        for base in BASES:
+            check_case(tmp_path, kind, base, seed)
+        seed += 1
+        if time.monotonic() > deadline:
+            break
+
+
+@pytest.mark.parametrize("kind", ["huge_dims"])
+def test_fuzz_real_process(tmp_path, kind):
+    """The installed entry point, not just main(): real stderr, real exit status."""
+    source, target = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    target.mkdir()
+    path, what = MUTATIONS[kind](random.Random(kind), BASES["mlp32"](), source)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxbalance", str(path), str(target / "o.onnx"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
+    assert proc.returncode == 2, (what, proc.stderr)
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert not any(target.iterdir())
+
+
+def test_mutations_really_damage(tmp_path):
+    """Each structural mutation produces something onnx itself rejects or that differs."""
+    rng = random.Random(0)
+    base = BASES["mlp32"]()
+    original = base.SerializeToString()
+    for kind, mutate in MUTATIONS.items():
+        folder = tmp_path / kind
+        folder.mkdir()
+        path, _ = mutate(rng, base, folder)
+        data = path.read_bytes()
+        if kind.startswith("external"):
+            assert (folder / "in.onnx.bin").exists()
+        else:
+            assert data != original, kind
+        assert base.SerializeToString() == original  # mutations never touch the base model

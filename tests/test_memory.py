@@ -1,0 +1,76 @@
+"""Block-wise |W|^p and page release for memory-mapped weights (onnxbalance.memory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+
+from onnxbalance import memory, tensors
+from onnxbalance.unitgraph import coupling_matrix
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5, 3.0])
+def test_abs_power_matches_direct(monkeypatch, dtype, p):
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 64)  # many blocks, a ragged last one
+    weight = (np.random.default_rng(0).standard_normal((13, 5)) * 3).astype(dtype)
+    expected = np.abs(weight.astype(np.float64)) ** p
+    np.testing.assert_allclose(memory.abs_power(weight, p), expected, rtol=1e-15)
+    np.testing.assert_allclose(memory.abs_power(weight.T, p), expected.T, rtol=1e-15)
+    assert memory.abs_power(np.zeros((0, 4)), p).shape == (0, 4)
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_coupling_of_mapped_weight_gives_pages_back(tmp_path):
+    rows, cols = 2048, 2048  # 16 MB of float32
+    weight = np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)
+    tensor = tensors.make_tensor("W", weight, onnx.TensorProto.FLOAT)
+    (tmp_path / "w.bin").write_bytes(tensor.raw_data)
+    stub = tensors.copy_metadata(tensor)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(weight.nbytes))):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, value
+    mapped = tensors.read_array(stub, tmp_path)
+    assert memory.mapped_buffer(mapped) is not None
+    start = _rss_file_kb()
+    float(mapped.sum())  # touch every page: they now count as resident
+    touched = _rss_file_kb()
+    assert touched - start > 0.8 * weight.nbytes / 1024
+    coupling, _ = coupling_matrix(mapped, np.arange(cols), 2.0)
+    assert _rss_file_kb() - start < 0.2 * weight.nbytes / 1024  # released after use
+    np.testing.assert_allclose(coupling, weight.astype(np.float64) ** 2, rtol=1e-15)
+    np.testing.assert_array_equal(mapped, weight)  # still readable after release
+
+
+def test_abs_power_of_huge_values_is_inf_without_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = memory.abs_power(np.array([[1e200, 2.0]]), 2.0)
+    assert result.tolist() == [[np.inf, 4.0]]
+
+
+def test_populated_arrays_are_ordinary_and_never_released(monkeypatch):
+    monkeypatch.setattr(memory, "POPULATE_BYTES", 0)
+    weight = np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32)
+    result = memory.abs_power(weight, 2.0)
+    np.testing.assert_array_equal(result, weight.astype(np.float64) ** 2)
+    assert result.flags.writeable and result.dtype == np.float64
+    memory.release(result)  # a writable anonymous map: must not be dropped (it would read 0)
+    np.testing.assert_array_equal(result, weight.astype(np.float64) ** 2)
+    copy = memory.empty_float64((3, 5))
+    copy[...] = 7.0
+    assert copy.sum() == 105.0

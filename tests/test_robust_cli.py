@@ -1,0 +1,317 @@
+"""Unattended runs through the command line: external data, dtypes, overflow refusal, safe and
+deterministic writes, interrupts, quiet pipelines (issue 7)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from mlp_models import DTYPES, mlp, save
+from onnx import numpy_helper
+from test_external_data import _forward
+
+from onnxbalance import safewrite, tensors, verify
+from onnxbalance.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def ort_outputs(path: Path, width: int, dtype=np.float32) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((7, width)).astype(dtype)
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.fixture(params=["in memory", "streamed"])
+def stream(request, monkeypatch):
+    """Both rewrite paths: small tensors in memory, large ones streamed into the output file
+    (the size threshold lowered so that small test models take the large-model path)."""
+    from onnxbalance import api
+
+    if request.param == "streamed":
+        monkeypatch.setattr(api, "STREAM_BYTES", 0)
+    return request.param
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    return tmp_path / "in", tmp_path / "out"
+
+
+@pytest.mark.parametrize("threshold", [0, 100, None])
+def test_layout_kept_and_input_untouched(dirs, threshold, stream):
+    """External data goes next to OUT (each tensor stored as in IN); inline stays inline."""
+    src_dir, out_dir = dirs
+    model = mlp(widths=(4, 8, 6, 3), seed=2)
+    src = save(model, src_dir / "m.onnx", external=threshold is not None, threshold=threshold or 0)
+    before = snapshot(src_dir)
+    code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
+    assert (code, out, err) == (0, "", "")
+    assert snapshot(src_dir) == before
+    expected_files = ["b.onnx", "r.json"] + (["b.onnx.data"] if threshold is not None else [])
+    assert sorted(os.listdir(out_dir)) == sorted(expected_files)
+    layout = tensors.external_names(onnx.load(src, load_external_data=False))
+    written = onnx.load(out_dir / "b.onnx", load_external_data=False)
+    assert tensors.external_names(written) == layout
+    for tensor in written.graph.initializer:
+        if tensors.is_external(tensor):
+            assert {e.key: e.value for e in tensor.external_data}["location"] == "b.onnx.data"
+    np.testing.assert_allclose(
+        ort_outputs(out_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+    report = json.loads((out_dir / "r.json").read_text())
+    assert report["verify"]["passed"] and report["norm_after"] < 0.9 * report["norm_before"]
+
+
+def test_output_never_overwrites_input_data(dirs):
+    src_dir, _ = dirs
+    model = mlp()
+    src = src_dir / "m.onnx"
+    onnx.save_model(model, src, save_as_external_data=True, location="b.onnx.data",
+                    size_threshold=0)  # fmt: skip
+    before = snapshot(src_dir)
+    code, out, err = run(src, src_dir / "b.onnx")
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and "overwrite the input's external data" in err
+    assert snapshot(src_dir) == before
+
+
+def test_models_over_the_protobuf_limit(dirs, monkeypatch):
+    """The >2 GB path on a small model: the limits are lowered, the code path is the same."""
+    src_dir, out_dir = dirs
+    src = save(mlp(widths=(4, 64, 64, 3), seed=1), src_dir / "m.onnx")  # inline
+    monkeypatch.setattr(safewrite, "INLINE_BUDGET", 10_000)
+    monkeypatch.setattr(verify, "_PROTOBUF_LIMIT", 1_000)  # protos go to onnxruntime as files
+    code, out, err = run(src, out_dir / "b.onnx", "-q")
+    assert (code, err) == (0, "")
+    written = onnx.load(out_dir / "b.onnx", load_external_data=False)
+    assert tensors.external_names(written) == {"W1"}  # the one tensor over the budget
+    np.testing.assert_allclose(
+        ort_outputs(out_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+    import onnxbalance
+
+    balanced, report = onnxbalance.balance(onnx.load(src))  # a proto "too big" to serialize
+    assert report.verify.passed and not tensors.external_names(balanced)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("external", [False, True])
+def test_dtypes(dirs, dtype, external, stream):
+    src_dir, out_dir = dirs
+    model = mlp(widths=(6, 16, 12, 4), dtype=dtype, seed=3, spread=1.5)
+    src = save(model, src_dir / "m.onnx", external=external)
+    code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
+    assert (code, err) == (0, "")
+    report = json.loads((out_dir / "r.json").read_text())
+    assert report["norm_after"] < 0.9 * report["norm_before"]
+    (output,) = report["verify"]["outputs"]
+    assert output["passed"] and output["rtol"] == verify.tolerance(dtype)[0]
+    written = onnx.load(out_dir / "b.onnx")
+    assert {t.data_type for t in written.graph.initializer} == {DTYPES[dtype]}
+    x = np.random.default_rng(2).standard_normal((5, 6))
+    reference, result = _forward(model, x), _forward(written, x)
+    eps = {"float16": 2**-11, "bfloat16": 2**-8, "float64": 2**-53}[dtype]
+    np.testing.assert_allclose(result, reference, atol=40 * eps * np.abs(reference).max())
+
+
+def overflowing_fp16_model() -> onnx.ModelProto:
+    """Hidden unit 0 has a tiny incoming weight, a unit outgoing weight and a bias of 60000:
+    balancing wants a = (1 / 1e-6)^(1/4) = 31.6, and 60000 * 31.6 does not fit in float16.
+    Unit 1 is an ordinary unbalanced unit."""
+    model = mlp(widths=(1, 2, 1), dtype="float16")
+    values = {
+        "W0": np.array([[1e-3], [4.0]]),
+        "b0": np.array([60000.0, 0.5]),
+        "W1": np.array([[1.0, 0.01]]),
+        "b1": np.array([0.0]),
+    }
+    for tensor in model.graph.initializer:
+        array = values[tensor.name].astype(np.float16)
+        tensor.CopyFrom(tensors.make_tensor(tensor.name, array, DTYPES["float16"]))
+    return model
+
+
+def test_units_that_would_overflow_are_refused_with_a_reason(dirs, stream):
+    src_dir, out_dir = dirs
+    src = save(overflowing_fp16_model(), src_dir / "m.onnx")
+    code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
+    assert (code, out, err) == (0, "", "")  # quiet: the warning is not printed either
+    report = json.loads((out_dir / "r.json").read_text())
+    reasons = [entry["reason"] for entry in report["units_fixed"]]
+    assert any("would overflow float16" in reason for reason in reasons), reasons
+    assert report["units_balanced"] == 1 and report["verify"]["passed"]
+    written = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(out_dir / "b.onnx").graph.initializer
+    }
+    assert written["b0"][0] == np.float16(60000.0)  # the refused unit is untouched
+    assert np.isfinite(
+        np.concatenate([w.ravel().astype(np.float64) for w in written.values()])
+    ).all()
+    assert written["W0"][1, 0] != np.float16(4.0)  # the other unit moved
+
+
+def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monkeypatch):
+    import onnxbalance.rewrite as rewrite_module
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+    old = out_dir / "b.onnx"
+    old.write_bytes(b"previous output")
+    real = rewrite_module.rewrite
+
+    def wrong(model, units, log_scales, **options):  # broken: verification must catch it
+        out = real(model, units, log_scales, **options)
+        tensor = next(t for t in out.graph.initializer if t.name == "W1")
+        array = tensors.read_array(tensor).astype(np.float32) * np.float32(3)
+        tensor.CopyFrom(tensors.make_tensor("W1", array, tensor.data_type))
+        return out
+
+    monkeypatch.setattr(rewrite_module, "rewrite", wrong)
+    code, out, err = run(src, old, "-q", "--report", out_dir / "r.json")
+    assert code == 3 and out == ""
+    assert len(err.splitlines()) == 1 and "differs" in err
+    assert sorted(os.listdir(out_dir)) == ["b.onnx", "r.json"]
+    assert old.read_bytes() == b"previous output"  # replaced only by a complete, verified one
+    report = json.loads((out_dir / "r.json").read_text())
+    assert report["verify"]["passed"] is False
+
+
+def test_deterministic_bytes(dirs, tmp_path, stream):
+    src_dir, out_dir = dirs
+    src = save(mlp(widths=(4, 8, 6, 3), seed=6), src_dir / "m.onnx", external=True)
+    other = tmp_path / "again"
+    other.mkdir()
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    assert run(src, other / "b.onnx", "-q")[0] == 0
+    first = snapshot(out_dir)
+    assert first == snapshot(other)
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0  # over an existing output: same bytes
+    assert snapshot(out_dir) == first
+
+
+def _spawn(args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "onnxbalance", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_while_writing_leaves_nothing(dirs, tmp_path, signum):
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=8), src_dir / "m.onnx", external=True)
+    (out_dir / "b.onnx").write_bytes(b"previous output")
+    before, source_before = snapshot(out_dir), snapshot(src_dir)
+    marker = tmp_path / "paused"
+    proc = _spawn([src, out_dir / "b.onnx", "-q"], {safewrite._PAUSE_ENV: f"{marker}:60"})
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()
+    staged = [p for p in out_dir.iterdir() if p.name.startswith(".")]
+    assert staged  # the complete output is staged, verified, about to be committed
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    assert out == "" and err.strip() == "onnxbalance: error: interrupted"
+    assert snapshot(out_dir) == before and snapshot(src_dir) == source_before
+
+
+def test_terminate_at_any_moment_leaves_nothing_or_a_complete_output(dirs):
+    """SIGTERM at several moments of a run: the folder is either as before (nothing written)
+    or holds the complete output (the signal came after the commit)."""
+    src_dir, out_dir = dirs
+    src = save(mlp(widths=(8, 64, 64, 8), seed=9), src_dir / "m.onnx", external=True)
+    outcomes = set()
+    for delay in (0.3, 0.8, 1.5, 3.0):
+        for path in out_dir.iterdir():
+            path.unlink()
+        proc = _spawn([src, out_dir / "b.onnx", "-q"])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err
+        names = sorted(os.listdir(out_dir))
+        if names:
+            assert names == ["b.onnx", "b.onnx.data"]
+            np.testing.assert_allclose(
+                ort_outputs(out_dir / "b.onnx", 8), ort_outputs(src, 8), rtol=1e-4, atol=1e-5
+            )
+        else:
+            assert proc.returncode in (143, -signal.SIGTERM)
+        outcomes.add(bool(names))
+
+
+def test_streamed_weights_are_verified_too(dirs, monkeypatch):
+    """A wrong streamed tensor is caught by verification and nothing is written."""
+    from onnxbalance import api, rewrite
+
+    monkeypatch.setattr(api, "STREAM_BYTES", 0)
+    real = rewrite.rescaled_blocks
+
+    def wrong(tensor, edits, u):
+        shape, dtype, blocks = real(tensor, edits, u)
+        if tensor.name != "W1":
+            return shape, dtype, blocks
+        return shape, dtype, (block * 3 for block in blocks)
+
+    monkeypatch.setattr(rewrite, "rescaled_blocks", wrong)
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+    code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
+    assert code == 3 and out == "" and "differs" in err
+    assert os.listdir(out_dir) == ["r.json"]
+
+
+def test_api_and_check_on_external_data(dirs):
+    """balance(path) returns a model that stands alone; --check reads external data lazily."""
+    import onnxbalance
+
+    src_dir, _ = dirs
+    src = save(mlp(seed=11), src_dir / "m.onnx", external=True)
+    before = snapshot(src_dir)
+    balanced, report = onnxbalance.balance(src)
+    assert report.verify.passed and not tensors.external_names(balanced)
+    session = ort.InferenceSession(balanced.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((7, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        session.run(None, {"x": x})[0], ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+    code, out, err = run(src, "--check", "-q")
+    assert code == 1 and err == ""  # not balanced
+    assert snapshot(src_dir) == before

@@ -1,0 +1,272 @@
+"""Atomic, streaming, deterministic model writes (onnxbalance.safewrite)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from mlp_models import mlp, save
+
+from onnxbalance import safewrite, tensors
+from onnxbalance.errors import OutputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+def _outputs(path: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    return session.run(None, {"x": x})[0]
+
+
+def _lazy(tmp_path, threshold=0):
+    path = save(mlp(), tmp_path / "in" / "m.onnx", external=True, threshold=threshold)
+    return onnx.load(path, load_external_data=False), path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def test_external_written_next_to_out_and_input_untouched(folders):
+    model, path = _lazy(folders)
+    before = _digest(path.parent)
+    out = folders / "out" / "b.onnx"
+    data = safewrite.save_model(model, out, base_dir=path.parent)
+    assert data == folders / "out" / "b.onnx.data"
+    assert sorted(os.listdir(out.parent)) == ["b.onnx", "b.onnx.data"]
+    assert _digest(path.parent) == before
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+    stored = onnx.load(out, load_external_data=False)
+    for tensor in stored.graph.initializer:
+        assert tensors.is_external(tensor)
+        location = {e.key: e.value for e in tensor.external_data}["location"]
+        assert location == "b.onnx.data"  # relative: the output folder can be moved
+
+
+def test_inline_stays_inline(folders):
+    path = save(mlp(), folders / "in" / "m.onnx")
+    model = onnx.load(path, load_external_data=False)
+    out = folders / "out" / "b.onnx"
+    assert safewrite.save_model(model, out, base_dir=path.parent) is None
+    assert os.listdir(out.parent) == ["b.onnx"]
+    assert not tensors.external_names(onnx.load(out, load_external_data=False))
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_layout_is_kept_per_tensor(folders):
+    # threshold 100 bytes: the 4x8 weight (128 B) is external, the biases (<= 32 B) inline
+    model, path = _lazy(folders, threshold=100)
+    layout = tensors.external_names(model)
+    assert layout and layout != {t.name for t in model.graph.initializer}
+    full = onnx.load(path)  # everything in memory: a rewritten model looks like this
+    out = folders / "out" / "b.onnx"
+    safewrite.save_model(full, out, base_dir=path.parent, external=layout)
+    assert tensors.external_names(onnx.load(out, load_external_data=False)) == layout
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_refuses_to_overwrite_input_data(folders):
+    path = save(mlp(), folders / "in" / "m.onnx", external=True)
+    os.rename(path.with_name("m.onnx.bin"), path.with_name("b.onnx.data"))
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "b.onnx.data"
+    onnx.save(model, path)
+    before = _digest(path.parent)
+    with pytest.raises(OutputError, match="overwrite the input's external data"):
+        safewrite.save_model(model, path.parent / "b.onnx", base_dir=path.parent)
+    assert _digest(path.parent) == before
+
+
+def test_failure_midway_keeps_old_output_and_leaves_no_temporaries(folders, monkeypatch):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    out.write_bytes(b"old model")
+    safewrite.data_path_for(out).write_bytes(b"old data")
+    before = _digest(out.parent)
+    calls = []
+    real_add = safewrite._DataWriter.add
+
+    def failing_add(self, tensor):
+        calls.append(tensor.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, tensor)
+
+    monkeypatch.setattr(safewrite._DataWriter, "add", failing_add)
+    with pytest.raises(KeyboardInterrupt):
+        safewrite.save_model(model, out, base_dir=path.parent)
+    assert _digest(out.parent) == before
+
+    def disk_full(self, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safewrite._DataWriter, "add", disk_full)
+    with pytest.raises(OutputError, match="No space left"):
+        safewrite.save_model(model, out, base_dir=path.parent)
+    assert _digest(out.parent) == before
+
+
+def test_existing_output_replaced_when_complete(folders):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    out.write_bytes(b"old model")
+    safewrite.save_model(model, out, base_dir=path.parent)
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_deterministic_bytes(folders):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    safewrite.save_model(model, out, base_dir=path.parent)
+    first = _digest(out.parent)
+    safewrite.save_model(
+        onnx.load(path), out, base_dir=path.parent, external=tensors.external_names(model)
+    )
+    assert _digest(out.parent) == first
+
+
+def test_protobuf_limit_moves_largest_tensors_out(folders, monkeypatch, caplog):
+    path = save(mlp(widths=(4, 64, 64, 3)), folders / "in" / "m.onnx")
+    model = onnx.load(path)
+    monkeypatch.setattr(safewrite, "INLINE_BUDGET", 10_000)  # stands in for 2 GB
+    caplog.set_level(logging.WARNING, logger="onnxbalance.safewrite")
+    out = folders / "out" / "b.onnx"
+    assert safewrite.save_model(model, out, external=()) is not None
+    moved = tensors.external_names(onnx.load(out, load_external_data=False))
+    assert moved == {"W1"}  # 64x64 floats = 16 KB: the one tensor that had to go
+    assert "2 GB" in caplog.text
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_large_tensors_are_aligned(folders, monkeypatch):
+    monkeypatch.setattr(safewrite, "ALIGN_THRESHOLD", 64)
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    safewrite.save_model(model, out, base_dir=path.parent)
+    for tensor in onnx.load(out, load_external_data=False).graph.initializer:
+        info = {e.key: int(e.value) for e in tensor.external_data if e.key != "location"}
+        if info["length"] >= 64:
+            assert info["offset"] % safewrite.ALLOCATION_GRANULARITY == 0
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_bad_destinations(folders):
+    model, path = _lazy(folders)
+    with pytest.raises(OutputError, match="does not exist"):
+        safewrite.save_model(model, folders / "nope" / "b.onnx", base_dir=path.parent)
+    with pytest.raises(OutputError, match="directory"):
+        safewrite.save_model(model, folders / "out", base_dir=path.parent)
+
+
+_SAVER = """
+import sys, onnx
+from onnxbalance import safewrite
+model = onnx.load(sys.argv[1], load_external_data=False)
+try:
+    with safewrite.interrupts_raise():
+        safewrite.save_model(model, sys.argv[2], base_dir=sys.argv[3])
+except KeyboardInterrupt as exc:
+    sys.exit(128 + getattr(exc, "signum", 2))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_writing_leaves_nothing(folders, signum):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    out.write_bytes(b"old model")
+    before = _digest(out.parent)
+    marker = folders / "paused"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env[safewrite._PAUSE_ENV] = f"{marker}:30"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(path), str(out), str(path.parent)], env=env
+    )
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists()
+    (temp,) = [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert sorted(os.listdir(temp)) == ["b.onnx", "b.onnx.data"]  # staged right now
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 128 + signum
+    assert _digest(out.parent) == before
+
+
+def test_signals_deferred_during_commit():
+    with pytest.raises(safewrite.Interrupted) as info:
+        with safewrite.signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            reached = True
+    assert reached
+    assert info.value.signum == signal.SIGTERM
+
+
+def test_staged_output_opens_like_the_final_one(folders):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    out.write_bytes(b"old model")
+    with safewrite.stage_model(model, out, base_dir=path.parent) as staged:
+        np.testing.assert_array_equal(_outputs(staged.model_path), _outputs(path))
+        assert out.read_bytes() == b"old model"  # nothing final changed yet
+    assert os.listdir(out.parent) == ["b.onnx"]  # discarded on leaving the block
+    staged = safewrite.stage_model(model, out, base_dir=path.parent)
+    assert staged.commit() == folders / "out" / "b.onnx.data"
+    assert sorted(os.listdir(out.parent)) == ["b.onnx", "b.onnx.data"]
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+@pytest.mark.parametrize("layout", ["external", "inline"])
+def test_generated_tensors_are_streamed_in(folders, layout):
+    """Values produced while writing replace the stored ones, in blocks, with a new shape."""
+    model, path = _lazy(folders)
+    new_w0 = np.arange(32, dtype=np.float32).reshape(8, 4) - 7
+    new_b0 = np.full(8, 0.5, dtype=np.float32)
+
+    def w0():
+        return (8, 4), iter([new_w0[:3], new_w0[3:]])
+
+    def b0():  # a scalar expanded to one entry per unit
+        return (8,), iter([new_b0])
+
+    out = folders / "out" / "b.onnx"
+    external = None if layout == "external" else ()
+    staged = safewrite.stage_model(
+        model, out, base_dir=path.parent, external=external, generated={"W0": w0, "b0": b0}
+    )
+    staged.commit()
+    written = {t.name: t for t in onnx.load(out, load_external_data=False).graph.initializer}
+    assert tensors.is_external(written["W0"]) == (layout == "external")
+    np.testing.assert_array_equal(tensors.read_array(written["W0"], out.parent), new_w0)
+    np.testing.assert_array_equal(tensors.read_array(written["b0"], out.parent), new_b0)
+    original = {t.name: t for t in model.graph.initializer}
+    np.testing.assert_array_equal(
+        tensors.read_array(written["W1"], out.parent),
+        tensors.read_array(original["W1"], path.parent),
+    )

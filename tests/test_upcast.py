@@ -1,0 +1,63 @@
+"""bfloat16 models converted to float32 for onnxruntime (onnxbalance.upcast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from mlp_models import mlp, save
+from onnx import numpy_helper
+from test_external_data import _forward
+
+from onnxbalance import tensors, upcast
+
+
+def test_bfloat16_model_runs_as_float32(tmp_path):
+    model = mlp(widths=(5, 7, 3), dtype="bfloat16", seed=4)
+    assert upcast.uses_bfloat16(model)
+    assert not upcast.uses_bfloat16(mlp())
+    path = save(model, tmp_path / "m.onnx", external=True)
+    lazy = onnx.load(path, load_external_data=False)
+    with tensors.external_folder(tmp_path):
+        converted = upcast.to_float32(lazy)
+    assert not upcast.uses_bfloat16(converted)
+    assert lazy.graph.initializer[0].data_type == onnx.TensorProto.BFLOAT16  # input untouched
+    for before, after in zip(model.graph.initializer, converted.graph.initializer, strict=True):
+        exact = numpy_helper.to_array(before).astype(np.float64)
+        np.testing.assert_array_equal(numpy_helper.to_array(after), exact)  # no rounding
+    session = ort.InferenceSession(
+        converted.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    got = session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, _forward(model, x.astype(np.float64)), rtol=1e-5, atol=1e-5)
+
+
+def test_cast_targets_and_constants():
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Cast", ["x"], ["c"], to=onnx.TensorProto.BFLOAT16),
+            onnx.helper.make_node(
+                "Constant",
+                [],
+                ["k"],
+                value=tensors.make_tensor(
+                    "k", np.array([2.0], dtype=tensors.BFLOAT16), onnx.TensorProto.BFLOAT16
+                ),
+            ),
+            onnx.helper.make_node("Mul", ["c", "k"], ["y"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [3])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert upcast.uses_bfloat16(model)
+    converted = upcast.to_float32(model)
+    assert not upcast.uses_bfloat16(converted)
+    session = ort.InferenceSession(
+        converted.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = np.array([1.0, -2.5, 3.0], dtype=np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], 2 * x)
