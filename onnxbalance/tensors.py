@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -35,20 +36,14 @@ from onnx import numpy_helper
 from onnxbalance.errors import InputError
 from onnxbalance.memory import release  # noqa: F401  (re-exported: callers free pages)
 
-try:  # onnx depends on ml_dtypes; the fallback keeps bfloat16 readable without it
-    import ml_dtypes
-
-    BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - onnx>=1.15 always brings ml_dtypes
-    BFLOAT16 = None
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: np.dtype(np.float32),
     onnx.TensorProto.FLOAT16: np.dtype(np.float16),
     onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+    onnx.TensorProto.BFLOAT16: BFLOAT16,
 }
-if BFLOAT16 is not None:
-    FLOAT_TYPES[onnx.TensorProto.BFLOAT16] = BFLOAT16
 
 # Sub-byte types are stored packed (several values per byte): their sizes follow other rules,
 # and they are never weights that balancing rescales, so onnx decodes them.
@@ -118,7 +113,7 @@ def numpy_dtype(data_type: int, name: str = "") -> np.dtype:
 
 def max_finite(dtype: np.dtype) -> float:
     """Largest finite value of a floating dtype (bfloat16 included)."""
-    if BFLOAT16 is not None and dtype == BFLOAT16:
+    if dtype == BFLOAT16:
         return _BF16_MAX
     return float(np.finfo(dtype).max)
 
@@ -321,7 +316,7 @@ def raw_bytes(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> m
 
 def overflow_mask(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Entries whose magnitude exceeds the dtype's largest finite value (NaN is not overflow)."""
-    if dtype.kind != "f" and not (BFLOAT16 is not None and dtype == BFLOAT16):
+    if dtype.kind != "f" and dtype != BFLOAT16:
         return np.zeros(np.shape(values), dtype=bool)
     with np.errstate(invalid="ignore"):
         return np.abs(values) > max_finite(dtype)
