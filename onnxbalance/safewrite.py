@@ -447,8 +447,10 @@ def stage_model(
                     ),
                 )
                 _fsync(handle)
-        else:
+        elif generated or any(tensors.is_external(t) for t in tensors.iter_tensors(model)):
             skeleton = map_tensors(model, lambda t: inline_tensor(t, base, generated))
+        else:  # every tensor already inline and final: serialise the model itself, no copy
+            skeleton = model
         try:
             serialized = skeleton.SerializeToString(deterministic=True)
         except ValueError as exc:  # the graph itself is over protobuf's limit
