@@ -30,7 +30,7 @@ from . import io, safewrite, tensors
 from .errors import InputError, UnsupportedModelError, VerificationError
 from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
-from .weightstats import LayerStats, layer_stats
+from .weightstats import LayerStats, layer_stats, unit_max
 
 log = logging.getLogger(__name__)
 
@@ -418,12 +418,30 @@ def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
     stats = []
     for layer in units.layers:
         weight = layer.weight
-        if log_scales is not None:
-            rows = unit_log_scales(log_scales, layer.row_groups)
-            cols = unit_log_scales(log_scales, layer.col_groups)
-            weight = scale_weight(weight, rows, cols)
-        stats.append(layer_stats(layer.name, weight))
+        if log_scales is None:
+            stats.append(layer_stats(layer.name, weight))
+            continue
+        rows = unit_log_scales(log_scales, layer.row_groups)
+        cols = unit_log_scales(log_scales, layer.col_groups)
+        # The rescaled weights a few rows at a time (the same values rewrite stores): only their
+        # per-row maxima are kept, never a float64 copy of the whole layer.
+        step = max(1, _STATS_BLOCK // max(1, weight[:1].size))
+        maxima = [
+            unit_max(
+                scale_weight(
+                    weight[start : start + step],
+                    rows[start : start + step],
+                    cols[start : start + step] if np.ndim(cols) == 2 else cols,
+                )
+            )
+            for start in range(0, weight.shape[0], step)
+        ]
+        stats.append(layer_stats(layer.name, np.concatenate(maxima)[:, None]))
     return tuple(stats)
+
+
+_STATS_BLOCK = 2**18
+"""Weights rescaled at once for the after-balancing statistics (2 MiB of float64)."""
 
 
 def _imbalance(objective, graph: UnitGraph, log_scales: np.ndarray, pinned: np.ndarray) -> float:
