@@ -413,7 +413,7 @@ def _report(
 
 def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
     """Per-layer weight-range statistics (rows = units), at the given log-scales if any."""
-    from .scaling import scale_weight, unit_log_scales
+    from .scaling import unit_log_scales
 
     stats = []
     for layer in units.layers:
@@ -423,25 +423,38 @@ def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
             continue
         rows = unit_log_scales(log_scales, layer.row_groups)
         cols = unit_log_scales(log_scales, layer.col_groups)
-        # The rescaled weights a few rows at a time (the same values rewrite stores): only their
-        # per-row maxima are kept, never a float64 copy of the whole layer.
-        step = max(1, _STATS_BLOCK // max(1, weight[:1].size))
-        maxima = [
-            unit_max(
-                scale_weight(
-                    weight[start : start + step],
-                    rows[start : start + step],
-                    cols[start : start + step] if np.ndim(cols) == 2 else cols,
-                )
-            )
-            for start in range(0, weight.shape[0], step)
-        ]
-        stats.append(layer_stats(layer.name, np.concatenate(maxima)[:, None]))
+        stats.append(layer_stats(layer.name, _scaled_unit_max(weight, rows, cols)[:, None]))
     return tuple(stats)
 
 
 _STATS_BLOCK = 2**18
 """Weights rescaled at once for the after-balancing statistics (2 MiB of float64)."""
+
+
+def _scaled_unit_max(weight: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """max_i |W[o, i]| exp(u_o - u_i) for every row o, a few rows at a time.
+
+    Factored as exp(u_o) * max_i |W[o, i]| exp(-u_i): one multiply per weight and no exp per
+    weight, and never a float64 copy of the whole layer. Equal to the stored rescaled weights'
+    maxima up to their rounding to the weight's dtype.
+    """
+    from .scaling import scale_weight
+
+    step = max(1, _STATS_BLOCK // max(1, weight[:1].size))
+    factored = max(np.abs(rows).max(initial=0.0), np.abs(cols).max(initial=0.0)) < 600
+    column_factors = np.exp(-cols) if factored and np.ndim(cols) != 2 else None
+    maxima = []
+    for start in range(0, weight.shape[0], step):
+        block = weight[start : start + step]
+        block_rows = rows[start : start + step]
+        block_cols = cols[start : start + step] if np.ndim(cols) == 2 else cols
+        if factored:  # exp(+-600) and the products stay inside float64
+            factors = np.exp(-block_cols) if column_factors is None else column_factors
+            largest = unit_max(np.abs(block) * factors) * np.exp(block_rows)
+        else:
+            largest = unit_max(scale_weight(block, block_rows, block_cols))
+        maxima.append(largest)
+    return np.concatenate(maxima) if maxima else np.zeros(0)
 
 
 def _imbalance(objective, graph: UnitGraph, log_scales: np.ndarray, pinned: np.ndarray) -> float:
