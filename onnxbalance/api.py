@@ -28,6 +28,7 @@ import onnx
 
 from . import io, safewrite, tensors
 from .errors import InputError, UnsupportedModelError, VerificationError
+from .memory import release
 from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
 from .weightstats import LayerStats, layer_stats, unit_max
@@ -420,10 +421,11 @@ def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
         weight = layer.weight
         if log_scales is None:
             stats.append(layer_stats(layer.name, weight))
-            continue
-        rows = unit_log_scales(log_scales, layer.row_groups)
-        cols = unit_log_scales(log_scales, layer.col_groups)
-        stats.append(layer_stats(layer.name, _scaled_unit_max(weight, rows, cols)[:, None]))
+        else:
+            rows = unit_log_scales(log_scales, layer.row_groups)
+            cols = unit_log_scales(log_scales, layer.col_groups)
+            stats.append(layer_stats(layer.name, _scaled_unit_max(weight, rows, cols)[:, None]))
+        release(weight)  # weights read from a file: their pages leave the resident set again
     return tuple(stats)
 
 
