@@ -1,10 +1,11 @@
 """Writing a model (and its external data) so that nothing is ever half-written or lost.
 
 The output is built in a hidden temporary folder next to its destination (so it can be opened
-and verified exactly as it will be), flushed and fsynced, and only then renamed over the
-destination, data file first and model file second, with SIGINT/SIGTERM deferred between the two
-renames. Any exception or interrupt before that point removes the temporary folder and leaves an
-existing output untouched.
+and verified exactly as it will be), fsynced (in a background thread started as each file is
+complete, so the disk flush overlaps verification; commit waits for it), and only then renamed
+over the destination, data file first and model file second, with SIGINT/SIGTERM deferred
+between the two renames. Any exception or interrupt before that point removes the temporary
+folder and leaves an existing output untouched.
 
 Tensor storage follows the input: a tensor stored externally is written to ``OUT.name +
 ".data"`` beside the output, one stored inline stays inline. Tensor bytes are streamed one
@@ -314,9 +315,31 @@ def inline_tensor(
     return stub
 
 
-def _fsync(handle) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
+class _BackgroundSync:
+    """``fsync`` of a finished file, run in a thread so that it overlaps whatever the caller
+    does before committing (verification); :meth:`wait` re-raises its error. The file must be
+    fully written and closed first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="onnxbalance-fsync", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -355,11 +378,28 @@ class Staged:
         self.model_path = folder / out.name
         self.data_path = data_path_for(self.model_path) if has_data else None
         self.committed = False
+        self._syncs: list[_BackgroundSync] = []
+
+    def _sync_later(self, path: Path) -> None:
+        self._syncs.append(_BackgroundSync(path))
+
+    def _wait_synced(self) -> None:
+        """Every staged file is on disk (not just in the page cache) before it is renamed in."""
+        syncs, self._syncs = self._syncs, []
+        errors = []
+        for sync in syncs:
+            try:
+                sync.wait()
+            except OSError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def commit(self) -> Path | None:
         """Move the output into place; return the final external data path, if any."""
         final_data = data_path_for(self.out) if self.data_path is not None else None
         try:
+            self._wait_synced()
             _pause_for_tests()
             with signals_deferred():
                 if self.data_path is not None:
@@ -374,6 +414,8 @@ class Staged:
         return final_data
 
     def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wait_synced()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Staged:
@@ -446,9 +488,11 @@ def stage_model(
                         writer.add(t) if t.name in names else inline_tensor(t, base, generated)
                     ),
                 )
-                _fsync(handle)
-        else:
+            staged._sync_later(staged.data_path)
+        elif generated or any(tensors.is_external(t) for t in tensors.iter_tensors(model)):
             skeleton = map_tensors(model, lambda t: inline_tensor(t, base, generated))
+        else:  # every tensor already inline and final: serialise the model itself, no copy
+            skeleton = model
         try:
             serialized = skeleton.SerializeToString(deterministic=True)
         except ValueError as exc:  # the graph itself is over protobuf's limit
@@ -456,7 +500,7 @@ def stage_model(
         del skeleton
         with open(staged.model_path, "xb") as handle:
             handle.write(serialized)
-            _fsync(handle)
+        staged._sync_later(staged.model_path)
     except OSError as exc:
         staged.discard()
         raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc

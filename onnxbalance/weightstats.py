@@ -54,13 +54,21 @@ def unit_max(weight_rows_first: np.ndarray) -> np.ndarray:
     >>> unit_max(np.array([[1.0, -3.0], [0.5, 0.0]])).tolist()
     [3.0, 0.5]
     """
-    weight = np.asarray(weight_rows_first, dtype=np.float64)
+    weight = np.asarray(weight_rows_first)
+    if weight.dtype not in _EXACT_FLOATS:
+        weight = weight.astype(np.float64)
     if weight.ndim == 0:
         raise ValueError("weight must have a unit axis (rows first); got a scalar")
     rows = weight.reshape(weight.shape[0], -1)
     if rows.shape[1] == 0:
         return np.zeros(rows.shape[0])
-    return np.max(np.abs(rows), axis=1)
+    # max |w| = max(max w, -min w), exact in the weight's own float type: no |W| temporary and
+    # no float64 copy of the layer.
+    largest = np.maximum(rows.max(axis=1), -rows.min(axis=1))
+    return largest.astype(np.float64)
+
+
+_EXACT_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def layer_stats(name: str, weight_rows_first: np.ndarray) -> LayerStats:

@@ -235,6 +235,16 @@ def _apply(graph: GraphIndex, i: int, step: Step, state: _Units) -> None:
                 state.union(column[0], other)
 
 
+def _roots(parent: np.ndarray) -> np.ndarray:
+    """Every unit's union-find root, by pointer jumping over the whole array at once."""
+    roots = parent.copy()
+    while True:
+        jumped = roots[roots]
+        if np.array_equal(jumped, roots):
+            return roots
+        roots = jumped
+
+
 class _Groups:
     """Scale groups: one per union-find root that is neither fixed nor unread, numbered in
     layer/row order and named after the root's unit."""
@@ -243,30 +253,27 @@ class _Groups:
         n = len(unit_name)
         self.unit_name = unit_name
         self.state = state
-        self.roots = np.fromiter((state.find(u) for u in range(n)), np.int64, n)
+        self.roots = _roots(state.parent)
         self.root_reason: dict[int, tuple[int, str]] = {}  # root -> (first fixed member, why)
         for u, reason in sorted(state.reason.items()):
             self.root_reason.setdefault(int(self.roots[u]), (u, reason))
         read = np.zeros(n, dtype=bool)
         np.logical_or.at(read, self.roots, state.read)
-        self.names: list[str] = []
+        fixed_root = np.zeros(n, dtype=bool)
+        fixed_root[list(self.root_reason)] = True
+        moving = ~fixed_root[self.roots] & read[self.roots]
+        # A root is its group's smallest unit (union keeps the smaller root), so numbering the
+        # roots in ascending order numbers groups in order of their first unit.
+        group_roots, number = np.unique(self.roots[moving], return_inverse=True)
+        self.names: list[str] = [unit_name[r] for r in group_roots.tolist()]
         self.of_unit = np.full(n + 1, FIXED, dtype=np.int64)  # index -1 ("no unit"): FIXED
-        number: dict[int, int] = {}
-        for u, root in enumerate(self.roots.tolist()):
-            if root in self.root_reason or not read[root]:
-                continue
-            if root not in number:
-                number[root] = len(self.names)
-                self.names.append(unit_name[root])
-            self.of_unit[u] = number[root]
+        self.of_unit[:n][moving] = number.reshape(-1)
         self.of_unit.setflags(write=False)  # shared by layers' rows and columns
 
     def skips(self, layer: str, span: np.ndarray) -> list[Skip]:
         """Why the layer's fixed rows are fixed, one Skip per distinct reason."""
         counts: dict[str, int] = {}
-        for u in span.tolist():
-            if self.of_unit[u] != FIXED:
-                continue
+        for u in span[self.of_unit[span] == FIXED].tolist():
             reason = self.state.reason.get(u)
             root = int(self.roots[u])
             if reason is None and root in self.root_reason:
