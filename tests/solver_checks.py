@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference
-from networks import Network, make_network
+from networks import Edge, Network, make_network
 
 from onnxbalance.solver import SolveResult
 
@@ -44,3 +44,22 @@ def tied_network(tie: bool) -> Network:
     _, compact = np.unique(np.concatenate(groups[1:3]), return_inverse=True)
     groups[1], groups[2] = compact[:4], compact[4:]
     return Network(net.sizes, net.edges, net.biases, tuple(groups), 7)
+
+
+def spanning_magnitudes_network(seed: int, dag: bool) -> Network:
+    """A small network whose weights are scaled by 10^U(-30, 30), entry by entry."""
+    net = make_network((3, 4, 4, 3, 2), seed=seed, skips=2 if dag else 0)
+    rng = np.random.default_rng(seed)
+    edges = tuple(
+        Edge(e.src, e.dst, e.weight * 10.0 ** rng.uniform(-30, 30, size=e.weight.shape))
+        for e in net.edges
+    )
+    return Network(net.sizes, edges, net.biases, net.groups, net.n_groups)
+
+
+def alternating_magnitudes_network() -> Network:
+    """Layers of magnitude 1e30 and 1e-30 in turn: the optimum has scales near 1e-30."""
+    net = make_network((3, 5, 5, 5, 2), seed=5)
+    factors = [1e30, 1e-30, 1e30, 1e-30]
+    edges = tuple(Edge(e.src, e.dst, e.weight * f) for e, f in zip(net.edges, factors, strict=True))
+    return Network(net.sizes, edges, net.biases, net.groups, net.n_groups)

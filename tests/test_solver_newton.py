@@ -8,7 +8,12 @@ import reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from networks import Edge, Network, dead_and_cut_off_network, exponents, make_network, networks
-from solver_checks import check_against_reference, tied_network
+from solver_checks import (
+    alternating_magnitudes_network,
+    check_against_reference,
+    spanning_magnitudes_network,
+    tied_network,
+)
 
 from onnxbalance.solver import methods, newton, solve
 from onnxbalance.solver.curvature import Curvature, Workspace, aggregates, evaluate
@@ -74,13 +79,7 @@ def test_tied_units_share_one_factor_and_match_scipy(p, q):
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), p=exponents, q=exponents, dag=st.booleans())
 def test_extreme_magnitudes_do_not_overflow(seed, p, q, dag):
-    net = make_network((3, 4, 4, 3, 2), seed=seed, skips=2 if dag else 0)
-    rng = np.random.default_rng(seed)
-    edges = tuple(
-        Edge(e.src, e.dst, e.weight * 10.0 ** rng.uniform(-30, 30, size=e.weight.shape))
-        for e in net.edges
-    )
-    extreme = Network(net.sizes, edges, net.biases, net.groups, net.n_groups)
+    extreme = spanning_magnitudes_network(seed, dag)
     with np.errstate(over="raise", under="ignore"):
         result = solve(extreme.unit_graph(p), p, q, **TIGHT)
     assert np.all(np.isfinite(result.log_scales))
@@ -88,10 +87,7 @@ def test_extreme_magnitudes_do_not_overflow(seed, p, q, dag):
 
 
 def test_extreme_scales_between_layers():
-    net = make_network((3, 5, 5, 5, 2), seed=5)
-    factors = [1e30, 1e-30, 1e30, 1e-30]
-    edges = tuple(Edge(e.src, e.dst, e.weight * f) for e, f in zip(net.edges, factors, strict=True))
-    extreme = Network(net.sizes, edges, net.biases, net.groups, net.n_groups)
+    extreme = alternating_magnitudes_network()
     for p, q in [(4.0, 4.0), (0.5, 4.0), (4.0, 0.5), (0.5, 0.5)]:
         with np.errstate(over="raise"):
             result = solve(extreme.unit_graph(p), p, q, **TIGHT)
