@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import io, safewrite, tensors
+from . import io, protos, safewrite, tensors
 from .errors import InputError, UnsupportedModelError, VerificationError
 from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
@@ -281,7 +281,7 @@ def _self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
-    return safewrite.map_tensors(model, lambda t: safewrite.inline_tensor(t, None))
+    return protos.map_tensors(model, lambda t: safewrite.inline_tensor(t, None))
 
 
 def check(

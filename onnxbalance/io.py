@@ -8,6 +8,7 @@ file and a failed run leaves nothing behind. The input is only ever opened for r
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -19,16 +20,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
 
-from . import safewrite, tensors
+from . import protos, safewrite, tensors
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
-_FULL_CHECK_BYTES = 256 * 2**20
-"""Shape inference (the checker's full check) only below this size: it is cheap for small models,
-and for huge ones the structural check already catches malformed graphs."""
+_CHECKED_VALUE_BYTES = 1024
+"""Initializers smaller than this keep their values for the checker: shape inference reads small
+constants (Reshape shapes, Slice bounds, Resize scales); weights are never among them."""
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -64,13 +64,38 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         tensors.check_tensors(model, path.parent)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    if not uses_external_data(model):
-        # The checker reads the bytes we already hold: checking the parsed proto would serialise
-        # it again, which costs more than reading the file.
-        check_model(data, str(path), full=len(data) < _FULL_CHECK_BYTES)
-        return model
-    check_model(str(path), str(path), full=len(data) < _FULL_CHECK_BYTES)
+    check_model(without_weights(model), str(path))
     return model
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``onnx.checker`` needs of ``model``, with the weights declared instead of stored.
+
+    Each large or external initializer of the main graph becomes a graph input of the same name,
+    type and shape: the checker and strict shape inference reach the same verdict on the graph,
+    without copying every weight into C++ twice (the tensors themselves were checked by
+    :func:`onnxbalance.tensors.check_tensors`). Initializers that are also graph inputs, or whose
+    name repeats, stay as they are, so the checker still sees those conflicts.
+    """
+    graph = model.graph
+    taken = {value.name for value in graph.input}
+    counts = collections.Counter(t.name for t in graph.initializer)
+    declared = {
+        t.name
+        for t in graph.initializer
+        if t.name not in taken
+        and counts[t.name] == 1
+        and (tensors.is_external(t) or tensors.expected_nbytes(t) >= _CHECKED_VALUE_BYTES)
+    }
+    skeleton = protos.without_initializers(model)
+    for tensor in graph.initializer:
+        if tensor.name in declared:
+            skeleton.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton
 
 
 def _check_text(message) -> None:
@@ -91,27 +116,18 @@ def _check_text(message) -> None:
                 _check_text(getattr(message, field.name))
 
 
-def check_model(
-    model: onnx.ModelProto | bytes | str, name: str = "model", full: bool = True
-) -> None:
-    """Run ``onnx.checker`` (structure, opsets; with ``full``, strict shape inference too).
+def check_model(model: onnx.ModelProto, name: str = "model") -> None:
+    """Run ``onnx.checker``: structure, opsets and strict shape inference.
 
     Raises:
         InputError: with the checker's first line.
     """
     try:
-        onnx.checker.check_model(model, full_check=full)
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise InputError(f"{name}: invalid ONNX model: {_first_line(exc)}") from None
     except ValueError as exc:  # e.g. a model over 2 GB passed as a proto
         log.info("skipping onnx.checker on %s: %s", name, exc)
-
-
-def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        external_data_helper.uses_external_data(t)
-        for t in external_data_helper._get_all_tensors(model)
-    )
 
 
 def check_output_path(

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import onnx
 
-from . import memory, tensors
+from . import memory, protos, tensors
 from .errors import UnsupportedModelError
 from .unitgraph import FIXED, ModelUnits, TensorEdit
 
@@ -63,7 +63,7 @@ def rewrite(
     """
     u = checked_scales(units, log_scales)
     edits = tensor_edits(units)
-    out = _copy_without_initializers(model)
+    out = protos.without_initializers(model)
     done: set[str] = set(skip)
     for tensor in model.graph.initializer:
         new = out.graph.initializer.add()
@@ -211,7 +211,7 @@ def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarr
         target.Clear()
         for field, value in original.ListFields():
             if field.name not in _DATA_FIELDS and field.name not in ("dims", "data_location"):
-                _copy_field(target, field, value)
+                protos.copy_field(target, field, value)
     for name in _DATA_FIELDS:
         target.ClearField(name)
     target.ClearField("data_location")
@@ -223,27 +223,3 @@ def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarr
         target.float_data.extend(values.ravel().tolist())
     else:
         target.double_data.extend(values.ravel().tolist())
-
-
-def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy every field of the model except the main graph's initializers."""
-    out = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(out, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(out.graph, field, value)
-    return out
-
-
-def _copy_field(target, field, value) -> None:
-    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; older ones have .label
-    if repeated is None:
-        repeated = field.label == field.LABEL_REPEATED
-    if repeated:
-        getattr(target, field.name).extend(value)
-    elif field.type == field.TYPE_MESSAGE:
-        getattr(target, field.name).CopyFrom(value)
-    else:
-        setattr(target, field.name, value)

@@ -36,6 +36,7 @@ import onnx
 
 from onnxbalance import tensors
 from onnxbalance.errors import OutputError
+from onnxbalance.protos import map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +54,6 @@ onnxruntime can memory-map them on every platform."""
 
 _CHUNK = 16 * 2**20
 _PAUSE_ENV = "ONNXBALANCE_TEST_PAUSE_BEFORE_COMMIT"
-
-_CONTAINERS = {
-    d.full_name
-    for d in (
-        onnx.ModelProto.DESCRIPTOR,
-        onnx.GraphProto.DESCRIPTOR,
-        onnx.NodeProto.DESCRIPTOR,
-        onnx.AttributeProto.DESCRIPTOR,
-        onnx.FunctionProto.DESCRIPTOR,
-        onnx.TrainingInfoProto.DESCRIPTOR,
-        onnx.SparseTensorProto.DESCRIPTOR,
-    )
-}
-_TENSOR = onnx.TensorProto.DESCRIPTOR.full_name
 
 
 class Interrupted(KeyboardInterrupt):
@@ -143,39 +130,6 @@ def _aligned(offset: int, nbytes: int) -> int:
     if nbytes >= ALIGN_THRESHOLD and offset % ALLOCATION_GRANULARITY:
         return offset + ALLOCATION_GRANULARITY - offset % ALLOCATION_GRANULARITY
     return offset
-
-
-def map_tensors(message, fn: Callable[[onnx.TensorProto], onnx.TensorProto]):
-    """A copy of ``message`` with every TensorProto inside it replaced by ``fn(tensor)``.
-
-    Walks the message's fields generically, so initializers, Constant attributes, sparse
-    tensors, subgraphs and functions are all covered, and copies everything else as is. The
-    input is never modified and tensor data is never copied here (``fn`` decides).
-    """
-    out = type(message)()
-    for field, value in message.ListFields():
-        kind = field.message_type.full_name if field.message_type is not None else None
-        target = getattr(out, field.name)
-        if kind is None:
-            if field.is_repeated:
-                target.extend(value)
-            else:
-                setattr(out, field.name, value)
-        elif kind == _TENSOR:
-            if field.is_repeated:
-                target.extend(fn(t) for t in value)
-            else:
-                target.CopyFrom(fn(value))
-        elif kind in _CONTAINERS:
-            if field.is_repeated:
-                target.extend(map_tensors(m, fn) for m in value)
-            else:
-                target.CopyFrom(map_tensors(value, fn))
-        elif field.is_repeated:
-            target.extend(value)
-        else:
-            target.CopyFrom(value)
-    return out
 
 
 def _stored_nbytes(tensor: onnx.TensorProto) -> int:

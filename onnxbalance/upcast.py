@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx
 
-from onnxbalance import safewrite, tensors
+from onnxbalance import protos, tensors
 
 BF16 = onnx.TensorProto.BFLOAT16
 F32 = onnx.TensorProto.FLOAT
@@ -61,6 +61,6 @@ def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
         fresh.doc_string = tensor.doc_string
         return fresh
 
-    out = safewrite.map_tensors(model, convert)
+    out = protos.map_tensors(model, convert)
     _types(out.graph)
     return out

@@ -77,6 +77,43 @@ def test_load_invalid_graph(tmp_path):
         io.load_model(path)
 
 
+def _with_weight_shape(model: onnx.ModelProto, name: str, shape: tuple[int, ...]):
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            values = np.ones(shape, dtype=np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(values, name))
+    return model
+
+
+def test_load_refuses_a_weight_whose_shape_does_not_fit_the_graph(tmp_path):
+    # The weight is declared to the checker rather than stored: strict shape inference must still
+    # see its shape, or this mismatch (40 inputs expected, 41 given) would pass.
+    model = gemm_mlp([41, 50, 3], seed=2, batch=4)
+    weight = model.graph.node[0].input[1]
+    stored = [list(t.dims) for t in model.graph.initializer if t.name == weight][0]
+    path = tmp_path / "mismatch.onnx"
+    onnx.save(_with_weight_shape(model, weight, (stored[0], stored[1] - 1)), path)
+    with pytest.raises(InputError, match="invalid ONNX model"):
+        io.load_model(path)
+
+
+def test_checked_skeleton_declares_weights_and_keeps_small_constants():
+    model = gemm_mlp([40, 50, 3], seed=2)
+    model.graph.input.append(helper.make_tensor_value_info("B1", onnx.TensorProto.FLOAT, [3]))
+    big = {t.name for t in model.graph.initializer if len(t.raw_data) >= 1024}
+    skeleton = io.without_weights(model)
+    declared = {v.name: v for v in skeleton.graph.input}
+    assert big and big <= set(declared) and not big & {t.name for t in skeleton.graph.initializer}
+    for tensor in model.graph.initializer:
+        if tensor.name in big:
+            shape = declared[tensor.name].type.tensor_type.shape
+            assert [d.dim_value for d in shape.dim] == list(tensor.dims)
+    kept = {t.name for t in skeleton.graph.initializer}
+    assert kept == {t.name for t in model.graph.initializer} - big  # small ones and "B1"
+    assert "B1" in kept and [v.name for v in skeleton.graph.input].count("B1") == 1
+    assert skeleton.graph.node == model.graph.node and skeleton.opset_import == model.opset_import
+
+
 def test_external_data_loaded_relative_to_model(tmp_path, monkeypatch):
     model = gemm_mlp([40, 50, 3], seed=2)
     # onnx.save moves the weights of the proto it is given out to the file: read them first
@@ -177,5 +214,5 @@ def test_save_too_large_for_protobuf_keeps_weights_beside(tmp_path, monkeypatch)
     loaded = io.load_model(tmp_path / "big.onnx")
     for a, b in zip(loaded.graph.initializer, model.graph.initializer, strict=True):
         np.testing.assert_array_equal(tensors.read_array(a, tmp_path), numpy_helper.to_array(b))
-    assert io.uses_external_data(onnx.load(tmp_path / "big.onnx", load_external_data=False))
-    assert not io.uses_external_data(model)  # the caller's model is left as it was
+    assert tensors.external_names(onnx.load(tmp_path / "big.onnx", load_external_data=False))
+    assert not tensors.external_names(model)  # the caller's model is left as it was
