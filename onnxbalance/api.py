@@ -43,6 +43,18 @@ Progress = Callable[[int, float], None]
 Stage = Callable[[str], None]
 
 
+def _arrays_kept(entry_point):
+    """``entry_point`` with each weight decoded once (:func:`onnxbalance.tensors.arrays_kept`)."""
+
+    @functools.wraps(entry_point)
+    def run(*args, **kwargs):
+        with tensors.arrays_kept():
+            return entry_point(*args, **kwargs)
+
+    return run
+
+
+@_arrays_kept
 def balance(
     model_or_path: ModelOrPath,
     p: float = 2.0,
@@ -110,6 +122,7 @@ def balance(
     return balanced, report
 
 
+@_arrays_kept
 def balance_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -167,8 +180,9 @@ def balance_file(
                 report, verify=comparison, seconds=dict(timer.seconds), output=str(dst)
             )
             _raise_if_failed(report, source, None)
-            staged.commit()
-    return report
+            with timer("write"):  # waits for the staged files to reach the disk, then renames
+                staged.commit()
+    return replace(report, seconds=dict(timer.seconds))
 
 
 def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | None) -> None:
@@ -284,6 +298,7 @@ def _self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
     return protos.map_tensors(model, lambda t: safewrite.inline_tensor(t, None))
 
 
+@_arrays_kept
 def check(
     model_or_path: ModelOrPath,
     p: float = 2.0,
@@ -327,6 +342,7 @@ def _check_options(p: float, q: float, tol: float, max_sweeps: int) -> None:
 def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None]:
     """(model, source name, folder its external data is relative to, if loaded from a file)."""
     if isinstance(model_or_path, onnx.ModelProto):
+        tensors.keep_arrays(model_or_path)
         return model_or_path, "", None
     if isinstance(model_or_path, str | os.PathLike):
         path = Path(model_or_path)

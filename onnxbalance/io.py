@@ -58,6 +58,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         _check_text(model)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a valid ONNX model (a text field is not UTF-8)") from None
+    tensors.keep_arrays(model)  # read-only from here on: each weight is decoded once
     try:
         # Weights in external files stay there: checked here (known types, paths inside the
         # folder, sizes within the files), memory-mapped later one tensor at a time.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import onnx
 
@@ -66,6 +66,25 @@ def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def copy_except(message, skipped: frozenset[str]):
+    """A copy of ``message`` without the fields named in ``skipped``, which are never read.
+
+    ``ListFields`` would read every field, and reading a bytes field (a tensor's ``raw_data``)
+    copies it.
+    """
+    out = type(message)()
+    for field in message.DESCRIPTOR.fields:
+        if field.name in skipped:
+            continue
+        if is_repeated(field):
+            value = getattr(message, field.name)
+            if len(value):
+                getattr(out, field.name).extend(value)
+        elif message.HasField(field.name):
+            copy_field(out, field, getattr(message, field.name))
+    return out
+
+
 def is_repeated(field) -> bool:
     repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; older ones have .label
     return field.label == field.LABEL_REPEATED if repeated is None else repeated
@@ -79,3 +98,72 @@ def copy_field(target, field, value) -> None:
         getattr(target, field.name).CopyFrom(value)
     else:
         setattr(target, field.name, value)
+
+
+_LENGTH_DELIMITED = 2
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+Piece = bytes | str
+"""A piece of a serialized model: bytes as they are, or the name of a tensor whose raw data the
+writer puts in that place."""
+
+
+def serialized_pieces(model: onnx.ModelProto, raw_sizes: Mapping[str, int]) -> list[Piece]:
+    """``model`` serialized, with the raw data of some main-graph initializers left as holes.
+
+    ``raw_sizes`` maps those initializers' names to their data's byte count; in ``model`` they
+    are stubs without values. Writing the pieces in order, each name replaced by exactly that
+    many bytes of data, gives the bytes ``SerializeToString`` would give for the model with the
+    data in place (fields in number order), so a rescaled weight can go from its producer to
+    the file a block at a time and the whole model is never one message in memory.
+
+    Raises:
+        KeyError: a name in ``raw_sizes`` is not an initializer of the main graph.
+    """
+    if not raw_sizes:
+        return [model.SerializeToString(deterministic=True)]
+    missing = set(raw_sizes) - {t.name for t in model.graph.initializer}
+    if missing:
+        raise KeyError(f"not initializers of the main graph: {sorted(missing)}")
+    graph_head, graph_tail = _split(model.graph, _INITIALIZER)
+    initializers: list[Piece] = []
+    for tensor in model.graph.initializer:
+        if tensor.name in raw_sizes:
+            head, tail = _split(tensor, _RAW_DATA)
+            nbytes = raw_sizes[tensor.name]
+            data_key = _key(_RAW_DATA) + _varint(nbytes)
+            size = len(head) + len(data_key) + nbytes + len(tail)
+            initializers += [_key(_INITIALIZER) + _varint(size) + head + data_key, tensor.name]
+            initializers.append(tail)
+        else:
+            encoded = tensor.SerializeToString(deterministic=True)
+            initializers.append(_key(_INITIALIZER) + _varint(len(encoded)) + encoded)
+    graph_size = len(graph_head) + len(graph_tail)
+    graph_size += sum(raw_sizes[p] if isinstance(p, str) else len(p) for p in initializers)
+    model_head, model_tail = _split(model, _GRAPH)
+    opening = model_head + _key(_GRAPH) + _varint(graph_size) + graph_head
+    return [opening, *initializers, graph_tail + model_tail]
+
+
+def _split(message, number: int) -> tuple[bytes, bytes]:
+    """``message`` serialized as two parts: its fields numbered below ``number``, and above."""
+    head, tail = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        if field.number != number:
+            copy_field(head if field.number < number else tail, field, value)
+    return head.SerializeToString(deterministic=True), tail.SerializeToString(deterministic=True)
+
+
+def _key(number: int) -> bytes:
+    return _varint(number << 3 | _LENGTH_DELIMITED)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

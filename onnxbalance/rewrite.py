@@ -24,17 +24,6 @@ from .unitgraph import FIXED, ModelUnits, TensorEdit
 
 log = logging.getLogger(__name__)
 
-_DATA_FIELDS = (
-    "raw_data",
-    "float_data",
-    "double_data",
-    "int32_data",
-    "int64_data",
-    "uint64_data",
-    "string_data",
-    "external_data",
-)
-
 
 def rewrite(
     model: onnx.ModelProto,
@@ -164,12 +153,12 @@ def rescaled_blocks(
             slices = memory.row_blocks(shape[0], 8 * int(np.prod(shape[1:], dtype=np.int64)))
         for rows in slices:
             block = np.array(values[rows], dtype=np.float64)
-            before = np.isfinite(block)
             for factor in factors:
                 block *= factor[rows] if shape and factor.shape[0] != 1 else factor
-            with np.errstate(over="ignore", invalid="ignore"):  # reported below, with a name
+            with np.errstate(over="ignore"):  # reported below, with a name
                 result = block.astype(original.dtype)
-            if not np.isfinite(result)[before].all():
+            # positive finite factors turn no finite weight into NaN: only overflow to inf
+            if np.isinf(result).any() and (np.isinf(result) & np.isfinite(values[rows])).any():
                 raise UnsupportedModelError(
                     f"rescaled tensor '{tensor.name}' overflows {original.dtype.name}; "
                     "balancing cannot be stored in this dtype"
@@ -201,22 +190,13 @@ def _along(factor: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 
 def _fill(target: onnx.TensorProto, original: onnx.TensorProto, values: np.ndarray) -> None:
     """Make ``target`` = ``original`` with new values, in the same storage style."""
-    # decided before clearing: ``target`` may be ``original`` (a Constant's value)
+    # decided before ``target`` changes: it may be ``original`` (a Constant's value)
     raw = (
         original.HasField("raw_data")
         or tensors.is_external(original)  # big: raw bytes, never a Python list of floats
         or original.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
     )
-    if target is not original:
-        target.Clear()
-        for field, value in original.ListFields():
-            if field.name not in _DATA_FIELDS and field.name not in ("dims", "data_location"):
-                protos.copy_field(target, field, value)
-    for name in _DATA_FIELDS:
-        target.ClearField(name)
-    target.ClearField("data_location")
-    del target.dims[:]
-    target.dims.extend(values.shape)
+    target.CopyFrom(tensors.copy_metadata(original, values.shape))
     if raw:  # straight from the array: no intermediate TensorProto holding another copy
         target.raw_data = tensors.raw_bytes_of(values)
     elif original.data_type == onnx.TensorProto.FLOAT:

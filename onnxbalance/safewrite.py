@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxbalance import tensors
+from onnxbalance import protos, tensors
 from onnxbalance.errors import OutputError
-from onnxbalance.protos import map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +211,13 @@ class _DataWriter:
         blocks = None
         if tensor.name in self.generated:
             shape, blocks = self.generated[tensor.name]()
-            stub = tensors.copy_metadata(tensor)
-            del stub.dims[:]
-            stub.dims.extend(shape)
-            tensor = stub
+            tensor = tensors.copy_metadata(tensor, shape)
         nbytes = tensors.expected_nbytes(tensor)
         start = _aligned(self.offset, nbytes)
         if start > self.offset:
             self.handle.write(b"\0" * (start - self.offset))
         if blocks is not None:
-            written = 0
-            for block in blocks:
-                data = tensors.raw_bytes_of(block)
-                self.handle.write(data)
-                written += len(data)
-            if written != nbytes:  # a producer bug, not the user's input
-                raise RuntimeError(f"tensor '{tensor.name}': {written} bytes for {nbytes}")
+            _write_blocks(self.handle, tensor.name, blocks, nbytes)
         elif tensors.is_external(tensor):
             ref = tensors._checked_external(tensor, self.base_dir)
             _copy_range(ref.path, ref.offset, nbytes, self.handle)
@@ -248,20 +238,18 @@ class _DataWriter:
         return stub
 
 
-def inline_tensor(
-    tensor: onnx.TensorProto, base_dir: Path | None, generated: Mapping[str, Blocks] | None = None
-) -> onnx.TensorProto:
-    """``tensor`` itself when inline, else an inline copy of it (raw bytes read from its file,
-    or produced by ``generated``)."""
-    if generated and tensor.name in generated:
-        shape, blocks = generated[tensor.name]()
-        parts = list(blocks)
-        values = np.concatenate(parts) if shape else parts[0].reshape(())
-        stub = tensors.copy_metadata(tensor)
-        del stub.dims[:]
-        stub.dims.extend(shape)
-        stub.raw_data = tensors.raw_bytes_of(values)
-        return stub
+def _write_blocks(handle, name: str, blocks: Iterable[np.ndarray], nbytes: int) -> None:
+    written = 0
+    for block in blocks:
+        data = tensors.raw_view(block)
+        handle.write(data)
+        written += len(data)
+    if written != nbytes:  # a producer bug, not the user's input
+        raise RuntimeError(f"tensor '{name}': {written} bytes for {nbytes}")
+
+
+def inline_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> onnx.TensorProto:
+    """``tensor`` itself when inline, else an inline copy of it (raw bytes read from its file)."""
     if not tensors.is_external(tensor):
         return tensor
     stub = tensors.copy_metadata(tensor)
@@ -432,28 +420,44 @@ def stage_model(
         raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
     staged = Staged(out, temp, bool(names))
     generated = dict(generated or {})
+    produced: dict[str, tuple[Iterable[np.ndarray], int]] = {}
+
+    def inline(tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """An inline tensor; one produced by ``generated`` is a stub, its data written later."""
+        if tensor.name not in generated:
+            return inline_tensor(tensor, base)
+        if tensor.name in produced:  # only main-graph initializers are produced
+            raise RuntimeError(f"tensor '{tensor.name}' is stored twice")
+        shape, blocks = generated[tensor.name]()
+        stub = tensors.copy_metadata(tensor, shape)
+        produced[tensor.name] = blocks, tensors.expected_nbytes(stub)
+        return stub
+
     try:
         if staged.data_path is not None:
             with open(staged.data_path, "xb") as handle:
                 writer = _DataWriter(handle, staged.data_path.name, base, generated)
-                skeleton = map_tensors(
-                    model,
-                    lambda t: (
-                        writer.add(t) if t.name in names else inline_tensor(t, base, generated)
-                    ),
+                skeleton = protos.map_tensors(
+                    model, lambda t: writer.add(t) if t.name in names else inline(t)
                 )
             staged._sync_later(staged.data_path)
         elif generated or any(tensors.is_external(t) for t in tensors.iter_tensors(model)):
-            skeleton = map_tensors(model, lambda t: inline_tensor(t, base, generated))
+            skeleton = protos.map_tensors(model, inline)
         else:  # every tensor already inline and final: serialise the model itself, no copy
             skeleton = model
         try:
-            serialized = skeleton.SerializeToString(deterministic=True)
+            pieces = protos.serialized_pieces(
+                skeleton, {name: nbytes for name, (_, nbytes) in produced.items()}
+            )
         except ValueError as exc:  # the graph itself is over protobuf's limit
             raise OutputError(f"cannot write '{out}': {exc}") from exc
         del skeleton
         with open(staged.model_path, "xb") as handle:
-            handle.write(serialized)
+            for piece in pieces:
+                if isinstance(piece, str):
+                    _write_blocks(handle, piece, *produced.pop(piece))
+                else:
+                    handle.write(piece)
         staged._sync_later(staged.model_path)
     except OSError as exc:
         staged.discard()

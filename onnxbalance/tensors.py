@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxbalance import protos
 from onnxbalance.errors import InputError
 from onnxbalance.memory import release  # noqa: F401  (re-exported: callers free pages)
 
@@ -65,6 +66,7 @@ _DATA_FIELDS = (
     "double_data",
     "uint64_data",
 )
+_NOT_METADATA = frozenset(_DATA_FIELDS) | {"data_location", "external_data"}
 
 
 _FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -84,6 +86,38 @@ def external_folder(base_dir: Path | str | os.PathLike | None) -> Iterator[None]
         yield
     finally:
         _FOLDER.reset(token)
+
+
+_ARRAYS: contextvars.ContextVar[dict[int, list] | None] = contextvars.ContextVar(
+    "onnxbalance_arrays", default=None
+)
+
+
+@contextlib.contextmanager
+def arrays_kept() -> Iterator[None]:
+    """Inside, :func:`read_array` decodes each inline tensor of a model given to
+    :func:`keep_arrays` only once.
+
+    Reading ``raw_data`` copies the bytes every time, and the load checks, analysis, statistics
+    and rewrite all read the same weights.
+    """
+    token = _ARRAYS.set({})
+    try:
+        yield
+    finally:
+        _ARRAYS.reset(token)
+
+
+def keep_arrays(model: onnx.ModelProto) -> None:
+    """Decode ``model``'s tensors once inside the current :func:`arrays_kept` (if any).
+
+    ``model`` must not change until that block ends; tensors of any other message (a rewritten
+    copy) are still decoded on every read.
+    """
+    kept = _ARRAYS.get()
+    if kept is not None:
+        for tensor in iter_tensors(model):
+            kept.setdefault(id(tensor), [tensor, None])
 
 
 def current_folder() -> Path | None:
@@ -245,15 +279,33 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> 
         ref = _checked_external(tensor, base_dir)
         raw = _map_file(ref.path, ref.offset, nbytes)
     elif tensor.HasField("raw_data"):
-        data = tensor.raw_data
-        if len(data) != nbytes:
-            raise InputError(
-                f"tensor '{tensor.name}' holds {len(data)} bytes but its shape {list(shape)} "
-                f"needs {nbytes}"
-            )
-        raw = np.frombuffer(data, np.uint8)
+        return _kept(tensor, lambda: _decoded_raw(tensor, little, dtype, shape, nbytes))
     else:
         return _typed_fields(tensor)
+    return _decoded(raw, little, dtype, shape)
+
+
+def _kept(tensor: onnx.TensorProto, decode) -> np.ndarray:
+    """``decode()``, once per tensor given to :func:`keep_arrays`."""
+    entry = (_ARRAYS.get() or {}).get(id(tensor))
+    if entry is None or entry[0] is not tensor:  # the entry holds its tensor: ids stay unique
+        return decode()
+    if entry[1] is None:
+        entry[1] = decode()
+    return entry[1]
+
+
+def _decoded_raw(tensor, little: np.dtype, dtype: np.dtype, shape, nbytes: int) -> np.ndarray:
+    data = tensor.raw_data
+    if len(data) != nbytes:
+        raise InputError(
+            f"tensor '{tensor.name}' holds {len(data)} bytes but its shape {list(shape)} "
+            f"needs {nbytes}"
+        )
+    return _decoded(np.frombuffer(data, np.uint8), little, dtype, shape)
+
+
+def _decoded(raw: np.ndarray, little: np.dtype, dtype: np.dtype, shape) -> np.ndarray:
     array = raw.view(little).reshape(shape)
     if little != dtype:  # big-endian host: decode once
         array = array.astype(dtype)
@@ -306,12 +358,9 @@ def _check_typed_count(tensor: onnx.TensorProto) -> None:
 def raw_bytes(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> memoryview:
     """The tensor's values in ONNX's raw little-endian layout (what an external file holds)."""
     array = read_array(tensor, base_dir)
-    dtype = array.dtype
-    if dtype.kind in "OSU":
+    if array.dtype.kind in "OSU":
         raise InputError(f"tensor '{tensor.name}' holds strings, which cannot be stored raw")
-    if dtype.itemsize > 1 and dtype.byteorder == ">":
-        array = array.astype(dtype.newbyteorder("<"))
-    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return raw_view(array)
 
 
 def overflow_mask(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -335,11 +384,18 @@ def to_dtype(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
     return cast, mask
 
 
-def raw_bytes_of(array: np.ndarray) -> bytes:
-    """ONNX raw storage of an array: little-endian, C order."""
+def raw_view(array: np.ndarray) -> memoryview:
+    """ONNX raw storage of an array (little-endian, C order) as bytes, copied only if needed."""
+    if array.dtype.kind in "OSU":
+        raise TypeError(f"{array.dtype} values cannot be stored raw")
     if array.dtype.itemsize > 1:
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-    return np.ascontiguousarray(array).tobytes()
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def raw_bytes_of(array: np.ndarray) -> bytes:
+    """ONNX raw storage of an array: little-endian, C order."""
+    return bytes(raw_view(array))
 
 
 def make_tensor(name: str, array: np.ndarray, data_type: int) -> onnx.TensorProto:
@@ -397,32 +453,24 @@ def check_tensors(model: onnx.ModelProto, base_dir: Path | str | None) -> None:
     """
     for tensor in iter_tensors(model):
         dtype = numpy_dtype(tensor.data_type, tensor.name)
-        nbytes = element_count(tensor) * dtype.itemsize
+        element_count(tensor)  # refuses negative dims
         if tensor.data_type in _PACKED:
             if is_external(tensor):
                 external_ref(tensor, base_dir)
         elif is_external(tensor):
             _checked_external(tensor, base_dir)
         elif tensor.HasField("raw_data"):
-            stored = len(tensor.raw_data)
-            if stored != nbytes and dtype.kind not in "OSU":
-                raise InputError(
-                    f"tensor '{tensor.name}' holds {stored} bytes but its shape "
-                    f"{list(tensor.dims)} needs {nbytes}"
-                )
+            if dtype.kind not in "OSU":
+                read_array(tensor)  # checks the byte count; kept if :func:`keep_arrays` applies
         elif dtype.kind not in "OSU":
             _check_typed_count(tensor)
 
 
-def copy_metadata(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    """A tensor with the same name, type, shape and doc but no values and no storage info."""
-    stub = onnx.TensorProto(
-        name=tensor.name,
-        data_type=tensor.data_type,
-        dims=list(tensor.dims),
-        doc_string=tensor.doc_string,
-    )
-    if tensor.HasField("segment"):
-        stub.segment.CopyFrom(tensor.segment)
-    stub.metadata_props.extend(tensor.metadata_props)
+def copy_metadata(tensor: onnx.TensorProto, dims: Sequence[int] | None = None) -> onnx.TensorProto:
+    """A tensor with every field of ``tensor`` (name, type, doc, ...) but no values and no storage
+    information; with ``dims`` when given. Fields unset in ``tensor`` stay unset."""
+    stub = protos.copy_except(tensor, _NOT_METADATA)
+    if dims is not None:
+        del stub.dims[:]
+        stub.dims.extend(dims)
     return stub

@@ -220,6 +220,24 @@ def test_deterministic_bytes(dirs, tmp_path, stream):
     assert snapshot(out_dir) == first
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_streamed_and_in_memory_rewrites_write_the_same_bytes(
+    dirs, tmp_path, monkeypatch, external
+):
+    """Streaming a rescaled weight into the file (a hole in the serialized model filled block by
+    block) gives exactly the bytes of the in-memory rewrite serialized whole."""
+    from onnxbalance import api
+
+    src_dir, out_dir = dirs
+    src = save(mlp(widths=(4, 8, 6, 3), seed=6), src_dir / "m.onnx", external=external)
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    monkeypatch.setattr(api, "STREAM_BYTES", 0)
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
+    assert run(src, streamed / "b.onnx", "-q")[0] == 0
+    assert snapshot(streamed) == snapshot(out_dir)
+
+
 def _spawn(args, env_extra=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
     return subprocess.Popen(
