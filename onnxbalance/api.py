@@ -212,10 +212,10 @@ def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, pro
 
     with timer("analyse"):
         units = _analyse(model)
-        graph = units.unit_graph(p)
-    if units.n_groups == 0:
-        return None, _report(units, graph, None, p, q, tol, timer.seconds, source)
     with timer("solve"):
+        graph = units.unit_graph(p)  # the solver's data: it depends on p, the analysis does not
+        if units.n_groups == 0:
+            return None, _report(units, graph, None, p, q, tol, timer.seconds, source)
         result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
         report = _report(units, graph, result, p, q, tol, timer.seconds, source)
     del graph
@@ -319,13 +319,14 @@ def check(
     timer = _Timer(on_stage)
     with timer("load"):
         model, source, folder = _load(model_or_path)
-    with tensors.external_folder(folder), timer("analyse"):
-        units = _analyse(model)
-        graph = units.unit_graph(p)
-    if units.n_groups == 0:
-        return _report(units, graph, None, p, q, tol, timer.seconds, source)
-    with timer("solve"):
-        result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
+    with tensors.external_folder(folder):
+        with timer("analyse"):
+            units = _analyse(model)
+        with timer("solve"):
+            graph = units.unit_graph(p)
+            if units.n_groups == 0:
+                return _report(units, graph, None, p, q, tol, timer.seconds, source)
+            result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
     return _report(units, graph, result, p, q, tol, timer.seconds, source)
 
 

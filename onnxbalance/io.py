@@ -58,7 +58,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         _check_text(model)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a valid ONNX model (a text field is not UTF-8)") from None
-    tensors.keep_arrays(model)  # read-only from here on: each weight is decoded once
+    tensors.keep_arrays(model, data)  # read-only from here on: weights are viewed in `data`
     try:
         # Weights in external files stay there: checked here (known types, paths inside the
         # folder, sizes within the files), memory-mapped later one tensor at a time.
@@ -103,18 +103,31 @@ def _check_text(message) -> None:
     """Refuse text fields that are not UTF-8: protobuf (proto2) keeps them as raw bytes, and
     they would fail later, wherever a name happens to be read or copied. Bytes fields (tensor
     data) are not touched."""
-    for field in message.DESCRIPTOR.fields:
-        if field.type == field.TYPE_STRING:
-            value = getattr(message, field.name)
-            for text in value if field.is_repeated else (value,):
-                if not isinstance(text, str):
-                    raise UnicodeDecodeError("utf-8", bytes(text), 0, 1, field.name)
-        elif field.type == field.TYPE_MESSAGE:
-            if field.is_repeated:
-                for item in getattr(message, field.name):
-                    _check_text(item)
-            elif message.HasField(field.name):
-                _check_text(getattr(message, field.name))
+    strings, singles, repeats = _text_fields(message.DESCRIPTOR)
+    for name, repeated in strings:
+        value = getattr(message, name)
+        for text in value if repeated else (value,):
+            if not isinstance(text, str):
+                raise UnicodeDecodeError("utf-8", bytes(text), 0, 1, name)
+    for name in singles:
+        if message.HasField(name):
+            _check_text(getattr(message, name))
+    for name in repeats:
+        for item in getattr(message, name):
+            _check_text(item)
+
+
+@functools.cache
+def _text_fields(
+    descriptor,
+) -> tuple[tuple[tuple[str, bool], ...], tuple[str, ...], tuple[str, ...]]:
+    """A message type's (string fields, singular message fields, repeated message fields)."""
+    fields = descriptor.fields
+    return (
+        tuple((f.name, protos.is_repeated(f)) for f in fields if f.type == f.TYPE_STRING),
+        tuple(f.name for f in fields if f.type == f.TYPE_MESSAGE and not protos.is_repeated(f)),
+        tuple(f.name for f in fields if f.type == f.TYPE_MESSAGE and protos.is_repeated(f)),
+    )
 
 
 def check_model(model: onnx.ModelProto, name: str = "model") -> None:

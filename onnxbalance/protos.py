@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import onnx
 
@@ -101,6 +101,7 @@ def copy_field(target, field, value) -> None:
 
 
 _LENGTH_DELIMITED = 2
+_FIXED_SIZES = {1: 8, 5: 4}  # wire types 1 (64-bit) and 5 (32-bit)
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
@@ -145,6 +146,63 @@ def serialized_pieces(model: onnx.ModelProto, raw_sizes: Mapping[str, int]) -> l
     model_head, model_tail = _split(model, _GRAPH)
     opening = model_head + _key(_GRAPH) + _varint(graph_size) + graph_head
     return [opening, *initializers, graph_tail + model_tail]
+
+
+def initializer_raw_spans(data: bytes) -> list[tuple[int, int] | None]:
+    """Where each main-graph initializer's ``raw_data`` lies in the serialized model ``data``.
+
+    One entry per initializer, in order: (offset, length), or None when it has no raw data.
+    Parsing rules are protobuf's: graph fields that occur more than once merge (initializers
+    add up), and the last ``raw_data`` of a tensor wins. Lets a caller view the bytes it read
+    instead of copying them out of the parsed message.
+
+    Raises:
+        ValueError: ``data`` uses the deprecated group encoding or ends inside a field.
+    """
+    spans: list[tuple[int, int] | None] = []
+    for number, start, end in _fields(data, 0, len(data)):
+        if number != _GRAPH:
+            continue
+        for number, tensor_start, tensor_end in _fields(data, start, end):
+            if number != _INITIALIZER:
+                continue
+            span = None
+            for number, raw_start, raw_end in _fields(data, tensor_start, tensor_end):
+                if number == _RAW_DATA:
+                    span = (raw_start, raw_end - raw_start)
+            spans.append(span)
+    return spans
+
+
+def _fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(number, start, end) of each length-delimited field in ``data[start:end]``."""
+    position = start
+    while position < end:
+        key, position = _read_varint(data, position)
+        wire_type = key & 7
+        if wire_type == _LENGTH_DELIMITED:
+            length, position = _read_varint(data, position)
+            if position + length > end:
+                raise ValueError("a field runs past the end of its message")
+            yield key >> 3, position, position + length
+            position += length
+        elif wire_type == 0:
+            _, position = _read_varint(data, position)
+        elif wire_type in _FIXED_SIZES:
+            position += _FIXED_SIZES[wire_type]
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
 
 
 def _split(message, number: int) -> tuple[bytes, bytes]:

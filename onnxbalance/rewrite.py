@@ -38,8 +38,8 @@ def rewrite(
         model: the original model (not modified).
         units: what :func:`onnxbalance.analysis.analyse` found in it.
         log_scales: one log-scale per scale group of ``units``.
-        skip: initializers left as they are: the caller streams their new values
-            (:func:`rescaled_blocks`) straight to the output file instead of holding them.
+        skip: initializers whose new values the caller streams (:func:`rescaled_blocks`)
+            straight to the output file: here they are stubs (name, type, shape, no values).
 
     Returns:
         The new model; only the tensors named by the edits differ, in their own dtype and shape
@@ -56,7 +56,9 @@ def rewrite(
     done: set[str] = set(skip)
     for tensor in model.graph.initializer:
         new = out.graph.initializer.add()
-        if tensor.name in edits and tensor.name not in skip:
+        if tensor.name in skip:
+            new.CopyFrom(tensors.copy_metadata(tensor))
+        elif tensor.name in edits:
             _fill(new, tensor, _apply(tensor, edits[tensor.name], u))
             done.add(tensor.name)
         else:

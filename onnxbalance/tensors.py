@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,7 @@ def external_folder(base_dir: Path | str | os.PathLike | None) -> Iterator[None]
         _FOLDER.reset(token)
 
 
+Buffer = bytes | memoryview
 _ARRAYS: contextvars.ContextVar[dict[int, list] | None] = contextvars.ContextVar(
     "onnxbalance_arrays", default=None
 )
@@ -108,16 +109,32 @@ def arrays_kept() -> Iterator[None]:
         _ARRAYS.reset(token)
 
 
-def keep_arrays(model: onnx.ModelProto) -> None:
+def keep_arrays(model: onnx.ModelProto, serialized: bytes | None = None) -> None:
     """Decode ``model``'s tensors once inside the current :func:`arrays_kept` (if any).
 
-    ``model`` must not change until that block ends; tensors of any other message (a rewritten
-    copy) are still decoded on every read.
+    ``serialized``, the bytes ``model`` was parsed from, lets the main graph's initializers be
+    viewed in place rather than copied. ``model`` must not change until the block ends; tensors
+    of any other message (a rewritten copy) are still decoded on every read.
     """
     kept = _ARRAYS.get()
-    if kept is not None:
-        for tensor in iter_tensors(model):
-            kept.setdefault(id(tensor), [tensor, None])
+    if kept is None:
+        return
+    for tensor in iter_tensors(model):
+        kept.setdefault(id(tensor), [tensor, None, None])
+    if serialized is None:
+        return
+    try:
+        spans = protos.initializer_raw_spans(serialized)
+    except (ValueError, IndexError):  # unusual encodings: the parsed copies serve as well
+        return
+    initializers = model.graph.initializer
+    if len(spans) != len(initializers):
+        return
+    view = memoryview(serialized)
+    for tensor, span in zip(initializers, spans, strict=True):
+        if span is not None and tensor.HasField("raw_data"):
+            offset, length = span
+            kept[id(tensor)][2] = view[offset : offset + length]
 
 
 def current_folder() -> Path | None:
@@ -279,24 +296,25 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> 
         ref = _checked_external(tensor, base_dir)
         raw = _map_file(ref.path, ref.offset, nbytes)
     elif tensor.HasField("raw_data"):
-        return _kept(tensor, lambda: _decoded_raw(tensor, little, dtype, shape, nbytes))
+        return _kept(tensor, lambda data: _decoded_raw(tensor, data, little, dtype, shape, nbytes))
     else:
         return _typed_fields(tensor)
     return _decoded(raw, little, dtype, shape)
 
 
-def _kept(tensor: onnx.TensorProto, decode) -> np.ndarray:
-    """``decode()``, once per tensor given to :func:`keep_arrays`."""
+def _kept(tensor: onnx.TensorProto, decode: Callable[[Buffer], np.ndarray]) -> np.ndarray:
+    """``decode(raw bytes)``, once per tensor given to :func:`keep_arrays`."""
     entry = (_ARRAYS.get() or {}).get(id(tensor))
     if entry is None or entry[0] is not tensor:  # the entry holds its tensor: ids stay unique
-        return decode()
+        return decode(tensor.raw_data)
     if entry[1] is None:
-        entry[1] = decode()
+        entry[1] = decode(tensor.raw_data if entry[2] is None else entry[2])
     return entry[1]
 
 
-def _decoded_raw(tensor, little: np.dtype, dtype: np.dtype, shape, nbytes: int) -> np.ndarray:
-    data = tensor.raw_data
+def _decoded_raw(
+    tensor: onnx.TensorProto, data: Buffer, little: np.dtype, dtype: np.dtype, shape, nbytes: int
+) -> np.ndarray:
     if len(data) != nbytes:
         raise InputError(
             f"tensor '{tensor.name}' holds {len(data)} bytes but its shape {list(shape)} "

@@ -114,6 +114,24 @@ def test_checked_skeleton_declares_weights_and_keeps_small_constants():
     assert skeleton.graph.node == model.graph.node and skeleton.opset_import == model.opset_import
 
 
+@pytest.mark.parametrize("where", ["node name", "attribute doc", "opset domain"])
+def test_load_refuses_text_that_is_not_utf8(tmp_path, where):
+    model = gemm_mlp([4, 5, 3], seed=1)
+    marker = "QQQQ"
+    if where == "node name":
+        model.graph.node[1].name = marker
+    elif where == "attribute doc":
+        model.graph.node[0].attribute[0].doc_string = marker
+    else:
+        model.opset_import.append(helper.make_opsetid(marker, 1))
+    data = model.SerializeToString()
+    assert data.count(marker.encode()) == 1
+    path = tmp_path / "latin1.onnx"
+    path.write_bytes(data.replace(marker.encode(), b"Q\xff\xfeQ"))
+    with pytest.raises(InputError, match="not UTF-8"):
+        io.load_model(path)
+
+
 def test_external_data_loaded_relative_to_model(tmp_path, monkeypatch):
     model = gemm_mlp([40, 50, 3], seed=2)
     # onnx.save moves the weights of the proto it is given out to the file: read them first

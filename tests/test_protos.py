@@ -76,3 +76,46 @@ def test_large_holes_need_multi_byte_lengths():
 def test_a_hole_must_be_a_main_graph_initializer():
     with pytest.raises(KeyError, match="nowhere"):
         protos.serialized_pieces(rich_model(), {"nowhere": 4})
+
+
+def test_raw_spans_point_at_each_initializers_bytes():
+    model = rich_model()
+    data = model.SerializeToString()
+    spans = protos.initializer_raw_spans(data)
+    assert len(spans) == len(model.graph.initializer)
+    for tensor, span in zip(model.graph.initializer, spans, strict=True):
+        if tensor.HasField("raw_data"):
+            offset, length = span
+            assert data[offset : offset + length] == tensor.raw_data
+        else:
+            assert span is None  # "typed" keeps its values in float_data
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field, encoded by hand."""
+    return protos._key(number) + protos._varint(len(payload)) + payload
+
+
+def test_raw_spans_follow_protobuf_merging_rules():
+    # Two graph fields merge (their initializers add up); a tensor whose raw_data occurs twice
+    # keeps the last one.
+    first = numpy_helper.from_array(np.arange(3, dtype=np.float32), "a")
+    twice = (
+        numpy_helper.from_array(np.arange(5, dtype=np.float32), "b").SerializeToString()
+        + onnx.TensorProto(raw_data=np.full(5, 7, np.float32).tobytes()).SerializeToString()
+    )
+    data = helper.make_model(
+        helper.make_graph([], "g", [], [], [first])
+    ).SerializeToString() + _field(7, _field(5, twice))
+    parsed = onnx.load_from_string(data)
+    spans = protos.initializer_raw_spans(data)
+    assert [t.name for t in parsed.graph.initializer] == ["a", "b"]
+    assert parsed.graph.initializer[1].raw_data == np.full(5, 7, np.float32).tobytes()
+    for tensor, (offset, length) in zip(parsed.graph.initializer, spans, strict=True):
+        assert data[offset : offset + length] == tensor.raw_data
+
+
+def test_raw_spans_refuse_data_cut_inside_a_field():
+    data = rich_model().SerializeToString()
+    with pytest.raises((ValueError, IndexError)):
+        protos.initializer_raw_spans(data[: len(data) // 2])
