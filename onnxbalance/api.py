@@ -34,7 +34,7 @@ from .weightstats import LayerStats, layer_stats
 
 log = logging.getLogger(__name__)
 
-STREAM_BYTES = 2**20
+STREAM_BYTES = 2**16
 """balance_file streams rescaled initializers of at least this size straight into the output
 file (small ones are rewritten in memory, like :func:`balance` does)."""
 

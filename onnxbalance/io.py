@@ -8,7 +8,6 @@ file and a failed run leaves nothing behind. The input is only ever opened for r
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
@@ -25,10 +24,6 @@ from . import protos, safewrite, tensors
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
-
-_CHECKED_VALUE_BYTES = 1024
-"""Initializers smaller than this keep their values for the checker: shape inference reads small
-constants (Reshape shapes, Slice bounds, Resize scales); weights are never among them."""
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -65,38 +60,8 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         tensors.check_tensors(model, path.parent)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    check_model(without_weights(model), str(path))
+    check_model(tensors.without_weights(model), str(path))
     return model
-
-
-def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """What ``onnx.checker`` needs of ``model``, with the weights declared instead of stored.
-
-    Each large or external initializer of the main graph becomes a graph input of the same name,
-    type and shape: the checker and strict shape inference reach the same verdict on the graph,
-    without copying every weight into C++ twice (the tensors themselves were checked by
-    :func:`onnxbalance.tensors.check_tensors`). Initializers that are also graph inputs, or whose
-    name repeats, stay as they are, so the checker still sees those conflicts.
-    """
-    graph = model.graph
-    taken = {value.name for value in graph.input}
-    counts = collections.Counter(t.name for t in graph.initializer)
-    declared = {
-        t.name
-        for t in graph.initializer
-        if t.name not in taken
-        and counts[t.name] == 1
-        and (tensors.is_external(t) or tensors.expected_nbytes(t) >= _CHECKED_VALUE_BYTES)
-    }
-    skeleton = protos.without_initializers(model)
-    for tensor in graph.initializer:
-        if tensor.name in declared:
-            skeleton.graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-            )
-        else:
-            skeleton.graph.initializer.append(tensor)
-    return skeleton
 
 
 def _check_text(message) -> None:

@@ -147,6 +147,7 @@ def rescaled_blocks(
             shape = tuple(int(d) for d in edit.expand_to)
     values = np.broadcast_to(original, shape) if shape != original.shape else original
     factors = _factors(edits, u, len(shape))
+    limit = tensors.max_finite(original.dtype)
 
     def blocks() -> Iterator[np.ndarray]:
         if not shape:  # a scalar: one block
@@ -157,18 +158,23 @@ def rescaled_blocks(
             block = np.array(values[rows], dtype=np.float64)
             for factor in factors:
                 block *= factor[rows] if shape and factor.shape[0] != 1 else factor
-            with np.errstate(over="ignore"):  # reported below, with a name
-                result = block.astype(original.dtype)
-            # positive finite factors turn no finite weight into NaN: only overflow to inf
-            if np.isinf(result).any() and (np.isinf(result) & np.isfinite(values[rows])).any():
-                raise UnsupportedModelError(
-                    f"rescaled tensor '{tensor.name}' overflows {original.dtype.name}; "
-                    "balancing cannot be stored in this dtype"
-                )
-            yield result
+            if block.max(initial=0.0) > limit or block.min(initial=0.0) < -limit:
+                _refuse_overflow(tensor, values[rows], block)
+            yield block.astype(original.dtype, copy=False)
         memory.release(original)
 
     return shape, original.dtype, blocks()
+
+
+def _refuse_overflow(tensor: onnx.TensorProto, values: np.ndarray, rescaled: np.ndarray) -> None:
+    """Raise if a finite weight became too large for the tensor's dtype (positive finite factors
+    turn no finite weight into NaN, and infinite weights may stay infinite)."""
+    too_large = np.abs(rescaled) > tensors.max_finite(values.dtype)
+    if (too_large & np.isfinite(values)).any():
+        raise UnsupportedModelError(
+            f"rescaled tensor '{tensor.name}' overflows {values.dtype.name}; "
+            "balancing cannot be stored in this dtype"
+        )
 
 
 def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ caller can refuse the units responsible instead of writing infinities.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import mmap
@@ -482,6 +483,62 @@ def check_tensors(model: onnx.ModelProto, base_dir: Path | str | None) -> None:
                 read_array(tensor)  # checks the byte count; kept if :func:`keep_arrays` applies
         elif dtype.kind not in "OSU":
             _check_typed_count(tensor)
+
+
+SHAPE_CONSTANT_ELEMENTS = 1024
+"""Floating-point constants up to this size keep their values in :func:`without_weights`: shape
+inference reads small constants (Resize scales, Reshape targets); weights are never that small."""
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its weights declared instead of stored: all ``onnx.checker`` and shape
+    inference need, without copying every weight into C++ and back.
+
+    Each external initializer of the main graph, and each floating-point one larger than
+    :data:`SHAPE_CONSTANT_ELEMENTS`, becomes a graph input of the same name, type and shape; so
+    does the output of each Constant node holding such a tensor. The checker and shape inference
+    reach the same verdict and the same shapes (the tensors themselves are checked by
+    :func:`check_tensors`). Initializers that are also graph inputs, or whose name repeats, stay
+    as they are, so the checker still sees those conflicts.
+    """
+    graph = model.graph
+    taken = {value.name for value in graph.input}
+    counts = collections.Counter(tensor.name for tensor in graph.initializer)
+    skeleton = protos.without_initializers(model)
+    declared = skeleton.graph.input
+    for tensor in graph.initializer:
+        if tensor.name not in taken and counts[tensor.name] == 1 and _is_weight(tensor):
+            declared.append(_declaration(tensor.name, tensor))
+        else:
+            skeleton.graph.initializer.append(tensor)
+    constants = {i: value for i, node in enumerate(graph.node) if (value := _large_constant(node))}
+    if constants:
+        del skeleton.graph.node[:]
+        for i, node in enumerate(graph.node):
+            if i in constants:
+                declared.append(_declaration(node.output[0], constants[i]))
+            else:
+                skeleton.graph.node.append(node)
+    return skeleton
+
+
+def _is_weight(tensor: onnx.TensorProto) -> bool:
+    return is_external(tensor) or (
+        tensor.data_type in FLOAT_TYPES and element_count(tensor) > SHAPE_CONSTANT_ELEMENTS
+    )
+
+
+def _large_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR and _is_weight(attr.t):
+            return attr.t
+    return None
+
+
+def _declaration(name: str, tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims)
 
 
 def copy_metadata(tensor: onnx.TensorProto, dims: Sequence[int] | None = None) -> onnx.TensorProto:

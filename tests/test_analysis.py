@@ -643,9 +643,9 @@ def test_shape_inference_does_not_need_weight_values():
     assert shapes["act_out"] == (None, 40, 7, 7)
     assert shapes["flat_out"] == (None, 40 * 49)
     # the copy given to shape inference holds no weight values
-    from onnxbalance.analysis.shapes import _weight_free
+    from onnxbalance.tensors import without_weights
 
-    light = _weight_free(model)
+    light = without_weights(model)
     assert light.ByteSize() < 2000 < model.ByteSize()
 
 

@@ -18,14 +18,7 @@ import onnx
 
 from .. import tensors
 
-FLOAT_TYPES = frozenset(
-    {
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.BFLOAT16,
-    }
-)
+FLOAT_TYPES = frozenset(tensors.FLOAT_TYPES)
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:
