@@ -354,3 +354,44 @@ def test_random_conv_nets_keep_their_function(seed):
     inputs = feeds(model, seed)
     assert max_error(run(model, inputs), run(balanced, inputs)) <= 5e-5
     assert without(model, moving(units)) == without(balanced, moving(units))
+
+
+def _ulps_from_exact(got: np.ndarray, w: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Distance, in float32 units in the last place, from the exactly rounded w * factor."""
+    exact = (w.astype(np.float64) * factor).astype(np.float32)
+    return np.abs(got.astype(np.float64) - exact) / np.spacing(np.abs(exact))
+
+
+@pytest.mark.parametrize(("spread", "within"), [(3.0, 2.0), (40.0, 0.0)])
+def test_rescaled_weights_are_within_two_ulps_and_exact_for_extreme_factors(spread, within):
+    # Ordinary factors: float32 arithmetic, at most 2 ulps from the exactly rounded product.
+    # Factors up to e^+-40 each (2^+-115 combined): float64 arithmetic, exactly rounded.
+    from onnxbalance.rewrite import rescaled_blocks
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((300, 200)).astype(np.float32)
+    tensor = numpy_helper.from_array(w, "W")
+    u = rng.uniform(-spread, spread, 500)
+    rows, cols = np.arange(300), np.arange(300, 500)
+    edit = TensorEdit("W", row_axis=0, row_groups=rows, col_axis=1, col_groups=cols)
+    shape, dtype, blocks = rescaled_blocks(tensor, [edit], u)
+    got = np.concatenate(list(blocks))
+    factor = np.exp(u[rows])[:, None] * np.exp(-u[cols])[None, :]
+    assert shape == w.shape and dtype == np.float32 and got.dtype == np.float32
+    assert _ulps_from_exact(got, w, factor).max() <= within
+    if within:
+        assert (_ulps_from_exact(got, w, factor) > 0).any()  # it was float32 arithmetic
+
+
+def test_float64_weights_are_rescaled_in_float64():
+    from onnxbalance.rewrite import rescaled_blocks
+
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((50, 40))
+    u = rng.normal(size=90)
+    edit = TensorEdit("W", row_axis=0, row_groups=np.arange(50), col_axis=1,
+                      col_groups=np.arange(50, 90))  # fmt: skip
+    _, dtype, blocks = rescaled_blocks(numpy_helper.from_array(w, "W"), [edit], u)
+    expected = w * (np.exp(u[:50])[:, None] * np.exp(-u[50:])[None, :])
+    np.testing.assert_allclose(np.concatenate(list(blocks)), expected, rtol=4e-16, atol=0)
+    assert dtype == np.float64

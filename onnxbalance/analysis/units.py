@@ -96,8 +96,7 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
     state = _Units(int(offsets[-1]))
     reads, scaled = _propagate(graph, layers, offsets, state)
 
-    unit_name = [f"{layer.name}:{o}" for layer in layers for o in range(layer.n_rows)]
-    groups = _Groups(state, unit_name)
+    groups = _Groups(state, _UnitNames([layer.name for layer in layers], offsets))
 
     reaches = _reaches_linear(graph)
     units = []
@@ -245,13 +244,33 @@ def _roots(parent: np.ndarray) -> np.ndarray:
         roots = jumped
 
 
+class _UnitNames:
+    """Units are numbered layer after layer; unit ``offsets[k] + o`` is named "layer_k:o"."""
+
+    def __init__(self, layers: list[str], offsets: np.ndarray) -> None:
+        self.layers = layers
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def layer_of(self, unit: int) -> str:
+        return self.layers[int(np.searchsorted(self.offsets, unit, side="right")) - 1]
+
+    def of(self, units: np.ndarray) -> list[str]:
+        """The names of ``units``; made only for these (a model may have millions of units)."""
+        layer = np.searchsorted(self.offsets, units, side="right") - 1
+        rows = units - self.offsets[layer]
+        return [f"{self.layers[k]}:{o}" for k, o in zip(layer.tolist(), rows.tolist(), strict=True)]
+
+
 class _Groups:
     """Scale groups: one per union-find root that is neither fixed nor unread, numbered in
     layer/row order and named after the root's unit."""
 
-    def __init__(self, state: _Units, unit_name: list[str]) -> None:
-        n = len(unit_name)
-        self.unit_name = unit_name
+    def __init__(self, state: _Units, unit_names: _UnitNames) -> None:
+        n = len(unit_names)
+        self.unit_names = unit_names
         self.state = state
         self.roots = _roots(state.parent)
         self.root_reason: dict[int, tuple[int, str]] = {}  # root -> (first fixed member, why)
@@ -265,7 +284,7 @@ class _Groups:
         # A root is its group's smallest unit (union keeps the smaller root), so numbering the
         # roots in ascending order numbers groups in order of their first unit.
         group_roots, number = np.unique(self.roots[moving], return_inverse=True)
-        self.names: list[str] = [unit_name[r] for r in group_roots.tolist()]
+        self.names: list[str] = unit_names.of(group_roots)
         self.of_unit = np.full(n + 1, FIXED, dtype=np.int64)  # index -1 ("no unit"): FIXED
         self.of_unit[:n][moving] = number.reshape(-1)
         self.of_unit.setflags(write=False)  # shared by layers' rows and columns
@@ -278,7 +297,7 @@ class _Groups:
             root = int(self.roots[u])
             if reason is None and root in self.root_reason:
                 member, why = self.root_reason[root]
-                other = self.unit_name[member].rsplit(":", 1)[0]
+                other = self.unit_names.layer_of(member)
                 reason = f"tied by a merge to units of '{other}', which are fixed: {why}"
             elif reason is None:
                 reason = "not read by any linear layer (unused channel)"
