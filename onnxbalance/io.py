@@ -39,9 +39,11 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not path.is_file():
         raise InputError(f"{path}: not a regular file")
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        # Mapped, not read: the parser copies what it keeps, and weights are viewed in place
+        # (reading would first copy the whole file into fresh memory).
+        data = memoryview(tensors.map_file(path, 0, path.stat().st_size, droppable=False))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)

@@ -31,14 +31,20 @@ def mapped_buffer(array: np.ndarray) -> mmap.mmap | None:
     return None
 
 
-def release(array: np.ndarray) -> None:
-    """Drop the resident pages of a read-only file mapping; a no-op for anything else.
+class DroppableMap(mmap.mmap):
+    """A read-only file mapping whose resident pages :func:`release` may drop: weights in
+    external data, read once per computation. A model file mapped while it is parsed and
+    balanced is an ordinary ``mmap``: its pages are wanted again by the next stage."""
 
-    Only read-only maps (tensors read from files) qualify: dropping the pages of a writable
-    anonymous map, like :func:`empty_float64`'s, would zero its contents.
+
+def release(array: np.ndarray) -> None:
+    """Drop the resident pages of a :class:`DroppableMap`; a no-op for anything else.
+
+    Dropping the pages of a writable anonymous map, like :func:`empty_float64`'s, would zero
+    its contents; the pages of a file map are read back from the file when touched again.
     """
     mapped = mapped_buffer(array)
-    if mapped is None or not memoryview(mapped).readonly:
+    if not isinstance(mapped, DroppableMap):
         return
     if hasattr(mmap, "MADV_DONTNEED"):
         try:

@@ -155,9 +155,6 @@ def rescaled_blocks(
     exact = _factors(edits, u, len(shape))
     work = _working_dtype(original.dtype, exact)
     factors = [factor.astype(work) for factor in exact]
-    limit = tensors.max_finite(original.dtype)
-    # |result| <= max|w| * prod(max factor) (* 1 + a few ulps): no block needs checking below it
-    checked = not _peak(values) * np.prod([f.max() for f in exact]) <= limit / 4
 
     def blocks() -> Iterator[np.ndarray]:
         if not shape:  # a scalar: one block
@@ -167,13 +164,11 @@ def rescaled_blocks(
             slices = memory.row_blocks(shape[0], row_bytes)
         for rows in slices:
             scales = [f[rows] if shape and f.shape[0] != 1 else f for f in factors]
-            if not checked:
-                yield _scaled(values[rows], scales, work).astype(original.dtype, copy=False)
-                continue
             with np.errstate(over="ignore", invalid="ignore"):  # refused below, with a name
                 rescaled = _scaled(values[rows], scales, work)
                 result = rescaled.astype(original.dtype, copy=False)
-            _refuse_overflow(tensor, values[rows], rescaled)
+            if np.isinf(result).any():  # checked on the block while it is in cache
+                _refuse_overflow(tensor, values[rows], rescaled)
             yield result
         memory.release(original)
 
@@ -186,13 +181,6 @@ def _working_dtype(dtype: np.dtype, factors: list[np.ndarray]) -> type:
         return np.float64
     span = sum(float(np.abs(np.log2([f.min(), f.max()])).max()) for f in factors)
     return np.float32 if span <= 100 else np.float64
-
-
-def _peak(values: np.ndarray) -> float:
-    """max |value| (NaN if any value is NaN), without an |values| temporary."""
-    if values.size == 0:
-        return 0.0
-    return max(abs(float(values.max())), abs(float(values.min())))
 
 
 def _scaled(block: np.ndarray, scales: list[np.ndarray], work: type) -> np.ndarray:

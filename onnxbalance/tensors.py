@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from onnxbalance import protos
 from onnxbalance.errors import InputError
-from onnxbalance.memory import release  # noqa: F401  (re-exported: callers free pages)
+from onnxbalance.memory import DroppableMap, release  # noqa: F401  (release: re-exported)
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -262,13 +262,17 @@ def _checked_external(tensor: onnx.TensorProto, base_dir: Path | str | None) -> 
     return ExternalRef(ref.path, ref.offset, nbytes)
 
 
-def _map_file(path: Path, offset: int, nbytes: int) -> np.ndarray:
-    """A read-only uint8 view of ``nbytes`` at ``offset`` of ``path``, paged in on demand."""
+def map_file(path: Path, offset: int, nbytes: int, droppable: bool = True) -> np.ndarray:
+    """A read-only uint8 view of ``nbytes`` at ``offset`` of ``path``, paged in on demand.
+
+    ``droppable``: :func:`onnxbalance.memory.release` may give its pages back after use.
+    """
     if nbytes == 0:
         return np.empty(0, np.uint8)
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    kind = DroppableMap if droppable else mmap.mmap
     with open(path, "rb") as handle:
-        mapped = mmap.mmap(
+        mapped = kind(
             handle.fileno(), offset - start + nbytes, access=mmap.ACCESS_READ, offset=start
         )
     # The array keeps the mmap alive (its .base); closing the file does not unmap it.
@@ -295,7 +299,7 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> 
     little = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
     if is_external(tensor):
         ref = _checked_external(tensor, base_dir)
-        raw = _map_file(ref.path, ref.offset, nbytes)
+        raw = map_file(ref.path, ref.offset, nbytes)
     elif tensor.HasField("raw_data"):
         return _kept(tensor, lambda data: _decoded_raw(tensor, data, little, dtype, shape, nbytes))
     else:
