@@ -183,11 +183,14 @@ def _working_dtype(dtype: np.dtype, factors: list[np.ndarray]) -> type:
     return np.float32 if span <= 100 else np.float64
 
 
-def _scaled(block: np.ndarray, scales: list[np.ndarray], work: type) -> np.ndarray:
+def _scaled(values: np.ndarray, scales: list[np.ndarray], work: type) -> np.ndarray:
+    # a copy first: stored weights sit wherever protobuf put them, often misaligned for SIMD
+    block = np.array(values, dtype=work)
     combined = scales[0]
     for scale in scales[1:]:
         combined = combined * scale  # an outer product for a row and a column factor
-    return np.multiply(block, combined, dtype=work)
+    block *= combined
+    return block
 
 
 def _refuse_overflow(tensor: onnx.TensorProto, values: np.ndarray, rescaled: np.ndarray) -> None:
