@@ -9,8 +9,10 @@ folder and leaves an existing output untouched.
 
 Tensor storage follows the input: a tensor stored externally is written to ``OUT.name +
 ".data"`` beside the output, one stored inline stays inline. Tensor bytes are streamed one
-tensor at a time (external sources are copied file-to-file), so neither the model's weights
-nor a serialized model larger than protobuf's 2 GB limit ever sit in memory as one message.
+tensor at a time (external sources are copied file-to-file; tensors produced while writing go
+block by block into their place in the data file, or into holes left in the serialized model,
+:func:`onnxbalance.protos.serialized_pieces`), so neither the model's weights nor a serialized
+model larger than protobuf's 2 GB limit ever sit in memory as one message.
 The input's own data files are never written: an output whose data file would be one of them
 is refused.
 

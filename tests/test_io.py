@@ -234,3 +234,20 @@ def test_save_too_large_for_protobuf_keeps_weights_beside(tmp_path, monkeypatch)
         np.testing.assert_array_equal(tensors.read_array(a, tmp_path), numpy_helper.to_array(b))
     assert tensors.external_names(onnx.load(tmp_path / "big.onnx", load_external_data=False))
     assert not tensors.external_names(model)  # the caller's model is left as it was
+
+
+def test_loaded_weights_are_views_of_the_mapped_file_and_never_dropped(model_path):
+    from onnxbalance import memory
+
+    with tensors.arrays_kept():
+        model = io.load_model(model_path)
+        for tensor in model.graph.initializer:
+            array = tensors.read_array(tensor)
+            assert tensors.read_array(tensor) is array  # decoded once
+            mapped = memory.mapped_buffer(array)
+            assert mapped is not None and not isinstance(mapped, memory.DroppableMap)
+            np.testing.assert_array_equal(array, numpy_helper.to_array(tensor))
+    outside = io.load_model(model_path)  # outside arrays_kept: plain copies, as numpy_helper's
+    array = tensors.read_array(outside.graph.initializer[0])
+    assert memory.mapped_buffer(array) is None
+    assert tensors.read_array(outside.graph.initializer[0]) is not array
