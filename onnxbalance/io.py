@@ -46,7 +46,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     model = onnx.ModelProto()
     try:
-        model.ParseFromString(data)
+        _parse(model, data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise InputError(f"{path}: not an ONNX model or truncated ({_first_line(exc)})") from None
     if not model.HasField("graph") or model.ir_version == 0:
@@ -64,6 +64,13 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputError(f"{path}: {exc}") from None
     check_model(tensors.without_weights(model), str(path))
     return model
+
+
+def _parse(model: onnx.ModelProto, data: memoryview) -> None:
+    try:
+        model.ParseFromString(data)
+    except TypeError:  # a protobuf build that only parses bytes: one copy more
+        model.ParseFromString(bytes(data))
 
 
 def _check_text(message) -> None:
