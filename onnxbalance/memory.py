@@ -101,11 +101,12 @@ def abs_power(weight: np.ndarray, p: float) -> np.ndarray:
         for rows in row_blocks(len(out), row_bytes):
             block = out[rows]
             block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
-            np.abs(block, out=block)
             if p == 2.0:
-                np.square(block, out=block)
-            elif p != 1.0:
-                np.power(block, p, out=block)
+                np.square(block, out=block)  # the sign goes anyway: no abs pass
+            else:
+                np.abs(block, out=block)
+                if p != 1.0:
+                    np.power(block, p, out=block)
     release(weight)
     return out
 
@@ -127,11 +128,14 @@ def row_max_abs(
     if rows.shape[1] == 0:
         return out
     col_factor = None if col_log is None else np.exp(-np.asarray(col_log, dtype=np.float64))
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN weights give NaN maxima
         for block_rows in row_blocks(rows.shape[0], 8 * rows.shape[1]):
-            block = np.abs(rows[block_rows].astype(np.float64))
-            if col_factor is not None:
-                block *= col_factor[block_rows] if col_factor.ndim == 2 else col_factor
+            block = rows[block_rows]
+            if col_factor is None:  # exact in the weights' own dtype: no float64 copy
+                out[block_rows] = np.maximum(block.max(axis=1), -block.min(axis=1))
+                continue
+            block = np.abs(block, dtype=np.float64)
+            block *= col_factor[block_rows] if col_factor.ndim == 2 else col_factor
             out[block_rows] = block.max(axis=1)
         if row_log is not None:
             out *= np.exp(np.asarray(row_log, dtype=np.float64))
