@@ -80,15 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--only", nargs="*", default=["paper_a", "paper_b", "paper_c"])
     args = parser.parse_args(argv)
-    header = ["network", "MB", *STAGES, "load+save", "ratio"]
-    header += ["write (no verify)", "ratio (no verify)", "steps", "norm ratio"]
+    header = ["network", "MB", *(f"{s} ms" for s in STAGES), "load+save ms", "ratio"]
+    header += ["write ms (no verify)", "ratio (no verify)", "steps", "norm ratio"]
     print(" | ".join(header))
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
             r = run(name, Path(tmp), args.repeat)
-            cells = [name, f"{r['mb']:.1f}", *(f"{r['stages'][s]:.3f}" for s in STAGES)]
-            cells += [f"{r['baseline']:.3f}", f"{r['ratio']:.2f}"]
-            cells += [f"{r['write_no_verify']:.3f}", f"{r['ratio_no_verify']:.2f}"]
+            cells = [name, f"{r['mb']:.1f}", *(f"{1e3 * r['stages'][s]:.1f}" for s in STAGES)]
+            cells += [f"{1e3 * r['baseline']:.1f}", f"{r['ratio']:.2f}"]
+            cells += [f"{1e3 * r['write_no_verify']:.1f}", f"{r['ratio_no_verify']:.2f}"]
             cells += [str(r["sweeps"]), f"{r['norm_ratio']:.4f}"]
             print(" | ".join(cells), flush=True)
     print(f"ratio = ({' + '.join(OVERHEAD)}) / (onnx.load + onnx.save); target <= 2")

@@ -13,6 +13,7 @@ Nothing here knows about ONNX or about the balancing algorithm.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +43,7 @@ class UnitGraph:
     """Scale groups and the layers that couple them: everything the solver needs."""
 
     layers: tuple[Layer, ...]
-    group_names: tuple[str, ...]
+    group_names: Sequence[str]
 
     @property
     def n_groups(self) -> int:
@@ -103,7 +104,7 @@ class ModelUnits:
     """
 
     layers: tuple[LinearUnits, ...]
-    group_names: tuple[str, ...]
+    group_names: Sequence[str]
     skipped: tuple[Skip, ...] = field(default=())
     edits: tuple[TensorEdit, ...] = field(default=())
 

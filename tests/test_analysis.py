@@ -717,3 +717,15 @@ def test_without_inferred_shapes_ranks_come_from_the_layers():
         ("conv2", CH, "shape of 'act2_out' cannot be inferred"),
     ]
     check_units(model, layers, skips)
+
+
+def test_group_names_are_made_when_read_and_compare_as_sequences():
+    units = analyse(om.deep_mlp(3))
+    names = units.group_names
+    eager = tuple(names)  # iterating names every group
+    assert len(eager) == len(names) == units.n_groups and len(set(eager)) == len(eager)
+    assert names == eager and names == list(eager) and names != eager[:-1]
+    assert names != (*eager[:-1], "other:0") and names != "not a sequence of names"
+    assert names[-1] == eager[-1] and names[1:3] == eager[1:3]
+    with pytest.raises(TypeError):
+        hash(names)

@@ -29,6 +29,8 @@ that rescaling would be exact too.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 import onnx
@@ -135,7 +137,7 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
         rows = groups.of_unit[carried]
         if (rows != FIXED).any():
             edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows))
-    return ModelUnits(tuple(units), tuple(groups.names), tuple(skipped), tuple(edits))
+    return ModelUnits(tuple(units), groups.names, tuple(skipped), tuple(edits))
 
 
 def _propagate(
@@ -254,14 +256,45 @@ class _UnitNames:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def __getitem__(self, unit: int) -> str:
+        layer = int(np.searchsorted(self.offsets, unit, side="right")) - 1
+        return f"{self.layers[layer]}:{unit - int(self.offsets[layer])}"
+
     def layer_of(self, unit: int) -> str:
         return self.layers[int(np.searchsorted(self.offsets, unit, side="right")) - 1]
 
-    def of(self, units: np.ndarray) -> list[str]:
-        """The names of ``units``; made only for these (a model may have millions of units)."""
-        layer = np.searchsorted(self.offsets, units, side="right") - 1
-        rows = units - self.offsets[layer]
-        return [f"{self.layers[k]}:{o}" for k, o in zip(layer.tolist(), rows.tolist(), strict=True)]
+
+class GroupNames(Sequence[str]):
+    """The scale groups' names, each that of its first unit, made when read: a model may have
+    millions of units, and the solver and report name only the few they mention."""
+
+    def __init__(self, units: _UnitNames, roots: np.ndarray) -> None:
+        self._units = units
+        self._roots = roots
+
+    def __len__(self) -> int:
+        return len(self._roots)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        if isinstance(index, slice):
+            return tuple(self._units[int(r)] for r in self._roots[index])
+        return self._units[int(self._roots[index])]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"GroupNames({len(self)} groups)"
 
 
 class _Groups:
@@ -284,7 +317,7 @@ class _Groups:
         # A root is its group's smallest unit (union keeps the smaller root), so numbering the
         # roots in ascending order numbers groups in order of their first unit.
         group_roots, number = np.unique(self.roots[moving], return_inverse=True)
-        self.names: list[str] = unit_names.of(group_roots)
+        self.names = GroupNames(unit_names, group_roots)
         self.of_unit = np.full(n + 1, FIXED, dtype=np.int64)  # index -1 ("no unit"): FIXED
         self.of_unit[:n][moving] = number.reshape(-1)
         self.of_unit.setflags(write=False)  # shared by layers' rows and columns
