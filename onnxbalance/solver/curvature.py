@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..unitgraph import FIXED
+from . import lowrank
 from .objective import _TINY, Objective, _accumulate
 
 FLOAT32_RANGE = 1e30  # largest ratio of non-zero couplings (and of scale factors) run in float32
@@ -143,6 +144,12 @@ class Workspace:
                 )
             )
         self.structures = tuple(structures)
+        self.layout = lowrank.layout(
+            [layer.row_groups for layer in objective.layers],
+            [layer.col_groups for layer in objective.layers],
+            objective.n_groups,
+            self.movable,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,7 @@ class LayerState:
     row_weight: np.ndarray  # rho_o^(r-1) exp(p u_o - top2), in [0, 1]
     col_scale: np.ndarray  # exp(-p u_i + top2): out_i = col_scale_i (c^T row_weight)_i
     col_out: np.ndarray  # out_i per movable column
+    moving: np.ndarray  # share of rho_o from movable columns (0 for rows with rho_o = 0)
 
 
 @dataclass(frozen=True)
@@ -193,9 +201,9 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
             col_log = -p * log_scales[layer.col_groups]
             top = max(float(col_log.max()) if col_log.size else 0.0, 0.0)
             col_factor = np.exp(col_log - top)
-            sums = layer.fixed_row_sum * np.exp(-top)
-            if col_log.size:
-                sums = sums + layer.free @ col_factor
+            fixed = layer.fixed_row_sum * np.exp(-top)
+            sums = fixed + layer.free @ col_factor if col_log.size else fixed
+            moving = np.where(sums > 0, 1.0 - fixed / sums, 0.0)
             log_rho = row_log + top + np.log(sums)  # -inf for rows with only zero couplings
             suspect = suspect or bool(np.any((sums < _TINY) & ~layer.empty_rows))
             load = np.exp(r * log_rho)
@@ -215,7 +223,9 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
                 row_weight = np.zeros_like(load)
                 col_scale = np.zeros_like(col_log)
                 col_out = np.zeros_like(col_log)
-            states.append(LayerState(load, sums, col_factor, row_weight, col_scale, col_out))
+            states.append(
+                LayerState(load, sums, col_factor, row_weight, col_scale, col_out, moving)
+            )
     if suspect:
         with np.errstate(over="ignore"):  # an overflowing trial point is rejected, not an error
             exact = objective.loads(log_scales)
@@ -356,6 +366,24 @@ class Curvature:
             self._coarse_factor = np.linalg.cholesky(coarse)
         except np.linalg.LinAlgError:
             self._coarse_factor = None  # keep the Jacobi part alone
+
+    def model(self) -> lowrank.Model | None:
+        """The diagonal plus per-layer rank-one model of H (lowrank.py), None if it is not
+        positive definite (no pass)."""
+        workspace = self.workspace
+        objective = workspace.objective
+        n = objective.n_groups
+        terms = []
+        for index, _, _ in workspace.layout.sides:
+            layer, state = objective.layers[index], self.point.layers[index]
+            alpha = state.load * state.moving
+            rows = _accumulate(alpha, layer.row_groups, n)
+            cols = np.bincount(layer.col_groups, weights=state.col_out, minlength=n)
+            gamma = float(alpha @ state.moving)
+            terms.append((rows, cols, float(state.col_out.sum()), gamma))
+        return lowrank.build(
+            workspace.layout, self.diagonal, workspace.movable, terms, objective.p, objective.r
+        )
 
     def reuse_coarse(self, other: Curvature) -> None:
         """Precondition with the coarse matrix of a nearby point (no pass)."""

@@ -184,7 +184,7 @@ def minimise(
     eta = step_size(objective.p, objective.q)
     point = evaluate(workspace, np.zeros(objective.n_groups))
     values = [point.value]
-    counts = {"cg": 0, "fallback": 0}
+    counts = {"cg": 0, "fallback": 0, "model": 0}
 
     def outcome(converged: bool, message: str) -> NewtonOutcome:
         return NewtonOutcome(
@@ -216,19 +216,11 @@ def minimise(
         if len(values) - 1 >= max_steps:
             return outcome(False, f"did not converge in {max_steps} steps; raise max_sweeps or tol")
         curvature = Curvature(workspace, point)
-        moved = (
-            np.inf
-            if coarse_source is None
-            else float(np.max(np.abs(point.log_scales - coarse_source.point.log_scales)))
-        )
-        if moved > COARSE_REUSE:
-            curvature.build_coarse()
-            coarse_source = curvature
-        else:
-            curvature.reuse_coarse(coarse_source)
         if first:
             # The per-layer scales are the slow, strongly nonlinear part: solve them exactly.
             first = False
+            curvature.build_coarse()
+            coarse_source = curvature
             shift = curvature.coarse_minimiser()
             if np.any(shift):
                 trial = evaluate(workspace, point.log_scales + shift)
@@ -236,12 +228,30 @@ def minimise(
                     accept(trial)
                     continue
         gradient = np.where(movable, point.gradient(objective.q), 0.0)
+        trial = None
+        model = curvature.model()
+        if model is not None:
+            direction = -model.solve(gradient)
+            slope = float(gradient @ direction)
+            trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
+            counts["model"] += 1
         mu_step = mu_log_step(point, movable, eta)
-        forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
-        direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
-        counts["cg"] += used
-        slope = float(gradient @ direction)
-        trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
+        if trial is None:
+            moved = (
+                np.inf
+                if coarse_source is None
+                else float(np.max(np.abs(point.log_scales - coarse_source.point.log_scales)))
+            )
+            if moved > COARSE_REUSE:
+                curvature.build_coarse()
+                coarse_source = curvature
+            else:
+                curvature.reuse_coarse(coarse_source)
+            forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
+            direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
+            counts["cg"] += used
+            slope = float(gradient @ direction)
+            trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
         if trial is None:
             # Algorithm 1's step cannot raise F: the check only allows for the round-off in F.
             counts["fallback"] += 1
@@ -249,7 +259,7 @@ def minimise(
             if not trial.value <= point.value * (1.0 + resolution(point.value)):
                 return outcome(False, "stalled: no step decreases the norm (round-off level)")
         accept(trial)
-        logger.debug("newton step %d: F=%.17g cg=%d", len(values) - 1, point.value, used)
+        logger.debug("newton step %d: F=%.17g %s", len(values) - 1, point.value, counts)
 
 
 def solve_newton(
