@@ -52,9 +52,9 @@ import numpy as np
 
 from ..unitgraph import FIXED
 from . import lowrank
+from .couplings import FLOAT32_RANGE
 from .objective import _TINY, Objective, _accumulate
 
-FLOAT32_RANGE = 1e30  # largest ratio of non-zero couplings (and of scale factors) run in float32
 COARSE_RTOL = 1e-9  # the coarse solve stops when its Newton step would gain less (relative)
 
 
@@ -92,19 +92,6 @@ def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
     return compact
 
 
-def _float32_copy(free: np.ndarray, log_range: float) -> tuple[np.ndarray | None, float]:
-    """free / max(free) in float32, or None if its non-zero entries may span more than float32
-    (``log_range`` bounds |log c| over the layer's non-zero couplings, from objective.py)."""
-    if free.size == 0 or 2.0 * log_range > np.log(FLOAT32_RANGE):
-        return None, 1.0
-    cmax = float(free.max())
-    if not cmax > 0:
-        return None, 1.0
-    scaled = np.empty(free.shape, dtype=np.float32)
-    np.multiply(free, 1.0 / cmax, out=scaled, casting="unsafe")
-    return scaled, cmax
-
-
 class Workspace:
     """The objective, the movable mask and the per-layer structure shared by all iterations."""
 
@@ -130,7 +117,7 @@ class Workspace:
             live_cols = np.nonzero(col_agg >= 0)[0]
             col_indicator[live_cols, np.searchsorted(col_used, col_agg[live_cols])] = 1.0
             self.block_passes = max(self.block_passes, col_used.size)
-            free32, cmax = _float32_copy(layer.free, layer.log_range)
+            free32, cmax = layer.single, layer.single_scale
             structures.append(
                 _LayerStructure(
                     row_movable,

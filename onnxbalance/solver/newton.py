@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..unitgraph import UnitGraph
+from .couplings import Coupling
 from .curvature import Curvature, Point, Workspace, evaluate
 from .mu import step_size
 from .objective import Objective, movable_groups
@@ -270,13 +271,14 @@ def solve_newton(
     tol: float,
     max_sweeps: int,
     progress: Callable[[int, float], None] | None = None,
+    couplings: tuple[Coupling, ...] | None = None,
 ) -> SolveResult:
     """Run the Newton solver on ``graph`` (dead and cut-off groups already FIXED).
 
     ``max_sweeps`` bounds the number of accepted steps. Returns a SolveResult with
     ``pinned=()``; :func:`onnxbalance.solver.solve` fills it in.
     """
-    objective = Objective(graph, p, q)
+    objective = Objective(graph, p, q, couplings)
     found = minimise(
         objective, movable_groups(graph), tol=tol, max_steps=max_sweeps, progress=progress
     )

@@ -1,0 +1,116 @@
+"""One look at every coupling matrix per solve: validation, value range and a float32 copy.
+
+Everything the solvers and the liveness analysis need to know about a matrix c before they
+iterate: that it is finite and non-negative (else ValueError naming the layer), whether every
+entry is positive (then no row or column is empty and every coupling connects), the largest
+|log c| over its non-zero entries, and a float32 copy c / max(c) for products that only steer
+(Hessian models, trial points whose values are certified in float64 later).
+
+The common case costs one float64 pass: the float32 copy, whose maximum and minimum (float32
+passes, half the bytes) settle the rest. Rounding to float32 is monotone and keeps the sign, so
+a positive finite minimum and a finite maximum of the copy prove that every entry of c is
+positive and finite, and give |log c| to float32 accuracy. Otherwise (zeros, NaN, negative or
+huge entries) the float64 matrix is inspected directly, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..unitgraph import FIXED, UnitGraph
+
+FLOAT32_RANGE = 1e30
+"""Largest ratio of non-zero couplings for which a layer gets a float32 copy."""
+
+_LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, absolute in log c
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """One layer's coupling matrix as the solvers use it."""
+
+    matrix: np.ndarray  # float64
+    single: np.ndarray | None  # float32 copy of matrix / scale, None if its range is too wide
+    scale: float
+    positive: bool  # every entry > 0 (and the matrix is not empty)
+    log_range: float  # largest |log c| over the non-zero entries (0 if there are none)
+
+
+def _check_groups(graph: UnitGraph, layer, rows: int, cols: int) -> None:
+    for what, groups, size in (
+        ("row", layer.row_groups, rows),
+        ("column", layer.col_groups, cols),
+    ):
+        groups = np.asarray(groups)
+        if groups.shape != (size,):
+            raise ValueError(
+                f"layer {layer.name!r}: {what} groups have shape {groups.shape}, expected ({size},)"
+            )
+        if groups.size and (groups.min() < FIXED or groups.max() >= graph.n_groups):
+            raise ValueError(f"layer {layer.name!r}: {what} group index out of range")
+
+
+def _check_values(name: str, matrix: np.ndarray) -> None:
+    # Two reductions instead of full-size boolean temporaries: NaN or Inf anywhere makes the
+    # sum non-finite (finite couplings are far below overflow).
+    if not np.isfinite(matrix.sum()):
+        raise ValueError(f"layer {name!r} has NaN or infinite weights")
+    if matrix.min() < 0:
+        raise ValueError(f"layer {name!r}: coupling matrix has negative entries")
+
+
+def _exact_log_range(matrix: np.ndarray) -> float:
+    largest = float(matrix.max())
+    if not largest > 0:
+        return 0.0
+    smallest = float(np.min(matrix, where=matrix > 0, initial=np.inf))
+    return max(abs(np.log(largest)), abs(np.log(smallest)))
+
+
+def summarise(layer_name: str, coupling) -> Coupling:
+    """The :class:`Coupling` of one matrix; ValueError naming the layer if it is unusable."""
+    matrix = np.asarray(coupling, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise ValueError(f"layer {layer_name!r}: coupling matrix must be 2-D")
+    if not matrix.size:
+        return Coupling(matrix, None, 1.0, False, 0.0)
+    with np.errstate(over="ignore"):  # entries beyond float32 become inf and are seen below
+        single = matrix.astype(np.float32)
+    largest, smallest = float(single.max()), float(single.min())
+    if np.isfinite(largest) and smallest > 0:
+        positive = True
+        log_range = max(abs(np.log(largest)), abs(np.log(smallest))) + _LOG_SLACK
+    else:
+        _check_values(layer_name, matrix)
+        positive = False
+        log_range = _exact_log_range(matrix)
+        largest = float(matrix.max())
+    if not (largest > 0 and 2.0 * log_range <= np.log(FLOAT32_RANGE)):
+        return Coupling(matrix, None, 1.0, positive, log_range)
+    if largest != 1.0:
+        np.multiply(single, np.float32(1.0 / largest), out=single)
+    return Coupling(matrix, single, largest, positive, log_range)
+
+
+def summarise_graph(graph: UnitGraph) -> tuple[Coupling, ...]:
+    """:func:`summarise` for every layer, after checking the group arrays."""
+    out = []
+    for layer in graph.layers:
+        coupling = summarise(layer.name, layer.coupling)
+        _check_groups(graph, layer, *coupling.matrix.shape)
+        out.append(coupling)
+    return tuple(out)
+
+
+def check_graph(graph: UnitGraph) -> None:
+    """Raise ValueError naming the layer if a coupling matrix is unusable (NaN, Inf, negative,
+    or not matching its group arrays)."""
+    for layer in graph.layers:
+        matrix = np.asarray(layer.coupling)
+        if matrix.ndim != 2:
+            raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
+        if matrix.size:
+            _check_values(layer.name, matrix)
+        _check_groups(graph, layer, *matrix.shape)
