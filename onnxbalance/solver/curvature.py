@@ -53,8 +53,9 @@ import numpy as np
 from ..unitgraph import FIXED
 from . import lowrank
 from .couplings import FLOAT32_RANGE
-from .objective import _TINY, Objective, _accumulate
+from .objective import _DIRECT_LIMIT, _TINY, Objective, _accumulate
 
+FAST_LIMIT = 30.0  # largest |p u| for which evaluate(fast=True) uses the float32 copies
 COARSE_RTOL = 1e-9  # the coarse solve stops when its Newton step would gain less (relative)
 
 
@@ -70,6 +71,8 @@ class _LayerStructure:
     row_index: np.ndarray  # row_groups with FIXED replaced by 0
     free32: np.ndarray | None  # float32 copy of free / cmax, None if the range is too wide
     cmax: float
+    ones: np.ndarray  # per row, for layers without fixed columns (every row moves entirely)
+    empty: np.ndarray  # no columns
     local: np.ndarray  # aggregates touched by this layer (global indices)
     row_onehot: np.ndarray  # (rows, len(local)): row's aggregate, zero row if it cannot move
     col_indicator: np.ndarray  # (movable cols, k): column's aggregate among ``col_local``
@@ -124,6 +127,8 @@ class Workspace:
                     row_index,
                     free32,
                     cmax,
+                    np.ones(layer.fixed_row_sum.size),
+                    np.zeros(0),
                     local,
                     row_onehot,
                     col_indicator,
@@ -131,12 +136,32 @@ class Workspace:
                 )
             )
         self.structures = tuple(structures)
+        self.simple = self._simple_rows()
+        self.has_single = any(structure.free32 is not None for structure in structures)
         self.layout = lowrank.layout(
             [layer.row_groups for layer in objective.layers],
             [layer.col_groups for layer in objective.layers],
             objective.n_groups,
             self.movable,
         )
+
+    def _simple_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per row of every layer (concatenated): its aggregate and its layer's column
+        aggregate (n_coarse where there is none), if every layer's movable columns lie in one
+        aggregate; else None."""
+        m = self.n_coarse
+        padded = np.append(np.where(self.aggregate >= 0, self.aggregate, m), m)
+        rows, cols = [], []
+        for layer in self.objective.layers:
+            col_agg = np.unique(padded[layer.col_groups])
+            col_agg = col_agg[col_agg < m]
+            if col_agg.size > 1:
+                return None
+            rows.append(padded[layer.row_groups])  # FIXED = -1 picks the pad
+            cols.append(np.full(layer.row_groups.size, col_agg[0] if col_agg.size else m))
+        if not rows:
+            return None
+        return np.concatenate(rows), np.concatenate(cols)
 
 
 @dataclass(frozen=True)
@@ -161,15 +186,96 @@ class Point:
     incoming: np.ndarray
     outgoing: np.ndarray
     layers: tuple[LayerState, ...]
+    exact: bool = True  # False: some products ran on the float32 copies (evaluate(fast=True))
 
     def gradient(self, q: float) -> np.ndarray:
         return q * (self.incoming - self.outgoing)
 
 
-def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
+def evaluate(workspace: Workspace, log_scales: np.ndarray, fast: bool = False) -> Point:
     """F(u), in_g and out_g like :meth:`Objective.loads` (two passes), keeping the layer states.
 
-    The vectors are shifted by one largest log-entry per layer. If that leaves a row or column
+    While every coupling times every factor exp(+-p u) stays within exp(+-600) (the condition of
+    :meth:`Objective.loads`), the products take the plain factors exp(-p u_i) and
+    rho_o^(r-1) exp(p u_o); with ``fast`` and factors within exp(+-FAST_LIMIT), layers that
+    have a float32 copy (couplings.py) multiply with it: about 1e-7 relative error in every
+    load, so such a point (``exact=False``) only steers, it never certifies.
+    """
+    objective = workspace.objective
+    scaled = objective.p * np.asarray(log_scales, dtype=np.float64)
+    largest = float(max(scaled.max(), -scaled.min())) if scaled.size else 0.0
+    if objective._log_range + 2.0 * largest < _DIRECT_LIMIT:
+        return _evaluate_direct(workspace, log_scales, scaled, fast and largest <= FAST_LIMIT)
+    return _evaluate_shifted(workspace, log_scales)
+
+
+def _evaluate_direct(
+    workspace: Workspace, log_scales: np.ndarray, scaled: np.ndarray, fast: bool
+) -> Point:
+    objective = workspace.objective
+    r, n = objective.r, objective.n_groups
+    objective.passes += 2
+    factor = np.empty(n + 1)  # exp(p u) per group, 1 for FIXED (index -1)
+    np.exp(scaled, out=factor[:-1])
+    factor[-1] = 1.0
+    inverse = 1.0 / factor
+    value = 0.0
+    incoming = np.zeros(n)
+    outgoing = np.zeros(n)
+    exact = True
+    states = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for layer, structure in zip(objective.layers, workspace.structures, strict=True):
+            row_factor = layer.rows.gather(factor)
+            single = structure.free32 if fast else None
+            if layer.col_groups.size:
+                col_factor = layer.cols.gather(inverse)
+                if single is not None:
+                    exact = False
+                    sums = (single @ col_factor.astype(np.float32)).astype(np.float64)
+                    sums *= structure.cmax
+                else:
+                    sums = layer.free @ col_factor
+                if layer.has_fixed_columns:
+                    sums += layer.fixed_row_sum
+                    moving = np.where(sums > 0, 1.0 - layer.fixed_row_sum / sums, 0.0)
+                else:
+                    moving = structure.ones
+            else:
+                col_factor = structure.empty
+                sums = layer.fixed_row_sum
+                moving = np.zeros(sums.size)
+            rho = sums * row_factor
+            if r == 1.0:
+                load, row_weight = rho, row_factor
+            else:
+                load = rho**r
+                # rho^(r-1) without a second power; rho = 0 rows carry nothing back
+                row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
+            value += float(load.sum())
+            layer.rows.scatter(incoming, load)
+            if layer.col_groups.size:
+                if single is not None and row_weight.max() < FLOAT32_RANGE:
+                    back = (row_weight.astype(np.float32) @ single).astype(np.float64)
+                    back *= structure.cmax
+                else:
+                    back = row_weight @ layer.free
+                col_out = back * col_factor
+                layer.cols.scatter(outgoing, col_out)
+            else:
+                col_out = structure.empty
+            states.append(
+                LayerState(load, sums, col_factor, row_weight, col_factor, col_out, moving)
+            )
+    return Point(
+        np.array(log_scales, dtype=np.float64), value, incoming, outgoing, tuple(states), exact
+    )
+
+
+def _evaluate_shifted(workspace: Workspace, log_scales: np.ndarray) -> Point:
+    """evaluate() for any magnitudes: the vectors are shifted by one largest log-entry per layer.
+
+    If that leaves a row or column
     sum below objective.py's underflow threshold (a row far below the rest of its layer), F and
     the loads are taken from :meth:`Objective.loads` instead (two more passes, counted), which
     redoes such rows exactly; the layer states then only steer the Hessian.
@@ -283,6 +389,8 @@ class Curvature:
                 and state.col_factor.size
                 and state.col_factor.min() > 1.0 / FLOAT32_RANGE
                 and state.row_weight.min(initial=1.0) > 1.0 / FLOAT32_RANGE
+                and state.col_factor.max() < FLOAT32_RANGE  # plain factors (evaluate)
+                and state.row_weight.max(initial=0.0) < FLOAT32_RANGE
             )
             self._use32.append(use32)
             scale = structure.cmax if use32 else 1.0
@@ -393,11 +501,20 @@ class Curvature:
     def coarse_minimiser(self, max_iter: int = 200, rtol: float = COARSE_RTOL) -> np.ndarray:
         """P z with z minimising F(u + P z) (damped Newton on the coarse space, no passes).
 
-        Zero if the coarse space is empty or :meth:`build_coarse` has not run.
+        Zero if the coarse space is empty. When every layer's movable columns lie in one
+        aggregate, T_o is the row's movable share (known from the point) and the whole coarse
+        objective is one vectorised sum over the rows (:meth:`_simple_terms`); otherwise the
+        block products of :meth:`build_coarse` give T.
         """
         workspace = self.workspace
-        if self.fractions is None or workspace.n_coarse == 0:
+        if workspace.n_coarse == 0:
             return np.zeros(workspace.objective.n_groups)
+        if workspace.simple is not None:
+            z = _damped_newton(self._simple_terms(), workspace.n_coarse, max_iter, rtol)
+            return self._prolong(z)
+        if self.fractions is None:
+            self.build_coarse()
+        assert self.fractions is not None
         p, r = workspace.objective.p, workspace.objective.r
         layers = [
             (state.load, fractions, structure)
@@ -421,27 +538,87 @@ class Curvature:
                 hessian[np.ix_(structure.local, structure.local)] += h
             return value, gradient, hessian
 
-        z = np.zeros(workspace.n_coarse)
-        value, gradient, hessian = terms(z)
-        for _ in range(max_iter):
-            try:
-                step = -np.linalg.solve(hessian, gradient)
-            except np.linalg.LinAlgError:
-                break
-            slope = float(gradient @ step)
-            if not (np.isfinite(slope) and slope < -rtol * value):
-                break
-            length = 1.0
-            for _ in range(60):
-                trial = terms(z + length * step)
-                if trial[0] <= value + 1e-4 * length * slope:
-                    break
-                length *= 0.5
-            else:
-                break
-            z = z + length * step
-            value, gradient, hessian = trial
+        return self._prolong(_damped_newton(terms, workspace.n_coarse, max_iter, rtol))
+
+    def _prolong(self, z: np.ndarray) -> np.ndarray:
+        workspace = self.workspace
         shift = np.zeros(workspace.objective.n_groups)
         live = workspace.aggregate >= 0
         shift[live] = z[workspace.aggregate[live]]
         return shift
+
+    def _simple_terms(self):
+        """F(u + P z) with gradient and Hessian in z, vectorised over every row of every layer:
+        phi_o = rho_o^r exp(r p z_a) s_o^r, s_o = 1 - T_o + T_o exp(-p z_b), where a is the
+        row's aggregate and b that of its layer's columns (index m: not movable, z = 0)."""
+        workspace = self.workspace
+        p, r = workspace.objective.p, workspace.objective.r
+        m = workspace.n_coarse
+        rows, cols = workspace.simple
+        load = np.concatenate([state.load for state in self.point.layers])
+        share = np.concatenate([state.moving for state in self.point.layers])
+        if r == 1.0:
+            # phi_o = rho_o (1 - T_o) e^(p z_a) + rho_o T_o e^(p (z_a - z_b)): only the sums of
+            # both coefficients over the rows of one (a, b) pair matter.
+            pair, inverse = np.unique(rows * (m + 1) + cols, return_inverse=True)
+            rows, cols = pair // (m + 1), pair % (m + 1)
+            share_load = load * share
+            staying = np.bincount(inverse, load - share_load, pair.size)
+            load = np.bincount(inverse, load, pair.size)
+            share = np.where(load > 0, 1.0 - staying / np.where(load > 0, load, 1.0), 0.0)
+        pairs = {
+            "aa": rows * (m + 1) + rows,
+            "ab": rows * (m + 1) + cols,
+            "ba": cols * (m + 1) + rows,
+            "bb": cols * (m + 1) + cols,
+        }
+
+        def terms(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+            padded = np.append(z, 0.0)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                fall = share * np.exp(-p * padded[cols])
+                moved = np.maximum(1.0 - share + fall, 0.0)
+                phi = load * np.exp(r * p * padded[rows]) * moved**r
+                phi = np.where(load > 0, phi, 0.0)
+                w = np.where(moved > 0, fall / moved, 0.0)
+            value = float(phi.sum())
+            pw = phi * w
+            size = m + 1
+            gradient = r * p * (np.bincount(rows, phi, size) - np.bincount(cols, pw, size))
+            k = r * r * p * p
+            hessian = (
+                np.bincount(pairs["aa"], k * phi, size * size)
+                - np.bincount(pairs["ab"], k * pw, size * size)
+                - np.bincount(pairs["ba"], k * pw, size * size)
+                + np.bincount(pairs["bb"], k * pw * w + r * p * p * pw * (1.0 - w), size * size)
+            ).reshape(size, size)
+            return value, gradient[:m], hessian[:m, :m]
+
+        return terms
+
+
+def _damped_newton(terms, size: int, max_iter: int, rtol: float) -> np.ndarray:
+    """Minimise a smooth convex function given as terms(z) -> (value, gradient, Hessian) from
+    z = 0 by Newton steps with Armijo backtracking; stop when a step would gain less than
+    ``rtol`` of the value."""
+    z = np.zeros(size)
+    value, gradient, hessian = terms(z)
+    for _ in range(max_iter):
+        try:
+            step = -np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            break
+        slope = float(gradient @ step)
+        if not (np.isfinite(slope) and slope < -rtol * value):
+            break
+        length = 1.0
+        for _ in range(60):
+            trial = terms(z + length * step)
+            if trial[0] <= value + 1e-4 * length * slope:
+                break
+            length *= 0.5
+        else:
+            break
+        z = z + length * step
+        value, gradient, hessian = trial
+    return z

@@ -85,11 +85,11 @@ def _reachable(
             else:
                 matrix = coupling.matrix
                 hits = (matrix @ active if forward else matrix.T @ active) > 0
-            new = hits & (targets != FIXED)
-            new_groups = np.unique(targets[new])
-            new_groups = new_groups[~reached[new_groups] & ~anchored[new_groups]]
-            if new_groups.size:
-                reached[new_groups] = True
+            hit = np.zeros(graph.n_groups + 1, dtype=bool)  # the pad at -1 absorbs FIXED
+            hit[targets[hits]] = True
+            new = hit[:-1] & ~reached & ~anchored
+            if new.any():
+                reached |= new
                 changed = True
     return reached
 
@@ -117,7 +117,7 @@ def find_pinned(
     from_inputs = _reachable(graph, couplings, dead, forward=True)
     to_outputs = _reachable(graph, couplings, dead, forward=False)
     pinned = []
-    for group in range(graph.n_groups):
+    for group in np.flatnonzero(dead | ~from_inputs | ~to_outputs).tolist():
         if no_in[group] and no_out[group]:
             reason = DEAD_BOTH
         elif no_in[group]:

@@ -55,6 +55,12 @@ ROUND_OFF = 64 * np.finfo(float).eps
 # The coarse matrix (one block pass) is rebuilt only after u moved by more than this since it
 # was last built: it only preconditions, and near the minimum it hardly changes.
 COARSE_REUSE = 0.2
+# The float32 phase: its loads carry about 1e-7 relative error, so it stops at this factor
+# tolerance (or tol if larger), when its F cannot resolve the predicted decrease, or after
+# this many steps; its end point is then certified in float64.
+FAST_TOL = 1e-6
+FAST_RESOLUTION = 1e-6
+MAX_FAST_STEPS = 100
 
 
 def resolution(value: float) -> float:
@@ -126,24 +132,26 @@ def _imbalance(point: Point, workspace: Workspace) -> float:
 
 
 def _line_search(
-    workspace: Workspace, point: Point, direction: np.ndarray, slope: float
+    workspace: Workspace, point: Point, direction: np.ndarray, slope: float, fast: bool = False
 ) -> Point | None:
     """First point along ``direction`` (steps 1, then shrinking) that satisfies Armijo.
 
     When the predicted decrease -slope is below the resolution of F (round-off), comparing F
     values says nothing; then the full step is taken if F stays within its resolution and the
     imbalance max_g |log(out_g / in_g)| shrinks (in exact arithmetic such a Newton step
-    decreases F), else None.
+    decreases F), else None. With ``fast`` the trial points use the float32 copies and the
+    resolution is theirs (FAST_RESOLUTION).
     """
     step = 1.0
-    at_round_off = -slope <= resolution(point.value) * point.value
+    level = FAST_RESOLUTION if fast else resolution(point.value)
+    at_round_off = -slope <= level * point.value
     for _ in range(MAX_BACKTRACKS):
         moved = point.log_scales + step * direction
         if np.array_equal(moved, point.log_scales):
             return None
-        trial = evaluate(workspace, moved)
+        trial = evaluate(workspace, moved, fast)
         if at_round_off:
-            same = trial.value <= point.value * (1.0 + resolution(point.value))
+            same = trial.value <= point.value * (1.0 + level)
             shrinks = _imbalance(trial, workspace) < _imbalance(point, workspace)
             return trial if same and shrinks else None
         if np.isfinite(trial.value):
@@ -156,6 +164,35 @@ def _line_search(
         else:
             step *= 0.1
     return None
+
+
+def _direction(
+    curvature: Curvature,
+    gradient: np.ndarray,
+    forcing: float,
+    max_cg: int,
+    counts: dict[str, int],
+) -> tuple[np.ndarray, bool]:
+    """-M^-1 g with the Hessian model of lowrank.py, or (model not positive definite) the
+    inexact Newton direction by preconditioned CG; and whether the model gave it."""
+    model = curvature.model()
+    if model is not None:
+        counts["model"] += 1
+        return -model.solve(gradient), True
+    return _cg_direction(curvature, gradient, forcing, max_cg, counts), False
+
+
+def _cg_direction(
+    curvature: Curvature,
+    gradient: np.ndarray,
+    forcing: float,
+    max_cg: int,
+    counts: dict[str, int],
+) -> np.ndarray:
+    curvature.build_coarse()
+    direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
+    counts["cg"] += used
+    return direction
 
 
 def minimise(
@@ -184,12 +221,14 @@ def minimise(
     movable = workspace.movable
     eta = step_size(objective.p, objective.q)
     point = evaluate(workspace, np.zeros(objective.n_groups))
+    certified = point  # the last accepted point (exact F and loads)
     values = [point.value]
-    counts = {"cg": 0, "fallback": 0, "model": 0}
+    counts = {"cg": 0, "fallback": 0, "model": 0, "fast": 0}
+    fast = workspace.has_single  # the float32 phase (module docstring)
 
     def outcome(converged: bool, message: str) -> NewtonOutcome:
         return NewtonOutcome(
-            point.log_scales,
+            certified.log_scales,
             converged,
             len(values) - 1,
             counts["cg"],
@@ -199,16 +238,35 @@ def minimise(
         )
 
     def accept(trial: Point) -> None:
-        nonlocal point
-        point = trial
+        nonlocal point, certified
+        point = certified = trial
         values.append(point.value)
         if progress is not None:
             progress(len(values) - 1, objective.norm(point.value))
 
+    def end_fast_phase() -> None:
+        """Certify the float32 phase's end point in float64 as one step, or drop the phase."""
+        nonlocal point, fast
+        fast = False
+        if point is certified:
+            return
+        exact = evaluate(workspace, point.log_scales)
+        if exact.value <= certified.value * (1.0 + resolution(certified.value)) and (
+            exact.value < certified.value
+            or _imbalance(exact, workspace) < _imbalance(certified, workspace)
+        ):
+            accept(exact)
+        else:
+            point = certified
+
     first = True
-    coarse_source: Curvature | None = None  # the last point whose coarse matrix was built
     while True:
-        if not movable.any() or mu_converged(point, movable, eta, tol):
+        if not movable.any() or mu_converged(
+            point, movable, eta, max(tol, FAST_TOL) if fast else tol
+        ):
+            if fast:
+                end_fast_phase()
+                continue
             return outcome(
                 True,
                 f"converged in {len(values) - 1} steps: every factor of an "
@@ -216,43 +274,41 @@ def minimise(
             )
         if len(values) - 1 >= max_steps:
             return outcome(False, f"did not converge in {max_steps} steps; raise max_sweeps or tol")
+        if fast and counts["fast"] >= MAX_FAST_STEPS:
+            end_fast_phase()
+            continue
         curvature = Curvature(workspace, point)
         if first:
             # The per-layer scales are the slow, strongly nonlinear part: solve them exactly.
             first = False
-            curvature.build_coarse()
-            coarse_source = curvature
             shift = curvature.coarse_minimiser()
             if np.any(shift):
-                trial = evaluate(workspace, point.log_scales + shift)
+                trial = evaluate(workspace, point.log_scales + shift, fast)
                 if trial.value < point.value:
-                    accept(trial)
+                    if fast:
+                        point = trial
+                        counts["fast"] += 1
+                    else:
+                        accept(trial)
                     continue
         gradient = np.where(movable, point.gradient(objective.q), 0.0)
-        trial = None
-        model = curvature.model()
-        if model is not None:
-            direction = -model.solve(gradient)
-            slope = float(gradient @ direction)
-            trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
-            counts["model"] += 1
         mu_step = mu_log_step(point, movable, eta)
-        if trial is None:
-            moved = (
-                np.inf
-                if coarse_source is None
-                else float(np.max(np.abs(point.log_scales - coarse_source.point.log_scales)))
-            )
-            if moved > COARSE_REUSE:
-                curvature.build_coarse()
-                coarse_source = curvature
-            else:
-                curvature.reuse_coarse(coarse_source)
-            forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
-            direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
-            counts["cg"] += used
+        forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
+        direction, modelled = _direction(curvature, gradient, forcing, max_cg, counts)
+        slope = float(gradient @ direction)
+        trial = _line_search(workspace, point, direction, slope, fast) if slope < 0 else None
+        if trial is None and modelled and not fast:
+            # The model's step failed: the inexact Newton step by CG before Algorithm 1's.
+            direction = _cg_direction(curvature, gradient, forcing, max_cg, counts)
             slope = float(gradient @ direction)
             trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
+        if fast:
+            if trial is None:
+                end_fast_phase()
+            else:
+                point = trial
+                counts["fast"] += 1
+            continue
         if trial is None:
             # Algorithm 1's step cannot raise F: the check only allows for the round-off in F.
             counts["fallback"] += 1
