@@ -73,10 +73,23 @@ class _LayerStructure:
     cmax: float
     ones: np.ndarray  # per row, for layers without fixed columns (every row moves entirely)
     empty: np.ndarray  # no columns
+
+
+@dataclass(frozen=True)
+class _CoarseStructure:
+    """One layer's coarse (aggregate) coordinates, for the block products of build_coarse."""
+
     local: np.ndarray  # aggregates touched by this layer (global indices)
     row_onehot: np.ndarray  # (rows, len(local)): row's aggregate, zero row if it cannot move
     col_indicator: np.ndarray  # (movable cols, k): column's aggregate among ``col_local``
     col_local: np.ndarray  # positions in ``local`` of the columns' aggregates
+
+
+def _present(values: np.ndarray, size: int) -> np.ndarray:
+    """Sorted distinct entries of ``values`` in [0, size) (np.unique without sorting)."""
+    seen = np.zeros(size + 1, dtype=bool)
+    seen[np.where((values >= 0) & (values < size), values, size)] = True
+    return np.flatnonzero(seen[:size])
 
 
 def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
@@ -89,10 +102,10 @@ def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
         groups = layer.col_groups[aggregate[layer.col_groups] < 0]
         aggregate[groups] = len(objective.layers)
     aggregate[~movable] = -1
-    live = aggregate >= 0
-    compact = np.full_like(aggregate, -1)
-    compact[live] = np.unique(aggregate[live], return_inverse=True)[1]
-    return compact
+    used = np.zeros(len(objective.layers) + 1, dtype=bool)
+    used[aggregate[aggregate >= 0]] = True
+    number = np.cumsum(used) - 1  # consecutive numbers for the aggregates in use
+    return np.where(aggregate >= 0, number[aggregate], -1)
 
 
 class Workspace:
@@ -103,47 +116,54 @@ class Workspace:
         self.movable = np.asarray(movable, dtype=bool)
         self.aggregate = aggregates(objective, self.movable)
         self.n_coarse = max(int(self.aggregate.max()) + 1, 0) if self.aggregate.size else 0
-        self.block_passes = 0
         structures = []
         for layer in objective.layers:
             row_movable = layer.row_groups != FIXED
-            row_index = np.where(row_movable, layer.row_groups, 0)
-            row_agg = np.where(row_movable, self.aggregate[row_index], -1)
-            col_agg = self.aggregate[layer.col_groups]
-            local = np.unique(np.concatenate([row_agg, col_agg]))
-            local = local[local >= 0]
-            row_onehot = np.zeros((row_agg.size, local.size))
-            live_rows = np.nonzero(row_agg >= 0)[0]
-            row_onehot[live_rows, np.searchsorted(local, row_agg[live_rows])] = 1.0
-            col_used = np.unique(col_agg[col_agg >= 0])
-            col_indicator = np.zeros((col_agg.size, col_used.size))
-            live_cols = np.nonzero(col_agg >= 0)[0]
-            col_indicator[live_cols, np.searchsorted(col_used, col_agg[live_cols])] = 1.0
-            self.block_passes = max(self.block_passes, col_used.size)
-            free32, cmax = layer.single, layer.single_scale
             structures.append(
                 _LayerStructure(
                     row_movable,
-                    row_index,
-                    free32,
-                    cmax,
+                    np.where(row_movable, layer.row_groups, 0),
+                    layer.single,
+                    layer.single_scale,
                     np.ones(layer.fixed_row_sum.size),
                     np.zeros(0),
-                    local,
-                    row_onehot,
-                    col_indicator,
-                    np.searchsorted(local, col_used),
                 )
             )
         self.structures = tuple(structures)
+        self._coarse: tuple[tuple[_CoarseStructure, ...], int] | None = None
         self.simple = self._simple_rows()
         self.has_single = any(structure.free32 is not None for structure in structures)
         self.layout = lowrank.layout(
             [layer.row_groups for layer in objective.layers],
             [layer.col_groups for layer in objective.layers],
-            objective.n_groups,
             self.movable,
         )
+
+    def coarse_structures(self) -> tuple[tuple[_CoarseStructure, ...], int]:
+        """Per layer its coarse coordinates, and the passes one block product costs (the
+        largest number of aggregates among one layer's columns); built on first use."""
+        if self._coarse is not None:
+            return self._coarse
+        block_passes = 0
+        coarse = []
+        m = self.n_coarse
+        for layer, structure in zip(self.objective.layers, self.structures, strict=True):
+            row_agg = np.where(structure.row_movable, self.aggregate[structure.row_index], -1)
+            col_agg = self.aggregate[layer.col_groups]
+            local = _present(np.concatenate([row_agg, col_agg]), m)
+            row_onehot = np.zeros((row_agg.size, local.size))
+            live_rows = np.nonzero(row_agg >= 0)[0]
+            row_onehot[live_rows, np.searchsorted(local, row_agg[live_rows])] = 1.0
+            col_used = _present(col_agg, m)
+            col_indicator = np.zeros((col_agg.size, col_used.size))
+            live_cols = np.nonzero(col_agg >= 0)[0]
+            col_indicator[live_cols, np.searchsorted(col_used, col_agg[live_cols])] = 1.0
+            block_passes = max(block_passes, col_used.size)
+            coarse.append(
+                _CoarseStructure(local, row_onehot, col_indicator, np.searchsorted(local, col_used))
+            )
+        self._coarse = (tuple(coarse), block_passes)
+        return self._coarse
 
     def _simple_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per row of every layer (concatenated): its aggregate and its layer's column
@@ -153,8 +173,7 @@ class Workspace:
         padded = np.append(np.where(self.aggregate >= 0, self.aggregate, m), m)
         rows, cols = [], []
         for layer in self.objective.layers:
-            col_agg = np.unique(padded[layer.col_groups])
-            col_agg = col_agg[col_agg < m]
+            col_agg = _present(padded[layer.col_groups], m)
             if col_agg.size > 1:
                 return None
             rows.append(padded[layer.row_groups])  # FIXED = -1 picks the pad
@@ -442,16 +461,22 @@ class Curvature:
             return
         objective = workspace.objective
         p, r = objective.p, objective.r
-        objective.passes += workspace.block_passes
+        structures, block_passes = workspace.coarse_structures()
+        objective.passes += block_passes
         self.fractions = []
         coarse = np.zeros((workspace.n_coarse, workspace.n_coarse))
-        for layer, structure, state, use32 in zip(
-            objective.layers, workspace.structures, self.point.layers, self._use32, strict=True
+        for layer, plain, structure, state, use32 in zip(
+            objective.layers,
+            workspace.structures,
+            structures,
+            self.point.layers,
+            self._use32,
+            strict=True,
         ):
             fractions = np.zeros((state.load.size, structure.local.size))
             if structure.col_indicator.shape[1]:
                 fractions[:, structure.col_local] = _fractions(
-                    structure, layer.free, state, structure.col_indicator, use32
+                    plain, layer.free, state, structure.col_indicator, use32
                 )
             self.fractions.append(fractions)
             if structure.local.size:
@@ -467,15 +492,12 @@ class Curvature:
         positive definite (no pass)."""
         workspace = self.workspace
         objective = workspace.objective
-        n = objective.n_groups
         terms = []
         for index, _, _ in workspace.layout.sides:
-            layer, state = objective.layers[index], self.point.layers[index]
+            state = self.point.layers[index]
             alpha = state.load * state.moving
-            rows = _accumulate(alpha, layer.row_groups, n)
-            cols = np.bincount(layer.col_groups, weights=state.col_out, minlength=n)
-            gamma = float(alpha @ state.moving)
-            terms.append((rows, cols, float(state.col_out.sum()), gamma))
+            total, gamma = float(state.col_out.sum()), float(alpha @ state.moving)
+            terms.append((alpha, state.col_out, total, gamma))
         return lowrank.build(
             workspace.layout, self.diagonal, workspace.movable, terms, objective.p, objective.r
         )
@@ -519,7 +541,7 @@ class Curvature:
         layers = [
             (state.load, fractions, structure)
             for state, fractions, structure in zip(
-                self.point.layers, self.fractions, workspace.structures, strict=True
+                self.point.layers, self.fractions, workspace.coarse_structures()[0], strict=True
             )
         ]
 

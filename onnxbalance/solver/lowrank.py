@@ -42,37 +42,59 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..unitgraph import FIXED
+
+@dataclass(frozen=True)
+class _Side:
+    """How one side (rows or movable columns) of a layer sums into its vector's support."""
+
+    support: np.ndarray  # distinct movable groups, sorted
+    units: np.ndarray | None  # units that count (None: every unit, one per support entry)
+    position: np.ndarray | None  # their positions in ``support``
+
+    @staticmethod
+    def of(groups: np.ndarray, movable: np.ndarray) -> _Side:
+        seen = np.zeros(movable.size + 1, dtype=bool)
+        seen[groups] = True  # FIXED (-1) marks the pad
+        support = np.flatnonzero(seen[:-1] & movable)
+        if np.array_equal(groups, support):  # a plain layer: unit k is group support[k]
+            return _Side(support, None, None)
+        units = np.flatnonzero(np.append(movable, False)[groups])
+        return _Side(support, units, np.searchsorted(support, groups[units]))
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """values (per unit) summed into the support's groups."""
+        if self.units is None:
+            return values
+        return np.bincount(self.position, values[self.units], self.support.size)
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the model's vectors live (fixed per solve): per vector its support (groups), and
-    every pair of entries of two vectors on the same group, for U^T D^-1 U."""
+    """Where the model's vectors live (fixed per solve): per layer term its row and column
+    sides, and every pair of entries of two vectors on one group, for U^T D^-1 U."""
 
-    sides: tuple[tuple[int, np.ndarray, np.ndarray], ...]  # (layer, row support, col support)
+    sides: tuple[tuple[int, _Side, _Side], ...]  # (layer, rows, columns)
     vector: np.ndarray  # vector of each entry
     group: np.ndarray  # group of each entry
     first: np.ndarray  # entry pairs on one group: U^T D^-1 U gathers val[first] val[second]
     second: np.ndarray
+    pair_group: np.ndarray  # group[first]
+    pair_cell: np.ndarray  # vector[first] * size + vector[second]
     size: int  # number of vectors (2 per layer term)
 
 
-def layout(row_groups, col_groups, n_groups: int, movable: np.ndarray) -> Layout:
+def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
     """Supports of the model's vectors for layers with these row and movable-column groups."""
     sides = []
     vectors, groups = [], []
     for index, (rows, cols) in enumerate(zip(row_groups, col_groups, strict=True)):
         if not cols.size:
             continue
-        row_support = np.unique(rows[rows != FIXED])
-        row_support = row_support[movable[row_support]]
-        col_support = np.unique(cols)
-        col_support = col_support[movable[col_support]]
-        sides.append((index, row_support, col_support))
-        for support in (row_support, col_support):
-            vectors.append(np.full(support.size, len(vectors), dtype=np.int64))
-            groups.append(support)
+        row_side, col_side = _Side.of(rows, movable), _Side.of(cols, movable)
+        sides.append((index, row_side, col_side))
+        for side in (row_side, col_side):
+            vectors.append(np.full(side.support.size, len(vectors), dtype=np.int64))
+            groups.append(side.support)
     vector = np.concatenate(vectors) if vectors else np.zeros(0, dtype=np.int64)
     group = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
     # Pairs of entries on the same group: sort by group, then pair up within each run.
@@ -80,20 +102,24 @@ def layout(row_groups, col_groups, n_groups: int, movable: np.ndarray) -> Layout
     sorted_groups = group[order]
     starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     lengths = np.diff(np.r_[starts, sorted_groups.size])
-    first, second = [], []
+    first, second = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     for length in np.unique(lengths):
         runs = starts[lengths == length]
         for a in range(length):
             for b in range(length):
                 first.append(order[runs + a])
                 second.append(order[runs + b])
+    first_entries, second_entries = np.concatenate(first), np.concatenate(second)
+    size = len(vectors)
     return Layout(
         tuple(sides),
         vector,
         group,
-        np.concatenate(first) if first else np.zeros(0, dtype=np.int64),
-        np.concatenate(second) if second else np.zeros(0, dtype=np.int64),
-        len(vectors),
+        first_entries,
+        second_entries,
+        group[first_entries],
+        vector[first_entries] * size + vector[second_entries],
+        size,
     )
 
 
@@ -131,50 +157,41 @@ def build(
     p: float,
     r: float,
 ) -> Model | None:
-    """The model from the diagonal D (groups) and, per layer of ``layout.sides``, the row vector
-    alpha (units), the column vector out (units), S and gamma; None if M is not positive
-    definite. ``terms[k]`` holds (alpha summed into groups, out summed into groups, S, gamma)."""
-    inverse_diagonal = np.where(
-        movable & (diagonal > 0), 1.0 / np.where(diagonal > 0, diagonal, 1.0), 0.0
-    )
+    """The model from the diagonal D (groups) and, per layer of ``layout.sides``, alpha (per
+    row), out (per movable column), S and gamma; None if M is not positive definite."""
+    inverse_diagonal = np.zeros(diagonal.size)
+    usable = movable & (diagonal > 0)
+    inverse_diagonal[usable] = 1.0 / diagonal[usable]
     size = layout.size
     values = np.empty(layout.group.size)
     inverse_k = np.zeros((size, size))
     position = 0
+    off = -1.0 / (p * p * r * r)
     # Each layer's vectors are divided by sqrt(S) (and K_l multiplied by S): the same M, with
     # entries of order one even when the layers' loads differ by many orders of magnitude. Then
     # K_l^-1 = [[-(r-1) (gamma / S) / (p^2 r^3), -1 / (p^2 r^2)], [-1 / (p^2 r^2), 0]].
-    for k, ((_, row_support, col_support), (rows, cols, total, gamma)) in enumerate(
+    for k, ((_, row_side, col_side), (alpha, out, total, gamma)) in enumerate(
         zip(layout.sides, terms, strict=True)
     ):
-        block = slice(position, position + row_support.size + col_support.size)
-        position = block.stop
+        middle = position + row_side.support.size
+        end = middle + col_side.support.size
         if not (total > 0 and np.isfinite(total)):
             # No coupling through this layer: U = 0 there, and K^-1 = [[0, 1], [1, 0]] keeps
             # the count of positive eigenvalues without changing M.
-            values[block] = 0.0
-            inverse_k[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = [[0.0, 1.0], [1.0, 0.0]]
-            continue
-        root = np.sqrt(total)
-        values[block.start : block.start + row_support.size] = rows[row_support] / root
-        values[block.start + row_support.size : block.stop] = cols[col_support] / root
-        off = -1.0 / (p * p * r * r)
-        inverse_k[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] = [
-            [-(r - 1.0) * (gamma / total) / (p * p * r**3), off],
-            [off, 0.0],
-        ]
+            values[position:end] = 0.0
+            inverse_k[2 * k, 2 * k + 1] = inverse_k[2 * k + 1, 2 * k] = 1.0
+        else:
+            root = 1.0 / np.sqrt(total)
+            np.multiply(row_side.sums(alpha), root, out=values[position:middle])
+            np.multiply(col_side.sums(out), root, out=values[middle:end])
+            inverse_k[2 * k, 2 * k] = -(r - 1.0) * (gamma / total) / (p * p * r**3)
+            inverse_k[2 * k, 2 * k + 1] = inverse_k[2 * k + 1, 2 * k] = off
+        position = end
     capacitance = inverse_k
     if layout.first.size:
-        weights = (
-            values[layout.first]
-            * values[layout.second]
-            * inverse_diagonal[layout.group[layout.first]]
-        )
-        capacitance += np.bincount(
-            layout.vector[layout.first] * size + layout.vector[layout.second],
-            weights,
-            minlength=size * size,
-        ).reshape(size, size)
+        weights = values[layout.first] * values[layout.second]
+        weights *= inverse_diagonal[layout.pair_group]
+        capacitance += np.bincount(layout.pair_cell, weights, size * size).reshape(size, size)
     if not np.all(np.isfinite(capacitance)):
         return None
     try:
