@@ -3,8 +3,8 @@
 Everything the solvers and the liveness analysis need to know about a matrix c before they
 iterate: that it is finite and non-negative (else ValueError naming the layer), whether every
 entry is positive (then no row or column is empty and every coupling connects), the largest
-|log c| over its non-zero entries, and a float32 copy c / max(c) for products that only steer
-(Hessian models, trial points whose values are certified in float64 later).
+|log c| over its non-zero entries, and a float32 copy of c for products that only steer
+(trial points whose values are certified in float64 later, Hessian products).
 
 The common case costs one float64 pass: the float32 copy, whose maximum and minimum (float32
 passes, half the bytes) settle the rest. Rounding to float32 is monotone and keeps the sign, so
@@ -22,7 +22,9 @@ import numpy as np
 from ..unitgraph import FIXED, UnitGraph
 
 FLOAT32_RANGE = 1e30
-"""Largest ratio of non-zero couplings for which a layer gets a float32 copy."""
+"""A layer gets a float32 copy when every non-zero |log c| is at most log(FLOAT32_RANGE) / 2."""
+SINGLE_FACTORS = float(np.sqrt(FLOAT32_RANGE))
+"""Vectors multiplied with a float32 copy must have entries within [1 / this, this]."""
 
 _LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, absolute in log c
 
@@ -32,8 +34,10 @@ class Coupling:
     """One layer's coupling matrix as the solvers use it."""
 
     matrix: np.ndarray  # float64
-    single: np.ndarray | None  # float32 copy of matrix / scale, None if its range is too wide
-    scale: float
+    # float32 copy, None if the range is too wide: its non-zero entries lie in
+    # [1 / sqrt(FLOAT32_RANGE), sqrt(FLOAT32_RANGE)], so products with factors in that range
+    # stay normal float32 numbers
+    single: np.ndarray | None
     positive: bool  # every entry > 0 (and the matrix is not empty)
     log_range: float  # largest |log c| over the non-zero entries (0 if there are none)
 
@@ -75,7 +79,7 @@ def summarise(layer_name: str, coupling) -> Coupling:
     if matrix.ndim != 2:
         raise ValueError(f"layer {layer_name!r}: coupling matrix must be 2-D")
     if not matrix.size:
-        return Coupling(matrix, None, 1.0, False, 0.0)
+        return Coupling(matrix, None, False, 0.0)
     with np.errstate(over="ignore"):  # entries beyond float32 become inf and are seen below
         single = matrix.astype(np.float32)
     largest, smallest = float(single.max()), float(single.min())
@@ -88,10 +92,8 @@ def summarise(layer_name: str, coupling) -> Coupling:
         log_range = _exact_log_range(matrix)
         largest = float(matrix.max())
     if not (largest > 0 and 2.0 * log_range <= np.log(FLOAT32_RANGE)):
-        return Coupling(matrix, None, 1.0, positive, log_range)
-    if largest != 1.0:
-        np.multiply(single, np.float32(1.0 / largest), out=single)
-    return Coupling(matrix, single, largest, positive, log_range)
+        return Coupling(matrix, None, positive, log_range)
+    return Coupling(matrix, single, positive, log_range)
 
 
 def summarise_graph(graph: UnitGraph) -> tuple[Coupling, ...]:

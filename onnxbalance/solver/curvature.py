@@ -52,10 +52,11 @@ import numpy as np
 
 from ..unitgraph import FIXED
 from . import lowrank
-from .couplings import FLOAT32_RANGE
+from .couplings import SINGLE_FACTORS
 from .objective import _DIRECT_LIMIT, _TINY, Objective, _accumulate
 
 FAST_LIMIT = 30.0  # largest |p u| for which evaluate(fast=True) uses the float32 copies
+# (exp(30) < SINGLE_FACTORS: the products stay normal float32 numbers)
 COARSE_RTOL = 1e-9  # the coarse solve stops when its Newton step would gain less (relative)
 
 
@@ -69,8 +70,7 @@ class _LayerStructure:
 
     row_movable: np.ndarray  # row_groups != FIXED
     row_index: np.ndarray  # row_groups with FIXED replaced by 0
-    free32: np.ndarray | None  # float32 copy of free / cmax, None if the range is too wide
-    cmax: float
+    free32: np.ndarray | None  # float32 copy of free (couplings.py), None if the range is too wide
     ones: np.ndarray  # per row, for layers without fixed columns (every row moves entirely)
     empty: np.ndarray  # no columns
 
@@ -124,7 +124,6 @@ class Workspace:
                     row_movable,
                     np.where(row_movable, layer.row_groups, 0),
                     layer.single,
-                    layer.single_scale,
                     np.ones(layer.fixed_row_sum.size),
                     np.zeros(0),
                 )
@@ -252,7 +251,6 @@ def _evaluate_direct(
                 if single is not None:
                     exact = False
                     sums = (single @ col_factor.astype(np.float32)).astype(np.float64)
-                    sums *= structure.cmax
                 else:
                     sums = layer.free @ col_factor
                 if layer.has_fixed_columns:
@@ -274,9 +272,8 @@ def _evaluate_direct(
             value += float(load.sum())
             layer.rows.scatter(incoming, load)
             if layer.col_groups.size:
-                if single is not None and row_weight.max() < FLOAT32_RANGE:
+                if single is not None and (r == 1.0 or row_weight.max() < SINGLE_FACTORS):
                     back = (row_weight.astype(np.float32) @ single).astype(np.float64)
-                    back *= structure.cmax
                 else:
                     back = row_weight @ layer.free
                 col_out = back * col_factor
@@ -351,7 +348,7 @@ def _fractions(
     """(t @ block)_o / rho_o for a block of column vectors (one pass per column of the block)."""
     if use32:
         product = structure.free32 @ (state.col_factor[:, None] * block).astype(np.float32)
-        product = product.astype(np.float64) * structure.cmax
+        product = product.astype(np.float64)
     else:
         product = free @ (state.col_factor[:, None] * block)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -406,13 +403,13 @@ class Curvature:
             use32 = bool(
                 structure.free32 is not None
                 and state.col_factor.size
-                and state.col_factor.min() > 1.0 / FLOAT32_RANGE
-                and state.row_weight.min(initial=1.0) > 1.0 / FLOAT32_RANGE
-                and state.col_factor.max() < FLOAT32_RANGE  # plain factors (evaluate)
-                and state.row_weight.max(initial=0.0) < FLOAT32_RANGE
+                and state.col_factor.min() > 1.0 / SINGLE_FACTORS
+                and state.row_weight.min(initial=1.0) > 1.0 / SINGLE_FACTORS
+                and state.col_factor.max() < SINGLE_FACTORS
+                and state.row_weight.max(initial=0.0) < SINGLE_FACTORS
             )
             self._use32.append(use32)
-            scale = structure.cmax if use32 else 1.0
+            scale = 1.0
             with np.errstate(divide="ignore"):
                 inverse = np.where(state.sums > 0, scale / state.sums, 0.0)
             if use32:

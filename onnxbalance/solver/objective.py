@@ -105,8 +105,7 @@ class _PreparedLayer:
     free_col_sums: np.ndarray | None  # c.T @ 1 over the free columns (set when every row is fixed)
     zero_cols: np.ndarray  # free columns with only zero couplings
     log_range: float  # largest |log| of a non-zero coupling
-    single: np.ndarray | None  # float32 copy of free / single_scale (couplings.py), or None
-    single_scale: float
+    single: np.ndarray | None  # float32 copy of free (couplings.py), or None
 
 
 def _prepare(
@@ -151,7 +150,6 @@ def _prepare(
                 zero_cols=zero_cols,
                 log_range=max(summary.log_range, _log_range(fixed_row_sum)),
                 single=_single_columns(summary, movable),
-                single_scale=summary.scale,
             )
         )
     return tuple(prepared)
