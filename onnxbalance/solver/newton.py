@@ -61,6 +61,9 @@ COARSE_REUSE = 0.2
 FAST_TOL = 1e-6
 FAST_RESOLUTION = 1e-6
 MAX_FAST_STEPS = 100
+# The float32 phase evaluates its next point in float64 directly when, at the rate of its last
+# step, that point's imbalance should be below this share of the one the stopping test allows.
+FINAL_MARGIN = 0.5
 
 
 def resolution(value: float) -> float:
@@ -251,19 +254,22 @@ def minimise(
         if point is certified:
             return
         exact = evaluate(workspace, point.log_scales)
-        if exact.value <= certified.value * (1.0 + resolution(certified.value)) and (
-            exact.value < certified.value
-            or _imbalance(exact, workspace) < _imbalance(certified, workspace)
-        ):
+        if _certifies(exact, certified, workspace):
             accept(exact)
         else:
             point = certified
 
     first = True
+    selected = slice(None) if movable.all() else np.flatnonzero(movable)
+    previous = np.inf  # imbalance at the previous point of the float32 phase
+    final_target = FINAL_MARGIN * np.log1p(tol) / eta  # imbalance that surely passes the test
     while True:
-        if not movable.any() or mu_converged(
-            point, movable, eta, max(tol, FAST_TOL) if fast else tol
-        ):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.log(point.outgoing[selected] / point.incoming[selected])
+        finite = bool(np.all(np.isfinite(ratio)))
+        imbalance = float(np.max(np.abs(ratio), initial=0.0)) if finite else np.inf
+        target = max(tol, FAST_TOL) if fast else tol
+        if not movable.any() or (finite and _factors_within(ratio, eta, target)):
             if fast:
                 end_fast_phase()
                 continue
@@ -291,11 +297,26 @@ def minimise(
                     else:
                         accept(trial)
                     continue
-        gradient = np.where(movable, point.gradient(objective.q), 0.0)
-        mu_step = mu_log_step(point, movable, eta)
-        forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
+        gradient = np.zeros(objective.n_groups)
+        gradient[selected] = objective.q * (point.incoming[selected] - point.outgoing[selected])
+        mu_step = np.zeros(objective.n_groups)
+        mu_step[selected] = np.where(np.isfinite(ratio), eta * ratio, 0.0)
+        forcing = min(0.5, float(np.sqrt(eta * imbalance))) if finite else 0.5
         direction, modelled = _direction(curvature, gradient, forcing, max_cg, counts)
         slope = float(gradient @ direction)
+        if fast:
+            # Linear convergence at the rate of the last step: if the next point should pass
+            # the stopping test with room to spare, evaluate it in float64 straight away.
+            predicted = imbalance * min(imbalance / previous, 1.0) if previous < np.inf else np.inf
+            previous = imbalance
+            if slope < 0 and modelled and predicted < final_target:
+                trial = evaluate(workspace, point.log_scales + direction)
+                fast = False
+                if _certifies(trial, certified, workspace):
+                    accept(trial)
+                else:
+                    end_fast_phase()
+                continue
         trial = _line_search(workspace, point, direction, slope, fast) if slope < 0 else None
         if trial is None and modelled and not fast:
             # The model's step failed: the inexact Newton step by CG before Algorithm 1's.
@@ -317,6 +338,25 @@ def minimise(
                 return outcome(False, "stalled: no step decreases the norm (round-off level)")
         accept(trial)
         logger.debug("newton step %d: F=%.17g %s", len(values) - 1, point.value, counts)
+
+
+def _factors_within(ratio: np.ndarray, eta: float, tol: float) -> bool:
+    """Algorithm 1's test |exp(eta log(out/in)) - 1| < tol for every group (expm1 is
+    monotone: the extreme ratios decide)."""
+    if not ratio.size:
+        return True
+    high, low = float(ratio.max()), float(ratio.min())
+    return max(np.expm1(eta * high), -np.expm1(eta * low)) < tol
+
+
+def _certifies(exact: Point, certified: Point, workspace: Workspace) -> bool:
+    """Whether the float64 point ``exact`` may follow ``certified`` as an accepted step: F
+    decreases, or (within the round-off of F) stays and the imbalance shrinks."""
+    limit = certified.value * (1.0 + resolution(certified.value))
+    return exact.value <= limit and (
+        exact.value < certified.value
+        or _imbalance(exact, workspace) < _imbalance(certified, workspace)
+    )
 
 
 def solve_newton(
