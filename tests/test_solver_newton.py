@@ -30,7 +30,9 @@ def test_layered_networks_reach_the_scipy_minimum(net, p, q):
     result = solve(net.unit_graph(p), p, q, **TIGHT)
     check_against_reference(net, p, q, result)
     assert result.solver == "newton"
-    assert result.passes >= 2 * (result.sweeps + 1)
+    # Two passes for the start and for every accepted step but the coarse one, which for
+    # r = 1 follows from the start's loads without a pass.
+    assert result.passes >= 2 * result.sweeps
 
 
 @PROPERTY

@@ -131,6 +131,7 @@ class Workspace:
         self.structures = tuple(structures)
         self._coarse: tuple[tuple[_CoarseStructure, ...], int] | None = None
         self.simple = self._simple_rows()
+        self.uniform = self._uniform_layers()
         self.has_single = any(structure.free32 is not None for structure in structures)
         self.layout = lowrank.layout(
             [layer.row_groups for layer in objective.layers],
@@ -163,6 +164,24 @@ class Workspace:
             )
         self._coarse = (tuple(coarse), block_passes)
         return self._coarse
+
+    def _uniform_layers(self) -> list[tuple[int, int]] | None:
+        """Per layer (row aggregate, column aggregate) if all its rows share one (n_coarse:
+        none, z = 0) on top of :attr:`simple`; else None."""
+        if self.simple is None:
+            return None
+        rows, cols = self.simple
+        uniform = []
+        start = 0
+        for layer in self.objective.layers:
+            stop = start + layer.row_groups.size
+            if stop > start and np.any(rows[start:stop] != rows[start]):
+                return None
+            a = int(rows[start]) if stop > start else self.n_coarse
+            b = int(cols[start]) if stop > start else self.n_coarse
+            uniform.append((a, b))
+            start = stop
+        return uniform
 
     def _simple_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Per row of every layer (concatenated): its aggregate and its layer's column
@@ -395,10 +414,25 @@ class Curvature:
         self.point = point
         objective = workspace.objective
         p, r = objective.p, objective.r
-        self._use32 = []
-        self._products = []  # per layer: (matrix, column factor, 1 / sums in the matrix's units)
+        self._prepared: tuple[list[bool], list[tuple]] | None = None
+        diagonal = p * p * r * (r * point.incoming + point.outgoing)
+        self.diagonal = np.where(workspace.movable & (diagonal > 0), diagonal, 1.0)
+        self.fractions: list[np.ndarray] | None = None
+        self.coarse_shift: np.ndarray | None = None  # z of the last simple coarse solve
+        self._coarse_factor: np.ndarray | None = None
+
+    def _products(self) -> tuple[list[bool], list[tuple]]:
+        """Per layer: whether its products may run in float32, and (matrix, column factor,
+        1 / sums, scale) for them; prepared on first use (only CG and build_coarse need it)."""
+        if self._prepared is not None:
+            return self._prepared
+        use = []
+        products = []
         for layer, structure, state in zip(
-            objective.layers, workspace.structures, point.layers, strict=True
+            self.workspace.objective.layers,
+            self.workspace.structures,
+            self.point.layers,
+            strict=True,
         ):
             use32 = bool(
                 structure.free32 is not None
@@ -408,20 +442,16 @@ class Curvature:
                 and state.col_factor.max() < SINGLE_FACTORS
                 and state.row_weight.max(initial=0.0) < SINGLE_FACTORS
             )
-            self._use32.append(use32)
-            scale = 1.0
+            use.append(use32)
             with np.errstate(divide="ignore"):
-                inverse = np.where(state.sums > 0, scale / state.sums, 0.0)
+                inverse = np.where(state.sums > 0, 1.0 / state.sums, 0.0)
             if use32:
-                self._products.append(
-                    (structure.free32, state.col_factor.astype(np.float32), inverse, scale)
-                )
+                factor = state.col_factor.astype(np.float32)
+                products.append((structure.free32, factor, inverse, 1.0))
             else:
-                self._products.append((layer.free, state.col_factor, inverse, scale))
-        diagonal = p * p * r * (r * point.incoming + point.outgoing)
-        self.diagonal = np.where(workspace.movable & (diagonal > 0), diagonal, 1.0)
-        self.fractions: list[np.ndarray] | None = None
-        self._coarse_factor: np.ndarray | None = None
+                products.append((layer.free, state.col_factor, inverse, 1.0))
+        self._prepared = (use, products)
+        return self._prepared
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
         """H v (two passes); entries of groups that cannot move are held at zero."""
@@ -436,7 +466,11 @@ class Curvature:
             return result
         v = v / size  # H is linear; a unit-size v keeps every float32 intermediate in range
         for layer, structure, state, (matrix, col_factor, inverse, scale) in zip(
-            objective.layers, workspace.structures, self.point.layers, self._products, strict=True
+            objective.layers,
+            workspace.structures,
+            self.point.layers,
+            self._products()[1],
+            strict=True,
         ):
             v_rows = _group_values(v, structure.row_index, structure.row_movable)
             if not layer.col_groups.size:  # rows fed by fixed units only
@@ -467,7 +501,7 @@ class Curvature:
             workspace.structures,
             structures,
             self.point.layers,
-            self._use32,
+            self._products()[0],
             strict=True,
         ):
             fractions = np.zeros((state.load.size, structure.local.size))
@@ -530,6 +564,7 @@ class Curvature:
             return np.zeros(workspace.objective.n_groups)
         if workspace.simple is not None:
             z = _damped_newton(self._simple_terms(), workspace.n_coarse, max_iter, rtol)
+            self.coarse_shift = z
             return self._prolong(z)
         if self.fractions is None:
             self.build_coarse()
@@ -558,6 +593,50 @@ class Curvature:
             return value, gradient, hessian
 
         return self._prolong(_damped_newton(terms, workspace.n_coarse, max_iter, rtol))
+
+    def shifted_point(self) -> Point | None:
+        """The point u + P z of the last coarse solve, without a pass: for r = 1 and layers
+        whose rows share one aggregate (a) and whose movable columns share one (b), every
+        row sum scales as rho_o (1 - T_o + T_o e^(-p z_b)) e^(p z_a) and every outgoing load as
+        out_i e^(p (z_a - z_b)). None where that does not hold."""
+        workspace = self.workspace
+        objective = workspace.objective
+        z = self.coarse_shift
+        if z is None or objective.r != 1.0 or workspace.uniform is None:
+            return None
+        p, n = objective.p, objective.n_groups
+        padded = np.append(z, 0.0)
+        value = 0.0
+        incoming = np.zeros(n)
+        outgoing = np.zeros(n)
+        states = []
+        for layer, state, (a, b) in zip(
+            objective.layers, self.point.layers, workspace.uniform, strict=True
+        ):
+            rise, fall = float(np.exp(p * padded[a])), float(np.exp(-p * padded[b]))
+            kept = 1.0 - state.moving + state.moving * fall
+            load = state.load * (rise * kept)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                moving = np.where(kept > 0, state.moving * fall / kept, 0.0)
+            col_out = state.col_out * (rise * fall)
+            value += float(load.sum())
+            layer.rows.scatter(incoming, load)
+            layer.cols.scatter(outgoing, col_out)
+            states.append(
+                LayerState(
+                    load,
+                    state.sums * kept,
+                    state.col_factor * fall,
+                    state.row_weight * rise,
+                    state.col_scale * fall,
+                    col_out,
+                    moving,
+                )
+            )
+        if not np.isfinite(value):
+            return None
+        shifted = self.point.log_scales + self._prolong(z)
+        return Point(shifted, value, incoming, outgoing, tuple(states), self.point.exact)
 
     def _prolong(self, z: np.ndarray) -> np.ndarray:
         workspace = self.workspace

@@ -289,9 +289,11 @@ def minimise(
             first = False
             shift = curvature.coarse_minimiser()
             if np.any(shift):
-                trial = evaluate(workspace, point.log_scales + shift, fast)
+                trial = curvature.shifted_point() or evaluate(
+                    workspace, point.log_scales + shift, fast
+                )
                 if trial.value < point.value:
-                    if fast:
+                    if fast and not trial.exact:
                         point = trial
                         counts["fast"] += 1
                     else:
