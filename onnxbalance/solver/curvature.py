@@ -85,6 +85,36 @@ class _CoarseStructure:
     col_local: np.ndarray  # positions in ``local`` of the columns' aggregates
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The rows and the movable columns of all layers, concatenated in layer order."""
+
+    row_groups: np.ndarray  # FIXED replaced by n_groups (a pad entry)
+    col_groups: np.ndarray
+    fixed_row_sum: np.ndarray
+    row_slices: tuple[slice, ...]  # each layer's part
+    col_slices: tuple[slice, ...]
+
+    @staticmethod
+    def of(objective: Objective) -> _Rows:
+        n = objective.n_groups
+        layers = objective.layers
+        row_stops = np.cumsum([0] + [layer.row_groups.size for layer in layers])
+        col_stops = np.cumsum([0] + [layer.col_groups.size for layer in layers])
+        row_groups = np.concatenate([layer.row_groups for layer in layers] + [[]])
+        return _Rows(
+            np.where(row_groups == FIXED, n, row_groups).astype(np.int64),
+            np.concatenate([layer.col_groups for layer in layers] + [[]]).astype(np.int64),
+            np.concatenate([layer.fixed_row_sum for layer in layers] + [[]]),
+            tuple(
+                slice(int(a), int(b)) for a, b in zip(row_stops[:-1], row_stops[1:], strict=True)
+            ),
+            tuple(
+                slice(int(a), int(b)) for a, b in zip(col_stops[:-1], col_stops[1:], strict=True)
+            ),
+        )
+
+
 def _present(values: np.ndarray, size: int) -> np.ndarray:
     """Sorted distinct entries of ``values`` in [0, size) (np.unique without sorting)."""
     seen = np.zeros(size + 1, dtype=bool)
@@ -129,6 +159,7 @@ class Workspace:
                 )
             )
         self.structures = tuple(structures)
+        self.rows = _Rows.of(objective)
         self._coarse: tuple[tuple[_CoarseStructure, ...], int] | None = None
         self.simple = self._simple_rows()
         self.uniform = self._uniform_layers()
@@ -249,61 +280,74 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray, fast: bool = False) -
 def _evaluate_direct(
     workspace: Workspace, log_scales: np.ndarray, scaled: np.ndarray, fast: bool
 ) -> Point:
+    """evaluate() with plain factors, on the rows and columns of all layers at once (the
+    concatenation of Workspace.rows): per layer only its two products remain."""
     objective = workspace.objective
-    r, n = objective.r, objective.n_groups
+    rows, r, n = workspace.rows, objective.r, objective.n_groups
     objective.passes += 2
     factor = np.empty(n + 1)  # exp(p u) per group, 1 for FIXED (index -1)
     np.exp(scaled, out=factor[:-1])
     factor[-1] = 1.0
     inverse = 1.0 / factor
-    value = 0.0
-    incoming = np.zeros(n)
-    outgoing = np.zeros(n)
-    exact = True
-    states = []
+    col_factor = inverse[rows.col_groups]
+    row_factor = factor[rows.row_groups]
+    sums = rows.fixed_row_sum.copy()
+    singles = [structure.free32 if fast else None for structure in workspace.structures]
+    exact = not any(single is not None for single in singles)
+    x32 = None if exact else col_factor.astype(np.float32)
+    for layer, single, row_part, col_part in zip(
+        objective.layers, singles, rows.row_slices, rows.col_slices, strict=True
+    ):
+        if col_part.start == col_part.stop:
+            continue
+        if single is not None:
+            sums[row_part] += single @ x32[col_part]
+        else:
+            sums[row_part] += layer.free @ col_factor[col_part]
+    rho = sums * row_factor
     with np.errstate(divide="ignore", invalid="ignore"):
-        for layer, structure in zip(objective.layers, workspace.structures, strict=True):
-            row_factor = layer.rows.gather(factor)
-            single = structure.free32 if fast else None
-            if layer.col_groups.size:
-                col_factor = layer.cols.gather(inverse)
-                if single is not None:
-                    exact = False
-                    sums = (single @ col_factor.astype(np.float32)).astype(np.float64)
-                else:
-                    sums = layer.free @ col_factor
-                if layer.has_fixed_columns:
-                    sums += layer.fixed_row_sum
-                    moving = np.where(sums > 0, 1.0 - layer.fixed_row_sum / sums, 0.0)
-                else:
-                    moving = structure.ones
-            else:
-                col_factor = structure.empty
-                sums = layer.fixed_row_sum
-                moving = np.zeros(sums.size)
-            rho = sums * row_factor
-            if r == 1.0:
-                load, row_weight = rho, row_factor
-            else:
-                load = rho**r
-                # rho^(r-1) without a second power; rho = 0 rows carry nothing back
-                row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
-            value += float(load.sum())
-            layer.rows.scatter(incoming, load)
-            if layer.col_groups.size:
-                if single is not None and (r == 1.0 or row_weight.max() < SINGLE_FACTORS):
-                    back = (row_weight.astype(np.float32) @ single).astype(np.float64)
-                else:
-                    back = row_weight @ layer.free
-                col_out = back * col_factor
-                layer.cols.scatter(outgoing, col_out)
-            else:
-                col_out = structure.empty
-            states.append(
-                LayerState(load, sums, col_factor, row_weight, col_factor, col_out, moving)
-            )
+        if r == 1.0:
+            load, row_weight = rho, row_factor
+        else:
+            load = rho**r
+            # rho^(r-1) without a second power; rho = 0 rows carry nothing back
+            row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
+        moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
+    back = np.empty(col_factor.size)
+    y32 = None
+    if not exact and (r == 1.0 or row_weight.max(initial=0.0) < SINGLE_FACTORS):
+        y32 = row_weight.astype(np.float32)
+    for layer, single, row_part, col_part in zip(
+        objective.layers, singles, rows.row_slices, rows.col_slices, strict=True
+    ):
+        if col_part.start == col_part.stop:
+            continue
+        if single is not None and y32 is not None:
+            back[col_part] = y32[row_part] @ single
+        else:
+            np.dot(row_weight[row_part], layer.free, out=back[col_part])
+    col_out = back * col_factor
+    incoming = np.bincount(rows.row_groups, load, n + 1)[:n]
+    outgoing = np.bincount(rows.col_groups, col_out, n)
+    states = tuple(
+        LayerState(
+            load[row_part],
+            sums[row_part],
+            col_factor[col_part],
+            row_weight[row_part],
+            col_factor[col_part],
+            col_out[col_part],
+            moving[row_part],
+        )
+        for row_part, col_part in zip(rows.row_slices, rows.col_slices, strict=True)
+    )
     return Point(
-        np.array(log_scales, dtype=np.float64), value, incoming, outgoing, tuple(states), exact
+        np.array(log_scales, dtype=np.float64),
+        float(load.sum()),
+        incoming,
+        outgoing,
+        states,
+        exact,
     )
 
 
