@@ -67,30 +67,44 @@ def _reachable(
     reached unit. A layer with only positive couplings needs no product (any reached unit hits
     every target). Passes repeat until nothing changes (one or two for feed-forward orders).
     """
-    reached = np.zeros(graph.n_groups, dtype=bool)
+    n = graph.n_groups
+    reached = np.zeros(n, dtype=bool)
+    # Sources: reached or anchored groups, and the pad at index -1 == FIXED (always a source).
+    source = np.append(anchored, True)
     # Layers usually come in forward order: walk them backwards for the backward search.
-    order = list(zip(graph.layers, couplings, strict=True))
+    order = [
+        (
+            np.asarray(layer.col_groups if forward else layer.row_groups, np.int64),
+            np.asarray(layer.row_groups if forward else layer.col_groups, np.int64),
+            coupling,
+        )
+        for layer, coupling in zip(graph.layers, couplings, strict=True)
+    ]
     if not forward:
         order.reverse()
     changed = True
     while changed:
         changed = False
-        for layer, coupling in order:
-            sources = np.asarray(layer.col_groups if forward else layer.row_groups, np.int64)
-            targets = np.asarray(layer.row_groups if forward else layer.col_groups, np.int64)
-            # Padded with True at index -1 == FIXED: fixed units are always sources.
-            active = np.append(anchored | reached, True)[sources]
+        used = np.zeros(n + 1, dtype=bool)  # sources of the layers walked in this pass
+        for sources, targets, coupling in order:
+            used[sources] = True
+            active = source[sources]
             if coupling.positive:
-                hits = np.full(targets.size, bool(active.any()))
+                if not active.any():
+                    continue
+                hit_targets = targets
             else:
                 matrix = coupling.matrix
                 hits = (matrix @ active if forward else matrix.T @ active) > 0
-            hit = np.zeros(graph.n_groups + 1, dtype=bool)  # the pad at -1 absorbs FIXED
-            hit[targets[hits]] = True
-            new = hit[:-1] & ~reached & ~anchored
+                hit_targets = targets[hits]
+            hit = np.zeros(n + 1, dtype=bool)  # the pad at -1 absorbs FIXED
+            hit[hit_targets] = True
+            new = hit[:-1] & ~source[:-1]
             if new.any():
                 reached |= new
-                changed = True
+                source[:-1] |= new
+                # Another pass only if a layer already walked reads a newly reached group.
+                changed = changed or bool((new & used[:-1]).any())
     return reached
 
 
