@@ -4,6 +4,8 @@ and the float32 evaluations of the first phase."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import reference
@@ -70,7 +72,9 @@ def test_liveness_of_positive_layers_without_products_matches_the_general_path()
     couplings = summarise_graph(graph)
     assert all(c.positive for c in couplings)
     fast = find_pinned(graph, couplings)
-    general = find_pinned(graph, tuple(c.__class__(c.matrix, None, False, 0.0) for c in couplings))
+    general = find_pinned(
+        graph, tuple(dataclasses.replace(c, single=None, positive=False) for c in couplings)
+    )
     assert fast == general
     assert {g.group for g in fast} == {2, 3, 4}
 

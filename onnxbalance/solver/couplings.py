@@ -1,16 +1,17 @@
-"""One look at every coupling matrix per solve: validation, value range and a float32 copy.
+"""One look at every coupling matrix per solve: validation, value range, sums, a float32 copy.
 
 Everything the solvers and the liveness analysis need to know about a matrix c before they
 iterate: that it is finite and non-negative (else ValueError naming the layer), whether every
-entry is positive (then no row or column is empty and every coupling connects), the largest
-|log c| over its non-zero entries, and a float32 copy of c for products that only steer
-(trial points whose values are certified in float64 later, Hessian products).
+entry is positive (then every coupling connects), the largest |log c| over its non-zero
+entries, its row and column sums (empty rows and columns, dead units, and F and the loads at
+u = 0, see curvature.start), and a float32 copy of c for products that only steer (trial points
+whose values are certified in float64 later, Hessian products).
 
-The common case costs one float64 pass: the float32 copy, whose maximum and minimum (float32
-passes, half the bytes) settle the rest. Rounding to float32 is monotone and keeps the sign, so
-a positive finite minimum and a finite maximum of the copy prove that every entry of c is
-positive and finite, and give |log c| to float32 accuracy. Otherwise (zeros, NaN, negative or
-huge entries) the float64 matrix is inspected directly, as before.
+The float64 matrix is read once, in blocks of rows that stay in cache, for the copy and both
+sums; the copy's maximum and minimum (float32, half the bytes) settle the rest. Rounding to
+float32 is monotone and keeps the sign, so a positive finite minimum and a finite maximum of the
+copy prove that every entry of c is positive and finite, and give |log c| to float32 accuracy.
+Otherwise (zeros, NaN, negative or huge entries) the float64 matrix is inspected directly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FLOAT32_RANGE = 1e30
 SINGLE_FACTORS = float(np.sqrt(FLOAT32_RANGE))
 """Vectors multiplied with a float32 copy must have entries within [1 / this, this]."""
 
+_BLOCK_BYTES = 1 << 19  # rows of float64 read per block (half a typical L2 cache)
 _LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, absolute in log c
 
 
@@ -40,6 +42,8 @@ class Coupling:
     single: np.ndarray | None
     positive: bool  # every entry > 0 (and the matrix is not empty)
     log_range: float  # largest |log c| over the non-zero entries (0 if there are none)
+    row_sums: np.ndarray  # c @ 1 in float64
+    col_sums: np.ndarray  # 1 @ c in float64
 
 
 def _check_groups(graph: UnitGraph, layer, rows: int, cols: int) -> None:
@@ -73,17 +77,37 @@ def _exact_log_range(matrix: np.ndarray) -> float:
     return max(abs(np.log(largest)), abs(np.log(smallest)))
 
 
+def _copy_and_sums(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The float32 copy, the row sums and the column sums of ``matrix`` in one sweep: blocks
+    of rows small enough to stay in cache are read once from memory for all three."""
+    rows, cols = matrix.shape
+    single = np.empty((rows, cols), dtype=np.float32)
+    row_sums = np.empty(rows)
+    col_sums = np.zeros(cols)
+    ones = np.ones(cols)
+    step = max(1, _BLOCK_BYTES // (8 * cols))
+    lead = np.ones(min(step, rows))
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, seen later
+        for start in range(0, rows, step):
+            block = matrix[start : start + step]
+            single[start : start + step] = block
+            np.dot(block, ones, out=row_sums[start : start + step])
+            col_sums += lead[: block.shape[0]] @ block
+    return single, row_sums, col_sums
+
+
 def summarise(layer_name: str, coupling) -> Coupling:
     """The :class:`Coupling` of one matrix; ValueError naming the layer if it is unusable."""
     matrix = np.asarray(coupling, dtype=np.float64)
     if matrix.ndim != 2:
         raise ValueError(f"layer {layer_name!r}: coupling matrix must be 2-D")
     if not matrix.size:
-        return Coupling(matrix, None, False, 0.0)
-    with np.errstate(over="ignore"):  # entries beyond float32 become inf and are seen below
-        single = matrix.astype(np.float32)
+        empty = np.zeros(matrix.shape[0]), np.zeros(matrix.shape[1])
+        return Coupling(matrix, None, False, 0.0, *empty)
+    single, row_sums, col_sums = _copy_and_sums(matrix)
     largest, smallest = float(single.max()), float(single.min())
-    if np.isfinite(largest) and smallest > 0:
+    # A finite total rules out NaN and Inf (no negative entry can cancel them: see below).
+    if np.isfinite(largest) and smallest > 0 and np.isfinite(row_sums.sum()):
         positive = True
         log_range = max(abs(np.log(largest)), abs(np.log(smallest))) + _LOG_SLACK
     else:
@@ -92,8 +116,8 @@ def summarise(layer_name: str, coupling) -> Coupling:
         log_range = _exact_log_range(matrix)
         largest = float(matrix.max())
     if not (largest > 0 and 2.0 * log_range <= np.log(FLOAT32_RANGE)):
-        return Coupling(matrix, None, positive, log_range)
-    return Coupling(matrix, single, positive, log_range)
+        single = None
+    return Coupling(matrix, single, positive, log_range, row_sums, col_sums)
 
 
 def summarise_graph(graph: UnitGraph) -> tuple[Coupling, ...]:

@@ -277,6 +277,60 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray, fast: bool = False) -
     return _evaluate_shifted(workspace, log_scales)
 
 
+def start(workspace: Workspace) -> Point:
+    """evaluate() at u = 0 (two passes, like any evaluation), mostly from the coupling summary:
+    there rho_o is the row sum of c and, for r = 1, out_i its column sum; only for r != 1 do
+    the outgoing loads need products, rho^(r-1) @ c."""
+    objective = workspace.objective
+    rows, r, n = workspace.rows, objective.r, objective.n_groups
+    if not objective._log_range < _DIRECT_LIMIT:
+        return evaluate(workspace, np.zeros(n))
+    objective.passes += 2
+    sums = np.concatenate([layer.row_sums for layer in objective.layers] + [[]])
+    col_factor = np.ones(rows.col_groups.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if r == 1.0:
+            load, row_weight = sums, np.ones(sums.size)
+            back = np.concatenate([layer.free_col_sums for layer in objective.layers] + [[]])
+        else:
+            load = sums**r
+            row_weight = np.where(sums > 0, load / sums, 0.0)
+            back = np.empty(col_factor.size)
+            for layer, row_part, col_part in zip(
+                objective.layers, rows.row_slices, rows.col_slices, strict=True
+            ):
+                if col_part.start < col_part.stop:
+                    np.dot(row_weight[row_part], layer.free, out=back[col_part])
+        moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
+    return _point(workspace, np.zeros(n), load, sums, col_factor, row_weight, back, moving, True)
+
+
+def _point(workspace, log_scales, load, sums, col_factor, row_weight, back, moving, exact):
+    """The Point of the plain-factor path from its concatenated per-row and per-column parts."""
+    rows, n = workspace.rows, workspace.objective.n_groups
+    col_out = back * col_factor
+    states = tuple(
+        LayerState(
+            load[row_part],
+            sums[row_part],
+            col_factor[col_part],
+            row_weight[row_part],
+            col_factor[col_part],
+            col_out[col_part],
+            moving[row_part],
+        )
+        for row_part, col_part in zip(rows.row_slices, rows.col_slices, strict=True)
+    )
+    return Point(
+        np.array(log_scales, dtype=np.float64),
+        float(load.sum()),
+        np.bincount(rows.row_groups, load, n + 1)[:n],
+        np.bincount(rows.col_groups, col_out, n),
+        states,
+        exact,
+    )
+
+
 def _evaluate_direct(
     workspace: Workspace, log_scales: np.ndarray, scaled: np.ndarray, fast: bool
 ) -> Point:
@@ -326,29 +380,7 @@ def _evaluate_direct(
             back[col_part] = y32[row_part] @ single
         else:
             np.dot(row_weight[row_part], layer.free, out=back[col_part])
-    col_out = back * col_factor
-    incoming = np.bincount(rows.row_groups, load, n + 1)[:n]
-    outgoing = np.bincount(rows.col_groups, col_out, n)
-    states = tuple(
-        LayerState(
-            load[row_part],
-            sums[row_part],
-            col_factor[col_part],
-            row_weight[row_part],
-            col_factor[col_part],
-            col_out[col_part],
-            moving[row_part],
-        )
-        for row_part, col_part in zip(rows.row_slices, rows.col_slices, strict=True)
-    )
-    return Point(
-        np.array(log_scales, dtype=np.float64),
-        float(load.sum()),
-        incoming,
-        outgoing,
-        states,
-        exact,
-    )
+    return _point(workspace, log_scales, load, sums, col_factor, row_weight, back, moving, exact)
 
 
 def _evaluate_shifted(workspace: Workspace, log_scales: np.ndarray) -> Point:

@@ -37,20 +37,14 @@ CUT_FROM_BOTH = "cut off from the inputs and the outputs"
 
 def _weight_totals(graph: UnitGraph, couplings: tuple[Coupling, ...]) -> tuple[np.ndarray, ...]:
     """Per group: whether it has a non-zero incoming and a non-zero outgoing coupling (self-loops
-    included). A layer whose couplings are all positive needs no pass: each of its rows has an
-    incoming and each column an outgoing coupling."""
+    included), from the row and column sums of the summary (no pass)."""
     incoming = np.zeros(graph.n_groups, dtype=bool)
     outgoing = np.zeros(graph.n_groups, dtype=bool)
     for layer, coupling in zip(graph.layers, couplings, strict=True):
-        matrix = coupling.matrix
         rows = np.asarray(layer.row_groups, dtype=np.int64)
         cols = np.asarray(layer.col_groups, dtype=np.int64)
-        if coupling.positive:
-            row_hit = np.ones(rows.size, dtype=bool)
-            col_hit = np.ones(cols.size, dtype=bool)
-        else:
-            row_hit = matrix.sum(axis=1) > 0
-            col_hit = matrix.sum(axis=0) > 0
+        row_hit = coupling.row_sums > 0
+        col_hit = coupling.col_sums > 0
         incoming[rows[row_hit & (rows != FIXED)]] = True
         outgoing[cols[col_hit & (cols != FIXED)]] = True
     return incoming, outgoing

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..unitgraph import UnitGraph
 from .couplings import Coupling
-from .curvature import Curvature, Point, Workspace, evaluate
+from .curvature import Curvature, Point, Workspace, evaluate, start
 from .mu import step_size
 from .objective import Objective, movable_groups
 from .result import SolveResult
@@ -223,7 +223,7 @@ def minimise(
     workspace = Workspace(objective, movable)
     movable = workspace.movable
     eta = step_size(objective.p, objective.q)
-    point = evaluate(workspace, np.zeros(objective.n_groups))
+    point = start(workspace)
     certified = point  # the last accepted point (exact F and loads)
     values = [point.value]
     counts = {"cg": 0, "fallback": 0, "model": 0, "fast": 0}

@@ -102,7 +102,8 @@ class _PreparedLayer:
     has_fixed_columns: bool
     has_empty_rows: bool  # some row has only zero couplings (rho = 0)
     empty_rows: np.ndarray  # mask of those rows
-    free_col_sums: np.ndarray | None  # c.T @ 1 over the free columns (set when every row is fixed)
+    free_col_sums: np.ndarray  # c.T @ 1 over the free columns
+    row_sums: np.ndarray  # c @ 1 over all columns (rho at u = 0)
     zero_cols: np.ndarray  # free columns with only zero couplings
     log_range: float  # largest |log| of a non-zero coupling
     single: np.ndarray | None  # float32 copy of free (couplings.py), or None
@@ -124,15 +125,10 @@ def _prepare(
             log_fixed_row_sum = np.log(fixed_row_sum)
         # No copy when every column moves: the sweep then reads the caller's matrix itself.
         free = np.ascontiguousarray(coupling if movable.all() else coupling[:, movable])
-        rows_fixed = not (row_groups != FIXED).any()
-        if summary.positive:  # no empty row or column: skip the passes that look for them
-            empty_rows = np.zeros(coupling.shape[0], dtype=bool)
-            zero_cols = np.zeros(free.shape[1], dtype=bool)
-            free_col_sums = free.sum(axis=0) if rows_fixed else None
-        else:
-            empty_rows = coupling.sum(axis=1) == 0
-            free_col_sums = free.sum(axis=0)
-            zero_cols = free_col_sums == 0
+        # Row and column sums come with the summary: empty rows and columns cost no pass.
+        free_col_sums = summary.col_sums[movable]
+        empty_rows = summary.row_sums == 0
+        zero_cols = free_col_sums == 0
         prepared.append(
             _PreparedLayer(
                 name=layer.name,
@@ -147,6 +143,7 @@ def _prepare(
                 has_empty_rows=bool(empty_rows.any()),
                 empty_rows=empty_rows,
                 free_col_sums=free_col_sums,
+                row_sums=summary.row_sums,
                 zero_cols=zero_cols,
                 log_range=max(summary.log_range, _log_range(fixed_row_sum)),
                 single=_single_columns(summary, movable),
