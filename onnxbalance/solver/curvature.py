@@ -18,10 +18,12 @@ p r^2 rho_o^r D_o on the row's group, and the column terms to
 where out_i = (t^T rho^(r-1))_i is the column's outgoing load (known from the gradient). So one
 Hessian-vector product costs two passes over every coupling matrix: t v and t^T y. Everything is
 written with bounded quantities (loads rho^r <= F, ratios t/rho in [0, 1], vectors shifted by
-their largest log-entry as in objective.py), so scales of 1e+-100 do not overflow. Layers whose
-couplings span less than 1e30 use a float32 copy for these products while the scales stay
-moderate (the Hessian only steers the step; F and its gradient, which decide acceptance and
-convergence, stay in float64).
+their largest log-entry as in objective.py), so scales of 1e+-100 do not overflow; while every
+coupling times every factor stays within exp(+-600) (objective.py's condition), evaluate() takes
+the plain factors exp(-+p u) instead, for all layers' rows at once. Layers whose couplings span
+less than 1e30 use their float32 copy (couplings.py) for Hessian products while the factors
+stay within 1e+-15, and for evaluate(fast=True) points: such points and products only steer;
+F and its gradient, which decide acceptance and convergence, come from float64 evaluations.
 
 F is convex in u, so H is positive semi-definite; for r < 1 its first term is negative and only
 the sum is guaranteed non-negative, which is why the Newton solver guards against non-positive
@@ -608,10 +610,6 @@ class Curvature:
         return lowrank.build(
             workspace.layout, self.diagonal, workspace.movable, terms, objective.p, objective.r
         )
-
-    def reuse_coarse(self, other: Curvature) -> None:
-        """Precondition with the coarse matrix of a nearby point (no pass)."""
-        self._coarse_factor = other._coarse_factor
 
     def precondition(self, residual: np.ndarray) -> np.ndarray:
         movable = self.workspace.movable

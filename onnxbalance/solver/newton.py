@@ -1,25 +1,39 @@
-"""A faster exact solver: Newton's method on the log-scales with preconditioned conjugate gradients.
+"""A faster exact solver: Newton-type steps on the log-scales with a pass-free Hessian model.
 
 It minimises the same convex F(u) = ||W||_{p,q}^q as Algorithm 1 (ALGORITHM.md §3-§7) on the same
 unit graph, tied and pinned groups included, and stops on the same test.
 
-First, u moves to the exact minimiser of F over the per-layer scales (curvature.py: the coarse
-space, solved without further passes): in a deep network that is the slow, strongly nonlinear
-part that Algorithm 1 needs thousands of sweeps for. Then each iteration at u, with gradient
+Start: F and the loads at u = 0 come from the row and column sums of the couplings
+(couplings.py, curvature.start). Then u moves to the exact minimiser of F over the per-layer
+scales (curvature.py: the coarse space, solved without further passes; for r = 1 the new point's
+loads follow without a pass too): in a deep network that is the slow, strongly nonlinear part
+that Algorithm 1 needs thousands of sweeps for. Then each iteration at u, with gradient
 g = q (in - out):
 
-1. Solve H d = -g inexactly with conjugate gradients (curvature.py: H v costs two passes; the
-   preconditioner is Jacobi plus a per-layer coarse correction, rebuilt only after u moved by
-   more than COARSE_REUSE). The relative residual target min(1/2, sqrt(max |eta log(out/in)|))
-   gives superlinear convergence near the minimum. If CG meets non-positive curvature (possible
-   for r < 1 only through round-off) it stops there (first iteration: the preconditioned
-   gradient).
+1. Direction d = -M^-1 g with M the Hessian model of lowrank.py: the diagonal plus one
+   rank-one term per layer, built from the loads at u (no pass) and inverted exactly. It agrees
+   with the Hessian on per-layer constant vectors and, on dense layers, is accurate to a few per
+   cent elsewhere, so the steps converge linearly at a rate of a few per cent per step. If the
+   model is not positive definite, or its step fails, d solves H d = -g inexactly by conjugate
+   gradients (H v costs two passes; Jacobi plus per-layer coarse preconditioner; relative
+   residual target min(1/2, sqrt(max |eta log(out/in)|))).
 2. Backtracking line search from step 1: accept the first step with
    F(u + a d) <= F(u) + 1e-4 a g.d (Armijo), so F strictly decreases. Trial points are full
    evaluations (two passes), so the accepted one already carries the next gradient.
-3. If d is not a descent direction or the line search fails, take one step of Algorithm 1
-   instead: u_g += eta log(out_g / in_g). Its auxiliary-function argument guarantees that F does
-   not increase, so every accepted step is monotone.
+3. If no direction gives a step, take one step of Algorithm 1 instead: u_g += eta log(out_g /
+   in_g). Its auxiliary-function argument guarantees that F does not increase, so every accepted
+   step is monotone.
+
+Float32 phase: while the layers have float32 copies (couplings.py) and the scales are moderate,
+the trial points of steps 1-2 multiply with the copies (evaluate(fast=True), about 1e-7 relative
+error in every load). Such points only steer: they are never accepted steps. The phase ends when
+its loads pass the stopping test (at max(tol, FAST_TOL)), when its F can no longer resolve a
+step, or when, at the rate of its last step, the next point should pass the stopping test with
+room to spare (that point is then evaluated in float64 directly). Its end point is evaluated in
+float64 and accepted as one step only if F decreased from the last accepted point (or, at the
+round-off level, F stayed and the imbalance shrank); otherwise the phase is dropped and the solve
+continues in float64 from that point. Acceptance, the reported norms and the stopping test
+therefore always use float64 loads.
 
 Round-off: once the predicted decrease -g.d is below the resolution of the computed F (about
 64 eps |log F| relative), F values no longer order the points; a step is then accepted if F stays
@@ -27,9 +41,8 @@ within that resolution and Algorithm 1's imbalance max_g |log(out_g / in_g)| shr
 itself is monotone only up to the same round-off.
 
 Stopping: converged when every group's Algorithm-1 factor a_g = (out_g / in_g)^eta satisfies
-|a_g - 1| < tol at the current point, exactly the test that ends Algorithm 1, so both solvers
-stop on the same tolerance. Newton typically passes it with a much smaller gradient than
-Algorithm 1 does (the last step converges quadratically), so its minimum is the more accurate.
+|a_g - 1| < tol at the current (float64) point, exactly the test that ends Algorithm 1, so both
+solvers stop on the same tolerance.
 """
 
 from __future__ import annotations
@@ -52,9 +65,6 @@ logger = logging.getLogger(__name__)
 ARMIJO = 1e-4
 MAX_BACKTRACKS = 30
 ROUND_OFF = 64 * np.finfo(float).eps
-# The coarse matrix (one block pass) is rebuilt only after u moved by more than this since it
-# was last built: it only preconditions, and near the minimum it hardly changes.
-COARSE_REUSE = 0.2
 # The float32 phase: its loads carry about 1e-7 relative error, so it stops at this factor
 # tolerance (or tol if larger), when its F cannot resolve the predicted decrease, or after
 # this many steps; its end point is then certified in float64.
