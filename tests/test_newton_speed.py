@@ -79,13 +79,20 @@ def test_liveness_of_positive_layers_without_products_matches_the_general_path()
     assert {g.group for g in fast} == {2, 3, 4}
 
 
-@PROPERTY
-@given(
+RANDOM_POINT = given(
     net=networks(dag=True, zeros=True, ties=True), p=exponents, q=exponents, seed=st.integers(0, 99)
 )
-def test_float32_evaluation_steers_within_float32_accuracy(net, p, q, seed):
+
+
+def _random_point(net, p, q, seed):
     objective, workspace = _workspace(net, p, q)
-    u = np.random.default_rng(seed).normal(scale=0.3, size=net.n_groups)
+    return workspace, np.random.default_rng(seed).normal(scale=0.3, size=net.n_groups)
+
+
+@PROPERTY
+@RANDOM_POINT
+def test_float32_evaluation_steers_within_float32_accuracy(net, p, q, seed):
+    workspace, u = _random_point(net, p, q, seed)
     fast = evaluate(workspace, u, fast=True)
     exact = evaluate(workspace, u)
     assert exact.exact
@@ -115,12 +122,9 @@ def test_lowrank_model_is_exact_on_per_layer_constant_vectors(p, q):
 
 
 @PROPERTY
-@given(
-    net=networks(dag=True, zeros=True, ties=True), p=exponents, q=exponents, seed=st.integers(0, 99)
-)
+@RANDOM_POINT
 def test_lowrank_model_is_positive_definite_when_returned(net, p, q, seed):
-    objective, workspace = _workspace(net, p, q)
-    u = np.random.default_rng(seed).normal(scale=0.3, size=net.n_groups)
+    workspace, u = _random_point(net, p, q, seed)
     model = Curvature(workspace, evaluate(workspace, u)).model()
     if model is None:
         return
