@@ -53,6 +53,10 @@ class _Side:
 
     @staticmethod
     def of(groups: np.ndarray, movable: np.ndarray) -> _Side:
+        if groups.size and groups[0] >= 0 and groups[-1] - groups[0] == groups.size - 1:
+            run = slice(int(groups[0]), int(groups[-1]) + 1)
+            if movable[run].all() and np.array_equal(groups, np.arange(run.start, run.stop)):
+                return _Side(groups, None, None)  # a plain layer: unit k is group k + start
         seen = np.zeros(movable.size + 1, dtype=bool)
         seen[groups] = True  # FIXED (-1) marks the pad
         support = np.flatnonzero(seen[:-1] & movable)
@@ -100,11 +104,15 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
     # Pairs of entries on the same group: sort by group, then pair up within each run.
     order = np.argsort(group, kind="stable")
     sorted_groups = group[order]
-    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-    lengths = np.diff(np.r_[starts, sorted_groups.size])
+    boundary = np.ones(sorted_groups.size, dtype=bool)
+    np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=boundary[1:])
+    starts = np.flatnonzero(boundary)
+    lengths = np.diff(np.append(starts, sorted_groups.size))
     first, second = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-    for length in np.unique(lengths):
+    for length in range(1, int(lengths.max(initial=0)) + 1):
         runs = starts[lengths == length]
+        if not runs.size:
+            continue
         for a in range(length):
             for b in range(length):
                 first.append(order[runs + a])

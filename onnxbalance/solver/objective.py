@@ -120,9 +120,13 @@ def _prepare(
         col_groups = np.asarray(layer.col_groups, dtype=np.int64)
         row_groups = np.asarray(layer.row_groups, dtype=np.int64)
         movable = col_groups != FIXED
-        fixed_row_sum = coupling[:, ~movable].sum(axis=1)
-        with np.errstate(divide="ignore"):
-            log_fixed_row_sum = np.log(fixed_row_sum)
+        if movable.all():
+            fixed_row_sum = np.zeros(coupling.shape[0])
+            log_fixed_row_sum = np.full(coupling.shape[0], -np.inf)
+        else:
+            fixed_row_sum = coupling[:, ~movable].sum(axis=1)
+            with np.errstate(divide="ignore"):
+                log_fixed_row_sum = np.log(fixed_row_sum)
         # No copy when every column moves: the sweep then reads the caller's matrix itself.
         free = np.ascontiguousarray(coupling if movable.all() else coupling[:, movable])
         # Row and column sums come with the summary: empty rows and columns cost no pass.
