@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from networks import exponents, make_network, networks
 
-from onnxbalance.solver import solve
+from onnxbalance.solver import newton, solve
 from onnxbalance.solver.couplings import summarise, summarise_graph
 from onnxbalance.solver.curvature import Curvature, Workspace, evaluate
 from onnxbalance.solver.liveness import find_pinned
@@ -181,3 +181,35 @@ def test_float32_phase_ends_in_a_float64_certified_step():
     assert np.all(np.diff(result.history) < 0)
     incoming, outgoing = reference.loads(net.layers(), net.n_groups, result.log_scales, 2.0, 2.0)
     assert np.max(np.abs(np.expm1(np.log(outgoing / incoming) / 8))) < 1e-6
+
+
+def test_misleading_float32_phase_is_caught_by_the_float64_certification(monkeypatch):
+    """Float32 points that report balanced loads from the first trial on end the phase at once;
+    the float64 check then finds the point unbalanced and the solve goes on in float64 to the
+    same minimum, every accepted step lowering F."""
+    real = newton.evaluate
+
+    def lying(workspace, log_scales, fast=False):
+        point = real(workspace, log_scales, fast)
+        if point.exact:
+            return point
+        return dataclasses.replace(point, value=0.5 * point.value, outgoing=point.incoming)
+
+    monkeypatch.setattr(newton, "evaluate", lying)
+    net = make_network((20, 60, 50, 40, 5), seed=8, paper_init=True)
+    result = solve(net.unit_graph(2.0), 2.0, 2.0, tol=1e-8)
+    assert result.converged
+    assert np.all(np.diff(result.history) <= 1e-12 * np.array(result.history[:-1]))
+    best = reference.minimise(net.layers(), net.n_groups, 2.0, 2.0)
+    assert result.norm_after == pytest.approx(best.norm, rel=1e-8)
+
+
+def test_certification_needs_a_lower_norm_or_a_smaller_imbalance():
+    net = make_network((4, 6, 5, 3), seed=9)
+    objective, workspace = _workspace(net, 2.0, 2.0)
+    start = evaluate(workspace, np.zeros(net.n_groups))
+    better = evaluate(workspace, Curvature(workspace, start).coarse_minimiser())
+    assert better.value < start.value
+    assert newton._certifies(better, start, workspace)
+    assert not newton._certifies(start, better, workspace)
+    assert not newton._certifies(start, start, workspace)  # same F, same imbalance
