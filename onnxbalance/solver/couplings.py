@@ -22,10 +22,10 @@ import numpy as np
 
 from ..unitgraph import FIXED, UnitGraph
 
-FLOAT32_RANGE = 1e30
-"""A layer gets a float32 copy when every non-zero |log c| is at most log(FLOAT32_RANGE) / 2."""
-SINGLE_FACTORS = float(np.sqrt(FLOAT32_RANGE))
-"""Vectors multiplied with a float32 copy must have entries within [1 / this, this]."""
+SINGLE_FACTORS = 1e15
+"""A float32 copy has entries of at most this, and its rows and columns sum to at least the
+inverse; vectors multiplied with it must have entries within [1 / this, this], so every
+product and sum stays below 1e30 (float32 overflows at 3.4e38)."""
 
 _BLOCK_BYTES = 1 << 19  # rows of float64 read per block (half a typical L2 cache)
 _LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, absolute in log c
@@ -36,10 +36,7 @@ class Coupling:
     """One layer's coupling matrix as the solvers use it."""
 
     matrix: np.ndarray  # float64
-    # float32 copy, None if the range is too wide: its non-zero entries lie in
-    # [1 / sqrt(FLOAT32_RANGE), sqrt(FLOAT32_RANGE)], so products with factors in that range
-    # stay normal float32 numbers
-    single: np.ndarray | None
+    single: np.ndarray | None  # float32 copy, None unless _single_fits
     positive: bool  # every entry > 0 (and the matrix is not empty)
     log_range: float  # largest |log c| over the non-zero entries (0 if there are none)
     row_sums: np.ndarray  # c @ 1 in float64
@@ -75,6 +72,21 @@ def _exact_log_range(matrix: np.ndarray) -> float:
         return 0.0
     smallest = float(np.min(matrix, where=matrix > 0, initial=np.inf))
     return max(abs(np.log(largest)), abs(np.log(smallest)))
+
+
+def _single_fits(largest: float, row_sums: np.ndarray, col_sums: np.ndarray) -> bool:
+    """Whether the float32 copy can stand in for c: its entries, times factors within
+    [1 / SINGLE_FACTORS, SINGLE_FACTORS], stay below float32's overflow, and every non-empty
+    row and column sums to at least 1 / SINGLE_FACTORS, so a product keeps float32's relative
+    accuracy however small single entries are (those below about 1e-23 may flush to zero,
+    which changes no sum by more than 1e-5 of itself)."""
+    if not 0 < largest <= SINGLE_FACTORS:
+        return False
+    for sums in (row_sums, col_sums):
+        smallest = float(np.min(sums, where=sums > 0, initial=np.inf))
+        if smallest < 1.0 / SINGLE_FACTORS:
+            return False
+    return True
 
 
 def _copy_and_sums(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,7 +127,7 @@ def summarise(layer_name: str, coupling) -> Coupling:
         positive = False
         log_range = _exact_log_range(matrix)
         largest = float(matrix.max())
-    if not (largest > 0 and 2.0 * log_range <= np.log(FLOAT32_RANGE)):
+    if not _single_fits(largest, row_sums, col_sums):
         single = None
     return Coupling(matrix, single, positive, log_range, row_sums, col_sums)
 

@@ -55,7 +55,7 @@ import numpy as np
 from ..unitgraph import FIXED
 from . import lowrank
 from .couplings import SINGLE_FACTORS
-from .objective import _DIRECT_LIMIT, _TINY, Objective, _accumulate
+from .objective import _DIRECT_LIMIT, _TINY, Bins, Objective, _accumulate
 
 FAST_LIMIT = 30.0  # largest |p u| for which evaluate(fast=True) uses the float32 copies
 # (exp(30) < SINGLE_FACTORS: the products stay normal float32 numbers)
@@ -96,6 +96,10 @@ class _Rows:
     fixed_row_sum: np.ndarray
     row_slices: tuple[slice, ...]  # each layer's part
     col_slices: tuple[slice, ...]
+    incoming: Bins  # rows into groups (n_groups + 1 bins: the last one takes FIXED)
+    outgoing: Bins  # columns into groups
+    row_layers: Bins  # rows into layers
+    col_layers: Bins
 
     @staticmethod
     def of(objective: Objective) -> _Rows:
@@ -114,6 +118,10 @@ class _Rows:
             tuple(
                 slice(int(a), int(b)) for a, b in zip(col_stops[:-1], col_stops[1:], strict=True)
             ),
+            Bins(np.where(row_groups == FIXED, n, row_groups), n + 1),
+            Bins(np.concatenate([layer.col_groups for layer in layers] + [[]]), n),
+            Bins(np.repeat(np.arange(len(layers)), np.diff(row_stops)), len(layers)),
+            Bins(np.repeat(np.arange(len(layers)), np.diff(col_stops)), len(layers)),
         )
 
 
@@ -171,6 +179,7 @@ class Workspace:
             [layer.col_groups for layer in objective.layers],
             self.movable,
         )
+        self.model_layers = np.array([side[0] for side in self.layout.sides], dtype=np.int64)
 
     def coarse_structures(self) -> tuple[tuple[_CoarseStructure, ...], int]:
         """Per layer its coarse coordinates, and the passes one block product costs (the
@@ -257,6 +266,7 @@ class Point:
     outgoing: np.ndarray
     layers: tuple[LayerState, ...]
     exact: bool = True  # False: some products ran on the float32 copies (evaluate(fast=True))
+    rows: tuple[np.ndarray, ...] | None = None  # load, moving, col_out of all layers at once
 
     def gradient(self, q: float) -> np.ndarray:
         return q * (self.incoming - self.outgoing)
@@ -326,10 +336,11 @@ def _point(workspace, log_scales, load, sums, col_factor, row_weight, back, movi
     return Point(
         np.array(log_scales, dtype=np.float64),
         float(load.sum()),
-        np.bincount(rows.row_groups, load, n + 1)[:n],
-        np.bincount(rows.col_groups, col_out, n),
+        rows.incoming(load)[:n],
+        rows.outgoing(col_out),
         states,
         exact,
+        (load, moving, col_out),
     )
 
 
@@ -351,15 +362,18 @@ def _evaluate_direct(
     singles = [structure.free32 if fast else None for structure in workspace.structures]
     exact = not any(single is not None for single in singles)
     x32 = None if exact else col_factor.astype(np.float32)
+    sums32 = None if exact else np.zeros(sums.size, dtype=np.float32)
     for layer, single, row_part, col_part in zip(
         objective.layers, singles, rows.row_slices, rows.col_slices, strict=True
     ):
         if col_part.start == col_part.stop:
             continue
         if single is not None:
-            sums[row_part] += single @ x32[col_part]
+            np.dot(single, x32[col_part], out=sums32[row_part])
         else:
             sums[row_part] += layer.free @ col_factor[col_part]
+    if sums32 is not None:
+        sums += sums32
     rho = sums * row_factor
     with np.errstate(divide="ignore", invalid="ignore"):
         if r == 1.0:
@@ -370,18 +384,25 @@ def _evaluate_direct(
             row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
         moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
     back = np.empty(col_factor.size)
-    y32 = None
+    y32 = back32 = None
     if not exact and (r == 1.0 or row_weight.max(initial=0.0) < SINGLE_FACTORS):
         y32 = row_weight.astype(np.float32)
+        back32 = np.zeros(col_factor.size, dtype=np.float32)
     for layer, single, row_part, col_part in zip(
         objective.layers, singles, rows.row_slices, rows.col_slices, strict=True
     ):
         if col_part.start == col_part.stop:
             continue
         if single is not None and y32 is not None:
-            back[col_part] = y32[row_part] @ single
+            np.dot(y32[row_part], single, out=back32[col_part])
         else:
             np.dot(row_weight[row_part], layer.free, out=back[col_part])
+    if back32 is not None:
+        # float32 layers' columns from back32, the others (float64) already in back
+        used = np.zeros(col_factor.size, dtype=bool)
+        for single, col_part in zip(singles, rows.col_slices, strict=True):
+            used[col_part] = single is not None
+        back = np.where(used, back32, back) if not used.all() else back32.astype(np.float64)
     return _point(workspace, log_scales, load, sums, col_factor, row_weight, back, moving, exact)
 
 
@@ -601,14 +622,27 @@ class Curvature:
         positive definite (no pass)."""
         workspace = self.workspace
         objective = workspace.objective
-        terms = []
-        for index, _, _ in workspace.layout.sides:
-            state = self.point.layers[index]
-            alpha = state.load * state.moving
-            total, gamma = float(state.col_out.sum()), float(alpha @ state.moving)
-            terms.append((alpha, state.col_out, total, gamma))
+        rows = workspace.rows
+        layers = self.point.layers
+        if self.point.rows is not None:
+            load, moving, col_out = self.point.rows
+        else:
+            load = np.concatenate([state.load for state in layers] + [[]])
+            moving = np.concatenate([state.moving for state in layers] + [[]])
+            col_out = np.concatenate([state.col_out for state in layers] + [[]])
+        alpha = load * moving
+        totals = rows.col_layers(col_out)[workspace.model_layers]
+        gammas = rows.row_layers(alpha * moving)[workspace.model_layers]
         return lowrank.build(
-            workspace.layout, self.diagonal, workspace.movable, terms, objective.p, objective.r
+            workspace.layout,
+            self.diagonal,
+            workspace.movable,
+            alpha,
+            col_out,
+            totals,
+            gammas,
+            objective.p,
+            objective.r,
         )
 
     def precondition(self, residual: np.ndarray) -> np.ndarray:

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .objective import Bins
+
 
 @dataclass(frozen=True)
 class _Side:
@@ -60,6 +62,8 @@ class _Side:
         seen = np.zeros(movable.size + 1, dtype=bool)
         seen[groups] = True  # FIXED (-1) marks the pad
         support = np.flatnonzero(seen[:-1] & movable)
+        if not support.size:  # e.g. the output rows: nothing to sum
+            return _Side(support, None, None)
         if np.array_equal(groups, support):  # a plain layer: unit k is group support[k]
             return _Side(support, None, None)
         units = np.flatnonzero(np.append(movable, False)[groups])
@@ -68,39 +72,63 @@ class _Side:
     def sums(self, values: np.ndarray) -> np.ndarray:
         """values (per unit) summed into the support's groups."""
         if self.units is None:
-            return values
+            return values if self.support.size else self.support.astype(values.dtype)
         return np.bincount(self.position, values[self.units], self.support.size)
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where the model's vectors live (fixed per solve): per layer term its row and column
-    sides, and every pair of entries of two vectors on one group, for U^T D^-1 U."""
+    sides; every pair of entries of two different vectors on one group, for U^T D^-1 U; and,
+    when every side is plain, where each entry comes from among the concatenated row and
+    column values of all layers."""
 
-    sides: tuple[tuple[int, _Side, _Side], ...]  # (layer, rows, columns)
+    # (layer, row side, column side, its rows and its columns among all layers')
+    sides: tuple[tuple[int, _Side, _Side, slice, slice], ...]
     vector: np.ndarray  # vector of each entry
     group: np.ndarray  # group of each entry
-    first: np.ndarray  # entry pairs on one group: U^T D^-1 U gathers val[first] val[second]
+    first: np.ndarray  # entry pairs of different vectors on one group
     second: np.ndarray
     pair_group: np.ndarray  # group[first]
     pair_cell: np.ndarray  # vector[first] * size + vector[second]
     size: int  # number of vectors (2 per layer term)
+    source: np.ndarray | None  # entry k = concatenate([rows, columns])[source[k]], or None
+    term: np.ndarray  # layer term of each entry
+    by_vector: Bins  # entries into vectors
+    by_group: Bins  # entries into groups
+    by_cell: Bins  # entry pairs into cells of U^T D^-1 U
 
 
 def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
     """Supports of the model's vectors for layers with these row and movable-column groups."""
     sides = []
-    vectors, groups = [], []
+    vectors, groups, sources, terms = [], [], [], []
+    row_start = col_start = 0
+    total_rows = sum(rows.size for rows in row_groups)
+    plain = True
     for index, (rows, cols) in enumerate(zip(row_groups, col_groups, strict=True)):
-        if not cols.size:
-            continue
-        row_side, col_side = _Side.of(rows, movable), _Side.of(cols, movable)
-        sides.append((index, row_side, col_side))
-        for side in (row_side, col_side):
-            vectors.append(np.full(side.support.size, len(vectors), dtype=np.int64))
-            groups.append(side.support)
-    vector = np.concatenate(vectors) if vectors else np.zeros(0, dtype=np.int64)
-    group = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+        if cols.size:
+            row_side, col_side = _Side.of(rows, movable), _Side.of(cols, movable)
+            sides.append(
+                (
+                    index,
+                    row_side,
+                    col_side,
+                    slice(row_start, row_start + rows.size),
+                    slice(col_start, col_start + cols.size),
+                )
+            )
+            for side, start in ((row_side, row_start), (col_side, total_rows + col_start)):
+                vectors.append(np.full(side.support.size, len(vectors), dtype=np.int64))
+                groups.append(side.support)
+                terms.append(np.full(side.support.size, len(sides) - 1, dtype=np.int64))
+                plain = plain and side.units is None
+                sources.append(np.arange(start, start + side.support.size))
+        row_start += rows.size
+        col_start += cols.size
+    empty = np.zeros(0, dtype=np.int64)
+    vector = np.concatenate(vectors) if vectors else empty
+    group = np.concatenate(groups) if groups else empty
     # Pairs of entries on the same group: sort by group, then pair up within each run.
     order = np.argsort(group, kind="stable")
     sorted_groups = group[order]
@@ -108,15 +136,16 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
     np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=boundary[1:])
     starts = np.flatnonzero(boundary)
     lengths = np.diff(np.append(starts, sorted_groups.size))
-    first, second = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-    for length in range(1, int(lengths.max(initial=0)) + 1):
+    first, second = [empty], [empty]
+    for length in range(2, int(lengths.max(initial=0)) + 1):
         runs = starts[lengths == length]
         if not runs.size:
             continue
         for a in range(length):
             for b in range(length):
-                first.append(order[runs + a])
-                second.append(order[runs + b])
+                if a != b:
+                    first.append(order[runs + a])
+                    second.append(order[runs + b])
     first_entries, second_entries = np.concatenate(first), np.concatenate(second)
     size = len(vectors)
     return Layout(
@@ -128,6 +157,11 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
         group[first_entries],
         vector[first_entries] * size + vector[second_entries],
         size,
+        np.concatenate(sources) if plain and sources else None,
+        np.concatenate(terms) if terms else empty,
+        Bins(vector, size),
+        Bins(group, movable.size),
+        Bins(vector[first_entries] * size + vector[second_entries], size * size),
     )
 
 
@@ -147,13 +181,9 @@ class Model:
         layout = self.layout
         if not layout.size:
             return scaled
-        projected = np.bincount(
-            layout.vector, self.values * scaled[layout.group], minlength=layout.size
-        )
+        projected = layout.by_vector(self.values * scaled[layout.group])
         weights = self.basis @ (self.inverse_eigenvalues * (self.basis.T @ projected))
-        spread = np.bincount(
-            layout.group, self.values * weights[layout.vector], minlength=scaled.size
-        )
+        spread = layout.by_group(self.values * weights[layout.vector])
         return scaled - self.inverse_diagonal * spread
 
 
@@ -161,45 +191,52 @@ def build(
     layout: Layout,
     diagonal: np.ndarray,
     movable: np.ndarray,
-    terms: list[tuple[np.ndarray, np.ndarray, float, float]],
+    alpha: np.ndarray,
+    out: np.ndarray,
+    totals: np.ndarray,
+    gammas: np.ndarray,
     p: float,
     r: float,
 ) -> Model | None:
-    """The model from the diagonal D (groups) and, per layer of ``layout.sides``, alpha (per
-    row), out (per movable column), S and gamma; None if M is not positive definite."""
+    """The model from the diagonal D (groups), alpha of every row and out of every movable
+    column of all layers (concatenated in layer order), and per layer term S and gamma; None
+    if M is not positive definite."""
     inverse_diagonal = np.zeros(diagonal.size)
     usable = movable & (diagonal > 0)
     inverse_diagonal[usable] = 1.0 / diagonal[usable]
     size = layout.size
-    values = np.empty(layout.group.size)
-    inverse_k = np.zeros((size, size))
-    position = 0
-    off = -1.0 / (p * p * r * r)
+    live = (totals > 0) & np.isfinite(totals)
     # Each layer's vectors are divided by sqrt(S) (and K_l multiplied by S): the same M, with
     # entries of order one even when the layers' loads differ by many orders of magnitude. Then
-    # K_l^-1 = [[-(r-1) (gamma / S) / (p^2 r^3), -1 / (p^2 r^2)], [-1 / (p^2 r^2), 0]].
-    for k, ((_, row_side, col_side), (alpha, out, total, gamma)) in enumerate(
-        zip(layout.sides, terms, strict=True)
-    ):
-        middle = position + row_side.support.size
-        end = middle + col_side.support.size
-        if not (total > 0 and np.isfinite(total)):
-            # No coupling through this layer: U = 0 there, and K^-1 = [[0, 1], [1, 0]] keeps
-            # the count of positive eigenvalues without changing M.
-            values[position:end] = 0.0
-            inverse_k[2 * k, 2 * k + 1] = inverse_k[2 * k + 1, 2 * k] = 1.0
-        else:
-            root = 1.0 / np.sqrt(total)
-            np.multiply(row_side.sums(alpha), root, out=values[position:middle])
-            np.multiply(col_side.sums(out), root, out=values[middle:end])
-            inverse_k[2 * k, 2 * k] = -(r - 1.0) * (gamma / total) / (p * p * r**3)
-            inverse_k[2 * k, 2 * k + 1] = inverse_k[2 * k + 1, 2 * k] = off
-        position = end
+    # K_l^-1 = [[-(r-1) (gamma / S) / (p^2 r^3), -1 / (p^2 r^2)], [-1 / (p^2 r^2), 0]]. A layer
+    # with S = 0 couples nothing: U = 0 there, and K^-1 = [[0, 1], [1, 0]] keeps the count of
+    # positive eigenvalues without changing M.
+    root = np.where(live, 1.0 / np.sqrt(np.where(live, totals, 1.0)), 0.0)
+    if layout.source is not None:
+        values = np.concatenate([alpha, out])[layout.source]
+    else:
+        values = np.empty(layout.group.size)
+        position = 0
+        for _, row_side, col_side, rows, cols in layout.sides:
+            middle = position + row_side.support.size
+            end = middle + col_side.support.size
+            values[position:middle] = row_side.sums(alpha[rows])
+            values[middle:end] = col_side.sums(out[cols])
+            position = end
+    values *= root[layout.term]
+    inverse_k = np.zeros((size, size))
+    diagonal_k = np.where(live, -(r - 1.0) * (gammas / np.where(live, totals, 1.0)), 0.0)
+    blocks = np.arange(0, size, 2)
+    inverse_k[blocks, blocks] = diagonal_k / (p * p * r**3)
+    off = np.where(live, -1.0 / (p * p * r * r), 1.0)
+    inverse_k[blocks, blocks + 1] = off
+    inverse_k[blocks + 1, blocks] = off
+    weighted = values * inverse_diagonal[layout.group]
     capacitance = inverse_k
+    capacitance.flat[:: size + 1] += layout.by_vector(weighted * values)
     if layout.first.size:
-        weights = values[layout.first] * values[layout.second]
-        weights *= inverse_diagonal[layout.pair_group]
-        capacitance += np.bincount(layout.pair_cell, weights, size * size).reshape(size, size)
+        cross = weighted[layout.first] * values[layout.second]
+        capacitance += layout.by_cell(cross).reshape(size, size)
     if not np.all(np.isfinite(capacitance)):
         return None
     try:
@@ -207,7 +244,7 @@ def build(
     except np.linalg.LinAlgError:
         return None
     largest = float(np.max(np.abs(eigenvalues), initial=0.0))
-    if np.count_nonzero(eigenvalues > 0) != len(terms) or np.any(
+    if np.count_nonzero(eigenvalues > 0) != size // 2 or np.any(
         np.abs(eigenvalues) <= 1e-12 * largest
     ):
         return None

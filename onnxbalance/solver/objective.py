@@ -201,6 +201,34 @@ def _log_sum_terms(block: np.ndarray, log_factors: np.ndarray, extra: np.ndarray
     return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
 
 
+class Bins:
+    """Sums of values into ``size`` bins by a fixed index array, prepared once: a scatter when
+    no two entries share a bin, else sums over runs of the stably sorted index (np.add.reduceat,
+    several times faster than a weighted np.bincount)."""
+
+    def __init__(self, index: np.ndarray, size: int) -> None:
+        index = np.asarray(index, dtype=np.int64)
+        self.size = size
+        self.index = index
+        order = np.argsort(index, kind="stable")
+        ordered = index[order]
+        boundary = np.ones(ordered.size, dtype=bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=boundary[1:])
+        self.unique = bool(boundary.all())
+        self.order = None if np.array_equal(order, np.arange(order.size)) else order
+        self.starts = np.flatnonzero(boundary)
+        self.targets = ordered[self.starts]
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.size)
+        if self.unique:
+            out[self.index] = values
+        elif self.starts.size:
+            ordered = values if self.order is None else values[self.order]
+            out[self.targets] = np.add.reduceat(ordered, self.starts)
+        return out
+
+
 def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     movable = groups != FIXED
     return np.bincount(groups[movable], weights=values[movable], minlength=n_groups)
