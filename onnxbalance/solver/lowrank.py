@@ -160,7 +160,7 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
         np.concatenate(sources) if plain and sources else None,
         np.concatenate(terms) if terms else empty,
         Bins(vector, size),
-        Bins(group, movable.size),
+        Bins(group, movable.size, order),
         Bins(vector[first_entries] * size + vector[second_entries], size * size),
     )
 

@@ -206,16 +206,20 @@ class Bins:
     no two entries share a bin, else sums over runs of the stably sorted index (np.add.reduceat,
     several times faster than a weighted np.bincount)."""
 
-    def __init__(self, index: np.ndarray, size: int) -> None:
+    def __init__(self, index: np.ndarray, size: int, order: np.ndarray | None = None) -> None:
+        """``order``: a stable argsort of ``index`` if the caller has one."""
         index = np.asarray(index, dtype=np.int64)
         self.size = size
         self.index = index
-        order = np.argsort(index, kind="stable")
-        ordered = index[order]
+        if order is None and np.all(index[1:] >= index[:-1]):  # sorted: no argsort needed
+            ordered = index
+        else:
+            order = np.argsort(index, kind="stable") if order is None else order
+            ordered = index[order]
         boundary = np.ones(ordered.size, dtype=bool)
         np.not_equal(ordered[1:], ordered[:-1], out=boundary[1:])
         self.unique = bool(boundary.all())
-        self.order = None if np.array_equal(order, np.arange(order.size)) else order
+        self.order = order
         self.starts = np.flatnonzero(boundary)
         self.targets = ordered[self.starts]
 
