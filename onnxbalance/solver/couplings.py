@@ -2,15 +2,16 @@
 
 Everything the solvers and the liveness analysis need to know about a matrix c before they
 iterate: that it is finite and non-negative (else ValueError naming the layer), whether every
-entry is positive (then every coupling connects), the largest |log c| over its non-zero
+entry is positive (then every coupling connects), a bound on |log c| over its non-zero
 entries, its row and column sums (empty rows and columns, dead units, and F and the loads at
 u = 0, see curvature.start), and a float32 copy of c for products that only steer (trial points
 whose values are certified in float64 later, Hessian products).
 
 The float64 matrix is read once, in blocks of rows that stay in cache, for the copy and both
-sums; the copy's maximum and minimum (float32, half the bytes) settle the rest. Rounding to
-float32 is monotone and keeps the sign, so a positive finite minimum and a finite maximum of the
-copy prove that every entry of c is positive and finite, and give |log c| to float32 accuracy.
+sums; the copy's minimum (float32, half the bytes) settles the rest. Rounding to float32 is
+monotone and keeps the sign, so a positive minimum of the copy proves that every entry of c is
+positive, a finite total that none is NaN or infinite, and the minimum and the largest row sum
+bound |log c| (to float32 accuracy).
 Otherwise (zeros, NaN, negative or huge entries) the float64 matrix is inspected directly.
 """
 
@@ -38,7 +39,7 @@ class Coupling:
     matrix: np.ndarray  # float64
     single: np.ndarray | None  # float32 copy, None unless _single_fits
     positive: bool  # every entry > 0 (and the matrix is not empty)
-    log_range: float  # largest |log c| over the non-zero entries (0 if there are none)
+    log_range: float  # bounds |log c| over the non-zero entries (0 if there are none)
     row_sums: np.ndarray  # c @ 1 in float64
     col_sums: np.ndarray  # 1 @ c in float64
 
@@ -117,10 +118,12 @@ def summarise(layer_name: str, coupling) -> Coupling:
         empty = np.zeros(matrix.shape[0]), np.zeros(matrix.shape[1])
         return Coupling(matrix, None, False, 0.0, *empty)
     single, row_sums, col_sums = _copy_and_sums(matrix)
-    largest, smallest = float(single.max()), float(single.min())
-    # A finite total rules out NaN and Inf (no negative entry can cancel them: see below).
-    if np.isfinite(largest) and smallest > 0 and np.isfinite(row_sums.sum()):
+    smallest = float(single.min())
+    # A positive minimum rules out negative entries, and then a finite total rules out NaN and
+    # Inf; the largest row sum bounds every entry from above, so no pass looks for the maximum.
+    if smallest > 0 and np.isfinite(row_sums.sum()):
         positive = True
+        largest = float(row_sums.max())
         log_range = max(abs(np.log(largest)), abs(np.log(smallest))) + _LOG_SLACK
     else:
         _check_values(layer_name, matrix)

@@ -361,6 +361,25 @@ def _evaluate_direct(
     sums = rows.fixed_row_sum.copy()
     singles = [structure.free32 if fast else None for structure in workspace.structures]
     exact = not any(single is not None for single in singles)
+    if exact and r == 1.0:
+        # rho^(r-1) = 1: both products are known up front, so each block of rows is read
+        # from memory once for both
+        back = np.zeros(col_factor.size)
+        for layer, row_part, col_part in zip(
+            objective.layers, rows.row_slices, rows.col_slices, strict=True
+        ):
+            if col_part.start < col_part.stop:
+                _both_products(
+                    layer.free,
+                    col_factor[col_part],
+                    row_factor[row_part],
+                    sums[row_part],
+                    back[col_part],
+                )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
+        load = sums * row_factor
+        return _point(workspace, log_scales, load, sums, col_factor, row_factor, back, moving, True)
     x32 = None if exact else col_factor.astype(np.float32)
     sums32 = None if exact else np.zeros(sums.size, dtype=np.float32)
     for layer, single, row_part, col_part in zip(
@@ -404,6 +423,20 @@ def _evaluate_direct(
             used[col_part] = single is not None
         back = np.where(used, back32, back) if not used.all() else back32.astype(np.float64)
     return _point(workspace, log_scales, load, sums, col_factor, row_weight, back, moving, exact)
+
+
+_BLOCK_BYTES = 1 << 19  # rows of float64 couplings per block (half a typical L2 cache)
+
+
+def _both_products(
+    matrix: np.ndarray, x: np.ndarray, y: np.ndarray, rows_out: np.ndarray, cols_out: np.ndarray
+) -> None:
+    """rows_out += matrix @ x and cols_out += y @ matrix, block of rows by block of rows."""
+    step = max(1, _BLOCK_BYTES // (8 * max(matrix.shape[1], 1)))
+    for start in range(0, matrix.shape[0], step):
+        block = matrix[start : start + step]
+        rows_out[start : start + step] += block @ x
+        cols_out += y[start : start + step] @ block
 
 
 def _evaluate_shifted(workspace: Workspace, log_scales: np.ndarray) -> Point:
