@@ -55,7 +55,7 @@ def test_summary_of_zeros_and_huge_entries_keeps_float64_facts():
     assert not zeros.positive and zeros.single is None  # 1e-60 is below float32: no copy
     assert zeros.log_range == pytest.approx(60 * np.log(10))
     huge = summarise("b", np.array([[1e300, 1.0]]))  # beyond float32, still a valid coupling
-    assert not huge.positive and huge.single is None
+    assert huge.positive and huge.single is None  # every entry > 0, but no float32 copy
     assert huge.log_range == pytest.approx(300 * np.log(10))
 
 
