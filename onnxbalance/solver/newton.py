@@ -55,10 +55,12 @@ import numpy as np
 
 from ..unitgraph import UnitGraph
 from .couplings import Coupling
-from .curvature import Curvature, Point, Workspace, evaluate, start
+from .curvature import Curvature
 from .mu import step_size
 from .objective import Objective, movable_groups
+from .points import Point, evaluate, start
 from .result import SolveResult
+from .workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
