@@ -84,20 +84,6 @@ def resolution(value: float) -> float:
     return ROUND_OFF * max(1.0, abs(float(np.log(value)))) if value > 0 else ROUND_OFF
 
 
-def mu_log_step(point: Point, movable: np.ndarray, eta: float) -> np.ndarray:
-    """One Algorithm-1 sweep as a change of log-scales: eta log(out / in) on movable groups."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        step = eta * (np.log(point.outgoing) - np.log(point.incoming))
-    return np.where(movable & np.isfinite(step), step, 0.0)
-
-
-def mu_converged(point: Point, movable: np.ndarray, eta: float, tol: float) -> bool:
-    """Algorithm 1's stopping test |a_g - 1| < tol for the factors of a sweep from ``point``."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        step = eta * (np.log(point.outgoing[movable]) - np.log(point.incoming[movable]))
-    return bool(np.all(np.abs(np.expm1(step)) < tol))
-
-
 @dataclass(frozen=True)
 class NewtonOutcome:
     """What :func:`minimise` found; the dispatcher turns it into a SolveResult."""
