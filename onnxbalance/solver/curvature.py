@@ -53,7 +53,7 @@ import numpy as np
 from . import lowrank
 from .couplings import SINGLE_FACTORS
 from .objective import _accumulate
-from .points import LayerState, Point, evaluate, start
+from .points import LayerState, Parts, Point, _point, evaluate, start
 from .workspace import Workspace, _group_values, _LayerStructure, aggregates
 
 __all__ = ["Curvature", "LayerState", "Point", "Workspace", "aggregates", "evaluate", "start"]
@@ -226,7 +226,11 @@ class Curvature:
         rows = workspace.rows
         layers = self.point.layers
         if self.point.rows is not None:
-            load, moving, col_out = self.point.rows
+            load, moving, col_out = (
+                self.point.rows.load,
+                self.point.rows.moving,
+                self.point.rows.col_out,
+            )
         else:
             load = np.concatenate([state.load for state in layers] + [[]])
             moving = np.concatenate([state.moving for state in layers] + [[]])
@@ -315,6 +319,26 @@ class Curvature:
             return None
         p, n = objective.p, objective.n_groups
         padded = np.append(z, 0.0)
+        shifted = self.point.log_scales + self._prolong(z)
+        parts = self.point.rows
+        if parts is not None:  # all layers at once
+            row_agg, col_agg = workspace.simple
+            rise, fall = np.exp(p * padded[row_agg]), np.exp(-p * padded[col_agg])
+            kept = 1.0 - parts.moving + parts.moving * fall
+            with np.errstate(divide="ignore", invalid="ignore"):
+                moving = np.where(kept > 0, parts.moving * fall / kept, 0.0)
+            column_rise, column_fall = workspace.uniform_columns
+            col_factor = parts.col_factor * np.exp(-p * padded[column_fall])
+            moved = Parts(
+                parts.load * (rise * kept),
+                parts.sums * kept,
+                col_factor,
+                parts.row_weight * rise,
+                parts.col_out * np.exp(p * (padded[column_rise] - padded[column_fall])),
+                moving,
+            )
+            point = _point(workspace, shifted, moved, self.point.exact)
+            return point if np.isfinite(point.value) else None
         value = 0.0
         incoming = np.zeros(n)
         outgoing = np.zeros(n)
@@ -344,7 +368,6 @@ class Curvature:
             )
         if not np.isfinite(value):
             return None
-        shifted = self.point.log_scales + self._prolong(z)
         return Point(shifted, value, incoming, outgoing, tuple(states), self.point.exact)
 
     def _prolong(self, z: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ only steer the Newton solver; they never certify a step or the stopping test.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,6 +36,18 @@ class LayerState:
     moving: np.ndarray  # share of rho_o from movable columns (0 for rows with rho_o = 0)
 
 
+class Parts(NamedTuple):
+    """The LayerState arrays of all layers concatenated (plain-factor points, col_scale equal
+    to col_factor)."""
+
+    load: np.ndarray
+    sums: np.ndarray
+    col_factor: np.ndarray
+    row_weight: np.ndarray
+    col_out: np.ndarray
+    moving: np.ndarray
+
+
 @dataclass(frozen=True)
 class Point:
     """F, its loads and the layer states at one point u (two passes to compute)."""
@@ -45,7 +58,7 @@ class Point:
     outgoing: np.ndarray
     layers: tuple[LayerState, ...]
     exact: bool = True  # False: some products ran on the float32 copies (evaluate(fast=True))
-    rows: tuple[np.ndarray, ...] | None = None  # load, moving, col_out of all layers at once
+    rows: Parts | None = None  # the layer states concatenated (plain factors only)
 
     def gradient(self, q: float) -> np.ndarray:
         return q * (self.incoming - self.outgoing)
@@ -93,13 +106,15 @@ def start(workspace: Workspace) -> Point:
                 if col_part.start < col_part.stop:
                     np.dot(row_weight[row_part], layer.free, out=back[col_part])
         moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
-    return _point(workspace, np.zeros(n), load, sums, col_factor, row_weight, back, moving, True)
+    parts = Parts(load, sums, col_factor, row_weight, back * col_factor, moving)
+    return _point(workspace, np.zeros(n), parts, True)
 
 
-def _point(workspace, log_scales, load, sums, col_factor, row_weight, back, moving, exact):
-    """The Point of the plain-factor path from its concatenated per-row and per-column parts."""
+def _point(workspace, log_scales, parts: Parts, exact: bool) -> Point:
+    """The Point of the plain-factor path from its concatenated per-row and per-column parts
+    (col_scale = col_factor: no shift)."""
     rows, n = workspace.rows, workspace.objective.n_groups
-    col_out = back * col_factor
+    load, sums, col_factor, row_weight, col_out, moving = parts
     states = tuple(
         LayerState(
             load[row_part],
@@ -119,7 +134,7 @@ def _point(workspace, log_scales, load, sums, col_factor, row_weight, back, movi
         rows.outgoing(col_out),
         states,
         exact,
-        (load, moving, col_out),
+        parts,
     )
 
 
@@ -158,7 +173,8 @@ def _evaluate_direct(
         with np.errstate(divide="ignore", invalid="ignore"):
             moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
         load = sums * row_factor
-        return _point(workspace, log_scales, load, sums, col_factor, row_factor, back, moving, True)
+        parts = Parts(load, sums, col_factor, row_factor, back * col_factor, moving)
+        return _point(workspace, log_scales, parts, True)
     x32 = None if exact else col_factor.astype(np.float32)
     sums32 = None if exact else np.zeros(sums.size, dtype=np.float32)
     for layer, single, row_part, col_part in zip(
@@ -201,7 +217,8 @@ def _evaluate_direct(
         for single, col_part in zip(singles, rows.col_slices, strict=True):
             used[col_part] = single is not None
         back = np.where(used, back32, back) if not used.all() else back32.astype(np.float64)
-    return _point(workspace, log_scales, load, sums, col_factor, row_weight, back, moving, exact)
+    parts = Parts(load, sums, col_factor, row_weight, back * col_factor, moving)
+    return _point(workspace, log_scales, parts, exact)
 
 
 _BLOCK_BYTES = 1 << 19  # rows of float64 couplings per block (half a typical L2 cache)

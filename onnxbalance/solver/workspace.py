@@ -124,6 +124,14 @@ class Workspace:
         self._coarse: tuple[tuple[_CoarseStructure, ...], int] | None = None
         self.simple = self._simple_rows()
         self.uniform = self._uniform_layers()
+        # per movable column of all layers: its layer's row and column aggregates
+        self.uniform_columns = None
+        if self.uniform is not None:
+            counts = [layer.col_groups.size for layer in objective.layers]
+            self.uniform_columns = tuple(
+                np.repeat(np.array([pair[k] for pair in self.uniform], dtype=np.int64), counts)
+                for k in (0, 1)
+            )
         self.has_single = any(structure.free32 is not None for structure in structures)
         self.layout = lowrank.layout(
             [layer.row_groups for layer in objective.layers],
