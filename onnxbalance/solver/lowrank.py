@@ -12,7 +12,8 @@ one layer adds to the Hessian
 Replace the layer's matrix rho_o^(r-1) t_oi by its rank-one part alpha_o out_i / S, with
 alpha_o = rho_o^(r-1) sum_i t_oi (row sums), out_i (column sums) and S = sum_o alpha_o =
 sum_i out_i: the same row and column sums, so the model and H agree on every vector that is
-constant over a layer (the slow, per-layer modes), and t_oi ~ a_o out_i / S with
+constant over a layer (the slow, per-layer modes; exactly for r = 1 when each layer's rows and
+columns belong to one layer of groups, approximately otherwise), and t_oi ~ a_o out_i / S with
 a_o = sum_i t_oi gives the col-col term gamma out_i out_i' / S^2, gamma = sum_o rho_o^(r-2) a_o^2.
 Everything is known from the loads at the point. With the diagonal D = p^2 r (r in_g + out_g)
 of Jacobi, and per layer the group vectors x = (alpha summed into row groups) and
