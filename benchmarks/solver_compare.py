@@ -1,7 +1,9 @@
 """Algorithm 1 vs scipy L-BFGS-B vs the Newton solver on the same unit graphs (issue 6).
 
 For each network: passes over the coupling matrices (one pass = one product of every coupling
-matrix with a vector, c @ x or c.T @ y; see curvature.py for how block products are counted),
+matrix with a vector, c @ x or c.T @ y; see curvature.py for how block products are counted;
+Newton's products with the float32 copies count like float64 ones, and its start point, taken
+from the row and column sums that couplings.py computes anyway, counts as two passes),
 seconds, and the relative difference of the reached minimum F to Algorithm 1's and to a tight
 reference (Newton at tol 1e-13). All three stop on the same test: every factor of an Algorithm-1
 sweep from the current point within tol of 1 (for L-BFGS-B checked at every evaluation).

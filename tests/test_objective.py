@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from networks import Edge, Network, exponents, networks
 
 from onnxbalance.solver import Objective
+from onnxbalance.solver.objective import Bins
 from onnxbalance.unitgraph import FIXED
 
 
@@ -60,3 +61,18 @@ def test_a_row_far_below_the_rest_of_its_layer_is_not_lost_to_underflow():
     np.testing.assert_allclose(loads.outgoing, outgoing, rtol=1e-12)
     np.testing.assert_allclose(loads.incoming, incoming, rtol=1e-12)
     assert objective.value(u) == pytest.approx(reference.objective(net.layers(), u, 4.0, 1.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    index=st.lists(st.integers(0, 9), max_size=40),
+    ordered=st.booleans(),
+    seed=st.integers(0, 99),
+)
+def test_bins_sum_like_bincount(index, ordered, seed):
+    index = np.array(sorted(index) if ordered else index, dtype=np.int64)
+    values = np.random.default_rng(seed).normal(size=index.size)
+    expected = np.bincount(index, values, 10)
+    np.testing.assert_allclose(Bins(index, 10)(values), expected, rtol=1e-12, atol=1e-12)
+    order = np.argsort(index, kind="stable")
+    np.testing.assert_allclose(Bins(index, 10, order)(values), expected, rtol=1e-12, atol=1e-12)

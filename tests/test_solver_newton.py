@@ -30,7 +30,9 @@ def test_layered_networks_reach_the_scipy_minimum(net, p, q):
     result = solve(net.unit_graph(p), p, q, **TIGHT)
     check_against_reference(net, p, q, result)
     assert result.solver == "newton"
-    assert result.passes >= 2 * (result.sweeps + 1)
+    # Two passes for the start and for every accepted step but the coarse one, which for
+    # r = 1 follows from the start's loads without a pass.
+    assert result.passes >= 2 * result.sweeps
 
 
 @PROPERTY
@@ -106,16 +108,19 @@ def test_deep_network_needs_far_fewer_passes_than_algorithm_1():
 
 
 def test_failed_newton_directions_fall_back_to_algorithm_1_and_stay_monotone(monkeypatch):
-    """With every CG direction pointing uphill, only the guarded Algorithm-1 steps remain."""
+    """With no Hessian model and every CG direction pointing uphill, only the guarded
+    Algorithm-1 steps remain."""
 
     def uphill(curvature, rhs, rtol, max_iter):
         return -rhs, 1
 
     monkeypatch.setattr(newton, "_conjugate_gradients", uphill)
+    monkeypatch.setattr(Curvature, "model", lambda self: None)
     net = make_network((3, 5, 4, 2), seed=4)
     result = solve(net.unit_graph(2.0), 2.0, 2.0, tol=1e-8, method="newton")
     history = np.array(result.history)
     assert result.converged
+    assert result.sweeps > 20  # Algorithm 1's pace: the fallback did the work
     assert np.all(np.diff(history) <= newton.resolution(history[0] ** 2) * history[:-1])
     best = reference.minimise(net.layers(), net.n_groups, 2.0, 2.0)
     assert result.norm_after == pytest.approx(best.norm, rel=1e-8)

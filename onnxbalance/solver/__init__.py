@@ -4,9 +4,10 @@ Every method minimises the same convex objective F(u) = ||W||_{p,q}^q over log-s
 (:class:`Objective`). :func:`solve` first pins dead and cut-off groups at u = 0 (they have no
 finite optimum, see :mod:`.liveness`), then runs the chosen method on what is left.
 
-A method is a function ``(graph, p, q, *, tol, max_sweeps, progress) -> SolveResult`` in a module
-of this package; it receives the graph with pinned groups already FIXED, must leave every group
-that no layer maps to at u = 0, and returns ``pinned=()`` (solve fills it). Registering one is a
+A method is a function ``(graph, p, q, *, tol, max_sweeps, progress, couplings) -> SolveResult``
+in a module of this package; it receives the graph with pinned groups already FIXED and the
+layers' checked couplings (couplings.py, computed once per solve), must leave every group that
+no layer maps to at u = 0, and returns ``pinned=()`` (solve fills it). Registering one is a
 single line in ``_METHODS``: ``"name": "module:function"``.
 """
 
@@ -19,8 +20,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ..unitgraph import UnitGraph
+from .couplings import summarise_graph
 from .liveness import pin_dead_and_cut_off
-from .objective import Objective, check_graph
+from .objective import Objective
 from .result import PinnedGroup, SolveResult
 
 __all__ = ["Objective", "PinnedGroup", "SolveResult", "methods", "solve"]
@@ -79,9 +81,17 @@ def solve(
         raise ValueError(f"tol must be positive, got {tol}")
     if max_sweeps < 0:
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
-    check_graph(graph)
-    live_graph, pinned = pin_dead_and_cut_off(graph)
-    result = run(live_graph, float(p), float(q), tol=tol, max_sweeps=max_sweeps, progress=progress)
+    couplings = summarise_graph(graph)  # checks every matrix (ValueError naming the layer)
+    live_graph, pinned = pin_dead_and_cut_off(graph, couplings)
+    result = run(
+        live_graph,
+        float(p),
+        float(q),
+        tol=tol,
+        max_sweeps=max_sweeps,
+        progress=progress,
+        couplings=couplings,
+    )
     log_scales = np.array(result.log_scales, dtype=np.float64)
     log_scales[[group.group for group in pinned]] = 0.0
     return dataclasses.replace(result, log_scales=log_scales, pinned=pinned, solver=method)

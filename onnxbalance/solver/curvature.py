@@ -18,10 +18,12 @@ p r^2 rho_o^r D_o on the row's group, and the column terms to
 where out_i = (t^T rho^(r-1))_i is the column's outgoing load (known from the gradient). So one
 Hessian-vector product costs two passes over every coupling matrix: t v and t^T y. Everything is
 written with bounded quantities (loads rho^r <= F, ratios t/rho in [0, 1], vectors shifted by
-their largest log-entry as in objective.py), so scales of 1e+-100 do not overflow. Layers whose
-couplings span less than 1e30 use a float32 copy for these products while the scales stay
-moderate (the Hessian only steers the step; F and its gradient, which decide acceptance and
-convergence, stay in float64).
+their largest log-entry as in objective.py), so scales of 1e+-100 do not overflow; while every
+coupling times every factor stays within exp(+-600) (objective.py's condition), evaluate() takes
+the plain factors exp(-+p u) instead, for all layers' rows at once. Layers whose couplings span
+less than 1e30 use their float32 copy (couplings.py) for Hessian products while the factors
+stay within 1e+-15, and for evaluate(fast=True) points: such points and products only steer;
+F and its gradient, which decide acceptance and convergence, come from float64 evaluations.
 
 F is convex in u, so H is positive semi-definite; for r < 1 its first term is negative and only
 the sum is guaranteed non-negative, which is why the Newton solver guards against non-positive
@@ -46,181 +48,17 @@ over-counts (one product with a k-column block is cheaper than k products).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..unitgraph import FIXED
-from .objective import _TINY, Objective, _accumulate
+from . import lowrank
+from .couplings import SINGLE_FACTORS
+from .objective import _accumulate
+from .points import LayerState, Parts, Point, _point, evaluate, start
+from .workspace import Workspace, _group_values, _LayerStructure, aggregates
 
-FLOAT32_RANGE = 1e30  # largest ratio of non-zero couplings (and of scale factors) run in float32
+__all__ = ["Curvature", "LayerState", "Point", "Workspace", "aggregates", "evaluate", "start"]
+
 COARSE_RTOL = 1e-9  # the coarse solve stops when its Newton step would gain less (relative)
-
-
-def _group_values(values: np.ndarray, index: np.ndarray, movable: np.ndarray) -> np.ndarray:
-    return np.where(movable, values[index], 0.0)
-
-
-@dataclass(frozen=True)
-class _LayerStructure:
-    """What a solve needs of one layer besides the float64 couplings (fixed per solve)."""
-
-    row_movable: np.ndarray  # row_groups != FIXED
-    row_index: np.ndarray  # row_groups with FIXED replaced by 0
-    free32: np.ndarray | None  # float32 copy of free / cmax, None if the range is too wide
-    cmax: float
-    local: np.ndarray  # aggregates touched by this layer (global indices)
-    row_onehot: np.ndarray  # (rows, len(local)): row's aggregate, zero row if it cannot move
-    col_indicator: np.ndarray  # (movable cols, k): column's aggregate among ``col_local``
-    col_local: np.ndarray  # positions in ``local`` of the columns' aggregates
-
-
-def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
-    """Coarse aggregate of every group: the first layer whose rows it is (-1: cannot move)."""
-    aggregate = np.full(objective.n_groups, -1, dtype=np.int64)
-    for index, layer in enumerate(objective.layers):
-        groups = layer.row_groups[layer.row_groups != FIXED]
-        aggregate[groups[aggregate[groups] < 0]] = index
-    for layer in objective.layers:  # a group that is never a row: one aggregate of its own kind
-        groups = layer.col_groups[aggregate[layer.col_groups] < 0]
-        aggregate[groups] = len(objective.layers)
-    aggregate[~movable] = -1
-    live = aggregate >= 0
-    compact = np.full_like(aggregate, -1)
-    compact[live] = np.unique(aggregate[live], return_inverse=True)[1]
-    return compact
-
-
-def _float32_copy(free: np.ndarray, log_range: float) -> tuple[np.ndarray | None, float]:
-    """free / max(free) in float32, or None if its non-zero entries may span more than float32
-    (``log_range`` bounds |log c| over the layer's non-zero couplings, from objective.py)."""
-    if free.size == 0 or 2.0 * log_range > np.log(FLOAT32_RANGE):
-        return None, 1.0
-    cmax = float(free.max())
-    if not cmax > 0:
-        return None, 1.0
-    scaled = np.empty(free.shape, dtype=np.float32)
-    np.multiply(free, 1.0 / cmax, out=scaled, casting="unsafe")
-    return scaled, cmax
-
-
-class Workspace:
-    """The objective, the movable mask and the per-layer structure shared by all iterations."""
-
-    def __init__(self, objective: Objective, movable: np.ndarray) -> None:
-        self.objective = objective
-        self.movable = np.asarray(movable, dtype=bool)
-        self.aggregate = aggregates(objective, self.movable)
-        self.n_coarse = max(int(self.aggregate.max()) + 1, 0) if self.aggregate.size else 0
-        self.block_passes = 0
-        structures = []
-        for layer in objective.layers:
-            row_movable = layer.row_groups != FIXED
-            row_index = np.where(row_movable, layer.row_groups, 0)
-            row_agg = np.where(row_movable, self.aggregate[row_index], -1)
-            col_agg = self.aggregate[layer.col_groups]
-            local = np.unique(np.concatenate([row_agg, col_agg]))
-            local = local[local >= 0]
-            row_onehot = np.zeros((row_agg.size, local.size))
-            live_rows = np.nonzero(row_agg >= 0)[0]
-            row_onehot[live_rows, np.searchsorted(local, row_agg[live_rows])] = 1.0
-            col_used = np.unique(col_agg[col_agg >= 0])
-            col_indicator = np.zeros((col_agg.size, col_used.size))
-            live_cols = np.nonzero(col_agg >= 0)[0]
-            col_indicator[live_cols, np.searchsorted(col_used, col_agg[live_cols])] = 1.0
-            self.block_passes = max(self.block_passes, col_used.size)
-            free32, cmax = _float32_copy(layer.free, layer.log_range)
-            structures.append(
-                _LayerStructure(
-                    row_movable,
-                    row_index,
-                    free32,
-                    cmax,
-                    local,
-                    row_onehot,
-                    col_indicator,
-                    np.searchsorted(local, col_used),
-                )
-            )
-        self.structures = tuple(structures)
-
-
-@dataclass(frozen=True)
-class LayerState:
-    """Per-row and per-column quantities of one layer at one point u (all bounded)."""
-
-    load: np.ndarray  # rho_o^r
-    sums: np.ndarray  # (c @ col_factor)_o + fixed_o exp(-top): rho_o = exp(p u_o + top) sums_o
-    col_factor: np.ndarray  # exp(-p u_i - top), in (0, 1]
-    row_weight: np.ndarray  # rho_o^(r-1) exp(p u_o - top2), in [0, 1]
-    col_scale: np.ndarray  # exp(-p u_i + top2): out_i = col_scale_i (c^T row_weight)_i
-    col_out: np.ndarray  # out_i per movable column
-
-
-@dataclass(frozen=True)
-class Point:
-    """F, its loads and the layer states at one point u (two passes to compute)."""
-
-    log_scales: np.ndarray
-    value: float
-    incoming: np.ndarray
-    outgoing: np.ndarray
-    layers: tuple[LayerState, ...]
-
-    def gradient(self, q: float) -> np.ndarray:
-        return q * (self.incoming - self.outgoing)
-
-
-def evaluate(workspace: Workspace, log_scales: np.ndarray) -> Point:
-    """F(u), in_g and out_g like :meth:`Objective.loads` (two passes), keeping the layer states.
-
-    The vectors are shifted by one largest log-entry per layer. If that leaves a row or column
-    sum below objective.py's underflow threshold (a row far below the rest of its layer), F and
-    the loads are taken from :meth:`Objective.loads` instead (two more passes, counted), which
-    redoes such rows exactly; the layer states then only steer the Hessian.
-    """
-    objective = workspace.objective
-    p, r, n = objective.p, objective.r, objective.n_groups
-    objective.passes += 2
-    suspect = False
-    value = 0.0
-    incoming = np.zeros(n)
-    outgoing = np.zeros(n)
-    states = []
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        for layer, structure in zip(objective.layers, workspace.structures, strict=True):
-            row_log = p * _group_values(log_scales, structure.row_index, structure.row_movable)
-            col_log = -p * log_scales[layer.col_groups]
-            top = max(float(col_log.max()) if col_log.size else 0.0, 0.0)
-            col_factor = np.exp(col_log - top)
-            sums = layer.fixed_row_sum * np.exp(-top)
-            if col_log.size:
-                sums = sums + layer.free @ col_factor
-            log_rho = row_log + top + np.log(sums)  # -inf for rows with only zero couplings
-            suspect = suspect or bool(np.any((sums < _TINY) & ~layer.empty_rows))
-            load = np.exp(r * log_rho)
-            value += float(load.sum())
-            incoming += _accumulate(load, layer.row_groups, n)
-            live = np.isfinite(log_rho)
-            log_weight = np.where(live, (r - 1.0) * log_rho + row_log, -np.inf)
-            top2 = float(log_weight.max()) if log_weight.size else -np.inf
-            if col_log.size and np.isfinite(top2):
-                row_weight = np.exp(log_weight - top2)
-                col_scale = np.exp(col_log + top2)
-                back = layer.free.T @ row_weight
-                suspect = suspect or bool(np.any((back < _TINY) & ~layer.zero_cols))
-                col_out = np.where(back > 0, np.exp(col_log + top2 + np.log(back)), 0.0)
-                outgoing += np.bincount(layer.col_groups, weights=col_out, minlength=n)
-            else:
-                row_weight = np.zeros_like(load)
-                col_scale = np.zeros_like(col_log)
-                col_out = np.zeros_like(col_log)
-            states.append(LayerState(load, sums, col_factor, row_weight, col_scale, col_out))
-    if suspect:
-        with np.errstate(over="ignore"):  # an overflowing trial point is rejected, not an error
-            exact = objective.loads(log_scales)
-        value, incoming, outgoing = exact.value, exact.incoming, exact.outgoing
-    return Point(np.array(log_scales, dtype=np.float64), value, incoming, outgoing, tuple(states))
 
 
 def _fractions(
@@ -229,7 +67,7 @@ def _fractions(
     """(t @ block)_o / rho_o for a block of column vectors (one pass per column of the block)."""
     if use32:
         product = structure.free32 @ (state.col_factor[:, None] * block).astype(np.float32)
-        product = product.astype(np.float64) * structure.cmax
+        product = product.astype(np.float64)
     else:
         product = free @ (state.col_factor[:, None] * block)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -276,31 +114,44 @@ class Curvature:
         self.point = point
         objective = workspace.objective
         p, r = objective.p, objective.r
-        self._use32 = []
-        self._products = []  # per layer: (matrix, column factor, 1 / sums in the matrix's units)
+        self._prepared: tuple[list[bool], list[tuple]] | None = None
+        diagonal = p * p * r * (r * point.incoming + point.outgoing)
+        self.diagonal = np.where(workspace.movable & (diagonal > 0), diagonal, 1.0)
+        self.fractions: list[np.ndarray] | None = None
+        self.coarse_shift: np.ndarray | None = None  # z of the last simple coarse solve
+        self._coarse_factor: np.ndarray | None = None
+
+    def _products(self) -> tuple[list[bool], list[tuple]]:
+        """Per layer: whether its products may run in float32, and (matrix, column factor,
+        1 / sums, scale) for them; prepared on first use (only CG and build_coarse need it)."""
+        if self._prepared is not None:
+            return self._prepared
+        use = []
+        products = []
         for layer, structure, state in zip(
-            objective.layers, workspace.structures, point.layers, strict=True
+            self.workspace.objective.layers,
+            self.workspace.structures,
+            self.point.layers,
+            strict=True,
         ):
             use32 = bool(
                 structure.free32 is not None
                 and state.col_factor.size
-                and state.col_factor.min() > 1.0 / FLOAT32_RANGE
-                and state.row_weight.min(initial=1.0) > 1.0 / FLOAT32_RANGE
+                and state.col_factor.min() > 1.0 / SINGLE_FACTORS
+                and state.row_weight.min(initial=1.0) > 1.0 / SINGLE_FACTORS
+                and state.col_factor.max() < SINGLE_FACTORS
+                and state.row_weight.max(initial=0.0) < SINGLE_FACTORS
             )
-            self._use32.append(use32)
-            scale = structure.cmax if use32 else 1.0
+            use.append(use32)
             with np.errstate(divide="ignore"):
-                inverse = np.where(state.sums > 0, scale / state.sums, 0.0)
+                inverse = np.where(state.sums > 0, 1.0 / state.sums, 0.0)
             if use32:
-                self._products.append(
-                    (structure.free32, state.col_factor.astype(np.float32), inverse, scale)
-                )
+                factor = state.col_factor.astype(np.float32)
+                products.append((structure.free32, factor, inverse, 1.0))
             else:
-                self._products.append((layer.free, state.col_factor, inverse, scale))
-        diagonal = p * p * r * (r * point.incoming + point.outgoing)
-        self.diagonal = np.where(workspace.movable & (diagonal > 0), diagonal, 1.0)
-        self.fractions: list[np.ndarray] | None = None
-        self._coarse_factor: np.ndarray | None = None
+                products.append((layer.free, state.col_factor, inverse, 1.0))
+        self._prepared = (use, products)
+        return self._prepared
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
         """H v (two passes); entries of groups that cannot move are held at zero."""
@@ -315,7 +166,11 @@ class Curvature:
             return result
         v = v / size  # H is linear; a unit-size v keeps every float32 intermediate in range
         for layer, structure, state, (matrix, col_factor, inverse, scale) in zip(
-            objective.layers, workspace.structures, self.point.layers, self._products, strict=True
+            objective.layers,
+            workspace.structures,
+            self.point.layers,
+            self._products()[1],
+            strict=True,
         ):
             v_rows = _group_values(v, structure.row_index, structure.row_movable)
             if not layer.col_groups.size:  # rows fed by fixed units only
@@ -337,16 +192,22 @@ class Curvature:
             return
         objective = workspace.objective
         p, r = objective.p, objective.r
-        objective.passes += workspace.block_passes
+        structures, block_passes = workspace.coarse_structures()
+        objective.passes += block_passes
         self.fractions = []
         coarse = np.zeros((workspace.n_coarse, workspace.n_coarse))
-        for layer, structure, state, use32 in zip(
-            objective.layers, workspace.structures, self.point.layers, self._use32, strict=True
+        for layer, plain, structure, state, use32 in zip(
+            objective.layers,
+            workspace.structures,
+            structures,
+            self.point.layers,
+            self._products()[0],
+            strict=True,
         ):
             fractions = np.zeros((state.load.size, structure.local.size))
             if structure.col_indicator.shape[1]:
                 fractions[:, structure.col_local] = _fractions(
-                    structure, layer.free, state, structure.col_indicator, use32
+                    plain, layer.free, state, structure.col_indicator, use32
                 )
             self.fractions.append(fractions)
             if structure.local.size:
@@ -357,9 +218,37 @@ class Curvature:
         except np.linalg.LinAlgError:
             self._coarse_factor = None  # keep the Jacobi part alone
 
-    def reuse_coarse(self, other: Curvature) -> None:
-        """Precondition with the coarse matrix of a nearby point (no pass)."""
-        self._coarse_factor = other._coarse_factor
+    def model(self) -> lowrank.Model | None:
+        """The diagonal plus per-layer rank-one model of H (lowrank.py), None if it is not
+        positive definite (no pass)."""
+        workspace = self.workspace
+        objective = workspace.objective
+        rows = workspace.rows
+        layers = self.point.layers
+        if self.point.rows is not None:
+            load, moving, col_out = (
+                self.point.rows.load,
+                self.point.rows.moving,
+                self.point.rows.col_out,
+            )
+        else:
+            load = np.concatenate([state.load for state in layers] + [[]])
+            moving = np.concatenate([state.moving for state in layers] + [[]])
+            col_out = np.concatenate([state.col_out for state in layers] + [[]])
+        alpha = load * moving
+        totals = rows.col_layers(col_out)[workspace.model_layers]
+        gammas = rows.row_layers(alpha * moving)[workspace.model_layers]
+        return lowrank.build(
+            workspace.layout,
+            self.diagonal,
+            workspace.movable,
+            alpha,
+            col_out,
+            totals,
+            gammas,
+            objective.p,
+            objective.r,
+        )
 
     def precondition(self, residual: np.ndarray) -> np.ndarray:
         movable = self.workspace.movable
@@ -378,16 +267,26 @@ class Curvature:
     def coarse_minimiser(self, max_iter: int = 200, rtol: float = COARSE_RTOL) -> np.ndarray:
         """P z with z minimising F(u + P z) (damped Newton on the coarse space, no passes).
 
-        Zero if the coarse space is empty or :meth:`build_coarse` has not run.
+        Zero if the coarse space is empty. When every layer's movable columns lie in one
+        aggregate, T_o is the row's movable share (known from the point) and the whole coarse
+        objective is one vectorised sum over the rows (:meth:`_simple_terms`); otherwise the
+        block products of :meth:`build_coarse` give T.
         """
         workspace = self.workspace
-        if self.fractions is None or workspace.n_coarse == 0:
+        if workspace.n_coarse == 0:
             return np.zeros(workspace.objective.n_groups)
+        if workspace.simple is not None:
+            z = _damped_newton(self._simple_terms(), workspace.n_coarse, max_iter, rtol)
+            self.coarse_shift = z
+            return self._prolong(z)
+        if self.fractions is None:
+            self.build_coarse()
+        assert self.fractions is not None
         p, r = workspace.objective.p, workspace.objective.r
         layers = [
             (state.load, fractions, structure)
             for state, fractions, structure in zip(
-                self.point.layers, self.fractions, workspace.structures, strict=True
+                self.point.layers, self.fractions, workspace.coarse_structures()[0], strict=True
             )
         ]
 
@@ -406,27 +305,150 @@ class Curvature:
                 hessian[np.ix_(structure.local, structure.local)] += h
             return value, gradient, hessian
 
-        z = np.zeros(workspace.n_coarse)
-        value, gradient, hessian = terms(z)
-        for _ in range(max_iter):
-            try:
-                step = -np.linalg.solve(hessian, gradient)
-            except np.linalg.LinAlgError:
-                break
-            slope = float(gradient @ step)
-            if not (np.isfinite(slope) and slope < -rtol * value):
-                break
-            length = 1.0
-            for _ in range(60):
-                trial = terms(z + length * step)
-                if trial[0] <= value + 1e-4 * length * slope:
-                    break
-                length *= 0.5
-            else:
-                break
-            z = z + length * step
-            value, gradient, hessian = trial
+        return self._prolong(_damped_newton(terms, workspace.n_coarse, max_iter, rtol))
+
+    def shifted_point(self) -> Point | None:
+        """The point u + P z of the last coarse solve, without a pass: for r = 1 and layers
+        whose rows share one aggregate (a) and whose movable columns share one (b), every
+        row sum scales as rho_o (1 - T_o + T_o e^(-p z_b)) e^(p z_a) and every outgoing load as
+        out_i e^(p (z_a - z_b)). None where that does not hold."""
+        workspace = self.workspace
+        objective = workspace.objective
+        z = self.coarse_shift
+        if z is None or objective.r != 1.0 or workspace.uniform is None:
+            return None
+        p, n = objective.p, objective.n_groups
+        padded = np.append(z, 0.0)
+        shifted = self.point.log_scales + self._prolong(z)
+        parts = self.point.rows
+        if parts is not None:  # all layers at once
+            row_agg, col_agg = workspace.simple
+            rise, fall = np.exp(p * padded[row_agg]), np.exp(-p * padded[col_agg])
+            kept = 1.0 - parts.moving + parts.moving * fall
+            with np.errstate(divide="ignore", invalid="ignore"):
+                moving = np.where(kept > 0, parts.moving * fall / kept, 0.0)
+            column_rise, column_fall = workspace.uniform_columns
+            col_factor = parts.col_factor * np.exp(-p * padded[column_fall])
+            moved = Parts(
+                parts.load * (rise * kept),
+                parts.sums * kept,
+                col_factor,
+                parts.row_weight * rise,
+                parts.col_out * np.exp(p * (padded[column_rise] - padded[column_fall])),
+                moving,
+            )
+            point = _point(workspace, shifted, moved, self.point.exact)
+            return point if np.isfinite(point.value) else None
+        value = 0.0
+        incoming = np.zeros(n)
+        outgoing = np.zeros(n)
+        states = []
+        for layer, state, (a, b) in zip(
+            objective.layers, self.point.layers, workspace.uniform, strict=True
+        ):
+            rise, fall = float(np.exp(p * padded[a])), float(np.exp(-p * padded[b]))
+            kept = 1.0 - state.moving + state.moving * fall
+            load = state.load * (rise * kept)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                moving = np.where(kept > 0, state.moving * fall / kept, 0.0)
+            col_out = state.col_out * (rise * fall)
+            value += float(load.sum())
+            layer.rows.scatter(incoming, load)
+            layer.cols.scatter(outgoing, col_out)
+            states.append(
+                LayerState(
+                    load,
+                    state.sums * kept,
+                    state.col_factor * fall,
+                    state.row_weight * rise,
+                    state.col_scale * fall,
+                    col_out,
+                    moving,
+                )
+            )
+        if not np.isfinite(value):
+            return None
+        return Point(shifted, value, incoming, outgoing, tuple(states), self.point.exact)
+
+    def _prolong(self, z: np.ndarray) -> np.ndarray:
+        workspace = self.workspace
         shift = np.zeros(workspace.objective.n_groups)
         live = workspace.aggregate >= 0
         shift[live] = z[workspace.aggregate[live]]
         return shift
+
+    def _simple_terms(self):
+        """F(u + P z) with gradient and Hessian in z, vectorised over every row of every layer:
+        phi_o = rho_o^r exp(r p z_a) s_o^r, s_o = 1 - T_o + T_o exp(-p z_b), where a is the
+        row's aggregate and b that of its layer's columns (index m: not movable, z = 0)."""
+        workspace = self.workspace
+        p, r = workspace.objective.p, workspace.objective.r
+        m = workspace.n_coarse
+        rows, cols = workspace.simple
+        load = np.concatenate([state.load for state in self.point.layers])
+        share = np.concatenate([state.moving for state in self.point.layers])
+        if r == 1.0:
+            # phi_o = rho_o (1 - T_o) e^(p z_a) + rho_o T_o e^(p (z_a - z_b)): only the sums of
+            # both coefficients over the rows of one (a, b) pair matter.
+            pair, inverse = np.unique(rows * (m + 1) + cols, return_inverse=True)
+            rows, cols = pair // (m + 1), pair % (m + 1)
+            share_load = load * share
+            staying = np.bincount(inverse, load - share_load, pair.size)
+            load = np.bincount(inverse, load, pair.size)
+            share = np.where(load > 0, 1.0 - staying / np.where(load > 0, load, 1.0), 0.0)
+        pairs = {
+            "aa": rows * (m + 1) + rows,
+            "ab": rows * (m + 1) + cols,
+            "ba": cols * (m + 1) + rows,
+            "bb": cols * (m + 1) + cols,
+        }
+
+        def terms(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+            padded = np.append(z, 0.0)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                fall = share * np.exp(-p * padded[cols])
+                moved = np.maximum(1.0 - share + fall, 0.0)
+                phi = load * np.exp(r * p * padded[rows]) * moved**r
+                phi = np.where(load > 0, phi, 0.0)
+                w = np.where(moved > 0, fall / moved, 0.0)
+            value = float(phi.sum())
+            pw = phi * w
+            size = m + 1
+            gradient = r * p * (np.bincount(rows, phi, size) - np.bincount(cols, pw, size))
+            k = r * r * p * p
+            hessian = (
+                np.bincount(pairs["aa"], k * phi, size * size)
+                - np.bincount(pairs["ab"], k * pw, size * size)
+                - np.bincount(pairs["ba"], k * pw, size * size)
+                + np.bincount(pairs["bb"], k * pw * w + r * p * p * pw * (1.0 - w), size * size)
+            ).reshape(size, size)
+            return value, gradient[:m], hessian[:m, :m]
+
+        return terms
+
+
+def _damped_newton(terms, size: int, max_iter: int, rtol: float) -> np.ndarray:
+    """Minimise a smooth convex function given as terms(z) -> (value, gradient, Hessian) from
+    z = 0 by Newton steps with Armijo backtracking; stop when a step would gain less than
+    ``rtol`` of the value."""
+    z = np.zeros(size)
+    value, gradient, hessian = terms(z)
+    for _ in range(max_iter):
+        try:
+            step = -np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            break
+        slope = float(gradient @ step)
+        if not (np.isfinite(slope) and slope < -rtol * value):
+            break
+        length = 1.0
+        for _ in range(60):
+            trial = terms(z + length * step)
+            if trial[0] <= value + 1e-4 * length * slope:
+                break
+            length *= 0.5
+        else:
+            break
+        z = z + length * step
+        value, gradient, hessian = trial
+    return z

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 
 from ..unitgraph import FIXED, Layer, UnitGraph
+from .couplings import Coupling, summarise_graph
 from .result import PinnedGroup
 
 DEAD_INCOMING = "dead: all incoming weights are zero"
@@ -34,53 +35,79 @@ CUT_FROM_OUTPUTS = "cut off from the outputs"
 CUT_FROM_BOTH = "cut off from the inputs and the outputs"
 
 
-def _weight_totals(graph: UnitGraph) -> tuple[np.ndarray, np.ndarray]:
-    """Per group: total incoming and total outgoing coupling (self-loops included)."""
-    incoming = np.zeros(graph.n_groups)
-    outgoing = np.zeros(graph.n_groups)
-    for layer in graph.layers:
-        coupling = np.asarray(layer.coupling, dtype=np.float64)
+def _weight_totals(graph: UnitGraph, couplings: tuple[Coupling, ...]) -> tuple[np.ndarray, ...]:
+    """Per group: whether it has a non-zero incoming and a non-zero outgoing coupling (self-loops
+    included), from the row and column sums of the summary (no pass)."""
+    incoming = np.zeros(graph.n_groups, dtype=bool)
+    outgoing = np.zeros(graph.n_groups, dtype=bool)
+    for layer, coupling in zip(graph.layers, couplings, strict=True):
         rows = np.asarray(layer.row_groups, dtype=np.int64)
         cols = np.asarray(layer.col_groups, dtype=np.int64)
-        keep = rows != FIXED
-        incoming += np.bincount(rows[keep], coupling.sum(axis=1)[keep], graph.n_groups)
-        keep = cols != FIXED
-        outgoing += np.bincount(cols[keep], coupling.sum(axis=0)[keep], graph.n_groups)
+        row_hit = coupling.row_sums > 0
+        col_hit = coupling.col_sums > 0
+        incoming[rows[row_hit & (rows != FIXED)]] = True
+        outgoing[cols[col_hit & (cols != FIXED)]] = True
     return incoming, outgoing
 
 
-def _reachable(graph: UnitGraph, anchored: np.ndarray, forward: bool) -> np.ndarray:
+def _reachable(
+    graph: UnitGraph, couplings: tuple[Coupling, ...], anchored: np.ndarray, forward: bool
+) -> np.ndarray:
     """Groups reached by non-zero couplings from a fixed or ``anchored`` column (forward) or
     reaching a fixed or ``anchored`` row (backward). Anchored groups themselves are excluded.
 
     Each pass over the layers is one matrix-vector product per layer with an indicator vector;
     a coupling is non-negative, so a positive product means some non-zero coupling hits a
-    reached unit. Passes repeat until nothing changes (one or two for feed-forward orders).
+    reached unit. A layer with only positive couplings needs no product (any reached unit hits
+    every target). Passes repeat until nothing changes (one or two for feed-forward orders).
     """
-    reached = np.zeros(graph.n_groups, dtype=bool)
+    n = graph.n_groups
+    reached = np.zeros(n, dtype=bool)
+    # Sources: reached or anchored groups, and the pad at index -1 == FIXED (always a source).
+    source = np.append(anchored, True)
     # Layers usually come in forward order: walk them backwards for the backward search.
-    order = graph.layers if forward else graph.layers[::-1]
+    order = [
+        (
+            np.asarray(layer.col_groups if forward else layer.row_groups, np.int64),
+            np.asarray(layer.row_groups if forward else layer.col_groups, np.int64),
+            coupling,
+        )
+        for layer, coupling in zip(graph.layers, couplings, strict=True)
+    ]
+    if not forward:
+        order.reverse()
     changed = True
     while changed:
         changed = False
-        for layer in order:
-            coupling = np.asarray(layer.coupling, dtype=np.float64)
-            sources = np.asarray(layer.col_groups if forward else layer.row_groups, np.int64)
-            targets = np.asarray(layer.row_groups if forward else layer.col_groups, np.int64)
-            # Padded with True at index -1 == FIXED: fixed units are always sources.
-            active = np.append(anchored | reached, True)[sources]
-            hits = (coupling @ active if forward else coupling.T @ active) > 0
-            new = hits & (targets != FIXED)
-            new_groups = np.unique(targets[new])
-            new_groups = new_groups[~reached[new_groups] & ~anchored[new_groups]]
-            if new_groups.size:
-                reached[new_groups] = True
-                changed = True
+        used = np.zeros(n + 1, dtype=bool)  # sources of the layers walked in this pass
+        for sources, targets, coupling in order:
+            used[sources] = True
+            active = source[sources]
+            if coupling.positive:
+                if not active.any():
+                    continue
+                hit_targets = targets
+            else:
+                matrix = coupling.matrix
+                hits = (matrix @ active if forward else matrix.T @ active) > 0
+                hit_targets = targets[hits]
+            hit = np.zeros(n + 1, dtype=bool)  # the pad at -1 absorbs FIXED
+            hit[hit_targets] = True
+            new = hit[:-1] & ~source[:-1]
+            if new.any():
+                reached |= new
+                source[:-1] |= new
+                # Another pass only if a layer already walked reads a newly reached group.
+                changed = changed or bool((new & used[:-1]).any())
     return reached
 
 
-def find_pinned(graph: UnitGraph) -> tuple[PinnedGroup, ...]:
+def find_pinned(
+    graph: UnitGraph, couplings: tuple[Coupling, ...] | None = None
+) -> tuple[PinnedGroup, ...]:
     """Groups that must stay at scale 1, in group order, each with the reason.
+
+    ``couplings`` (couplings.py) saves looking at the matrices again when the caller has them.
 
     >>> import numpy as np
     >>> from onnxbalance.unitgraph import Layer
@@ -90,13 +117,15 @@ def find_pinned(graph: UnitGraph) -> tuple[PinnedGroup, ...]:
     >>> [(p.name, p.reason) for p in find_pinned(g)]
     [('h1', 'dead: all incoming weights are zero')]
     """
-    incoming, outgoing = _weight_totals(graph)
-    no_in, no_out = incoming == 0, outgoing == 0
+    if couplings is None:
+        couplings = summarise_graph(graph)
+    incoming, outgoing = _weight_totals(graph, couplings)
+    no_in, no_out = ~incoming, ~outgoing
     dead = no_in | no_out
-    from_inputs = _reachable(graph, dead, forward=True)
-    to_outputs = _reachable(graph, dead, forward=False)
+    from_inputs = _reachable(graph, couplings, dead, forward=True)
+    to_outputs = _reachable(graph, couplings, dead, forward=False)
     pinned = []
-    for group in range(graph.n_groups):
+    for group in np.flatnonzero(dead | ~from_inputs | ~to_outputs).tolist():
         if no_in[group] and no_out[group]:
             reason = DEAD_BOTH
         elif no_in[group]:
@@ -135,7 +164,9 @@ def pin_groups(graph: UnitGraph, groups) -> UnitGraph:
     return UnitGraph(tuple(layers), graph.group_names)
 
 
-def pin_dead_and_cut_off(graph: UnitGraph) -> tuple[UnitGraph, tuple[PinnedGroup, ...]]:
+def pin_dead_and_cut_off(
+    graph: UnitGraph, couplings: tuple[Coupling, ...] | None = None
+) -> tuple[UnitGraph, tuple[PinnedGroup, ...]]:
     """The graph with every dead or cut-off group FIXED, and the pinned groups with reasons."""
-    pinned = find_pinned(graph)
+    pinned = find_pinned(graph, couplings)
     return pin_groups(graph, (p.group for p in pinned)), pinned

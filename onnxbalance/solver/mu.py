@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..unitgraph import UnitGraph
+from .couplings import Coupling
 from .objective import Objective, movable_groups
 from .result import SolveResult
 
@@ -42,13 +43,14 @@ def solve_mu(
     tol: float,
     max_sweeps: int,
     progress: Callable[[int, float], None] | None = None,
+    couplings: tuple[Coupling, ...] | None = None,
 ) -> SolveResult:
     """Run Algorithm 1 on ``graph`` (dead and cut-off groups already FIXED).
 
     Returns a SolveResult with ``pinned=()``; :func:`onnxbalance.solver.solve` fills it in.
     Raises ValueError for NaN or infinite couplings (naming the layer) or bad p, q.
     """
-    objective = Objective(graph, p, q)
+    objective = Objective(graph, p, q, couplings)
     eta = step_size(objective.p, objective.q)
     movable = movable_groups(graph)
     # A slice when every group moves (the usual case) avoids copying the loads each sweep.

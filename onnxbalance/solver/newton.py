@@ -1,25 +1,39 @@
-"""A faster exact solver: Newton's method on the log-scales with preconditioned conjugate gradients.
+"""A faster exact solver: Newton-type steps on the log-scales with a pass-free Hessian model.
 
 It minimises the same convex F(u) = ||W||_{p,q}^q as Algorithm 1 (ALGORITHM.md §3-§7) on the same
 unit graph, tied and pinned groups included, and stops on the same test.
 
-First, u moves to the exact minimiser of F over the per-layer scales (curvature.py: the coarse
-space, solved without further passes): in a deep network that is the slow, strongly nonlinear
-part that Algorithm 1 needs thousands of sweeps for. Then each iteration at u, with gradient
+Start: F and the loads at u = 0 come from the row and column sums of the couplings
+(couplings.py, curvature.start). Then u moves to the exact minimiser of F over the per-layer
+scales (curvature.py: the coarse space, solved without further passes; for r = 1 the new point's
+loads follow without a pass too): in a deep network that is the slow, strongly nonlinear part
+that Algorithm 1 needs thousands of sweeps for. Then each iteration at u, with gradient
 g = q (in - out):
 
-1. Solve H d = -g inexactly with conjugate gradients (curvature.py: H v costs two passes; the
-   preconditioner is Jacobi plus a per-layer coarse correction, rebuilt only after u moved by
-   more than COARSE_REUSE). The relative residual target min(1/2, sqrt(max |eta log(out/in)|))
-   gives superlinear convergence near the minimum. If CG meets non-positive curvature (possible
-   for r < 1 only through round-off) it stops there (first iteration: the preconditioned
-   gradient).
+1. Direction d = -M^-1 g with M the Hessian model of lowrank.py: the diagonal plus one
+   rank-one term per layer, built from the loads at u (no pass) and inverted exactly. It agrees
+   with the Hessian on per-layer constant vectors and, on dense layers, is accurate to a few per
+   cent elsewhere, so the steps converge linearly at a rate of a few per cent per step. If the
+   model is not positive definite, or its step fails, d solves H d = -g inexactly by conjugate
+   gradients (H v costs two passes; Jacobi plus per-layer coarse preconditioner; relative
+   residual target min(1/2, sqrt(max |eta log(out/in)|))).
 2. Backtracking line search from step 1: accept the first step with
    F(u + a d) <= F(u) + 1e-4 a g.d (Armijo), so F strictly decreases. Trial points are full
    evaluations (two passes), so the accepted one already carries the next gradient.
-3. If d is not a descent direction or the line search fails, take one step of Algorithm 1
-   instead: u_g += eta log(out_g / in_g). Its auxiliary-function argument guarantees that F does
-   not increase, so every accepted step is monotone.
+3. If no direction gives a step, take one step of Algorithm 1 instead: u_g += eta log(out_g /
+   in_g). Its auxiliary-function argument guarantees that F does not increase, so every accepted
+   step is monotone.
+
+Float32 phase: while the layers have float32 copies (couplings.py) and the scales are moderate,
+the trial points of steps 1-2 multiply with the copies (evaluate(fast=True), about 1e-7 relative
+error in every load). Such points only steer: they are never accepted steps. The phase ends when
+its loads pass the stopping test (at max(tol, FAST_TOL)), when its F can no longer resolve a
+step, or when, at the rate of its last step, the next point should pass the stopping test with
+room to spare (that point is then evaluated in float64 directly). Its end point is evaluated in
+float64 and accepted as one step only if F decreased from the last accepted point (or, at the
+round-off level, F stayed and the imbalance shrank); otherwise the phase is dropped and the solve
+continues in float64 from that point. Acceptance, the reported norms and the stopping test
+therefore always use float64 loads.
 
 Round-off: once the predicted decrease -g.d is below the resolution of the computed F (about
 64 eps |log F| relative), F values no longer order the points; a step is then accepted if F stays
@@ -27,9 +41,8 @@ within that resolution and Algorithm 1's imbalance max_g |log(out_g / in_g)| shr
 itself is monotone only up to the same round-off.
 
 Stopping: converged when every group's Algorithm-1 factor a_g = (out_g / in_g)^eta satisfies
-|a_g - 1| < tol at the current point, exactly the test that ends Algorithm 1, so both solvers
-stop on the same tolerance. Newton typically passes it with a much smaller gradient than
-Algorithm 1 does (the last step converges quadratically), so its minimum is the more accurate.
+|a_g - 1| < tol at the current (float64) point, exactly the test that ends Algorithm 1, so both
+solvers stop on the same tolerance.
 """
 
 from __future__ import annotations
@@ -41,39 +54,34 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..unitgraph import UnitGraph
-from .curvature import Curvature, Point, Workspace, evaluate
+from .couplings import Coupling
+from .curvature import Curvature
 from .mu import step_size
 from .objective import Objective, movable_groups
+from .points import Point, evaluate, start
 from .result import SolveResult
+from .workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
 ARMIJO = 1e-4
 MAX_BACKTRACKS = 30
 ROUND_OFF = 64 * np.finfo(float).eps
-# The coarse matrix (one block pass) is rebuilt only after u moved by more than this since it
-# was last built: it only preconditions, and near the minimum it hardly changes.
-COARSE_REUSE = 0.2
+# The float32 phase: its loads carry about 1e-7 relative error, so it stops at this factor
+# tolerance (or tol if larger), when its F cannot resolve the predicted decrease, or after
+# this many steps; its end point is then certified in float64.
+FAST_TOL = 1e-6
+FAST_RESOLUTION = 1e-6
+MAX_FAST_STEPS = 100
+# The float32 phase evaluates its next point in float64 directly when, at the rate of its last
+# step, that point's imbalance should be below this share of the one the stopping test allows.
+FINAL_MARGIN = 0.5
 
 
 def resolution(value: float) -> float:
     """Relative round-off of a computed F: a sum of many exp(r log rho_o), and exp(x) carries
     a relative error of about |x| eps, so the resolution grows with |log F|."""
     return ROUND_OFF * max(1.0, abs(float(np.log(value)))) if value > 0 else ROUND_OFF
-
-
-def mu_log_step(point: Point, movable: np.ndarray, eta: float) -> np.ndarray:
-    """One Algorithm-1 sweep as a change of log-scales: eta log(out / in) on movable groups."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        step = eta * (np.log(point.outgoing) - np.log(point.incoming))
-    return np.where(movable & np.isfinite(step), step, 0.0)
-
-
-def mu_converged(point: Point, movable: np.ndarray, eta: float, tol: float) -> bool:
-    """Algorithm 1's stopping test |a_g - 1| < tol for the factors of a sweep from ``point``."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        step = eta * (np.log(point.outgoing[movable]) - np.log(point.incoming[movable]))
-    return bool(np.all(np.abs(np.expm1(step)) < tol))
 
 
 @dataclass(frozen=True)
@@ -125,24 +133,26 @@ def _imbalance(point: Point, workspace: Workspace) -> float:
 
 
 def _line_search(
-    workspace: Workspace, point: Point, direction: np.ndarray, slope: float
+    workspace: Workspace, point: Point, direction: np.ndarray, slope: float, fast: bool = False
 ) -> Point | None:
     """First point along ``direction`` (steps 1, then shrinking) that satisfies Armijo.
 
     When the predicted decrease -slope is below the resolution of F (round-off), comparing F
     values says nothing; then the full step is taken if F stays within its resolution and the
     imbalance max_g |log(out_g / in_g)| shrinks (in exact arithmetic such a Newton step
-    decreases F), else None.
+    decreases F), else None. With ``fast`` the trial points use the float32 copies and the
+    resolution is theirs (FAST_RESOLUTION).
     """
     step = 1.0
-    at_round_off = -slope <= resolution(point.value) * point.value
+    level = FAST_RESOLUTION if fast else resolution(point.value)
+    at_round_off = -slope <= level * point.value
     for _ in range(MAX_BACKTRACKS):
         moved = point.log_scales + step * direction
         if np.array_equal(moved, point.log_scales):
             return None
-        trial = evaluate(workspace, moved)
+        trial = evaluate(workspace, moved, fast)
         if at_round_off:
-            same = trial.value <= point.value * (1.0 + resolution(point.value))
+            same = trial.value <= point.value * (1.0 + level)
             shrinks = _imbalance(trial, workspace) < _imbalance(point, workspace)
             return trial if same and shrinks else None
         if np.isfinite(trial.value):
@@ -155,6 +165,35 @@ def _line_search(
         else:
             step *= 0.1
     return None
+
+
+def _direction(
+    curvature: Curvature,
+    gradient: np.ndarray,
+    forcing: float,
+    max_cg: int,
+    counts: dict[str, int],
+) -> tuple[np.ndarray, bool]:
+    """-M^-1 g with the Hessian model of lowrank.py, or (model not positive definite) the
+    inexact Newton direction by preconditioned CG; and whether the model gave it."""
+    model = curvature.model()
+    if model is not None:
+        counts["model"] += 1
+        return -model.solve(gradient), True
+    return _cg_direction(curvature, gradient, forcing, max_cg, counts), False
+
+
+def _cg_direction(
+    curvature: Curvature,
+    gradient: np.ndarray,
+    forcing: float,
+    max_cg: int,
+    counts: dict[str, int],
+) -> np.ndarray:
+    curvature.build_coarse()
+    direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
+    counts["cg"] += used
+    return direction
 
 
 def minimise(
@@ -182,13 +221,15 @@ def minimise(
     workspace = Workspace(objective, movable)
     movable = workspace.movable
     eta = step_size(objective.p, objective.q)
-    point = evaluate(workspace, np.zeros(objective.n_groups))
+    point = start(workspace)
+    certified = point  # the last accepted point (exact F and loads)
     values = [point.value]
-    counts = {"cg": 0, "fallback": 0}
+    counts = {"cg": 0, "fallback": 0, "model": 0, "fast": 0}
+    fast = workspace.has_single  # the float32 phase (module docstring)
 
     def outcome(converged: bool, message: str) -> NewtonOutcome:
         return NewtonOutcome(
-            point.log_scales,
+            certified.log_scales,
             converged,
             len(values) - 1,
             counts["cg"],
@@ -198,16 +239,38 @@ def minimise(
         )
 
     def accept(trial: Point) -> None:
-        nonlocal point
-        point = trial
+        nonlocal point, certified
+        point = certified = trial
         values.append(point.value)
         if progress is not None:
             progress(len(values) - 1, objective.norm(point.value))
 
+    def end_fast_phase() -> None:
+        """Certify the float32 phase's end point in float64 as one step, or drop the phase."""
+        nonlocal point, fast
+        fast = False
+        if point is certified:
+            return
+        exact = evaluate(workspace, point.log_scales)
+        if _certifies(exact, certified, workspace):
+            accept(exact)
+        else:
+            point = certified
+
     first = True
-    coarse_source: Curvature | None = None  # the last point whose coarse matrix was built
+    selected = slice(None) if movable.all() else np.flatnonzero(movable)
+    previous = np.inf  # imbalance at the previous point of the float32 phase
+    final_target = FINAL_MARGIN * np.log1p(tol) / eta  # imbalance that surely passes the test
     while True:
-        if not movable.any() or mu_converged(point, movable, eta, tol):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.log(point.outgoing[selected] / point.incoming[selected])
+        finite = bool(np.all(np.isfinite(ratio)))
+        imbalance = float(np.max(np.abs(ratio), initial=0.0)) if finite else np.inf
+        target = max(tol, FAST_TOL) if fast else tol
+        if not movable.any() or (finite and _factors_within(ratio, eta, target)):
+            if fast:
+                end_fast_phase()
+                continue
             return outcome(
                 True,
                 f"converged in {len(values) - 1} steps: every factor of an "
@@ -215,33 +278,58 @@ def minimise(
             )
         if len(values) - 1 >= max_steps:
             return outcome(False, f"did not converge in {max_steps} steps; raise max_sweeps or tol")
+        if fast and counts["fast"] >= MAX_FAST_STEPS:
+            end_fast_phase()
+            continue
         curvature = Curvature(workspace, point)
-        moved = (
-            np.inf
-            if coarse_source is None
-            else float(np.max(np.abs(point.log_scales - coarse_source.point.log_scales)))
-        )
-        if moved > COARSE_REUSE:
-            curvature.build_coarse()
-            coarse_source = curvature
-        else:
-            curvature.reuse_coarse(coarse_source)
         if first:
             # The per-layer scales are the slow, strongly nonlinear part: solve them exactly.
             first = False
             shift = curvature.coarse_minimiser()
             if np.any(shift):
-                trial = evaluate(workspace, point.log_scales + shift)
+                trial = curvature.shifted_point() or evaluate(
+                    workspace, point.log_scales + shift, fast
+                )
                 if trial.value < point.value:
-                    accept(trial)
+                    if fast and not trial.exact:
+                        point = trial
+                        counts["fast"] += 1
+                    else:
+                        accept(trial)
                     continue
-        gradient = np.where(movable, point.gradient(objective.q), 0.0)
-        mu_step = mu_log_step(point, movable, eta)
-        forcing = min(0.5, float(np.sqrt(np.max(np.abs(mu_step)))))
-        direction, used = _conjugate_gradients(curvature, -gradient, forcing, max_cg)
-        counts["cg"] += used
+        gradient = np.zeros(objective.n_groups)
+        gradient[selected] = objective.q * (point.incoming[selected] - point.outgoing[selected])
+        mu_step = np.zeros(objective.n_groups)
+        mu_step[selected] = np.where(np.isfinite(ratio), eta * ratio, 0.0)
+        forcing = min(0.5, float(np.sqrt(eta * imbalance))) if finite else 0.5
+        direction, modelled = _direction(curvature, gradient, forcing, max_cg, counts)
         slope = float(gradient @ direction)
-        trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
+        if fast:
+            # Linear convergence at the rate of the last step: if the next point should pass
+            # the stopping test with room to spare, evaluate it in float64 straight away.
+            predicted = imbalance * min(imbalance / previous, 1.0) if previous < np.inf else np.inf
+            previous = imbalance
+            if slope < 0 and modelled and predicted < final_target:
+                trial = evaluate(workspace, point.log_scales + direction)
+                fast = False
+                if _certifies(trial, certified, workspace):
+                    accept(trial)
+                else:
+                    end_fast_phase()
+                continue
+        trial = _line_search(workspace, point, direction, slope, fast) if slope < 0 else None
+        if trial is None and modelled and not fast:
+            # The model's step failed: the inexact Newton step by CG before Algorithm 1's.
+            direction = _cg_direction(curvature, gradient, forcing, max_cg, counts)
+            slope = float(gradient @ direction)
+            trial = _line_search(workspace, point, direction, slope) if slope < 0 else None
+        if fast:
+            if trial is None:
+                end_fast_phase()
+            else:
+                point = trial
+                counts["fast"] += 1
+            continue
         if trial is None:
             # Algorithm 1's step cannot raise F: the check only allows for the round-off in F.
             counts["fallback"] += 1
@@ -249,7 +337,26 @@ def minimise(
             if not trial.value <= point.value * (1.0 + resolution(point.value)):
                 return outcome(False, "stalled: no step decreases the norm (round-off level)")
         accept(trial)
-        logger.debug("newton step %d: F=%.17g cg=%d", len(values) - 1, point.value, used)
+        logger.debug("newton step %d: F=%.17g %s", len(values) - 1, point.value, counts)
+
+
+def _factors_within(ratio: np.ndarray, eta: float, tol: float) -> bool:
+    """Algorithm 1's test |exp(eta log(out/in)) - 1| < tol for every group (expm1 is
+    monotone: the extreme ratios decide)."""
+    if not ratio.size:
+        return True
+    high, low = float(ratio.max()), float(ratio.min())
+    return max(np.expm1(eta * high), -np.expm1(eta * low)) < tol
+
+
+def _certifies(exact: Point, certified: Point, workspace: Workspace) -> bool:
+    """Whether the float64 point ``exact`` may follow ``certified`` as an accepted step: F
+    decreases, or (within the round-off of F) stays and the imbalance shrinks."""
+    limit = certified.value * (1.0 + resolution(certified.value))
+    return exact.value <= limit and (
+        exact.value < certified.value
+        or _imbalance(exact, workspace) < _imbalance(certified, workspace)
+    )
 
 
 def solve_newton(
@@ -260,13 +367,14 @@ def solve_newton(
     tol: float,
     max_sweeps: int,
     progress: Callable[[int, float], None] | None = None,
+    couplings: tuple[Coupling, ...] | None = None,
 ) -> SolveResult:
     """Run the Newton solver on ``graph`` (dead and cut-off groups already FIXED).
 
     ``max_sweeps`` bounds the number of accepted steps. Returns a SolveResult with
     ``pinned=()``; :func:`onnxbalance.solver.solve` fills it in.
     """
-    objective = Objective(graph, p, q)
+    objective = Objective(graph, p, q, couplings)
     found = minimise(
         objective, movable_groups(graph), tol=tol, max_steps=max_sweeps, progress=progress
     )

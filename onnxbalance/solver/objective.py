@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..unitgraph import FIXED, UnitGraph
+from .couplings import Coupling, check_graph, summarise_graph
+
+__all__ = ["Loads", "Objective", "check_graph", "movable_groups"]
 
 
 @dataclass(frozen=True)
@@ -99,59 +102,37 @@ class _PreparedLayer:
     has_fixed_columns: bool
     has_empty_rows: bool  # some row has only zero couplings (rho = 0)
     empty_rows: np.ndarray  # mask of those rows
-    free_col_sums: np.ndarray  # c.T @ 1 over the free columns (rows of fixed scale, r = 1)
+    free_col_sums: np.ndarray  # c.T @ 1 over the free columns
+    row_sums: np.ndarray  # c @ 1 over all columns (rho at u = 0)
     zero_cols: np.ndarray  # free columns with only zero couplings
-    log_range: float  # largest |log| of a non-zero free coupling or fixed row sum
+    log_range: float  # largest |log| of a non-zero coupling
+    single: np.ndarray | None  # float32 copy of free (couplings.py), or None
 
 
-def check_graph(graph: UnitGraph) -> None:
-    """Raise ValueError naming the layer if a coupling matrix is unusable (NaN, Inf, negative,
-    or not matching its group arrays)."""
-    for layer in graph.layers:
-        coupling = np.asarray(layer.coupling)
-        if coupling.ndim != 2:
-            raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
-        if coupling.size:
-            # Two reductions instead of full-size boolean temporaries: NaN or Inf anywhere
-            # makes the sum non-finite (finite couplings are far below overflow).
-            if not np.isfinite(coupling.sum()):
-                raise ValueError(f"layer {layer.name!r} has NaN or infinite weights")
-            if coupling.min() < 0:
-                raise ValueError(f"layer {layer.name!r}: coupling matrix has negative entries")
-        rows, cols = coupling.shape
-        for what, groups, size in (
-            ("row", layer.row_groups, rows),
-            ("column", layer.col_groups, cols),
-        ):
-            groups = np.asarray(groups)
-            if groups.shape != (size,):
-                raise ValueError(
-                    f"layer {layer.name!r}: {what} groups have shape {groups.shape}, "
-                    f"expected ({size},)"
-                )
-            if groups.size and (groups.min() < FIXED or groups.max() >= graph.n_groups):
-                raise ValueError(f"layer {layer.name!r}: {what} group index out of range")
-
-
-def _prepare(graph: UnitGraph) -> tuple[_PreparedLayer, ...]:
-    check_graph(graph)
+def _prepare(
+    graph: UnitGraph, couplings: tuple[Coupling, ...] | None
+) -> tuple[_PreparedLayer, ...]:
+    if couplings is None:
+        couplings = summarise_graph(graph)
     prepared = []
-    for layer in graph.layers:
-        coupling = np.asarray(layer.coupling, dtype=np.float64)
+    for layer, summary in zip(graph.layers, couplings, strict=True):
+        coupling = summary.matrix
         col_groups = np.asarray(layer.col_groups, dtype=np.int64)
         row_groups = np.asarray(layer.row_groups, dtype=np.int64)
         movable = col_groups != FIXED
-        fixed_row_sum = coupling[:, ~movable].sum(axis=1)
-        with np.errstate(divide="ignore"):
-            log_fixed_row_sum = np.log(fixed_row_sum)
+        if movable.all():
+            fixed_row_sum = np.zeros(coupling.shape[0])
+            log_fixed_row_sum = np.full(coupling.shape[0], -np.inf)
+        else:
+            fixed_row_sum = coupling[:, ~movable].sum(axis=1)
+            with np.errstate(divide="ignore"):
+                log_fixed_row_sum = np.log(fixed_row_sum)
         # No copy when every column moves: the sweep then reads the caller's matrix itself.
         free = np.ascontiguousarray(coupling if movable.all() else coupling[:, movable])
-        empty_rows = coupling.sum(axis=1) == 0
-        log_range = 0.0
-        for part in (free, fixed_row_sum):
-            if part.size and part.max() > 0:
-                smallest = np.min(part, where=part > 0, initial=np.inf)
-                log_range = max(log_range, abs(np.log(part.max())), abs(np.log(smallest)))
+        # Row and column sums come with the summary: empty rows and columns cost no pass.
+        free_col_sums = summary.col_sums[movable]
+        empty_rows = summary.row_sums == 0
+        zero_cols = free_col_sums == 0
         prepared.append(
             _PreparedLayer(
                 name=layer.name,
@@ -165,12 +146,26 @@ def _prepare(graph: UnitGraph) -> tuple[_PreparedLayer, ...]:
                 has_fixed_columns=bool((~movable).any()),
                 has_empty_rows=bool(empty_rows.any()),
                 empty_rows=empty_rows,
-                free_col_sums=free.sum(axis=0),
-                zero_cols=free.sum(axis=0) == 0,
-                log_range=float(log_range),
+                free_col_sums=free_col_sums,
+                row_sums=summary.row_sums,
+                zero_cols=zero_cols,
+                log_range=max(summary.log_range, _log_range(fixed_row_sum)),
+                single=_single_columns(summary, movable),
             )
         )
     return tuple(prepared)
+
+
+def _log_range(values: np.ndarray) -> float:
+    positive = values[values > 0]
+    return float(np.abs(np.log(positive)).max()) if positive.size else 0.0
+
+
+def _single_columns(summary: Coupling, movable: np.ndarray) -> np.ndarray | None:
+    """The float32 copy restricted to the movable columns, like ``free``."""
+    if summary.single is None or not movable.any():
+        return None
+    return summary.single if movable.all() else np.ascontiguousarray(summary.single[:, movable])
 
 
 @dataclass(frozen=True)
@@ -206,6 +201,38 @@ def _log_sum_terms(block: np.ndarray, log_factors: np.ndarray, extra: np.ndarray
     return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
 
 
+class Bins:
+    """Sums of values into ``size`` bins by a fixed index array, prepared once: a scatter when
+    no two entries share a bin, else sums over runs of the stably sorted index (np.add.reduceat,
+    several times faster than a weighted np.bincount)."""
+
+    def __init__(self, index: np.ndarray, size: int, order: np.ndarray | None = None) -> None:
+        """``order``: a stable argsort of ``index`` if the caller has one."""
+        index = np.asarray(index, dtype=np.int64)
+        self.size = size
+        self.index = index
+        if order is None and np.all(index[1:] >= index[:-1]):  # sorted: no argsort needed
+            ordered = index
+        else:
+            order = np.argsort(index, kind="stable") if order is None else order
+            ordered = index[order]
+        boundary = np.ones(ordered.size, dtype=bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=boundary[1:])
+        self.unique = bool(boundary.all())
+        self.order = order
+        self.starts = np.flatnonzero(boundary)
+        self.targets = ordered[self.starts]
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.size)
+        if self.unique:
+            out[self.index] = values
+        elif self.starts.size:
+            ordered = values if self.order is None else values[self.order]
+            out[self.targets] = np.add.reduceat(ordered, self.starts)
+        return out
+
+
 def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
     movable = groups != FIXED
     return np.bincount(groups[movable], weights=values[movable], minlength=n_groups)
@@ -219,14 +246,20 @@ domain: exp(600) ~ 1e260 leaves room for row sums and powers below float64's 1e3
 class Objective:
     """F(u) and its loads on one unit graph, for one (p, q); counts passes over the couplings."""
 
-    def __init__(self, graph: UnitGraph, p: float, q: float) -> None:
+    def __init__(
+        self,
+        graph: UnitGraph,
+        p: float,
+        q: float,
+        couplings: tuple[Coupling, ...] | None = None,
+    ) -> None:
         if not (p > 0 and q > 0 and np.isfinite(p) and np.isfinite(q)):
             raise ValueError(f"p and q must be positive and finite, got p={p}, q={q}")
         self.p = float(p)
         self.q = float(q)
         self.r = self.q / self.p
         self.n_groups = graph.n_groups
-        self.layers = _prepare(graph)
+        self.layers = _prepare(graph, couplings)
         self.passes = 0
         self._log_range = max((layer.log_range for layer in self.layers), default=0.0)
 

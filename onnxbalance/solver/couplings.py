@@ -1,0 +1,157 @@
+"""One look at every coupling matrix per solve: validation, value range, sums, a float32 copy.
+
+Everything the solvers and the liveness analysis need to know about a matrix c before they
+iterate: that it is finite and non-negative (else ValueError naming the layer), whether every
+entry is positive (then every coupling connects), a bound on |log c| over its non-zero
+entries, its row and column sums (empty rows and columns, dead units, and F and the loads at
+u = 0, see curvature.start), and a float32 copy of c for products that only steer (trial points
+whose values are certified in float64 later, Hessian products).
+
+The float64 matrix is read once, in blocks of rows that stay in cache, for the copy and both
+sums; the copy's minimum (float32, half the bytes) settles the rest. Rounding to float32 is
+monotone and keeps the sign, so a positive minimum of the copy proves that every entry of c is
+positive, a finite total that none is NaN or infinite, and the minimum and the largest row sum
+bound |log c| (to float32 accuracy).
+Otherwise (zeros, NaN, negative or huge entries) the float64 matrix is inspected directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..unitgraph import FIXED, UnitGraph
+
+SINGLE_FACTORS = 1e15
+"""A float32 copy has entries of at most this, and its rows and columns sum to at least the
+inverse; vectors multiplied with it must have entries within [1 / this, this], so every
+product and sum stays below 1e30 (float32 overflows at 3.4e38)."""
+
+_BLOCK_BYTES = 1 << 19  # rows of float64 read per block (half a typical L2 cache)
+_LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, absolute in log c
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """One layer's coupling matrix as the solvers use it."""
+
+    matrix: np.ndarray  # float64
+    single: np.ndarray | None  # float32 copy, None unless _single_fits
+    positive: bool  # every entry > 0 (and the matrix is not empty)
+    log_range: float  # bounds |log c| over the non-zero entries (0 if there are none)
+    row_sums: np.ndarray  # c @ 1 in float64
+    col_sums: np.ndarray  # 1 @ c in float64
+
+
+def _check_groups(graph: UnitGraph, layer, rows: int, cols: int) -> None:
+    for what, groups, size in (
+        ("row", layer.row_groups, rows),
+        ("column", layer.col_groups, cols),
+    ):
+        groups = np.asarray(groups)
+        if groups.shape != (size,):
+            raise ValueError(
+                f"layer {layer.name!r}: {what} groups have shape {groups.shape}, expected ({size},)"
+            )
+        if groups.size and (groups.min() < FIXED or groups.max() >= graph.n_groups):
+            raise ValueError(f"layer {layer.name!r}: {what} group index out of range")
+
+
+def _check_values(name: str, matrix: np.ndarray) -> None:
+    # Two reductions instead of full-size boolean temporaries: NaN or Inf anywhere makes the
+    # sum non-finite (finite couplings are far below overflow).
+    if not np.isfinite(matrix.sum()):
+        raise ValueError(f"layer {name!r} has NaN or infinite weights")
+    if matrix.min() < 0:
+        raise ValueError(f"layer {name!r}: coupling matrix has negative entries")
+
+
+def _exact_log_range(matrix: np.ndarray) -> float:
+    largest = float(matrix.max())
+    if not largest > 0:
+        return 0.0
+    smallest = float(np.min(matrix, where=matrix > 0, initial=np.inf))
+    return max(abs(np.log(largest)), abs(np.log(smallest)))
+
+
+def _single_fits(largest: float, row_sums: np.ndarray, col_sums: np.ndarray) -> bool:
+    """Whether the float32 copy can stand in for c: its entries, times factors within
+    [1 / SINGLE_FACTORS, SINGLE_FACTORS], stay below float32's overflow, and every non-empty
+    row and column sums to at least 1 / SINGLE_FACTORS, so a product keeps float32's relative
+    accuracy however small single entries are (those below about 1e-23 may flush to zero,
+    which changes no sum by more than 1e-5 of itself)."""
+    if not 0 < largest <= SINGLE_FACTORS:
+        return False
+    for sums in (row_sums, col_sums):
+        smallest = float(np.min(sums, where=sums > 0, initial=np.inf))
+        if smallest < 1.0 / SINGLE_FACTORS:
+            return False
+    return True
+
+
+def _copy_and_sums(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The float32 copy, the row sums and the column sums of ``matrix`` in one sweep: blocks
+    of rows small enough to stay in cache are read once from memory for all three."""
+    rows, cols = matrix.shape
+    single = np.empty((rows, cols), dtype=np.float32)
+    row_sums = np.empty(rows)
+    col_sums = np.zeros(cols)
+    ones = np.ones(cols)
+    step = max(1, _BLOCK_BYTES // (8 * cols))
+    lead = np.ones(min(step, rows))
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, seen later
+        for start in range(0, rows, step):
+            block = matrix[start : start + step]
+            single[start : start + step] = block
+            np.dot(block, ones, out=row_sums[start : start + step])
+            col_sums += lead[: block.shape[0]] @ block
+    return single, row_sums, col_sums
+
+
+def summarise(layer_name: str, coupling) -> Coupling:
+    """The :class:`Coupling` of one matrix; ValueError naming the layer if it is unusable."""
+    matrix = np.asarray(coupling, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise ValueError(f"layer {layer_name!r}: coupling matrix must be 2-D")
+    if not matrix.size:
+        empty = np.zeros(matrix.shape[0]), np.zeros(matrix.shape[1])
+        return Coupling(matrix, None, False, 0.0, *empty)
+    single, row_sums, col_sums = _copy_and_sums(matrix)
+    smallest = float(single.min())
+    # A positive minimum rules out negative entries, and then a finite total rules out NaN and
+    # Inf; the largest row sum bounds every entry from above, so no pass looks for the maximum.
+    if smallest > 0 and np.isfinite(row_sums.sum()):
+        positive = True
+        largest = float(row_sums.max())
+        log_range = max(abs(np.log(largest)), abs(np.log(smallest))) + _LOG_SLACK
+    else:
+        _check_values(layer_name, matrix)
+        positive = False
+        log_range = _exact_log_range(matrix)
+        largest = float(matrix.max())
+    if not _single_fits(largest, row_sums, col_sums):
+        single = None
+    return Coupling(matrix, single, positive, log_range, row_sums, col_sums)
+
+
+def summarise_graph(graph: UnitGraph) -> tuple[Coupling, ...]:
+    """:func:`summarise` for every layer, after checking the group arrays."""
+    out = []
+    for layer in graph.layers:
+        coupling = summarise(layer.name, layer.coupling)
+        _check_groups(graph, layer, *coupling.matrix.shape)
+        out.append(coupling)
+    return tuple(out)
+
+
+def check_graph(graph: UnitGraph) -> None:
+    """Raise ValueError naming the layer if a coupling matrix is unusable (NaN, Inf, negative,
+    or not matching its group arrays)."""
+    for layer in graph.layers:
+        matrix = np.asarray(layer.coupling)
+        if matrix.ndim != 2:
+            raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
+        if matrix.size:
+            _check_values(layer.name, matrix)
+        _check_groups(graph, layer, *matrix.shape)

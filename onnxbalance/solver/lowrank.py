@@ -1,0 +1,252 @@
+"""A model of the Hessian of F that costs no pass over the couplings: diagonal plus one rank-one
+term per layer, inverted exactly by the Woodbury identity.
+
+Notation of curvature.py: t_oi = c[o, i] exp(p (u_o - u_i)) over the movable columns of one layer,
+rho_o its row sums (fixed columns included), out_i = sum_o rho_o^(r-1) t_oi. In unit coordinates
+one layer adds to the Hessian
+
+    row-row   p^2 r^2 rho_o^r                                   (diagonal)
+    row-col   -p^2 r^2 rho_o^(r-1) t_oi
+    col-col   p^2 r out_i (diagonal) + p^2 r (r-1) sum_o rho_o^(r-2) t_oi t_oi'.
+
+Replace the layer's matrix rho_o^(r-1) t_oi by its rank-one part alpha_o out_i / S, with
+alpha_o = rho_o^(r-1) sum_i t_oi (row sums), out_i (column sums) and S = sum_o alpha_o =
+sum_i out_i: the same row and column sums, so the model and H agree on every vector that is
+constant over a layer (the slow, per-layer modes; exactly for r = 1 when each layer's rows and
+columns belong to one layer of groups, approximately otherwise), and t_oi ~ a_o out_i / S with
+a_o = sum_i t_oi gives the col-col term gamma out_i out_i' / S^2, gamma = sum_o rho_o^(r-2) a_o^2.
+Everything is known from the loads at the point. With the diagonal D = p^2 r (r in_g + out_g)
+of Jacobi, and per layer the group vectors x = (alpha summed into row groups) and
+y = (out summed into column groups),
+
+    M = D + U K U^T,   U = [x_1 y_1 x_2 y_2 ...],
+    K_l = p^2 [[0, -r^2 / S], [-r^2 / S, r (r-1) gamma / S^2]]
+
+For r = 1, M is the graph Laplacian of the layers' rank-one couplings, which is positive definite
+when every group is anchored. In general K_l has one positive and one negative eigenvalue
+(det = -p^4 r^4 / S^2 < 0), and by the inertia of the Schur complements of
+[[D, U], [U^T, -K^-1]], M is positive definite exactly when K^-1 + U^T D^-1 U has as many positive
+eigenvalues as there are layer terms and none zero; :func:`build` checks this and returns None
+otherwise. Then
+
+    M^-1 = D^-1 - D^-1 U (K^-1 + U^T D^-1 U)^-1 U^T D^-1
+
+costs a few operations per group (U has one or two non-zeros per group in a layered network).
+On random dense layers the error of the model is the fluctuation of t_oi about its rank-one
+part, of relative size about 1/sqrt(width): M^-1 g is then a Newton step accurate to a few
+per cent, at no extra pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .objective import Bins
+
+
+@dataclass(frozen=True)
+class _Side:
+    """How one side (rows or movable columns) of a layer sums into its vector's support."""
+
+    support: np.ndarray  # distinct movable groups, sorted
+    units: np.ndarray | None  # units that count (None: every unit, one per support entry)
+    position: np.ndarray | None  # their positions in ``support``
+
+    @staticmethod
+    def of(groups: np.ndarray, movable: np.ndarray) -> _Side:
+        if groups.size and groups[0] >= 0 and groups[-1] - groups[0] == groups.size - 1:
+            run = slice(int(groups[0]), int(groups[-1]) + 1)
+            if movable[run].all() and np.array_equal(groups, np.arange(run.start, run.stop)):
+                return _Side(groups, None, None)  # a plain layer: unit k is group k + start
+        seen = np.zeros(movable.size + 1, dtype=bool)
+        seen[groups] = True  # FIXED (-1) marks the pad
+        support = np.flatnonzero(seen[:-1] & movable)
+        if not support.size:  # e.g. the output rows: nothing to sum
+            return _Side(support, None, None)
+        if np.array_equal(groups, support):  # a plain layer: unit k is group support[k]
+            return _Side(support, None, None)
+        units = np.flatnonzero(np.append(movable, False)[groups])
+        return _Side(support, units, np.searchsorted(support, groups[units]))
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """values (per unit) summed into the support's groups."""
+        if self.units is None:
+            return values if self.support.size else self.support.astype(values.dtype)
+        return np.bincount(self.position, values[self.units], self.support.size)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the model's vectors live (fixed per solve): per layer term its row and column
+    sides; every pair of entries of two different vectors on one group, for U^T D^-1 U; and,
+    when every side is plain, where each entry comes from among the concatenated row and
+    column values of all layers."""
+
+    # (layer, row side, column side, its rows and its columns among all layers')
+    sides: tuple[tuple[int, _Side, _Side, slice, slice], ...]
+    vector: np.ndarray  # vector of each entry
+    group: np.ndarray  # group of each entry
+    first: np.ndarray  # entry pairs of different vectors on one group
+    second: np.ndarray
+    pair_group: np.ndarray  # group[first]
+    pair_cell: np.ndarray  # vector[first] * size + vector[second]
+    size: int  # number of vectors (2 per layer term)
+    source: np.ndarray | None  # entry k = concatenate([rows, columns])[source[k]], or None
+    term: np.ndarray  # layer term of each entry
+    by_vector: Bins  # entries into vectors
+    by_group: Bins  # entries into groups
+    by_cell: Bins  # entry pairs into cells of U^T D^-1 U
+
+
+def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
+    """Supports of the model's vectors for layers with these row and movable-column groups."""
+    sides = []
+    vectors, groups, sources, terms = [], [], [], []
+    row_start = col_start = 0
+    total_rows = sum(rows.size for rows in row_groups)
+    plain = True
+    for index, (rows, cols) in enumerate(zip(row_groups, col_groups, strict=True)):
+        if cols.size:
+            row_side, col_side = _Side.of(rows, movable), _Side.of(cols, movable)
+            sides.append(
+                (
+                    index,
+                    row_side,
+                    col_side,
+                    slice(row_start, row_start + rows.size),
+                    slice(col_start, col_start + cols.size),
+                )
+            )
+            for side, start in ((row_side, row_start), (col_side, total_rows + col_start)):
+                vectors.append(np.full(side.support.size, len(vectors), dtype=np.int64))
+                groups.append(side.support)
+                terms.append(np.full(side.support.size, len(sides) - 1, dtype=np.int64))
+                plain = plain and side.units is None
+                sources.append(np.arange(start, start + side.support.size))
+        row_start += rows.size
+        col_start += cols.size
+    empty = np.zeros(0, dtype=np.int64)
+    vector = np.concatenate(vectors) if vectors else empty
+    group = np.concatenate(groups) if groups else empty
+    # Pairs of entries on the same group: sort by group, then pair up within each run.
+    order = np.argsort(group, kind="stable")
+    sorted_groups = group[order]
+    boundary = np.ones(sorted_groups.size, dtype=bool)
+    np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=boundary[1:])
+    starts = np.flatnonzero(boundary)
+    lengths = np.diff(np.append(starts, sorted_groups.size))
+    first, second = [empty], [empty]
+    for length in range(2, int(lengths.max(initial=0)) + 1):
+        runs = starts[lengths == length]
+        if not runs.size:
+            continue
+        for a in range(length):
+            for b in range(length):
+                if a != b:
+                    first.append(order[runs + a])
+                    second.append(order[runs + b])
+    first_entries, second_entries = np.concatenate(first), np.concatenate(second)
+    size = len(vectors)
+    return Layout(
+        tuple(sides),
+        vector,
+        group,
+        first_entries,
+        second_entries,
+        group[first_entries],
+        vector[first_entries] * size + vector[second_entries],
+        size,
+        np.concatenate(sources) if plain and sources else None,
+        np.concatenate(terms) if terms else empty,
+        Bins(vector, size),
+        Bins(group, movable.size, order),
+        Bins(vector[first_entries] * size + vector[second_entries], size * size),
+    )
+
+
+@dataclass(frozen=True)
+class Model:
+    """M^-1 of the module docstring at one point."""
+
+    inverse_diagonal: np.ndarray  # 1 / D on movable groups, 0 elsewhere
+    layout: Layout
+    values: np.ndarray  # U's entries, in layout order
+    basis: np.ndarray  # eigenvectors of K^-1 + U^T D^-1 U
+    inverse_eigenvalues: np.ndarray
+
+    def solve(self, residual: np.ndarray) -> np.ndarray:
+        """M^-1 residual (zero on groups that cannot move)."""
+        scaled = residual * self.inverse_diagonal
+        layout = self.layout
+        if not layout.size:
+            return scaled
+        projected = layout.by_vector(self.values * scaled[layout.group])
+        weights = self.basis @ (self.inverse_eigenvalues * (self.basis.T @ projected))
+        spread = layout.by_group(self.values * weights[layout.vector])
+        return scaled - self.inverse_diagonal * spread
+
+
+def build(
+    layout: Layout,
+    diagonal: np.ndarray,
+    movable: np.ndarray,
+    alpha: np.ndarray,
+    out: np.ndarray,
+    totals: np.ndarray,
+    gammas: np.ndarray,
+    p: float,
+    r: float,
+) -> Model | None:
+    """The model from the diagonal D (groups), alpha of every row and out of every movable
+    column of all layers (concatenated in layer order), and per layer term S and gamma; None
+    if M is not positive definite."""
+    inverse_diagonal = np.zeros(diagonal.size)
+    usable = movable & (diagonal > 0)
+    inverse_diagonal[usable] = 1.0 / diagonal[usable]
+    size = layout.size
+    live = (totals > 0) & np.isfinite(totals)
+    # Each layer's vectors are divided by sqrt(S) (and K_l multiplied by S): the same M, with
+    # entries of order one even when the layers' loads differ by many orders of magnitude. Then
+    # K_l^-1 = [[-(r-1) (gamma / S) / (p^2 r^3), -1 / (p^2 r^2)], [-1 / (p^2 r^2), 0]]. A layer
+    # with S = 0 couples nothing: U = 0 there, and K^-1 = [[0, 1], [1, 0]] keeps the count of
+    # positive eigenvalues without changing M.
+    root = np.where(live, 1.0 / np.sqrt(np.where(live, totals, 1.0)), 0.0)
+    if layout.source is not None:
+        values = np.concatenate([alpha, out])[layout.source]
+    else:
+        values = np.empty(layout.group.size)
+        position = 0
+        for _, row_side, col_side, rows, cols in layout.sides:
+            middle = position + row_side.support.size
+            end = middle + col_side.support.size
+            values[position:middle] = row_side.sums(alpha[rows])
+            values[middle:end] = col_side.sums(out[cols])
+            position = end
+    values *= root[layout.term]
+    inverse_k = np.zeros((size, size))
+    diagonal_k = np.where(live, -(r - 1.0) * (gammas / np.where(live, totals, 1.0)), 0.0)
+    blocks = np.arange(0, size, 2)
+    inverse_k[blocks, blocks] = diagonal_k / (p * p * r**3)
+    off = np.where(live, -1.0 / (p * p * r * r), 1.0)
+    inverse_k[blocks, blocks + 1] = off
+    inverse_k[blocks + 1, blocks] = off
+    weighted = values * inverse_diagonal[layout.group]
+    capacitance = inverse_k
+    capacitance.flat[:: size + 1] += layout.by_vector(weighted * values)
+    if layout.first.size:
+        cross = weighted[layout.first] * values[layout.second]
+        capacitance += layout.by_cell(cross).reshape(size, size)
+    if not np.all(np.isfinite(capacitance)):
+        return None
+    try:
+        eigenvalues, basis = np.linalg.eigh(capacitance)
+    except np.linalg.LinAlgError:
+        return None
+    largest = float(np.max(np.abs(eigenvalues), initial=0.0))
+    if np.count_nonzero(eigenvalues > 0) != size // 2 or np.any(
+        np.abs(eigenvalues) <= 1e-12 * largest
+    ):
+        return None
+    return Model(inverse_diagonal, layout, values, basis, 1.0 / eigenvalues)
