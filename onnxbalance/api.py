@@ -34,10 +34,6 @@ from .weightstats import LayerStats, layer_stats
 
 log = logging.getLogger(__name__)
 
-STREAM_BYTES = 2**16
-"""balance_file streams rescaled initializers of at least this size straight into the output
-file (small ones are rewritten in memory, like :func:`balance` does)."""
-
 ModelOrPath = onnx.ModelProto | str | os.PathLike
 Progress = Callable[[int, float], None]
 Stage = Callable[[str], None]
@@ -252,8 +248,9 @@ def _rewrite(model, timer):
 def _rewrite_while_writing(model, dst, src, folder, timer):
     """``produce`` for :func:`_balanced`: the balanced model staged beside ``dst``.
 
-    Rescaled initializers are computed block by block as the output file is written
-    (:func:`onnxbalance.rewrite.rescaled_blocks`): the new weights never sit in memory whole.
+    Rescaled initializers stored as raw bytes are computed block by block as the output file is
+    written (:func:`onnxbalance.rewrite.rescaled_blocks`): the new weights never sit in memory
+    whole, and the rewrite itself only handles Constant nodes and typed-field tensors.
     """
     from .rewrite import checked_scales, rescaled_blocks, rewrite, tensor_edits
 
@@ -262,15 +259,16 @@ def _rewrite_while_writing(model, dst, src, folder, timer):
     def produce(units, log_scales):
         u = checked_scales(units, log_scales)
         edits = tensor_edits(units)
+        # stored as raw bytes: rescaled as they are written; values in typed fields (small,
+        # hand-made tensors) are rewritten in memory, which keeps that storage style
         streamed = frozenset(
             name
             for name in edits
-            if name in stored and tensors.expected_nbytes(stored[name]) >= STREAM_BYTES
+            if name in stored
+            and (stored[name].HasField("raw_data") or tensors.is_external(stored[name]))
         )
         with timer("rewrite"):
-            balanced = (
-                rewrite(model, units, u, skip=streamed) if streamed else rewrite(model, units, u)
-            )
+            balanced = rewrite(model, units, u, skip=streamed)
 
         def blocks(name):
             shape, _, values = rescaled_blocks(stored[name], edits[name], u)

@@ -153,3 +153,27 @@ def test_layer_of_group_names():
     assert api._layer_of("gemm1:17") == "gemm1"
     assert api._layer_of("conv[3]") == "conv"
     assert api._layer_of("plain") == "plain"
+
+
+def test_balance_file_keeps_each_tensors_storage_field(tmp_path, unbalanced):
+    # raw_data weights are streamed into the file, float_data ones rewritten in memory: both keep
+    # their field, and the file equals the in-memory result
+    typed = unbalanced.graph.initializer[0]
+    values = numpy_helper.to_array(typed)
+    typed.CopyFrom(
+        onnx.helper.make_tensor(typed.name, typed.data_type, values.shape, values.ravel())
+    )
+    assert typed.float_data and not typed.HasField("raw_data")
+    src = tmp_path / "in.onnx"
+    onnx.save(unbalanced, src)
+    onnxbalance.balance_file(src, tmp_path / "out.onnx")
+    written = onnx.load(tmp_path / "out.onnx")
+    fields = {
+        t.name: (bool(t.float_data), t.HasField("raw_data")) for t in written.graph.initializer
+    }
+    stored = {
+        t.name: (bool(t.float_data), t.HasField("raw_data")) for t in unbalanced.graph.initializer
+    }
+    assert fields == stored
+    in_memory, _ = onnxbalance.balance(src)
+    assert written.SerializeToString() == in_memory.SerializeToString()

@@ -50,17 +50,6 @@ def ort_outputs(path: Path, width: int, dtype=np.float32) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-@pytest.fixture(params=["in memory", "streamed"])
-def stream(request, monkeypatch):
-    """Both rewrite paths: small tensors in memory, large ones streamed into the output file
-    (the size threshold lowered so that small test models take the large-model path)."""
-    from onnxbalance import api
-
-    if request.param == "streamed":
-        monkeypatch.setattr(api, "STREAM_BYTES", 0)
-    return request.param
-
-
 @pytest.fixture
 def dirs(tmp_path):
     (tmp_path / "in").mkdir()
@@ -69,7 +58,7 @@ def dirs(tmp_path):
 
 
 @pytest.mark.parametrize("threshold", [0, 100, None])
-def test_layout_kept_and_input_untouched(dirs, threshold, stream):
+def test_layout_kept_and_input_untouched(dirs, threshold):
     """External data goes next to OUT (each tensor stored as in IN); inline stays inline."""
     src_dir, out_dir = dirs
     model = mlp(widths=(4, 8, 6, 3), seed=2)
@@ -127,7 +116,7 @@ def test_models_over_the_protobuf_limit(dirs, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("external", [False, True])
-def test_dtypes(dirs, dtype, external, stream):
+def test_dtypes(dirs, dtype, external):
     src_dir, out_dir = dirs
     model = mlp(widths=(6, 16, 12, 4), dtype=dtype, seed=3, spread=1.5)
     src = save(model, src_dir / "m.onnx", external=external)
@@ -162,7 +151,7 @@ def overflowing_fp16_model() -> onnx.ModelProto:
     return model
 
 
-def test_units_that_would_overflow_are_refused_with_a_reason(dirs, stream):
+def test_units_that_would_overflow_are_refused_with_a_reason(dirs):
     src_dir, out_dir = dirs
     src = save(overflowing_fp16_model(), src_dir / "m.onnx")
     code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
@@ -182,22 +171,21 @@ def test_units_that_would_overflow_are_refused_with_a_reason(dirs, stream):
 
 
 def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monkeypatch):
-    import onnxbalance.rewrite as rewrite_module
+    from onnxbalance import rewrite
 
     src_dir, out_dir = dirs
     src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
     old = out_dir / "b.onnx"
     old.write_bytes(b"previous output")
-    real = rewrite_module.rewrite
+    real = rewrite.rescaled_blocks
 
-    def wrong(model, units, log_scales, **options):  # broken: verification must catch it
-        out = real(model, units, log_scales, **options)
-        tensor = next(t for t in out.graph.initializer if t.name == "W1")
-        array = tensors.read_array(tensor).astype(np.float32) * np.float32(3)
-        tensor.CopyFrom(tensors.make_tensor("W1", array, tensor.data_type))
-        return out
+    def wrong(tensor, edits, u):  # a broken rescaling of W1: verification must catch it
+        shape, dtype, blocks = real(tensor, edits, u)
+        if tensor.name != "W1":
+            return shape, dtype, blocks
+        return shape, dtype, (block * 3 for block in blocks)
 
-    monkeypatch.setattr(rewrite_module, "rewrite", wrong)
+    monkeypatch.setattr(rewrite, "rescaled_blocks", wrong)
     code, out, err = run(src, old, "-q", "--report", out_dir / "r.json")
     assert code == 3 and out == ""
     assert len(err.splitlines()) == 1 and "differs" in err
@@ -207,7 +195,7 @@ def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monk
     assert report["verify"]["passed"] is False
 
 
-def test_deterministic_bytes(dirs, tmp_path, stream):
+def test_deterministic_bytes(dirs, tmp_path):
     src_dir, out_dir = dirs
     src = save(mlp(widths=(4, 8, 6, 3), seed=6), src_dir / "m.onnx", external=True)
     other = tmp_path / "again"
@@ -221,21 +209,21 @@ def test_deterministic_bytes(dirs, tmp_path, stream):
 
 
 @pytest.mark.parametrize("external", [False, True])
-def test_streamed_and_in_memory_rewrites_write_the_same_bytes(
-    dirs, tmp_path, monkeypatch, external
-):
-    """Streaming a rescaled weight into the file (a hole in the serialized model filled block by
-    block) gives exactly the bytes of the in-memory rewrite serialized whole."""
-    from onnxbalance import api
+def test_streamed_and_in_memory_rewrites_write_the_same_bytes(dirs, tmp_path, external):
+    """Streaming rescaled weights into the file (into holes of the serialized model, or into the
+    data file) gives exactly the bytes of the in-memory rewrite saved whole."""
+    import onnxbalance
+    from onnxbalance import io
 
     src_dir, out_dir = dirs
     src = save(mlp(widths=(4, 8, 6, 3), seed=6), src_dir / "m.onnx", external=external)
     assert run(src, out_dir / "b.onnx", "-q")[0] == 0
-    monkeypatch.setattr(api, "STREAM_BYTES", 0)
-    streamed = tmp_path / "streamed"
-    streamed.mkdir()
-    assert run(src, streamed / "b.onnx", "-q")[0] == 0
-    assert snapshot(streamed) == snapshot(out_dir)
+    balanced, _ = onnxbalance.balance(src)  # rewritten in memory, self-contained
+    in_memory = tmp_path / "in_memory"
+    in_memory.mkdir()
+    layout = tensors.external_names(onnx.load(src, load_external_data=False))
+    io.save_model(balanced, in_memory / "b.onnx", external=layout)
+    assert snapshot(in_memory) == snapshot(out_dir)
 
 
 def _spawn(args, env_extra=None):
@@ -293,27 +281,6 @@ def test_terminate_at_any_moment_leaves_nothing_or_a_complete_output(dirs):
         else:
             assert proc.returncode in (143, -signal.SIGTERM)
         outcomes.add(bool(names))
-
-
-def test_streamed_weights_are_verified_too(dirs, monkeypatch):
-    """A wrong streamed tensor is caught by verification and nothing is written."""
-    from onnxbalance import api, rewrite
-
-    monkeypatch.setattr(api, "STREAM_BYTES", 0)
-    real = rewrite.rescaled_blocks
-
-    def wrong(tensor, edits, u):
-        shape, dtype, blocks = real(tensor, edits, u)
-        if tensor.name != "W1":
-            return shape, dtype, blocks
-        return shape, dtype, (block * 3 for block in blocks)
-
-    monkeypatch.setattr(rewrite, "rescaled_blocks", wrong)
-    src_dir, out_dir = dirs
-    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
-    code, out, err = run(src, out_dir / "b.onnx", "-q", "--report", out_dir / "r.json")
-    assert code == 3 and out == "" and "differs" in err
-    assert os.listdir(out_dir) == ["r.json"]
 
 
 def test_api_and_check_on_external_data(dirs):
