@@ -252,12 +252,13 @@ def _rewrite_while_writing(model, dst, src, folder, timer):
     written (:func:`onnxbalance.rewrite.rescaled_blocks`): the new weights never sit in memory
     whole, and the rewrite itself only handles Constant nodes and typed-field tensors.
     """
-    from .rewrite import checked_scales, rescaled_blocks, rewrite, tensor_edits
+    from .rewrite import checked_scales, rescaled_blocks, rewrite, scales_of, tensor_edits
 
     stored = {t.name: t for t in model.graph.initializer}
 
     def produce(units, log_scales):
         u = checked_scales(units, log_scales)
+        scales = scales_of(u)
         edits = tensor_edits(units)
         # stored as raw bytes: rescaled as they are written; values in typed fields (small,
         # hand-made tensors) are rewritten in memory, which keeps that storage style
@@ -267,11 +268,12 @@ def _rewrite_while_writing(model, dst, src, folder, timer):
             if name in stored
             and (stored[name].HasField("raw_data") or tensors.is_external(stored[name]))
         )
-        with timer("rewrite"):
-            balanced = rewrite(model, units, u, skip=streamed)
+        with timer("rewrite"):  # what is not streamed: Constant nodes, typed-field tensors
+            streams_all = streamed == edits.keys()
+            balanced = model if streams_all else rewrite(model, units, u, skip=streamed)
 
         def blocks(name):
-            shape, _, values = rescaled_blocks(stored[name], edits[name], u)
+            shape, _, values = rescaled_blocks(stored[name], edits[name], scales)
             return shape, values
 
         with timer("write"):

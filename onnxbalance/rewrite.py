@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -56,7 +57,7 @@ def rewrite(
             tensor the model does not store.
         UnsupportedModelError: a rescaled tensor no longer fits its dtype (float16 overflow).
     """
-    u = checked_scales(units, log_scales)
+    scales = scales_of(checked_scales(units, log_scales))
     edits = tensor_edits(units)
     out = protos.without_initializers(model)
     done: set[str] = set(skip)
@@ -65,7 +66,7 @@ def rewrite(
         if tensor.name in skip:
             new.CopyFrom(tensors.copy_metadata(tensor))
         elif tensor.name in edits:
-            _fill(new, tensor, _apply(tensor, edits[tensor.name], u))
+            _fill(new, tensor, _apply(tensor, edits[tensor.name], scales))
             done.add(tensor.name)
         else:
             new.CopyFrom(tensor)
@@ -74,7 +75,7 @@ def rewrite(
             continue
         for attr in node.attribute:
             if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                _fill(attr.t, attr.t, _apply(attr.t, edits[node.output[0]], u))
+                _fill(attr.t, attr.t, _apply(attr.t, edits[node.output[0]], scales))
                 done.add(node.output[0])
     missing = sorted(set(edits) - done)
     if missing:
@@ -108,20 +109,34 @@ def _moves(edit: TensorEdit) -> bool:
     )
 
 
-def _factor(groups: np.ndarray, u: np.ndarray, sign: float) -> np.ndarray:
-    groups = np.asarray(groups, dtype=np.int64)
-    padded = np.append(u, 0.0)  # FIXED units read the trailing 0
-    return np.exp(sign * padded[np.where(groups == FIXED, len(u), groups)])
+@dataclass(frozen=True)
+class Scales:
+    """The factors of every scale group, computed once for all the tensors of a model.
+
+    ``up[g] = exp(u[g])`` and ``down[g] = exp(-u[g])``, each with a trailing 1 that the
+    :data:`FIXED` index (-1) reads; ``largest_log`` is max |u|.
+    """
+
+    up: np.ndarray
+    down: np.ndarray
+    largest_log: float
 
 
-def _factors(edits: list[TensorEdit], u: np.ndarray, ndim: int) -> list[np.ndarray]:
+def scales_of(log_scales: np.ndarray) -> Scales:
+    u = np.asarray(log_scales, dtype=np.float64)
+    return Scales(
+        np.append(np.exp(u), 1.0), np.append(np.exp(-u), 1.0), float(np.abs(u).max(initial=0.0))
+    )
+
+
+def _factors(edits: list[TensorEdit], scales: Scales, ndim: int) -> list[np.ndarray]:
     """Each edit's row and column factors, shaped to broadcast against the whole tensor."""
     factors = []
     for edit in edits:
         if edit.row_axis is not None and edit.row_groups is not None:
-            factors.append(_along(_factor(edit.row_groups, u, 1.0), edit.row_axis, ndim))
+            factors.append(_along(scales.up[edit.row_groups], edit.row_axis, ndim))
         if edit.col_axis is not None and edit.col_groups is not None:
-            col = _factor(edit.col_groups, u, -1.0)
+            col = scales.down[edit.col_groups]
             if col.ndim == 1:
                 factors.append(_along(col, edit.col_axis, ndim))
             else:  # (rows, cols): the column unit depends on the row (grouped convolutions)
@@ -136,7 +151,7 @@ def _factors(edits: list[TensorEdit], u: np.ndarray, ndim: int) -> list[np.ndarr
 
 
 def rescaled_blocks(
-    tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray
+    tensor: onnx.TensorProto, edits: list[TensorEdit], scales: Scales
 ) -> tuple[tuple[int, ...], np.dtype, Iterator[np.ndarray]]:
     """The tensor's new value as (shape, dtype, blocks along axis 0 in that dtype).
 
@@ -152,8 +167,8 @@ def rescaled_blocks(
         if edit.expand_to is not None:
             shape = tuple(int(d) for d in edit.expand_to)
     values = np.broadcast_to(original, shape) if shape != original.shape else original
-    exact = _factors(edits, u, len(shape))
-    work = _working_dtype(original.dtype, exact)
+    exact = _factors(edits, scales, len(shape))
+    work = _working_dtype(original.dtype, len(exact), scales.largest_log)
     factors = [factor.astype(work) for factor in exact]
 
     def blocks() -> Iterator[np.ndarray]:
@@ -175,12 +190,11 @@ def rescaled_blocks(
     return shape, original.dtype, blocks()
 
 
-def _working_dtype(dtype: np.dtype, factors: list[np.ndarray]) -> type:
-    """float32 for float32-or-narrower tensors whose combined factors stay within 2^+-100."""
-    if dtype.itemsize > 4:
+def _working_dtype(dtype: np.dtype, n_factors: int, largest_log: float) -> type:
+    """float32 for float32-or-narrower tensors whose combined factor stays within 2^+-100."""
+    if dtype.itemsize > 4 or n_factors * largest_log * np.log2(np.e) > 100:
         return np.float64
-    span = sum(float(np.abs(np.log2([f.min(), f.max()])).max()) for f in factors)
-    return np.float32 if span <= 100 else np.float64
+    return np.float32
 
 
 def _scaled(values: np.ndarray, scales: list[np.ndarray], work: type) -> np.ndarray:
@@ -205,9 +219,9 @@ def _refuse_overflow(tensor: onnx.TensorProto, values: np.ndarray, rescaled: np.
         )
 
 
-def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], u: np.ndarray) -> np.ndarray:
+def _apply(tensor: onnx.TensorProto, edits: list[TensorEdit], scales: Scales) -> np.ndarray:
     """The tensor's new value in its own dtype."""
-    shape, dtype, blocks = rescaled_blocks(tensor, edits, u)
+    shape, dtype, blocks = rescaled_blocks(tensor, edits, scales)
     if not shape:
         return next(iter(blocks)).reshape(())
     result = np.empty(shape, dtype=dtype)

@@ -360,7 +360,10 @@ class Staged:
     def discard(self) -> None:
         with contextlib.suppress(OSError):
             self._wait_synced()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.folder.rmdir()  # committed: nothing left inside
+        except OSError:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Staged:
         return self

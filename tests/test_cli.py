@@ -173,8 +173,8 @@ def test_verification_failure_exit_3_writes_report_not_model(folder, capsys, mon
 
     real = rewrite_module.rescaled_blocks
 
-    def wrong(tensor, edits, u):  # W2 rescaled wrongly as it is written
-        shape, dtype, blocks = real(tensor, edits, u)
+    def wrong(tensor, edits, scales):  # W2 rescaled wrongly as it is written
+        shape, dtype, blocks = real(tensor, edits, scales)
         if tensor.name != "W2":
             return shape, dtype, blocks
         return shape, dtype, (block * np.float32(3) for block in blocks)

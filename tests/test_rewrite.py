@@ -366,7 +366,7 @@ def _ulps_from_exact(got: np.ndarray, w: np.ndarray, factor: np.ndarray) -> np.n
 def test_rescaled_weights_are_within_two_ulps_and_exact_for_extreme_factors(spread, within):
     # Ordinary factors: float32 arithmetic, at most 2 ulps from the exactly rounded product.
     # Factors up to e^+-40 each (2^+-115 combined): float64 arithmetic, exactly rounded.
-    from onnxbalance.rewrite import rescaled_blocks
+    from onnxbalance.rewrite import rescaled_blocks, scales_of
 
     rng = np.random.default_rng(11)
     w = rng.standard_normal((300, 200)).astype(np.float32)
@@ -374,7 +374,7 @@ def test_rescaled_weights_are_within_two_ulps_and_exact_for_extreme_factors(spre
     u = rng.uniform(-spread, spread, 500)
     rows, cols = np.arange(300), np.arange(300, 500)
     edit = TensorEdit("W", row_axis=0, row_groups=rows, col_axis=1, col_groups=cols)
-    shape, dtype, blocks = rescaled_blocks(tensor, [edit], u)
+    shape, dtype, blocks = rescaled_blocks(tensor, [edit], scales_of(u))
     got = np.concatenate(list(blocks))
     factor = np.exp(u[rows])[:, None] * np.exp(-u[cols])[None, :]
     assert shape == w.shape and dtype == np.float32 and got.dtype == np.float32
@@ -384,14 +384,14 @@ def test_rescaled_weights_are_within_two_ulps_and_exact_for_extreme_factors(spre
 
 
 def test_float64_weights_are_rescaled_in_float64():
-    from onnxbalance.rewrite import rescaled_blocks
+    from onnxbalance.rewrite import rescaled_blocks, scales_of
 
     rng = np.random.default_rng(12)
     w = rng.standard_normal((50, 40))
     u = rng.normal(size=90)
     edit = TensorEdit("W", row_axis=0, row_groups=np.arange(50), col_axis=1,
                       col_groups=np.arange(50, 90))  # fmt: skip
-    _, dtype, blocks = rescaled_blocks(numpy_helper.from_array(w, "W"), [edit], u)
+    _, dtype, blocks = rescaled_blocks(numpy_helper.from_array(w, "W"), [edit], scales_of(u))
     expected = w * (np.exp(u[:50])[:, None] * np.exp(-u[50:])[None, :])
     np.testing.assert_allclose(np.concatenate(list(blocks)), expected, rtol=4e-16, atol=0)
     assert dtype == np.float64

@@ -179,8 +179,8 @@ def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monk
     old.write_bytes(b"previous output")
     real = rewrite.rescaled_blocks
 
-    def wrong(tensor, edits, u):  # a broken rescaling of W1: verification must catch it
-        shape, dtype, blocks = real(tensor, edits, u)
+    def wrong(tensor, edits, scales):  # a broken rescaling of W1: verification must catch it
+        shape, dtype, blocks = real(tensor, edits, scales)
         if tensor.name != "W1":
             return shape, dtype, blocks
         return shape, dtype, (block * 3 for block in blocks)
