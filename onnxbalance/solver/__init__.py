@@ -81,7 +81,8 @@ def solve(
         raise ValueError(f"tol must be positive, got {tol}")
     if max_sweeps < 0:
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
-    couplings = summarise_graph(graph)  # checks every matrix (ValueError naming the layer)
+    # checks every matrix (ValueError naming the layer); only Newton steers with float32 copies
+    couplings = summarise_graph(graph, single=method == "newton")
     live_graph, pinned = pin_dead_and_cut_off(graph, couplings)
     result = run(
         live_graph,

@@ -90,11 +90,13 @@ def _single_fits(largest: float, row_sums: np.ndarray, col_sums: np.ndarray) -> 
     return True
 
 
-def _copy_and_sums(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The float32 copy, the row sums and the column sums of ``matrix`` in one sweep: blocks
-    of rows small enough to stay in cache are read once from memory for all three."""
+def _copy_and_sums(
+    matrix: np.ndarray, copy: bool
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """The float32 copy (if ``copy``), the row sums and the column sums of ``matrix`` in one
+    sweep: blocks of rows small enough to stay in cache are read once from memory for all."""
     rows, cols = matrix.shape
-    single = np.empty((rows, cols), dtype=np.float32)
+    single = np.empty((rows, cols), dtype=np.float32) if copy else None
     row_sums = np.empty(rows)
     col_sums = np.zeros(cols)
     ones = np.ones(cols)
@@ -103,22 +105,27 @@ def _copy_and_sums(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, seen later
         for start in range(0, rows, step):
             block = matrix[start : start + step]
-            single[start : start + step] = block
+            if single is not None:
+                single[start : start + step] = block
             np.dot(block, ones, out=row_sums[start : start + step])
             col_sums += lead[: block.shape[0]] @ block
     return single, row_sums, col_sums
 
 
-def summarise(layer_name: str, coupling) -> Coupling:
-    """The :class:`Coupling` of one matrix; ValueError naming the layer if it is unusable."""
+def summarise(layer_name: str, coupling, single: bool = True) -> Coupling:
+    """The :class:`Coupling` of one matrix; ValueError naming the layer if it is unusable.
+
+    ``single``: make the float32 copy (only the Newton solver's trial points use it; an
+    objective evaluated in float64 alone need not hold half the couplings' bytes again).
+    """
     matrix = np.asarray(coupling, dtype=np.float64)
     if matrix.ndim != 2:
         raise ValueError(f"layer {layer_name!r}: coupling matrix must be 2-D")
     if not matrix.size:
         empty = np.zeros(matrix.shape[0]), np.zeros(matrix.shape[1])
         return Coupling(matrix, None, False, 0.0, *empty)
-    single, row_sums, col_sums = _copy_and_sums(matrix)
-    smallest = float(single.min())
+    copy, row_sums, col_sums = _copy_and_sums(matrix, single)
+    smallest = float(matrix.min() if copy is None else copy.min())
     # A positive minimum rules out negative entries, and then a finite total rules out NaN and
     # Inf; the largest row sum bounds every entry from above, so no pass looks for the maximum.
     if smallest > 0 and np.isfinite(row_sums.sum()):
@@ -131,15 +138,15 @@ def summarise(layer_name: str, coupling) -> Coupling:
         log_range = _exact_log_range(matrix)
         largest = float(matrix.max())
     if not _single_fits(largest, row_sums, col_sums):
-        single = None
-    return Coupling(matrix, single, positive, log_range, row_sums, col_sums)
+        copy = None
+    return Coupling(matrix, copy, positive, log_range, row_sums, col_sums)
 
 
-def summarise_graph(graph: UnitGraph) -> tuple[Coupling, ...]:
+def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ...]:
     """:func:`summarise` for every layer, after checking the group arrays."""
     out = []
     for layer in graph.layers:
-        coupling = summarise(layer.name, layer.coupling)
+        coupling = summarise(layer.name, layer.coupling, single)
         _check_groups(graph, layer, *coupling.matrix.shape)
         out.append(coupling)
     return tuple(out)

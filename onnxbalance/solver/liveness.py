@@ -118,7 +118,7 @@ def find_pinned(
     [('h1', 'dead: all incoming weights are zero')]
     """
     if couplings is None:
-        couplings = summarise_graph(graph)
+        couplings = summarise_graph(graph, single=False)
     incoming, outgoing = _weight_totals(graph, couplings)
     no_in, no_out = ~incoming, ~outgoing
     dead = no_in | no_out

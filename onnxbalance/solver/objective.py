@@ -112,8 +112,8 @@ class _PreparedLayer:
 def _prepare(
     graph: UnitGraph, couplings: tuple[Coupling, ...] | None
 ) -> tuple[_PreparedLayer, ...]:
-    if couplings is None:
-        couplings = summarise_graph(graph)
+    if couplings is None:  # evaluated in float64 only: no float32 copy
+        couplings = summarise_graph(graph, single=False)
     prepared = []
     for layer, summary in zip(graph.layers, couplings, strict=True):
         coupling = summary.matrix
