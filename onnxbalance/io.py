@@ -39,11 +39,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not path.is_file():
         raise InputError(f"{path}: not a regular file")
     try:
-        # Mapped, not read: the parser copies what it keeps, and weights are viewed in place
-        # (reading would first copy the whole file into fresh memory).
-        data = memoryview(tensors.map_file(path, 0, path.stat().st_size, droppable=False))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        data = _mapped_or_read(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     model = onnx.ModelProto()
     try:
         _parse(model, data)
@@ -64,6 +62,16 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputError(f"{path}: {exc}") from None
     check_model(tensors.without_weights(model), str(path))
     return model
+
+
+def _mapped_or_read(path: Path) -> memoryview:
+    """The file's bytes, memory-mapped: the parser copies what it keeps and weights are viewed
+    in place, where reading would first copy the whole file into fresh memory. Read instead
+    where the file cannot be mapped."""
+    try:
+        return memoryview(tensors.map_file(path, 0, path.stat().st_size, droppable=False))
+    except (OSError, ValueError):
+        return memoryview(path.read_bytes())
 
 
 def _parse(model: onnx.ModelProto, data: memoryview) -> None:

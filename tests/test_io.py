@@ -251,3 +251,12 @@ def test_loaded_weights_are_views_of_the_mapped_file_and_never_dropped(model_pat
     array = tensors.read_array(outside.graph.initializer[0])
     assert memory.mapped_buffer(array) is None
     assert tensors.read_array(outside.graph.initializer[0]) is not array
+
+
+def test_load_reads_files_that_cannot_be_mapped(model_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("mmap not supported on this filesystem")
+
+    monkeypatch.setattr(tensors, "map_file", refuse)
+    model = io.load_model(model_path)
+    assert model == onnx.load(model_path)
