@@ -167,9 +167,8 @@ def rescaled_blocks(
         if edit.expand_to is not None:
             shape = tuple(int(d) for d in edit.expand_to)
     values = np.broadcast_to(original, shape) if shape != original.shape else original
-    exact = _factors(edits, scales, len(shape))
-    work = _working_dtype(original.dtype, len(exact), scales.largest_log)
-    factors = [factor.astype(work) for factor in exact]
+    work = _working_dtype(original.dtype, len(edits) * 2, scales.largest_log)
+    factors = [factor.astype(work) for factor in _factors(edits, scales, len(shape))]
 
     def blocks() -> Iterator[np.ndarray]:
         if not shape:  # a scalar: one block
@@ -178,9 +177,9 @@ def rescaled_blocks(
             row_bytes = np.dtype(work).itemsize * int(np.prod(shape[1:], dtype=np.int64))
             slices = memory.row_blocks(shape[0], row_bytes)
         for rows in slices:
-            scales = [f[rows] if shape and f.shape[0] != 1 else f for f in factors]
+            block_factors = [f[rows] if shape and f.shape[0] != 1 else f for f in factors]
             with np.errstate(over="ignore", invalid="ignore"):  # refused below, with a name
-                rescaled = _scaled(values[rows], scales, work)
+                rescaled = _scaled(values[rows], block_factors, work)
                 result = rescaled.astype(original.dtype, copy=False)
             if np.isinf(result).any():  # checked on the block while it is in cache
                 _refuse_overflow(tensor, values[rows], rescaled)
@@ -197,12 +196,12 @@ def _working_dtype(dtype: np.dtype, n_factors: int, largest_log: float) -> type:
     return np.float32
 
 
-def _scaled(values: np.ndarray, scales: list[np.ndarray], work: type) -> np.ndarray:
+def _scaled(values: np.ndarray, factors: list[np.ndarray], work: type) -> np.ndarray:
     # a copy first: stored weights sit wherever protobuf put them, often misaligned for SIMD
     block = np.array(values, dtype=work)
-    combined = scales[0]
-    for scale in scales[1:]:
-        combined = combined * scale  # an outer product for a row and a column factor
+    combined = factors[0]
+    for factor in factors[1:]:
+        combined = combined * factor  # an outer product for a row and a column factor
     block *= combined
     return block
 
