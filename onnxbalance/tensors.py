@@ -90,7 +90,19 @@ def external_folder(base_dir: Path | str | os.PathLike | None) -> Iterator[None]
 
 
 Buffer = bytes | memoryview
-_ARRAYS: contextvars.ContextVar[dict[int, list] | None] = contextvars.ContextVar(
+
+
+@dataclass
+class _Kept:
+    """One tensor of a model given to :func:`keep_arrays`: its decoded array once read, and
+    where its raw bytes can be viewed without a copy (None: read the parsed message)."""
+
+    tensor: onnx.TensorProto  # held, so that no other tensor can take its id
+    array: np.ndarray | None = None
+    source: Buffer | None = None
+
+
+_ARRAYS: contextvars.ContextVar[dict[int, _Kept] | None] = contextvars.ContextVar(
     "onnxbalance_arrays", default=None
 )
 
@@ -110,7 +122,7 @@ def arrays_kept() -> Iterator[None]:
         _ARRAYS.reset(token)
 
 
-def keep_arrays(model: onnx.ModelProto, serialized: bytes | None = None) -> None:
+def keep_arrays(model: onnx.ModelProto, serialized: Buffer | None = None) -> None:
     """Decode ``model``'s tensors once inside the current :func:`arrays_kept` (if any).
 
     ``serialized``, the bytes ``model`` was parsed from, lets the main graph's initializers be
@@ -121,7 +133,7 @@ def keep_arrays(model: onnx.ModelProto, serialized: bytes | None = None) -> None
     if kept is None:
         return
     for tensor in iter_tensors(model):
-        kept.setdefault(id(tensor), [tensor, None, None])
+        kept.setdefault(id(tensor), _Kept(tensor))
     if serialized is None:
         return
     try:
@@ -135,7 +147,7 @@ def keep_arrays(model: onnx.ModelProto, serialized: bytes | None = None) -> None
     for tensor, span in zip(initializers, spans, strict=True):
         if span is not None and tensor.HasField("raw_data"):
             offset, length = span
-            kept[id(tensor)][2] = view[offset : offset + length]
+            kept[id(tensor)].source = view[offset : offset + length]
 
 
 def current_folder() -> Path | None:
@@ -282,8 +294,10 @@ def map_file(path: Path, offset: int, nbytes: int, droppable: bool = True) -> np
 def read_array(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> np.ndarray:
     """The tensor's values as a read-only numpy array of its own dtype and shape.
 
-    External data is memory-mapped (nothing is read until used); inline ``raw_data`` is copied
-    once. bfloat16 comes back as ``ml_dtypes.bfloat16``, which numpy casts to float32/float64.
+    External data is memory-mapped (nothing is read until used). Inline ``raw_data`` is copied
+    out of the message, or, for a model given to :func:`keep_arrays` with its bytes, viewed
+    where it lies in them. bfloat16 comes back as ``ml_dtypes.bfloat16``, which numpy casts to
+    float32/float64.
 
     Raises:
         InputError: the stored bytes do not match the declared shape and type, an external file
@@ -310,11 +324,11 @@ def read_array(tensor: onnx.TensorProto, base_dir: Path | str | None = None) -> 
 def _kept(tensor: onnx.TensorProto, decode: Callable[[Buffer], np.ndarray]) -> np.ndarray:
     """``decode(raw bytes)``, once per tensor given to :func:`keep_arrays`."""
     entry = (_ARRAYS.get() or {}).get(id(tensor))
-    if entry is None or entry[0] is not tensor:  # the entry holds its tensor: ids stay unique
+    if entry is None or entry.tensor is not tensor:
         return decode(tensor.raw_data)
-    if entry[1] is None:
-        entry[1] = decode(tensor.raw_data if entry[2] is None else entry[2])
-    return entry[1]
+    if entry.array is None:
+        entry.array = decode(tensor.raw_data if entry.source is None else entry.source)
+    return entry.array
 
 
 def _decoded_raw(
