@@ -116,7 +116,9 @@ class Curvature:
         p, r = objective.p, objective.r
         self._prepared: tuple[list[bool], list[tuple]] | None = None
         diagonal = p * p * r * (r * point.incoming + point.outgoing)
-        self.diagonal = np.where(workspace.movable & (diagonal > 0), diagonal, 1.0)
+        usable = workspace.movable & (diagonal > 0)
+        self.diagonal = np.where(usable, diagonal, 1.0)
+        self.inverse_diagonal = np.where(usable, 1.0 / self.diagonal, 0.0)
         self.fractions: list[np.ndarray] | None = None
         self.coarse_shift: np.ndarray | None = None  # z of the last simple coarse solve
         self._coarse_factor: np.ndarray | None = None
@@ -224,7 +226,6 @@ class Curvature:
         workspace = self.workspace
         objective = workspace.objective
         rows = workspace.rows
-        layers = self.point.layers
         if self.point.rows is not None:
             load, moving, col_out = (
                 self.point.rows.load,
@@ -232,6 +233,7 @@ class Curvature:
                 self.point.rows.col_out,
             )
         else:
+            layers = self.point.layers
             load = np.concatenate([state.load for state in layers] + [[]])
             moving = np.concatenate([state.moving for state in layers] + [[]])
             col_out = np.concatenate([state.col_out for state in layers] + [[]])
@@ -240,8 +242,7 @@ class Curvature:
         gammas = rows.row_layers(alpha * moving)[workspace.model_layers]
         return lowrank.build(
             workspace.layout,
-            self.diagonal,
-            workspace.movable,
+            self.inverse_diagonal,
             alpha,
             col_out,
             totals,
@@ -385,8 +386,11 @@ class Curvature:
         p, r = workspace.objective.p, workspace.objective.r
         m = workspace.n_coarse
         rows, cols = workspace.simple
-        load = np.concatenate([state.load for state in self.point.layers])
-        share = np.concatenate([state.moving for state in self.point.layers])
+        if self.point.rows is not None:
+            load, share = self.point.rows.load, self.point.rows.moving
+        else:
+            load = np.concatenate([state.load for state in self.point.layers])
+            share = np.concatenate([state.moving for state in self.point.layers])
         if r == 1.0:
             # phi_o = rho_o (1 - T_o) e^(p z_a) + rho_o T_o e^(p (z_a - z_b)): only the sums of
             # both coefficients over the rows of one (a, b) pair matter.

@@ -80,7 +80,7 @@ class _Side:
 @dataclass(frozen=True)
 class Layout:
     """Where the model's vectors live (fixed per solve): per layer term its row and column
-    sides; every pair of entries of two different vectors on one group, for U^T D^-1 U; and,
+    sides; the cells of U^T D^-1 U that each product of two entries on one group adds to; and,
     when every side is plain, where each entry comes from among the concatenated row and
     column values of all layers."""
 
@@ -88,16 +88,14 @@ class Layout:
     sides: tuple[tuple[int, _Side, _Side, slice, slice], ...]
     vector: np.ndarray  # vector of each entry
     group: np.ndarray  # group of each entry
-    first: np.ndarray  # entry pairs of different vectors on one group
-    second: np.ndarray
-    pair_group: np.ndarray  # group[first]
-    pair_cell: np.ndarray  # vector[first] * size + vector[second]
+    left: np.ndarray  # entry pairs on one group (each entry with itself first), whose
+    right: np.ndarray  # products sum into the cells of U^T D^-1 U (by_cell)
     size: int  # number of vectors (2 per layer term)
     source: np.ndarray | None  # entry k = concatenate([rows, columns])[source[k]], or None
     term: np.ndarray  # layer term of each entry
     by_vector: Bins  # entries into vectors
     by_group: Bins  # entries into groups
-    by_cell: Bins  # entry pairs into cells of U^T D^-1 U
+    by_cell: Bins  # entry pairs into cells of U^T D^-1 U (flat)
 
 
 def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
@@ -137,7 +135,7 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
     np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=boundary[1:])
     starts = np.flatnonzero(boundary)
     lengths = np.diff(np.append(starts, sorted_groups.size))
-    first, second = [empty], [empty]
+    first, second = [], []
     for length in range(2, int(lengths.max(initial=0)) + 1):
         runs = starts[lengths == length]
         if not runs.size:
@@ -147,22 +145,21 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
                 if a != b:
                     first.append(order[runs + a])
                     second.append(order[runs + b])
-    first_entries, second_entries = np.concatenate(first), np.concatenate(second)
+    entries = np.arange(vector.size)
+    left, right = np.concatenate([entries, *first]), np.concatenate([entries, *second])
     size = len(vectors)
     return Layout(
         tuple(sides),
         vector,
         group,
-        first_entries,
-        second_entries,
-        group[first_entries],
-        vector[first_entries] * size + vector[second_entries],
+        left,
+        right,
         size,
         np.concatenate(sources) if plain and sources else None,
         np.concatenate(terms) if terms else empty,
         Bins(vector, size),
         Bins(group, movable.size, order),
-        Bins(vector[first_entries] * size + vector[second_entries], size * size),
+        Bins(vector[left] * size + vector[right], size * size),
     )
 
 
@@ -190,8 +187,7 @@ class Model:
 
 def build(
     layout: Layout,
-    diagonal: np.ndarray,
-    movable: np.ndarray,
+    inverse_diagonal: np.ndarray,
     alpha: np.ndarray,
     out: np.ndarray,
     totals: np.ndarray,
@@ -199,20 +195,17 @@ def build(
     p: float,
     r: float,
 ) -> Model | None:
-    """The model from the diagonal D (groups), alpha of every row and out of every movable
-    column of all layers (concatenated in layer order), and per layer term S and gamma; None
-    if M is not positive definite."""
-    inverse_diagonal = np.zeros(diagonal.size)
-    usable = movable & (diagonal > 0)
-    inverse_diagonal[usable] = 1.0 / diagonal[usable]
+    """The model from 1 / D (0 on groups that cannot move), alpha of every row and out of
+    every movable column of all layers (concatenated in layer order), and per layer term S and
+    gamma; None if M is not positive definite."""
     size = layout.size
     live = (totals > 0) & np.isfinite(totals)
+    safe_totals = np.where(live, totals, 1.0)
     # Each layer's vectors are divided by sqrt(S) (and K_l multiplied by S): the same M, with
     # entries of order one even when the layers' loads differ by many orders of magnitude. Then
     # K_l^-1 = [[-(r-1) (gamma / S) / (p^2 r^3), -1 / (p^2 r^2)], [-1 / (p^2 r^2), 0]]. A layer
     # with S = 0 couples nothing: U = 0 there, and K^-1 = [[0, 1], [1, 0]] keeps the count of
     # positive eigenvalues without changing M.
-    root = np.where(live, 1.0 / np.sqrt(np.where(live, totals, 1.0)), 0.0)
     if layout.source is not None:
         values = np.concatenate([alpha, out])[layout.source]
     else:
@@ -224,29 +217,24 @@ def build(
             values[position:middle] = row_side.sums(alpha[rows])
             values[middle:end] = col_side.sums(out[cols])
             position = end
-    values *= root[layout.term]
-    inverse_k = np.zeros((size, size))
-    diagonal_k = np.where(live, -(r - 1.0) * (gammas / np.where(live, totals, 1.0)), 0.0)
-    blocks = np.arange(0, size, 2)
-    inverse_k[blocks, blocks] = diagonal_k / (p * p * r**3)
-    off = np.where(live, -1.0 / (p * p * r * r), 1.0)
-    inverse_k[blocks, blocks + 1] = off
-    inverse_k[blocks + 1, blocks] = off
+    values *= (live / np.sqrt(safe_totals))[layout.term]
     weighted = values * inverse_diagonal[layout.group]
-    capacitance = inverse_k
-    capacitance.flat[:: size + 1] += layout.by_vector(weighted * values)
-    if layout.first.size:
-        cross = weighted[layout.first] * values[layout.second]
-        capacitance += layout.by_cell(cross).reshape(size, size)
+    capacitance = layout.by_cell(weighted[layout.left] * values[layout.right])
+    blocks = np.arange(0, size * size, 2 * size + 2)  # the (2l, 2l) cells
+    capacitance[blocks] -= np.where(live, (r - 1.0) * gammas / safe_totals, 0.0) / (p * p * r**3)
+    off = np.where(live, -1.0 / (p * p * r * r), 1.0)
+    capacitance[blocks + 1] += off
+    capacitance[blocks + size] += off
+    capacitance = capacitance.reshape(size, size)
     if not np.all(np.isfinite(capacitance)):
         return None
     try:
         eigenvalues, basis = np.linalg.eigh(capacitance)
     except np.linalg.LinAlgError:
         return None
-    largest = float(np.max(np.abs(eigenvalues), initial=0.0))
-    if np.count_nonzero(eigenvalues > 0) != size // 2 or np.any(
-        np.abs(eigenvalues) <= 1e-12 * largest
-    ):
+    magnitudes = np.abs(eigenvalues)
+    if np.count_nonzero(eigenvalues > 0) != size // 2 or magnitudes.min(
+        initial=np.inf
+    ) <= 1e-12 * magnitudes.max(initial=0.0):
         return None
     return Model(inverse_diagonal, layout, values, basis, 1.0 / eigenvalues)

@@ -126,9 +126,7 @@ def _conjugate_gradients(
 
 def _imbalance(point: Point, workspace: Workspace) -> float:
     """max_g |log(out_g / in_g)|: Algorithm 1's stopping measure, scale-free per group."""
-    movable = workspace.movable
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.log(point.outgoing[movable]) - np.log(point.incoming[movable])
+    ratio = point.log_ratio[workspace.movable]
     return float(np.max(np.abs(ratio), initial=0.0)) if np.all(np.isfinite(ratio)) else np.inf
 
 
@@ -262,8 +260,7 @@ def minimise(
     previous = np.inf  # imbalance at the previous point of the float32 phase
     final_target = FINAL_MARGIN * np.log1p(tol) / eta  # imbalance that surely passes the test
     while True:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.log(point.outgoing[selected] / point.incoming[selected])
+        ratio = point.log_ratio[selected]
         finite = bool(np.all(np.isfinite(ratio)))
         imbalance = float(np.max(np.abs(ratio), initial=0.0)) if finite else np.inf
         target = max(tol, FAST_TOL) if fast else tol

@@ -11,6 +11,7 @@ only steer the Newton solver; they never certify a step or the stopping test.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -56,12 +57,42 @@ class Point:
     value: float
     incoming: np.ndarray
     outgoing: np.ndarray
-    layers: tuple[LayerState, ...]
+    states: tuple[LayerState, ...] | None  # None: cut from ``rows`` when first read
     exact: bool = True  # False: some products ran on the float32 copies (evaluate(fast=True))
     rows: Parts | None = None  # the layer states concatenated (plain factors only)
+    slices: tuple[tuple[slice, ...], tuple[slice, ...]] | None = None  # each layer's part
 
     def gradient(self, q: float) -> np.ndarray:
         return q * (self.incoming - self.outgoing)
+
+    @cached_property
+    def layers(self) -> tuple[LayerState, ...]:
+        """Per layer its LayerState (the solver mostly reads ``rows``: no per-layer views)."""
+        if self.states is not None:
+            return self.states
+        load, sums, col_factor, row_weight, col_out, moving = self.rows
+        return tuple(
+            LayerState(
+                load[row_part],
+                sums[row_part],
+                col_factor[col_part],
+                row_weight[row_part],
+                col_factor[col_part],
+                col_out[col_part],
+                moving[row_part],
+            )
+            for row_part, col_part in zip(*self.slices, strict=True)
+        )
+
+    @cached_property
+    def log_ratio(self) -> np.ndarray:
+        """log(out_g / in_g) per group: Algorithm 1's step direction and stopping measure
+        (not finite where a load is zero)."""
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+            ratio = np.log(self.outgoing / self.incoming)
+            if not np.all(np.isfinite(ratio)):  # the quotient may overflow where the logs do not
+                ratio = np.log(self.outgoing) - np.log(self.incoming)
+        return ratio
 
 
 def evaluate(workspace: Workspace, log_scales: np.ndarray, fast: bool = False) -> Point:
@@ -114,27 +145,15 @@ def _point(workspace, log_scales, parts: Parts, exact: bool) -> Point:
     """The Point of the plain-factor path from its concatenated per-row and per-column parts
     (col_scale = col_factor: no shift)."""
     rows, n = workspace.rows, workspace.objective.n_groups
-    load, sums, col_factor, row_weight, col_out, moving = parts
-    states = tuple(
-        LayerState(
-            load[row_part],
-            sums[row_part],
-            col_factor[col_part],
-            row_weight[row_part],
-            col_factor[col_part],
-            col_out[col_part],
-            moving[row_part],
-        )
-        for row_part, col_part in zip(rows.row_slices, rows.col_slices, strict=True)
-    )
     return Point(
         np.array(log_scales, dtype=np.float64),
-        float(load.sum()),
-        rows.incoming(load)[:n],
-        rows.outgoing(col_out),
-        states,
+        float(parts.load.sum()),
+        rows.incoming(parts.load)[:n],
+        rows.outgoing(parts.col_out),
+        None,
         exact,
         parts,
+        (rows.row_slices, rows.col_slices),
     )
 
 
