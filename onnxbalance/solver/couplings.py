@@ -75,7 +75,9 @@ def _exact_log_range(matrix: np.ndarray) -> float:
     return max(abs(np.log(largest)), abs(np.log(smallest)))
 
 
-def _single_fits(largest: float, row_sums: np.ndarray, col_sums: np.ndarray) -> bool:
+def _single_fits(
+    largest: float, row_sums: np.ndarray, col_sums: np.ndarray, positive: bool
+) -> bool:
     """Whether the float32 copy can stand in for c: its entries, times factors within
     [1 / SINGLE_FACTORS, SINGLE_FACTORS], stay below float32's overflow, and every non-empty
     row and column sums to at least 1 / SINGLE_FACTORS, so a product keeps float32's relative
@@ -84,7 +86,10 @@ def _single_fits(largest: float, row_sums: np.ndarray, col_sums: np.ndarray) -> 
     if not 0 < largest <= SINGLE_FACTORS:
         return False
     for sums in (row_sums, col_sums):
-        smallest = float(np.min(sums, where=sums > 0, initial=np.inf))
+        if positive:  # every sum is positive: no mask needed
+            smallest = float(sums.min())
+        else:
+            smallest = float(np.min(sums, where=sums > 0, initial=np.inf))
         if smallest < 1.0 / SINGLE_FACTORS:
             return False
     return True
@@ -137,7 +142,7 @@ def summarise(layer_name: str, coupling, single: bool = True) -> Coupling:
         positive = False
         log_range = _exact_log_range(matrix)
         largest = float(matrix.max())
-    if not _single_fits(largest, row_sums, col_sums):
+    if not _single_fits(largest, row_sums, col_sums, positive):
         copy = None
     return Coupling(matrix, copy, positive, log_range, row_sums, col_sums)
 

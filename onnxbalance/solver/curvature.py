@@ -394,7 +394,11 @@ class Curvature:
         if r == 1.0:
             # phi_o = rho_o (1 - T_o) e^(p z_a) + rho_o T_o e^(p (z_a - z_b)): only the sums of
             # both coefficients over the rows of one (a, b) pair matter.
-            pair, inverse = np.unique(rows * (m + 1) + cols, return_inverse=True)
+            # distinct (a, b) pairs without sorting: ids are below (m + 1)^2, a handful
+            ids = rows * (m + 1) + cols
+            seen = np.bincount(ids, minlength=(m + 1) * (m + 1)) > 0
+            pair = np.flatnonzero(seen)
+            inverse = (np.cumsum(seen) - 1)[ids]
             rows, cols = pair // (m + 1), pair % (m + 1)
             share_load = load * share
             staying = np.bincount(inverse, load - share_load, pair.size)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .objective import Bins
+from .objective import Bins, consecutive_start, stable_order
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,9 @@ class _Side:
 
     @staticmethod
     def of(groups: np.ndarray, movable: np.ndarray) -> _Side:
-        if groups.size and groups[0] >= 0 and groups[-1] - groups[0] == groups.size - 1:
-            run = slice(int(groups[0]), int(groups[-1]) + 1)
-            if movable[run].all() and np.array_equal(groups, np.arange(run.start, run.stop)):
-                return _Side(groups, None, None)  # a plain layer: unit k is group k + start
+        start = consecutive_start(groups)
+        if start is not None and movable[start : start + groups.size].all():
+            return _Side(groups, None, None)  # a plain layer: unit k is group k + start
         seen = np.zeros(movable.size + 1, dtype=bool)
         seen[groups] = True  # FIXED (-1) marks the pad
         support = np.flatnonzero(seen[:-1] & movable)
@@ -129,7 +128,7 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
     vector = np.concatenate(vectors) if vectors else empty
     group = np.concatenate(groups) if groups else empty
     # Pairs of entries on the same group: sort by group, then pair up within each run.
-    order = np.argsort(group, kind="stable")
+    order = stable_order(group, movable.size)
     sorted_groups = group[order]
     boundary = np.ones(sorted_groups.size, dtype=bool)
     np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=boundary[1:])

@@ -24,8 +24,6 @@ class _LayerStructure:
     row_movable: np.ndarray  # row_groups != FIXED
     row_index: np.ndarray  # row_groups with FIXED replaced by 0
     free32: np.ndarray | None  # float32 copy of free (couplings.py), None if the range is too wide
-    ones: np.ndarray  # per row, for layers without fixed columns (every row moves entirely)
-    empty: np.ndarray  # no columns
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,8 @@ class _Rows:
             ),
             Bins(np.where(row_groups == FIXED, n, row_groups), n + 1),
             Bins(np.concatenate([layer.col_groups for layer in layers] + [[]]), n),
-            Bins(np.repeat(np.arange(len(layers)), np.diff(row_stops)), len(layers)),
-            Bins(np.repeat(np.arange(len(layers)), np.diff(col_stops)), len(layers)),
+            Bins.runs(np.diff(row_stops)),
+            Bins.runs(np.diff(col_stops)),
         )
 
 
@@ -115,8 +113,6 @@ class Workspace:
                     row_movable,
                     np.where(row_movable, layer.row_groups, 0),
                     layer.single,
-                    np.ones(layer.fixed_row_sum.size),
-                    np.zeros(0),
                 )
             )
         self.structures = tuple(structures)
