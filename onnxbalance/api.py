@@ -385,7 +385,6 @@ def _report(
         + [(_layer_of(pin.name), 1, pin.reason) for pin in pinned]
     )
     found = units.n_groups + sum(skip.count for skip in units.skipped)
-    pinned_groups = np.array([pin.group for pin in pinned], dtype=np.int64)
     if result is None:
         norm = _norm(graph, p, q)
         return Report(
@@ -396,13 +395,6 @@ def _report(
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
-    from .solver.objective import Objective
-
-    objective = Objective(graph, p, q)  # prepared once: a pass over every coupling matrix
-
-    def imbalance(log_scales: np.ndarray) -> float:
-        return _imbalance(objective, graph, log_scales, pinned_groups)
-
     return Report(
         p=p,
         q=q,
@@ -418,8 +410,8 @@ def _report(
         units_balanced=units.n_groups - len(pinned),
         units_fixed=fixed,
         history=history,
-        max_imbalance_before=imbalance(np.zeros(units.n_groups)),
-        max_imbalance_after=imbalance(result.log_scales),
+        max_imbalance_before=result.imbalance_before,
+        max_imbalance_after=result.imbalance_after,
         verify=comparison,
         seconds=dict(seconds),
         source=source,
@@ -446,19 +438,6 @@ def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
         maxima = row_max_abs(layer.weight, rows, cols)
         stats.append(layer_stats(layer.name, maxima[:, None]))
     return tuple(stats)
-
-
-def _imbalance(objective, graph: UnitGraph, log_scales: np.ndarray, pinned: np.ndarray) -> float:
-    """max over moving groups of |in - out| / (in + out) at ``log_scales``."""
-    loads = objective.loads(np.asarray(log_scales, dtype=np.float64))
-    moving = np.ones(graph.n_groups, dtype=bool)
-    moving[pinned] = False
-    total = loads.incoming + loads.outgoing
-    moving &= total > 0
-    if not moving.any():
-        return 0.0
-    gap = np.abs(loads.incoming - loads.outgoing)[moving] / total[moving]
-    return float(gap.max())
 
 
 def _norm(graph: UnitGraph, p: float, q: float) -> float:

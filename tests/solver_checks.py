@@ -29,6 +29,14 @@ def check_against_reference(net: Network, p: float, q: float, result: SolveResul
     live = (incoming + outgoing) > 0
     live[pinned] = False
     np.testing.assert_allclose(incoming[live], outgoing[live], rtol=1e-6)
+    # The reported imbalances are those of the reference loads at the start and at the end.
+    for log_scales, reported in (
+        (np.zeros(net.n_groups), result.imbalance_before),
+        (result.log_scales, result.imbalance_after),
+    ):
+        incoming, outgoing = reference.loads(layers, net.n_groups, log_scales, p, q)
+        gap = np.abs(incoming - outgoing)[live] / (incoming + outgoing)[live]
+        assert reported == pytest.approx(gap.max(initial=0.0), rel=1e-6, abs=1e-12)
     # Optimal: the same minimum as L-BFGS on log F with the same pinned groups.
     best = reference.minimise(layers, net.n_groups, p, q, pinned=pinned)
     assert result.norm_after == pytest.approx(best.norm, rel=1e-6)

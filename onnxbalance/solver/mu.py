@@ -24,7 +24,7 @@ import numpy as np
 
 from ..unitgraph import UnitGraph
 from .couplings import Coupling
-from .objective import Objective, movable_groups
+from .objective import Objective, imbalance, movable_groups
 from .result import SolveResult
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def solve_mu(
     selected = slice(None) if movable.all() else np.flatnonzero(movable)
     log_scales = np.zeros(graph.n_groups)
     loads = objective.loads(log_scales)
+    imbalance_before = imbalance(loads.incoming, loads.outgoing, movable)
     history = [objective.norm(loads.value)]
     sweeps = 0
     largest = float("nan")  # largest |factor - 1| of the last sweep
@@ -102,4 +103,6 @@ def solve_mu(
         solver="mu",
         p=objective.p,
         q=objective.q,
+        imbalance_before=imbalance_before,
+        imbalance_after=imbalance(loads.incoming, loads.outgoing, movable),
     )

@@ -57,7 +57,7 @@ from ..unitgraph import UnitGraph
 from .couplings import Coupling
 from .curvature import Curvature
 from .mu import step_size
-from .objective import Objective, movable_groups
+from .objective import Objective, imbalance, movable_groups
 from .points import Point, evaluate, start
 from .result import SolveResult
 from .workspace import Workspace
@@ -95,6 +95,8 @@ class NewtonOutcome:
     mu_fallbacks: int
     values: tuple[float, ...]  # F at the start and after every accepted step
     message: str
+    imbalance_before: float  # objective.imbalance at the start and at the end
+    imbalance_after: float
 
 
 def _conjugate_gradients(
@@ -221,6 +223,7 @@ def minimise(
     eta = step_size(objective.p, objective.q)
     point = start(workspace)
     certified = point  # the last accepted point (exact F and loads)
+    imbalance_before = imbalance(point.incoming, point.outgoing, movable)
     values = [point.value]
     counts = {"cg": 0, "fallback": 0, "model": 0, "fast": 0}
     fast = workspace.has_single  # the float32 phase (module docstring)
@@ -234,6 +237,8 @@ def minimise(
             counts["fallback"],
             tuple(values),
             message,
+            imbalance_before,
+            imbalance(certified.incoming, certified.outgoing, movable),
         )
 
     def accept(trial: Point) -> None:
@@ -257,12 +262,12 @@ def minimise(
 
     first = True
     selected = slice(None) if movable.all() else np.flatnonzero(movable)
-    previous = np.inf  # imbalance at the previous point of the float32 phase
-    final_target = FINAL_MARGIN * np.log1p(tol) / eta  # imbalance that surely passes the test
+    previous = np.inf  # spread (max |log(out/in)|) at the previous point of the float32 phase
+    final_target = FINAL_MARGIN * np.log1p(tol) / eta  # spread that surely passes the test
     while True:
         ratio = point.log_ratio[selected]
         finite = bool(np.all(np.isfinite(ratio)))
-        imbalance = float(np.max(np.abs(ratio), initial=0.0)) if finite else np.inf
+        spread = float(np.max(np.abs(ratio), initial=0.0)) if finite else np.inf
         target = max(tol, FAST_TOL) if fast else tol
         if not movable.any() or (finite and _factors_within(ratio, eta, target)):
             if fast:
@@ -298,14 +303,14 @@ def minimise(
         gradient[selected] = objective.q * (point.incoming[selected] - point.outgoing[selected])
         mu_step = np.zeros(objective.n_groups)
         mu_step[selected] = np.where(np.isfinite(ratio), eta * ratio, 0.0)
-        forcing = min(0.5, float(np.sqrt(eta * imbalance))) if finite else 0.5
+        forcing = min(0.5, float(np.sqrt(eta * spread))) if finite else 0.5
         direction, modelled = _direction(curvature, gradient, forcing, max_cg, counts)
         slope = float(gradient @ direction)
         if fast:
             # Linear convergence at the rate of the last step: if the next point should pass
             # the stopping test with room to spare, evaluate it in float64 straight away.
-            predicted = imbalance * min(imbalance / previous, 1.0) if previous < np.inf else np.inf
-            previous = imbalance
+            predicted = spread * min(spread / previous, 1.0) if previous < np.inf else np.inf
+            previous = spread
             if slope < 0 and modelled and predicted < final_target:
                 trial = evaluate(workspace, point.log_scales + direction)
                 fast = False
@@ -395,4 +400,6 @@ def solve_newton(
         solver="newton",
         p=objective.p,
         q=objective.q,
+        imbalance_before=found.imbalance_before,
+        imbalance_after=found.imbalance_after,
     )

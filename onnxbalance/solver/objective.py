@@ -173,6 +173,16 @@ class _RowSums:
     col_log: np.ndarray | None  # -p u_i of each movable column (None: no movable column)
 
 
+def imbalance(incoming: np.ndarray, outgoing: np.ndarray, movable: np.ndarray) -> float:
+    """max |in_g - out_g| / (in_g + out_g) over the movable groups that carry any load: 0 at
+    the optimum (every group balanced), up to 1 for a group that only receives or only sends."""
+    total = incoming + outgoing
+    carrying = movable & (total > 0)
+    if not carrying.any():
+        return 0.0
+    return float((np.abs(incoming - outgoing)[carrying] / total[carrying]).max())
+
+
 def movable_groups(graph: UnitGraph) -> np.ndarray:
     """Boolean mask of groups that some layer row or column maps to (the others never move)."""
     used = np.zeros(graph.n_groups, dtype=bool)

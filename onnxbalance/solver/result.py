@@ -26,6 +26,8 @@ class SolveResult:
     ``history`` holds ||W||_{p,q} at the start and after every sweep (Algorithm 1) or accepted
     step (faster solvers), so ``history[0] == norm_before`` and ``history[-1] == norm_after``.
     ``passes`` counts matrix-vector products with every coupling matrix (c @ x or c.T @ y).
+    ``imbalance_before`` and ``imbalance_after`` are max |in_g - out_g| / (in_g + out_g) over
+    the groups that move (objective.imbalance), from the solver's own float64 loads.
     """
 
     log_scales: np.ndarray
@@ -40,6 +42,8 @@ class SolveResult:
     solver: str
     p: float
     q: float
+    imbalance_before: float
+    imbalance_after: float
 
     @property
     def scales(self) -> np.ndarray:
