@@ -111,6 +111,13 @@ def abs_power(weight: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
+_SINGLE_RANGE = 2.0**60  # column factors for which float32 products of weights stay normal
+
+
+def _is_narrow_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" and dtype.itemsize <= 4
+
+
 def row_max_abs(
     weight: np.ndarray, row_log: np.ndarray | None = None, col_log: np.ndarray | None = None
 ) -> np.ndarray:
@@ -128,12 +135,25 @@ def row_max_abs(
     if rows.shape[1] == 0:
         return out
     col_factor = None if col_log is None else np.exp(-np.asarray(col_log, dtype=np.float64))
-    with np.errstate(over="ignore", invalid="ignore"):  # NaN weights give NaN maxima
+    single = None  # float32 factors for float32 and narrower weights
+    if col_factor is not None and _is_narrow_float(rows.dtype):
+        if np.all((col_factor > _SINGLE_RANGE**-1) & (col_factor < _SINGLE_RANGE)):
+            single = col_factor.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):  # NaN weights: NaN maxima
         for block_rows in row_blocks(rows.shape[0], 8 * rows.shape[1]):
             block = rows[block_rows]
             if col_factor is None:  # exact in the weights' own dtype: no float64 copy
                 out[block_rows] = np.maximum(block.max(axis=1), -block.min(axis=1))
                 continue
+            if single is not None:
+                # Half the bytes of float64 and within 1e-7 of it; a row that overflowed or
+                # underflowed to zero is redone in float64 below.
+                scaled = np.abs(block, dtype=np.float32)
+                scaled *= single[block_rows] if single.ndim == 2 else single
+                maxima = scaled.max(axis=1)
+                if np.all((maxima > 0) & (maxima < np.inf)):
+                    out[block_rows] = maxima
+                    continue
             block = np.abs(block, dtype=np.float64)
             block *= col_factor[block_rows] if col_factor.ndim == 2 else col_factor
             out[block_rows] = block.max(axis=1)

@@ -77,15 +77,34 @@ def test_populated_arrays_are_ordinary_and_never_released(monkeypatch):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_row_max_abs_matches_scaled_copy(monkeypatch, grouped):
+@pytest.mark.parametrize(("dtype", "rtol"), [(np.float64, 1e-14), (np.float32, 2.5e-7)])
+def test_row_max_abs_matches_scaled_copy(monkeypatch, grouped, dtype, rtol):
     from onnxbalance.scaling import scale_weight
     from onnxbalance.weightstats import unit_max
 
     monkeypatch.setattr(memory, "BLOCK_BYTES", 40)
     rng = np.random.default_rng(3)
-    weight = rng.standard_normal((9, 6)).astype(np.float32)
+    weight = rng.standard_normal((9, 6)).astype(dtype)
     rows = rng.uniform(-2, 2, 9)
     cols = rng.uniform(-2, 2, (9, 6) if grouped else 6)
     expected = unit_max(scale_weight(weight.astype(np.float64), rows, cols))
-    np.testing.assert_allclose(memory.row_max_abs(weight, rows, cols), expected, rtol=1e-14)
+    # float32 weights are scaled in float32: two roundings of 2^-24 each
+    np.testing.assert_allclose(memory.row_max_abs(weight, rows, cols), expected, rtol=rtol)
     np.testing.assert_array_equal(memory.row_max_abs(weight), unit_max(weight))
+
+
+def test_row_max_abs_redoes_float32_rows_that_overflow_or_underflow():
+    from onnxbalance.scaling import scale_weight
+    from onnxbalance.weightstats import unit_max
+
+    weight = np.array([[3e38, 1.0], [1e-38, 0.0], [0.0, 0.0], [2.0, -4.0]], dtype=np.float32)
+    rows = np.zeros(4)
+    cols = np.array([-20.0, 0.0])  # column 0 grows by e^20: 3e38 overflows float32
+    expected = unit_max(scale_weight(weight.astype(np.float64), rows, cols))
+    got = memory.row_max_abs(weight, rows, cols)
+    assert np.isfinite(got).all() and got[0] > 1e46
+    np.testing.assert_allclose(got, expected, rtol=1e-14)
+    shrink = np.array([30.0, 0.0])  # 1e-38 * e^-30 is below float32's smallest number
+    got = memory.row_max_abs(weight, rows, shrink)
+    assert got[1] > 0
+    np.testing.assert_allclose(got, unit_max(scale_weight(weight.astype(float), rows, shrink)))
