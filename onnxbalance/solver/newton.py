@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..unitgraph import UnitGraph
+from . import lowrank
 from .couplings import Coupling
 from .curvature import Curvature
 from .mu import step_size
@@ -76,6 +77,7 @@ MAX_FAST_STEPS = 100
 # The float32 phase evaluates its next point in float64 directly when, at the rate of its last
 # step, that point's imbalance should be below this share of the one the stopping test allows.
 FINAL_MARGIN = 0.5
+MODEL_REUSE = 1e-2  # the Hessian model is rebuilt once p max |u - u_model| reaches this
 
 
 def resolution(value: float) -> float:
@@ -167,16 +169,38 @@ def _line_search(
     return None
 
 
+class _Models:
+    """The last Hessian model and where it was built. Near the minimum the steps shrink below
+    MODEL_REUSE in p max |u - u'|: every term t_oi of the loads the model is built from has
+    then moved by less than 2%, less than the model's own error of a few per cent (lowrank.py),
+    and the model of the last point serves again."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.built: tuple[np.ndarray, lowrank.Model | None] | None = None
+
+    def at(self, curvature: Curvature) -> lowrank.Model | None:
+        log_scales = curvature.point.log_scales
+        if self.built is not None:
+            where, model = self.built
+            if model is not None and self.p * np.max(np.abs(log_scales - where)) < MODEL_REUSE:
+                return model
+        model = curvature.model()
+        self.built = (log_scales, model)
+        return model
+
+
 def _direction(
     curvature: Curvature,
     gradient: np.ndarray,
     forcing: float,
     max_cg: int,
     counts: dict[str, int],
+    models: _Models,
 ) -> tuple[np.ndarray, bool]:
     """-M^-1 g with the Hessian model of lowrank.py, or (model not positive definite) the
     inexact Newton direction by preconditioned CG; and whether the model gave it."""
-    model = curvature.model()
+    model = models.at(curvature)
     if model is not None:
         counts["model"] += 1
         return -model.solve(gradient), True
@@ -227,6 +251,7 @@ def minimise(
     values = [point.value]
     counts = {"cg": 0, "fallback": 0, "model": 0, "fast": 0}
     fast = workspace.has_single  # the float32 phase (module docstring)
+    models = _Models(objective.p)
 
     def outcome(converged: bool, message: str) -> NewtonOutcome:
         return NewtonOutcome(
@@ -304,7 +329,7 @@ def minimise(
         mu_step = np.zeros(objective.n_groups)
         mu_step[selected] = np.where(np.isfinite(ratio), eta * ratio, 0.0)
         forcing = min(0.5, float(np.sqrt(eta * spread))) if finite else 0.5
-        direction, modelled = _direction(curvature, gradient, forcing, max_cg, counts)
+        direction, modelled = _direction(curvature, gradient, forcing, max_cg, counts, models)
         slope = float(gradient @ direction)
         if fast:
             # Linear convergence at the rate of the last step: if the next point should pass
