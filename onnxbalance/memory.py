@@ -83,14 +83,16 @@ def row_blocks(n_rows: int, row_bytes: int) -> Iterator[slice]:
         yield slice(start, min(n_rows, start + step))
 
 
-def abs_power(weight: np.ndarray, p: float) -> np.ndarray:
-    """``|weight| ** p`` in float64, computed block by block in the result's own memory.
+def abs_power(weight: np.ndarray, p: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``|weight| ** p`` in float64, computed block by block in the result's own memory
+    (``out`` if given: a float64 array of the weight's shape).
 
     >>> abs_power(np.array([[-2.0, 3.0]], dtype=np.float32), 2.0).tolist()
     [[4.0, 9.0]]
     """
     weight = np.asarray(weight)
-    out = empty_float64(weight.shape)
+    if out is None:
+        out = empty_float64(weight.shape)
     if weight.ndim == 0 or out.size == 0:
         with np.errstate(over="ignore"):
             out[...] = np.abs(weight.astype(np.float64)) ** p
