@@ -128,7 +128,7 @@ def _conjugate_gradients(
     return x, max_iter
 
 
-def _imbalance(point: Point, workspace: Workspace) -> float:
+def _spread(point: Point, workspace: Workspace) -> float:
     """max_g |log(out_g / in_g)|: Algorithm 1's stopping measure, scale-free per group."""
     ratio = point.log_ratio[workspace.movable]
     return float(np.max(np.abs(ratio), initial=0.0)) if np.all(np.isfinite(ratio)) else np.inf
@@ -155,7 +155,7 @@ def _line_search(
         trial = evaluate(workspace, moved, fast)
         if at_round_off:
             same = trial.value <= point.value * (1.0 + level)
-            shrinks = _imbalance(trial, workspace) < _imbalance(point, workspace)
+            shrinks = _spread(trial, workspace) < _spread(point, workspace)
             return trial if same and shrinks else None
         if np.isfinite(trial.value):
             if trial.value <= point.value + ARMIJO * step * slope:
@@ -382,7 +382,7 @@ def _certifies(exact: Point, certified: Point, workspace: Workspace) -> bool:
     limit = certified.value * (1.0 + resolution(certified.value))
     return exact.value <= limit and (
         exact.value < certified.value
-        or _imbalance(exact, workspace) < _imbalance(certified, workspace)
+        or _spread(exact, workspace) < _spread(certified, workspace)
     )
 
 

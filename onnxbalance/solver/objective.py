@@ -249,22 +249,6 @@ class Bins:
         self.targets = ordered[self.starts]
         self.short_runs = _SHORT_RUNS * self.starts.size > index.size
 
-    @classmethod
-    def runs(cls, lengths: np.ndarray) -> Bins:
-        """Bins of the index repeat(arange(len(lengths)), lengths): consecutive runs, known
-        without sorting (the rows or columns of each layer among all layers')."""
-        lengths = np.asarray(lengths, dtype=np.int64)
-        bins = cls.__new__(cls)
-        bins.size = lengths.size
-        bins.index = np.repeat(np.arange(lengths.size), lengths)
-        nonempty = lengths > 0
-        bins.starts = (np.cumsum(lengths) - lengths)[nonempty]
-        bins.targets = np.flatnonzero(nonempty)
-        bins.order = None
-        bins.unique = bool(lengths.max(initial=0) <= 1)
-        bins.short_runs = _SHORT_RUNS * bins.starts.size > bins.index.size
-        return bins
-
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.short_runs and not self.unique:
             return np.bincount(self.index, values, self.size)
@@ -277,7 +261,9 @@ class Bins:
         return out
 
 
-_SHORT_RUNS = 4  # runs shorter than this on average: np.bincount (measured crossover ~ 8-30)
+_SHORT_RUNS = 4
+"""Bins whose runs are shorter than this on average sum by np.bincount (measured: it wins at
+one or two entries per bin, np.add.reduceat at thirty and more)."""
 
 
 def _accumulate(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:

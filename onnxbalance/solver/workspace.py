@@ -69,8 +69,8 @@ class _Rows:
             ),
             Bins(np.where(row_groups == FIXED, n, row_groups), n + 1),
             Bins(np.concatenate([layer.col_groups for layer in layers] + [[]]), n),
-            Bins.runs(np.diff(row_stops)),
-            Bins.runs(np.diff(col_stops)),
+            Bins(np.repeat(np.arange(len(layers)), np.diff(row_stops)), len(layers)),
+            Bins(np.repeat(np.arange(len(layers)), np.diff(col_stops)), len(layers)),
         )
 
 
