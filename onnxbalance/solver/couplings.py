@@ -97,24 +97,29 @@ def _single_fits(
 
 def _copy_and_sums(
     matrix: np.ndarray, single: np.ndarray | None
-) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """The float32 copy (into ``single`` unless None), the row sums and the column sums of
-    ``matrix`` in one sweep: blocks of rows small enough to stay in cache are read once from
-    memory for all."""
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float]:
+    """The float32 copy (into ``single`` unless None), the row sums, the column sums and the
+    smallest entry (of the copy if there is one) of ``matrix`` in one sweep: blocks of rows
+    small enough to stay in cache are read once from memory for all."""
     rows, cols = matrix.shape
     row_sums = np.empty(rows)
     col_sums = np.zeros(cols)
     ones = np.ones(cols)
     step = max(1, _BLOCK_BYTES // (8 * cols))
     lead = np.ones(min(step, rows))
+    smallest = np.inf  # a NaN block leaves it alone: the NaN shows in the row sums instead
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, seen later
         for start in range(0, rows, step):
             block = matrix[start : start + step]
             if single is not None:
-                single[start : start + step] = block
+                copied = single[start : start + step]
+                copied[...] = block
+                smallest = min(smallest, copied.min())
+            else:
+                smallest = min(smallest, block.min())
             np.dot(block, ones, out=row_sums[start : start + step])
             col_sums += lead[: block.shape[0]] @ block
-    return single, row_sums, col_sums
+    return single, row_sums, col_sums, float(smallest)
 
 
 def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Coupling:
@@ -132,8 +137,9 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
         return Coupling(matrix, None, False, 0.0, *empty)
     if single is True:
         single = np.empty(matrix.shape, dtype=np.float32)
-    copy, row_sums, col_sums = _copy_and_sums(matrix, single if single is not False else None)
-    smallest = float(matrix.min() if copy is None else copy.min())
+    copy, row_sums, col_sums, smallest = _copy_and_sums(
+        matrix, single if single is not False else None
+    )
     # A positive minimum rules out negative entries, and then a finite total rules out NaN and
     # Inf; the largest row sum bounds every entry from above, so no pass looks for the maximum.
     if smallest > 0 and np.isfinite(row_sums.sum()):

@@ -381,8 +381,7 @@ def _certifies(exact: Point, certified: Point, workspace: Workspace) -> bool:
     decreases, or (within the round-off of F) stays and the imbalance shrinks."""
     limit = certified.value * (1.0 + resolution(certified.value))
     return exact.value <= limit and (
-        exact.value < certified.value
-        or _spread(exact, workspace) < _spread(certified, workspace)
+        exact.value < certified.value or _spread(exact, workspace) < _spread(certified, workspace)
     )
 
 
