@@ -119,36 +119,41 @@ def _prepare(
         row_groups = np.asarray(layer.row_groups, dtype=np.int64)
         movable = col_groups != FIXED
         if movable.all():
+            # No copy (unless not C-ordered): the sweep reads the caller's matrix itself.
             fixed_row_sum = np.zeros(coupling.shape[0])
             log_fixed_row_sum = np.full(coupling.shape[0], -np.inf)
+            free, single = np.ascontiguousarray(coupling), summary.single
+            free_col_sums = summary.col_sums
+            log_range = summary.log_range
         else:
+            col_groups = col_groups[movable]
             fixed_row_sum = coupling[:, ~movable].sum(axis=1)
             with np.errstate(divide="ignore"):
                 log_fixed_row_sum = np.log(fixed_row_sum)
-        # No copy when every column moves: the sweep then reads the caller's matrix itself.
-        free = np.ascontiguousarray(coupling if movable.all() else coupling[:, movable])
-        # Row and column sums come with the summary: empty rows and columns cost no pass.
-        free_col_sums = summary.col_sums[movable]
+            free = np.ascontiguousarray(coupling[:, movable])
+            single = _single_columns(summary, movable)
+            # Row and column sums come with the summary: empty rows and columns cost no pass.
+            free_col_sums = summary.col_sums[movable]
+            log_range = max(summary.log_range, _log_range(fixed_row_sum))
         empty_rows = summary.row_sums == 0
-        zero_cols = free_col_sums == 0
         prepared.append(
             _PreparedLayer(
                 name=layer.name,
                 free=free,
                 fixed_row_sum=fixed_row_sum,
                 row_groups=row_groups,
-                col_groups=col_groups[movable],
+                col_groups=col_groups,
                 rows=_Side.of(row_groups),
-                cols=_Side.of(col_groups[movable]),
+                cols=_Side.of(col_groups),
                 log_fixed_row_sum=log_fixed_row_sum,
-                has_fixed_columns=bool((~movable).any()),
+                has_fixed_columns=free.shape[1] < coupling.shape[1],
                 has_empty_rows=bool(empty_rows.any()),
                 empty_rows=empty_rows,
                 free_col_sums=free_col_sums,
                 row_sums=summary.row_sums,
-                zero_cols=zero_cols,
-                log_range=max(summary.log_range, _log_range(fixed_row_sum)),
-                single=_single_columns(summary, movable),
+                zero_cols=free_col_sums == 0,
+                log_range=log_range,
+                single=single,
             )
         )
     return tuple(prepared)
@@ -160,10 +165,10 @@ def _log_range(values: np.ndarray) -> float:
 
 
 def _single_columns(summary: Coupling, movable: np.ndarray) -> np.ndarray | None:
-    """The float32 copy restricted to the movable columns, like ``free``."""
+    """The float32 copy restricted to the movable columns (some are fixed), like ``free``."""
     if summary.single is None or not movable.any():
         return None
-    return summary.single if movable.all() else np.ascontiguousarray(summary.single[:, movable])
+    return np.ascontiguousarray(summary.single[:, movable])
 
 
 @dataclass(frozen=True)
