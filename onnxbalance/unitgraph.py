@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxbalance.memory import abs_power, empty_float64
+from onnxbalance.memory import abs_power, empty_arrays, empty_float64
 
 FIXED = -1
 """Group index of a unit whose scale is pinned to 1."""
@@ -113,31 +113,23 @@ class ModelUnits:
         return len(self.group_names)
 
     def unit_graph(self, p: float) -> UnitGraph:
-        """The solver's view for the l_{p,q} norm with this ``p``.
-
-        Every layer's coupling matrix lives in one allocation: numpy asks the kernel for huge
-        pages for blocks of 4 MB and more, and first touching a few of them costs far less than
-        thousands of small pages (on a virtual machine each page fault takes microseconds).
-        """
+        """The solver's view for the l_{p,q} norm with this ``p`` (the coupling matrices are
+        allocated together: :func:`onnxbalance.memory.empty_arrays`)."""
         columns = [_Columns.of(layer.col_groups) for layer in self.layers]
         shapes = [
             (np.shape(layer.weight)[0], column.groups.size)
             for layer, column in zip(self.layers, columns, strict=True)
         ]
-        block = empty_float64((sum(rows * cols for rows, cols in shapes),))
-        layers = []
-        start = 0
-        for layer, column, (rows, cols) in zip(self.layers, columns, shapes, strict=True):
-            out = block[start : start + rows * cols].reshape(rows, cols)
-            start += rows * cols
-            layers.append(
-                Layer(
-                    layer.name,
-                    column.couple(layer.weight, p, out),
-                    np.asarray(layer.row_groups, np.int64),
-                    column.groups,
-                )
+        couplings = empty_arrays(shapes, np.float64)
+        layers = [
+            Layer(
+                layer.name,
+                column.couple(layer.weight, p, out),
+                np.asarray(layer.row_groups, np.int64),
+                column.groups,
             )
+            for layer, column, out in zip(self.layers, columns, couplings, strict=True)
+        ]
         return UnitGraph(tuple(layers), self.group_names)
 
 

@@ -108,3 +108,19 @@ def test_row_max_abs_redoes_float32_rows_that_overflow_or_underflow():
     got = memory.row_max_abs(weight, rows, shrink)
     assert got[1] > 0
     np.testing.assert_allclose(got, unit_max(scale_weight(weight.astype(float), rows, shrink)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_arrays_share_one_allocation_below_the_populate_size(monkeypatch, dtype):
+    shapes = [(3, 4), (0, 2), (5, 1)]
+    arrays = memory.empty_arrays(shapes, dtype)
+    assert [a.shape for a in arrays] == shapes and all(a.dtype == dtype for a in arrays)
+    assert all(a.flags.c_contiguous for a in arrays)
+    assert np.shares_memory(arrays[0].base, arrays[2].base)
+    arrays[0][...] = 1.0
+    arrays[2][...] = 2.0  # the arrays do not overlap
+    assert np.all(arrays[0] == 1.0) and np.all(arrays[2] == 2.0)
+    monkeypatch.setattr(memory, "POPULATE_BYTES", 8)
+    apart = memory.empty_arrays(shapes, dtype)
+    assert [a.shape for a in apart] == shapes
+    assert not np.shares_memory(apart[0], apart[2], max_work=None)

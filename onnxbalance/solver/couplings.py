@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..memory import empty_arrays
 from ..unitgraph import FIXED, UnitGraph
 
 SINGLE_FACTORS = 1e15
@@ -157,21 +158,14 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
 
 
 def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ...]:
-    """:func:`summarise` for every layer, after checking the group arrays.
-
-    The float32 copies share one allocation: numpy asks the kernel for huge pages for blocks
-    of 4 MB and more, and first touching a few of them costs far less than thousands of small
-    pages (on a virtual machine each page fault is several microseconds; measured on paper c,
-    a fresh process: 3-5 ms for one block, 7-10 ms for one block per layer).
-    """
+    """:func:`summarise` for every layer, after checking the group arrays (the float32 copies
+    are allocated together: :func:`onnxbalance.memory.empty_arrays`)."""
     shapes = [np.shape(layer.coupling) for layer in graph.layers]
-    sizes = [int(np.prod(shape)) if len(shape) == 2 else 0 for shape in shapes]
-    block = np.empty(sum(sizes) if single else 0, dtype=np.float32)
+    planes = [shape for shape in shapes if len(shape) == 2]  # the others fail in summarise
+    copies = iter(empty_arrays(planes, np.float32) if single else ())
     out = []
-    start = 0
-    for layer, shape, size in zip(graph.layers, shapes, sizes, strict=True):
-        copy = block[start : start + size].reshape(shape) if single and size else single
-        start += size
+    for layer, shape in zip(graph.layers, shapes, strict=True):
+        copy = next(copies) if single and len(shape) == 2 else single
         coupling = summarise(layer.name, layer.coupling, copy)
         _check_groups(graph, layer, *coupling.matrix.shape)
         out.append(coupling)
