@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from mlp_models import set_external_entry
 from onnx import helper
 
 Mutation = Callable[[random.Random, onnx.ModelProto, Path], tuple[Path, str]]
@@ -223,19 +224,10 @@ def _external_entries(rng, model, folder):
     return path, stored, tensor
 
 
-def _set_entry(tensor, key, value):
-    for entry in tensor.external_data:
-        if entry.key == key:
-            entry.value = value
-            return
-    entry = tensor.external_data.add()
-    entry.key, entry.value = key, value
-
-
 def external_escape(rng, model, folder):
     path, stored, tensor = _external_entries(rng, model, folder)
     location = rng.choice(["../in.onnx.bin", "/etc/passwd", "sub/../../x", "", "missing.bin"])
-    _set_entry(tensor, "location", location)
+    set_external_entry(tensor, "location", location)
     _write(stored, folder)
     return path, f"{tensor.name} external location {location!r}"
 
@@ -244,7 +236,7 @@ def external_wrong_size(rng, model, folder):
     path, stored, tensor = _external_entries(rng, model, folder)
     key = rng.choice(["length", "offset"])
     value = rng.choice(["-1", "3", "99999999", "x", str(2**63)])
-    _set_entry(tensor, key, value)
+    set_external_entry(tensor, key, value)
     _write(stored, folder)
     return path, f"{tensor.name} external {key}={value}"
 

@@ -73,3 +73,13 @@ def save(model: onnx.ModelProto, path: Path, external: bool = False, threshold: 
     else:
         onnx.save_model(model, path)
     return path
+
+
+def set_external_entry(tensor: onnx.TensorProto, key: str, value: str) -> None:
+    """Set (or add) one ``external_data`` entry of a tensor: location, offset, length, ..."""
+    for entry in tensor.external_data:
+        if entry.key == key:
+            entry.value = value
+            return
+    entry = tensor.external_data.add()
+    entry.key, entry.value = key, value

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import onnx
 import pytest
-from mlp_models import DTYPES, mlp, save
+from mlp_models import DTYPES, mlp, save, set_external_entry
 from onnx import helper, numpy_helper
 
-from onnxbalance import tensors
+from onnxbalance import memory, tensors
 from onnxbalance.errors import InputError
-
-
-def _mapped(array: np.ndarray) -> bool:
-    base = array
-    while base is not None:
-        if isinstance(base, memoryview):
-            base = base.obj
-        if isinstance(base, mmap.mmap):
-            return True
-        base = getattr(base, "base", None)
-    return False
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -38,7 +25,7 @@ def test_read_matches_onnx(tmp_path, dtype, external):
         assert array.shape == expected.shape
         np.testing.assert_array_equal(array.astype(np.float64), expected.astype(np.float64))
         assert not array.flags.writeable  # the input's bytes must never be edited in place
-        assert _mapped(array) == external
+        assert (memory.mapped_buffer(array) is not None) == external
 
 
 def test_typed_fields_and_release(tmp_path):
@@ -63,15 +50,6 @@ def _external_weight(tmp_path):
     return model.graph.initializer[0], tmp_path / "m.onnx.bin"
 
 
-def _set(tensor, key, value):
-    for entry in tensor.external_data:
-        if entry.key == key:
-            entry.value = value
-            return
-    entry = tensor.external_data.add()
-    entry.key, entry.value = key, value
-
-
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -86,7 +64,7 @@ def _set(tensor, key, value):
 )
 def test_hostile_external_references(tmp_path, key, value, message):
     weight, _ = _external_weight(tmp_path)
-    _set(weight, key, value)
+    set_external_entry(weight, key, value)
     with pytest.raises(InputError, match=message) as info:
         tensors.read_array(weight, tmp_path)
     assert "W0" in str(info.value)
@@ -97,7 +75,7 @@ def test_symlink_escaping_folder_is_refused(tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
     (inner / "link.bin").symlink_to(data)
-    _set(weight, "location", "link.bin")
+    set_external_entry(weight, "location", "link.bin")
     with pytest.raises(InputError, match="outside"):
         tensors.read_array(weight, inner)
 
@@ -133,7 +111,7 @@ def test_wrong_inline_sizes():
 def test_external_without_folder():
     weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[1])
     weight.data_location = onnx.TensorProto.EXTERNAL
-    _set(weight, "location", "w.bin")
+    set_external_entry(weight, "location", "w.bin")
     with pytest.raises(InputError, match="not loaded from a file"):
         tensors.read_array(weight, None)
 
@@ -222,6 +200,6 @@ def test_check_tensors_names_the_bad_one(tmp_path):
     external = mlp()
     external.graph.initializer[0].CopyFrom(weight)
     tensors.check_tensors(external, tmp_path)
-    _set(external.graph.initializer[0], "length", "4")
+    set_external_entry(external.graph.initializer[0], "length", "4")
     with pytest.raises(InputError, match="W0"):
         tensors.check_tensors(external, tmp_path)
