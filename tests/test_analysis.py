@@ -19,6 +19,17 @@ from onnxbalance.unitgraph import FIXED
 HID = om.HID
 
 
+def _check_skips(units, skips) -> None:
+    """units.skipped holds exactly ``skips`` as (node, count, part of the reason)."""
+    got = sorted((s.node, s.count, s.reason) for s in units.skipped)
+    assert len(got) == len(skips), got
+    for (node, count, reason), (want_node, want_count, want_reason) in zip(
+        got, sorted(skips), strict=True
+    ):
+        assert (node, count) == (want_node, want_count), got
+        assert want_reason in reason, got
+
+
 def names(units, groups) -> list[str | None]:
     return [None if g == FIXED else units.group_names[g] for g in groups]
 
@@ -38,13 +49,7 @@ def check(model, layers: dict, skips: list) -> object:
         if rows is not None:
             expected_groups += want_rows
     assert sorted(units.group_names) == sorted(expected_groups)
-    got = sorted((s.node, s.count, s.reason) for s in units.skipped)
-    assert len(got) == len(skips), got
-    for (node, count, reason), (want_node, want_count, want_reason) in zip(
-        got, sorted(skips), strict=True
-    ):
-        assert (node, count) == (want_node, want_count), got
-        assert want_reason in reason, got
+    _check_skips(units, skips)
     return units
 
 
@@ -301,13 +306,7 @@ def check_units(model, layers: dict, skips: list, n_groups: int | None = None):
     assert sorted(units.group_names) == sorted(expected)
     if n_groups is not None:
         assert units.n_groups == n_groups
-    got = sorted((s.node, s.count, s.reason) for s in units.skipped)
-    assert len(got) == len(skips), got
-    for (node, count, reason), (want_node, want_count, want_reason) in zip(
-        got, sorted(skips), strict=True
-    ):
-        assert (node, count) == (want_node, want_count), got
-        assert want_reason in reason, got
+    _check_skips(units, skips)
     return units
 
 
