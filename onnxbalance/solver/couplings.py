@@ -113,13 +113,14 @@ def _copy_and_sums(
         for start in range(0, rows, step):
             block = matrix[start : start + step]
             if single is not None:
-                copied = single[start : start + step]
-                copied[...] = block
-                smallest = min(smallest, copied.min())
+                single[start : start + step] = block
             else:
                 smallest = min(smallest, block.min())
             np.dot(block, ones, out=row_sums[start : start + step])
             col_sums += lead[: block.shape[0]] @ block
+    if single is not None:
+        # one reduction over the whole copy (still in cache) costs less than one per block
+        smallest = single.min()
     return single, row_sums, col_sums, float(smallest)
 
 
@@ -161,11 +162,16 @@ def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ..
     """:func:`summarise` for every layer, after checking the group arrays (the float32 copies
     are allocated together: :func:`onnxbalance.memory.empty_arrays`)."""
     shapes = [np.shape(layer.coupling) for layer in graph.layers]
-    planes = [shape for shape in shapes if len(shape) == 2]  # the others fail in summarise
-    copies = iter(empty_arrays(planes, np.float32) if single else ())
+    # a layer whose columns are all fixed takes no product, so it needs no copy
+    copied = [
+        single and len(shape) == 2 and bool(np.any(np.asarray(layer.col_groups) != FIXED))
+        for layer, shape in zip(graph.layers, shapes, strict=True)
+    ]
+    planes = [shape for shape, wanted in zip(shapes, copied, strict=True) if wanted]
+    copies = iter(empty_arrays(planes, np.float32))
     out = []
-    for layer, shape in zip(graph.layers, shapes, strict=True):
-        copy = next(copies) if single and len(shape) == 2 else single
+    for layer, wanted in zip(graph.layers, copied, strict=True):
+        copy = next(copies) if wanted else False
         coupling = summarise(layer.name, layer.coupling, copy)
         _check_groups(graph, layer, *coupling.matrix.shape)
         out.append(coupling)

@@ -48,6 +48,8 @@ over-counts (one product with a k-column block is cheaper than k products).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from . import lowrank
@@ -112,16 +114,29 @@ class Curvature:
     def __init__(self, workspace: Workspace, point: Point) -> None:
         self.workspace = workspace
         self.point = point
-        objective = workspace.objective
-        p, r = objective.p, objective.r
         self._prepared: tuple[list[bool], list[tuple]] | None = None
-        diagonal = p * p * r * (r * point.incoming + point.outgoing)
-        usable = workspace.movable & (diagonal > 0)
-        self.diagonal = np.where(usable, diagonal, 1.0)
-        self.inverse_diagonal = np.where(usable, 1.0 / self.diagonal, 0.0)
         self.fractions: list[np.ndarray] | None = None
         self.coarse_shift: np.ndarray | None = None  # z of the last simple coarse solve
         self._coarse_factor: np.ndarray | None = None
+
+    @cached_property
+    def _jacobi(self) -> tuple[np.ndarray, np.ndarray]:
+        """Jacobi's diagonal p^2 r (r in_g + out_g), 1 where it is zero or the group cannot
+        move, and its inverse, 0 there. Built on first use: a step that reuses an earlier
+        Hessian model needs neither."""
+        p, r = self.workspace.objective.p, self.workspace.objective.r
+        diagonal = p * p * r * (r * self.point.incoming + self.point.outgoing)
+        usable = self.workspace.movable & (diagonal > 0)
+        diagonal = np.where(usable, diagonal, 1.0)
+        return diagonal, np.where(usable, 1.0 / diagonal, 0.0)
+
+    @property
+    def diagonal(self) -> np.ndarray:
+        return self._jacobi[0]
+
+    @property
+    def inverse_diagonal(self) -> np.ndarray:
+        return self._jacobi[1]
 
     def _products(self) -> tuple[list[bool], list[tuple]]:
         """Per layer: whether its products may run in float32, and (matrix, column factor,

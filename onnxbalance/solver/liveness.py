@@ -38,16 +38,19 @@ CUT_FROM_BOTH = "cut off from the inputs and the outputs"
 def _weight_totals(graph: UnitGraph, couplings: tuple[Coupling, ...]) -> tuple[np.ndarray, ...]:
     """Per group: whether it has a non-zero incoming and a non-zero outgoing coupling (self-loops
     included), from the row and column sums of the summary (no pass)."""
-    incoming = np.zeros(graph.n_groups, dtype=bool)
-    outgoing = np.zeros(graph.n_groups, dtype=bool)
+    # one pad entry at the end takes the units of FIXED (-1)
+    incoming = np.zeros(graph.n_groups + 1, dtype=bool)
+    outgoing = np.zeros(graph.n_groups + 1, dtype=bool)
     for layer, coupling in zip(graph.layers, couplings, strict=True):
         rows = np.asarray(layer.row_groups, dtype=np.int64)
         cols = np.asarray(layer.col_groups, dtype=np.int64)
-        row_hit = coupling.row_sums > 0
-        col_hit = coupling.col_sums > 0
-        incoming[rows[row_hit & (rows != FIXED)]] = True
-        outgoing[cols[col_hit & (cols != FIXED)]] = True
-    return incoming, outgoing
+        if coupling.positive:  # every row and column sums to more than zero
+            incoming[rows] = True
+            outgoing[cols] = True
+        else:
+            incoming[rows[coupling.row_sums > 0]] = True
+            outgoing[cols[coupling.col_sums > 0]] = True
+    return incoming[:-1], outgoing[:-1]
 
 
 def _reachable(
@@ -62,7 +65,6 @@ def _reachable(
     every target). Passes repeat until nothing changes (one or two for feed-forward orders).
     """
     n = graph.n_groups
-    reached = np.zeros(n, dtype=bool)
     # Sources: reached or anchored groups, and the pad at index -1 == FIXED (always a source).
     source = np.append(anchored, True)
     # Layers usually come in forward order: walk them backwards for the backward search.
@@ -86,20 +88,16 @@ def _reachable(
             if coupling.positive:
                 if not active.any():
                     continue
-                hit_targets = targets
+                hit = targets
             else:
                 matrix = coupling.matrix
-                hits = (matrix @ active if forward else matrix.T @ active) > 0
-                hit_targets = targets[hits]
-            hit = np.zeros(n + 1, dtype=bool)  # the pad at -1 absorbs FIXED
-            hit[hit_targets] = True
-            new = hit[:-1] & ~source[:-1]
-            if new.any():
-                reached |= new
-                source[:-1] |= new
+                hit = targets[(matrix @ active if forward else matrix.T @ active) > 0]
+            new = hit[~source[hit]]  # the pad (FIXED) is a source: never new
+            if new.size:
+                source[new] = True
                 # Another pass only if a layer already walked reads a newly reached group.
-                changed = changed or bool((new & used[:-1]).any())
-    return reached
+                changed = changed or bool(used[new].any())
+    return source[:-1] & ~anchored
 
 
 def find_pinned(

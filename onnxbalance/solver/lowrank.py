@@ -88,19 +88,19 @@ class Layout:
     vector: np.ndarray  # vector of each entry
     group: np.ndarray  # group of each entry
     left: np.ndarray  # entry pairs on one group (each entry with itself first), whose
-    right: np.ndarray  # products sum into the cells of U^T D^-1 U (by_cell)
+    right: np.ndarray  # products sum into the cells of U^T D^-1 U
+    cell: np.ndarray  # the flat cell of each pair
     size: int  # number of vectors (2 per layer term)
     source: np.ndarray | None  # entry k = concatenate([rows, columns])[source[k]], or None
     term: np.ndarray  # layer term of each entry
     by_vector: Bins  # entries into vectors
     by_group: Bins  # entries into groups
-    by_cell: Bins  # entry pairs into cells of U^T D^-1 U (flat)
 
 
 def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
     """Supports of the model's vectors for layers with these row and movable-column groups."""
     sides = []
-    vectors, groups, sources, terms = [], [], [], []
+    groups, sizes, source_starts = [], [], []
     row_start = col_start = 0
     total_rows = sum(rows.size for rows in row_groups)
     plain = True
@@ -117,16 +117,21 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
                 )
             )
             for side, start in ((row_side, row_start), (col_side, total_rows + col_start)):
-                vectors.append(np.full(side.support.size, len(vectors), dtype=np.int64))
                 groups.append(side.support)
-                terms.append(np.full(side.support.size, len(sides) - 1, dtype=np.int64))
+                sizes.append(side.support.size)
+                source_starts.append(start)
                 plain = plain and side.units is None
-                sources.append(np.arange(start, start + side.support.size))
         row_start += rows.size
         col_start += cols.size
-    empty = np.zeros(0, dtype=np.int64)
-    vector = np.concatenate(vectors) if vectors else empty
-    group = np.concatenate(groups) if groups else empty
+    size = len(sizes)  # vectors 2t and 2t + 1 are the row and column vectors of term t
+    vector = np.repeat(np.arange(size), sizes)
+    group = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+    source = None
+    if plain and size:
+        first_entries = np.cumsum(sizes) - sizes
+        source = np.arange(vector.size) + np.repeat(
+            np.subtract(source_starts, first_entries), sizes
+        )
     # Pairs of entries on the same group: sort by group, then pair up within each run.
     order = stable_order(group, movable.size)
     sorted_groups = group[order]
@@ -146,19 +151,18 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
                     second.append(order[runs + b])
     entries = np.arange(vector.size)
     left, right = np.concatenate([entries, *first]), np.concatenate([entries, *second])
-    size = len(vectors)
     return Layout(
         tuple(sides),
         vector,
         group,
         left,
         right,
+        vector[left] * size + vector[right],
         size,
-        np.concatenate(sources) if plain and sources else None,
-        np.concatenate(terms) if terms else empty,
+        source,
+        vector >> 1,
         Bins(vector, size),
         Bins(group, movable.size, order),
-        Bins(vector[left] * size + vector[right], size * size),
     )
 
 
@@ -218,7 +222,11 @@ def build(
             position = end
     values *= (live / np.sqrt(safe_totals))[layout.term]
     weighted = values * inverse_diagonal[layout.group]
-    capacitance = layout.by_cell(weighted[layout.left] * values[layout.right])
+    # bincount, not a prepared Bins: the pairs run long, and sorting them costs more than the
+    # few builds of one solve save
+    capacitance = np.bincount(
+        layout.cell, weighted[layout.left] * values[layout.right], size * size
+    )
     blocks = np.arange(0, size * size, 2 * size + 2)  # the (2l, 2l) cells
     capacitance[blocks] -= np.where(live, (r - 1.0) * gammas / safe_totals, 0.0) / (p * p * r**3)
     off = np.where(live, -1.0 / (p * p * r * r), 1.0)

@@ -130,8 +130,8 @@ def _conjugate_gradients(
 
 def _spread(point: Point, workspace: Workspace) -> float:
     """max_g |log(out_g / in_g)|: Algorithm 1's stopping measure, scale-free per group."""
-    ratio = point.log_ratio[workspace.movable]
-    return float(np.max(np.abs(ratio), initial=0.0)) if np.all(np.isfinite(ratio)) else np.inf
+    high, low = _extremes(point.log_ratio[workspace.movable])
+    return max(high, -low) if np.isfinite(high) and np.isfinite(low) else np.inf
 
 
 def _line_search(
@@ -289,12 +289,14 @@ def minimise(
     selected = slice(None) if movable.all() else np.flatnonzero(movable)
     previous = np.inf  # spread (max |log(out/in)|) at the previous point of the float32 phase
     final_target = FINAL_MARGIN * np.log1p(tol) / eta  # spread that surely passes the test
+    anything_moves = bool(movable.any())
     while True:
         ratio = point.log_ratio[selected]
-        finite = bool(np.all(np.isfinite(ratio)))
-        spread = float(np.max(np.abs(ratio), initial=0.0)) if finite else np.inf
+        high, low = _extremes(ratio)
+        finite = bool(np.isfinite(high) and np.isfinite(low))  # a NaN shows in both
+        spread = max(high, -low) if finite else np.inf
         target = max(tol, FAST_TOL) if fast else tol
-        if not movable.any() or (finite and _factors_within(ratio, eta, target)):
+        if not anything_moves or (finite and _factors_within(high, low, eta, target)):
             if fast:
                 end_fast_phase()
                 continue
@@ -326,8 +328,6 @@ def minimise(
                     continue
         gradient = np.zeros(objective.n_groups)
         gradient[selected] = objective.q * (point.incoming[selected] - point.outgoing[selected])
-        mu_step = np.zeros(objective.n_groups)
-        mu_step[selected] = np.where(np.isfinite(ratio), eta * ratio, 0.0)
         forcing = min(0.5, float(np.sqrt(eta * spread))) if finite else 0.5
         direction, modelled = _direction(curvature, gradient, forcing, max_cg, counts, models)
         slope = float(gradient @ direction)
@@ -360,6 +360,8 @@ def minimise(
         if trial is None:
             # Algorithm 1's step cannot raise F: the check only allows for the round-off in F.
             counts["fallback"] += 1
+            mu_step = np.zeros(objective.n_groups)
+            mu_step[selected] = np.where(np.isfinite(ratio), eta * ratio, 0.0)
             trial = evaluate(workspace, point.log_scales + mu_step)
             if not trial.value <= point.value * (1.0 + resolution(point.value)):
                 return outcome(False, "stalled: no step decreases the norm (round-off level)")
@@ -367,12 +369,16 @@ def minimise(
         logger.debug("newton step %d: F=%.17g %s", len(values) - 1, point.value, counts)
 
 
-def _factors_within(ratio: np.ndarray, eta: float, tol: float) -> bool:
-    """Algorithm 1's test |exp(eta log(out/in)) - 1| < tol for every group (expm1 is
-    monotone: the extreme ratios decide)."""
+def _extremes(ratio: np.ndarray) -> tuple[float, float]:
+    """The largest and the smallest entry (0, 0 if there are none)."""
     if not ratio.size:
-        return True
-    high, low = float(ratio.max()), float(ratio.min())
+        return 0.0, 0.0
+    return float(ratio.max()), float(ratio.min())
+
+
+def _factors_within(high: float, low: float, eta: float, tol: float) -> bool:
+    """Algorithm 1's test |exp(eta log(out/in)) - 1| < tol for every group, given the largest
+    and the smallest log(out/in) (expm1 is monotone: the extreme ratios decide)."""
     return max(np.expm1(eta * high), -np.expm1(eta * low)) < tol
 
 

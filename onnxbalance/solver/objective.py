@@ -27,6 +27,7 @@ rho_o), so once the inputs are finite nothing overflows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -58,18 +59,18 @@ class _Side:
     """
 
     groups: np.ndarray
-    movable: np.ndarray  # groups != FIXED
+    movable: np.ndarray | None  # groups != FIXED (None with a span: every unit moves)
     span: slice | None  # set when groups == arange(start, stop)
     all_fixed: bool
     all_movable: bool
 
     @staticmethod
     def of(groups: np.ndarray) -> _Side:
-        movable = groups != FIXED
         start = consecutive_start(groups)  # every unit movable (FIXED = -1 is never a start)
-        span = None if start is None else slice(start, start + groups.size)
-        all_movable = span is not None or bool(movable.all())
-        return _Side(groups, movable, span, not movable.any(), all_movable)
+        if start is not None:
+            return _Side(groups, None, slice(start, start + groups.size), False, True)
+        movable = groups != FIXED
+        return _Side(groups, movable, None, not movable.any(), bool(movable.all()))
 
     def gather(self, padded: np.ndarray) -> np.ndarray:
         """Each unit's value from ``padded`` (group values with a trailing 0 for FIXED = -1)."""
@@ -96,15 +97,32 @@ class _PreparedLayer:
     col_groups: np.ndarray  # groups of the columns of ``free`` (never FIXED)
     rows: _Side
     cols: _Side
-    log_fixed_row_sum: np.ndarray  # log of fixed_row_sum (-inf where 0)
     has_fixed_columns: bool
-    has_empty_rows: bool  # some row has only zero couplings (rho = 0)
-    empty_rows: np.ndarray  # mask of those rows
     free_col_sums: np.ndarray  # c.T @ 1 over the free columns
     row_sums: np.ndarray  # c @ 1 over all columns (rho at u = 0)
-    zero_cols: np.ndarray  # free columns with only zero couplings
     log_range: float  # largest |log| of a non-zero coupling
     single: np.ndarray | None  # float32 copy of free (couplings.py), or None
+
+    # Masks and logs that only the log-domain path and r != 1 read, made on first use.
+    @cached_property
+    def empty_rows(self) -> np.ndarray:
+        """Rows with only zero couplings (rho = 0)."""
+        return self.row_sums == 0
+
+    @cached_property
+    def has_empty_rows(self) -> bool:
+        return bool(self.empty_rows.any())
+
+    @cached_property
+    def zero_cols(self) -> np.ndarray:
+        """Free columns with only zero couplings."""
+        return self.free_col_sums == 0
+
+    @cached_property
+    def log_fixed_row_sum(self) -> np.ndarray:
+        """log of fixed_row_sum (-inf where 0)."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.fixed_row_sum)
 
 
 def _prepare(
@@ -121,21 +139,17 @@ def _prepare(
         if movable.all():
             # No copy (unless not C-ordered): the sweep reads the caller's matrix itself.
             fixed_row_sum = np.zeros(coupling.shape[0])
-            log_fixed_row_sum = np.full(coupling.shape[0], -np.inf)
             free, single = np.ascontiguousarray(coupling), summary.single
             free_col_sums = summary.col_sums
             log_range = summary.log_range
         else:
             col_groups = col_groups[movable]
             fixed_row_sum = coupling[:, ~movable].sum(axis=1)
-            with np.errstate(divide="ignore"):
-                log_fixed_row_sum = np.log(fixed_row_sum)
             free = np.ascontiguousarray(coupling[:, movable])
             single = _single_columns(summary, movable)
             # Row and column sums come with the summary: empty rows and columns cost no pass.
             free_col_sums = summary.col_sums[movable]
             log_range = max(summary.log_range, _log_range(fixed_row_sum))
-        empty_rows = summary.row_sums == 0
         prepared.append(
             _PreparedLayer(
                 name=layer.name,
@@ -145,13 +159,9 @@ def _prepare(
                 col_groups=col_groups,
                 rows=_Side.of(row_groups),
                 cols=_Side.of(col_groups),
-                log_fixed_row_sum=log_fixed_row_sum,
                 has_fixed_columns=free.shape[1] < coupling.shape[1],
-                has_empty_rows=bool(empty_rows.any()),
-                empty_rows=empty_rows,
                 free_col_sums=free_col_sums,
                 row_sums=summary.row_sums,
-                zero_cols=free_col_sums == 0,
                 log_range=log_range,
                 single=single,
             )
@@ -224,10 +234,13 @@ def stable_order(keys: np.ndarray, size: int) -> np.ndarray:
 
 def consecutive_start(groups: np.ndarray) -> int | None:
     """g if ``groups`` is g, g + 1, ..., g + len - 1 (g >= 0), else None."""
-    if not groups.size or groups[0] < 0 or groups[-1] - groups[0] != groups.size - 1:
+    if not groups.size:
+        return None
+    first = int(groups[0])
+    if first < 0 or int(groups[-1]) - first != groups.size - 1:
         return None
     # strictly increasing integers spanning exactly len - 1 steps are consecutive
-    return int(groups[0]) if groups.size == 1 or np.diff(groups).min() > 0 else None
+    return first if np.greater(groups[1:], groups[:-1]).all() else None
 
 
 class Bins:

@@ -216,7 +216,7 @@ def _evaluate_direct(
             # rho^(r-1) without a second power; rho = 0 rows carry nothing back
             row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
         moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
-    back = np.empty(col_factor.size)
+    back = np.zeros(col_factor.size)
     y32 = back32 = None
     if not exact and (r == 1.0 or row_weight.max(initial=0.0) < SINGLE_FACTORS):
         y32 = row_weight.astype(np.float32)
@@ -230,12 +230,8 @@ def _evaluate_direct(
             np.dot(y32[row_part], single, out=back32[col_part])
         else:
             np.dot(row_weight[row_part], layer.free, out=back[col_part])
-    if back32 is not None:
-        # float32 layers' columns from back32, the others (float64) already in back
-        used = np.zeros(col_factor.size, dtype=bool)
-        for single, col_part in zip(singles, rows.col_slices, strict=True):
-            used[col_part] = single is not None
-        back = np.where(used, back32, back) if not used.all() else back32.astype(np.float64)
+    if back32 is not None:  # each column's product is in back32 or in back, 0 in the other
+        back += back32
     parts = Parts(load, sums, col_factor, row_weight, back * col_factor, moving)
     return _point(workspace, log_scales, parts, exact)
 
