@@ -254,7 +254,10 @@ class Curvature:
             col_out = np.concatenate([state.col_out for state in layers] + [[]])
         alpha = load * moving
         totals = rows.col_layers(col_out)[workspace.model_layers]
-        gammas = rows.row_layers(alpha * moving)[workspace.model_layers]
+        if objective.r == 1.0:  # gamma enters the model times r - 1
+            gammas = np.zeros(workspace.model_layers.size)
+        else:
+            gammas = rows.row_layers(alpha * moving)[workspace.model_layers]
         return lowrank.build(
             workspace.layout,
             self.inverse_diagonal,
@@ -407,18 +410,7 @@ class Curvature:
             load = np.concatenate([state.load for state in self.point.layers])
             share = np.concatenate([state.moving for state in self.point.layers])
         if r == 1.0:
-            # phi_o = rho_o (1 - T_o) e^(p z_a) + rho_o T_o e^(p (z_a - z_b)): only the sums of
-            # both coefficients over the rows of one (a, b) pair matter.
-            # distinct (a, b) pairs without sorting: ids are below (m + 1)^2, a handful
-            ids = rows * (m + 1) + cols
-            seen = np.bincount(ids, minlength=(m + 1) * (m + 1)) > 0
-            pair = np.flatnonzero(seen)
-            inverse = (np.cumsum(seen) - 1)[ids]
-            rows, cols = pair // (m + 1), pair % (m + 1)
-            share_load = load * share
-            staying = np.bincount(inverse, load - share_load, pair.size)
-            load = np.bincount(inverse, load, pair.size)
-            share = np.where(load > 0, 1.0 - staying / np.where(load > 0, load, 1.0), 0.0)
+            return _exponential_terms(load, share, rows, cols, m, p)
         pairs = {
             "aa": rows * (m + 1) + rows,
             "ab": rows * (m + 1) + cols,
@@ -448,6 +440,35 @@ class Curvature:
             return value, gradient[:m], hessian[:m, :m]
 
         return terms
+
+
+def _exponential_terms(
+    load: np.ndarray, share: np.ndarray, rows: np.ndarray, cols: np.ndarray, m: int, p: float
+):
+    """For r = 1, F(u + P z) with gradient and Hessian in z as a sum of exponentials:
+    phi_o = rho_o (1 - T_o) e^(p z_a) + rho_o T_o e^(p (z_a - z_b)), so only the sums of both
+    coefficients over the rows of one (a, b) pair matter, and F(z) = sum_j w_j exp(p e_j . z)
+    with e_j = 1_a or 1_a - 1_b (index m: not movable, z = 0)."""
+    # distinct (a, b) pairs without sorting: ids are below (m + 1)^2, a handful
+    ids = rows * (m + 1) + cols
+    seen = np.bincount(ids, minlength=(m + 1) * (m + 1)) > 0
+    pair = np.flatnonzero(seen)
+    inverse = (np.cumsum(seen) - 1)[ids]
+    moving = np.bincount(inverse, load * share, pair.size)
+    weights = np.concatenate([np.bincount(inverse, load, pair.size) - moving, moving])
+    exponents = np.zeros((2, pair.size, m + 1))
+    exponents[:, np.arange(pair.size), pair // (m + 1)] = 1.0
+    exponents[1, np.arange(pair.size), pair % (m + 1)] -= 1.0
+    kept = weights > 0
+    exponents = exponents.reshape(2 * pair.size, m + 1)[kept, :m]
+    weights = weights[kept]
+
+    def terms(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing trial is rejected
+            phi = weights * np.exp(p * (exponents @ z))
+            return float(phi.sum()), p * (phi @ exponents), p * p * (exponents.T * phi) @ exponents
+
+    return terms
 
 
 def _damped_newton(terms, size: int, max_iter: int, rtol: float) -> np.ndarray:
