@@ -87,14 +87,14 @@ class Layout:
     sides: tuple[tuple[int, _Side, _Side, slice, slice], ...]
     vector: np.ndarray  # vector of each entry
     group: np.ndarray  # group of each entry
-    left: np.ndarray  # entry pairs on one group (each entry with itself first), whose
-    right: np.ndarray  # products sum into the cells of U^T D^-1 U
-    cell: np.ndarray  # the flat cell of each pair
+    left: np.ndarray  # entry pairs on one group (each entry with itself too), whose
+    right: np.ndarray  # products sum into the cells of U^T D^-1 U (by_cell)
     size: int  # number of vectors (2 per layer term)
     source: np.ndarray | None  # entry k = concatenate([rows, columns])[source[k]], or None
     term: np.ndarray  # layer term of each entry
     by_vector: Bins  # entries into vectors
     by_group: Bins  # entries into groups
+    by_cell: Bins  # entry pairs into cells of U^T D^-1 U (flat), sorted by cell
 
 
 def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
@@ -151,18 +151,21 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
                     second.append(order[runs + b])
     entries = np.arange(vector.size)
     left, right = np.concatenate([entries, *first]), np.concatenate([entries, *second])
+    # pairs in the order of their cells: each build sums runs without reordering the products
+    cell = vector[left] * size + vector[right]
+    by_cell = stable_order(cell, size * size)
     return Layout(
         tuple(sides),
         vector,
         group,
-        left,
-        right,
-        vector[left] * size + vector[right],
+        left[by_cell],
+        right[by_cell],
         size,
         source,
         vector >> 1,
         Bins(vector, size),
         Bins(group, movable.size, order),
+        Bins(cell[by_cell], size * size),
     )
 
 
@@ -222,11 +225,7 @@ def build(
             position = end
     values *= (live / np.sqrt(safe_totals))[layout.term]
     weighted = values * inverse_diagonal[layout.group]
-    # bincount, not a prepared Bins: the pairs run long, and sorting them costs more than the
-    # few builds of one solve save
-    capacitance = np.bincount(
-        layout.cell, weighted[layout.left] * values[layout.right], size * size
-    )
+    capacitance = layout.by_cell(weighted[layout.left] * values[layout.right])
     blocks = np.arange(0, size * size, 2 * size + 2)  # the (2l, 2l) cells
     capacitance[blocks] -= np.where(live, (r - 1.0) * gammas / safe_totals, 0.0) / (p * p * r**3)
     off = np.where(live, -1.0 / (p * p * r * r), 1.0)
