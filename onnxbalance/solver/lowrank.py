@@ -55,9 +55,9 @@ class _Side:
     position: np.ndarray | None  # their positions in ``support``
 
     @staticmethod
-    def of(groups: np.ndarray, movable: np.ndarray) -> _Side:
-        start = consecutive_start(groups)
-        if start is not None and movable[start : start + groups.size].all():
+    def of(groups: np.ndarray, movable: np.ndarray, start: int | None, all_move: bool) -> _Side:
+        """``start``: g if groups are g, g + 1, ... (else None); ``all_move``: movable.all()."""
+        if start is not None and (all_move or movable[start : start + groups.size].all()):
             return _Side(groups, None, None)  # a plain layer: unit k is group k + start
         seen = np.zeros(movable.size + 1, dtype=bool)
         seen[groups] = True  # FIXED (-1) marks the pad
@@ -97,16 +97,29 @@ class Layout:
     by_cell: Bins  # entry pairs into cells of U^T D^-1 U (flat), sorted by cell
 
 
-def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
-    """Supports of the model's vectors for layers with these row and movable-column groups."""
+def layout(row_groups, col_groups, movable: np.ndarray, starts=None) -> Layout:
+    """Supports of the model's vectors for layers with these row and movable-column groups.
+
+    ``starts``: per layer (g, h) where its row groups are g, g + 1, ... and its column groups
+    h, h + 1, ... (None where they are not), if the caller knows them already.
+    """
+    if starts is None:
+        starts = [
+            (consecutive_start(rows), consecutive_start(cols))
+            for rows, cols in zip(row_groups, col_groups, strict=True)
+        ]
+    all_move = bool(movable.all())
     sides = []
     groups, sizes, source_starts = [], [], []
     row_start = col_start = 0
     total_rows = sum(rows.size for rows in row_groups)
     plain = True
-    for index, (rows, cols) in enumerate(zip(row_groups, col_groups, strict=True)):
+    for index, (rows, cols, (row_first, col_first)) in enumerate(
+        zip(row_groups, col_groups, starts, strict=True)
+    ):
         if cols.size:
-            row_side, col_side = _Side.of(rows, movable), _Side.of(cols, movable)
+            row_side = _Side.of(rows, movable, row_first, all_move)
+            col_side = _Side.of(cols, movable, col_first, all_move)
             sides.append(
                 (
                     index,
@@ -132,13 +145,10 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
         source = np.arange(vector.size) + np.repeat(
             np.subtract(source_starts, first_entries), sizes
         )
-    # Pairs of entries on the same group: sort by group, then pair up within each run.
-    order = stable_order(group, movable.size)
-    sorted_groups = group[order]
-    boundary = np.ones(sorted_groups.size, dtype=bool)
-    np.not_equal(sorted_groups[1:], sorted_groups[:-1], out=boundary[1:])
-    starts = np.flatnonzero(boundary)
-    lengths = np.diff(np.append(starts, sorted_groups.size))
+    # Pairs of entries on the same group: the runs of the entries sorted by group.
+    by_group = Bins(group, movable.size, stable_order(group, movable.size))
+    order, starts = by_group.order, by_group.starts
+    lengths = np.diff(np.append(starts, group.size))
     first, second = [], []
     for length in range(2, int(lengths.max(initial=0)) + 1):
         runs = starts[lengths == length]
@@ -163,8 +173,8 @@ def layout(row_groups, col_groups, movable: np.ndarray) -> Layout:
         size,
         source,
         vector >> 1,
-        Bins(vector, size),
-        Bins(group, movable.size, order),
+        Bins.consecutive(sizes),
+        by_group,
         Bins(cell[by_cell], size * size),
     )
 

@@ -72,6 +72,11 @@ class _Side:
         movable = groups != FIXED
         return _Side(groups, movable, None, not movable.any(), bool(movable.all()))
 
+    @property
+    def first(self) -> int | None:
+        """g if the groups are g, g + 1, ... (else None)."""
+        return None if self.span is None else self.span.start
+
     def gather(self, padded: np.ndarray) -> np.ndarray:
         """Each unit's value from ``padded`` (group values with a trailing 0 for FIXED = -1)."""
         return padded[self.span] if self.span is not None else padded[self.groups]
@@ -266,6 +271,21 @@ class Bins:
         self.starts = np.flatnonzero(boundary)
         self.targets = ordered[self.starts]
         self.short_runs = _SHORT_RUNS * self.starts.size > index.size
+
+    @classmethod
+    def consecutive(cls, counts: np.ndarray) -> Bins:
+        """Bin k takes the next counts[k] values (layers or vectors laid end to end): sums over
+        runs, prepared without looking at an index."""
+        counts = np.asarray(counts, dtype=np.int64)
+        bins = cls.__new__(cls)
+        bins.size = counts.size
+        bins.index = None  # only the run sums below are used
+        bins.unique = bins.short_runs = False
+        bins.order = None
+        nonempty = counts > 0
+        bins.starts = (np.cumsum(counts) - counts)[nonempty]
+        bins.targets = np.flatnonzero(nonempty)
+        return bins
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.short_runs and not self.unique:

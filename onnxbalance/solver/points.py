@@ -172,7 +172,7 @@ def _evaluate_direct(
     col_factor = inverse[rows.col_groups]
     row_factor = factor[rows.row_groups]
     sums = rows.fixed_row_sum.copy()
-    singles = [structure.free32 if fast else None for structure in workspace.structures]
+    singles = [layer.single if fast else None for layer in objective.layers]
     exact = not any(single is not None for single in singles)
     if exact and r == 1.0:
         # rho^(r-1) = 1: both products are known up front, so each block of rows is read

@@ -5,6 +5,7 @@ Hessian model (lowrank.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -45,6 +46,8 @@ class _Rows:
     fixed_row_sum: np.ndarray
     row_slices: tuple[slice, ...]  # each layer's part
     col_slices: tuple[slice, ...]
+    row_counts: np.ndarray  # each layer's number of rows
+    col_counts: np.ndarray  # and of movable columns
     incoming: Bins  # rows into groups (n_groups + 1 bins: the last one takes FIXED)
     outgoing: Bins  # columns into groups
     row_layers: Bins  # rows into layers
@@ -54,12 +57,16 @@ class _Rows:
     def of(objective: Objective) -> _Rows:
         n = objective.n_groups
         layers = objective.layers
-        row_stops = np.cumsum([0] + [layer.row_groups.size for layer in layers])
-        col_stops = np.cumsum([0] + [layer.col_groups.size for layer in layers])
-        row_groups = np.concatenate([layer.row_groups for layer in layers] + [[]])
+        row_counts = np.array([layer.row_groups.size for layer in layers], dtype=np.int64)
+        col_counts = np.array([layer.col_groups.size for layer in layers], dtype=np.int64)
+        row_stops = np.concatenate([[0], np.cumsum(row_counts)])
+        col_stops = np.concatenate([[0], np.cumsum(col_counts)])
+        row_groups = np.concatenate([layer.row_groups for layer in layers] + [[]]).astype(np.int64)
+        row_groups[row_groups == FIXED] = n
+        col_groups = np.concatenate([layer.col_groups for layer in layers] + [[]]).astype(np.int64)
         return _Rows(
-            np.where(row_groups == FIXED, n, row_groups).astype(np.int64),
-            np.concatenate([layer.col_groups for layer in layers] + [[]]).astype(np.int64),
+            row_groups,
+            col_groups,
             np.concatenate([layer.fixed_row_sum for layer in layers] + [[]]),
             tuple(
                 slice(int(a), int(b)) for a, b in zip(row_stops[:-1], row_stops[1:], strict=True)
@@ -67,10 +74,12 @@ class _Rows:
             tuple(
                 slice(int(a), int(b)) for a, b in zip(col_stops[:-1], col_stops[1:], strict=True)
             ),
-            Bins(np.where(row_groups == FIXED, n, row_groups), n + 1),
-            Bins(np.concatenate([layer.col_groups for layer in layers] + [[]]), n),
-            Bins(np.repeat(np.arange(len(layers)), np.diff(row_stops)), len(layers)),
-            Bins(np.repeat(np.arange(len(layers)), np.diff(col_stops)), len(layers)),
+            row_counts,
+            col_counts,
+            Bins(row_groups, n + 1),
+            Bins(col_groups, n),
+            Bins.consecutive(row_counts),
+            Bins.consecutive(col_counts),
         )
 
 
@@ -83,15 +92,17 @@ def _present(values: np.ndarray, size: int) -> np.ndarray:
 
 def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
     """Coarse aggregate of every group: the first layer whose rows it is (-1: cannot move)."""
-    aggregate = np.full(objective.n_groups, -1, dtype=np.int64)
-    for index, layer in enumerate(objective.layers):
-        groups = layer.row_groups[layer.row_groups != FIXED]
-        aggregate[groups[aggregate[groups] < 0]] = index
-    for layer in objective.layers:  # a group that is never a row: one aggregate of its own kind
-        groups = layer.col_groups[aggregate[layer.col_groups] < 0]
-        aggregate[groups] = len(objective.layers)
-    aggregate[~movable] = -1
-    used = np.zeros(len(objective.layers) + 1, dtype=bool)
+    layers = objective.layers
+    n, count = objective.n_groups, len(layers)
+    aggregate = np.full(n + 1, count + 1, dtype=np.int64)  # count + 1: in no layer; pad at -1
+    rows = np.concatenate([layer.row_groups for layer in layers] + [np.zeros(0, np.int64)])
+    owners = np.repeat(np.arange(count), [layer.row_groups.size for layer in layers])
+    np.minimum.at(aggregate, rows, owners)
+    # a group that is never a row: one aggregate of its own kind
+    cols = np.concatenate([layer.col_groups for layer in layers] + [np.zeros(0, np.int64)])
+    aggregate[cols] = np.minimum(aggregate[cols], count)
+    aggregate = np.where((aggregate[:n] <= count) & movable, aggregate[:n], -1)
+    used = np.zeros(count + 1, dtype=bool)
     used[aggregate[aggregate >= 0]] = True
     number = np.cumsum(used) - 1  # consecutive numbers for the aggregates in use
     return np.where(aggregate >= 0, number[aggregate], -1)
@@ -105,34 +116,19 @@ class Workspace:
         self.movable = np.asarray(movable, dtype=bool)
         self.aggregate = aggregates(objective, self.movable)
         self.n_coarse = max(int(self.aggregate.max()) + 1, 0) if self.aggregate.size else 0
-        structures = []
-        for layer in objective.layers:
-            row_movable = layer.row_groups != FIXED
-            structures.append(
-                _LayerStructure(
-                    row_movable,
-                    np.where(row_movable, layer.row_groups, 0),
-                    layer.single,
-                )
-            )
-        self.structures = tuple(structures)
         self.rows = _Rows.of(objective)
         self._coarse: tuple[tuple[_CoarseStructure, ...], int] | None = None
-        self.simple = self._simple_rows()
-        self.uniform = self._uniform_layers()
+        self.simple: tuple[np.ndarray, np.ndarray] | None = None
+        self.uniform: list[tuple[int, int]] | None = None
         # per movable column of all layers: its layer's row and column aggregates
-        self.uniform_columns = None
-        if self.uniform is not None:
-            counts = [layer.col_groups.size for layer in objective.layers]
-            self.uniform_columns = tuple(
-                np.repeat(np.array([pair[k] for pair in self.uniform], dtype=np.int64), counts)
-                for k in (0, 1)
-            )
-        self.has_single = any(structure.free32 is not None for structure in structures)
+        self.uniform_columns: tuple[np.ndarray, np.ndarray] | None = None
+        self._find_simple_layers()
+        self.has_single = any(layer.single is not None for layer in objective.layers)
         self.layout = lowrank.layout(
             [layer.row_groups for layer in objective.layers],
             [layer.col_groups for layer in objective.layers],
             self.movable,
+            [(layer.rows.first, layer.cols.first) for layer in objective.layers],
         )
         self.model_layers = np.array([side[0] for side in self.layout.sides], dtype=np.int64)
 
@@ -162,37 +158,53 @@ class Workspace:
         self._coarse = (tuple(coarse), block_passes)
         return self._coarse
 
-    def _uniform_layers(self) -> list[tuple[int, int]] | None:
-        """Per layer (row aggregate, column aggregate) if all its rows share one (n_coarse:
-        none, z = 0) on top of :attr:`simple`; else None."""
-        if self.simple is None:
-            return None
-        rows, cols = self.simple
-        uniform = []
-        start = 0
+    @cached_property
+    def structures(self) -> tuple[_LayerStructure, ...]:
+        """Per layer what the log-domain path, Hessian products and block coarse products
+        read (built on first use)."""
+        structures = []
         for layer in self.objective.layers:
-            stop = start + layer.row_groups.size
-            if stop > start and np.any(rows[start:stop] != rows[start]):
-                return None
-            a = int(rows[start]) if stop > start else self.n_coarse
-            b = int(cols[start]) if stop > start else self.n_coarse
-            uniform.append((a, b))
-            start = stop
-        return uniform
+            row_movable = layer.row_groups != FIXED
+            structures.append(
+                _LayerStructure(
+                    row_movable, np.where(row_movable, layer.row_groups, 0), layer.single
+                )
+            )
+        return tuple(structures)
 
-    def _simple_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per row of every layer (concatenated): its aggregate and its layer's column
-        aggregate (n_coarse where there is none), if every layer's movable columns lie in one
-        aggregate; else None."""
-        m = self.n_coarse
+    def _find_simple_layers(self) -> None:
+        """:attr:`simple`: per row of every layer (concatenated) its aggregate and its layer's
+        column aggregate (n_coarse where there is none), if every layer's movable columns lie
+        in one aggregate. :attr:`uniform`: per layer (row aggregate, column aggregate) if
+        moreover all its rows share one (n_coarse: none, z = 0); and :attr:`uniform_columns`."""
+        rows, m = self.rows, self.n_coarse
+        if not self.objective.layers:
+            return
+        # FIXED rows index the pad at n (rows.row_groups), which takes aggregate m
         padded = np.append(np.where(self.aggregate >= 0, self.aggregate, m), m)
-        rows, cols = [], []
-        for layer in self.objective.layers:
-            col_agg = _present(padded[layer.col_groups], m)
-            if col_agg.size > 1:
-                return None
-            rows.append(padded[layer.row_groups])  # FIXED = -1 picks the pad
-            cols.append(np.full(layer.row_groups.size, col_agg[0] if col_agg.size else m))
-        if not rows:
-            return None
-        return np.concatenate(rows), np.concatenate(cols)
+        col_agg = padded[rows.col_groups]
+        column = _per_layer(col_agg, rows.col_counts, m, np.minimum.reduceat)  # m: none
+        if not np.all((col_agg == m) | (col_agg == np.repeat(column, rows.col_counts))):
+            return
+        row_agg = padded[rows.row_groups]
+        self.simple = row_agg, np.repeat(column, rows.row_counts)
+        first = _per_layer(row_agg, rows.row_counts, m, np.take)
+        if not np.array_equal(row_agg, np.repeat(first, rows.row_counts)):
+            return
+        column = np.where(rows.row_counts > 0, column, m)
+        self.uniform = list(zip(first.tolist(), column.tolist(), strict=True))
+        self.uniform_columns = (
+            np.repeat(first, rows.col_counts),
+            np.repeat(column, rows.col_counts),
+        )
+
+
+def _per_layer(values: np.ndarray, counts: np.ndarray, empty: int, take) -> np.ndarray:
+    """take(values, starts) over the layers with entries (consecutive parts of ``values`` with
+    these sizes), e.g. np.take for each one's first entry or np.minimum.reduceat for its
+    smallest; ``empty`` for the others."""
+    out = np.full(counts.size, empty, dtype=np.int64)
+    nonempty = counts > 0
+    if nonempty.any():
+        out[nonempty] = take(values, (np.cumsum(counts) - counts)[nonempty])
+    return out
