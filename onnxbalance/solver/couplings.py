@@ -30,6 +30,7 @@ inverse; vectors multiplied with it must have entries within [1 / this, this], s
 product and sum stays below 1e30 (float32 overflows at 3.4e38)."""
 
 _BLOCK_BYTES = 1 << 19  # rows of float64 read per block (half a typical L2 cache)
+_COPY_MIN_BYTES = 1 << 22  # float32 copy per reduction for its minimum (in a typical L3)
 _LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, absolute in log c
 
 
@@ -107,20 +108,22 @@ def _copy_and_sums(
     col_sums = np.zeros(cols)
     ones = np.ones(cols)
     step = max(1, _BLOCK_BYTES // (8 * cols))
+    # the copy's minimum is taken over many blocks at once, while they are still in cache
+    chunk = step * max(1, _COPY_MIN_BYTES // (4 * cols * step))
     lead = np.ones(min(step, rows))
     smallest = np.inf  # a NaN block leaves it alone: the NaN shows in the row sums instead
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, seen later
-        for start in range(0, rows, step):
-            block = matrix[start : start + step]
+        for first in range(0, rows, chunk):
+            for start in range(first, min(first + chunk, rows), step):
+                block = matrix[start : start + step]
+                if single is not None:
+                    single[start : start + step] = block
+                else:
+                    smallest = min(smallest, block.min())
+                np.dot(block, ones, out=row_sums[start : start + step])
+                col_sums += lead[: block.shape[0]] @ block
             if single is not None:
-                single[start : start + step] = block
-            else:
-                smallest = min(smallest, block.min())
-            np.dot(block, ones, out=row_sums[start : start + step])
-            col_sums += lead[: block.shape[0]] @ block
-    if single is not None:
-        # one reduction over the whole copy (still in cache) costs less than one per block
-        smallest = single.min()
+                smallest = min(smallest, single[first : first + chunk].min())
     return single, row_sums, col_sums, float(smallest)
 
 
