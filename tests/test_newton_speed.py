@@ -59,6 +59,27 @@ def test_summary_of_zeros_and_huge_entries_keeps_float64_facts():
     assert huge.log_range == pytest.approx(300 * np.log(10))
 
 
+@pytest.mark.parametrize("single", [True, False])
+def test_summary_of_a_matrix_over_several_chunks_finds_zeros_and_tiny_entries(single):
+    """A zero and an entry below float32's range in different 4 MB chunks of the copy: the
+    smallest positive entry is the float64 one, and a negative entry that float32 rounds to
+    -0.0 in the last chunk is still found (with or without a copy)."""
+    rng = np.random.default_rng(0)
+    matrix = rng.random((1500, 1000)) + 0.5  # 1.5e6 entries: two chunks of the float32 copy
+    matrix[10, 3] = 0.0
+    matrix[1400, 7] = 1e-60
+    summary = summarise("big", matrix, single)
+    assert not summary.positive
+    # every column still sums to about 1000: the copy may stand in for the products
+    assert (summary.single is not None) == single
+    assert summary.log_range == pytest.approx(60 * np.log(10), rel=1e-6)
+    np.testing.assert_allclose(summary.row_sums, matrix.sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(summary.col_sums, matrix.sum(axis=0), rtol=1e-12)
+    matrix[1499, 999] = -1e-50
+    with pytest.raises(ValueError, match="negative"):
+        summarise("big", matrix, single)
+
+
 def test_liveness_of_positive_layers_without_products_matches_the_general_path():
     """Layer 2 is fed only by a group that no input reaches: positive couplings alone must not
     make its rows reachable."""

@@ -8,11 +8,14 @@ u = 0, see curvature.start), and a float32 copy of c for products that only stee
 whose values are certified in float64 later, Hessian products).
 
 The float64 matrix is read once, in blocks of rows that stay in cache, for the copy and both
-sums; the copy's minimum (float32, half the bytes) settles the rest. Rounding to float32 is
-monotone and keeps the sign, so a positive minimum of the copy proves that every entry of c is
-positive, a finite total that none is NaN or infinite, and the minimum and the largest row sum
-bound |log c| (to float32 accuracy).
-Otherwise (zeros, NaN, negative or huge entries) the float64 matrix is inspected directly.
+sums; the copy's minimum (float32, half the bytes), taken over a few megabytes at a time, settles
+the rest. Rounding to float32 is monotone and keeps the sign, so a positive minimum of the copy
+proves that every entry of that part is positive; a finite total of the row sums proves that
+none is NaN or infinite, and the largest row sum bounds every entry from above. Only a part
+whose copy has a minimum of zero or below (zeros, or negative or tiny entries that float32
+rounds to -0.0 or flushes) is inspected in float64, while it is still in cache, for its exact
+minimum and its smallest positive entry. |log c| is then bounded by the largest row sum and the
+smallest positive entry (to float32 accuracy where that came from the copy).
 """
 
 from __future__ import annotations
@@ -60,21 +63,27 @@ def _check_groups(graph: UnitGraph, layer, rows: int, cols: int) -> None:
             raise ValueError(f"layer {layer.name!r}: {what} group index out of range")
 
 
-def _check_values(name: str, matrix: np.ndarray) -> None:
-    # Two reductions instead of full-size boolean temporaries: NaN or Inf anywhere makes the
-    # sum non-finite (finite couplings are far below overflow).
-    if not np.isfinite(matrix.sum()):
+def _check_values(name: str, total: float, least: float) -> None:
+    """ValueError naming the layer unless the sum of all entries is finite (NaN or Inf anywhere
+    makes it not; finite couplings are far below overflow) and the smallest one is >= 0."""
+    if not np.isfinite(total):
         raise ValueError(f"layer {name!r} has NaN or infinite weights")
-    if matrix.min() < 0:
+    if least < 0:
         raise ValueError(f"layer {name!r}: coupling matrix has negative entries")
 
 
-def _exact_log_range(matrix: np.ndarray) -> float:
-    largest = float(matrix.max())
-    if not largest > 0:
-        return 0.0
-    smallest = float(np.min(matrix, where=matrix > 0, initial=np.inf))
-    return max(abs(np.log(largest)), abs(np.log(smallest)))
+def _fold_minima(
+    part: np.ndarray, least: float, smallest: float, positive: float
+) -> tuple[float, float]:
+    """(smallest entry, smallest positive entry) so far, with one part of the matrix folded in;
+    ``least`` is the part's minimum from its float32 copy (or itself). A NaN leaves both alone:
+    it shows in the row sums."""
+    if least > 0:
+        return min(smallest, float(least)), min(positive, float(least))
+    # zeros, negatives or entries below float32's range: the float64 entries decide
+    lowest = float(part.min())
+    lowest_positive = float(np.min(part, where=part > 0, initial=np.inf))
+    return min(smallest, lowest), min(positive, lowest_positive)
 
 
 def _single_fits(
@@ -99,10 +108,11 @@ def _single_fits(
 
 def _copy_and_sums(
     matrix: np.ndarray, single: np.ndarray | None
-) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float]:
-    """The float32 copy (into ``single`` unless None), the row sums, the column sums and the
-    smallest entry (of the copy if there is one) of ``matrix`` in one sweep: blocks of rows
-    small enough to stay in cache are read once from memory for all."""
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float, float]:
+    """The float32 copy (into ``single`` unless None), the row sums, the column sums, the
+    smallest entry and the smallest positive entry (inf if none) of ``matrix``, in one sweep:
+    blocks of rows small enough to stay in cache are read once from memory for all. Where
+    every entry is positive the minima come from the copy (float32 accuracy)."""
     rows, cols = matrix.shape
     row_sums = np.empty(rows)
     col_sums = np.zeros(cols)
@@ -111,7 +121,7 @@ def _copy_and_sums(
     # the copy's minimum is taken over many blocks at once, while they are still in cache
     chunk = step * max(1, _COPY_MIN_BYTES // (4 * cols * step))
     lead = np.ones(min(step, rows))
-    smallest = np.inf  # a NaN block leaves it alone: the NaN shows in the row sums instead
+    smallest = positive = np.inf
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, seen later
         for first in range(0, rows, chunk):
             for start in range(first, min(first + chunk, rows), step):
@@ -119,12 +129,14 @@ def _copy_and_sums(
                 if single is not None:
                     single[start : start + step] = block
                 else:
-                    smallest = min(smallest, block.min())
+                    smallest, positive = _fold_minima(block, block.min(), smallest, positive)
                 np.dot(block, ones, out=row_sums[start : start + step])
                 col_sums += lead[: block.shape[0]] @ block
             if single is not None:
-                smallest = min(smallest, single[first : first + chunk].min())
-    return single, row_sums, col_sums, float(smallest)
+                part = slice(first, first + chunk)
+                least = single[part].min()
+                smallest, positive = _fold_minima(matrix[part], least, smallest, positive)
+    return single, row_sums, col_sums, smallest, positive
 
 
 def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Coupling:
@@ -142,20 +154,16 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
         return Coupling(matrix, None, False, 0.0, *empty)
     if single is True:
         single = np.empty(matrix.shape, dtype=np.float32)
-    copy, row_sums, col_sums, smallest = _copy_and_sums(
+    copy, row_sums, col_sums, smallest, smallest_positive = _copy_and_sums(
         matrix, single if single is not False else None
     )
-    # A positive minimum rules out negative entries, and then a finite total rules out NaN and
-    # Inf; the largest row sum bounds every entry from above, so no pass looks for the maximum.
-    if smallest > 0 and np.isfinite(row_sums.sum()):
-        positive = True
-        largest = float(row_sums.max())
-        log_range = max(abs(np.log(largest)), abs(np.log(smallest))) + _LOG_SLACK
-    else:
-        _check_values(layer_name, matrix)
-        positive = False
-        log_range = _exact_log_range(matrix)
-        largest = float(matrix.max())
+    _check_values(layer_name, float(row_sums.sum()), smallest)
+    # the largest row sum bounds every entry from above: no pass looks for the maximum
+    largest = float(row_sums.max())
+    log_range = 0.0
+    if largest > 0:
+        log_range = max(abs(np.log(largest)), abs(np.log(smallest_positive))) + _LOG_SLACK
+    positive = smallest > 0
     if not _single_fits(largest, row_sums, col_sums, positive):
         copy = None
     return Coupling(matrix, copy, positive, log_range, row_sums, col_sums)
@@ -189,5 +197,5 @@ def check_graph(graph: UnitGraph) -> None:
         if matrix.ndim != 2:
             raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
         if matrix.size:
-            _check_values(layer.name, matrix)
+            _check_values(layer.name, float(matrix.sum()), float(matrix.min()))
         _check_groups(graph, layer, *matrix.shape)
