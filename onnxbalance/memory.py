@@ -40,7 +40,7 @@ class DroppableMap(mmap.mmap):
 def release(array: np.ndarray) -> None:
     """Drop the resident pages of a :class:`DroppableMap`; a no-op for anything else.
 
-    Dropping the pages of a writable anonymous map, like :func:`empty_float64`'s, would zero
+    Dropping the pages of a writable anonymous map, like :func:`empty_populated`'s, would zero
     its contents; the pages of a file map are read back from the file when touched again.
     """
     mapped = mapped_buffer(array)
@@ -54,26 +54,30 @@ def release(array: np.ndarray) -> None:
 
 
 POPULATE_BYTES = 64 * 2**20
-"""Arrays at least this large get their pages in one call (:func:`empty_float64`)."""
+"""Arrays at least this large get their pages in one call (:func:`empty_populated`)."""
 
 
-def empty_float64(shape: tuple[int, ...]) -> np.ndarray:
-    """``np.empty(shape, float64)``, with the pages of a large array faulted in up front.
+def empty_populated(shape: tuple[int, ...], dtype: np.typing.DTypeLike) -> np.ndarray:
+    """``np.empty(shape, dtype)``, with the pages of a large array faulted in up front.
 
     A fresh page costs a fault on its first touch; on virtual machines whose host backs guest
     memory lazily, that fault is expensive, and faulting a gigabyte page by page takes seconds.
-    ``MAP_POPULATE`` maps it in one call, several times faster. Elsewhere (or small arrays):
-    ``np.empty``. The mapping is released when the array is.
+    ``MAP_POPULATE`` maps it in one call, several times faster. It also avoids the huge pages
+    numpy asks for: when memory is fragmented (after reading a large model) the kernel compacts
+    it before handing them out, and the float32 copies of a 1 GB model took 0.7-2 s longer
+    that way (fresh processes, alternated). Elsewhere (or small arrays): ``np.empty``. The
+    mapping is released when the array is.
     """
-    nbytes = int(np.prod(shape, dtype=np.int64)) * 8
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if nbytes < POPULATE_BYTES or not populate:
-        return np.empty(shape, dtype=np.float64)
+        return np.empty(shape, dtype=dtype)
     try:
         mapped = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     except (OSError, ValueError, AttributeError):
-        return np.empty(shape, dtype=np.float64)
-    return np.frombuffer(mapped, dtype=np.float64).reshape(shape)
+        return np.empty(shape, dtype=dtype)
+    return np.frombuffer(mapped, dtype=dtype).reshape(shape)
 
 
 def empty_arrays(shapes: Sequence[tuple[int, ...]], dtype: np.typing.DTypeLike) -> list[np.ndarray]:
@@ -83,14 +87,13 @@ def empty_arrays(shapes: Sequence[tuple[int, ...]], dtype: np.typing.DTypeLike) 
     huge pages for blocks of 4 MB and more, and first touching a few of them costs far less
     than thousands of small pages (on a virtual machine each fault takes microseconds; the
     coupling matrices of a 9 MB model in a fresh process: 5.6-8.7 ms instead of 9.4-11.4).
-    Larger sets get an allocation each (:func:`empty_float64` maps float64 pages in one call):
+    Larger sets get an allocation each, its pages mapped in one call (:func:`empty_populated`):
     one mapping of several GB measured slower than one per array.
     """
     dtype = np.dtype(dtype)
     sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
     if sum(sizes) * dtype.itemsize >= POPULATE_BYTES:
-        make = empty_float64 if dtype == np.float64 else lambda shape: np.empty(shape, dtype)
-        return [make(tuple(shape)) for shape in shapes]
+        return [empty_populated(tuple(shape), dtype) for shape in shapes]
     block = np.empty(sum(sizes), dtype=dtype)
     offsets = np.cumsum([0, *sizes])
     return [
@@ -115,7 +118,7 @@ def abs_power(weight: np.ndarray, p: float, out: np.ndarray | None = None) -> np
     """
     weight = np.asarray(weight)
     if out is None:
-        out = empty_float64(weight.shape)
+        out = empty_populated(weight.shape, np.float64)
     if weight.ndim == 0 or out.size == 0:
         with np.errstate(over="ignore"):
             out[...] = np.abs(weight.astype(np.float64)) ** p

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxbalance.memory import abs_power, empty_arrays, empty_float64
+from onnxbalance.memory import abs_power, empty_arrays, empty_populated
 
 FIXED = -1
 """Group index of a unit whose scale is pinned to 1."""
@@ -185,5 +185,5 @@ def coupling_matrix(
     ([[9.0, 5.0]], [-1, 0])
     """
     columns = _Columns.of(col_groups)
-    out = empty_float64((np.shape(weight)[0], columns.groups.size))
+    out = empty_populated((np.shape(weight)[0], columns.groups.size), np.float64)
     return columns.couple(weight, p, out), columns.groups

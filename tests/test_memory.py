@@ -71,9 +71,10 @@ def test_populated_arrays_are_ordinary_and_never_released(monkeypatch):
     assert result.flags.writeable and result.dtype == np.float64
     memory.release(result)  # a writable anonymous map: must not be dropped (it would read 0)
     np.testing.assert_array_equal(result, weight.astype(np.float64) ** 2)
-    copy = memory.empty_float64((3, 5))
-    copy[...] = 7.0
-    assert copy.sum() == 105.0
+    for dtype in (np.float64, np.float32):
+        copy = memory.empty_populated((3, 5), dtype)
+        copy[...] = 7.0
+        assert copy.dtype == dtype and copy.sum() == 105.0
 
 
 @pytest.mark.parametrize("grouped", [False, True])
