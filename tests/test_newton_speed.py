@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from networks import exponents, make_network, networks
 
-from onnxbalance.solver import newton, solve
+from onnxbalance.solver import couplings, newton, solve
 from onnxbalance.solver.couplings import summarise, summarise_graph
 from onnxbalance.solver.curvature import Curvature, Workspace, evaluate
 from onnxbalance.solver.liveness import find_pinned
@@ -78,6 +78,24 @@ def test_summary_of_a_matrix_over_several_chunks_finds_zeros_and_tiny_entries(si
     matrix[1499, 999] = -1e-50
     with pytest.raises(ValueError, match="negative"):
         summarise("big", matrix, single)
+
+
+@pytest.mark.parametrize("check", ["summarise_graph", "check_graph"])
+@pytest.mark.parametrize(
+    ("rows", "cols", "message"),
+    [
+        ([0, 1, 2], [FIXED], r"'b': row groups have shape \(3,\), expected \(2,\)"),
+        ([0, 1], [FIXED, 0], r"'b': column groups have shape \(2,\), expected \(1,\)"),
+        ([0, 5], [FIXED], r"'b': row group index out of range"),
+        ([0, 1], [-2], r"'b': column group index out of range"),
+    ],
+)
+def test_group_arrays_that_do_not_fit_are_refused_naming_the_layer(check, rows, cols, message):
+    good = Layer("a", np.ones((2, 1)), np.array([0, 1]), np.array([FIXED]))
+    bad = Layer("b", np.ones((2, 1)), np.array(rows), np.array(cols))
+    graph = UnitGraph((good, bad), ("g0", "g1"))
+    with pytest.raises(ValueError, match=message):
+        getattr(couplings, check)(graph)
 
 
 def test_liveness_of_positive_layers_without_products_matches_the_general_path():

@@ -49,18 +49,31 @@ class Coupling:
     col_sums: np.ndarray  # 1 @ c in float64
 
 
-def _check_groups(graph: UnitGraph, layer, rows: int, cols: int) -> None:
-    for what, groups, size in (
-        ("row", layer.row_groups, rows),
-        ("column", layer.col_groups, cols),
-    ):
-        groups = np.asarray(groups)
-        if groups.shape != (size,):
+def _check_shapes(layer, rows: int, cols: int) -> None:
+    """ValueError naming the layer unless it has one row group per row and one column group
+    per column."""
+    for what, groups, size in (("row", layer.row_groups, rows), ("column", layer.col_groups, cols)):
+        shape = np.shape(groups)
+        if shape != (size,):
             raise ValueError(
-                f"layer {layer.name!r}: {what} groups have shape {groups.shape}, expected ({size},)"
+                f"layer {layer.name!r}: {what} groups have shape {shape}, expected ({size},)"
             )
+
+
+def _check_ranges(graph: UnitGraph) -> None:
+    """ValueError naming the first layer with a group index outside [FIXED, n_groups): one
+    look at all group arrays together, and per layer only to name the culprit."""
+    sides = [
+        (layer.name, what, np.asarray(groups))
+        for layer in graph.layers
+        for what, groups in (("row", layer.row_groups), ("column", layer.col_groups))
+    ]
+    every = np.concatenate([groups.ravel() for _, _, groups in sides] + [np.zeros(0, np.int64)])
+    if not every.size or (every.min() >= FIXED and every.max() < graph.n_groups):
+        return
+    for name, what, groups in sides:
         if groups.size and (groups.min() < FIXED or groups.max() >= graph.n_groups):
-            raise ValueError(f"layer {layer.name!r}: {what} group index out of range")
+            raise ValueError(f"layer {name!r}: {what} group index out of range")
 
 
 def _check_values(name: str, total: float, least: float) -> None:
@@ -184,8 +197,9 @@ def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ..
     for layer, wanted in zip(graph.layers, copied, strict=True):
         copy = next(copies) if wanted else False
         coupling = summarise(layer.name, layer.coupling, copy)
-        _check_groups(graph, layer, *coupling.matrix.shape)
+        _check_shapes(layer, *coupling.matrix.shape)
         out.append(coupling)
+    _check_ranges(graph)
     return tuple(out)
 
 
@@ -198,4 +212,5 @@ def check_graph(graph: UnitGraph) -> None:
             raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
         if matrix.size:
             _check_values(layer.name, float(matrix.sum()), float(matrix.min()))
-        _check_groups(graph, layer, *matrix.shape)
+        _check_shapes(layer, *matrix.shape)
+    _check_ranges(graph)
