@@ -208,14 +208,8 @@ def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, pro
 
     with timer("analyse"):
         units = _analyse(model)
-    with timer("solve"):
-        graph = units.unit_graph(p)  # the solver's data: it depends on p, the analysis does not
-        if units.n_groups == 0:
-            return None, _report(units, graph, None, p, q, tol, timer.seconds, source)
-        result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
-        report = _report(units, graph, result, p, q, tol, timer.seconds, source)
-    del graph
-    while True:
+    result, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
+    while result is not None:
         try:
             return produce(units, result.log_scales), report
         except UnsupportedModelError:
@@ -223,15 +217,21 @@ def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, pro
             if not reasons:
                 raise
         log.warning("%d units fixed: their rescaled weights would overflow", len(reasons))
-        with timer("solve"):
-            units = pin_groups(units, reasons)
-            graph = units.unit_graph(p)
-            if units.n_groups == 0:
-                report = _report(units, graph, None, p, q, tol, timer.seconds, source)
-                return None, report
+        units = pin_groups(units, reasons)
+        result, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
+    return None, report
+
+
+def _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source):
+    """(SolveResult, or None when there is nothing to balance, and the report), timed as
+    "solve" with the coupling matrices and the weight statistics. The matrices are dropped on
+    return, before anything else allocates."""
+    with timer("solve"):
+        graph = units.unit_graph(p)  # the solver's data: it depends on p, the analysis does not
+        result = None
+        if units.n_groups:
             result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
-            report = _report(units, graph, result, p, q, tol, timer.seconds, source)
-            del graph
+        return result, _report(units, graph, result, p, q, tol, timer.seconds, source)
 
 
 def _rewrite(model, timer):
@@ -322,12 +322,8 @@ def check(
     with tensors.external_folder(folder):
         with timer("analyse"):
             units = _analyse(model)
-        with timer("solve"):
-            graph = units.unit_graph(p)
-            if units.n_groups == 0:
-                return _report(units, graph, None, p, q, tol, timer.seconds, source)
-            result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
-    return _report(units, graph, result, p, q, tol, timer.seconds, source)
+        _, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
+    return replace(report, seconds=dict(timer.seconds))
 
 
 def _check_options(p: float, q: float, tol: float, max_sweeps: int) -> None:
