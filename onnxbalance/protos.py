@@ -31,26 +31,17 @@ def map_tensors(message, fn: Callable[[onnx.TensorProto], onnx.TensorProto]):
     out = type(message)()
     for field, value in message.ListFields():
         kind = field.message_type.full_name if field.message_type is not None else None
-        target = getattr(out, field.name)
-        if kind is None:
-            if is_repeated(field):
-                target.extend(value)
-            else:
-                setattr(out, field.name, value)
-        elif kind == _TENSOR:
-            if is_repeated(field):
-                target.extend(fn(t) for t in value)
-            else:
-                target.CopyFrom(fn(value))
+        if kind == _TENSOR:
+            mapped = [fn(t) for t in value] if is_repeated(field) else fn(value)
         elif kind in _CONTAINERS:
-            if is_repeated(field):
-                target.extend(map_tensors(m, fn) for m in value)
-            else:
-                target.CopyFrom(map_tensors(value, fn))
-        elif is_repeated(field):
-            target.extend(value)
+            mapped = (
+                [map_tensors(m, fn) for m in value]
+                if is_repeated(field)
+                else map_tensors(value, fn)
+            )
         else:
-            target.CopyFrom(value)
+            mapped = value
+        copy_field(out, field, mapped)
     return out
 
 
