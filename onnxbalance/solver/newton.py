@@ -130,8 +130,7 @@ def _conjugate_gradients(
 
 def _spread(point: Point, workspace: Workspace) -> float:
     """max_g |log(out_g / in_g)|: Algorithm 1's stopping measure, scale-free per group."""
-    high, low = _extremes(point.log_ratio[workspace.movable])
-    return max(high, -low) if np.isfinite(high) and np.isfinite(low) else np.inf
+    return _spread_of(*_extremes(point.log_ratio[workspace.movable]))
 
 
 def _line_search(
@@ -293,8 +292,8 @@ def minimise(
     while True:
         ratio = point.log_ratio[selected]
         high, low = _extremes(ratio)
-        finite = bool(np.isfinite(high) and np.isfinite(low))  # a NaN shows in both
-        spread = max(high, -low) if finite else np.inf
+        spread = _spread_of(high, low)
+        finite = spread < np.inf
         target = max(tol, FAST_TOL) if fast else tol
         if not anything_moves or (finite and _factors_within(high, low, eta, target)):
             if fast:
@@ -374,6 +373,12 @@ def _extremes(ratio: np.ndarray) -> tuple[float, float]:
     if not ratio.size:
         return 0.0, 0.0
     return float(ratio.max()), float(ratio.min())
+
+
+def _spread_of(high: float, low: float) -> float:
+    """max |log(out/in)| from its largest and smallest value; inf if either is not finite (a
+    NaN shows in both)."""
+    return max(high, -low) if np.isfinite(high) and np.isfinite(low) else np.inf
 
 
 def _factors_within(high: float, low: float, eta: float, tol: float) -> bool:
