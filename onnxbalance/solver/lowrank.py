@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .objective import Bins, consecutive_start, stable_order
+from .objective import Bins, consecutive_start, distinct, stable_order
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,8 @@ class _Side:
         """``start``: g if groups are g, g + 1, ... (else None); ``all_move``: movable.all()."""
         if start is not None and (all_move or movable[start : start + groups.size].all()):
             return _Side(groups, None, None)  # a plain layer: unit k is group k + start
-        seen = np.zeros(movable.size + 1, dtype=bool)
-        seen[groups] = True  # FIXED (-1) marks the pad
-        support = np.flatnonzero(seen[:-1] & movable)
+        present = distinct(groups, movable.size)
+        support = present[movable[present]]
         if not support.size:  # e.g. the output rows: nothing to sum
             return _Side(support, None, None)
         if np.array_equal(groups, support):  # a plain layer: unit k is group support[k]

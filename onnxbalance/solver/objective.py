@@ -237,6 +237,13 @@ def stable_order(keys: np.ndarray, size: int) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+def distinct(values: np.ndarray, size: int) -> np.ndarray:
+    """Sorted distinct entries of ``values`` in [0, size) (np.unique without sorting)."""
+    seen = np.zeros(size + 1, dtype=bool)
+    seen[np.where((values >= 0) & (values < size), values, size)] = True
+    return np.flatnonzero(seen[:size])
+
+
 def consecutive_start(groups: np.ndarray) -> int | None:
     """g if ``groups`` is g, g + 1, ..., g + len - 1 (g >= 0), else None."""
     if not groups.size:

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..unitgraph import FIXED
 from . import lowrank
-from .objective import Bins, Objective
+from .objective import Bins, Objective, distinct
 
 
 def _group_values(values: np.ndarray, index: np.ndarray, movable: np.ndarray) -> np.ndarray:
@@ -83,13 +83,6 @@ class _Rows:
         )
 
 
-def _present(values: np.ndarray, size: int) -> np.ndarray:
-    """Sorted distinct entries of ``values`` in [0, size) (np.unique without sorting)."""
-    seen = np.zeros(size + 1, dtype=bool)
-    seen[np.where((values >= 0) & (values < size), values, size)] = True
-    return np.flatnonzero(seen[:size])
-
-
 def aggregates(objective: Objective, movable: np.ndarray) -> np.ndarray:
     """Coarse aggregate of every group: the first layer whose rows it is (-1: cannot move)."""
     layers = objective.layers
@@ -143,11 +136,11 @@ class Workspace:
         for layer, structure in zip(self.objective.layers, self.structures, strict=True):
             row_agg = np.where(structure.row_movable, self.aggregate[structure.row_index], -1)
             col_agg = self.aggregate[layer.col_groups]
-            local = _present(np.concatenate([row_agg, col_agg]), m)
+            local = distinct(np.concatenate([row_agg, col_agg]), m)
             row_onehot = np.zeros((row_agg.size, local.size))
             live_rows = np.nonzero(row_agg >= 0)[0]
             row_onehot[live_rows, np.searchsorted(local, row_agg[live_rows])] = 1.0
-            col_used = _present(col_agg, m)
+            col_used = distinct(col_agg, m)
             col_indicator = np.zeros((col_agg.size, col_used.size))
             live_cols = np.nonzero(col_agg >= 0)[0]
             col_indicator[live_cols, np.searchsorted(col_used, col_agg[live_cols])] = 1.0
