@@ -257,11 +257,14 @@ class _UnitNames:
         return int(self.offsets[-1])
 
     def __getitem__(self, unit: int) -> str:
-        layer = int(np.searchsorted(self.offsets, unit, side="right")) - 1
+        layer = self._layer(unit)
         return f"{self.layers[layer]}:{unit - int(self.offsets[layer])}"
 
     def layer_of(self, unit: int) -> str:
-        return self.layers[int(np.searchsorted(self.offsets, unit, side="right")) - 1]
+        return self.layers[self._layer(unit)]
+
+    def _layer(self, unit: int) -> int:
+        return int(np.searchsorted(self.offsets, unit, side="right")) - 1
 
 
 class GroupNames(Sequence[str]):
