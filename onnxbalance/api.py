@@ -102,10 +102,8 @@ def balance(
         )
         # a returned model stands alone: weights still in the input's data files are read in
         balanced = _self_contained(model if balanced is None else balanced)
-        if report.solver == "none":
-            return balanced, report
         comparison = None
-        if verify:
+        if verify and report.solver != "none":
             with timer("verify"):
                 from .verify import compare_models
 
