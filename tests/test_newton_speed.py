@@ -16,7 +16,7 @@ from networks import exponents, make_network, networks
 from onnxbalance.solver import couplings, newton, solve
 from onnxbalance.solver.couplings import summarise, summarise_graph
 from onnxbalance.solver.curvature import Curvature, Workspace, evaluate
-from onnxbalance.solver.liveness import find_pinned
+from onnxbalance.solver.liveness import DEAD_INCOMING, DEAD_OUTGOING, find_pinned
 from onnxbalance.solver.objective import Objective
 from onnxbalance.unitgraph import FIXED, Layer, UnitGraph
 
@@ -117,6 +117,32 @@ def test_liveness_of_positive_layers_without_products_matches_the_general_path()
     )
     assert fast == general
     assert {g.group for g in fast} == {2, 3, 4}
+
+
+class _NoProducts:
+    """Stands in for a coupling matrix that must not be multiplied."""
+
+    T = property(lambda self: self)
+
+    def __matmul__(self, other):
+        raise AssertionError("a product was taken")
+
+
+def test_liveness_takes_no_product_where_every_source_is_reached():
+    """Zeros in every layer, but each layer's sources are all reached: the summary's row and
+    column sums decide, as the products would (group 3 has no non-zero outgoing coupling)."""
+    layers = (
+        Layer("in", np.array([[1.0], [0.0]]), np.array([0, 1]), np.array([FIXED])),
+        Layer("mid", np.array([[1.0, 0.0], [0.5, 2.0]]), np.array([2, 3]), np.array([0, 1])),
+        Layer("out", np.array([[1.0, 0.0]]), np.array([FIXED]), np.array([2, 3])),
+    )
+    graph = UnitGraph(layers, tuple(f"g{k}" for k in range(4)))
+    summaries = summarise_graph(graph)
+    assert not any(c.positive for c in summaries)
+    general = find_pinned(graph, summaries)
+    assert [(g.group, g.reason) for g in general] == [(1, DEAD_INCOMING), (3, DEAD_OUTGOING)]
+    blind = tuple(dataclasses.replace(c, matrix=_NoProducts()) for c in summaries)
+    assert find_pinned(graph, blind) == general
 
 
 RANDOM_POINT = given(

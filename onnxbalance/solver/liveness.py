@@ -61,8 +61,9 @@ def _reachable(
 
     Each pass over the layers is one matrix-vector product per layer with an indicator vector;
     a coupling is non-negative, so a positive product means some non-zero coupling hits a
-    reached unit. A layer with only positive couplings needs no product (any reached unit hits
-    every target). Passes repeat until nothing changes (one or two for feed-forward orders).
+    reached unit. Most layers need no product: with only positive couplings any reached unit
+    hits every target, and when every source is reached the product is the row (column) sums
+    of the summary. Passes repeat until nothing changes (one or two for feed-forward orders).
     """
     n = graph.n_groups
     # Sources: reached or anchored groups, and the pad at index -1 == FIXED (always a source).
@@ -85,10 +86,12 @@ def _reachable(
         for sources, targets, coupling in order:
             used[sources] = True
             active = source[sources]
+            if not active.any():
+                continue
             if coupling.positive:
-                if not active.any():
-                    continue
                 hit = targets
+            elif active.all():  # as in a plain chain: the row (column) sums decide
+                hit = targets[(coupling.row_sums if forward else coupling.col_sums) > 0]
             else:
                 matrix = coupling.matrix
                 hit = targets[(matrix @ active if forward else matrix.T @ active) > 0]
