@@ -28,7 +28,7 @@ import onnx
 
 from . import io, protos, safewrite, tensors
 from .errors import InputError, UnsupportedModelError, VerificationError
-from .report import Comparison, Report, fixed_entries
+from .report import Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
 from .weightstats import LayerStats, layer_stats
 
@@ -225,11 +225,17 @@ def _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source):
     "solve" with the coupling matrices and the weight statistics. The matrices are dropped on
     return, before anything else allocates."""
     with timer("solve"):
-        graph = units.unit_graph(p)  # the solver's data: it depends on p, the analysis does not
+        # the solver's data: it depends on p, the analysis does not
+        unit_max: list[np.ndarray] = []
+        graph = units.unit_graph(p, unit_max)
         result = None
         if units.n_groups:
             result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
-        return result, _report(units, graph, result, p, q, tol, timer.seconds, source)
+        before = tuple(
+            layer_stats(layer.name, maxima[:, None])
+            for layer, maxima in zip(units.layers, unit_max, strict=True)
+        )
+        return result, _report(units, graph, result, p, q, tol, timer.seconds, source, before)
 
 
 def _rewrite(model, timer):
@@ -371,7 +377,7 @@ def _report(
     tol: float,
     seconds: Mapping[str, float],
     source: str,
-    comparison: Comparison | None = None,
+    layers_before: tuple[LayerStats, ...],
 ) -> Report:
     pinned = () if result is None else result.pinned
     fixed = fixed_entries(
@@ -385,7 +391,7 @@ def _report(
             p=p, q=q, tol=tol, solver="none", norm_before=norm, norm_after=norm, sweeps=0,
             passes=0, converged=True, message="nothing to balance: no rescalable hidden units",
             units_found=found, units_balanced=0, units_fixed=fixed, history=(1.0,),
-            seconds=dict(seconds), source=source, layers_before=_weight_stats(units),
+            seconds=dict(seconds), source=source, layers_before=layers_before,
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
@@ -406,16 +412,15 @@ def _report(
         history=history,
         max_imbalance_before=result.imbalance_before,
         max_imbalance_after=result.imbalance_after,
-        verify=comparison,
         seconds=dict(seconds),
         source=source,
-        layers_before=_weight_stats(units),
+        layers_before=layers_before,
         layers_after=_weight_stats(units, result.log_scales),
     )
 
 
-def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
-    """Per-layer weight-range statistics (rows = units), at the given log-scales if any.
+def _weight_stats(units: ModelUnits, log_scales: np.ndarray) -> tuple[LayerStats, ...]:
+    """Per-layer weight-range statistics (rows = units) at these log-scales.
 
     The statistics depend only on each unit's largest magnitude, computed a block of rows at a
     time (:func:`onnxbalance.memory.row_max_abs`): no scaled copy of a weight is ever made.
@@ -423,15 +428,17 @@ def _weight_stats(units: ModelUnits, log_scales=None) -> tuple[LayerStats, ...]:
     from .memory import row_max_abs
     from .scaling import unit_log_scales
 
-    stats = []
-    for layer in units.layers:
-        rows = cols = None
-        if log_scales is not None:
-            rows = unit_log_scales(log_scales, layer.row_groups)
-            cols = unit_log_scales(log_scales, layer.col_groups)
-        maxima = row_max_abs(layer.weight, rows, cols)
-        stats.append(layer_stats(layer.name, maxima[:, None]))
-    return tuple(stats)
+    return tuple(
+        layer_stats(
+            layer.name,
+            row_max_abs(
+                layer.weight,
+                unit_log_scales(log_scales, layer.row_groups),
+                unit_log_scales(log_scales, layer.col_groups),
+            )[:, None],
+        )
+        for layer in units.layers
+    )
 
 
 def _norm(graph: UnitGraph, p: float, q: float) -> float:

@@ -109,9 +109,22 @@ def row_blocks(n_rows: int, row_bytes: int) -> Iterator[slice]:
         yield slice(start, min(n_rows, start + step))
 
 
-def abs_power(weight: np.ndarray, p: float, out: np.ndarray | None = None) -> np.ndarray:
+def _is_narrow_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" and dtype.itemsize <= 4
+
+
+def abs_power(
+    weight: np.ndarray,
+    p: float,
+    out: np.ndarray | None = None,
+    unit_max: np.ndarray | None = None,
+) -> np.ndarray:
     """``|weight| ** p`` in float64, computed block by block in the result's own memory
     (``out`` if given: a float64 array of the weight's shape).
+
+    ``unit_max``: a float64 array with one entry per row (first axis), filled with the row's
+    largest magnitude |w| while its block is in cache, so the report's statistics of the
+    weights as they are need no pass of their own.
 
     >>> abs_power(np.array([[-2.0, 3.0]], dtype=np.float32), 2.0).tolist()
     [[4.0, 9.0]]
@@ -119,22 +132,35 @@ def abs_power(weight: np.ndarray, p: float, out: np.ndarray | None = None) -> np
     weight = np.asarray(weight)
     if out is None:
         out = empty_populated(weight.shape, np.float64)
-    if weight.ndim == 0 or out.size == 0:
+    if out.size == 0:
+        if unit_max is not None:
+            unit_max[...] = 0.0  # rows without entries
+        return out
+    if weight.ndim == 0:
         with np.errstate(over="ignore"):
             out[...] = np.abs(weight.astype(np.float64)) ** p
         return out
     row_bytes = out[0].nbytes
+    # float32 and narrower weights square exactly in float64 (no overflow, no underflow), and
+    # the square root of an exact square is exact: their largest |w| needs no abs pass
+    squares_only = p == 2.0 and (unit_max is None or _is_narrow_float(weight.dtype))
     # huge weights give inf here, which the solver refuses with the layer's name: no warning
     with np.errstate(over="ignore"):
         for rows in row_blocks(len(out), row_bytes):
             block = out[rows]
             block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
-            if p == 2.0:
+            if squares_only:
                 np.square(block, out=block)  # the sign goes anyway: no abs pass
-            else:
-                np.abs(block, out=block)
-                if p != 1.0:
-                    np.power(block, p, out=block)
+                if unit_max is not None:
+                    unit_max[rows] = np.sqrt(block.reshape(len(block), -1).max(axis=1))
+                continue
+            np.abs(block, out=block)
+            if unit_max is not None:
+                unit_max[rows] = block.reshape(len(block), -1).max(axis=1)
+            if p == 2.0:
+                np.square(block, out=block)
+            elif p != 1.0:
+                np.power(block, p, out=block)
     release(weight)
     return out
 
@@ -142,37 +168,29 @@ def abs_power(weight: np.ndarray, p: float, out: np.ndarray | None = None) -> np
 _SINGLE_RANGE = 2.0**60  # column factors for which float32 products of weights stay normal
 
 
-def _is_narrow_float(dtype: np.dtype) -> bool:
-    return dtype.kind == "f" and dtype.itemsize <= 4
-
-
-def row_max_abs(
-    weight: np.ndarray, row_log: np.ndarray | None = None, col_log: np.ndarray | None = None
-) -> np.ndarray:
+def row_max_abs(weight: np.ndarray, row_log: np.ndarray, col_log: np.ndarray) -> np.ndarray:
     """``max_i |W[o, i]| * exp(row_log[o] - col_log[..., i])`` per row o, a block at a time.
 
-    ``col_log`` is 1-D (one per column) or 2-D (rows, cols). Without log-scales: the rows'
-    largest magnitudes. No full-size temporary, and mapped pages are given back afterwards.
+    ``col_log`` is 1-D (one per column) or 2-D (rows, cols). No full-size temporary, and mapped
+    pages are given back afterwards. (The rows' largest magnitudes as they are come from
+    :func:`abs_power`.)
 
-    >>> row_max_abs(np.array([[1.0, -3.0], [0.5, 0.0]])).tolist()
-    [3.0, 0.5]
+    >>> row_max_abs(np.array([[1.0, -3.0], [0.5, 0.0]]), np.zeros(2), np.log([1.0, 2.0])).tolist()
+    [1.5, 0.5]
     """
     weight = np.asarray(weight)
     rows = weight.reshape(weight.shape[0], -1) if weight.ndim != 2 else weight
     out = np.zeros(rows.shape[0])
     if rows.shape[1] == 0:
         return out
-    col_factor = None if col_log is None else np.exp(-np.asarray(col_log, dtype=np.float64))
+    col_factor = np.exp(-np.asarray(col_log, dtype=np.float64))
     single = None  # float32 factors for float32 and narrower weights
-    if col_factor is not None and _is_narrow_float(rows.dtype):
+    if _is_narrow_float(rows.dtype):
         if np.all((col_factor > _SINGLE_RANGE**-1) & (col_factor < _SINGLE_RANGE)):
             single = col_factor.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):  # NaN weights: NaN maxima
         for block_rows in row_blocks(rows.shape[0], 8 * rows.shape[1]):
             block = rows[block_rows]
-            if col_factor is None:  # exact in the weights' own dtype: no float64 copy
-                out[block_rows] = np.maximum(block.max(axis=1), -block.min(axis=1))
-                continue
             if single is not None:
                 # Half the bytes of float64 and within 1e-7 of it; a row that overflowed or
                 # underflowed to zero is redone in float64 below.
@@ -185,7 +203,6 @@ def row_max_abs(
             block = np.abs(block, dtype=np.float64)
             block *= col_factor[block_rows] if col_factor.ndim == 2 else col_factor
             out[block_rows] = block.max(axis=1)
-        if row_log is not None:
-            out *= np.exp(np.asarray(row_log, dtype=np.float64))
+        out *= np.exp(np.asarray(row_log, dtype=np.float64))
     release(weight)
     return out

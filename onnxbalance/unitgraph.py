@@ -112,24 +112,29 @@ class ModelUnits:
     def n_groups(self) -> int:
         return len(self.group_names)
 
-    def unit_graph(self, p: float) -> UnitGraph:
+    def unit_graph(self, p: float, unit_max: list[np.ndarray] | None = None) -> UnitGraph:
         """The solver's view for the l_{p,q} norm with this ``p`` (the coupling matrices are
-        allocated together: :func:`onnxbalance.memory.empty_arrays`)."""
+        allocated together: :func:`onnxbalance.memory.empty_arrays`).
+
+        ``unit_max``: if given, each layer's per-unit largest |w| is appended to it, found
+        while the couplings are built (:func:`onnxbalance.memory.abs_power`).
+        """
         columns = [_Columns.of(layer.col_groups) for layer in self.layers]
         shapes = [
             (np.shape(layer.weight)[0], column.groups.size)
             for layer, column in zip(self.layers, columns, strict=True)
         ]
         couplings = empty_arrays(shapes, np.float64)
-        layers = [
-            Layer(
-                layer.name,
-                column.couple(layer.weight, p, out),
-                np.asarray(layer.row_groups, np.int64),
-                column.groups,
+        layers = []
+        for layer, column, out in zip(self.layers, columns, couplings, strict=True):
+            maxima = None
+            if unit_max is not None:
+                maxima = np.empty(out.shape[0])
+                unit_max.append(maxima)
+            coupling = column.couple(layer.weight, p, out, maxima)
+            layers.append(
+                Layer(layer.name, coupling, np.asarray(layer.row_groups, np.int64), column.groups)
             )
-            for layer, column, out in zip(self.layers, columns, couplings, strict=True)
-        ]
         return UnitGraph(tuple(layers), self.group_names)
 
 
@@ -149,12 +154,15 @@ class _Columns:
             groups = raw  # every raw column is its own unit, in order
         return _Columns(raw, groups, column_of)
 
-    def couple(self, weight: np.ndarray, p: float, out: np.ndarray) -> np.ndarray:
-        """``|weight|^p`` summed over raw columns of one group, into ``out``."""
+    def couple(
+        self, weight: np.ndarray, p: float, out: np.ndarray, unit_max: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``|weight|^p`` summed over raw columns of one group, into ``out`` (``unit_max``: see
+        :func:`onnxbalance.memory.abs_power`)."""
         raw, groups, column_of = self.raw, self.groups, self.column_of
         if groups is raw:
-            return abs_power(weight, p, out)  # block-wise: no full-size temporaries
-        powered = abs_power(weight, p)
+            return abs_power(weight, p, out, unit_max)  # block-wise: no full-size temporaries
+        powered = abs_power(weight, p, unit_max=unit_max)
         if raw.ndim == 1:
             order = np.argsort(column_of, kind="stable")
             if np.array_equal(order, np.arange(len(order))):

@@ -22,6 +22,17 @@ def test_abs_power_matches_direct(monkeypatch, dtype, p):
     np.testing.assert_allclose(memory.abs_power(weight, p), expected, rtol=1e-15)
     np.testing.assert_allclose(memory.abs_power(weight.T, p), expected.T, rtol=1e-15)
     assert memory.abs_power(np.zeros((0, 4)), p).shape == (0, 4)
+    # the same powers, and each row's largest |w| on the way, exactly
+    maxima = np.full(13, np.nan)
+    np.testing.assert_array_equal(memory.abs_power(weight, p, unit_max=maxima), expected)
+    np.testing.assert_array_equal(maxima, np.abs(weight.astype(np.float64)).max(axis=1))
+    assert maxima.max() > 3.0
+    extremes = np.array([[3.4e38, -1e-45], [-1.4e-45, 0.0]], dtype=np.float32)
+    memory.abs_power(extremes, 2.0, unit_max=maxima[:2])  # squares are exact, and their roots
+    np.testing.assert_array_equal(maxima[:2], np.abs(extremes.astype(np.float64)).max(axis=1))
+    empty_rows = np.full(3, np.nan)
+    memory.abs_power(np.zeros((3, 0), dtype), p, unit_max=empty_rows)
+    np.testing.assert_array_equal(empty_rows, 0.0)
 
 
 def _rss_file_kb() -> int:
@@ -91,7 +102,6 @@ def test_row_max_abs_matches_scaled_copy(monkeypatch, grouped, dtype, rtol):
     expected = unit_max(scale_weight(weight.astype(np.float64), rows, cols))
     # float32 weights are scaled in float32: two roundings of 2^-24 each
     np.testing.assert_allclose(memory.row_max_abs(weight, rows, cols), expected, rtol=rtol)
-    np.testing.assert_array_equal(memory.row_max_abs(weight), unit_max(weight))
 
 
 def test_row_max_abs_redoes_float32_rows_that_overflow_or_underflow():
