@@ -225,9 +225,8 @@ def _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source):
     "solve" with the coupling matrices and the weight statistics. The matrices are dropped on
     return, before anything else allocates."""
     with timer("solve"):
-        # the solver's data: it depends on p, the analysis does not
-        unit_max: list[np.ndarray] = []
-        graph = units.unit_graph(p, unit_max)
+        unit_max: list[np.ndarray] = []  # per layer each unit's largest |w|, found on the way
+        graph = units.unit_graph(p, unit_max)  # the solver's data: it depends on p
         result = None
         if units.n_groups:
             result = _solve(graph, p, q, tol, max_sweeps, solver, progress, source)
