@@ -25,6 +25,8 @@ from arch_reference import (
 from onnx_conv_models import FIXTURES, STOP_OPS
 from torch_models import movable_groups
 
+from onnxbalance.weightstats import layer_stats
+
 NAMES = sorted(FIXTURES)
 
 
@@ -73,6 +75,17 @@ def test_tool_balances_exactly_the_hand_derived_units(name, tmp_path):
     onnx.save(fx.model, str(path))
     balanced, report = balance(str(path), p=2.0, q=2.0, verify=False)
     check_balanced(fx, balanced, report.units_balanced, optimum(name)[1])
+    # the report's statistics before balancing are those of the hand-derived effective weights
+    # (one row per unit); the layers are matched by their statistics, not their names
+    expected = sorted(_stats_key(layer_stats(layer.name, layer.effective)) for layer in fx.layers)
+    got = sorted(_stats_key(stats) for stats in report.layers_before)
+    assert [key[::2] for key in got] == [key[::2] for key in expected]
+    np.testing.assert_allclose([key[1::2] for key in got], [key[1::2] for key in expected])
+
+
+def _stats_key(stats) -> tuple:
+    """(units, largest, lost_int8, spread, zero_units): integers at even positions."""
+    return (stats.units, stats.largest, stats.lost_int8, stats.spread, stats.zero_units)
 
 
 @pytest.mark.parametrize("name", NAMES)
