@@ -60,15 +60,45 @@ def _run_cli(args: list[str]) -> tuple[int, str, str, list[str]]:
 
 
 def _outputs(path: Path, fill: int, seed: int = 3) -> list[np.ndarray]:
-    """Outputs on seeded inputs, dynamic dimensions set to ``fill``."""
+    """Outputs on seeded inputs, dynamic dimensions set to ``fill`` (the same values whether the
+    model takes float32 or float64)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     feed = {}
     for value in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else fill for d in value.shape]
         dtype = np.float64 if "double" in value.type else np.float32
-        feed[value.name] = rng.standard_normal(shape).astype(dtype)
+        feed[value.name] = rng.standard_normal(shape).astype(np.float32).astype(dtype)
     return session.run(None, feed)
+
+
+def _as_float64(path: Path, folder: Path) -> Path:
+    """The model at ``path`` with its float32 tensors and values as float64 (external data read
+    in), saved in ``folder``: it computes the same function without float32's overflow."""
+    model = onnx.load(path)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            values = onnx.numpy_helper.to_array(tensor).astype(np.float64)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    folder.mkdir(exist_ok=True)
+    wide = folder / f"{path.parent.name}-{path.name}"
+    onnx.save(model, wide)
+    return wide
+
+
+def _overflowed_in_float32(source: Path, balanced: Path, fill: int, label: str) -> None:
+    """Both models in float64: rescaling changes the magnitudes inside the network (that is its
+    purpose), so a float32 input that overflows somewhere may come out finite once balanced;
+    the function itself must still be the same."""
+    wide = source.parent.parent / "float64"
+    expected = _outputs(_as_float64(source, wide), fill)
+    for a, b in zip(expected, _outputs(_as_float64(balanced, wide), fill), strict=True):
+        assert np.all(np.isfinite(a)), label
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.max(np.abs(a)), err_msg=label)
 
 
 def _stored(path: Path) -> dict[str, np.ndarray]:
@@ -97,6 +127,11 @@ def _same_function(source: Path, balanced: Path, label: str) -> None:
     got = _outputs(balanced, fill)
     for a, b in zip(expected, got, strict=True):
         finite = np.isfinite(a)  # NaN/Inf weights may give NaN/Inf outputs: the same ones
+        if np.isfinite(b[~finite]).any() and all(
+            np.isfinite(value).all() for value in _stored(source).values()
+        ):
+            _overflowed_in_float32(source, balanced, fill, label)
+            return
         np.testing.assert_array_equal(b[~finite], a[~finite], err_msg=label)
         scale = float(np.max(np.abs(a[finite]), initial=0.0)) or 1.0
         np.testing.assert_allclose(
@@ -163,6 +198,32 @@ def test_fuzz_real_process(tmp_path, kind):
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
     assert proc.stdout == ""
     assert not any(target.iterdir())
+
+
+def test_float32_overflow_that_balancing_removes_is_judged_in_float64(tmp_path):
+    """A finite weight of 1e38 overflows the hidden layer in float32 before balancing but not
+    after: the outputs differ (inf against finite) while the function is the same; a wrong
+    balanced model still fails."""
+    model = BASES["mlp32"]()
+    weight = model.graph.initializer[0]
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[0, 0] = 1e38
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    source, balanced = tmp_path / "in" / "in.onnx", tmp_path / "out" / "out.onnx"
+    onnx.save(model, source)
+    code, _, stderr, _ = _run_cli([str(source), str(balanced), "--quiet"])
+    assert code == 0, stderr
+    assert not np.isfinite(_outputs(source, 2)[0]).all()
+    assert np.isfinite(_outputs(balanced, 2)[0]).all()
+    _same_function(source, balanced, "overflow")
+    wrong = onnx.load(balanced)
+    last = wrong.graph.initializer[-2]  # W2
+    last.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(last) * 2, last.name))
+    onnx.save(wrong, balanced)
+    with pytest.raises(AssertionError):
+        _same_function(source, balanced, "wrong")
 
 
 def test_mutations_really_damage(tmp_path):
