@@ -29,7 +29,8 @@ class OutputComparison:
 
     ``max_rel_diff`` is ``max_abs_diff / max|reference|``: relative to the output's magnitude, so
     entries near zero do not blow it up. ``passed`` applies the dtype's tolerance elementwise
-    (``|diff| <= rtol * |reference| + atol``); ``reason`` says why it failed, empty if it passed.
+    (``|diff| <= rtol * |reference| + atol``); ``reason`` says why it failed, or how it was
+    compared when that was not in the models' own dtype; empty otherwise.
     """
 
     name: str

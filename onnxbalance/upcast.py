@@ -1,11 +1,16 @@
-"""A bfloat16 model as float32, so onnxruntime's CPU provider can run it for verification.
+"""Models with their floating tensors widened, for verification in onnxruntime.
 
-onnxruntime has no CPU kernels for bfloat16 Gemm/MatMul/Conv. Every bfloat16 value is exactly
-a float32 value (bfloat16 is float32 with the low 16 mantissa bits dropped), so converting the
-stored tensors and the declared types gives a model that computes, in float32 arithmetic, the
-function the bfloat16 weights define. Running the original and the balanced model through the
-same conversion compares them fairly: both are evaluated the same way, and the only difference
-left is the rounding of the rescaled weights to bfloat16.
+:func:`to_float32`: onnxruntime has no CPU kernels for bfloat16 Gemm/MatMul/Conv. Every bfloat16
+value is exactly a float32 value (bfloat16 is float32 with the low 16 mantissa bits dropped), so
+converting the stored tensors and the declared types gives a model that computes, in float32
+arithmetic, the function the bfloat16 weights define. Running the original and the balanced
+model through the same conversion compares them fairly: both are evaluated the same way, and the
+only difference left is the rounding of the rescaled weights to bfloat16.
+
+:func:`to_float64`: the same for float16, bfloat16 and float32 to float64, also exact. It serves
+when the input model overflows its own dtype somewhere inside on the test inputs and the
+balanced one does not (rescaling moves magnitudes between layers; that is what it is for): in
+float64 neither overflows, and the two functions can be compared.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import onnx
 from onnxbalance import protos, tensors
 
 BF16 = onnx.TensorProto.BFLOAT16
+F16 = onnx.TensorProto.FLOAT16
 F32 = onnx.TensorProto.FLOAT
+F64 = onnx.TensorProto.DOUBLE
 
 
 def uses_bfloat16(model: onnx.ModelProto) -> bool:
@@ -31,36 +38,49 @@ def uses_bfloat16(model: onnx.ModelProto) -> bool:
     )
 
 
-def _types(graph: onnx.GraphProto) -> None:
+def _types(graph: onnx.GraphProto, narrow: frozenset[int], wide: int) -> None:
     for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if value.type.tensor_type.elem_type == BF16:
-            value.type.tensor_type.elem_type = F32
+        if value.type.tensor_type.elem_type in narrow:
+            value.type.tensor_type.elem_type = wide
     for node in graph.node:
         for attribute in node.attribute:
-            if attribute.name == "to" and attribute.type == attribute.INT and attribute.i == BF16:
-                attribute.i = F32
+            if attribute.name == "to" and attribute.type == attribute.INT and attribute.i in narrow:
+                attribute.i = wide
             if attribute.HasField("g"):
-                _types(attribute.g)
+                _types(attribute.g, narrow, wide)
             for sub in attribute.graphs:
-                _types(sub)
+                _types(sub, narrow, wide)
 
 
-def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with bfloat16 tensors, value types and Cast targets as float32.
+def _widened(model: onnx.ModelProto, narrow: frozenset[int], wide: int) -> onnx.ModelProto:
+    """A copy of ``model`` with tensors, value types and Cast targets of the ``narrow`` types
+    as ``wide``.
 
     External tensors are read through :func:`onnxbalance.tensors.read_array` (set the folder
     with :func:`onnxbalance.tensors.external_folder`); converted ones come back inline, the
     others keep their storage.
     """
+    dtype = tensors.numpy_dtype(wide)
 
     def convert(tensor: onnx.TensorProto) -> onnx.TensorProto:
-        if tensor.data_type != BF16:
+        if tensor.data_type not in narrow:
             return tensor
-        values = tensors.read_array(tensor).astype("float32")
-        fresh = tensors.make_tensor(tensor.name, values, F32)
+        fresh = tensors.make_tensor(tensor.name, tensors.read_array(tensor).astype(dtype), wide)
         fresh.doc_string = tensor.doc_string
         return fresh
 
     out = protos.map_tensors(model, convert)
-    _types(out.graph)
+    _types(out.graph, narrow, wide)
     return out
+
+
+def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with bfloat16 tensors, value types and Cast targets as float32
+    (external tensors: see :func:`_widened`)."""
+    return _widened(model, frozenset({BF16}), F32)
+
+
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with float16, bfloat16 and float32 tensors, value types and Cast
+    targets as float64 (external tensors: see :func:`_widened`)."""
+    return _widened(model, frozenset({F16, BF16, F32}), F64)

@@ -11,7 +11,10 @@ pass when, elementwise,
 with (rtol, atol_scale) chosen by dtype (float32: 1e-5, 1e-5): tolerances relative to the
 output's magnitude, because rescaling by exact powers would be exact and the only differences
 are rounding. Integer and boolean outputs (labels) must be equal. A floating output that is all
-zero on the test inputs fails: it could not tell a broken model from a correct one.
+zero on the test inputs fails: it could not tell a broken model from a correct one. Non-finite
+values must match, except where the input model overflows its dtype inside and the balanced one
+does not (rescaling moves magnitudes between layers): both are then run again in float64, with
+the same tolerances, and the output says so.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +73,10 @@ class _Source:
         path = Path(model)
         return cls(onnx.load(path, load_external_data=False), path, path.parent)
 
-    def as_float32(self) -> _Source:
+    def widened(self, widen: Callable[[onnx.ModelProto], onnx.ModelProto]) -> _Source:
+        """This model through one of :mod:`onnxbalance.upcast`'s conversions."""
         with tensors.external_folder(self.folder):
-            return _Source(upcast.to_float32(self.proto), None, self.folder)
+            return _Source(widen(self.proto), None, self.folder)
 
 
 def compare_models(
@@ -97,13 +101,20 @@ def compare_models(
     first, second = _Source.of(original), _Source.of(balanced)
     as_dtype = None
     if upcast.uses_bfloat16(first.proto) or upcast.uses_bfloat16(second.proto):
-        first, second, as_dtype = first.as_float32(), second.as_float32(), "bfloat16"
+        first, second = first.widened(upcast.to_float32), second.widened(upcast.to_float32)
+        as_dtype = "bfloat16"
     feed = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     reference = run_model(first, feed, "the input model")
     result = run_model(second, feed, "the balanced model")
     outputs = tuple(
         compare_output(name, reference[name], result[name], as_dtype) for name in reference
     )
+    overflowed = [
+        o for o in outputs if not o.passed and _overflow_removed(reference[o.name], result[o.name])
+    ]
+    if overflowed:
+        again = _compared_in_float64(first, second, feed, overflowed, as_dtype)
+        outputs = tuple(again.get(o.name, o) for o in outputs)
     comparison = Comparison(outputs=outputs, n_inputs=len(feed), seed=seed)
     log.info(
         "verification %s: max abs diff %.3g, max rel diff %.3g",
@@ -112,6 +123,61 @@ def compare_models(
         comparison.max_rel_diff,
     )
     return comparison
+
+
+def _overflow_removed(reference: np.ndarray, result: np.ndarray) -> bool:
+    """Whether the input model's output is non-finite somewhere the balanced model's is finite,
+    and the balanced model's is non-finite nowhere else (it may only have removed overflows)."""
+    if reference.shape != result.shape or not np.issubdtype(reference.dtype, np.inexact):
+        return False
+    lost, got = ~np.isfinite(reference), ~np.isfinite(result)
+    return bool((lost & ~got).any() and not (got & ~lost).any())
+
+
+def _compared_in_float64(
+    first: _Source,
+    second: _Source,
+    feed: Mapping[str, np.ndarray],
+    failed: Sequence[OutputComparison],
+    as_dtype: str | None,
+) -> dict[str, OutputComparison]:
+    """The ``failed`` outputs compared again with both models and the inputs widened to float64,
+    with the tolerances of each output's own dtype.
+
+    The input model overflowed its dtype inside on the test inputs where the balanced one did
+    not: rescaling moves magnitudes between layers, and may well take a hidden layer back into
+    range. In float64 neither overflows, so the two functions can still be compared. If
+    onnxruntime cannot run the widened models (some kernels exist for float32 only), the
+    failures stand, saying why they could not be settled.
+    """
+    wide_feed = {
+        name: value.astype(np.float64) if np.issubdtype(value.dtype, np.floating) else value
+        for name, value in feed.items()
+    }
+    try:
+        reference = run_model(first.widened(upcast.to_float64), wide_feed, "the input model")
+        result = run_model(second.widened(upcast.to_float64), wide_feed, "the balanced model")
+    except InputError as exc:
+        log.info("verification in float64 impossible: %s", exc)
+        return {
+            o.name: replace(
+                o,
+                reason=f"{o.reason}: the input model overflows {as_dtype or o.dtype} on the "
+                "test inputs where the balanced one does not, and onnxruntime cannot run "
+                "them in float64 to compare",
+            )
+            for o in failed
+        }
+    compared = {}
+    for failure in failed:
+        name, own = failure.name, as_dtype or failure.dtype
+        wide = compare_output(name, reference[name], result[name], own)
+        how = f"the input model overflows {own} on the test inputs: compared in float64"
+        compared[name] = replace(
+            wide, dtype=failure.dtype, reason=how + (f", {wide.reason}" if wide.reason else "")
+        )
+        log.info("verification of output %r: %s", name, compared[name].reason)
+    return compared
 
 
 def make_inputs(

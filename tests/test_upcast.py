@@ -61,3 +61,25 @@ def test_cast_targets_and_constants():
     )
     x = np.array([1.0, -2.5, 3.0], dtype=np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], 2 * x)
+
+
+def test_float16_model_runs_as_float64(tmp_path):
+    """Tensors (external ones read in), value types and Cast targets become float64, exactly."""
+    model = mlp(widths=(5, 7, 3), dtype="float16", seed=6)
+    path = save(model, tmp_path / "m.onnx", external=True)
+    lazy = onnx.load(path, load_external_data=False)
+    with tensors.external_folder(tmp_path):
+        converted = upcast.to_float64(lazy)
+    for before, after in zip(model.graph.initializer, converted.graph.initializer, strict=True):
+        assert after.data_type == onnx.TensorProto.DOUBLE
+        exact = numpy_helper.to_array(before).astype(np.float64)
+        np.testing.assert_array_equal(numpy_helper.to_array(after), exact)
+    inputs_and_outputs = [*converted.graph.input, *converted.graph.output]
+    assert {v.type.tensor_type.elem_type for v in inputs_and_outputs} == {onnx.TensorProto.DOUBLE}
+    session = ort.InferenceSession(
+        converted.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = np.random.default_rng(0).standard_normal((4, 5))
+    got = session.run(None, {"x": x})[0]
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, _forward(model, x), rtol=1e-12, atol=1e-12)

@@ -181,3 +181,65 @@ def test_zipmap_outputs_keep_their_declared_float_type():
     assert array.dtype == np.float32
     np.testing.assert_array_equal(array, [[0.75, 0.25], [0.5, 0.5]])
     assert _to_array(rows, "seq(map(int64,tensor(double)))").dtype == np.float64
+
+
+OVERFLOWING_INPUTS = {
+    "x": (100 * np.random.default_rng(0).standard_normal((3, 4))).astype(np.float32)
+}
+
+
+def test_an_overflow_that_balancing_removes_is_compared_in_float64():
+    """The original's hidden layer (weights ~1e37) overflows float32 on inputs ~100; the
+    balanced model computes the same function within range. Both run again in float64 and
+    pass; a wrong model still fails there, and a model that overflows where the original did
+    not fails outright."""
+    overflowing = gemm_mlp([4, 6, 3], seed=5, scale_hidden=[1e37])
+    balanced = gemm_mlp([4, 6, 3], seed=5)
+    feed = OVERFLOWING_INPUTS
+    assert not np.isfinite(run_model(overflowing, feed, "it")["y"]).all()
+    assert np.isfinite(run_model(balanced, feed, "it")["y"]).all()
+    result = compare_models(overflowing, balanced, inputs=feed)
+    assert result.passed
+    (output,) = result.outputs
+    assert (
+        output.reason == "the input model overflows float32 on the test inputs: compared in float64"
+    )
+    assert output.dtype == "float32" and output.rtol == 1e-5
+    assert 0 < output.max_rel_diff < 1e-5
+    wrong = compare_models(overflowing, _perturbed(balanced, "W1", 1.01), inputs=feed)
+    (failure,) = wrong.failures
+    assert "compared in float64" in failure.reason and "outside tolerance" in failure.reason
+    backwards = compare_models(balanced, overflowing, inputs=feed)
+    assert backwards.failures[0].reason == "non-finite values differ"
+
+
+def _one_by_one_convs(first: list[float], second: list[float]) -> onnx.ModelProto:
+    """Conv 1 -> 2 channels, Relu, Conv 2 -> 1 channel, all 1x1 kernels."""
+    weights = [
+        numpy_helper.from_array(np.array(first, np.float32).reshape(2, 1, 1, 1), "A"),
+        numpy_helper.from_array(np.array(second, np.float32).reshape(1, 2, 1, 1), "B"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "A"], ["h"], "conv0"),
+        helper.make_node("Relu", ["h"], ["r"], "relu0"),
+        helper.make_node("Conv", ["r", "B"], ["y"], "conv1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_overflow_that_cannot_run_in_float64_still_fails_and_says_why():
+    """onnxruntime has no float64 Conv on CPU: the failure stands, with the reason."""
+    overflowing = _one_by_one_convs([1e37, 1.0], [1e-37, 1.0])
+    balanced = _one_by_one_convs([1.0, 1.0], [1.0, 1.0])
+    feed = {"x": np.full((1, 1, 2, 2), 100.0, np.float32)}
+    result = compare_models(overflowing, balanced, inputs=feed)
+    (failure,) = result.failures
+    assert failure.reason.startswith("non-finite values differ: the input model overflows")
+    assert "cannot run them in float64" in failure.reason
