@@ -127,6 +127,22 @@ def non_finite_weights(rng, model, folder):
     return _write(model, folder), f"{tensor.name} holds a non-finite value"
 
 
+def extreme_weight(rng, model, folder):
+    """One finite weight at the edge of its dtype's range, or far below one: a legal model that
+    may overflow inside, before or after balancing."""
+    model = _copy(model)
+    tensor = rng.choice(_weights(model))
+    array = onnx.numpy_helper.to_array(tensor).copy()
+    info = np.finfo(array.dtype)
+    magnitude = rng.choice(
+        [info.max, info.max / 16, np.sqrt(info.max), info.tiny, info.smallest_subnormal]
+    )
+    flat = array.reshape(-1)
+    flat[rng.randrange(flat.size)] = rng.choice([1, -1]) * magnitude
+    tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    return _write(model, folder), f"{tensor.name} holds {flat.max():.3g} / {flat.min():.3g}"
+
+
 def cycle(rng, model, folder):
     model = _copy(model)
     nodes = model.graph.node
@@ -257,6 +273,7 @@ MUTATIONS: dict[str, Mutation] = {
         garbage,
         huge_dims,
         non_finite_weights,
+        extreme_weight,
         cycle,
         dangling_input,
         wrong_tensor_size,

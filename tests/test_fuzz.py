@@ -34,7 +34,9 @@ SEED = int(os.environ.get("ONNXBALANCE_FUZZ_SEED", "0"))
 BASES = {
     "mlp32": lambda: mlp(widths=(4, 8, 6, 3), seed=1),
     "mlp64": lambda: mlp(widths=(3, 5, 2), dtype="float64", seed=2),
+    "mlp16": lambda: mlp(widths=(4, 6, 3), dtype="float16", seed=3, spread=1.0),
 }
+_INPUT_DTYPES = {"tensor(double)": np.float64, "tensor(float16)": np.float16}
 _SHOWN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
@@ -67,22 +69,26 @@ def _outputs(path: Path, fill: int, seed: int = 3) -> list[np.ndarray]:
     feed = {}
     for value in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else fill for d in value.shape]
-        dtype = np.float64 if "double" in value.type else np.float32
+        dtype = _INPUT_DTYPES.get(value.type, np.float32)
         feed[value.name] = rng.standard_normal(shape).astype(np.float32).astype(dtype)
     return session.run(None, feed)
 
 
+_NARROW = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
 def _as_float64(path: Path, folder: Path) -> Path:
-    """The model at ``path`` with its float32 tensors and values as float64 (external data read
-    in), saved in ``folder``: it computes the same function without float32's overflow."""
+    """The model at ``path`` with its float32 and float16 tensors and values as float64
+    (external data read in), saved in ``folder``: it computes the same function without their
+    overflow."""
     model = onnx.load(path)
     for tensor in model.graph.initializer:
-        if tensor.data_type == onnx.TensorProto.FLOAT:
+        if tensor.data_type in _NARROW:
             values = onnx.numpy_helper.to_array(tensor).astype(np.float64)
             tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
     graph = model.graph
     for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+        if value.type.tensor_type.elem_type in _NARROW:
             value.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
     folder.mkdir(exist_ok=True)
     wide = folder / f"{path.parent.name}-{path.name}"
@@ -90,15 +96,22 @@ def _as_float64(path: Path, folder: Path) -> Path:
     return wide
 
 
-def _overflowed_in_float32(source: Path, balanced: Path, fill: int, label: str) -> None:
+def _assert_close(got: np.ndarray, expected: np.ndarray, dtype: np.dtype, label: str) -> None:
+    """Rounding of the rescaled weights in ``dtype``: about 1e-7 in float32, 1e-3 in float16."""
+    rtol, atol = (1e-2, 1e-2) if dtype == np.float16 else (1e-4, 1e-5)
+    scale = float(np.max(np.abs(expected), initial=0.0)) or 1.0
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol * scale, err_msg=label)
+
+
+def _overflowed(source: Path, balanced: Path, fill: int, dtype: np.dtype, label: str) -> None:
     """Both models in float64: rescaling changes the magnitudes inside the network (that is its
-    purpose), so a float32 input that overflows somewhere may come out finite once balanced;
-    the function itself must still be the same."""
+    purpose), so an input that overflows the model's dtype somewhere may come out finite once
+    balanced; the function itself must still be the same."""
     wide = source.parent.parent / "float64"
     expected = _outputs(_as_float64(source, wide), fill)
     for a, b in zip(expected, _outputs(_as_float64(balanced, wide), fill), strict=True):
         assert np.all(np.isfinite(a)), label
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.max(np.abs(a)), err_msg=label)
+        _assert_close(b, a, dtype, label)
 
 
 def _stored(path: Path) -> dict[str, np.ndarray]:
@@ -130,13 +143,10 @@ def _same_function(source: Path, balanced: Path, label: str) -> None:
         if np.isfinite(b[~finite]).any() and all(
             np.isfinite(value).all() for value in _stored(source).values()
         ):
-            _overflowed_in_float32(source, balanced, fill, label)
+            _overflowed(source, balanced, fill, a.dtype, label)
             return
         np.testing.assert_array_equal(b[~finite], a[~finite], err_msg=label)
-        scale = float(np.max(np.abs(a[finite]), initial=0.0)) or 1.0
-        np.testing.assert_allclose(
-            b[finite], a[finite], rtol=1e-4, atol=1e-5 * scale, err_msg=label
-        )
+        _assert_close(b[finite], a[finite], a.dtype, label)
 
 
 def check_case(tmp_path: Path, kind: str, base: str, seed: int) -> None:

@@ -170,6 +170,37 @@ def test_units_that_would_overflow_are_refused_with_a_reason(dirs):
     assert written["W0"][1, 0] != np.float16(4.0)  # the other unit moved
 
 
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (1e152, "weights too large to balance in float64 (|w|^p sums to 1e+304, at most"),
+        (1e160, "has NaN or infinite weights (or weights so large that |w|^p overflows"),
+        (1.7e308, "has NaN or infinite weights (or weights so large that |w|^p overflows"),
+    ],
+)
+def test_weights_beyond_float64s_range_for_the_norm_are_refused(dirs, weight, message):
+    """Finite float64 weights whose |w|^2 overflows, or sums near float64's limit, where the
+    solvers' loads and gradients would overflow: one line naming the layer, no warnings, the
+    input untouched, nothing written."""
+    import warnings
+
+    src_dir, out_dir = dirs
+    model = mlp(widths=(3, 5, 2), dtype="float64", seed=2)
+    weight_tensor = model.graph.initializer[0]
+    values = numpy_helper.to_array(weight_tensor).copy()
+    values[0, 0] = weight
+    weight_tensor.CopyFrom(numpy_helper.from_array(values, weight_tensor.name))
+    src = save(model, src_dir / "m.onnx")
+    before = snapshot(src_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(src, out_dir / "b.onnx")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err
+    assert "layer 'gemm0'" in err
+    assert snapshot(src_dir) == before and not any(out_dir.iterdir())
+
+
 def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monkeypatch):
     from onnxbalance import rewrite
 

@@ -76,11 +76,24 @@ def _check_ranges(graph: UnitGraph) -> None:
             raise ValueError(f"layer {name!r}: {what} group index out of range")
 
 
+LARGEST_TOTAL = 1e300
+"""The most one layer's couplings may sum to: the loads, gradients and curvatures the solvers
+form are small multiples of such sums, and must stay below float64's 1.8e308."""
+
+
 def _check_values(name: str, total: float, least: float) -> None:
     """ValueError naming the layer unless the sum of all entries is finite (NaN or Inf anywhere
-    makes it not; finite couplings are far below overflow) and the smallest one is >= 0."""
+    makes it not) and at most LARGEST_TOTAL, and the smallest one is >= 0."""
     if not np.isfinite(total):
-        raise ValueError(f"layer {name!r} has NaN or infinite weights")
+        raise ValueError(
+            f"layer {name!r} has NaN or infinite weights (or weights so large that |w|^p "
+            "overflows float64)"
+        )
+    if total > LARGEST_TOTAL:
+        raise ValueError(
+            f"layer {name!r}: weights too large to balance in float64 (|w|^p sums to "
+            f"{total:.3g}, at most {LARGEST_TOTAL:g})"
+        )
     if least < 0:
         raise ValueError(f"layer {name!r}: coupling matrix has negative entries")
 
