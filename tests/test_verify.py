@@ -242,4 +242,36 @@ def test_an_overflow_that_cannot_run_in_float64_still_fails_and_says_why():
     result = compare_models(overflowing, balanced, inputs=feed)
     (failure,) = result.failures
     assert failure.reason.startswith("non-finite values differ: the input model overflows")
-    assert "cannot run them in float64" in failure.reason
+    assert "cannot run the models in float64" in failure.reason
+
+
+def _with_huge_bias(dtype: type) -> onnx.ModelProto:
+    """Hidden biases at the dtype's largest value and positive output weights: every output
+    overflows to +inf."""
+    model = gemm_mlp([4, 6, 3], seed=7, dtype=dtype)
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if tensor.name == "B0":
+            values = np.full_like(values, np.finfo(dtype).max)
+        elif tensor.name == "W1":
+            values = np.abs(values)
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    return model
+
+
+def test_outputs_non_finite_everywhere_are_compared_in_float64_or_fail():
+    """Nothing finite is left to compare in the model's own dtype: float32 runs again in
+    float64 (and passes for the same function); float64 has nothing wider and fails."""
+    everywhere = np.full(3, np.inf, np.float32)
+    lost = compare_output("y", everywhere, everywhere.copy())
+    assert (
+        not lost.passed and lost.reason == "output is NaN or infinite everywhere on the test inputs"
+    )
+    model = _with_huge_bias(np.float32)
+    assert not np.isfinite(run_model(model, make_inputs(model), "it")["y"]).any()
+    same = compare_models(model, model)
+    assert same.passed and "compared in float64" in same.outputs[0].reason
+    assert not compare_models(model, _perturbed(model, "W1", 1.01)).passed
+    wide = _with_huge_bias(np.float64)
+    (failure,) = compare_models(wide, wide).failures
+    assert failure.reason == "output is NaN or infinite everywhere on the test inputs"
