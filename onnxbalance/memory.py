@@ -137,15 +137,16 @@ def abs_power(
             unit_max[...] = 0.0  # rows without entries
         return out
     if weight.ndim == 0:
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             out[...] = np.abs(weight.astype(np.float64)) ** p
         return out
     row_bytes = out[0].nbytes
     # float32 and narrower weights square exactly in float64 (no overflow, no underflow), and
     # the square root of an exact square is exact: their largest |w| needs no abs pass
     squares_only = p == 2.0 and (unit_max is None or _is_narrow_float(weight.dtype))
-    # huge weights give inf here, which the solver refuses with the layer's name: no warning
-    with np.errstate(over="ignore"):
+    # huge weights give inf here, and NaN weights (signalling ones too) NaN, which the solver
+    # refuses with the layer's name: no warning
+    with np.errstate(over="ignore", invalid="ignore"):
         for rows in row_blocks(len(out), row_bytes):
             block = out[rows]
             block[...] = weight[rows]  # the cast to float64 happens here, one block at a time

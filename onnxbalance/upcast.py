@@ -15,6 +15,7 @@ float64 neither overflows, and the two functions can be compared.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from onnxbalance import protos, tensors
@@ -65,7 +66,9 @@ def _widened(model: onnx.ModelProto, narrow: frozenset[int], wide: int) -> onnx.
     def convert(tensor: onnx.TensorProto) -> onnx.TensorProto:
         if tensor.data_type not in narrow:
             return tensor
-        fresh = tensors.make_tensor(tensor.name, tensors.read_array(tensor).astype(dtype), wide)
+        with np.errstate(invalid="ignore"):  # a signalling NaN becomes a quiet one, no warning
+            values = tensors.read_array(tensor).astype(dtype)
+        fresh = tensors.make_tensor(tensor.name, values, wide)
         fresh.doc_string = tensor.doc_string
         return fresh
 

@@ -201,6 +201,35 @@ def test_weights_beyond_float64s_range_for_the_norm_are_refused(dirs, weight, me
     assert snapshot(src_dir) == before and not any(out_dir.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("dtype", "bits"),
+    [("float32", np.uint32(0x7F800001)), ("float64", np.uint64(0x7FF0000000000001)),
+     ("float16", np.uint16(0x7C01))],
+)  # fmt: skip
+@pytest.mark.parametrize("tensor", ["W1", "b0"])
+def test_signalling_nans_raise_no_warnings(dirs, dtype, bits, tensor):
+    """A bit flip can make a signalling NaN, whose casts and squares raise numpy's 'invalid'
+    flag: a NaN weight is still refused by name, a NaN bias still fails verification (every
+    output is NaN), each with one line and no warning."""
+    import warnings
+
+    src_dir, out_dir = dirs
+    model = mlp(widths=(3, 5, 4, 2), dtype=dtype, seed=2)
+    (stored,) = [t for t in model.graph.initializer if t.name == tensor]
+    values = numpy_helper.to_array(stored).copy()
+    values.view(bits.dtype).reshape(-1)[0] = bits
+    stored.CopyFrom(numpy_helper.from_array(values, stored.name))
+    src = save(model, src_dir / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(src, out_dir / "b.onnx", "-q")
+    assert out == "" and err.count("\n") == 1 and not any(out_dir.iterdir())
+    if tensor == "W1":
+        assert code == 2 and "layer 'gemm1' has NaN or infinite weights" in err
+    else:
+        assert code == 3 and "NaN or infinite everywhere" in err
+
+
 def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monkeypatch):
     from onnxbalance import rewrite
 
