@@ -446,8 +446,9 @@ def _norm(graph: UnitGraph, p: float, q: float) -> float:
     from .solver.objective import Objective
 
     objective = Objective(graph, p, q)
-    # One dummy entry: with no scale groups every unit is FIXED and never indexes it.
-    return objective.norm(objective.value(np.zeros(max(graph.n_groups, 1))))
+    # One dummy entry: with no scale groups every unit is FIXED and never indexes it. In logs:
+    # nothing is solved here, so nothing bounds ||W||^q, but the norm itself may well fit.
+    return float(np.exp(objective.log_value(np.zeros(max(graph.n_groups, 1))) / q))
 
 
 _INDEX_SUFFIX = re.compile(r"(\[\d+\]|[:#/]\d+)$")

@@ -48,6 +48,24 @@ def test_balance_lowers_the_norm_keeps_the_function_and_the_argument(unbalanced)
     np.testing.assert_allclose(_run(balanced, x), _run(unbalanced, x), rtol=1e-4, atol=1e-5)
 
 
+def test_nothing_to_balance_reports_a_norm_whose_power_overflows():
+    """No hidden unit, weights near 1e30, q = 20: ||W||^20 overflows float64, the norm does
+    not; it is reported exactly and without warnings."""
+    import warnings
+
+    model = linear_model()
+    weight = model.graph.initializer[0]
+    stored = (numpy_helper.to_array(weight).astype(np.float64) * 1e30).astype(np.float32)
+    weight.CopyFrom(numpy_helper.from_array(stored, weight.name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = onnxbalance.balance(model, p=2, q=20)
+    units = stored.astype(np.float64) / 1e30  # rows are the output units (transB=1)
+    expected = 1e30 * float(np.sum(np.sum(units**2, axis=1) ** 10) ** (1 / 20))
+    assert report.solver == "none"
+    assert report.norm_before == report.norm_after == pytest.approx(expected, rel=1e-12)
+
+
 def test_balance_from_a_path(tmp_path, unbalanced):
     path = tmp_path / "m.onnx"
     onnx.save(unbalanced, path)

@@ -230,6 +230,33 @@ def test_signalling_nans_raise_no_warnings(dirs, dtype, bits, tensor):
         assert code == 3 and "NaN or infinite everywhere" in err
 
 
+def test_a_norm_beyond_float64_is_refused_without_warnings(dirs):
+    """Weights near 1e30 are fine for p = q = 2, but ||W||_{2,20}^20 reaches about 1e600: the
+    layer is named before any load overflows; trial points that overflow stay silent."""
+    import warnings
+
+    src_dir, out_dir = dirs
+    model = mlp(widths=(4, 6, 5, 3), seed=2, spread=2.0)
+    weight = model.graph.initializer[2]  # W1
+    scaled = numpy_helper.to_array(weight).astype(np.float64) * 1e30
+    weight.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), weight.name))
+    src = save(model, src_dir / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(src, out_dir / "b.onnx", "-q", "--p", "2", "--q", "20")
+        assert code == 2 and err.count("\n") == 1 and not any(out_dir.iterdir())
+        assert "layer 'gemm1': ||W||_{2,20}^20 of its weights reaches about 1e6" in err
+        assert "choose a smaller q / p" in err
+        assert run(src, out_dir / "b.onnx", "-q")[0] == 0  # p = q = 2: balanced
+        tiny = mlp(widths=(4, 6, 5, 3), seed=2, spread=2.0)
+        weight = tiny.graph.initializer[2]
+        scaled = numpy_helper.to_array(weight).astype(np.float64) * 1e-10
+        weight.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), weight.name))
+        tiny_src = save(tiny, src_dir / "tiny.onnx")
+        code, out, err = run(tiny_src, out_dir / "t.onnx", "-q", "--p", "0.5", "--q", "20")
+        assert (code, out, err) == (0, "", "")  # far-out trial points overflow, silently
+
+
 def test_quiet_prints_nothing_and_report_survives_failed_verification(dirs, monkeypatch):
     from onnxbalance import rewrite
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..unitgraph import UnitGraph
-from .couplings import summarise_graph
+from .couplings import check_power_range, summarise_graph
 from .liveness import pin_dead_and_cut_off
 from .objective import Objective
 from .result import PinnedGroup, SolveResult
@@ -71,7 +71,8 @@ def solve(
         A :class:`SolveResult`; ``pinned`` lists the groups left at scale 1 and why.
 
     Raises:
-        ValueError: NaN or infinite couplings (the message names the layer), p or q not
+        ValueError: NaN, infinite or too large couplings, or a norm beyond float64 (the
+            message names the layer), p or q not
             positive, tol not positive, max_sweeps negative, or an unknown method.
     """
     run = _method(method)
@@ -83,6 +84,7 @@ def solve(
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
     # checks every matrix (ValueError naming the layer); only Newton steers with float32 copies
     couplings = summarise_graph(graph, single=method == "newton")
+    check_power_range(graph, couplings, p, q)
     live_graph, pinned = pin_dead_and_cut_off(graph, couplings)
     result = run(
         live_graph,

@@ -216,6 +216,28 @@ def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ..
     return tuple(out)
 
 
+def check_power_range(
+    graph: UnitGraph, couplings: tuple[Coupling, ...], p: float, q: float
+) -> None:
+    """ValueError naming the first layer whose share of ||W||_{p,q}^q at scale 1, the sum of its
+    row sums to the power r = q / p, may exceed LARGEST_TOTAL: the solvers' values and loads are
+    such powers. (For r <= 1 the row sums' own bound, _check_values, suffices.)"""
+    r = q / p
+    if r <= 1.0:
+        return
+    for layer, coupling in zip(graph.layers, couplings, strict=True):
+        largest = float(coupling.row_sums.max(initial=0.0))
+        if largest <= 0.0:
+            continue
+        exponent = (r * np.log(largest) + np.log(coupling.row_sums.size)) / np.log(10.0)
+        if exponent > np.log10(LARGEST_TOTAL):
+            raise ValueError(
+                f"layer {layer.name!r}: ||W||_{{{p:g},{q:g}}}^{q:g} of its weights reaches "
+                f"about 1e{exponent:.0f}, beyond float64 (at most {LARGEST_TOTAL:g}): choose a "
+                "smaller q / p"
+            )
+
+
 def check_graph(graph: UnitGraph) -> None:
     """Raise ValueError naming the layer if a coupling matrix is unusable (NaN, Inf, negative,
     or not matching its group arrays)."""

@@ -392,6 +392,16 @@ class Objective:
             per_layer = self._log_row_sums(log_scales)
         return float(sum(np.exp(r * rows.log_rho).sum() for rows in per_layer))
 
+    def log_value(self, log_scales: np.ndarray) -> float:
+        """log F(u), also where F itself would overflow (one pass)."""
+        with np.errstate(divide="ignore"):
+            terms = [self.r * rows.log_rho for rows in self._log_row_sums(log_scales)]
+        every = np.concatenate([*terms, np.zeros(0)])
+        top = float(every.max(initial=-np.inf))
+        if not np.isfinite(top):
+            return top
+        return top + float(np.log(np.exp(every - top).sum()))
+
     def loads(self, log_scales: np.ndarray) -> Loads:
         """F(u), in_g and out_g at ``log_scales`` (two passes)."""
         log_scales = np.asarray(log_scales, dtype=np.float64)

@@ -208,7 +208,8 @@ def _evaluate_direct(
     if sums32 is not None:
         sums += sums32
     rho = sums * row_factor
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # a trial point far out may overflow: its F is then infinite and the step is refused
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if r == 1.0:
             load, row_weight = rho, row_factor
         else:
