@@ -275,3 +275,11 @@ def test_outputs_non_finite_everywhere_are_compared_in_float64_or_fail():
     wide = _with_huge_bias(np.float64)
     (failure,) = compare_models(wide, wide).failures
     assert failure.reason == "output is NaN or infinite everywhere on the test inputs"
+
+
+def test_nan_inputs_are_not_taken_for_an_overflow():
+    """Every output is NaN because the inputs are: nothing to run again in float64."""
+    model = gemm_mlp([4, 6, 3], seed=7)
+    feed = {"x": np.full((2, 4), np.nan, np.float32)}
+    (failure,) = compare_models(model, model, inputs=feed).failures
+    assert failure.reason == "output is NaN or infinite everywhere on the test inputs"
