@@ -72,8 +72,8 @@ def solve(
 
     Raises:
         ValueError: NaN, infinite or too large couplings, or a norm beyond float64 (the
-            message names the layer), p or q not
-            positive, tol not positive, max_sweeps negative, or an unknown method.
+            message names the layer); p or q not positive, tol not positive, max_sweeps
+            negative, or an unknown method.
     """
     run = _method(method)
     if not (p > 0 and q > 0 and np.isfinite(p) and np.isfinite(q)):
