@@ -7,10 +7,10 @@ arithmetic, the function the bfloat16 weights define. Running the original and t
 model through the same conversion compares them fairly: both are evaluated the same way, and the
 only difference left is the rounding of the rescaled weights to bfloat16.
 
-:func:`to_float64`: the same for float16, bfloat16 and float32 to float64, also exact. It serves
-when the input model overflows its own dtype somewhere inside on the test inputs and the
-balanced one does not (rescaling moves magnitudes between layers; that is what it is for): in
-float64 neither overflows, and the two functions can be compared.
+:func:`widen`: the same to float32 or float64 (:func:`wider_type`), also exact. It serves when
+the input model overflows its own dtype on the test inputs and the balanced one does not
+(rescaling moves magnitudes between layers; that is what it is for): in the wider type neither
+overflows, and the two functions can be compared.
 """
 
 from __future__ import annotations
@@ -26,16 +26,19 @@ F32 = onnx.TensorProto.FLOAT
 F64 = onnx.TensorProto.DOUBLE
 
 
-def uses_bfloat16(model: onnx.ModelProto) -> bool:
-    """Whether any stored tensor, declared value or Cast target is bfloat16."""
-    if any(t.data_type == BF16 for t in tensors.iter_tensors(model)):
+def uses(model: onnx.ModelProto, data_type: int) -> bool:
+    """Whether any stored tensor, declared value or Cast target has this element type."""
+    if any(t.data_type == data_type for t in tensors.iter_tensors(model)):
         return True
     graph = model.graph
     values = list(graph.input) + list(graph.output) + list(graph.value_info)
-    if any(v.type.tensor_type.elem_type == BF16 for v in values):
+    if any(v.type.tensor_type.elem_type == data_type for v in values):
         return True
     return any(
-        a.name == "to" and a.i == BF16 for n in graph.node for a in n.attribute if a.type == a.INT
+        a.name == "to" and a.i == data_type
+        for n in graph.node
+        for a in n.attribute
+        if a.type == a.INT
     )
 
 
@@ -83,7 +86,15 @@ def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     return _widened(model, frozenset({BF16}), F32)
 
 
-def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with float16, bfloat16 and float32 tensors, value types and Cast
-    targets as float64 (external tensors: see :func:`_widened`)."""
-    return _widened(model, frozenset({F16, BF16, F32}), F64)
+def wider_type(model: onnx.ModelProto) -> int:
+    """The float type to run ``model`` in when it overflows its own: float32 for float16 and
+    bfloat16 models (range enough, and onnxruntime has float32 kernels for every op, Conv
+    included), float64 for the others."""
+    return F32 if uses(model, F16) or uses(model, BF16) else F64
+
+
+def widen(model: onnx.ModelProto, wide: int) -> onnx.ModelProto:
+    """A copy of ``model`` with every narrower float tensor, value type and Cast target as
+    ``wide`` (float32 or float64; external tensors: see :func:`_widened`)."""
+    narrow = {F16, BF16} if wide == F32 else {F16, BF16, F32}
+    return _widened(model, frozenset(narrow), wide)

@@ -14,12 +14,13 @@ are rounding. Integer and boolean outputs (labels) must be equal. A floating out
 zero on the test inputs fails: it could not tell a broken model from a correct one; so does one
 that is NaN or infinite everywhere. Non-finite values must match, except where the input model
 overflows its dtype and the balanced one overflows nowhere else (rescaling moves magnitudes
-between layers): both are then run again in float64, with the same tolerances, and the output
-says so.
+between layers): both are then run again in a wider float type (float32 for float16, else
+float64), with the same tolerances, and the output says so.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -101,7 +102,7 @@ def compare_models(
     """
     first, second = _Source.of(original), _Source.of(balanced)
     as_dtype = None
-    if upcast.uses_bfloat16(first.proto) or upcast.uses_bfloat16(second.proto):
+    if upcast.uses(first.proto, upcast.BF16) or upcast.uses(second.proto, upcast.BF16):
         first, second = first.widened(upcast.to_float32), second.widened(upcast.to_float32)
         as_dtype = "bfloat16"
     feed = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
@@ -125,7 +126,7 @@ def compare_models(
         and _overflowed(reference[o.name], result[o.name])
     ]
     if overflowed:
-        again = _compared_in_float64(first, second, feed, overflowed, as_dtype)
+        again = _compared_wider(first, second, feed, overflowed, as_dtype)
         outputs = tuple(again.get(o.name, o) for o in outputs)
     comparison = Comparison(outputs=outputs, n_inputs=len(feed), seed=seed)
     log.info(
@@ -147,47 +148,51 @@ def _overflowed(reference: np.ndarray, result: np.ndarray) -> bool:
     return bool(lost.any() and not (got & ~lost).any())
 
 
-def _compared_in_float64(
+def _compared_wider(
     first: _Source,
     second: _Source,
     feed: Mapping[str, np.ndarray],
     failed: Sequence[OutputComparison],
     as_dtype: str | None,
 ) -> dict[str, OutputComparison]:
-    """The ``failed`` outputs compared again with both models and the inputs widened to float64,
-    with the tolerances of each output's own dtype.
+    """The ``failed`` outputs compared again with both models and the inputs in a wider float
+    type (:func:`onnxbalance.upcast.wider_type`), with the tolerances of each output's own dtype.
 
     The input model overflowed its dtype on the test inputs: the balanced one may not have
     (rescaling moves magnitudes between layers, and may well take a hidden layer back into
-    range), or both may have everywhere. In float64 neither overflows, so the two functions can
-    still be compared. If
-    onnxruntime cannot run the widened models (some kernels exist for float32 only), the
-    failures stand, saying why they could not be settled.
+    range), or both may have everywhere. In the wider type neither overflows, so the two
+    functions can still be compared. If onnxruntime cannot run the widened models (its Conv
+    kernels, for one, exist for float32 only), the failures stand, saying why.
     """
+    wide = upcast.wider_type(first.proto)
+    dtype = tensors.numpy_dtype(wide)
     wide_feed = {
-        name: value.astype(np.float64) if np.issubdtype(value.dtype, np.floating) else value
+        name: value.astype(dtype)
+        if np.issubdtype(value.dtype, np.floating) and value.dtype.itemsize < dtype.itemsize
+        else value
         for name, value in feed.items()
     }
+    convert = functools.partial(upcast.widen, wide=wide)
     try:
-        reference = run_model(first.widened(upcast.to_float64), wide_feed, "the input model")
-        result = run_model(second.widened(upcast.to_float64), wide_feed, "the balanced model")
+        reference = run_model(first.widened(convert), wide_feed, "the input model")
+        result = run_model(second.widened(convert), wide_feed, "the balanced model")
     except InputError as exc:
-        log.info("verification in float64 impossible: %s", exc)
+        log.info("verification in %s impossible: %s", dtype.name, exc)
         return {
             o.name: replace(
                 o,
                 reason=f"{o.reason}: the input model overflows {as_dtype or o.dtype} on the "
-                "test inputs, and onnxruntime cannot run the models in float64 to compare",
+                f"test inputs, and onnxruntime cannot run the models in {dtype.name} to compare",
             )
             for o in failed
         }
     compared = {}
     for failure in failed:
         name, own = failure.name, as_dtype or failure.dtype
-        wide = compare_output(name, reference[name], result[name], own)
-        how = f"the input model overflows {own} on the test inputs: compared in float64"
+        again = compare_output(name, reference[name], result[name], own)
+        how = f"the input model overflows {own} on the test inputs: compared in {dtype.name}"
         compared[name] = replace(
-            wide, dtype=failure.dtype, reason=how + (f", {wide.reason}" if wide.reason else "")
+            again, dtype=failure.dtype, reason=how + (f", {again.reason}" if again.reason else "")
         )
         log.info("verification of output %r: %s", name, compared[name].reason)
     return compared

@@ -14,13 +14,13 @@ from onnxbalance import tensors, upcast
 
 def test_bfloat16_model_runs_as_float32(tmp_path):
     model = mlp(widths=(5, 7, 3), dtype="bfloat16", seed=4)
-    assert upcast.uses_bfloat16(model)
-    assert not upcast.uses_bfloat16(mlp())
+    assert upcast.uses(model, onnx.TensorProto.BFLOAT16)
+    assert not upcast.uses(mlp(), onnx.TensorProto.BFLOAT16)
     path = save(model, tmp_path / "m.onnx", external=True)
     lazy = onnx.load(path, load_external_data=False)
     with tensors.external_folder(tmp_path):
         converted = upcast.to_float32(lazy)
-    assert not upcast.uses_bfloat16(converted)
+    assert not upcast.uses(converted, onnx.TensorProto.BFLOAT16)
     assert lazy.graph.initializer[0].data_type == onnx.TensorProto.BFLOAT16  # input untouched
     for before, after in zip(model.graph.initializer, converted.graph.initializer, strict=True):
         exact = numpy_helper.to_array(before).astype(np.float64)
@@ -53,9 +53,9 @@ def test_cast_targets_and_constants():
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = 8
-    assert upcast.uses_bfloat16(model)
+    assert upcast.uses(model, onnx.TensorProto.BFLOAT16)
     converted = upcast.to_float32(model)
-    assert not upcast.uses_bfloat16(converted)
+    assert not upcast.uses(converted, onnx.TensorProto.BFLOAT16)
     session = ort.InferenceSession(
         converted.SerializeToString(), providers=["CPUExecutionProvider"]
     )
@@ -63,13 +63,14 @@ def test_cast_targets_and_constants():
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], 2 * x)
 
 
-def test_float16_model_runs_as_float64(tmp_path):
+def test_float16_model_widened_to_float64(tmp_path):
     """Tensors (external ones read in), value types and Cast targets become float64, exactly."""
     model = mlp(widths=(5, 7, 3), dtype="float16", seed=6)
     path = save(model, tmp_path / "m.onnx", external=True)
     lazy = onnx.load(path, load_external_data=False)
     with tensors.external_folder(tmp_path):
-        converted = upcast.to_float64(lazy)
+        assert upcast.wider_type(lazy) == onnx.TensorProto.FLOAT
+        converted = upcast.widen(lazy, onnx.TensorProto.DOUBLE)
     for before, after in zip(model.graph.initializer, converted.graph.initializer, strict=True):
         assert after.data_type == onnx.TensorProto.DOUBLE
         exact = numpy_helper.to_array(before).astype(np.float64)

@@ -213,11 +213,14 @@ def test_an_overflow_that_balancing_removes_is_compared_in_float64():
     assert backwards.failures[0].reason == "non-finite values differ"
 
 
-def _one_by_one_convs(first: list[float], second: list[float]) -> onnx.ModelProto:
+def _one_by_one_convs(
+    first: list[float], second: list[float], dtype: type = np.float32
+) -> onnx.ModelProto:
     """Conv 1 -> 2 channels, Relu, Conv 2 -> 1 channel, all 1x1 kernels."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     weights = [
-        numpy_helper.from_array(np.array(first, np.float32).reshape(2, 1, 1, 1), "A"),
-        numpy_helper.from_array(np.array(second, np.float32).reshape(1, 2, 1, 1), "B"),
+        numpy_helper.from_array(np.array(first, dtype).reshape(2, 1, 1, 1), "A"),
+        numpy_helper.from_array(np.array(second, dtype).reshape(1, 2, 1, 1), "B"),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "A"], ["h"], "conv0"),
@@ -227,11 +230,30 @@ def _one_by_one_convs(first: list[float], second: list[float]) -> onnx.ModelProt
     graph = helper.make_graph(
         nodes,
         "convs",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("x", elem, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", elem, [1, 1, 2, 2])],
         weights,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_float16_models_are_compared_again_in_float32_where_conv_runs():
+    """onnxruntime's CPU runs float16 Conv chains through float32 (no overflow shows), so the
+    rerun is called directly: float16 widens to float32, which has the range and the Conv
+    kernels that float64 lacks."""
+    from onnxbalance.verify import _compared_wider, _Source
+
+    original = _one_by_one_convs([1000.0, 1.0], [1e-3, 1.0], np.float16)
+    balanced = _one_by_one_convs([1.0, 1.0], [1.0, 1.0], np.float16)
+    feed = {"x": np.full((1, 1, 2, 2), 100.0, np.float16)}
+    failed = compare_output("y", np.full((1, 1, 2, 2), np.inf, np.float16), feed["x"] * 2)
+    again = _compared_wider(_Source.of(original), _Source.of(balanced), feed, [failed], None)
+    output = again["y"]
+    assert output.passed and output.dtype == "float16" and output.rtol == 1e-2
+    assert (
+        output.reason == "the input model overflows float16 on the test inputs: compared in float32"
+    )
+    assert 0 < output.max_rel_diff < 1e-3  # 1e-3 is not exact in float16
 
 
 def test_an_overflow_that_cannot_run_in_float64_still_fails_and_says_why():
