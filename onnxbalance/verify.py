@@ -95,6 +95,8 @@ def compare_models(
     external data itself, so models over protobuf's 2 GB limit work, and each session is freed
     before the next one loads. bfloat16 models run as float32 (onnxruntime has no bfloat16 CPU
     kernels; the conversion is exact, see :mod:`onnxbalance.upcast`) with bfloat16 tolerances.
+    Outputs that the input model overflows are judged again in a wider type
+    (:func:`_compared_wider`).
 
     Raises:
         InputError: bad ``inputs``/``input_shapes``, or onnxruntime refuses the original model
