@@ -387,10 +387,7 @@ class Objective:
 
     def value(self, log_scales: np.ndarray) -> float:
         """F(u) = ||W||_{p,q}^q after rescaling by exp(u) (one pass)."""
-        r = self.r
-        with np.errstate(divide="ignore"):
-            per_layer = self._log_row_sums(log_scales)
-        return float(sum(np.exp(r * rows.log_rho).sum() for rows in per_layer))
+        return float(np.exp(self.log_value(log_scales)))
 
     def log_value(self, log_scales: np.ndarray) -> float:
         """log F(u), also where F itself would overflow (one pass)."""
