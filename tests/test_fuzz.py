@@ -80,7 +80,8 @@ _NARROW = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 def _as_float64(path: Path, folder: Path) -> Path:
     """The model at ``path`` with its float32 and float16 tensors and values as float64
     (external data read in), saved in ``folder``: it computes the same function without their
-    overflow."""
+    overflow. Written here rather than taken from onnxbalance.upcast, which the tool's own
+    verification uses: the fuzz judges the tool independently."""
     model = onnx.load(path)
     for tensor in model.graph.initializer:
         if tensor.data_type in _NARROW:
