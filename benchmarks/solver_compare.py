@@ -14,7 +14,9 @@ a ResNet-18-style unit graph built here (3x3 conv couplings summed over the taps
 as tied groups).
 
 Then, for the deepest paper network written as an ONNX Gemm MLP: the Newton solve time against
-onnx.load + onnx.save of that file (best of several runs of each, interleaved).
+onnx.load + onnx.save of that file (best of several runs of each, interleaved), and the solve's
+memory-bound work alone: its coupling summary and the products of its evaluations as bare BLAS
+calls, the part of the solve time that no reorganisation of the solver's own logic removes.
 
 BLAS runs single-threaded (set before numpy loads): on a shared 2-core machine a threaded BLAS
 spins and makes every timing noisy; the same setting applies to every solver and to onnx.
@@ -48,6 +50,7 @@ from onnxbalance.solver import (
 from onnxbalance.solver.couplings import summarise_graph  # noqa: E402
 from onnxbalance.solver.mu import step_size  # noqa: E402
 from onnxbalance.solver.objective import Objective, movable_groups  # noqa: E402
+from onnxbalance.solver.points import _both_products  # noqa: E402
 from onnxbalance.unitgraph import FIXED, Layer, UnitGraph  # noqa: E402
 
 P = Q = 2.0
@@ -174,14 +177,52 @@ def gemm_mlp(net: Network) -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
+def evaluation_kinds(graph: UnitGraph) -> tuple[int, int]:
+    """How many float32 (steering) and float64 evaluations one Newton solve of ``graph`` makes,
+    counted by wrapping newton.evaluate."""
+    exact = []
+    original = newton.evaluate
+
+    def counting(workspace, log_scales, fast=False):
+        point = original(workspace, log_scales, fast)
+        exact.append(point.exact)
+        return point
+
+    newton.evaluate = counting
+    try:
+        solve(graph, P, Q, tol=TOL, method="newton")
+    finally:
+        newton.evaluate = original
+    return exact.count(False), exact.count(True)
+
+
+def products_alone(graph: UnitGraph, single: int, double: int) -> float:
+    """Seconds of the solve's memory-bound work without its logic: the coupling summary (one
+    read of every float64 coupling, writing the float32 copies), then ``single`` evaluations'
+    two products with the copies and ``double`` with the float64 couplings, as the solver makes
+    them (points._both_products for r = 1)."""
+    start = time.perf_counter()
+    couplings = [c for c in summarise_graph(graph) if c.single is not None]
+    for _ in range(single):
+        for c in couplings:
+            np.dot(c.single, np.ones(c.single.shape[1], np.float32))
+            np.dot(np.ones(c.single.shape[0], np.float32), c.single)
+    for _ in range(double):
+        for c in couplings:
+            rows, cols = c.matrix.shape
+            _both_products(c.matrix, np.ones(cols), np.ones(rows), np.zeros(rows), np.zeros(cols))
+    return time.perf_counter() - start
+
+
 def io_versus_solve(net: Network, repeats: int = 7) -> None:
     # The solver sees the weights as stored in the file (float32).
     stored = [Edge(e.src, e.dst, e.weight.astype(np.float32).astype(np.float64)) for e in net.edges]
     graph = Network(net.sizes, tuple(stored), net.biases, net.groups, net.n_groups).unit_graph(P)
+    single, double = evaluation_kinds(graph)
     with tempfile.TemporaryDirectory() as folder:
         path, copy = Path(folder) / "mlp.onnx", Path(folder) / "copy.onnx"
         onnx.save(gemm_mlp(net), path)
-        io_times, solve_times, newton_times = [], [], []
+        io_times, solve_times, newton_times, floor_times = [], [], [], []
         for _ in range(repeats):
             start = time.perf_counter()
             onnx.save(onnx.load(path), copy)
@@ -193,6 +234,7 @@ def io_versus_solve(net: Network, repeats: int = 7) -> None:
             start = time.perf_counter()
             newton.minimise(objective, movable_groups(graph), tol=TOL)
             newton_times.append(time.perf_counter() - start)
+            floor_times.append(products_alone(graph, single, double))
         size = path.stat().st_size / 1e6
     print(
         f"\n{'-'.join(map(str, net.sizes))} as ONNX ({size:.1f} MB): onnx.load + onnx.save "
@@ -200,8 +242,9 @@ def io_versus_solve(net: Network, repeats: int = 7) -> None:
         f"newton solve best {min(solve_times) * 1e3:.1f} ms "
         f"(median {np.median(solve_times) * 1e3:.1f}) incl. liveness and set-up; Newton "
         f"iterations alone (after the coupling summary) best {min(newton_times) * 1e3:.1f} ms; "
-        f"{result.passes} passes, "
-        f"converged={result.converged}"
+        f"{result.passes} passes, converged={result.converged}; the solve's memory-bound work "
+        f"alone (summary, {single} float32 and {double} float64 evaluations' products) best "
+        f"{min(floor_times) * 1e3:.1f} ms (median {np.median(floor_times) * 1e3:.1f})"
     )
 
 
