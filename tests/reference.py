@@ -61,20 +61,23 @@ def log_objective(layers, u, p, q) -> tuple[float, np.ndarray]:
 
 
 def objective(layers, u, p, q) -> float:
-    """F(u) = ||W rescaled by exp(u)||_{p,q}^q."""
-    return float(np.exp(log_objective(layers, np.asarray(u, dtype=np.float64), p, q)[0]))
+    """F(u) = ||W rescaled by exp(u)||_{p,q}^q (inf where it exceeds float64)."""
+    with np.errstate(over="ignore"):
+        return float(np.exp(log_objective(layers, np.asarray(u, dtype=np.float64), p, q)[0]))
 
 
 def loads(layers, n_groups, u, p, q) -> tuple[np.ndarray, np.ndarray]:
-    """(in_g, out_g) straight from their definitions (ALGORITHM.md §3, §6)."""
+    """(in_g, out_g) straight from their definitions (ALGORITHM.md §3, §6); inf where a load
+    exceeds float64."""
     r = q / p
     incoming, outgoing = np.zeros(n_groups), np.zeros(n_groups)
     for (terms, log_rho), (_, rows, cols) in zip(_row_terms(layers, u, p), layers, strict=True):
         ok = np.isfinite(log_rho)
-        rho_in = np.where(ok, np.exp(r * np.where(ok, log_rho, 0.0)), 0.0)
-        back = np.where(
-            ok[:, None], np.exp((r - 1.0) * np.where(ok, log_rho, 0.0)[:, None] + terms), 0.0
-        ).sum(axis=0)
+        with np.errstate(over="ignore"):
+            rho_in = np.where(ok, np.exp(r * np.where(ok, log_rho, 0.0)), 0.0)
+            back = np.where(
+                ok[:, None], np.exp((r - 1.0) * np.where(ok, log_rho, 0.0)[:, None] + terms), 0.0
+            ).sum(axis=0)
         rows, cols = np.asarray(rows), np.asarray(cols)
         np.add.at(incoming, rows[rows != FIXED], rho_in[rows != FIXED])
         np.add.at(outgoing, cols[cols != FIXED], back[cols != FIXED])
