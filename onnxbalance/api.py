@@ -205,7 +205,7 @@ def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, pro
     from .overflow import overflowing_groups, pin_groups
 
     with timer("analyse"):
-        units = _analyse(model)
+        units = _analyse(model, source)
     result, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
     while result is not None:
         try:
@@ -324,7 +324,7 @@ def check(
         model, source, folder = _load(model_or_path)
     with tensors.external_folder(folder):
         with timer("analyse"):
-            units = _analyse(model)
+            units = _analyse(model, source)
         _, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
     return replace(report, seconds=dict(timer.seconds))
 
@@ -350,10 +350,13 @@ def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None
     raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
 
 
-def _analyse(model: onnx.ModelProto) -> ModelUnits:
+def _analyse(model: onnx.ModelProto, source: str | None) -> ModelUnits:
     from .analysis import analyse
 
-    return analyse(model)
+    try:
+        return analyse(model)
+    except InputError as exc:  # a tensor that makes the model compute NaN, named by the analyser
+        raise InputError(f"{source or 'model'}: {exc}") from None
 
 
 def _solve(graph, p, q, tol, max_sweeps, solver, progress, source):

@@ -230,6 +230,39 @@ def test_signalling_nans_raise_no_warnings(dirs, dtype, bits, tensor):
         assert code == 3 and "NaN or infinite everywhere" in err
 
 
+@pytest.mark.parametrize(
+    ("scale", "var", "epsilon"),
+    [(1.0, -2.0, 1e-5), (1.0, 0.0, 0.0), (np.inf, 1.0, 1e-5), (1.0, np.nan, 1e-5),
+     (1.0, 1.0, float("nan"))],
+)  # fmt: skip
+def test_a_batchnorm_that_computes_nan_is_named(dirs, scale, var, epsilon):
+    """gamma / sqrt(var + eps) not finite (a corrupt running variance, a zero or NaN epsilon)
+    makes the model compute NaN or infinity whatever balancing does: one line names the node
+    and the channel, with no numpy warning and nothing written."""
+    import warnings
+
+    from onnx_conv_models import FIXTURES
+
+    src_dir, out_dir = dirs
+    model = FIXTURES["batchnorm"]().model
+    (node,) = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    node.attribute.append(onnx.helper.make_attribute("epsilon", epsilon))
+    stored = {t.name: t for t in model.graph.initializer}
+    for name, value in ((node.input[1], scale), (node.input[4], var)):
+        values = numpy_helper.to_array(stored[name]).copy()
+        values[1] = value
+        stored[name].CopyFrom(numpy_helper.from_array(values, name))
+    src = save(model, src_dir / "m.onnx")
+    before = snapshot(src_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = run(src, out_dir / "b.onnx", "-q")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    first_bad = 0 if np.isnan(epsilon) else 1  # a NaN epsilon spoils every channel
+    assert f"BatchNormalization '{node.name}', channel {first_bad}:" in err
+    assert snapshot(src_dir) == before and not any(out_dir.iterdir())
+
+
 def test_a_norm_beyond_float64_is_refused_without_warnings(dirs):
     """Weights near 1e30 are fine for p = q = 2, but ||W||_{2,20}^20 reaches about 1e600: the
     layer is named before any load overflows; trial points that overflow stay silent."""

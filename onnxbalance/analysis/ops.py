@@ -26,7 +26,9 @@ it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact bec
   input units' factors. The norm uses the *folded* network's weights,
   ``W_eff[o, ...] = W[o, ...] * gamma[o] / sqrt(var[o] + eps)``: the weights the BN-free
   equivalent network has, and the ones a BN-folding export would store, so a model balances to
-  the same result whether or not its exporter folded BN. The file keeps its BN nodes.
+  the same result whether or not its exporter folded BN. The file keeps its BN nodes. A channel
+  whose gamma / sqrt(var + eps) is not a finite number (a corrupt running variance, say) makes
+  the model compute NaN or infinity: InputError names the node and the channel.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..errors import InputError
 from .graph import FLOAT_TYPES, GraphIndex, dtype_name
 
 ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu"})
@@ -459,6 +462,24 @@ def _added_constant(graph: GraphIndex, output: str) -> tuple[int, str] | None:
     return j, other
 
 
+def _batchnorm_factor(name: str, scale: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
+    """gamma / sqrt(var + eps) per channel, the factor the runtime applies (float64 from the
+    stored values). InputError naming the node and the first bad channel where it is not a
+    finite number: the model computes NaN or infinity there, whatever balancing does."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        denominator = var + eps
+        factor = scale / np.sqrt(denominator)
+    bad = ~(np.isfinite(factor) & (denominator > 0))
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise InputError(
+            f"BatchNormalization '{name}', channel {k}: scale {scale[k]:.6g}, variance "
+            f"{var[k]:.6g}, epsilon {eps:.6g}; variance + epsilon must be positive and "
+            "scale / sqrt(variance + epsilon) finite"
+        )
+    return factor
+
+
 def _with_batchnorm(graph: GraphIndex, match: LinearMatch) -> LinearMatch:
     """Absorb an inference-form BatchNormalization that is the only reader of the output."""
     uses = graph.uses(match.output)
@@ -481,10 +502,11 @@ def _with_batchnorm(graph: GraphIndex, match: LinearMatch) -> LinearMatch:
         ):
             return match
     scale, bias, _, var = params
-    eps = float(attr(node, "epsilon", 1e-5))
-    # the factor the runtime applies: computed in float64 from the stored float values
-    factor = graph.array(scale).astype(np.float64) / np.sqrt(
-        graph.array(var).astype(np.float64) + eps
+    factor = _batchnorm_factor(
+        graph.names[j],
+        graph.array(scale).astype(np.float64),
+        graph.array(var).astype(np.float64),
+        float(attr(node, "epsilon", 1e-5)),
     )
     reason = _editable(graph, scale, "BN scale") or _editable(graph, bias, "BN bias")
     if scale == bias:
