@@ -204,22 +204,36 @@ def unknown_op(rng, model, folder):
     return _write(model, folder), f"{node.name} becomes {node.op_type or 'empty'}"
 
 
+_BAD_ATTRIBUTES = {
+    "Gemm": [
+        ("transB", 7),
+        ("alpha", float("nan")),
+        ("alpha", 0.0),
+        ("beta", float("inf")),
+        ("transA", 1),
+    ],
+    "Conv": [
+        ("group", 0),
+        ("group", 3),
+        ("strides", [0, 0]),
+        ("pads", [-1, 0, 0, 0]),
+        ("dilations", [0, 1]),
+        ("kernel_shape", [5, 5]),
+        ("auto_pad", "BOGUS"),
+    ],
+    "BatchNormalization": [("epsilon", -1.0), ("epsilon", float("nan")), ("training_mode", 1)],
+    "Concat": [("axis", 7), ("axis", -9)],
+    # ops without attributes get one they do not have
+    "MatMul": [("transB", 1)],
+    "Relu": [("alpha", 0.5)],
+}
+
+
 def bad_attribute(rng, model, folder):
     model = _copy(model)
-    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
-    node = rng.choice(gemms)
+    node = rng.choice([n for n in model.graph.node if n.op_type in _BAD_ATTRIBUTES])
     del node.attribute[:]
-    node.attribute.append(
-        rng.choice(
-            [
-                helper.make_attribute("transB", 7),
-                helper.make_attribute("alpha", float("nan")),
-                helper.make_attribute("alpha", 0.0),
-                helper.make_attribute("beta", float("inf")),
-                helper.make_attribute("transA", 1),
-            ]
-        )
-    )
+    node.attribute.append(helper.make_attribute(*rng.choice(_BAD_ATTRIBUTES[node.op_type])))
     return _write(model, folder), f"{node.name} gets {node.attribute[0].name}"
 
 

@@ -25,6 +25,7 @@ import onnxruntime as ort
 import pytest
 from fuzz_mutations import MUTATIONS
 from mlp_models import mlp
+from onnx_conv_models import FIXTURES
 
 from onnxbalance import cli, tensors
 
@@ -35,6 +36,9 @@ BASES = {
     "mlp32": lambda: mlp(widths=(4, 8, 6, 3), seed=1),
     "mlp64": lambda: mlp(widths=(3, 5, 2), dtype="float64", seed=2),
     "mlp16": lambda: mlp(widths=(4, 6, 3), dtype="float16", seed=3, spread=1.0),
+    "conv_bn": lambda: FIXTURES["batchnorm"]().model,
+    "concat": lambda: FIXTURES["concat"]().model,
+    "matmul_3d": lambda: FIXTURES["matmul_3d"]().model,
 }
 _INPUT_DTYPES = {"tensor(double)": np.float64, "tensor(float16)": np.float16}
 _SHOWN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
