@@ -82,6 +82,9 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
         The layers with their row/column scale groups and the tensor edits that rescale them,
         one group name ``"<layer>:<unit>"`` per hidden unit (a tied group takes the name of its
         first unit), and the Skip records.
+
+    Raises:
+        InputError: a BatchNormalization after a layer computes NaN or infinity (:mod:`.ops`).
     """
     graph = GraphIndex(model.graph, infer_shapes(model))
     skipped: list[Skip] = []
