@@ -143,10 +143,15 @@ def extreme_weight(rng, model, folder):
     return _write(model, folder), f"{tensor.name} holds {flat.max():.3g} / {flat.min():.3g}"
 
 
+def _readers(nodes) -> list[int]:
+    """Positions of the nodes with at least one input (not Constant and the like)."""
+    return [k for k, node in enumerate(nodes) if node.input]
+
+
 def cycle(rng, model, folder):
     model = _copy(model)
     nodes = model.graph.node
-    first = rng.randrange(len(nodes) - 1)
+    first = rng.choice([k for k in _readers(nodes) if k < len(nodes) - 1])
     later = rng.randrange(first + 1, len(nodes))
     nodes[first].input[0] = nodes[later].output[0]
     return _write(model, folder), f"{nodes[first].name} reads {nodes[later].name}'s output"
@@ -154,7 +159,7 @@ def cycle(rng, model, folder):
 
 def dangling_input(rng, model, folder):
     model = _copy(model)
-    node = rng.choice(list(model.graph.node))
+    node = model.graph.node[rng.choice(_readers(model.graph.node))]
     slot = rng.randrange(len(node.input))
     node.input[slot] = "nowhere"
     return _write(model, folder), f"{node.name} input {slot} is undefined"

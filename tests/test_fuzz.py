@@ -9,6 +9,7 @@ longer search, and ONNXBALANCE_FUZZ_SEED to replay another sequence.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch_models
 from fuzz_mutations import MUTATIONS
 from mlp_models import mlp
 from onnx import helper
@@ -35,6 +37,14 @@ from onnxbalance import cli, tensors
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = float(os.environ.get("ONNXBALANCE_FUZZ_SECONDS", "3"))
 SEED = int(os.environ.get("ONNXBALANCE_FUZZ_SEED", "0"))
+
+
+@functools.cache
+def _exported(name: str, fold: bool) -> bytes:
+    """A tests/torch_models.py architecture as torch exports it, once per session."""
+    return torch_models.fixture(name, fold=fold)[0].model.SerializeToString()
+
+
 BASES = {
     "mlp32": lambda: mlp(widths=(4, 8, 6, 3), seed=1),
     "mlp64": lambda: mlp(widths=(3, 5, 2), dtype="float64", seed=2),
@@ -42,6 +52,9 @@ BASES = {
     "conv_bn": lambda: FIXTURES["batchnorm"]().model,
     "concat": lambda: FIXTURES["concat"]().model,
     "matmul_3d": lambda: FIXTURES["matmul_3d"]().model,
+    # exporter output: Constant/Shape/Gather/Reshape plumbing, unfused BN, residual ties, attention
+    "bottleneck": lambda: onnx.ModelProto.FromString(_exported("bottleneck_projection", False)),
+    "transformer": lambda: onnx.ModelProto.FromString(_exported("transformer", True)),
 }
 _INPUT_DTYPES = {"tensor(double)": np.float64, "tensor(float16)": np.float16}
 _SHOWN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
@@ -110,16 +123,21 @@ _NARROW = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
 def _as_float64(path: Path, folder: Path) -> Path:
-    """The model at ``path`` with its float32 and float16 tensors and values as float64
-    (external data read in), saved in ``folder``: it computes the same function without their
-    overflow. Written here rather than taken from onnxbalance.upcast, which the tool's own
-    verification uses: the fuzz judges the tool independently."""
+    """The model at ``path`` with its float32 and float16 tensors, values, Constant nodes and
+    Cast targets as float64 (external data read in), saved in ``folder``: it computes the same
+    function without their overflow. Written here rather than taken from onnxbalance.upcast,
+    which the tool's own verification uses: the fuzz judges the tool independently."""
     model = onnx.load(path)
-    for tensor in model.graph.initializer:
+    graph = model.graph
+    constants = [a.t for node in graph.node for a in node.attribute if a.type == a.TENSOR]
+    for tensor in [*graph.initializer, *constants]:
         if tensor.data_type in _NARROW:
             values = onnx.numpy_helper.to_array(tensor).astype(np.float64)
             tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
-    graph = model.graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i in _NARROW:
+                attribute.i = onnx.TensorProto.DOUBLE
     for value in [*graph.input, *graph.output, *graph.value_info]:
         if value.type.tensor_type.elem_type in _NARROW:
             value.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
