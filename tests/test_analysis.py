@@ -401,6 +401,27 @@ def test_conv_batchnorm_moves_gamma_beta_not_the_conv():
     np.testing.assert_allclose(conv1.weight, w * factor[:, None], rtol=1e-6)
 
 
+def test_batchnorm_folding_beyond_float32_is_done_in_float64():
+    """A float32 weight near float32's largest value times a BN factor above 1 does not fit in
+    float32: the folded weight is computed in float64, without an overflow warning."""
+    import warnings
+
+    model = om.conv_chain("maxpool", bn=True)
+    stored = {t.name: t for t in model.graph.initializer}
+    for name, value in (("conv1_W", -3.4e38), ("bn1_scale", 4.0), ("bn1_var", 1.0)):
+        values = numpy_helper.to_array(stored[name]).copy()
+        values.reshape(-1)[0] = value
+        stored[name].CopyFrom(numpy_helper.from_array(values, name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv1 = analyse(model).layers[0]
+    w = _init(model, "conv1_W").reshape(CH, -1).astype(np.float64)
+    scale, var = _init(model, "bn1_scale"), _init(model, "bn1_var")
+    factor = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)
+    assert conv1.weight.dtype == np.float64 and np.isfinite(conv1.weight).all()
+    np.testing.assert_allclose(conv1.weight, w * factor[:, None], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "spatial, group, stride",
     [(1, 1, False), (2, 1, True), (3, 1, False), (2, 2, False), (2, 4, True)],

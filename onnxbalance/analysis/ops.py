@@ -157,9 +157,15 @@ class LinearMatch:
                 return oriented
             return self.alpha * oriented.astype(np.float64)
         # in the weight's precision (at least float32): float64 would double a big copy for
-        # a relative change of ~1e-7 in the couplings
-        factor = (self.alpha * self.bn.factor).astype(np.result_type(oriented.dtype, np.float32))
-        return oriented * factor[:, None]
+        # a relative change of ~1e-7 in the couplings; float64 only if the product overflows
+        factor = self.alpha * self.bn.factor
+        try:
+            with np.errstate(over="raise", invalid="ignore"):
+                narrow = factor.astype(np.result_type(oriented.dtype, np.float32))
+                return oriented * narrow[:, None]
+        except FloatingPointError:
+            with np.errstate(over="ignore", invalid="ignore"):
+                return oriented.astype(np.float64) * factor[:, None]
 
     def bias_expand_to(self) -> tuple[int, ...] | None:
         """The shape a broadcast bias takes so that each unit gets its own entry."""
