@@ -233,12 +233,13 @@ def test_signalling_nans_raise_no_warnings(dirs, dtype, bits, tensor):
 @pytest.mark.parametrize(
     ("scale", "var", "epsilon"),
     [(1.0, -2.0, 1e-5), (1.0, 0.0, 0.0), (np.inf, 1.0, 1e-5), (1.0, np.nan, 1e-5),
-     (1.0, 1.0, float("nan"))],
+     (1.0, 1.0, float("nan")), (np.uint32(0x7F800001), 1.0, 1e-5)],
 )  # fmt: skip
 def test_a_batchnorm_that_computes_nan_is_named(dirs, scale, var, epsilon):
-    """gamma / sqrt(var + eps) not finite (a corrupt running variance, a zero or NaN epsilon)
-    makes the model compute NaN or infinity whatever balancing does: one line names the node
-    and the channel, with no numpy warning and nothing written."""
+    """gamma / sqrt(var + eps) not finite (a corrupt running variance, a zero or NaN epsilon,
+    a signalling NaN from a flipped bit) makes the model compute NaN or infinity whatever
+    balancing does: one line names the node and the channel, with no numpy warning and
+    nothing written."""
     import warnings
 
     from onnx_conv_models import FIXTURES
@@ -250,7 +251,10 @@ def test_a_batchnorm_that_computes_nan_is_named(dirs, scale, var, epsilon):
     stored = {t.name: t for t in model.graph.initializer}
     for name, value in ((node.input[1], scale), (node.input[4], var)):
         values = numpy_helper.to_array(stored[name]).copy()
-        values[1] = value
+        if isinstance(value, np.uint32):  # a bit pattern
+            values.view(np.uint32)[1] = value
+        else:
+            values[1] = value
         stored[name].CopyFrom(numpy_helper.from_array(values, name))
     src = save(model, src_dir / "m.onnx")
     before = snapshot(src_dir)

@@ -472,7 +472,9 @@ def _batchnorm_factor(name: str, scale: np.ndarray, var: np.ndarray, eps: float)
     """gamma / sqrt(var + eps) per channel, the factor the runtime applies (float64 from the
     stored values). InputError naming the node and the first bad channel where it is not a
     finite number: the model computes NaN or infinity there, whatever balancing does."""
+    # quietly: a signalling NaN (a flipped bit) raises numpy's 'invalid' flag even in a cast
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scale, var = scale.astype(np.float64), var.astype(np.float64)
         denominator = var + eps
         factor = scale / np.sqrt(denominator)
     bad = ~(np.isfinite(factor) & (denominator > 0))
@@ -509,10 +511,7 @@ def _with_batchnorm(graph: GraphIndex, match: LinearMatch) -> LinearMatch:
             return match
     scale, bias, _, var = params
     factor = _batchnorm_factor(
-        graph.names[j],
-        graph.array(scale).astype(np.float64),
-        graph.array(var).astype(np.float64),
-        float(attr(node, "epsilon", 1e-5)),
+        graph.names[j], graph.array(scale), graph.array(var), float(attr(node, "epsilon", 1e-5))
     )
     reason = _editable(graph, scale, "BN scale") or _editable(graph, bias, "BN bias")
     if scale == bias:
