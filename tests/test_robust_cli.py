@@ -207,14 +207,20 @@ def test_weights_beyond_float64s_range_for_the_norm_are_refused(dirs, weight, me
      ("float16", np.uint16(0x7C01))],
 )  # fmt: skip
 @pytest.mark.parametrize("tensor", ["W1", "b0"])
-def test_signalling_nans_raise_no_warnings(dirs, dtype, bits, tensor):
+@pytest.mark.parametrize("alpha", [None, 2.0])
+def test_signalling_nans_raise_no_warnings(dirs, dtype, bits, tensor, alpha):
     """A bit flip can make a signalling NaN, whose casts and squares raise numpy's 'invalid'
     flag: a NaN weight is still refused by name, a NaN bias still fails verification (every
-    output is NaN), each with one line and no warning."""
+    output is NaN), each with one line and no warning; also where Gemm's alpha multiplies
+    the weights first."""
     import warnings
 
     src_dir, out_dir = dirs
     model = mlp(widths=(3, 5, 4, 2), dtype=dtype, seed=2)
+    if alpha is not None:
+        for node in model.graph.node:
+            if node.op_type == "Gemm":
+                node.attribute.append(onnx.helper.make_attribute("alpha", alpha))
     (stored,) = [t for t in model.graph.initializer if t.name == tensor]
     values = numpy_helper.to_array(stored).copy()
     values.view(bits.dtype).reshape(-1)[0] = bits

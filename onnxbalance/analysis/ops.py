@@ -155,7 +155,8 @@ class LinearMatch:
         if self.bn is None:
             if self.alpha == 1.0:
                 return oriented
-            return self.alpha * oriented.astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf: refused by the solver
+                return self.alpha * oriented.astype(np.float64)
         # in the weight's precision (at least float32): float64 would double a big copy for
         # a relative change of ~1e-7 in the couplings; float64 only if the product overflows
         factor = self.alpha * self.bn.factor
