@@ -26,16 +26,16 @@ F32 = onnx.TensorProto.FLOAT
 F64 = onnx.TensorProto.DOUBLE
 
 
-def uses(model: onnx.ModelProto, data_type: int) -> bool:
-    """Whether any stored tensor, declared value or Cast target has this element type."""
-    if any(t.data_type == data_type for t in tensors.iter_tensors(model)):
+def uses(model: onnx.ModelProto, *data_types: int) -> bool:
+    """Whether any stored tensor, declared value or Cast target has one of these element types."""
+    if any(t.data_type in data_types for t in tensors.iter_tensors(model)):
         return True
     graph = model.graph
     values = list(graph.input) + list(graph.output) + list(graph.value_info)
-    if any(v.type.tensor_type.elem_type == data_type for v in values):
+    if any(v.type.tensor_type.elem_type in data_types for v in values):
         return True
     return any(
-        a.name == "to" and a.i == data_type
+        a.name == "to" and a.i in data_types
         for n in graph.node
         for a in n.attribute
         if a.type == a.INT
@@ -90,7 +90,7 @@ def wider_type(model: onnx.ModelProto) -> int:
     """The float type to run ``model`` in when it overflows its own: float32 for float16 and
     bfloat16 models (range enough, and onnxruntime has float32 kernels for every op, Conv
     included), float64 for the others."""
-    return F32 if uses(model, F16) or uses(model, BF16) else F64
+    return F32 if uses(model, F16, BF16) else F64
 
 
 def widen(model: onnx.ModelProto, wide: int) -> onnx.ModelProto:
