@@ -16,7 +16,10 @@ as tied groups).
 Then, for the deepest paper network written as an ONNX Gemm MLP: the Newton solve time against
 onnx.load + onnx.save of that file (best of several runs of each, interleaved), and the solve's
 memory-bound work alone: its coupling summary and the products of its evaluations as bare BLAS
-calls, the part of the solve time that no reorganisation of the solver's own logic removes.
+calls, the part of the solve time that no reorganisation of the solver's own logic removes; and
+where the time of one solve goes (coupling summary, liveness, objective and workspace set-up,
+evaluations with their products, the rest of the Newton logic), each part timed by wrapping its
+function while the solve runs.
 
 BLAS runs single-threaded (set before numpy loads): on a shared 2-core machine a threaded BLAS
 spins and makes every timing noisy; the same setting applies to every solver and to onnx.
@@ -33,6 +36,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import ExitStack, contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -43,13 +48,14 @@ from networks import PAPER_SIZES, Edge, Network, make_network, paper_networks  #
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
+import onnxbalance.solver as solver_package  # noqa: E402
 from onnxbalance.solver import (
     newton,  # noqa: E402
     solve,  # noqa: E402
 )
 from onnxbalance.solver.couplings import summarise_graph  # noqa: E402
 from onnxbalance.solver.mu import step_size  # noqa: E402
-from onnxbalance.solver.objective import Objective, movable_groups  # noqa: E402
+from onnxbalance.solver.objective import Objective  # noqa: E402
 from onnxbalance.solver.points import _both_products  # noqa: E402
 from onnxbalance.unitgraph import FIXED, Layer, UnitGraph  # noqa: E402
 
@@ -177,23 +183,73 @@ def gemm_mlp(net: Network) -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
+@contextmanager
+def wrapped(owner, name: str, around: Callable[[Callable], Callable]) -> Iterator[None]:
+    """``owner.name`` replaced by ``around(original)`` while the block runs."""
+    original = getattr(owner, name)
+    setattr(owner, name, around(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def evaluation_kinds(graph: UnitGraph) -> tuple[int, int]:
     """How many float32 (steering) and float64 evaluations one Newton solve of ``graph`` makes,
     counted by wrapping newton.evaluate."""
     exact = []
-    original = newton.evaluate
 
-    def counting(workspace, log_scales, fast=False):
-        point = original(workspace, log_scales, fast)
-        exact.append(point.exact)
-        return point
+    def counting(original):
+        def evaluate(workspace, log_scales, fast=False):
+            point = original(workspace, log_scales, fast)
+            exact.append(point.exact)
+            return point
 
-    newton.evaluate = counting
-    try:
+        return evaluate
+
+    with wrapped(newton, "evaluate", counting):
         solve(graph, P, Q, tol=TOL, method="newton")
-    finally:
-        newton.evaluate = original
     return exact.count(False), exact.count(True)
+
+
+SOLVE_PARTS = (
+    ("coupling summary", solver_package, "summarise_graph"),
+    ("liveness", solver_package, "pin_dead_and_cut_off"),
+    ("objective", newton, "Objective"),
+    ("workspace", newton, "Workspace"),
+    ("evaluations", newton, "evaluate"),
+)
+"""The parts of one Newton solve timed by :func:`solve_parts`; everything else is its other
+logic (coarse solve, Hessian models, line searches, stopping tests)."""
+
+
+def solve_parts(graph: UnitGraph) -> dict[str, float]:
+    """Seconds of one Newton solve of ``graph`` in total and per part of SOLVE_PARTS (each
+    function wrapped while the solve runs), with ``"other logic"`` for the remainder."""
+    seconds = {name: 0.0 for name, _, _ in SOLVE_PARTS}
+
+    def timing(name):
+        def around(original):
+            def timed(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    seconds[name] += time.perf_counter() - start
+
+            return timed
+
+        return around
+
+    with ExitStack() as stack:
+        for name, owner, attribute in SOLVE_PARTS:
+            stack.enter_context(wrapped(owner, attribute, timing(name)))
+        start = time.perf_counter()
+        solve(graph, P, Q, tol=TOL, method="newton")
+        total = time.perf_counter() - start
+    seconds["other logic"] = total - sum(seconds.values())
+    seconds["total"] = total
+    return seconds
 
 
 def products_alone(graph: UnitGraph, single: int, double: int) -> float:
@@ -222,29 +278,29 @@ def io_versus_solve(net: Network, repeats: int = 7) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path, copy = Path(folder) / "mlp.onnx", Path(folder) / "copy.onnx"
         onnx.save(gemm_mlp(net), path)
-        io_times, solve_times, newton_times, floor_times = [], [], [], []
+        io_times, solve_times, floor_times, parts = [], [], [], []
         for _ in range(repeats):
             start = time.perf_counter()
             onnx.save(onnx.load(path), copy)
             io_times.append(time.perf_counter() - start)
             result, elapsed = timed_solve(graph, "newton")
             solve_times.append(elapsed)
-            # the solver's own set-up (coupling summary with float32 copies, objective) untimed
-            objective = Objective(graph, P, Q, summarise_graph(graph))
-            start = time.perf_counter()
-            newton.minimise(objective, movable_groups(graph), tol=TOL)
-            newton_times.append(time.perf_counter() - start)
+            parts.append(solve_parts(graph))
             floor_times.append(products_alone(graph, single, double))
         size = path.stat().st_size / 1e6
+    fastest = min(parts, key=lambda seconds: seconds["total"])
     print(
         f"\n{'-'.join(map(str, net.sizes))} as ONNX ({size:.1f} MB): onnx.load + onnx.save "
         f"best {min(io_times) * 1e3:.1f} ms (median {np.median(io_times) * 1e3:.1f}); "
         f"newton solve best {min(solve_times) * 1e3:.1f} ms "
-        f"(median {np.median(solve_times) * 1e3:.1f}) incl. liveness and set-up; Newton "
-        f"iterations alone (after the coupling summary) best {min(newton_times) * 1e3:.1f} ms; "
+        f"(median {np.median(solve_times) * 1e3:.1f}) incl. liveness and set-up; "
         f"{result.passes} passes, converged={result.converged}; the solve's memory-bound work "
         f"alone (summary, {single} float32 and {double} float64 evaluations' products) best "
         f"{min(floor_times) * 1e3:.1f} ms (median {np.median(floor_times) * 1e3:.1f})"
+    )
+    print(
+        "where the time of the fastest timed-by-parts solve goes, ms: "
+        + ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in fastest.items())
     )
 
 
