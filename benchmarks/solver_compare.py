@@ -33,6 +33,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import functools  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -228,22 +229,19 @@ def solve_parts(graph: UnitGraph) -> dict[str, float]:
     function wrapped while the solve runs), with ``"other logic"`` for the remainder."""
     seconds = {name: 0.0 for name, _, _ in SOLVE_PARTS}
 
-    def timing(name):
-        def around(original):
-            def timed(*args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    seconds[name] += time.perf_counter() - start
+    def timed(name, original):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
 
-            return timed
-
-        return around
+        return call
 
     with ExitStack() as stack:
         for name, owner, attribute in SOLVE_PARTS:
-            stack.enter_context(wrapped(owner, attribute, timing(name)))
+            stack.enter_context(wrapped(owner, attribute, functools.partial(timed, name)))
         start = time.perf_counter()
         solve(graph, P, Q, tol=TOL, method="newton")
         total = time.perf_counter() - start
