@@ -3,7 +3,7 @@
 Trained models from bundled data (scikit-learn digits and breast_cancer MLPs, a small torch CNN
 on the 8x8 digits images), each as trained and as equivalent variants whose hidden units are
 rescaled by seeded factors a_h = 10^U(-s, s) (W_in[h, :] * a_h, b[h] * a_h, W_out[:, h] / a_h:
-the same function, ALGORITHM.md §1). Every model is quantized with onnxruntime's static QDQ,
+the same function, docs/algorithm.md §1). Every model is quantized with onnxruntime's static QDQ,
 per-tensor, int8 quantization (MinMax calibration on the training split) as is, and after
 ``onnxbalance.balance`` for several (p, q). Accuracy is measured on the test split.
 
@@ -398,7 +398,7 @@ def print_summary(summary: list[dict], n_rows: int) -> None:
             f"{pq:<10} {s['rows']:>2}/{n_rows:<2}   {worst:>6.2f} / {mean:5.2f}  {verdict_v:<26}"
             f"{trained:>6.2f}  {verdict_t:<26}{s['mean int8 balanced']:>9.2f}"
         )
-    print("percentage points; targets (issue 8): variants <= 1, as trained <= 0.5")
+    print("percentage points; targets: variants <= 1, as trained <= 0.5")
 
 
 def markdown_table(rows: list[dict], pqs) -> str:

@@ -1,4 +1,4 @@
-"""ResNet-18-sized benchmark for issue 5: seconds per stage, balanced units, sweeps, and the ratio
+"""ResNet-18-sized benchmark: seconds per stage, balanced units, sweeps, and the ratio
 of a whole balancing run (no verification) to onnx.load + onnx.save of the same file.
 
 The network is written here (BasicBlock x [2, 2, 2, 2], 64..512 channels, 1000 classes, about

@@ -1,4 +1,4 @@
-"""Algorithm 1 vs scipy L-BFGS-B vs the Newton solver on the same unit graphs (issue 6).
+"""Algorithm 1 vs scipy L-BFGS-B vs the Newton solver on the same unit graphs.
 
 For each network: passes over the coupling matrices (one pass = one product of every coupling
 matrix with a vector, c @ x or c.T @ y; see curvature.py for how block products are counted;

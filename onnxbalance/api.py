@@ -8,7 +8,7 @@ One direction of flow, each stage timed:
 i.e. ``1 - norm_min / norm <= tol``. Near the optimum the norm is quadratic in the log-scales,
 so a model balanced to scale tolerance ``tol`` (and stored in float32) is far inside this bound,
 while any model with a real imbalance is far outside it. The report also gives the largest
-per-unit imbalance |in - out| / (in + out) (ALGORITHM.md §3).
+per-unit imbalance |in - out| / (in + out) (docs/algorithm.md §3).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def balance(
 
     Args:
         model_or_path: an ``onnx.ModelProto`` or the path of an ONNX file.
-        p, q: the norm (ALGORITHM.md §2); both > 0.
+        p, q: the norm (docs/algorithm.md §2); both > 0.
         tol: stop when every scale factor of a sweep changes by less than this.
         max_sweeps: give up after this many sweeps (``report.converged`` is then False).
         solver: ``"newton"`` or ``"mu"`` (Algorithm 1); None for the solver's default.

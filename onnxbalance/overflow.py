@@ -1,6 +1,6 @@
 """Units whose rescaled weights would not fit their tensor's dtype, and pinning them.
 
-Balancing multiplies a stored entry by ``exp(u_o - u_i)`` (ALGORITHM.md §1, log-scales u). In
+Balancing multiplies a stored entry by ``exp(u_o - u_i)`` (docs/algorithm.md §1, log-scales u). In
 float16 (largest finite 65504) or bfloat16 the product can exceed the dtype's range even when
 the optimum is perfectly fine in float64. An entry overflows when
 

@@ -115,7 +115,7 @@ class Report:
     ``verify`` is None when verification was skipped (``--no-verify``, ``--check``, or nothing
     changed). ``seconds`` maps stage name to wall-clock seconds, in the order the stages ran.
     ``max_imbalance_before``/``_after`` are max over balanced units of |in - out| / (in + out)
-    (ALGORITHM.md §3; 0 means exactly balanced).
+    (docs/algorithm.md §3; 0 means exactly balanced).
     """
 
     p: float

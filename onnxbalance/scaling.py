@@ -1,4 +1,4 @@
-"""Apply log-scales to plain arrays: the function-preserving rescaling of ALGORITHM.md §1.
+"""Apply log-scales to plain arrays: the function-preserving rescaling of docs/algorithm.md §1.
 
 With u the log-scale of each unit (0 for fixed units),
 

@@ -1,11 +1,11 @@
-"""Independent reference for the architecture acceptance tests (issue 5).
+"""Independent reference for the architecture acceptance tests.
 
 Nothing here imports onnxbalance. A test states, from the architecture's definition, which
 stored tensors form each linear layer and which scale group every row and column belongs to
 (:class:`RefLayer`); this module then
 
 * reads a layer's effective weights from any ONNX model by initializer name
-  (a BatchNormalization after it contributes gamma / sqrt(var + eps) per row, ALGORITHM.md §2),
+  (a BatchNormalization after it contributes gamma / sqrt(var + eps) per row, docs/algorithm.md §2),
 * evaluates F(u) = sum_o (sum_j |W_eff[o, j]|^p exp(p (u_o - u_col(o, j))))^(q/p) and
   minimises it with scipy (convex in the log-scales u, so L-BFGS finds the global minimum),
 * rescales a model by hand (W[o, j] * exp(u_o - u_col(o, j)) and bias[o] * exp(u_o); when a
@@ -307,7 +307,7 @@ def check_balanced(
     p: float = 2.0,
     q: float = 2.0,
 ) -> None:
-    """What issue 5 requires of the tool's result on one fixture.
+    """What the tests require of the tool's result on one fixture.
 
     * the count of balanced units (scale groups) equals the hand-derived count,
     * the outputs are unchanged (onnxruntime, two seeded input sets),

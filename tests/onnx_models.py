@@ -402,7 +402,7 @@ def random_chain(seed: int) -> onnx.ModelProto:
     raise AssertionError("unreachable")
 
 
-# --- convolutions, BatchNormalization, pass-through ops, merges (issue 5) -------------------
+# --- convolutions, BatchNormalization, pass-through ops, merges -------------------
 
 CH = 4  # hidden channels of the conv builders; images are 6 x 6, batch 2, 2 input channels
 

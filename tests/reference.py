@@ -67,7 +67,7 @@ def objective(layers, u, p, q) -> float:
 
 
 def loads(layers, n_groups, u, p, q) -> tuple[np.ndarray, np.ndarray]:
-    """(in_g, out_g) straight from their definitions (ALGORITHM.md §3, §6); inf where a load
+    """(in_g, out_g) straight from their definitions (docs/algorithm.md §3, §6); inf where a load
     exceeds float64."""
     r = q / p
     incoming, outgoing = np.zeros(n_groups), np.zeros(n_groups)

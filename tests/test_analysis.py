@@ -267,7 +267,7 @@ def test_unit_graph_couplings_from_the_weights():
     assert graph.group_names == tuple(f"fc1:{o}" for o in range(HID))
 
 
-# --- issue 5: convolutions, BN, pass-through ops, merges --------------------------------------
+# --- convolutions, BN, pass-through ops, merges --------------------------------------
 # Expectations are per layer: rows and *raw* columns as group names (None = FIXED), built from
 # the architecture by hand: own(layer, n) are a layer's own units, a conv's raw columns repeat
 # each input channel over its kernel taps.

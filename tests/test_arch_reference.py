@@ -2,7 +2,7 @@
 
 F(u) is checked against a direct evaluation of the rescaled weights, its gradient against
 finite differences, and the minimiser against the balance condition in_g = out_g
-(ALGORITHM.md §3, §6) at its result.
+(docs/algorithm.md §3, §6) at its result.
 """
 
 from __future__ import annotations

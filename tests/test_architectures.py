@@ -1,4 +1,4 @@
-"""Acceptance tests for issue 5 on small torch architectures (see torch_models.py).
+"""Acceptance tests on small torch architectures (see torch_models.py).
 
 Each architecture's unit graph is written by hand in torch_models.py from its definition, with
 the count of balanced units (scale groups) explained there. Two kinds of tests:
@@ -8,8 +8,8 @@ the count of balanced units (scale groups) explained there. Two kinds of tests:
   graph). They pass without the analyser.
 * ``@pytest.mark.arch``: onnxbalance itself (api.balance, p = q = 2) must balance exactly the
   hand-derived units, keep the outputs (onnxruntime, not the tool's check), reach the scipy
-  optimum of the hand unit graph, and leave every other tensor bit-for-bit unchanged. They fail
-  until issue 5's analyser lands; run them with ``pytest -m arch``.
+  optimum of the hand unit graph, and leave every other tensor bit-for-bit unchanged (select
+  them alone with ``pytest -m arch``).
 
 Counting convention: ``units_balanced`` counts scale groups (independent factors). A channel
 tied across a residual Add counts once, however many layers' rows it spans.

@@ -1,8 +1,8 @@
-"""Issue 5 op-by-op fixtures (onnx_conv_models.py): hand-derived counts, equivalence, optimum.
+"""Op-by-op conv fixtures (onnx_conv_models.py): hand-derived counts, equivalence, optimum.
 
 Unmarked tests check the fixtures themselves (valid models, the hand unit graph's tie structure
 keeps the function under any rescaling, the count matches the graph). ``@pytest.mark.arch``
-tests run onnxbalance.api.balance and fail until issue 5's analyser lands.
+tests run onnxbalance.api.balance on them.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ RUNNABLE = {
     "subgraph": om.subgraph,
     "float64": om.float64_mlp,
     "typed_storage": om.typed_storage,
-    # issue 5: convolutions, BN, pass-through ops, merges
+    # convolutions, BN, pass-through ops, merges
     # (2 / Relu output divides by zero: analysis only)
     **{f"conv_{b}": (lambda b=b: om.conv_chain(b)) for b in om.BETWEEN if b != "div_by_units"},
     "conv_bn_maxpool": lambda: om.conv_chain("maxpool", bn=True),

@@ -1,5 +1,5 @@
 """Unattended runs through the command line: external data, dtypes, overflow refusal, safe and
-deterministic writes, interrupts, quiet pipelines (issue 7)."""
+deterministic writes, interrupts, quiet pipelines."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Small torch architectures for issue 5's acceptance tests, exported, with their unit graphs.
+"""Small torch architectures for the architecture acceptance tests, exported, with their unit graphs.
 
 Every module is seeded, in eval mode, with BatchNorm running statistics and affine parameters set
 randomly (so BN changes the effective weights W * gamma / sqrt(var + eps)) and per-output-channel
@@ -523,7 +523,7 @@ BUILDERS = {
 
 
 # The bn-mode (do_constant_folding=False) transformer stores linear weights as [out, in] behind
-# Transpose nodes feeding MatMul: an exporter artefact, not part of issue 5, so not tested.
+# Transpose nodes feeding MatMul: an exporter artefact, tested elsewhere.
 CASES = [(name, fold) for name in BUILDERS for fold in (True, False)]
 CASES.remove(("transformer", False))
 

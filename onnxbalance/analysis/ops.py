@@ -12,7 +12,7 @@ it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact bec
 * Conv, weight [O, I/g, k...], any kernel, stride, padding, dilation: output channel o of group
   gi = o // (O/g) reads input channels gi*(I/g) .. (gi+1)*(I/g)-1 through all kernel taps; the
   units are output channels, and the raw columns of row o are (input channel, tap) pairs, so
-  the coupling sums |W|^p over the taps (ALGORITHM.md §2). group defaults to 1; padding,
+  the coupling sums |W|^p over the taps (docs/algorithm.md §2). group defaults to 1; padding,
   strides and dilations never mix channels, so they do not matter.
 * ConvTranspose, weight [I, O/g, k...]: with group 1 output channel o reads every input channel
   through W[:, o, taps]; rows are axis 1 of the weight, columns axis 0. A grouped ConvTranspose

@@ -25,7 +25,7 @@ channels c because the op commutes with them:
   (pre-activation, after a Relu): gamma (a x - a mean) / s + a beta = a BN(x);
 * merges: Add, Sum, Sub (and Concat along another axis) join channel k of every input into one
   output channel, which is exact only if those units share one factor: they are *tied*
-  (ALGORITHM.md §6). An input that carries no unit (a graph input, a constant that cannot be
+  (docs/algorithm.md §6). An input that carries no unit (a graph input, a constant that cannot be
   rescaled per channel, the output of a non-homogeneous op) has scale 1, so the tie fixes the
   whole group.
 

@@ -4,7 +4,7 @@
    every output row of every layer is a candidate unit.
 2. Walk the nodes once, in their (topological) order, carrying each layer's units forward
    through pass-through ops (:mod:`.passthrough`), which say where every channel lands. A merge
-   (residual Add, ...) ties the units it joins, channel by channel (union-find, ALGORITHM.md §6).
+   (residual Add, ...) ties the units it joins, channel by channel (union-find, docs/algorithm.md §6).
    A unit is *fixed* (scale 1) when any path from it
    * reaches a linear layer that is not a rescalable reader (weight shared or overridable, reads
      another axis) or reaches it without passing a positively homogeneous activation,
@@ -21,7 +21,7 @@ meets on the way (a per-channel bias added later, the mean and bias of a BatchNo
 passes through: ``ModelUnits.edits``), and divides every column that reads it. Only the main
 graph is analysed: If/Loop/Scan bodies are left alone and reported.
 
-Requiring an activation on every path keeps to ALGORITHM.md §1 (hidden units of a ReLU
+Requiring an activation on every path keeps to docs/algorithm.md §1 (hidden units of a ReLU
 network): a layer feeding another linear layer directly keeps its units at scale 1, although
 that rescaling would be exact too.
 """

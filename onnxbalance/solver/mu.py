@@ -1,4 +1,4 @@
-"""Algorithm 1 of Saul (2023): parallel multiplicative updates (ALGORITHM.md §4, §6).
+"""Algorithm 1 of Saul (2023): parallel multiplicative updates (docs/algorithm.md §4, §6).
 
 Every sweep updates all movable groups at once,
 
