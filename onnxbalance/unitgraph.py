@@ -2,7 +2,7 @@
 
 Analysis turns an ONNX graph into :class:`ModelUnits`: linear layers whose rows and columns are
 units, each unit mapped to a *scale group* (a hidden unit, or several units tied to one factor,
-docs/algorithm.md §6) or to :data:`FIXED` (inputs, outputs, and every unit that cannot move), plus the
+docs/algorithm.md §6) or to :data:`FIXED` (inputs, outputs, every unit that cannot move), plus the
 stored tensors that change when the groups are rescaled. :meth:`ModelUnits.unit_graph` turns that
 into the solver's input, :class:`UnitGraph`, whose layers carry coupling matrices
 

@@ -1,4 +1,4 @@
-"""Unit-level ONNX fixtures for convolutions and pass-through ops, built with onnx.helper (opset 17, static shapes).
+"""Unit-level ONNX fixtures for convolutions and pass-through ops (onnx.helper, opset 17).
 
 Each builder returns a :class:`arch_reference.Fixture`: the model, seeded inputs, the hand-made
 unit graph (one :class:`RefLayer` per linear layer, named by its initializers) and the number of

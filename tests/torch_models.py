@@ -1,4 +1,4 @@
-"""Small torch architectures for the architecture acceptance tests, exported, with their unit graphs.
+"""Small torch architectures for the acceptance tests, exported, with their unit graphs.
 
 Every module is seeded, in eval mode, with BatchNorm running statistics and affine parameters set
 randomly (so BN changes the effective weights W * gamma / sqrt(var + eps)) and per-output-channel

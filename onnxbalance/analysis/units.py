@@ -4,7 +4,8 @@
    every output row of every layer is a candidate unit.
 2. Walk the nodes once, in their (topological) order, carrying each layer's units forward
    through pass-through ops (:mod:`.passthrough`), which say where every channel lands. A merge
-   (residual Add, ...) ties the units it joins, channel by channel (union-find, docs/algorithm.md §6).
+   (residual Add, ...) ties the units it joins, channel by channel (union-find,
+   docs/algorithm.md §6).
    A unit is *fixed* (scale 1) when any path from it
    * reaches a linear layer that is not a rescalable reader (weight shared or overridable, reads
      another axis) or reaches it without passing a positively homogeneous activation,

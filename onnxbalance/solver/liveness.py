@@ -1,4 +1,4 @@
-"""Which scale groups have no finite optimum and must stay at scale 1 (docs/algorithm.md §4, existence).
+"""Which scale groups have no finite optimum and must stay at scale 1 (docs/algorithm.md §4).
 
 F(u) attains its minimum over a set of free groups when every one of them lies on a path of
 non-zero couplings that starts at a fixed column (an input side) and ends at a fixed row (an

@@ -1,7 +1,7 @@
 """A faster exact solver: Newton-type steps on the log-scales with a pass-free Hessian model.
 
-It minimises the same convex F(u) = ||W||_{p,q}^q as Algorithm 1 (docs/algorithm.md §3-§7) on the same
-unit graph, tied and pinned groups included, and stops on the same test.
+It minimises the same convex F(u) = ||W||_{p,q}^q as Algorithm 1 (docs/algorithm.md §3-7) on the
+same unit graph, tied and pinned groups included, and stops on the same test.
 
 Start: F and the loads at u = 0 come from the row and column sums of the couplings
 (couplings.py, curvature.start). Then u moves to the exact minimiser of F over the per-layer

@@ -7,8 +7,8 @@ With log-scales u (u = 0 for fixed units), r = q / p and the coupling matrices c
     in_g   = sum of rho_o^r over the rows o of group g
     out_g  = sum over the columns i of group g of exp(-p u_i) * sum_o c[o, i] rho_o^(r-1) exp(p u_o)
 
-and dF/du_g = q (in_g - out_g) (docs/algorithm.md §3, §6). One evaluation costs two passes over every
-coupling matrix: c @ x for rho and c.T @ y for the outgoing loads.
+and dF/du_g = q (in_g - out_g) (docs/algorithm.md §3, §6). One evaluation costs two passes over
+every coupling matrix: c @ x for rho and c.T @ y for the outgoing loads.
 
 Columns whose group is fixed have scale 1, so they are summed once into a per-row constant and
 never enter the matrix-vector products.
