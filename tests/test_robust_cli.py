@@ -89,10 +89,17 @@ def test_output_never_overwrites_input_data(dirs):
     onnx.save_model(model, src, save_as_external_data=True, location="b.onnx.data",
                     size_threshold=0)  # fmt: skip
     before = snapshot(src_dir)
-    code, out, err = run(src, src_dir / "b.onnx")
-    assert code == 2 and out == ""
-    assert len(err.splitlines()) == 1 and "overwrite the input's external data" in err
-    assert snapshot(src_dir) == before
+    code, out, err = run(src, src_dir / "b.onnx", "-q")
+    assert (code, out, err) == (0, "", "")  # OUT's data takes a name no file has
+    assert sorted(os.listdir(src_dir)) == ["b.onnx", "b.onnx.1.data", "b.onnx.data", "m.onnx"]
+    assert {name: digest for name, digest in snapshot(src_dir).items() if name in before} == before
+    np.testing.assert_allclose(
+        ort_outputs(src_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+    code, out, err = run(src, src_dir / "b.onnx.data")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "same file as the input" in err or "input's external data" in err
+    assert {name: digest for name, digest in snapshot(src_dir).items() if name in before} == before
 
 
 def test_models_over_the_protobuf_limit(dirs, monkeypatch):
@@ -334,7 +341,13 @@ def test_deterministic_bytes(dirs, tmp_path):
     assert run(src, other / "b.onnx", "-q")[0] == 0
     first = snapshot(out_dir)
     assert first == snapshot(other)
-    assert run(src, out_dir / "b.onnx", "-q")[0] == 0  # over an existing output: same bytes
+    # over an existing output the data file takes the other name (the old model references
+    # the first until the new model replaces it): same data bytes, and back to the first name
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    second = snapshot(out_dir)
+    assert sorted(second) == ["b.onnx", "b.onnx.1.data"]
+    assert second["b.onnx.1.data"] == first["b.onnx.data"]
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
     assert snapshot(out_dir) == first
 
 
