@@ -12,6 +12,7 @@ from .errors import (
     InputError,
     OnnxBalanceError,
     OutputError,
+    SideOutputError,
     UnsupportedModelError,
     VerificationError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "OnnxBalanceError",
     "OutputError",
     "Report",
+    "SideOutputError",
     "UnsupportedModelError",
     "VerificationError",
     "__version__",

@@ -2,8 +2,9 @@
 
 Exit codes: 0 done (also when there is nothing to balance), 1 ``--check`` found the model not
 balanced, 2 bad usage or an unreadable/invalid/unsupported input or unwritable output,
-3 verification failed. Results and the summary go to stdout; progress, logs and the one-line
-error to stderr.
+3 verification failed, 4 OUT was written but a side output (report, plot) then could not be.
+Results and the summary go to stdout (the summary to stderr with ``--report -``); progress, logs
+and the one-line error to stderr.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ from typing import Annotated
 import typer
 
 from . import api, io, safewrite
-from .errors import InputError, OnnxBalanceError, VerificationError
-from .plot import MISSING_MATPLOTLIB, plot_convergence
+from .errors import (
+    InputError,
+    OnnxBalanceError,
+    OutputError,
+    SideOutputError,
+    VerificationError,
+)
+from .plot import MISSING_MATPLOTLIB, image_format, plot_convergence
 from .report import Report, summary_table
 
 PROG = "onnxbalance"
@@ -53,7 +60,8 @@ def _version(value: bool) -> None:
 
 @app.command(
     epilog="Exit codes: 0 done (also nothing to balance), 1 --check found IN not balanced, "
-    "2 bad usage or unreadable/invalid/unsupported input, 3 verification failed."
+    "2 bad usage or unreadable/invalid/unsupported input, 3 verification failed, "
+    "4 OUT written but --report/--plot then failed."
 )
 def run(
     source: Annotated[Path, typer.Argument(metavar="IN", help="ONNX model to balance.")],
@@ -156,15 +164,9 @@ def _run(args: Invocation) -> int:
     if not args.check and args.output is None:
         raise InputError("missing OUT (or use --check to only measure)")
     shapes = parse_input_shapes(args.input_shape)
-    written = [path for path in (args.output, args.report) if path is not None]
-    if args.report is not None:
-        io.check_output_path(args.report, args.source, *written[:-1], what="report")
-    if args.plot is not None:
-        io.check_output_path(args.plot, args.source, *written, what="plot")
-        if importlib.util.find_spec("matplotlib") is None:
-            raise InputError(MISSING_MATPLOTLIB)
     if args.output is not None:
         io.check_output_path(args.output, args.source)
+    _check_side_outputs(args)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         options = dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
                        progress=progress.sweep, on_stage=progress.stage)  # fmt: skip
@@ -181,7 +183,7 @@ def _run(args: Invocation) -> int:
                 if failed is not None:
                     _finish(failed, replace(args, plot=None))
                 raise
-    _finish(result, args)
+    _finish(result, args, committed=not args.check)
     if args.check:
         return EXIT_OK if result.balanced else EXIT_UNBALANCED
     return EXIT_OK
@@ -206,17 +208,50 @@ def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _finish(result: Report, args: Invocation) -> None:
-    if args.report is not None:
-        text = json.dumps(result.to_dict(), indent=2) + "\n"
-        io.write_bytes(args.report, text.encode())
+def _check_side_outputs(args: Invocation) -> None:
+    """``--report`` and ``--plot``, before any work: never IN, a file IN references, the
+    ``--inputs`` file, OUT, a name OUT's data can take, or each other; writable; the plot's
+    format known. Once OUT is committed only the disk failing can stop them (exit 4)."""
+    inputs = [args.inputs] if args.inputs is not None else []
+    checked: dict[str, Path] = {}
+    for what, path in (("report", args.report), ("plot", args.plot)):
+        if path is None or (what == "report" and _is_stdout(path)):
+            continue
+        io.check_side_output(
+            path, what=what, source=args.source, inputs=inputs, output=args.output, others=checked
+        )
+        checked[what] = path
     if args.plot is not None:
-        _plot(result, args.plot)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InputError(MISSING_MATPLOTLIB)
+        image_format(args.plot)
+
+
+def _is_stdout(path: Path) -> bool:
+    return str(path) == "-"
+
+
+def _finish(result: Report, args: Invocation, committed: bool = False) -> None:
+    try:
+        if args.report is not None:
+            text = json.dumps(result.to_dict(), indent=2) + "\n"
+            if _is_stdout(args.report):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                io.write_bytes(args.report, text.encode())
+        if args.plot is not None:
+            _plot(result, args.plot)
+    except OutputError as exc:
+        if committed:
+            raise SideOutputError(f"{exc} (OUT {args.output} was written)") from None
+        raise
     if args.quiet:
         return
     from rich.console import Console
 
-    console = Console(file=sys.stdout)
+    # with --report - stdout carries the JSON alone
+    console = Console(file=sys.stderr if _is_stdout(args.report or Path()) else sys.stdout)
     console.print(summary_table(result, verbose=args.verbose, check=args.check))
     if args.check:
         if not result.changed:

@@ -26,6 +26,16 @@ class OutputError(OnnxBalanceError):
     """The output cannot be written where the user asked."""
 
 
+class SideOutputError(OutputError):
+    """OUT was written, but a side output (``--report``, ``--plot``) then could not be.
+
+    Side outputs are checked before any work, so only the disk failing in between gets here; its
+    own exit code tells a caller that OUT is in place.
+    """
+
+    exit_code = 4
+
+
 class VerificationError(OnnxBalanceError):
     """The balanced model does not compute the same function as the input."""
 

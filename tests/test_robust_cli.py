@@ -443,3 +443,160 @@ def test_api_and_check_on_external_data(dirs):
     code, out, err = run(src, "--check", "-q")
     assert code == 1 and err == ""  # not balanced
     assert snapshot(src_dir) == before
+
+
+def _external_with_data_named(folder: Path, location: str) -> Path:
+    src = folder / "m.onnx"
+    onnx.save_model(mlp(seed=3), src, save_as_external_data=True, location=location,
+                    size_threshold=0)  # fmt: skip
+    return src
+
+
+@pytest.mark.parametrize("option", ["--report", "--plot"])
+@pytest.mark.parametrize("check", [False, True])
+def test_side_outputs_never_write_the_inputs_data(dirs, option, check):
+    """IN's external data file (any name, here w.raw) is never a --report or --plot target,
+    with --check too: one line, exit 2, IN and OUT's folder untouched."""
+    pytest.importorskip("matplotlib")
+    src_dir, out_dir = dirs
+    src = _external_with_data_named(src_dir, "w.raw")
+    before = snapshot(src_dir)
+    target = ["--check"] if check else [out_dir / "b.onnx"]
+    code, out, err = run(src, *target, option, src_dir / "w.raw")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "is the external data file w.raw of the input" in err
+    assert snapshot(src_dir) == before and not any(out_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("report", "plot", "needle"),
+    [("b.onnx.data", None, "would be OUT's data file"),
+     ("b.onnx.1.data", None, "would be OUT's data file"),
+     (None, "b.onnx.data", "would be OUT's data file"),
+     ("b.onnx", None, "is OUT"),
+     ("r.png", "r.png", "plot is the same file as the report"),
+     ("x.npz", None, "same file as the input")],
+)  # fmt: skip
+def test_side_outputs_never_collide_with_out_its_data_or_each_other(dirs, report, plot, needle):
+    pytest.importorskip("matplotlib")
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+    np.savez(out_dir / "x.npz", x=np.ones((2, 4), np.float32))
+    (out_dir / "b.onnx").write_bytes(b"previous output")
+    before = snapshot(out_dir)
+    args = [src, out_dir / "b.onnx", "--inputs", out_dir / "x.npz"]
+    args += ["--report", out_dir / report] if report else []
+    args += ["--plot", out_dir / plot] if plot else []
+    code, out, err = run(*args)
+    assert code == 2 and out == "" and err.count("\n") == 1 and needle in err, err
+    assert snapshot(out_dir) == before
+
+
+def test_a_plot_replaces_its_file_never_a_hard_link_to_it(dirs):
+    """The plot is written like every output (a rename), so another name of the old file keeps
+    its bytes; an unsupported format is refused before OUT is written."""
+    pytest.importorskip("matplotlib")
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    kept = src_dir / "kept.png"
+    kept.write_bytes(b"another name of the same file")
+    os.link(kept, out_dir / "p.png")
+    code, out, err = run(src, out_dir / "b.onnx", "--plot", out_dir / "p.png", "-q")
+    assert (code, out, err) == (0, "", "")
+    assert kept.read_bytes() == b"another name of the same file"
+    assert (out_dir / "p.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run(src, out_dir / "c.onnx", "--plot", out_dir / "p.txt")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "cannot draw a .txt image; use one of" in err and ".png" in err
+    assert sorted(os.listdir(out_dir)) == ["b.onnx", "p.png"]
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device"])
+def test_out_naming_a_special_file_is_refused_never_replaced(dirs, kind):
+    """OUT a FIFO, or a symlink to /dev/null (the test never names /dev/null itself: code that
+    renames over OUT would replace the machine's /dev/null): one line, the node untouched."""
+    import stat
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    target = out_dir / "b.onnx"
+    if kind == "a FIFO":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/null")
+    code, out, err = run(src, target)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"{target}: output is {kind}, not a regular file" in err
+    if kind == "a FIFO":
+        assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    else:
+        assert target.is_symlink() and stat.S_ISCHR(os.stat(target).st_mode)
+    assert os.listdir(out_dir) == ["b.onnx"]
+
+
+def test_report_into_a_fifo_is_written_not_replaced(dirs):
+    import stat
+    import threading
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    fifo = out_dir / "report.pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    code, out, err = run(src, out_dir / "b.onnx", "--report", fifo, "-q")
+    reader.join(timeout=60)
+    assert (code, out, err) == (0, "", "")
+    assert json.loads(received[0])["verify"]["passed"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_report_to_stdout(dirs):
+    """`--report -` and a symlink to /proc/self/fd/1 (what /dev/stdout is) write the JSON to
+    stdout; with `-` stdout carries the JSON alone and the summary goes to stderr; the symlink
+    stays a symlink."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    code, out, err = run(src, out_dir / "b.onnx", "--report", "-")
+    assert code == 0 and json.loads(out)["norm_ratio"] < 1
+    assert "norm before" in err and "onnxbalance: error" not in err
+    link = out_dir / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    proc = _spawn([src, out_dir / "c.onnx", "--report", link, "-q"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == ""
+    assert json.loads(out)["output"] == str(out_dir / "c.onnx")
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+
+
+def test_a_report_failing_after_out_is_committed_has_its_own_exit_code(dirs, monkeypatch):
+    """Side outputs are checked before any work; if the disk then fails for the report, OUT is
+    in place: exit 4 and a line that says so (not 2, 'OUT cannot be written')."""
+    from onnxbalance import io as obio
+    from onnxbalance.errors import OutputError
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+
+    def disk_full(path, data):
+        raise OutputError(f"{path}: cannot write: No space left on device")
+
+    monkeypatch.setattr(obio, "write_bytes", disk_full)
+    code, out, err = run(src, out_dir / "b.onnx", "--report", out_dir / "r.json", "-q")
+    assert code == 4 and out == "" and err.count("\n") == 1
+    assert "No space left on device" in err and f"OUT {out_dir / 'b.onnx'} was written" in err
+    np.testing.assert_allclose(
+        ort_outputs(out_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_long_names_are_not_refused_for_temporary_names(dirs):
+    """OUT and the report may use every one of NAME_MAX's 255 bytes their data file leaves."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+    out = out_dir / ("o" * 235 + ".onnx")
+    report = out_dir / ("r" * 250 + ".json")
+    code, stdout, err = run(src, out, "--report", report, "-q")
+    assert (code, stdout, err) == (0, "", "")
+    assert sorted(os.listdir(out_dir)) == sorted([out.name, out.name + ".data", report.name])
