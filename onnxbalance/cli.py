@@ -13,6 +13,7 @@ import enum
 import importlib.util
 import json
 import logging
+import math
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -28,11 +29,15 @@ from .errors import (
     OutputError,
     SideOutputError,
     VerificationError,
+    interrupt_behind,
 )
 from .plot import MISSING_MATPLOTLIB, image_format, plot_convergence
 from .report import Report, summary_table
 
 PROG = "onnxbalance"
+MAX_INPUT_ELEMENTS = 2**31 - 1
+"""Elements of one ``--input-shape``: a random input of more would not fit in memory (8 GB
+at float32), and onnxruntime indexes with int32 in places."""
 EXIT_OK, EXIT_UNBALANCED, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
 
 
@@ -124,9 +129,7 @@ def run(
         _error("interrupted")
         code = 128 + getattr(exc, "signum", signal.SIGINT)
     except Exception as exc:
-        # An interrupt inside a C extension can come back wrapped (an ImportError while
-        # onnxruntime loads): still an interrupt, not a bug.
-        interrupt = _interrupt_behind(exc)
+        interrupt = interrupt_behind(exc)  # still an interrupt, not a bug
         if interrupt is None:
             raise
         _error("interrupted")
@@ -204,6 +207,11 @@ def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
             shape = ()
         if not sep or not name or not shape:
             raise InputError(f"--input-shape {value!r}: expected NAME=D1,D2,.. (e.g. x=1,3,32,32)")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS and min(shape) > 0:
+            raise InputError(
+                f"--input-shape {value!r}: {math.prod(shape):.3g} elements, more than the "
+                f"{MAX_INPUT_ELEMENTS} a verification input can hold"
+            )
         shapes[name] = shape
     return shapes
 
@@ -308,16 +316,6 @@ class _Progress:
     def sweep(self, step: int, norm: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task, description=f"solve: sweep {step}, norm {norm:.6g}")
-
-
-def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _configure_logging(verbose: bool, quiet: bool = False) -> None:

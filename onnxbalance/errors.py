@@ -7,6 +7,8 @@ Internal bugs are not dressed up as these: they stay ordinary exceptions.
 
 from __future__ import annotations
 
+import signal
+
 
 class OnnxBalanceError(Exception):
     """Base of every error the user can fix; ``exit_code`` is what the CLI returns for it."""
@@ -40,3 +42,23 @@ class VerificationError(OnnxBalanceError):
     """The balanced model does not compute the same function as the input."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks clean up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The interrupt ``exc`` is or was raised by, if any: one arriving inside a C extension
+    can come back wrapped (an ImportError while numpy or onnxruntime loads)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from onnxbalance import protos, tensors
-from onnxbalance.errors import OutputError
+from onnxbalance.errors import Interrupted, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ onnxruntime can memory-map them on every platform."""
 _CHUNK = 16 * 2**20
 _PAUSE_ENV = "ONNXBALANCE_TEST_PAUSE_BEFORE_COMMIT"
 _STAGING_PREFIX = ".onnxbalance-"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks clean up."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def _in_main_thread() -> bool:
@@ -422,7 +414,7 @@ class Staged:
         is renamed an existing OUT still finds its own data: the model's rename is the commit.
         """
         final_data = self.final_data
-        old_data = _replaced_data_files(self.out) if final_data is not None else set()
+        old_data = _replaced_data_files(self.out)
         try:
             self._wait_synced()
             _pause_for_tests()
@@ -447,7 +439,9 @@ class Staged:
         never the new one, the input's or another protected file."""
         for path in old_data:
             resolved = path.resolve()
-            if resolved == self.final_data.resolve() or resolved in self._kept:
+            if resolved in self._kept or (
+                self.final_data is not None and resolved == self.final_data.resolve()
+            ):
                 continue
             try:
                 os.unlink(path)

@@ -600,3 +600,79 @@ def test_long_names_are_not_refused_for_temporary_names(dirs):
     code, stdout, err = run(src, out, "--report", report, "-q")
     assert (code, stdout, err) == (0, "", "")
     assert sorted(os.listdir(out_dir)) == sorted([out.name, out.name + ".data", report.name])
+
+
+def _negative_dimension(folder: Path) -> list:
+    model = mlp(seed=4)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -3  # onnx.checker allows it
+    return [save(model, folder / "neg.onnx")]
+
+
+def _zero_width_layer(folder: Path) -> list:
+    return [save(mlp(widths=(4, 0, 3), seed=4), folder / "zero.onnx")]
+
+
+HOSTILE = {
+    "negative input dimension": (
+        _negative_dimension, [], "graph input 'x' declares dimension 0 as -3; dimensions cannot"
+    ),
+    "zero-width hidden layer": (
+        _zero_width_layer, [], "layer 'gemm0' has an empty weight (shape (0, 4)): a zero-width"
+    ),
+    "q 1e-300": (None, ["--q", "1e-300"], "--q must be between 0.01 and 100, got 1e-300"),
+    "p 1e300": (None, ["--p", "1e300"], "--p must be between 0.01 and 100, got 1e+300"),
+    "seed -1": (None, ["--seed", "-1"], "--seed must be an integer from 0 to 2**64 - 1, got -1"),
+    "huge input shape": (
+        None, ["--input-shape", "x=99999999999999999999,4"],
+        "4e+20 elements, more than the 2147483647 a verification input can hold",
+    ),
+    "plot format": (None, ["--plot", "p.txt"], "cannot draw a .txt image"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_inputs_and_options_are_one_line_exit_2(dirs, case):
+    """Each of these was a traceback (exit 1); now one line naming the problem, exit 2, nothing
+    written (the plot's format is refused before OUT exists), IN untouched."""
+    src_dir, out_dir = dirs
+    make, options, needle = HOSTILE[case]
+    src = make(src_dir)[0] if make else save(mlp(seed=4), src_dir / "m.onnx")
+    options = [str(out_dir / o) if o.endswith(".txt") else o for o in options]
+    before = snapshot(src_dir)
+    code, out, err = run(src, out_dir / "b.onnx", *options)
+    assert code == 2 and out == "", err
+    assert err.startswith("onnxbalance: error: ") and err.count("\n") == 1 and needle in err, err
+    assert snapshot(src_dir) == before and not any(out_dir.iterdir())
+
+
+def test_in_memory_models_are_checked_like_files():
+    import onnxbalance
+    from onnxbalance.errors import InputError
+
+    model = mlp(seed=4)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -4
+    with pytest.raises(InputError, match="model: graph input 'x' declares dimension 1 as -4"):
+        onnxbalance.balance(model)
+    with pytest.raises(InputError, match="--seed must be an integer"):
+        onnxbalance.balance(mlp(seed=4), seed=-1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_is_one_line(dirs, signum):
+    """The handlers are installed before numpy, onnx and typer load: a signal at any moment of
+    the first second ends with the one line, 128 + signal, no traceback, nothing written."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    interrupted = 0
+    for delay in (0.3, 0.45, 0.6, 0.8, 1.0, 1.3):
+        proc = _spawn([src, out_dir / "b.onnx", "-q"])
+        time.sleep(delay)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:  # the run was over: the signal came too late
+            assert err == ""
+            continue
+        assert (proc.returncode, err) == (128 + signum, "onnxbalance: error: interrupted\n")
+        assert not any(out_dir.iterdir())
+        interrupted += 1
+    assert interrupted >= 2

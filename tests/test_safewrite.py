@@ -150,6 +150,15 @@ def test_the_model_rename_is_the_single_commit_point(folders, monkeypatch):
     np.testing.assert_array_equal(_outputs(out), _outputs(path))
 
 
+def test_an_inline_output_replacing_one_with_data_removes_its_data(folders):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    safewrite.save_model(model, out, base_dir=path.parent)
+    assert safewrite.save_model(model, out, base_dir=path.parent, external=()) is None
+    assert os.listdir(out.parent) == ["b.onnx"]
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
 def test_stale_staging_folders_are_removed_by_the_next_run(folders):
     """A killed run (SIGKILL, power cut) leaves its staging folder; the next run on the same
     OUT removes it, while a live run's folder and other outputs' folders stay."""
