@@ -184,10 +184,12 @@ def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | No
     if comparison is None or comparison.passed:
         return
     worst = max(comparison.failures, key=lambda o: o.max_rel_diff)
+    # balance() writes nothing: its caller gets the model on the error, not a file story
+    outcome = "not written" if balanced is None else "not returned (see error.model)"
     error = VerificationError(
         f"{source or 'model'}: the balanced model's output {worst.name!r} differs from the "
         f"input's ({worst.reason}; max abs diff {worst.max_abs_diff:.3g}, max rel diff "
-        f"{worst.max_rel_diff:.3g}); the balanced model is not written"
+        f"{worst.max_rel_diff:.3g}); the balanced model is {outcome}"
     )
     error.report = report  # type: ignore[attr-defined]
     error.model = balanced  # type: ignore[attr-defined]
@@ -315,7 +317,7 @@ def check(
 ) -> Report:
     """How far the model is from balanced; nothing is rewritten or written.
 
-    ``report.norm_after`` is the smallest norm balancing reaches, ``report.balanced`` tells
+    ``report.norm_after`` is the smallest norm balancing reaches, ``report.input_balanced`` tells
     whether the current norm is within a relative ``tol`` of it (see the module docstring).
     """
     _check_options(p, q, tol, max_sweeps)

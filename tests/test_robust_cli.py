@@ -676,3 +676,26 @@ def test_a_signal_during_start_up_is_one_line(dirs, signum):
         assert not any(out_dir.iterdir())
         interrupted += 1
     assert interrupted >= 2
+
+
+def test_in_memory_verification_failure_speaks_of_no_file(monkeypatch):
+    """balance() writes nothing: its failure names the model it would have returned."""
+    import onnxbalance
+    from onnxbalance import rewrite
+    from onnxbalance.errors import VerificationError
+
+    real = rewrite.rewrite
+
+    def wrong(model, units, log_scales, **kwargs):
+        balanced = real(model, units, log_scales, **kwargs)
+        (w1,) = [t for t in balanced.graph.initializer if t.name == "W1"]
+        w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1) * 3, "W1"))
+        return balanced
+
+    monkeypatch.setattr(rewrite, "rewrite", wrong)
+    with pytest.raises(VerificationError) as info:
+        onnxbalance.balance(mlp(seed=4))
+    message = str(info.value)
+    assert "written" not in message and "file" not in message
+    assert message.endswith("the balanced model is not returned (see error.model)")
+    assert isinstance(info.value.model, onnx.ModelProto)
