@@ -699,3 +699,77 @@ def test_in_memory_verification_failure_speaks_of_no_file(monkeypatch):
     assert "written" not in message and "file" not in message
     assert message.endswith("the balanced model is not returned (see error.model)")
     assert isinstance(info.value.model, onnx.ModelProto)
+
+
+def test_sigkill_leaves_a_staging_folder_that_the_next_run_removes(dirs, tmp_path):
+    """SIGKILL cannot be caught: the staged output stays behind, hidden, and the previous OUT
+    is intact; the next run on the same OUT removes it."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=8), src_dir / "m.onnx", external=True)
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    before = snapshot(out_dir)
+    marker = tmp_path / "paused"
+    pause = {safewrite._PAUSE_ENV: f"{marker}:60"}
+    proc = _spawn([src, out_dir / "b.onnx", "-q", "--p", "1"], pause)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()
+    proc.kill()
+    proc.communicate(timeout=60)
+    (staging,) = [p for p in out_dir.iterdir() if p.name.startswith(".onnxbalance-")]
+    assert any(staging.iterdir())  # the complete staged output, never committed
+    visible = {name: digest for name, digest in snapshot(out_dir).items() if name[0] != "."}
+    assert visible == before
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    assert sorted(os.listdir(out_dir)) == ["b.onnx", "b.onnx.1.data"]
+
+
+def _promise_cases(src: Path, src_dir: Path, out_dir: Path) -> dict[str, list]:
+    out = out_dir / "b.onnx"
+    fifo = out_dir / "fifo"
+    return {
+        "report is IN": [src, out, "--report", src],
+        "report is IN's data": [src, out, "--report", src_dir / "m.onnx.bin"],
+        "check, report is IN's data": [src, "--check", "--report", src_dir / "m.onnx.bin"],
+        "plot is IN's data": [src, out, "--plot", src_dir / "m.onnx.bin"],
+        "report is OUT's data": [src, out, "--report", out_dir / "b.onnx.data"],
+        "report is OUT's next data": [src, out, "--report", out_dir / "b.onnx.1.data"],
+        "report is OUT": [src, out, "--report", out],
+        "plot is the report": [src, out, "--report", out_dir / "r", "--plot", out_dir / "r"],
+        "OUT is IN": [src, src],
+        "OUT is IN's data": [src, src_dir / "m.onnx.bin"],
+        "OUT is a FIFO": [src, fifo],
+        "plot format": [src, out, "--plot", out_dir / "p.txt"],
+        "q 1e-300": [src, out, "--q", "1e-300"],
+        "seed -1": [src, out, "--seed", "-1"],
+        "huge shape": [src, out, "--input-shape", "x=99999999999999999999,4"],
+        "quiet and verbose": [src, out, "-q", "-v"],
+        "two OUTs": [src, out, out_dir / "c.onnx"],
+        "fine, over the old OUT": [src, out, "-q"],
+    }
+
+
+@pytest.mark.parametrize("case", list(_promise_cases(Path("m"), Path("i"), Path("o"))))
+def test_readme_promises_hold_against_hostile_paths_and_options(dirs, case):
+    """The README promises: IN (and every file it references) is never written; OUT is complete
+    or absent (an existing OUT is replaced only by a complete, verified output); every error is
+    one line, never a traceback. Each case breaks one of them on a tool that does not keep
+    them."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=8), src_dir / "m.onnx", external=True)
+    assert run(src, out_dir / "b.onnx", "-q", "--p", "1")[0] == 0  # an existing OUT
+    os.mkfifo(out_dir / "fifo")
+    previous_out, previous_in = snapshot(out_dir), snapshot(src_dir)
+    code, out, err = run(*_promise_cases(src, src_dir, out_dir)[case])
+    assert snapshot(src_dir) == previous_in
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]
+    if code == 0:
+        assert err == ""
+        np.testing.assert_allclose(
+            ort_outputs(out_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+        )
+    else:
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert err.startswith("onnxbalance: error: ") and err.count("\n") == 1, err
+        assert snapshot(out_dir) == previous_out
