@@ -270,14 +270,14 @@ def save_model(
 ) -> None:
     """Write ``model`` to ``path`` atomically, streaming tensors (:mod:`onnxbalance.safewrite`).
 
-    Tensors stored in external files keep that storage, in ``<name>.data`` beside ``path``
+    Tensors stored in external files keep that storage, in ``<name>.data`` (or ``<name>.N.data``)
     (read from ``base_dir``, default: the folder set by ``tensors.external_folder``); a model
     too large for one protobuf message moves its largest tensors there too. The data file is
-    put in place before the model that points at it.
+    put in place, under a name no file has, before the model that points at it.
 
     Raises:
-        OutputError: the folder is missing or not writable, the disk is full, or the data file
-            would overwrite the input's.
+        OutputError: the folder is missing or not writable, the disk is full, or ``path`` is
+            one of the input's data files.
     """
     folder = base_dir if base_dir is not None else tensors.current_folder()
     safewrite.save_model(model, path, base_dir=folder, external=external)

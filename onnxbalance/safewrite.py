@@ -17,8 +17,8 @@ tensor at a time (external sources are copied file-to-file; tensors produced whi
 block by block into their place in the data file, or into holes left in the serialized model,
 :func:`onnxbalance.protos.serialized_pieces`), so neither the model's weights nor a serialized
 model larger than protobuf's 2 GB limit ever sit in memory as one message.
-The input's own data files are never written: an output whose data file would be one of them
-is refused.
+The input's own data files are never written: the output's data file never takes the name of
+an existing file, and an output that is one of them is refused.
 
 The bytes written depend only on the model: tensors appear in graph order at offsets aligned
 like ``onnx.save`` aligns them, and no timestamps or random names reach the output.
@@ -490,7 +490,7 @@ def stage_model(
     changes until :meth:`Staged.commit`.
 
     Raises:
-        OutputError: the destination cannot be written, or would overwrite the input's data.
+        OutputError: the destination cannot be written, or is one of the input's data files.
     """
     out = Path(out)
     base = Path(base_dir) if base_dir is not None else None
@@ -589,7 +589,7 @@ def save_model(
         protected: further files that must not be overwritten (the input model).
 
     Raises:
-        OutputError: the destination cannot be written, or would overwrite the input's data.
+        OutputError: the destination cannot be written, or is one of the input's data files.
     """
     staged = stage_model(model, out, base_dir=base_dir, external=external, protected=protected)
     return staged.commit()
