@@ -200,6 +200,9 @@ def _run(args: Invocation) -> int:
             f"expected IN OUT, got {2 + len(args.more_sources)} paths; "
             "several models are for --check"
         )
+    for what, path in (("OUT", args.output), ("--plot", args.plot)):
+        if path is not None and _is_stdout(path):
+            raise InputError(f"{what} -: only --report can go to stdout; give a file name")
     if args.check and args.more_sources:
         return _check_several(args)
     shapes = parse_input_shapes(args.input_shape)

@@ -137,6 +137,8 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
         "no OUT": ([src], "missing OUT"),
         "two OUTs": ([src, folder / "o.onnx", folder / "p.onnx"], "several models are for --check"),
         "quiet and verbose": ([src, folder / "o.onnx", "-q", "-v"], "--quiet and --verbose"),
+        "OUT is stdout": ([src, "-"], "OUT -: only --report can go to stdout"),
+        "plot to stdout": ([src, folder / "o.onnx", "--plot", "-"], "--plot -: only --report"),
         "report with several checks": (
             [src, src, "--check", "--report", folder / "r.json"],
             "--report and --plot take a single",
@@ -155,7 +157,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
 BAD = [
     "missing", "not onnx", "truncated", "out folder missing", "out is in",
     "out is a symlink to in", "p zero", "p negative", "q negative", "no OUT", "two OUTs",
-    "quiet and verbose", "report with several checks",
+    "quiet and verbose", "report with several checks", "OUT is stdout", "plot to stdout",
     "bad input shape", "unknown input", "missing npz", "npz names", "report is in",
     "unknown option",
     "bad solver", "p not a number",
