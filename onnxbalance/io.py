@@ -223,14 +223,14 @@ def check_side_output(
 
 
 def _referenced_files(source: Path, candidate: Path) -> set[Path]:
-    """The external data files of the model ``source`` that ``candidate`` could be: only files
-    inside the model's folder can be (farther paths are refused when it loads), so the model is
-    parsed only for a candidate there."""
+    """The external data files of the model ``source`` that ``candidate`` could be: only an
+    existing file inside the model's folder can be (farther paths are refused when it loads),
+    so the model is parsed only for such a candidate."""
     try:
         inside = candidate.resolve().is_relative_to(source.resolve().parent)
     except OSError:
         inside = True
-    if not inside or not source.is_file():
+    if not inside or not candidate.exists() or not source.is_file():
         return set()
     try:
         model = onnx.load(source, load_external_data=False)
