@@ -70,7 +70,7 @@ def run(name: str, folder: Path, repeat: int) -> dict:
         "write_no_verify": without["write"],
         "ratio_no_verify": sum(without[s] for s in OVERHEAD) / baseline,
         "sweeps": report.sweeps,
-        "norm_ratio": report.ratio,
+        "norm_ratio": report.norm_ratio,
         "mb": src.stat().st_size / 2**20,
     }
 

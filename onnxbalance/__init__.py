@@ -4,18 +4,38 @@
 >>> model, report = onnxbalance.balance("model.onnx", p=2, q=2)  # doctest: +SKIP
 >>> report.norm_after / report.norm_before  # doctest: +SKIP
 
-Importing this package loads onnx and numpy, never onnxruntime (only verification needs it).
+Importing this package loads nothing heavy: numpy and onnx load with the first use of the api
+(so the command can install its signal handlers first), onnxruntime only for verification.
 """
 
-from .api import balance, balance_file, check
+import importlib
+
 from .errors import (
     InputError,
     OnnxBalanceError,
     OutputError,
+    SideOutputError,
     UnsupportedModelError,
     VerificationError,
 )
-from .report import Comparison, FixedEntry, Report
+
+_LAZY = {
+    "balance": "api",
+    "balance_file": "api",
+    "check": "api",
+    "Comparison": "report",
+    "FixedEntry": "report",
+    "Report": "report",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
@@ -26,6 +46,7 @@ __all__ = [
     "OnnxBalanceError",
     "OutputError",
     "Report",
+    "SideOutputError",
     "UnsupportedModelError",
     "VerificationError",
     "__version__",

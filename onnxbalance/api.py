@@ -91,7 +91,7 @@ def balance(
         VerificationError: the outputs differ beyond tolerance; its ``report`` attribute holds
             the full report (``report.verify.passed`` is False).
     """
-    _check_options(p, q, tol, max_sweeps)
+    _check_options(p, q, tol, max_sweeps, seed)
     timer = _Timer(on_stage)
     with timer("load"):
         model, source, folder = _load(model_or_path)
@@ -145,7 +145,7 @@ def balance_file(
         VerificationError: its ``report`` attribute holds the full report.
     """
     io.check_output_path(dst, src)
-    _check_options(p, q, tol, max_sweeps)
+    _check_options(p, q, tol, max_sweeps, seed)
     timer = _Timer(on_stage)
     with timer("load"):
         model, source, folder = _load(src)
@@ -184,10 +184,12 @@ def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | No
     if comparison is None or comparison.passed:
         return
     worst = max(comparison.failures, key=lambda o: o.max_rel_diff)
+    # balance() writes nothing: its caller gets the model on the error, not a file story
+    outcome = "not written" if balanced is None else "not returned (see error.model)"
     error = VerificationError(
         f"{source or 'model'}: the balanced model's output {worst.name!r} differs from the "
         f"input's ({worst.reason}; max abs diff {worst.max_abs_diff:.3g}, max rel diff "
-        f"{worst.max_rel_diff:.3g}); the balanced model is not written"
+        f"{worst.max_rel_diff:.3g}); the balanced model is {outcome}"
     )
     error.report = report  # type: ignore[attr-defined]
     error.model = balanced  # type: ignore[attr-defined]
@@ -315,7 +317,7 @@ def check(
 ) -> Report:
     """How far the model is from balanced; nothing is rewritten or written.
 
-    ``report.norm_after`` is the smallest norm balancing reaches, ``report.balanced`` tells
+    ``report.norm_after`` is the smallest norm balancing reaches, ``report.input_balanced`` tells
     whether the current norm is within a relative ``tol`` of it (see the module docstring).
     """
     _check_options(p, q, tol, max_sweeps)
@@ -329,10 +331,23 @@ def check(
     return replace(report, seconds=dict(timer.seconds))
 
 
-def _check_options(p: float, q: float, tol: float, max_sweeps: int) -> None:
+NORM_EXPONENTS = (0.01, 100.0)
+"""Range of p and q: outside it the norm's exponents (1/q, q/p) take ordinary weights out of
+float64 (p = 0.001 raises each row's sum of |w|^p to the power q/p = 2000; q = 1e-300 divides
+by zero)."""
+
+
+def _check_options(
+    p: float, q: float, tol: float, max_sweeps: int, seed: int | None = None
+) -> None:
+    low, high = NORM_EXPONENTS
     for name, value in (("p", p), ("q", q)):
         if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):
             raise InputError(f"--{name} must be a positive number, got {value}")
+        if not low <= value <= high:
+            raise InputError(f"--{name} must be between {low:g} and {high:g}, got {value:g}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise InputError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
     if not (np.isfinite(tol) and tol > 0):
         raise InputError(f"--tol must be a positive number, got {tol}")
     if max_sweeps < 1:
@@ -342,6 +357,7 @@ def _check_options(p: float, q: float, tol: float, max_sweeps: int) -> None:
 def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None]:
     """(model, source name, folder its external data is relative to, if loaded from a file)."""
     if isinstance(model_or_path, onnx.ModelProto):
+        io.check_input_dims(model_or_path, "model")
         tensors.keep_arrays(model_or_path)
         return model_or_path, "", None
     if isinstance(model_or_path, str | os.PathLike):
@@ -354,9 +370,16 @@ def _analyse(model: onnx.ModelProto, source: str | None) -> ModelUnits:
     from .analysis import analyse
 
     try:
-        return analyse(model)
+        units = analyse(model)
     except InputError as exc:  # a tensor that makes the model compute NaN, named by the analyser
         raise InputError(f"{source or 'model'}: {exc}") from None
+    for layer in units.layers:
+        if 0 in layer.weight.shape:
+            raise InputError(
+                f"{source or 'model'}: layer '{layer.name}' has an empty weight (shape "
+                f"{tuple(layer.weight.shape)}): a zero-width layer is not a usable network"
+            )
+    return units
 
 
 def _solve(graph, p, q, tol, max_sweeps, solver, progress, source):

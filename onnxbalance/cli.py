@@ -2,8 +2,9 @@
 
 Exit codes: 0 done (also when there is nothing to balance), 1 ``--check`` found the model not
 balanced, 2 bad usage or an unreadable/invalid/unsupported input or unwritable output,
-3 verification failed. Results and the summary go to stdout; progress, logs and the one-line
-error to stderr.
+3 verification failed, 4 OUT was written but a side output (report, plot) then could not be.
+Results and the summary go to stdout (the summary to stderr with ``--report -``); progress, logs
+and the one-line error to stderr.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import enum
 import importlib.util
 import json
 import logging
+import math
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -21,11 +23,21 @@ from typing import Annotated
 import typer
 
 from . import api, io, safewrite
-from .errors import InputError, OnnxBalanceError, VerificationError
-from .plot import MISSING_MATPLOTLIB, plot_convergence
+from .errors import (
+    InputError,
+    OnnxBalanceError,
+    OutputError,
+    SideOutputError,
+    VerificationError,
+    interrupt_behind,
+)
+from .plot import MISSING_MATPLOTLIB, image_format, plot_convergence
 from .report import Report, summary_table
 
 PROG = "onnxbalance"
+MAX_INPUT_ELEMENTS = 2**31 - 1
+"""Elements of one ``--input-shape``: a random input of more would not fit in memory (8 GB
+at float32), and onnxruntime indexes with int32 in places."""
 EXIT_OK, EXIT_UNBALANCED, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
 
 
@@ -34,12 +46,34 @@ class Solver(str, enum.Enum):
     mu = "mu"
 
 
+SUMMARY = "Balance a ReLU network stored as ONNX: the same function, minimum l_{p,q} weight norm."
+EXAMPLE = "onnxbalance model.onnx balanced.onnx --p 2 --q 2"
+USAGES = ("[OPTIONS] IN OUT", "[OPTIONS] --check IN...")
+
+
+class _Command(typer.core.TyperCommand):
+    """The help starts with what the command does and an example; the usage names IN and OUT as
+    users write them (typer would print ``{IN}``), once per form of the command."""
+
+    def format_usage(self, ctx, formatter) -> None:
+        formatter.write_usage(ctx.command_path, USAGES[0])
+        for usage in USAGES[1:]:
+            formatter.write_usage(ctx.command_path, usage, prefix=" " * len("Usage: "))
+
+    def format_help(self, ctx, formatter) -> None:
+        formatter.write(f"{SUMMARY}\n\nExample: {EXAMPLE}\n\n")
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self.format_options(ctx, formatter)
+        self.format_epilog(ctx, formatter)
+
+
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no "<bool>" after flags, no box drawing
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="Balance the hidden units of a ReLU network stored as ONNX (minimum l_{p,q} norm, "
-    "same function).",
+    help=SUMMARY,
 )
 
 
@@ -52,15 +86,15 @@ def _version(value: bool) -> None:
 
 
 @app.command(
+    cls=_Command,
     epilog="Exit codes: 0 done (also nothing to balance), 1 --check found IN not balanced, "
-    "2 bad usage or unreadable/invalid/unsupported input, 3 verification failed."
+    "2 bad usage or unreadable/invalid/unsupported input, 3 verification failed, "
+    "4 OUT written but --report/--plot then failed.",
 )
 def run(
-    source: Annotated[Path, typer.Argument(metavar="IN", help="ONNX model to balance.")],
-    output: Annotated[
-        Path | None,
-        typer.Argument(metavar="OUT", help="Where to write the balanced model (not with --check)."),
-    ] = None,
+    # described in the docstring: typer would list OUT as "<list[Path]>"
+    source: Annotated[Path | None, typer.Argument(metavar="IN", hidden=True)] = None,
+    output: Annotated[list[Path] | None, typer.Argument(metavar="OUT", hidden=True)] = None,
     p: Annotated[float, typer.Option("--p", help="Inner exponent of the l_{p,q} norm.")] = 2.0,
     q: Annotated[float, typer.Option("--q", help="Outer exponent of the l_{p,q} norm.")] = 2.0,
     tol: Annotated[
@@ -82,13 +116,14 @@ def run(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
     report: Annotated[
-        Path | None, typer.Option(metavar="F.json", help="Write the run's report as JSON.")
+        Path | None,
+        typer.Option(metavar="F.json", help="Write the run's report as JSON (- for stdout)."),
     ] = None,
     plot: Annotated[
         Path | None, typer.Option(metavar="F.png", help="Plot norm/norm_before per sweep.")
     ] = None,
     check: Annotated[
-        bool, typer.Option("--check", help="Write nothing; exit 1 if IN is not balanced.")
+        bool, typer.Option("--check", help="Write nothing; exit 1 if any IN is not balanced.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
     verbose: Annotated[
@@ -99,11 +134,15 @@ def run(
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
     ] = None,
 ) -> None:
-    """Balance IN into OUT, or --check how far IN is from balanced."""
+    """Balance the ONNX model IN into OUT (OUT's data file, if any, goes beside it). With --check
+    write nothing: every path is a model to check, one line each, exit 1 if any is not
+    balanced."""
     _configure_logging(verbose and not quiet, quiet)
+    rest = tuple(output or ())
     invocation = Invocation(
-        source, output, p, q, tol, max_sweeps, solver.value if solver else None, verify,
-        inputs, tuple(input_shape or ()), seed, report, plot, check, quiet, verbose,
+        source, None if check or not rest else rest[0], p, q, tol, max_sweeps,
+        solver.value if solver else None, verify, inputs, tuple(input_shape or ()), seed, report,
+        plot, check, quiet, verbose, more_sources=rest if check else rest[1:],
     )  # fmt: skip
     try:
         # SIGTERM too becomes an exception, so every temporary file is removed on the way out
@@ -116,9 +155,7 @@ def run(
         _error("interrupted")
         code = 128 + getattr(exc, "signum", signal.SIGINT)
     except Exception as exc:
-        # An interrupt inside a C extension can come back wrapped (an ImportError while
-        # onnxruntime loads): still an interrupt, not a bug.
-        interrupt = _interrupt_behind(exc)
+        interrupt = interrupt_behind(exc)  # still an interrupt, not a bug
         if interrupt is None:
             raise
         _error("interrupted")
@@ -129,9 +166,9 @@ def run(
 
 @dataclass(frozen=True)
 class Invocation:
-    """The parsed command line."""
+    """The parsed command line. ``more_sources``: the paths after IN (OUT) and OUT."""
 
-    source: Path
+    source: Path | None
     output: Path | None
     p: float
     q: float
@@ -147,24 +184,31 @@ class Invocation:
     check: bool
     quiet: bool
     verbose: bool
+    more_sources: tuple[Path, ...] = ()
 
 
 def _run(args: Invocation) -> int:
     """Check every path before any work, run, write the report/plot, print the summary."""
-    if args.check and args.output is not None:
-        raise InputError("--check writes nothing; drop OUT")
+    if args.quiet and args.verbose:
+        raise InputError("--quiet and --verbose exclude each other; choose one")
+    if args.source is None:
+        raise InputError("missing IN (usage: onnxbalance IN OUT, or onnxbalance --check IN...)")
     if not args.check and args.output is None:
         raise InputError("missing OUT (or use --check to only measure)")
+    if not args.check and args.more_sources:
+        raise InputError(
+            f"expected IN OUT, got {2 + len(args.more_sources)} paths; "
+            "several models are for --check"
+        )
+    for what, path in (("OUT", args.output), ("--plot", args.plot)):
+        if path is not None and _is_stdout(path):
+            raise InputError(f"{what} -: only --report can go to stdout; give a file name")
+    if args.check and args.more_sources:
+        return _check_several(args)
     shapes = parse_input_shapes(args.input_shape)
-    written = [path for path in (args.output, args.report) if path is not None]
-    if args.report is not None:
-        io.check_output_path(args.report, args.source, *written[:-1], what="report")
-    if args.plot is not None:
-        io.check_output_path(args.plot, args.source, *written, what="plot")
-        if importlib.util.find_spec("matplotlib") is None:
-            raise InputError(MISSING_MATPLOTLIB)
     if args.output is not None:
         io.check_output_path(args.output, args.source)
+    _check_side_outputs(args)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         options = dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
                        progress=progress.sweep, on_stage=progress.stage)  # fmt: skip
@@ -181,10 +225,45 @@ def _run(args: Invocation) -> int:
                 if failed is not None:
                     _finish(failed, replace(args, plot=None))
                 raise
-    _finish(result, args)
+    _finish(result, args, committed=not args.check)
     if args.check:
-        return EXIT_OK if result.balanced else EXIT_UNBALANCED
+        return EXIT_OK if result.input_balanced else EXIT_UNBALANCED
     return EXIT_OK
+
+
+def _check_several(args: Invocation) -> int:
+    """``--check`` on several models, like ``black --check``: one line per model on stdout (an
+    error is its one line on stderr, and the next model is checked); exit 2 if any model could
+    not be checked, else 1 if any is not balanced, else 0."""
+    if args.report is not None or args.plot is not None:
+        raise InputError("--report and --plot take a single IN; drop them to check several")
+    code = EXIT_OK
+    for source in (args.source, *args.more_sources):
+        try:
+            result = api.check(source, args.p, args.q, tol=args.tol, max_sweeps=args.max_sweeps,
+                               solver=args.solver)  # fmt: skip
+        except OnnxBalanceError as exc:
+            _error(str(exc))
+            code = max(code, exc.exit_code)
+            continue
+        if not result.input_balanced:
+            code = max(code, EXIT_UNBALANCED)
+        if not args.quiet:
+            print(f"{source}: {check_verdict(result)}", flush=True)
+    return code
+
+
+def check_verdict(result: Report) -> str:
+    """What ``--check`` found, in one line."""
+    if not result.changed:
+        return "balanced: nothing in IN can be rescaled"
+    if result.input_balanced:
+        return f"balanced: the norm can drop by {100 * result.gap:.3g}% at most"
+    return (
+        f"NOT balanced: the norm can drop by {100 * result.gap:.3g}% "
+        f"({result.norm_before:.6g} -> {result.norm_after:.6g}), "
+        f"max imbalance {result.max_imbalance_before:.3g}"
+    )
 
 
 def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
@@ -202,33 +281,62 @@ def parse_input_shapes(values: list[str]) -> dict[str, tuple[int, ...]]:
             shape = ()
         if not sep or not name or not shape:
             raise InputError(f"--input-shape {value!r}: expected NAME=D1,D2,.. (e.g. x=1,3,32,32)")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS and min(shape) > 0:
+            raise InputError(
+                f"--input-shape {value!r}: {math.prod(shape):.3g} elements, more than the "
+                f"{MAX_INPUT_ELEMENTS} a verification input can hold"
+            )
         shapes[name] = shape
     return shapes
 
 
-def _finish(result: Report, args: Invocation) -> None:
-    if args.report is not None:
-        text = json.dumps(result.to_dict(), indent=2) + "\n"
-        io.write_bytes(args.report, text.encode())
+def _check_side_outputs(args: Invocation) -> None:
+    """``--report`` and ``--plot``, before any work: never IN, a file IN references, the
+    ``--inputs`` file, OUT, a name OUT's data can take, or each other; writable; the plot's
+    format known. Once OUT is committed only the disk failing can stop them (exit 4)."""
+    inputs = [args.inputs] if args.inputs is not None else []
+    checked: dict[str, Path] = {}
+    for what, path in (("report", args.report), ("plot", args.plot)):
+        if path is None or (what == "report" and _is_stdout(path)):
+            continue
+        io.check_side_output(
+            path, what=what, source=args.source, inputs=inputs, output=args.output, others=checked
+        )
+        checked[what] = path
     if args.plot is not None:
-        _plot(result, args.plot)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InputError(MISSING_MATPLOTLIB)
+        image_format(args.plot)
+
+
+def _is_stdout(path: Path) -> bool:
+    return str(path) == "-"
+
+
+def _finish(result: Report, args: Invocation, committed: bool = False) -> None:
+    try:
+        if args.report is not None:
+            text = json.dumps(result.to_dict(), indent=2) + "\n"
+            if _is_stdout(args.report):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                io.write_bytes(args.report, text.encode())
+        if args.plot is not None:
+            _plot(result, args.plot)
+    except OutputError as exc:
+        if committed:
+            raise SideOutputError(f"{exc} (OUT {args.output} was written)") from None
+        raise
     if args.quiet:
         return
     from rich.console import Console
 
-    console = Console(file=sys.stdout)
+    # with --report - stdout carries the JSON alone
+    console = Console(file=sys.stderr if _is_stdout(args.report or Path()) else sys.stdout)
     console.print(summary_table(result, verbose=args.verbose, check=args.check))
     if args.check:
-        if not result.changed:
-            console.print("balanced: nothing in IN can be rescaled")
-        elif result.balanced:
-            console.print(f"balanced: the norm can drop by {100 * result.gap:.3g}% at most")
-        else:
-            console.print(
-                f"NOT balanced: the norm can drop by {100 * result.gap:.3g}% "
-                f"({result.norm_before:.6g} -> {result.norm_after:.6g}), "
-                f"max imbalance {result.max_imbalance_before:.3g}"
-            )
+        console.print(check_verdict(result))
 
 
 def _plot(result: Report, path: Path) -> None:
@@ -275,16 +383,6 @@ class _Progress:
             self._progress.update(self._task, description=f"solve: sweep {step}, norm {norm:.6g}")
 
 
-def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     # --quiet: nothing on success, warnings included; errors still give their one line
     level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
@@ -298,6 +396,9 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command, turn every user error into one line and an exit code."""
+    if not (sys.argv[1:] if argv is None else argv):  # a bare command: how to use it
+        print(_usage(), file=sys.stderr)
+        return EXIT_USAGE
     try:
         code = app(args=argv, prog_name=PROG, standalone_mode=False)
     except _usage_errors() as exc:  # unknown option, bad value, missing IN
@@ -307,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     return code if isinstance(code, int) else EXIT_OK
+
+
+def _usage() -> str:
+    lines = [f"{'Usage:' if i == 0 else ' ' * 6} {PROG} {usage}" for i, usage in enumerate(USAGES)]
+    return "\n".join([*lines, f"Try '{PROG} --help' for help."])
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:

@@ -12,8 +12,10 @@ import contextlib
 import functools
 import logging
 import os
+import stat
 import tempfile
 import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,25 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     check_model(tensors.without_weights(model), str(path))
+    check_input_dims(model, str(path))
     return model
+
+
+def check_input_dims(model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse a graph input declaring a negative dimension (``onnx.checker`` lets it through and
+    nothing could feed it).
+
+    Raises:
+        InputError: naming the input and the dimension.
+    """
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                raise InputError(
+                    f"{name}: graph input '{value.name}' declares dimension {axis} as "
+                    f"{dim.dim_value}; dimensions cannot be negative"
+                )
 
 
 def _mapped_or_read(path: Path) -> memoryview:
@@ -127,13 +147,20 @@ def check_model(model: onnx.ModelProto, name: str = "model") -> None:
 
 
 def check_output_path(
-    out: str | os.PathLike[str], *inputs: str | os.PathLike[str], what: str = "output"
+    out: str | os.PathLike[str],
+    *inputs: str | os.PathLike[str],
+    what: str = "output",
+    direct_ok: bool = False,
 ) -> Path:
     """Refuse an output path before any work is done.
 
+    ``direct_ok``: an existing character device, FIFO or socket (``/dev/null``, ``/dev/stdout``)
+    is written directly (:func:`write_bytes`); otherwise it is refused, never renamed over.
+
     Raises:
-        OutputError: the folder is missing, the path is a folder, or it is one of ``inputs``
-            (same path, symlink or hard link to the same file).
+        OutputError: the folder is missing or not writable, the path is a folder (or a special
+            file where those are not written), or it is one of ``inputs`` (same path, symlink or
+            hard link to the same file).
     """
     out = Path(out)
     folder = out.parent if str(out.parent) else Path(".")
@@ -141,6 +168,12 @@ def check_output_path(
         raise OutputError(f"{out}: {what} path is a folder; give a file name")
     if not folder.is_dir():
         raise OutputError(f"{out}: {what} folder {folder} does not exist; create it first")
+    kind = special_file_kind(out)
+    if kind and not direct_ok:
+        raise OutputError(f"{out}: {what} is {kind}, not a regular file; give a file name")
+    writable = os.access(out, os.W_OK) if kind else os.access(folder, os.W_OK | os.X_OK)
+    if not writable:
+        raise OutputError(f"{out}: cannot write the {what}: permission denied")
     for src in inputs:
         if _same_file(out, Path(src)):
             raise OutputError(
@@ -148,6 +181,84 @@ def check_output_path(
                 "the input is never overwritten, choose another name"
             )
     return out
+
+
+def check_side_output(
+    path: str | os.PathLike[str],
+    *,
+    what: str,
+    source: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    output: str | os.PathLike[str] | None = None,
+    others: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> Path:
+    """Refuse a side output (``--report``, ``--plot``) before any work is done: it may not be
+    the model ``source``, a file the model references (its external data), another input, the
+    ``output`` or a name its data file can take, nor one of the ``others`` side outputs (by
+    what they are).
+
+    Raises:
+        OutputError: naming the file it would have replaced.
+    """
+    path = check_output_path(path, source, *inputs, what=what, direct_ok=True)
+    if output is not None:
+        out = Path(output)
+        if _same_file(path, out):
+            raise OutputError(f"{path}: {what} is OUT {out}; choose another name")
+        if safewrite.is_data_name_of(out, path):
+            raise OutputError(f"{path}: {what} would be OUT's data file; choose another name")
+    for other_what, other in (others or {}).items():
+        if _same_file(path, Path(other)):
+            raise OutputError(
+                f"{path}: {what} is the same file as the {other_what} {other}; choose another name"
+            )
+    if not special_file_kind(path):
+        for referenced in _referenced_files(Path(source), path):
+            if _same_file(path, referenced):
+                raise OutputError(
+                    f"{path}: {what} is the external data file {referenced.name} of the input "
+                    f"{source}; the input is never overwritten, choose another name"
+                )
+    return path
+
+
+def _referenced_files(source: Path, candidate: Path) -> set[Path]:
+    """The external data files of the model ``source`` that ``candidate`` could be: only an
+    existing file inside the model's folder can be (farther paths are refused when it loads),
+    so the model is parsed only for such a candidate."""
+    try:
+        inside = candidate.resolve().is_relative_to(source.resolve().parent)
+    except OSError:
+        inside = True
+    if not inside or not candidate.exists() or not source.is_file():
+        return set()
+    try:
+        model = onnx.load(source, load_external_data=False)
+    except Exception:  # unreadable: loading it fails with its own one line before any write
+        return set()
+    return {
+        tensors.external_ref(tensor, source.parent).path
+        for tensor in tensors.iter_tensors(model)
+        if tensors.is_external(tensor)
+    }
+
+
+def special_file_kind(path: str | os.PathLike[str]) -> str:
+    """'a character device', 'a FIFO', ... when ``path`` (followed through symlinks) exists and is
+    neither a regular file nor a folder; '' otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    for test, kind in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return ""
 
 
 def save_model(
@@ -159,21 +270,23 @@ def save_model(
 ) -> None:
     """Write ``model`` to ``path`` atomically, streaming tensors (:mod:`onnxbalance.safewrite`).
 
-    Tensors stored in external files keep that storage, in ``<name>.data`` beside ``path``
+    Tensors stored in external files keep that storage, in ``<name>.data`` (or ``<name>.N.data``)
     (read from ``base_dir``, default: the folder set by ``tensors.external_folder``); a model
     too large for one protobuf message moves its largest tensors there too. The data file is
-    put in place before the model that points at it.
+    put in place, under a name no file has, before the model that points at it.
 
     Raises:
-        OutputError: the folder is missing or not writable, the disk is full, or the data file
-            would overwrite the input's.
+        OutputError: the folder is missing or not writable, the disk is full, or ``path`` is
+            one of the input's data files.
     """
     folder = base_dir if base_dir is not None else tensors.current_folder()
     safewrite.save_model(model, path, base_dir=folder, external=external)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename;
+    an existing character device, FIFO or socket (``/dev/stdout``) is written directly instead,
+    never replaced.
 
     Raises:
         OutputError: on any OS error; the temporary file is removed.
@@ -182,9 +295,17 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{path}: folder {folder} does not exist; create it first")
+    if special_file_kind(path):
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        return
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        # a short name: a legal 250-character target name must not fail for its temporary
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".onnxbalance-", suffix=".tmp")
         # No fsync: the rename already keeps readers from ever seeing half a file; surviving a
         # power cut would cost more than the whole write of a large model.
         with os.fdopen(fd, "wb") as handle:

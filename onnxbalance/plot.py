@@ -12,12 +12,13 @@ and the caller's pyplot state and backend are left alone.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -121,11 +122,31 @@ def plot_convergence(
     return save_figure(fig, path)
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` to ``path``; OutputError naming the file if that fails."""
+def image_format(path: str | Path) -> str:
+    """The image format the suffix of ``path`` names (png without one).
+
+    Raises:
+        InputError: matplotlib is not installed or cannot write that format.
+    """
     path = Path(path)
-    try:
-        fig.savefig(path, dpi=dpi)
-    except OSError as exc:
-        raise OutputError(f"cannot write the plot {path}: {exc.strerror or exc}") from exc
+    fmt = path.suffix[1:].lower() or "png"
+    supported = new_figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise InputError(
+            f"--plot {path}: cannot draw a .{fmt} image; use one of "
+            + ", ".join(f".{name}" for name in sorted(supported))
+        )
+    return fmt
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` the way every output is written (:func:`onnxbalance.io.
+    write_bytes`: a rename, so an existing file and its hard links are replaced, never edited
+    in place); OutputError naming the file if that fails."""
+    from .io import write_bytes
+
+    path = Path(path)
+    image = BytesIO()
+    fig.savefig(image, format=image_format(path), dpi=dpi)
+    write_bytes(path, image.getvalue())
     return path

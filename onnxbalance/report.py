@@ -147,17 +147,17 @@ class Report:
         return self.units_balanced > 0
 
     @property
-    def ratio(self) -> float:
+    def norm_ratio(self) -> float:
         """norm_after / norm_before (1 when the norm is 0 or nothing moved)."""
         return self.norm_after / self.norm_before if self.norm_before > 0 else 1.0
 
     @property
     def gap(self) -> float:
-        """How much balancing can lower the norm, relative: 1 - ratio."""
-        return 1.0 - self.ratio
+        """How much balancing can lower the norm, relative: 1 - norm_ratio."""
+        return 1.0 - self.norm_ratio
 
     @property
-    def balanced(self) -> bool:
+    def input_balanced(self) -> bool:
         """Re-balancing would lower the norm by at most a relative ``tol`` (or nothing can move)."""
         return not self.changed or self.gap <= self.tol
 
@@ -176,13 +176,14 @@ class Report:
             "solver": self.solver,
             "norm_before": _finite(self.norm_before),
             "norm_after": _finite(self.norm_after),
-            "norm_ratio": _finite(self.ratio),
+            "norm_ratio": _finite(self.norm_ratio),
+            "gap": _finite(self.gap),
             "sweeps": self.sweeps,
             "passes": self.passes,
             "converged": self.converged,
             "message": self.message,
             "changed": self.changed,
-            "input_balanced": self.balanced,
+            "input_balanced": self.input_balanced,
             "units_found": self.units_found,
             "units_balanced": self.units_balanced,
             "units_fixed": [
@@ -259,7 +260,7 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
         after = "minimum norm" if check else "norm after"
         table.add_row("norm before", f"{report.norm_before:.6g}")
         table.add_row(after, f"{report.norm_after:.6g}")
-        table.add_row("ratio", f"{report.ratio:.6f} ({100 * report.gap:.4g}% lower)")
+        table.add_row("ratio", f"{report.norm_ratio:.6f} ({100 * report.gap:.4g}% lower)")
         imbalance = f"{report.max_imbalance_before:.3g}"
         if not check:
             imbalance += f" -> {report.max_imbalance_after:.3g}"

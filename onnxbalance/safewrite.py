@@ -3,18 +3,22 @@
 The output is built in a hidden temporary folder next to its destination (so it can be opened
 and verified exactly as it will be), fsynced (in a background thread started as each file is
 complete, so the disk flush overlaps verification; commit waits for it), and only then renamed
-over the destination, data file first and model file second, with SIGINT/SIGTERM deferred
-between the two renames. Any exception or interrupt before that point removes the temporary
-folder and leaves an existing output untouched.
+into place. The model file is the single commit point: the data file goes in first under a name
+no existing file has (so the old model, which may reference the old data file, stays valid), then
+the model replaces the old one, then the old model's data file is removed. Any exception or
+interrupt before the model's rename removes the temporary folder and leaves an existing output
+untouched; cleanup itself holds SIGINT/SIGTERM until it is done, and a folder left by a killed
+run is removed by the next run on the same output.
 
 Tensor storage follows the input: a tensor stored externally is written to ``OUT.name +
-".data"`` beside the output, one stored inline stays inline. Tensor bytes are streamed one
+".data"`` beside the output (``OUT.name + ".1.data"`` when that name is taken, as it is when
+an earlier output is replaced), one stored inline stays inline. Tensor bytes are streamed one
 tensor at a time (external sources are copied file-to-file; tensors produced while writing go
 block by block into their place in the data file, or into holes left in the serialized model,
 :func:`onnxbalance.protos.serialized_pieces`), so neither the model's weights nor a serialized
 model larger than protobuf's 2 GB limit ever sit in memory as one message.
-The input's own data files are never written: an output whose data file would be one of them
-is refused.
+The input's own data files are never written: the output's data file never takes the name of
+an existing file, and an output that is one of them is refused.
 
 The bytes written depend only on the model: tensors appear in graph order at offsets aligned
 like ``onnx.save`` aligns them, and no timestamps or random names reach the output.
@@ -23,8 +27,10 @@ like ``onnx.save`` aligns them, and no timestamps or random names reach the outp
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -37,7 +43,7 @@ import numpy as np
 import onnx
 
 from onnxbalance import protos, tensors
-from onnxbalance.errors import OutputError
+from onnxbalance.errors import Interrupted, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +61,7 @@ onnxruntime can memory-map them on every platform."""
 
 _CHUNK = 16 * 2**20
 _PAUSE_ENV = "ONNXBALANCE_TEST_PAUSE_BEFORE_COMMIT"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks clean up."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+_STAGING_PREFIX = ".onnxbalance-"
 
 
 def _in_main_thread() -> bool:
@@ -123,8 +122,73 @@ def _pause_for_tests() -> None:
 
 
 def data_path_for(out: Path) -> Path:
-    """Where the external data of the model saved at ``out`` goes."""
+    """Where the external data of the model saved at ``out`` goes when that name is free."""
     return out.with_name(out.name + ".data")
+
+
+def is_data_name_of(out: Path, path: Path) -> bool:
+    """Whether ``path`` is one of the names :func:`fresh_data_path` can give ``out``'s data."""
+    pattern = re.escape(out.name) + r"(\.[0-9]+)?\.data"
+    return path.parent.resolve() == out.parent.resolve() and bool(re.fullmatch(pattern, path.name))
+
+
+def fresh_data_path(out: Path, avoid: Iterable[Path] = ()) -> Path:
+    """``OUT.name + ".data"``, or ``OUT.name + ".N.data"`` with the smallest N whose name is
+    free: the new data file never replaces one an existing model (the old OUT) references."""
+    avoided = {Path(p).resolve() for p in avoid}
+    number = 0
+    while True:
+        suffix = ".data" if number == 0 else f".{number}.data"
+        candidate = out.with_name(out.name + suffix)
+        if not os.path.lexists(candidate) and candidate.resolve() not in avoided:
+            return candidate
+        number += 1
+
+
+def _staging_key(out: Path) -> str:
+    """A short tag of OUT's name: staging folders stay short (a 240-character OUT name is
+    legal) and the next run on the same OUT finds the ones a killed run left."""
+    return hashlib.sha256(os.fsencode(out.name)).hexdigest()[:8]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove staging folders for ``out`` left by runs that no longer exist (SIGKILL, power
+    cut); folders of live runs, ours included, are left alone."""
+    folder = out.parent if str(out.parent) else Path(".")
+    pattern = re.compile(re.escape(_STAGING_PREFIX + _staging_key(out)) + r"-([0-9]+)-[0-9a-f]+")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            match = pattern.fullmatch(entry.name)
+            if match and not _process_alive(int(match.group(1))):
+                log.info("removing %s, left by an interrupted run", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _replaced_data_files(out: Path) -> set[Path]:
+    """The data files of the model now at ``out`` that carry one of our data names (none if
+    there is no such file, which spares parsing the old model, or it cannot be read)."""
+    folder = out.parent if str(out.parent) else Path(".")
+    with contextlib.suppress(OSError):
+        if not out.is_file() or not any(
+            is_data_name_of(out, folder / name) for name in os.listdir(folder)
+        ):
+            return set()
+    try:
+        model = onnx.load(out, load_external_data=False)
+        referenced = _source_files(model, folder)
+    except Exception:  # not a model we can read: it references nothing we would remove
+        return set()
+    return {path for path in referenced if is_data_name_of(out, path)}
 
 
 def _aligned(offset: int, nbytes: int) -> int:
@@ -316,12 +380,16 @@ class Staged:
     removes everything. Used as a context manager it never leaves temporaries behind.
     """
 
-    def __init__(self, out: Path, folder: Path, has_data: bool) -> None:
+    def __init__(
+        self, out: Path, folder: Path, final_data: Path | None, kept: Iterable[Path] = ()
+    ) -> None:
         self.out = out
         self.folder = folder
         self.model_path = folder / out.name
-        self.data_path = data_path_for(self.model_path) if has_data else None
+        self.final_data = final_data
+        self.data_path = folder / final_data.name if final_data is not None else None
         self.committed = False
+        self._kept = {Path(p).resolve() for p in kept}
         self._syncs: list[_BackgroundSync] = []
 
     def _sync_later(self, path: Path) -> None:
@@ -340,8 +408,13 @@ class Staged:
             raise errors[0]
 
     def commit(self) -> Path | None:
-        """Move the output into place; return the final external data path, if any."""
-        final_data = data_path_for(self.out) if self.data_path is not None else None
+        """Move the output into place; return the final external data path, if any.
+
+        The data file's name is one no file had (:func:`fresh_data_path`), so until the model
+        is renamed an existing OUT still finds its own data: the model's rename is the commit.
+        """
+        final_data = self.final_data
+        old_data = _replaced_data_files(self.out)
         try:
             self._wait_synced()
             _pause_for_tests()
@@ -354,16 +427,36 @@ class Staged:
         except OSError as exc:
             raise OutputError(f"cannot write '{self.out}': {exc.strerror or exc}") from exc
         finally:
+            if not self.committed and final_data is not None:  # renamed, but not referenced
+                with contextlib.suppress(OSError):
+                    os.unlink(final_data)
             self.discard()
+        self._remove_replaced(old_data)
         return final_data
 
+    def _remove_replaced(self, old_data: set[Path]) -> None:
+        """Remove the replaced model's data files (only names this module gives OUT's data),
+        never the new one, the input's or another protected file."""
+        for path in old_data:
+            resolved = path.resolve()
+            if resolved in self._kept or (
+                self.final_data is not None and resolved == self.final_data.resolve()
+            ):
+                continue
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("cannot remove the replaced data file %s: %s", path, exc)
+
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wait_synced()
-        try:
-            self.folder.rmdir()  # committed: nothing left inside
-        except OSError:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        # a second signal must not leave the staging folder behind half removed
+        with signals_deferred():
+            with contextlib.suppress(OSError):
+                self._wait_synced()
+            try:
+                self.folder.rmdir()  # committed: nothing left inside
+            except OSError:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Staged:
         return self
@@ -397,7 +490,7 @@ def stage_model(
     changes until :meth:`Staged.commit`.
 
     Raises:
-        OutputError: the destination cannot be written, or would overwrite the input's data.
+        OutputError: the destination cannot be written, or is one of the input's data files.
     """
     out = Path(out)
     base = Path(base_dir) if base_dir is not None else None
@@ -408,22 +501,24 @@ def stage_model(
             "%d tensors moved to external data: inline they exceed protobuf's 2 GB limit",
             len(moved),
         )
+    sources = _source_files(model, base)
+    kept = {Path(p).resolve() for p in protected} | sources
+    final_data = None
     if names:
-        data_path = data_path_for(out)
-        sources = _source_files(model, base)
-        guarded = {Path(p).resolve() for p in protected} | sources
-        if data_path.resolve() in guarded or out.resolve() in sources:
+        if out.resolve() in sources:
             raise OutputError(
-                f"output data file '{data_path.name}' would overwrite the input's external "
-                "data; choose another output name or folder"
+                f"output '{out.name}' is the input's external data file; "
+                "choose another output name or folder"
             )
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        final_data = fresh_data_path(out, avoid=kept)
+    remove_stale_staging(out)
+    token = f"{_staging_key(out)}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
-        temp = folder / f".{out.name}.{token}.tmp"
+        temp = folder / f"{_STAGING_PREFIX}{token}"
         temp.mkdir()
     except OSError as exc:
         raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
-    staged = Staged(out, temp, bool(names))
+    staged = Staged(out, temp, final_data, kept)
     generated = dict(generated or {})
     produced: dict[str, tuple[Iterable[np.ndarray], int]] = {}
 
@@ -486,14 +581,15 @@ def save_model(
     Args:
         model: the model; tensors may still reference external data under ``base_dir`` (a
             model loaded with ``load_external_data=False``). It is not modified.
-        out: destination model path. Its data file, when needed, is ``out.name + ".data"``.
+        out: destination model path. Its data file, when needed, is ``out.name + ".data"``
+            (``out.name + ".N.data"`` when that name is taken: :func:`fresh_data_path`).
         base_dir: folder the model's external references are relative to.
         external: names of the tensors to store externally (the input's layout, see
             :func:`onnxbalance.tensors.external_names`); None keeps each tensor's storage.
         protected: further files that must not be overwritten (the input model).
 
     Raises:
-        OutputError: the destination cannot be written, or would overwrite the input's data.
+        OutputError: the destination cannot be written, or is one of the input's data files.
     """
     staged = stage_model(model, out, base_dir=base_dir, external=external, protected=protected)
     return staged.commit()

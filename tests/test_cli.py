@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,14 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
         "p negative": ([src, folder / "o.onnx", "--p", "-1"], "--p must be a positive"),
         "q negative": ([src, folder / "o.onnx", "--q", "-2"], "--q must be a positive"),
         "no OUT": ([src], "missing OUT"),
-        "OUT with check": ([src, folder / "o.onnx", "--check"], "--check writes nothing"),
+        "two OUTs": ([src, folder / "o.onnx", folder / "p.onnx"], "several models are for --check"),
+        "quiet and verbose": ([src, folder / "o.onnx", "-q", "-v"], "--quiet and --verbose"),
+        "OUT is stdout": ([src, "-"], "OUT -: only --report can go to stdout"),
+        "plot to stdout": ([src, folder / "o.onnx", "--plot", "-"], "--plot -: only --report"),
+        "report with several checks": (
+            [src, src, "--check", "--report", folder / "r.json"],
+            "--report and --plot take a single",
+        ),
         "bad input shape": ([src, folder / "o.onnx", "--input-shape", "x"], "NAME=D1"),
         "unknown input": ([src, folder / "o.onnx", "--input-shape", "z=1,10"], "z"),
         "missing npz": ([src, folder / "o.onnx", "--inputs", folder / "a.npz"], "a.npz"),
@@ -148,7 +156,8 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list, str]]:
 
 BAD = [
     "missing", "not onnx", "truncated", "out folder missing", "out is in",
-    "out is a symlink to in", "p zero", "p negative", "q negative", "no OUT", "OUT with check",
+    "out is a symlink to in", "p zero", "p negative", "q negative", "no OUT", "two OUTs",
+    "quiet and verbose", "report with several checks", "OUT is stdout", "plot to stdout",
     "bad input shape", "unknown input", "missing npz", "npz names", "report is in",
     "unknown option",
     "bad solver", "p not a number",
@@ -339,3 +348,51 @@ def test_both_solvers_reach_the_same_minimum(folder, capsys):
         assert data["solver"] == solver and data["converged"]
         norms[solver] = data["norm_after"]
     assert norms["newton"] == pytest.approx(norms["mu"], rel=1e-9)
+
+
+def test_help_starts_with_what_it_does_and_an_example():
+    helped = _module("--help")
+    assert helped.returncode == 0 and helped.stderr == ""
+    lines = helped.stdout.splitlines()
+    assert lines[0].startswith("Balance a ReLU network stored as ONNX")
+    assert lines[2].startswith("Example: onnxbalance ") and lines[2].endswith(".onnx --p 2 --q 2")
+    assert lines[4] == "Usage: onnxbalance [OPTIONS] IN OUT"
+    assert lines[5].strip() == "onnxbalance [OPTIONS] --check IN..."
+    assert "{IN}" not in helped.stdout and "<bool>" not in helped.stdout
+    options = helped.stdout.split("Options:")[1]
+    for flag, text in (("--check", "Write nothing"), ("-q, --quiet", "Print nothing"),
+                       ("--verify / --no-verify", "Compare both")):  # fmt: skip
+        assert re.search(re.escape(flag) + r"\s+" + text, options), flag
+
+
+def test_a_bare_command_prints_the_usage():
+    bare = _module()
+    assert bare.returncode == 2 and bare.stdout == ""
+    assert bare.stderr.splitlines() == [
+        "Usage: onnxbalance [OPTIONS] IN OUT",
+        "       onnxbalance [OPTIONS] --check IN...",
+        "Try 'onnxbalance --help' for help.",
+    ]
+
+
+def test_check_several_files_like_black(folder, capsys):
+    """One line per file on stdout, an error's one line on stderr and the next file checked;
+    exit 2 if any file could not be checked, else 1 if any is not balanced, else 0."""
+    src, balanced = folder / "in.onnx", folder / "balanced.onnx"
+    assert cli(capsys, src, balanced, "-q")[0] == 0
+    code, out, err = cli(capsys, "--check", balanced, balanced)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith(f"{balanced}: balanced: the norm can drop by") for line in lines)
+    code, out, err = cli(capsys, "--check", balanced, src)
+    assert code == 1 and err == ""
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{balanced}: balanced")
+    assert lines[1].startswith(f"{src}: NOT balanced: the norm can drop by")
+    code, out, err = cli(capsys, "--check", folder / "nope.onnx", src, balanced)
+    assert code == 2 and len(out.splitlines()) == 2
+    assert_one_line_error(err, "nope.onnx: no such file")
+    code, out, err = cli(capsys, "--check", "-q", src, balanced)
+    assert (code, out, err) == (1, "", "")
+    assert listing(folder) == ["balanced.onnx", "in.onnx"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from rich.console import Console
 
 from onnxbalance.report import (
@@ -59,6 +60,18 @@ def test_to_dict_has_the_documented_keys_and_is_json():
     assert math.isclose(data["norm_ratio"], 0.8)
 
 
+def test_json_keys_are_the_python_names():
+    """Every scalar of the JSON report is the Report attribute of the same name, same value."""
+    report = _report()
+    data = report.to_dict()
+    for key, value in data.items():
+        if key == "layers":  # the per-layer pairs of layers_before and layers_after
+            continue
+        assert hasattr(report, key), key
+        if isinstance(value, bool | int | float | str):
+            assert value == pytest.approx(getattr(report, key)), key
+
+
 def test_non_finite_values_become_null():
     data = _report(norm_before=float("nan"), history=(1.0, float("inf"))).to_dict()
     text = json.dumps(data, allow_nan=False)  # would raise on NaN/Infinity
@@ -70,9 +83,9 @@ def test_skipped_verification_is_null():
 
 
 def test_balanced_means_small_relative_gap():
-    assert not _report().balanced  # 20% lower norm available
-    assert _report(norm_after=10.0 * (1 - 1e-9)).balanced
-    assert _report(units_balanced=0, norm_after=10.0).balanced  # nothing can move
+    assert not _report().input_balanced  # 20% lower norm available
+    assert _report(norm_after=10.0 * (1 - 1e-9)).input_balanced
+    assert _report(units_balanced=0, norm_after=10.0).input_balanced  # nothing can move
 
 
 def test_comparison_fails_if_any_output_fails_or_none_compared():

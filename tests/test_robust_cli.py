@@ -89,10 +89,17 @@ def test_output_never_overwrites_input_data(dirs):
     onnx.save_model(model, src, save_as_external_data=True, location="b.onnx.data",
                     size_threshold=0)  # fmt: skip
     before = snapshot(src_dir)
-    code, out, err = run(src, src_dir / "b.onnx")
-    assert code == 2 and out == ""
-    assert len(err.splitlines()) == 1 and "overwrite the input's external data" in err
-    assert snapshot(src_dir) == before
+    code, out, err = run(src, src_dir / "b.onnx", "-q")
+    assert (code, out, err) == (0, "", "")  # OUT's data takes a name no file has
+    assert sorted(os.listdir(src_dir)) == ["b.onnx", "b.onnx.1.data", "b.onnx.data", "m.onnx"]
+    assert {name: digest for name, digest in snapshot(src_dir).items() if name in before} == before
+    np.testing.assert_allclose(
+        ort_outputs(src_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+    code, out, err = run(src, src_dir / "b.onnx.data")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "same file as the input" in err or "input's external data" in err
+    assert {name: digest for name, digest in snapshot(src_dir).items() if name in before} == before
 
 
 def test_models_over_the_protobuf_limit(dirs, monkeypatch):
@@ -334,7 +341,13 @@ def test_deterministic_bytes(dirs, tmp_path):
     assert run(src, other / "b.onnx", "-q")[0] == 0
     first = snapshot(out_dir)
     assert first == snapshot(other)
-    assert run(src, out_dir / "b.onnx", "-q")[0] == 0  # over an existing output: same bytes
+    # over an existing output the data file takes the other name (the old model references
+    # the first until the new model replaces it): same data bytes, and back to the first name
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    second = snapshot(out_dir)
+    assert sorted(second) == ["b.onnx", "b.onnx.1.data"]
+    assert second["b.onnx.1.data"] == first["b.onnx.data"]
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
     assert snapshot(out_dir) == first
 
 
@@ -430,3 +443,333 @@ def test_api_and_check_on_external_data(dirs):
     code, out, err = run(src, "--check", "-q")
     assert code == 1 and err == ""  # not balanced
     assert snapshot(src_dir) == before
+
+
+def _external_with_data_named(folder: Path, location: str) -> Path:
+    src = folder / "m.onnx"
+    onnx.save_model(mlp(seed=3), src, save_as_external_data=True, location=location,
+                    size_threshold=0)  # fmt: skip
+    return src
+
+
+@pytest.mark.parametrize("option", ["--report", "--plot"])
+@pytest.mark.parametrize("check", [False, True])
+def test_side_outputs_never_write_the_inputs_data(dirs, option, check):
+    """IN's external data file (any name, here w.raw) is never a --report or --plot target,
+    with --check too: one line, exit 2, IN and OUT's folder untouched."""
+    pytest.importorskip("matplotlib")
+    src_dir, out_dir = dirs
+    src = _external_with_data_named(src_dir, "w.raw")
+    before = snapshot(src_dir)
+    target = ["--check"] if check else [out_dir / "b.onnx"]
+    code, out, err = run(src, *target, option, src_dir / "w.raw")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "is the external data file w.raw of the input" in err
+    assert snapshot(src_dir) == before and not any(out_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("report", "plot", "needle"),
+    [("b.onnx.data", None, "would be OUT's data file"),
+     ("b.onnx.1.data", None, "would be OUT's data file"),
+     (None, "b.onnx.data", "would be OUT's data file"),
+     ("b.onnx", None, "is OUT"),
+     ("r.png", "r.png", "plot is the same file as the report"),
+     ("x.npz", None, "same file as the input")],
+)  # fmt: skip
+def test_side_outputs_never_collide_with_out_its_data_or_each_other(dirs, report, plot, needle):
+    pytest.importorskip("matplotlib")
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+    np.savez(out_dir / "x.npz", x=np.ones((2, 4), np.float32))
+    (out_dir / "b.onnx").write_bytes(b"previous output")
+    before = snapshot(out_dir)
+    args = [src, out_dir / "b.onnx", "--inputs", out_dir / "x.npz"]
+    args += ["--report", out_dir / report] if report else []
+    args += ["--plot", out_dir / plot] if plot else []
+    code, out, err = run(*args)
+    assert code == 2 and out == "" and err.count("\n") == 1 and needle in err, err
+    assert snapshot(out_dir) == before
+
+
+def test_a_plot_replaces_its_file_never_a_hard_link_to_it(dirs):
+    """The plot is written like every output (a rename), so another name of the old file keeps
+    its bytes; an unsupported format is refused before OUT is written."""
+    pytest.importorskip("matplotlib")
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    kept = src_dir / "kept.png"
+    kept.write_bytes(b"another name of the same file")
+    os.link(kept, out_dir / "p.png")
+    code, out, err = run(src, out_dir / "b.onnx", "--plot", out_dir / "p.png", "-q")
+    assert (code, out, err) == (0, "", "")
+    assert kept.read_bytes() == b"another name of the same file"
+    assert (out_dir / "p.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run(src, out_dir / "c.onnx", "--plot", out_dir / "p.txt")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "cannot draw a .txt image; use one of" in err and ".png" in err
+    assert sorted(os.listdir(out_dir)) == ["b.onnx", "p.png"]
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device"])
+def test_out_naming_a_special_file_is_refused_never_replaced(dirs, kind):
+    """OUT a FIFO, or a symlink to /dev/null (the test never names /dev/null itself: code that
+    renames over OUT would replace the machine's /dev/null): one line, the node untouched."""
+    import stat
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    target = out_dir / "b.onnx"
+    if kind == "a FIFO":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/null")
+    code, out, err = run(src, target)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"{target}: output is {kind}, not a regular file" in err
+    if kind == "a FIFO":
+        assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    else:
+        assert target.is_symlink() and stat.S_ISCHR(os.stat(target).st_mode)
+    assert os.listdir(out_dir) == ["b.onnx"]
+
+
+def test_report_into_a_fifo_is_written_not_replaced(dirs):
+    import stat
+    import threading
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    fifo = out_dir / "report.pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    code, out, err = run(src, out_dir / "b.onnx", "--report", fifo, "-q")
+    reader.join(timeout=60)
+    assert (code, out, err) == (0, "", "")
+    assert json.loads(received[0])["verify"]["passed"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_report_to_stdout(dirs):
+    """`--report -` and a symlink to /proc/self/fd/1 (what /dev/stdout is) write the JSON to
+    stdout; with `-` stdout carries the JSON alone and the summary goes to stderr; the symlink
+    stays a symlink."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    code, out, err = run(src, out_dir / "b.onnx", "--report", "-")
+    assert code == 0 and json.loads(out)["norm_ratio"] < 1
+    assert "norm before" in err and "onnxbalance: error" not in err
+    link = out_dir / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    proc = _spawn([src, out_dir / "c.onnx", "--report", link, "-q"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == ""
+    assert json.loads(out)["output"] == str(out_dir / "c.onnx")
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+
+
+def test_a_report_failing_after_out_is_committed_has_its_own_exit_code(dirs, monkeypatch):
+    """Side outputs are checked before any work; if the disk then fails for the report, OUT is
+    in place: exit 4 and a line that says so (not 2, 'OUT cannot be written')."""
+    from onnxbalance import io as obio
+    from onnxbalance.errors import OutputError
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+
+    def disk_full(path, data):
+        raise OutputError(f"{path}: cannot write: No space left on device")
+
+    monkeypatch.setattr(obio, "write_bytes", disk_full)
+    code, out, err = run(src, out_dir / "b.onnx", "--report", out_dir / "r.json", "-q")
+    assert code == 4 and out == "" and err.count("\n") == 1
+    assert "No space left on device" in err and f"OUT {out_dir / 'b.onnx'} was written" in err
+    np.testing.assert_allclose(
+        ort_outputs(out_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_long_names_are_not_refused_for_temporary_names(dirs):
+    """OUT and the report may use every one of NAME_MAX's 255 bytes their data file leaves."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx", external=True)
+    out = out_dir / ("o" * 235 + ".onnx")
+    report = out_dir / ("r" * 250 + ".json")
+    code, stdout, err = run(src, out, "--report", report, "-q")
+    assert (code, stdout, err) == (0, "", "")
+    assert sorted(os.listdir(out_dir)) == sorted([out.name, out.name + ".data", report.name])
+
+
+def _negative_dimension(folder: Path) -> list:
+    model = mlp(seed=4)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -3  # onnx.checker allows it
+    return [save(model, folder / "neg.onnx")]
+
+
+def _zero_width_layer(folder: Path) -> list:
+    return [save(mlp(widths=(4, 0, 3), seed=4), folder / "zero.onnx")]
+
+
+HOSTILE = {
+    "negative input dimension": (
+        _negative_dimension, [], "graph input 'x' declares dimension 0 as -3; dimensions cannot"
+    ),
+    "zero-width hidden layer": (
+        _zero_width_layer, [], "layer 'gemm0' has an empty weight (shape (0, 4)): a zero-width"
+    ),
+    "q 1e-300": (None, ["--q", "1e-300"], "--q must be between 0.01 and 100, got 1e-300"),
+    "p 1e300": (None, ["--p", "1e300"], "--p must be between 0.01 and 100, got 1e+300"),
+    "seed -1": (None, ["--seed", "-1"], "--seed must be an integer from 0 to 2**64 - 1, got -1"),
+    "huge input shape": (
+        None, ["--input-shape", "x=99999999999999999999,4"],
+        "4e+20 elements, more than the 2147483647 a verification input can hold",
+    ),
+    "plot format": (None, ["--plot", "p.txt"], "cannot draw a .txt image"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_inputs_and_options_are_one_line_exit_2(dirs, case):
+    """Each of these was a traceback (exit 1); now one line naming the problem, exit 2, nothing
+    written (the plot's format is refused before OUT exists), IN untouched."""
+    src_dir, out_dir = dirs
+    make, options, needle = HOSTILE[case]
+    src = make(src_dir)[0] if make else save(mlp(seed=4), src_dir / "m.onnx")
+    options = [str(out_dir / o) if o.endswith(".txt") else o for o in options]
+    before = snapshot(src_dir)
+    code, out, err = run(src, out_dir / "b.onnx", *options)
+    assert code == 2 and out == "", err
+    assert err.startswith("onnxbalance: error: ") and err.count("\n") == 1 and needle in err, err
+    assert snapshot(src_dir) == before and not any(out_dir.iterdir())
+
+
+def test_in_memory_models_are_checked_like_files():
+    import onnxbalance
+    from onnxbalance.errors import InputError
+
+    model = mlp(seed=4)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -4
+    with pytest.raises(InputError, match="model: graph input 'x' declares dimension 1 as -4"):
+        onnxbalance.balance(model)
+    with pytest.raises(InputError, match="--seed must be an integer"):
+        onnxbalance.balance(mlp(seed=4), seed=-1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_is_one_line(dirs, signum):
+    """The handlers are installed before numpy, onnx and typer load: a signal at any moment of
+    the first second ends with the one line, 128 + signal, no traceback, nothing written."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    interrupted = 0
+    for delay in (0.3, 0.45, 0.6, 0.8, 1.0, 1.3):
+        proc = _spawn([src, out_dir / "b.onnx", "-q"])
+        time.sleep(delay)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:  # the run was over: the signal came too late
+            assert err == ""
+            continue
+        assert (proc.returncode, err) == (128 + signum, "onnxbalance: error: interrupted\n")
+        assert not any(out_dir.iterdir())
+        interrupted += 1
+    assert interrupted >= 1
+
+
+def test_in_memory_verification_failure_speaks_of_no_file(monkeypatch):
+    """balance() writes nothing: its failure names the model it would have returned."""
+    import onnxbalance
+    from onnxbalance import rewrite
+    from onnxbalance.errors import VerificationError
+
+    real = rewrite.rewrite
+
+    def wrong(model, units, log_scales, **kwargs):
+        balanced = real(model, units, log_scales, **kwargs)
+        (w1,) = [t for t in balanced.graph.initializer if t.name == "W1"]
+        w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1) * 3, "W1"))
+        return balanced
+
+    monkeypatch.setattr(rewrite, "rewrite", wrong)
+    with pytest.raises(VerificationError) as info:
+        onnxbalance.balance(mlp(seed=4))
+    message = str(info.value)
+    assert "written" not in message and "file" not in message
+    assert message.endswith("the balanced model is not returned (see error.model)")
+    assert isinstance(info.value.model, onnx.ModelProto)
+
+
+def test_sigkill_leaves_a_staging_folder_that_the_next_run_removes(dirs, tmp_path):
+    """SIGKILL cannot be caught: the staged output stays behind, hidden, and the previous OUT
+    is intact; the next run on the same OUT removes it."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=8), src_dir / "m.onnx", external=True)
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    before = snapshot(out_dir)
+    marker = tmp_path / "paused"
+    pause = {safewrite._PAUSE_ENV: f"{marker}:60"}
+    proc = _spawn([src, out_dir / "b.onnx", "-q", "--p", "1"], pause)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()
+    proc.kill()
+    proc.communicate(timeout=60)
+    (staging,) = [p for p in out_dir.iterdir() if p.name.startswith(".onnxbalance-")]
+    assert any(staging.iterdir())  # the complete staged output, never committed
+    visible = {name: digest for name, digest in snapshot(out_dir).items() if name[0] != "."}
+    assert visible == before
+    assert run(src, out_dir / "b.onnx", "-q")[0] == 0
+    assert sorted(os.listdir(out_dir)) == ["b.onnx", "b.onnx.1.data"]
+
+
+def _promise_cases(src: Path, src_dir: Path, out_dir: Path) -> dict[str, list]:
+    out = out_dir / "b.onnx"
+    fifo = out_dir / "fifo"
+    return {
+        "report is IN": [src, out, "--report", src],
+        "report is IN's data": [src, out, "--report", src_dir / "m.onnx.bin"],
+        "check, report is IN's data": [src, "--check", "--report", src_dir / "m.onnx.bin"],
+        "plot is IN's data": [src, out, "--plot", src_dir / "m.onnx.bin"],
+        "report is OUT's data": [src, out, "--report", out_dir / "b.onnx.data"],
+        "report is OUT's next data": [src, out, "--report", out_dir / "b.onnx.1.data"],
+        "report is OUT": [src, out, "--report", out],
+        "plot is the report": [src, out, "--report", out_dir / "r", "--plot", out_dir / "r"],
+        "OUT is IN": [src, src],
+        "OUT is IN's data": [src, src_dir / "m.onnx.bin"],
+        "OUT is a FIFO": [src, fifo],
+        "plot format": [src, out, "--plot", out_dir / "p.txt"],
+        "q 1e-300": [src, out, "--q", "1e-300"],
+        "seed -1": [src, out, "--seed", "-1"],
+        "huge shape": [src, out, "--input-shape", "x=99999999999999999999,4"],
+        "quiet and verbose": [src, out, "-q", "-v"],
+        "two OUTs": [src, out, out_dir / "c.onnx"],
+        "fine, over the old OUT": [src, out, "-q"],
+    }
+
+
+@pytest.mark.parametrize("case", list(_promise_cases(Path("m"), Path("i"), Path("o"))))
+def test_readme_promises_hold_against_hostile_paths_and_options(dirs, case):
+    """The README promises: IN (and every file it references) is never written; OUT is complete
+    or absent (an existing OUT is replaced only by a complete, verified output); every error is
+    one line, never a traceback. Each case breaks one of them on a tool that does not keep
+    them."""
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=8), src_dir / "m.onnx", external=True)
+    assert run(src, out_dir / "b.onnx", "-q", "--p", "1")[0] == 0  # an existing OUT
+    os.mkfifo(out_dir / "fifo")
+    previous_out, previous_in = snapshot(out_dir), snapshot(src_dir)
+    code, out, err = run(*_promise_cases(src, src_dir, out_dir)[case])
+    assert snapshot(src_dir) == previous_in
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]
+    if code == 0:
+        assert err == ""
+        np.testing.assert_allclose(
+            ort_outputs(out_dir / "b.onnx", 4), ort_outputs(src, 4), rtol=1e-4, atol=1e-5
+        )
+    else:
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert err.startswith("onnxbalance: error: ") and err.count("\n") == 1, err
+        assert snapshot(out_dir) == previous_out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,19 +88,123 @@ def test_layout_is_kept_per_tensor(folders):
     np.testing.assert_array_equal(_outputs(out), _outputs(path))
 
 
-def test_refuses_to_overwrite_input_data(folders):
-    path = save(mlp(), folders / "in" / "m.onnx", external=True)
-    os.rename(path.with_name("m.onnx.bin"), path.with_name("b.onnx.data"))
+def _with_data_named(path: Path, location: str) -> onnx.ModelProto:
+    """The model at ``path`` with its external data file renamed to ``location``."""
+    os.rename(path.with_name("m.onnx.bin"), path.with_name(location))
     model = onnx.load(path, load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
-                entry.value = "b.onnx.data"
+                entry.value = location
     onnx.save(model, path)
+    return model
+
+
+def test_input_data_named_like_the_outputs_is_never_written(folders):
+    """IN's data file carries the name OUT's data would have: OUT's data takes the next free
+    name, and replacing that output later removes its old data file, never IN's."""
+    path = save(mlp(), folders / "in" / "m.onnx", external=True)
+    model = _with_data_named(path, "b.onnx.data")
     before = _digest(path.parent)
-    with pytest.raises(OutputError, match="overwrite the input's external data"):
-        safewrite.save_model(model, path.parent / "b.onnx", base_dir=path.parent)
-    assert _digest(path.parent) == before
+    out = path.parent / "b.onnx"
+    assert safewrite.save_model(model, out, base_dir=path.parent) == out.with_name("b.onnx.1.data")
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+    assert safewrite.save_model(model, out, base_dir=path.parent) == out.with_name("b.onnx.2.data")
+    assert sorted(os.listdir(path.parent)) == ["b.onnx", "b.onnx.2.data", "b.onnx.data", "m.onnx"]
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+    assert {k: v for k, v in _digest(path.parent).items() if k in before} == before
+    with pytest.raises(OutputError, match="is the input's external data file"):
+        safewrite.save_model(model, path.parent / "b.onnx.data", base_dir=path.parent)
+    assert {k: v for k, v in _digest(path.parent).items() if k in before} == before
+
+
+def test_the_model_rename_is_the_single_commit_point(folders, monkeypatch):
+    """Replacing an output with external data: until the model file is renamed the old model
+    finds its own, unchanged data (a crash between the renames cannot pair the old model with
+    the new data); a failure at the model's rename leaves the folder as it was."""
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    old = mlp(seed=5)
+    save(old, folders / "old.onnx", external=True)
+    safewrite.save_model(onnx.load(folders / "old.onnx"), out, external={"W0", "W1", "b0"})
+    old_outputs, before = _outputs(out), _digest(out.parent)
+    staged = safewrite.stage_model(model, out, base_dir=path.parent)
+    real_replace = os.replace
+    seen = []
+
+    def crash_at_model_rename(src, dst):
+        seen.append(Path(dst).name)
+        if Path(dst) == out:  # the data file is in place by now: the old model must still work
+            np.testing.assert_array_equal(_outputs(out), old_outputs)
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_model_rename)
+    with pytest.raises(OutputError, match="Input/output error"):
+        staged.commit()
+    assert seen == ["b.onnx.1.data", "b.onnx"]
+    assert _digest(out.parent) == before and sorted(os.listdir(out.parent)) == sorted(before)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert safewrite.save_model(model, out, base_dir=path.parent) == out.with_name("b.onnx.1.data")
+    assert sorted(os.listdir(out.parent)) == ["b.onnx", "b.onnx.1.data"]  # old data removed
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_an_inline_output_replacing_one_with_data_removes_its_data(folders):
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    safewrite.save_model(model, out, base_dir=path.parent)
+    assert safewrite.save_model(model, out, base_dir=path.parent, external=()) is None
+    assert os.listdir(out.parent) == ["b.onnx"]
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_stale_staging_folders_are_removed_by_the_next_run(folders):
+    """A killed run (SIGKILL, power cut) leaves its staging folder; the next run on the same
+    OUT removes it, while a live run's folder and other outputs' folders stay."""
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    key = safewrite._staging_key(out)
+    stale = out.parent / f".onnxbalance-{key}-{int(dead.stdout)}-abc123"
+    live = out.parent / f".onnxbalance-{key}-{os.getppid()}-abc123"
+    other = out.parent / f".onnxbalance-{safewrite._staging_key(out.with_name('c.onnx'))}-1-ab"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "b.onnx.data").write_bytes(b"\0" * 1000)
+    safewrite.save_model(model, out, base_dir=path.parent)
+    assert sorted(os.listdir(out.parent)) == sorted(
+        ["b.onnx", "b.onnx.data", live.name, other.name]
+    )
+
+
+def test_a_long_output_name_is_not_refused_for_the_staging_name(folders):
+    """A 240-character name is legal (NAME_MAX is 255): staging names must not exceed it."""
+    model, path = _lazy(folders)
+    out = folders / "out" / ("n" * 235 + ".onnx")
+    safewrite.save_model(model, out, base_dir=path.parent)
+    assert sorted(os.listdir(out.parent)) == [out.name, out.name + ".data"]
+    np.testing.assert_array_equal(_outputs(out), _outputs(path))
+
+
+def test_a_second_signal_cannot_interrupt_cleanup(folders, monkeypatch):
+    """SIGTERM arriving while the staging folder is being removed waits until it is gone."""
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    staged = safewrite.stage_model(model, out, base_dir=path.parent)
+    real_rmtree = shutil.rmtree
+
+    def signalled_rmtree(folder, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        real_rmtree(folder, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", signalled_rmtree)
+    with pytest.raises(safewrite.Interrupted):
+        with safewrite.interrupts_raise():
+            staged.discard()
+    assert os.listdir(out.parent) == []
 
 
 def test_failure_midway_keeps_old_output_and_leaves_no_temporaries(folders, monkeypatch):
@@ -140,13 +245,23 @@ def test_existing_output_replaced_when_complete(folders):
 
 
 def test_deterministic_bytes(folders):
+    """Same model, same bytes; written over an existing output the data file takes the other
+    name (the old model references the first until the new one replaces it), same bytes."""
     model, path = _lazy(folders)
     out = folders / "out" / "b.onnx"
     safewrite.save_model(model, out, base_dir=path.parent)
     first = _digest(out.parent)
+    again = folders / "again" / "b.onnx"
+    again.parent.mkdir()
+    safewrite.save_model(model, again, base_dir=path.parent)
+    assert _digest(again.parent) == first
     safewrite.save_model(
         onnx.load(path), out, base_dir=path.parent, external=tensors.external_names(model)
     )
+    second = _digest(out.parent)
+    assert list(second) == ["b.onnx", "b.onnx.1.data"]
+    assert second["b.onnx.1.data"] == first["b.onnx.data"]
+    safewrite.save_model(model, out, base_dir=path.parent)
     assert _digest(out.parent) == first
 
 
