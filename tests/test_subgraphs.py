@@ -11,9 +11,9 @@ import warnings
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import subgraph_models as sm
+from arch_reference import assert_equivalent, run
 from onnx import numpy_helper
 from onnx_models import IN
 
@@ -23,16 +23,6 @@ from onnxbalance.analysis.graph import bodies
 
 THEN = "If 'branch'/then_branch/"
 ELSE = "If 'branch'/else_branch/"
-
-
-def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
-
-
-def _assert_same(original, balanced, feed) -> None:
-    for before, after in zip(_run(original, feed), _run(balanced, feed), strict=True):
-        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5 * np.abs(before).max())
 
 
 def _stored(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -77,7 +67,7 @@ def test_if_branches_balance_where_the_tensors_live():
     # then: the body's initializers; else: its Constant nodes and the outer weight only it reads
     assert _changed(model, balanced) == {"t1_W", "t1_b", "t2_W", "e1_W", "e1_b", "cap_W"}
     for feed in feeds:
-        _assert_same(model, balanced, feed)
+        assert_equivalent(model, balanced, feed)
 
 
 LOOP_FEED = {"x": np.linspace(-2, 2, 5 * IN, dtype=np.float32).reshape(5, IN)}
@@ -97,7 +87,7 @@ def test_loop_and_scan_bodies(build, hidden, feed):
     balanced, report = balance(model, inputs=feed)
     assert report.units_found == report.units_balanced == hidden
     assert report.changed and report.norm_after < report.norm_before
-    _assert_same(model, balanced, feed)
+    assert_equivalent(model, balanced, feed)
 
 
 def test_torchscript_data_dependent_branch(tmp_path):
@@ -140,10 +130,10 @@ def test_torchscript_data_dependent_branch(tmp_path):
     assert report.units_balanced == report.units_found == 16 + 10 + 12
     assert report.norm_after < 0.5 * report.norm_before
     for feed in (np.abs(x), -np.abs(x)):
-        _assert_same(model, balanced, {"x": feed})
+        assert_equivalent(model, balanced, {"x": feed})
         with torch.no_grad():
             want = module(torch.from_numpy(feed)).numpy()
-        np.testing.assert_allclose(_run(balanced, {"x": feed})[0], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(run(balanced, {"x": feed})[0], want, rtol=1e-4, atol=1e-4)
 
 
 def test_names_defined_in_two_bodies_are_never_edited():

@@ -162,7 +162,18 @@ def _shifted_edit(edit: TensorEdit, offset: int) -> TensorEdit:
     )
 
 
-class _Chained(Sequence[str]):
+class NameSequence(Sequence[str]):
+    """Scale-group names made when read, equal to any sequence of the same strings."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Chained(NameSequence):
     """The group names of all scopes one after the other, each with its scope's path in front,
     made when read (a model may have millions of groups)."""
 

@@ -29,7 +29,6 @@ that rescaling would be exact too.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import overload
 
 import numpy as np
@@ -39,7 +38,7 @@ from ..unitgraph import FIXED, LinearUnits, ModelUnits, Skip, TensorEdit
 from .graph import GraphIndex
 from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
 from .passthrough import Carrier, Step, match_passthrough
-from .scopes import body_indexes, merged
+from .scopes import NameSequence, body_indexes, merged
 from .shapes import infer_scoped_shapes
 
 log = logging.getLogger(__name__)
@@ -277,7 +276,7 @@ class _UnitNames:
         return int(np.searchsorted(self.offsets, unit, side="right")) - 1
 
 
-class GroupNames(Sequence[str]):
+class GroupNames(NameSequence):
     """The scale groups' names, each that of its first unit, made when read: a model may have
     millions of units, and the solver and report name only the few they mention."""
 
@@ -298,13 +297,6 @@ class GroupNames(Sequence[str]):
         if isinstance(index, slice):
             return tuple(self._units[int(r)] for r in self._roots[index])
         return self._units[int(self._roots[index])]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"GroupNames({len(self)} groups)"
