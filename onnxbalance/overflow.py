@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from onnxbalance import memory, tensors
-from onnxbalance.analysis.graph import bodies
+from onnxbalance.analysis.graph import bodies, constant_value
 from onnxbalance.unitgraph import FIXED, ModelUnits, Skip, TensorEdit
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,9 @@ def _add_stored(graph: onnx.GraphProto, found: dict[str, onnx.TensorProto]) -> N
     for tensor in graph.initializer:
         found.setdefault(tensor.name, tensor)
     for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    found.setdefault(node.output[0], attr.t)
+        value = constant_value(node)
+        if value is not None:
+            found.setdefault(node.output[0], value)
     for _, _, _, body in bodies(graph):
         _add_stored(body, found)
 

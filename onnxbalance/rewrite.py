@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from . import memory, protos, tensors
-from .analysis.graph import bodies
+from .analysis.graph import bodies, constant_value
 from .errors import UnsupportedModelError
 from .unitgraph import FIXED, ModelUnits, TensorEdit
 
@@ -85,13 +85,11 @@ def _rewrite_constants(
 ) -> None:
     """The graph's Constant nodes that are edited, in place (``graph`` is the new model's)."""
     for node in graph.node:
-        name = node.output[0] if node.op_type == "Constant" and node.output else None
-        if name not in edits or name in done:
-            continue
-        for attr in node.attribute:
-            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                _fill(attr.t, attr.t, _apply(attr.t, edits[name], scales))
-                done.add(name)
+        value = constant_value(node)
+        name = node.output[0] if value is not None else None
+        if name in edits and name not in done:
+            _fill(value, value, _apply(value, edits[name], scales))
+            done.add(name)
 
 
 def _rewrite_bodies(

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from ..unitgraph import FIXED, ModelUnits, TensorEdit
-from .graph import GraphIndex, bodies, node_name
+from .graph import GraphIndex, bodies, constant_value, node_name
 from .shapes import ScopeKey, Shape
 
 
@@ -67,6 +67,8 @@ def body_indexes(
 ) -> Iterator[tuple[str, BodyIndex]]:
     """Every body of the model, nested ones too, with its path (``If 'name'/then_branch``)."""
     graph = model.graph
+    if next(bodies(graph), None) is None:
+        return  # no body: no need to count the uses of every tensor
     overridable = frozenset(t.name for t in graph.initializer) & {v.name for v in graph.input}
     scope = _Scope(shapes, overridable, model_uses(graph))
     yield from _walk(graph, (), "", _constants(graph, {}), shapes[()], scope)
@@ -105,10 +107,9 @@ def _constants(
     visible = {k: v for k, v in outer.items() if k not in shadowed}
     visible.update((t.name, t) for t in graph.initializer)
     for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    visible[node.output[0]] = attr.t
+        value = constant_value(node)
+        if value is not None:
+            visible[node.output[0]] = value
     return visible
 
 
