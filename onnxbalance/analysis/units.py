@@ -81,7 +81,8 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
     Returns:
         The layers with their row/column scale groups and the tensor edits that rescale them,
         one group name ``"<layer>:<unit>"`` per hidden unit (a tied group takes the name of its
-        first unit), and the Skip records.
+        first unit; inside a body, ``"If 'name'/then_branch/<layer>:<unit>"``), and the Skip
+        records.
 
     Raises:
         InputError: a BatchNormalization after a layer computes NaN or infinity (:mod:`.ops`).
