@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from onnxbalance import memory, tensors
+from onnxbalance.analysis.graph import bodies, constant_value
 from onnxbalance.unitgraph import FIXED, ModelUnits, Skip, TensorEdit
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,22 @@ _INDEX_SUFFIX = re.compile(r"(\[\d+\]|[:#/]\d+)$")
 
 
 def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant node values of the main graph, by name."""
-    found = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    found[node.output[0]] = attr.t
+    """Initializers and Constant node values of the main graph and its If/Loop/Scan bodies, by
+    name (a name the main graph stores is the main graph's)."""
+    found: dict[str, onnx.TensorProto] = {}
+    _add_stored(model.graph, found)
     return found
+
+
+def _add_stored(graph: onnx.GraphProto, found: dict[str, onnx.TensorProto]) -> None:
+    for tensor in graph.initializer:
+        found.setdefault(tensor.name, tensor)
+    for node in graph.node:
+        value = constant_value(node)
+        if value is not None:
+            found.setdefault(node.output[0], value)
+    for _, _, _, body in bodies(graph):
+        _add_stored(body, found)
 
 
 def _log_u(groups: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from . import memory, protos, tensors
+from .analysis.graph import bodies, constant_value
 from .errors import UnsupportedModelError
 from .unitgraph import FIXED, ModelUnits, TensorEdit
 
@@ -70,18 +71,40 @@ def rewrite(
             done.add(tensor.name)
         else:
             new.CopyFrom(tensor)
-    for node in out.graph.node:
-        if node.op_type != "Constant" or not node.output or node.output[0] not in edits:
-            continue
-        for attr in node.attribute:
-            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                _fill(attr.t, attr.t, _apply(attr.t, edits[node.output[0]], scales))
-                done.add(node.output[0])
+    _rewrite_constants(out.graph, edits, scales, done)
+    _rewrite_bodies(out.graph, edits, scales, done)
     missing = sorted(set(edits) - done)
     if missing:
-        raise ValueError(f"edited tensors not stored in the main graph: {missing}")
+        raise ValueError(f"edited tensors not stored in the model: {missing}")
     log.info("rewrite: %d tensors rescaled", len(done))
     return out
+
+
+def _rewrite_constants(
+    graph: onnx.GraphProto, edits: dict[str, list[TensorEdit]], scales: Scales, done: set[str]
+) -> None:
+    """The graph's Constant nodes that are edited, in place (``graph`` is the new model's)."""
+    for node in graph.node:
+        value = constant_value(node)
+        name = node.output[0] if value is not None else None
+        if name in edits and name not in done:
+            _fill(value, value, _apply(value, edits[name], scales))
+            done.add(name)
+
+
+def _rewrite_bodies(
+    graph: onnx.GraphProto, edits: dict[str, list[TensorEdit]], scales: Scales, done: set[str]
+) -> None:
+    """Edited tensors stored inside If/Loop/Scan bodies, in place, nested bodies too. Analysis
+    edits a tensor only when its name is read once in the whole model, so the one stored tensor
+    of that name a reader can see is the one to change; names already edited are left alone."""
+    for _, _, _, body in bodies(graph):
+        for tensor in body.initializer:
+            if tensor.name in edits and tensor.name not in done:
+                _fill(tensor, tensor, _apply(tensor, edits[tensor.name], scales))
+                done.add(tensor.name)
+        _rewrite_constants(body, edits, scales, done)
+        _rewrite_bodies(body, edits, scales, done)
 
 
 def checked_scales(units: ModelUnits, log_scales: Sequence[float]) -> np.ndarray:

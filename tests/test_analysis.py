@@ -176,12 +176,15 @@ def test_quantized_ops():
     check(om.qlinear(), {"fc1": (None, None)}, skips)
 
 
-def test_subgraph_reads_activation_and_is_not_analysed():
-    skips = [
-        ("fc1", HID, "used inside the subgraph of If 'if'"),
-        ("if", 0, "2 linear ops inside the If subgraph are not analysed"),
-    ]
-    check(om.subgraph(), {"fc1": (None, None)}, skips)
+def test_subgraph_reads_activation():
+    """The branches' layers are found; what they read from the outer scope (fc1's activation)
+    and what they write (the branch outputs) is fixed."""
+    layers = {
+        "fc1": (None, None),
+        "If 'if'/then_branch/then_mm": (None, None),
+        "If 'if'/else_branch/else_gemm": (None, None),
+    }
+    check(om.subgraph(), layers, [("fc1", HID, "used inside the subgraph of If 'if'")])
 
 
 def test_float64():

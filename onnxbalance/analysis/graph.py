@@ -38,6 +38,35 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a Constant node holds in its ``value`` attribute (None for other nodes and
+    other attributes: ``value_float``, sparse values, ...)."""
+    if node.op_type != "Constant" or not node.output:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def bodies(graph: onnx.GraphProto) -> Iterator[tuple[int, int, str, onnx.GraphProto]]:
+    """Every If/Loop/Scan body directly under ``graph``: (position among the nodes that hold
+    bodies, the node's index, the attribute's name with ``[k]`` for a list of graphs, the body).
+    Positions stay the same when Constant nodes are taken out (:mod:`.shapes`)."""
+    position = 0
+    for index, node in enumerate(graph.node):
+        found = False
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found = True
+                yield position, index, attr.name, attr.g
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                found = True
+                for k, body in enumerate(attr.graphs):
+                    yield position, index, f"{attr.name}[{k}]", body
+        position += found
+
+
 def outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph reads but does not define itself: its implicit outer-scope inputs."""
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}

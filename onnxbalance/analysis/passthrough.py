@@ -19,7 +19,9 @@ channels c because the op commutes with them:
   order, so when the unit axis and everything after it (inner size s) fold into one output axis
   whose trailing size t divides s, output index x belongs to channel (x t // s) mod C (column
   j of Flatten([N, C, H, W]) is channel j // (H W)); Concat along the unit axis offsets the
-  channels, Split and Slice along it select them;
+  channels, Split, Slice and Gather along it select them; Slice, Gather and GatherElements along
+  other axes copy entries within each channel; a Reshape -> Transpose -> Reshape chain whose
+  channel map is exact (a channel shuffle) permutes the channels;
 * affine maps with stored constants that are rescaled with the units: Add/Sub of a per-channel
   constant (x + b -> a x + a b), a BatchNormalization that is not right after a layer
   (pre-activation, after a Relu): gamma (a x - a mean) / s + a beta = a BN(x);
@@ -391,11 +393,71 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
         return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
     mapped = reshaped(before, data.axis, after, len(data.units))
     if mapped is None:
+        permuted = _permuted(graph, i, data, before)
+        if permuted is not None:
+            return permuted
         if None in after[1:]:
             return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
         return Refusal(f"feeds {_name(graph, i)}, which spreads the unit axis over several axes")
     axis, index = mapped
     return Step(outputs=((node.output[0], data.take(index, axis, len(after))),))
+
+
+SIMULATED_ENTRIES = 1 << 22
+"""Largest block (one channel axis and the axes after it) whose layout :func:`_permuted`
+follows entry by entry: 32 MiB of int64 positions."""
+
+
+def _permuted(graph: GraphIndex, i: int, data: Carrier, before: tuple) -> Step | None:
+    """Reshape -> Transpose -> Reshape that lays the channels out again along one axis, such as
+    ShuffleNet's channel shuffle ([N, C, H, W] -> [N, g, C/g, H, W] -> swap axes 1 and 2 ->
+    [N, C, H, W]); None for any other chain.
+
+    Each of the three ops only moves entries, so every output entry has the channel of the
+    input entry it comes from. The chain is run on the channel number of every entry of one
+    [C, ...] block (the axes before the channels must stay in place): if the channel of each
+    output entry depends only on its index along one axis, the chain maps channels to that
+    axis exactly, and per-channel factors commute with it (docs/algorithm.md §1). The two
+    intermediate tensors must have no other reader, since they carry no units of their own.
+    """
+    chain = [i]
+    for op in ("Transpose", "Reshape"):
+        out = graph.nodes[chain[-1]].output[0]
+        uses = graph.uses(out)
+        if len(uses) != 1 or uses[0][1] != 0 or out in graph.graph_outputs:
+            return None
+        node = graph.nodes[uses[0][0]]
+        if node.op_type != op or node.domain not in STANDARD_DOMAINS:
+            return None
+        chain.append(uses[0][0])
+    k = data.axis + len(before)
+    middle = graph.dims(graph.nodes[i].output[0])
+    final = graph.dims(graph.nodes[chain[2]].output[0])
+    perm = attr(graph.nodes[chain[1]], "perm", None)
+    if (
+        middle is None
+        or final is None
+        or perm is None
+        or before[k] != len(data.units)
+        or list(perm[:k]) != list(range(k))
+        or before[:k].count(None) > 1
+        or middle[:k] != before[:k]
+        or final[:k] != before[:k]
+        or None in middle[k:] + final[k:]
+    ):
+        return None
+    size = int(np.prod(before[k:], dtype=np.int64))
+    if size > SIMULATED_ENTRIES or size != np.prod(middle[k:]) or size != np.prod(final[k:]):
+        return None
+    inner = size // len(data.units)
+    channel = np.arange(size, dtype=np.int64) // inner
+    channel = channel.reshape(middle[k:]).transpose([a - k for a in perm[k:]]).reshape(final[k:])
+    for m in range(channel.ndim):
+        lines = np.moveaxis(channel, m, 0).reshape(channel.shape[m], -1)
+        if (lines == lines[:, :1]).all():
+            moved = data.take(lines[:, 0], m - channel.ndim, len(final))
+            return Step(outputs=((graph.nodes[chain[2]].output[0], moved),))
+    return None
 
 
 def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -475,6 +537,13 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps are inputs
         values = [_constant(graph, n) if n else None for n in node.input[1:5]]
         if any(v is None for v, n in zip(values, node.input[1:5], strict=False) if n):
+            # bounds computed at run time (a time step's window) on other axes only: the
+            # entries kept along the unit axis are all of them
+            given = values[2] if len(values) > 2 else None
+            if given is not None:
+                axes = {int(a) if a < 0 else int(a) - rank for a in np.ravel(given)}
+                if data.axis not in axes:
+                    return _same(graph, i, data)
             return Refusal(f"feeds Slice '{graph.names[i]}' whose bounds are not constants")
         values += [None] * (4 - len(values))
         starts, ends, axes, steps = values
@@ -491,6 +560,44 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
             # ONNX clamps like Python slicing; INT64 bounds stay valid Python ints
             index = index[slice(int(start), int(end), int(step))]
     return Step(outputs=((node.output[0], data.take(index)),))
+
+
+def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Gather and GatherElements copy entries. Along an axis other than the units', every output
+    entry keeps the channel of the entry it copies, whatever the indices (Gather replaces only
+    its own axis by the indices' axes; GatherElements keeps the rank, and the unit axis keeps
+    its first ``indices.shape[k]`` positions), so per-channel factors commute with it
+    (docs/algorithm.md §1). A Gather along the unit axis with constant 1-D indices selects
+    channels, like a Slice."""
+    node = graph.nodes[i]
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    k = data.axis + rank
+    axis = int(attr(node, "axis", 0)) % rank
+    dims = graph.dims(node.input[1])
+    out = node.output[0]
+    if node.op_type == "GatherElements":
+        if axis == k:
+            return Refusal(f"feeds {_name(graph, i)}, which gathers along the unit axis")
+        if dims is None or len(dims) != rank or dims[k] is None or dims[k] > len(data.units):
+            return Refusal(f"shape of '{node.input[1]}' cannot be inferred")
+        return Step(outputs=((out, data.take(np.arange(dims[k]))),))
+    if axis != k:
+        if dims is None:
+            return Refusal(f"shape of '{node.input[1]}' cannot be inferred")
+        out_rank = rank - 1 + len(dims)
+        moved = data.axis if k > axis else k - out_rank
+        return Step(outputs=((out, Carrier(data.units, data.activated, moved, out_rank)),))
+    indices = _constant(graph, node.input[1])
+    n = len(data.units)
+    if indices is None or indices.ndim != 1:
+        return Refusal(f"feeds {_name(graph, i)}, which gathers the unit axis by other indices")
+    indices = indices.astype(np.int64)
+    if ((indices < -n) | (indices >= n)).any():
+        return Refusal(f"feeds {_name(graph, i)} with indices out of range")
+    return Step(outputs=((out, data.take(indices % n)),))
 
 
 # ------------------------------------------------------------------ merges and readers
@@ -604,6 +711,8 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
     "Concat": _concat,
     "Split": _split,
     "Slice": _slice,
+    "Gather": _gather,
+    "GatherElements": _gather,
     **dict.fromkeys(("Add", "Sum", "Sub"), _merge),
     "Shape": _shape_only,
     "Size": _shape_only,

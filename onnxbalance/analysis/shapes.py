@@ -14,10 +14,17 @@ import logging
 import onnx
 
 from .. import tensors
+from .graph import bodies
 
 log = logging.getLogger(__name__)
 
 Shape = tuple[int | None, ...]
+
+
+ScopeKey = tuple[tuple[int, str], ...]
+"""Where a body sits: per nesting level, (position among its graph's nodes that hold bodies,
+attribute label) as :func:`onnxbalance.analysis.graph.bodies` numbers them; () is the main
+graph."""
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
@@ -26,14 +33,34 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     Tensors whose rank cannot be inferred are absent. Never raises: a model that shape
     inference rejects yields the shapes it declares itself.
     """
+    return infer_scoped_shapes(model)[()]
+
+
+def infer_scoped_shapes(model: onnx.ModelProto) -> dict[ScopeKey, dict[str, Shape]]:
+    """:func:`infer_shapes` for the main graph (key ``()``) and for every If/Loop/Scan body
+    (each holding the names the body declares itself; sibling bodies may reuse names)."""
     light = tensors.without_weights(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as error:  # noqa: BLE001 - inference is an aid; its failure is not fatal
         log.warning("shape inference failed (%s); using the shapes the model declares", error)
         inferred = light
+    scoped = {(): _declared(inferred.graph, model.graph.initializer)}
+    _add_bodies(inferred.graph, (), scoped)
+    return scoped
+
+
+def _add_bodies(
+    graph: onnx.GraphProto, key: ScopeKey, scoped: dict[ScopeKey, dict[str, Shape]]
+) -> None:
+    for position, _, label, body in bodies(graph):
+        inner = (*key, (position, label))
+        scoped[inner] = _declared(body, body.initializer)
+        _add_bodies(body, inner, scoped)
+
+
+def _declared(graph: onnx.GraphProto, initializers) -> dict[str, Shape]:
     shapes: dict[str, Shape] = {}
-    graph = inferred.graph
     for value in (*graph.input, *graph.value_info, *graph.output):
         if not value.type.HasField("tensor_type"):
             continue
@@ -42,6 +69,6 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
             shapes[value.name] = tuple(
                 d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
             )
-    for tensor in model.graph.initializer:
+    for tensor in initializers:
         shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
     return shapes

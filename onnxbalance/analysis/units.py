@@ -5,8 +5,7 @@
 2. Walk the nodes once, in their (topological) order, carrying each layer's units forward
    through pass-through ops (:mod:`.passthrough`), which say where every channel lands. A merge
    (residual Add, ...) ties the units it joins, channel by channel (union-find,
-   docs/algorithm.md §6).
-   A unit is *fixed* (scale 1) when any path from it
+   docs/algorithm.md §6). A unit is *fixed* (scale 1) when any path from it
    * reaches a linear layer that is not a rescalable reader (weight shared or overridable, reads
      another axis) or reaches it without passing a positively homogeneous activation,
    * stops at an op that does not commute with positive per-channel factors (with its reason),
@@ -19,8 +18,8 @@
 A unit's scale a multiplies the row and bias of its layer (or, with a BatchNormalization after
 the layer, that channel's BN scale and bias; see :mod:`.ops`), every stored constant its channel
 meets on the way (a per-channel bias added later, the mean and bias of a BatchNormalization it
-passes through: ``ModelUnits.edits``), and divides every column that reads it. Only the main
-graph is analysed: If/Loop/Scan bodies are left alone and reported.
+passes through: ``ModelUnits.edits``), and divides every column that reads it. If/Loop/Scan
+bodies are analysed the same way, each as a graph of its own (:mod:`.scopes`).
 
 Requiring an activation on every path keeps to docs/algorithm.md §1 (hidden units of a ReLU
 network): a layer feeding another linear layer directly keeps its units at scale 1, although
@@ -30,17 +29,17 @@ that rescaling would be exact too.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import overload
 
 import numpy as np
 import onnx
 
 from ..unitgraph import FIXED, LinearUnits, ModelUnits, Skip, TensorEdit
-from .graph import GraphIndex, subgraphs
+from .graph import GraphIndex
 from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
 from .passthrough import Carrier, Step, match_passthrough
-from .shapes import infer_shapes
+from .scopes import NameSequence, body_indexes, merged
+from .shapes import infer_scoped_shapes
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,20 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
     Returns:
         The layers with their row/column scale groups and the tensor edits that rescale them,
         one group name ``"<layer>:<unit>"`` per hidden unit (a tied group takes the name of its
-        first unit), and the Skip records.
+        first unit; inside a body, ``"If 'name'/then_branch/<layer>:<unit>"``), and the Skip
+        records.
 
     Raises:
         InputError: a BatchNormalization after a layer computes NaN or infinity (:mod:`.ops`).
     """
-    graph = GraphIndex(model.graph, infer_shapes(model))
+    shapes = infer_scoped_shapes(model)
+    parts = [("", _analyse_graph(GraphIndex(model.graph, shapes[()])))]
+    parts += [(f"{path}/", _analyse_graph(body)) for path, body in body_indexes(model, shapes)]
+    return merged(parts)
+
+
+def _analyse_graph(graph: GraphIndex) -> ModelUnits:
+    """:func:`analyse` for one graph (the main graph or a body, :mod:`.scopes`)."""
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
     for i in graph.topological_order():
@@ -96,7 +103,6 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
             skipped.append(Skip(graph.names[i], match.count, match.reason))
         elif match is not None:
             layers.append(match)
-    skipped.extend(_subgraph_skips(graph))
 
     offsets = np.cumsum([0] + [layer.n_rows for layer in layers])
     state = _Units(int(offsets[-1]))
@@ -271,7 +277,7 @@ class _UnitNames:
         return int(np.searchsorted(self.offsets, unit, side="right")) - 1
 
 
-class GroupNames(Sequence[str]):
+class GroupNames(NameSequence):
     """The scale groups' names, each that of its first unit, made when read: a model may have
     millions of units, and the solver and report name only the few they mention."""
 
@@ -292,13 +298,6 @@ class GroupNames(Sequence[str]):
         if isinstance(index, slice):
             return tuple(self._units[int(r)] for r in self._roots[index])
         return self._units[int(self._roots[index])]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"GroupNames({len(self)} groups)"
@@ -359,25 +358,6 @@ def _reaches_linear(graph: GraphIndex) -> set[str]:
             reach.update(name for name in node.input if name)
             reach.update(graph.implicit.get(i, ()))
     return reach
-
-
-def _subgraph_skips(graph: GraphIndex) -> list[Skip]:
-    skips = []
-    for i in graph.with_subgraphs:
-        node = graph.nodes[i]
-        n = sum(_count_linear(sub) for sub in subgraphs(node))
-        if n:
-            reason = f"{n} linear ops inside the {node.op_type} subgraph are not analysed"
-            skips.append(Skip(graph.names[i], 0, reason))
-    return skips
-
-
-def _count_linear(graph: onnx.GraphProto) -> int:
-    n = 0
-    for node in graph.node:
-        n += node.op_type in LINEAR_OPS
-        n += sum(_count_linear(sub) for sub in subgraphs(node))
-    return n
 
 
 def _units(

@@ -1,0 +1,59 @@
+"""Models whose hidden units pass Gather, GatherElements and run-time Slices, built with
+onnx.helper (see tests/test_index_maps.py for the torch exports)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx_models import IN, OUT, Net
+
+HID = 6
+PICKED = [4, 0, 2, 2, -1]  # channels 1 and 3 are not picked: nothing reads them
+
+
+def gather_channels() -> onnx.ModelProto:
+    """fc1 (HID units) -> Relu -> Gather(axis=1, PICKED) -> fc2 reading len(PICKED) columns."""
+    net = Net("gather_channels")
+    h = net.relu(net.gemm(net.input("x", ["N", IN]), IN, HID, "fc1"), "act1")
+    picked = net.op("Gather", [h, net.const("picked", np.array(PICKED, np.int64))], "pick", axis=1)
+    net.output(net.gemm(picked, len(PICKED), OUT, "fc2"))
+    return net.build()
+
+
+T = 4
+
+
+def gather_time() -> onnx.ModelProto:
+    """x [2, T, IN] -> MatMul + bias (HID units) -> Relu -> h [2, T, HID], then three ways
+    along the time axis, joined by Concat on that axis, then a MatMul reading HID columns:
+    Gather(h, [3, 1], axis=1), GatherElements(h, constant indices [2, 3, HID], axis=1) and a
+    Slice of h whose start is a graph input (known only at run time)."""
+    net = Net("gather_time")
+    x = net.input("x", [2, T, IN])
+    start = net.input("start", [1], elem=TensorProto.INT64)
+    h = net.relu(net.matmul(x, IN, HID, "fc1"), "act1")
+    steps = net.op("Gather", [h, net.const("steps", np.array([3, 1], np.int64))], "steps", axis=1)
+    where = net.rng.integers(0, T, size=(2, 3, HID)).astype(np.int64)
+    mixed = net.op("GatherElements", [h, net.const("where", where)], "mixed", axis=1)
+    ends, axes = net.const("ends", np.array([T], np.int64)), net.const("axes", np.array([1]))
+    tail = net.op("Slice", [h, start, ends, axes], "tail")
+    joined = net.op("Concat", [steps, mixed, tail], "join", axis=1)
+    net.output(net.matmul(joined, HID, OUT, "fc2"))
+    return net.build()
+
+
+def reshape_transpose_reshape(perm: tuple[int, ...]) -> onnx.ModelProto:
+    """x [1, 3, 2, 2] -> 1x1 conv (4 channels) -> Relu -> Reshape [1, 2, 2, 2, 2] ->
+    Transpose(perm) -> Reshape [1, 4, 2, 2] -> 1x1 conv (2 channels). (0, 2, 1, 3, 4) swaps
+    the two halves of the channels: a permutation; (0, 1, 3, 2, 4) swaps the low half of the
+    channels with the rows: channel and position mix."""
+    net = Net("reshape_transpose_reshape")
+    x = net.input("x", [1, 3, 2, 2])
+    h = net.op("Conv", [x, net.rand("c1_W", (4, 3, 1, 1))], "conv1")
+    h = net.relu(h, "act1")
+    split = net.op("Reshape", [h, net.const("split", np.array([1, 2, 2, 2, 2]))], "split")
+    moved = net.op("Transpose", [split], "move", perm=list(perm))
+    back = net.op("Reshape", [moved, net.const("back", np.array([1, 4, 2, 2]))], "back")
+    net.output(net.op("Conv", [back, net.rand("c2_W", (2, 4, 1, 1))], "conv2"))
+    return net.build()
