@@ -25,6 +25,7 @@ import typer
 from . import api, io, safewrite
 from .errors import (
     InputError,
+    Interrupted,
     OnnxBalanceError,
     OutputError,
     SideOutputError,
@@ -152,14 +153,12 @@ def run(
         _error(str(exc))
         code = exc.exit_code
     except KeyboardInterrupt as exc:
-        _error("interrupted")
-        code = 128 + getattr(exc, "signum", signal.SIGINT)
+        code = _interrupted(exc)
     except Exception as exc:
         interrupt = interrupt_behind(exc)  # still an interrupt, not a bug
         if interrupt is None:
             raise
-        _error("interrupted")
-        code = 128 + getattr(interrupt, "signum", signal.SIGINT)
+        code = _interrupted(interrupt)
     if code:
         raise typer.Exit(code)
 
@@ -405,9 +404,22 @@ def main(argv: list[str] | None = None) -> int:
         _error(exc.format_message())
         return EXIT_USAGE
     except typer.Abort:
-        _error("interrupted")
-        return 130
+        return _interrupted(KeyboardInterrupt())
+    if code == 130 and not _INTERRUPT_REPORTED:
+        # typer turns an interrupt that lands while it parses into a bare exit code 130
+        return _interrupted(Interrupted.last or KeyboardInterrupt())
     return code if isinstance(code, int) else EXIT_OK
+
+
+_INTERRUPT_REPORTED = False
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> int:
+    """The one line every interrupt gives, once; the exit code 128 + signal."""
+    global _INTERRUPT_REPORTED
+    _INTERRUPT_REPORTED = True
+    _error("interrupted")
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
 def _usage() -> str:

@@ -47,9 +47,12 @@ class VerificationError(OnnxBalanceError):
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks clean up."""
 
+    last: Interrupted | None = None  # the latest raised: typer may swallow it into exit code 130
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        Interrupted.last = self
 
 
 def interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:

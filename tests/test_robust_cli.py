@@ -672,6 +672,10 @@ def test_a_signal_during_start_up_is_one_line(dirs, signum):
         if proc.returncode == 0:  # the run was over: the signal came too late
             assert err == ""
             continue
+        if proc.returncode == -signum:  # before the interpreter ran any code (a loaded machine)
+            assert err == ""
+            assert not any(out_dir.iterdir())
+            continue
         assert (proc.returncode, err) == (128 + signum, "onnxbalance: error: interrupted\n")
         assert not any(out_dir.iterdir())
         interrupted += 1
