@@ -139,7 +139,7 @@ def replace_clips(graph: onnx.GraphProto, clips: Sequence[ClipReplacement]) -> s
         if clip is None:
             graph.node.append(node)
             continue
-        old_inputs.update(name for name in node.input[1:] if name)
+        old_inputs.update(name for name in node.input if name and name != clip.data)
         graph.node.extend(_clip_nodes(clip, node.name))
         log.info("rewrite: %s '%s' -> per-unit bounds", node.op_type, clip.node)
     written = {out for node in nodes for out in node.output}
