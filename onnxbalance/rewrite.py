@@ -125,8 +125,9 @@ def replace_clips(graph: onnx.GraphProto, clips: Sequence[ClipReplacement]) -> s
     """Replace each clip node by per-unit Min/Max/Relu in place (same position, same output).
 
     ``Min(Max(z, low), high)`` rather than ``Max(Min(z, high), low)``: where low > high both
-    give ``high``, as Clip does. Returns the initializers the old nodes read that no node
-    reads any more.
+    give ``high``, as Clip does. Constant nodes whose values only the old nodes read are
+    removed; returns their names and those of the initializers only the old nodes read, which
+    the caller drops.
     """
     if not clips:
         return set()
@@ -142,13 +143,21 @@ def replace_clips(graph: onnx.GraphProto, clips: Sequence[ClipReplacement]) -> s
         old_inputs.update(name for name in node.input if name and name != clip.data)
         graph.node.extend(_clip_nodes(clip, node.name))
         log.info("rewrite: %s '%s' -> per-unit bounds", node.op_type, clip.node)
-    written = {out for node in nodes for out in node.output}
     still_read = {name for node in graph.node for name in node.input}
     still_read |= {value.name for value in graph.output}
     still_read |= {
         name for node in graph.node for sub in subgraphs(node) for name in outer_names(sub)
     }
-    return old_inputs - written - still_read
+    unread = old_inputs - still_read
+    # onnxruntime warns about every constant nothing reads: the old bounds go with their nodes
+    dead = [
+        k
+        for k, node in enumerate(graph.node)
+        if node.op_type == "Constant" and set(node.output) <= unread
+    ]
+    for k in reversed(dead):
+        del graph.node[k]
+    return unread
 
 
 def _clip_nodes(clip: ClipReplacement, name: str) -> list[onnx.NodeProto]:

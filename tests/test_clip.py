@@ -29,8 +29,8 @@ from sample_models.mobilenet import MobileNetV2Like
 INF = np.inf
 
 
-def _scalar(net: ConvNet, name: str, value: float) -> str:
-    return net.const(name, np.asarray(value, dtype=np.float32))
+def _scalar(net: ConvNet, name: str, value: float, node: bool = False) -> str:
+    return net.const(name, np.asarray(value, dtype=np.float32), node=node)
 
 
 def clip_net(kind: str, opset: int = 13) -> onnx.ModelProto:
@@ -40,6 +40,11 @@ def clip_net(kind: str, opset: int = 13) -> onnx.ModelProto:
         h = net.op("Clip", [z, _scalar(net, "lo", 0.0), _scalar(net, "hi", 6.0)], "clip")
     elif kind == "negative":
         h = net.op("Clip", [z, _scalar(net, "lo", -1.5), _scalar(net, "hi", 2.0)], "clip")
+    elif kind == "constant_nodes":  # the TorchScript exporter's Constant nodes
+        lo, hi = _scalar(net, "lo", 0.0, node=True), _scalar(net, "hi", 6.0, node=True)
+        h = net.op("Clip", [z, lo, hi], "clip")
+    elif kind == "inverted":  # min > max: Clip gives max everywhere
+        h = net.op("Clip", [z, _scalar(net, "lo", 2.0), _scalar(net, "hi", 1.0)], "clip")
     elif kind == "high_only":
         h = net.op("Clip", [z, "", _scalar(net, "hi", 1.0)], "clip")
     elif kind == "low_only":
@@ -64,6 +69,8 @@ def clip_net(kind: str, opset: int = 13) -> onnx.ModelProto:
 EXACT = {
     "relu6": (13, "clip", (0.0, 6.0), ["Relu", "Min"]),
     "negative": (13, "clip", (-1.5, 2.0), ["Max", "Min"]),
+    "constant_nodes": (13, "clip", (0.0, 6.0), ["Relu", "Min"]),
+    "inverted": (13, "clip", (2.0, 1.0), ["Max", "Min"]),
     "high_only": (13, "clip", (-INF, 1.0), ["Min"]),
     "low_only": (13, "clip", (-0.5, INF), ["Max"]),
     "attributes": (10, "clip", (-1.0, 6.0), ["Max", "Min"]),
@@ -132,6 +139,7 @@ def test_clip_units_balance_exactly(kind):
         np.testing.assert_allclose(new[name].ravel(), bound * a, rtol=1e-6)
     # scalar bound initializers that nothing reads any more are gone
     assert not {"lo", "hi", "six"} & (set(new) - {i for n in balanced.graph.node for i in n.input})
+    assert "Constant" not in {n.op_type for n in balanced.graph.node}
     onnx.checker.check_model(balanced, full_check=True)
 
 
