@@ -24,6 +24,7 @@ from torch_models import randomise
 
 from onnxbalance import api
 from onnxbalance.analysis import analyse
+from onnxbalance.overflow import overflowing_groups
 from sample_models.mobilenet import MobileNetV2Like
 
 INF = np.inf
@@ -252,3 +253,18 @@ def test_mobilenet_v2_balances_every_unit_its_relu_version_does(dynamo, tmp_path
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
     kept = sum(n.op_type == "Clip" for n in balanced.graph.node)
     assert kept == clips - len(report.clips_replaced)
+
+
+def test_float16_bounds_that_would_overflow_pin_their_unit():
+    # 60 * e^7.5 > 65504, the largest float16, while conv1's weights times e^7.5 still fit
+    net = ConvNet("clip_fp16", seed=3, dtype=np.float16)
+    z = net.conv(net.input("x", [2, 2, 6, 6]), 2, CH, "conv1", pads=[1, 1, 1, 1])
+    lo, hi = (net.const(n, np.asarray(v, np.float16)) for n, v in (("lo", 0.0), ("hi", 60.0)))
+    net.output(net.conv(net.op("Clip", [z, lo, hi], "clip"), CH, 3, "conv2", (1, 1)))
+    model = net.build()
+    units = analyse(model, rescale_clip=True)
+    assert units.n_groups == 4
+    weights = _initializers(model)["conv1_W"].astype(np.float64)
+    assert np.abs(weights[0]).max() * np.exp(7.5) < 65504
+    reasons = overflowing_groups(model, units, np.array([7.5, 0.0, 0.0, 0.0]))
+    assert reasons == {0: "rescaled weights of 'clip/high' would overflow float16"}
