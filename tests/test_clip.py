@@ -58,6 +58,8 @@ def clip_net(kind: str, opset: int = 13) -> onnx.ModelProto:
     elif kind == "max_min":
         h = net.op("Min", [_scalar(net, "six", 6.0), z], "clip")
         h = net.op("Max", [h, _scalar(net, "zero", 0.0)], "max")
+    elif kind == "max_zero":
+        h = net.op("Max", [z, _scalar(net, "zero", 0.0)], "max")
     elif kind == "bounds_not_constant":
         lo = net.input("lo", [])
         h = net.op("Clip", [z, lo, _scalar(net, "hi", 6.0)], "clip")
@@ -152,11 +154,22 @@ def test_without_the_option_clip_units_stay_fixed_and_are_counted(kind):
     assert units.n_groups == 0 and units.units_behind_clips == 4 and units.clips == ()
     (skip,) = units.skipped
     assert (skip.node, skip.count) == ("conv1", 4)
-    assert f"'{node}', which is not positively homogeneous" in skip.reason
+    first = "max" if kind == "min_max" else node  # the units stop at the first clip they meet
+    assert f"'{first}', which is not positively homogeneous" in skip.reason
     assert "--rescale-clip" in skip.reason
     balanced, report = api.balance(model)
     assert not report.changed and report.clips_replaced == () and report.units_behind_clips == 4
     assert balanced.SerializeToString() == model.SerializeToString()
+
+
+def test_max_with_zero_is_a_relu_that_needs_no_new_node_but_the_option():
+    model = clip_net("max_zero")
+    assert analyse(model).n_groups == 0  # as before the option existed
+    balanced, report = api.balance(model, rescale_clip=True)
+    assert report.verify.passed and report.units_balanced == 4 and report.clips_replaced == ()
+    assert [n.op_type for n in balanced.graph.node] == ["Conv", "Max", "Conv"]
+    old, new = _initializers(model), _initializers(balanced)
+    assert new["zero"] == old["zero"] == 0 and not np.allclose(new["conv1_W"], old["conv1_W"])
 
 
 def test_clip_whose_bounds_are_not_constants_leaves_its_units_fixed():

@@ -7,7 +7,7 @@ A rule gets the carriers of a node's inputs and says where the units land on its
 channels c because the op commutes with them:
 
 * positively homogeneous activations (Relu, LeakyRelu, PRelu with a constant slope, Clip with
-  bounds 0 and +inf, Max with 0):
+  bounds 0 and +inf):
   f(a z) = a f(z) for a > 0, element-wise; these make the units *hidden* (``activated``);
 * clips with any other constant bounds (ReLU6 = Clip(0, 6), one bound only, negative bounds,
   Min or Max against a scalar constant): clip(a z, a lo, a hi) = a clip(z, lo, hi), so they are
@@ -15,7 +15,8 @@ channels c because the op commutes with them:
   bound tensors (``Step.clip``; only with ``rescale_clip``). The bounds then scale with the unit
   like a bias does, and the clipped function is positively homogeneous in (z, lo, hi) jointly,
   just as a Relu is in the layer's row and bias: the units are *hidden* (``activated``) exactly
-  as after a Relu. A clip with neither bound is the identity and leaves them as they were;
+  as after a Relu (Max(z, 0) is one: it passes with ``rescale_clip`` and needs no new node).
+  A clip with neither bound is the identity and leaves them as they were;
 * copies and per-channel maps: Identity, Dropout (inference), max/average/Lp pools and their
   global forms (they act on each channel of an [N, C, ...] tensor separately), mean, sum, max,
   min, L1 and L2 reductions over other axes (all positively homogeneous), Pad (zero
@@ -99,6 +100,10 @@ class Bounds:
     data: str
     low: float
     high: float
+
+    @property
+    def is_relu(self) -> bool:
+        return self.low == 0.0 and self.high == np.inf
 
     def text(self) -> str:
         return f"[{self.low:g}, {self.high:g}]"
@@ -187,12 +192,17 @@ def _clip(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
             bounds.append(float(value.ravel()[0]))
         else:
             bounds.append(float(attr(node, name, default)))
-    return _bounded(graph, i, data, Bounds(node.input[0], *bounds))
+    clip = Bounds(node.input[0], *bounds)
+    step = _bounded(graph, i, data, clip)
+    if clip.is_relu and isinstance(step, Step):  # torch's clamp(min=0): a Relu, option or not
+        return Step(outputs=step.outputs)
+    return step
 
 
 def _min_max(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Max(z, c) and Min(z, c) with a scalar constant c clip z to one bound, so the
-    Min(Max(x, 0), 6) that exporters write for ReLU6 is a Relu and a clip to at most 6."""
+    Min(Max(x, 0), 6) that exporters write for ReLU6 is a Relu and a clip to at most 6 (both
+    clips: without ``rescale_clip`` the units stop at the Max, as they always did)."""
     node = graph.nodes[i]
     if len(node.input) != 2 or len(carried) != 1:
         return Refusal(f"feeds {_name(graph, i)}, which does not clip to a constant")
@@ -210,10 +220,7 @@ def _bounded(graph: GraphIndex, i: int, data: Carrier, bounds: Bounds) -> Step |
         return Refusal(f"feeds {_name(graph, i)}, whose bound is NaN")
     if bounds.high == np.inf and bounds.low == -np.inf:
         return _same(graph, i, data)  # the identity
-    step = _same(graph, i, data, activated=True)
-    if bounds.high == np.inf and bounds.low == 0.0:
-        return step  # Relu
-    return Step(outputs=step.outputs, clip=bounds)
+    return Step(outputs=_same(graph, i, data, activated=True).outputs, clip=bounds)
 
 
 def _copy(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:

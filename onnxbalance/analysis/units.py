@@ -159,10 +159,10 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
         rows = groups.of_unit[carried]
         if (rows != FIXED).any():
             edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows))
-    replacements = clips.replacements(graph, layers, offsets, groups.of_unit)
-    for clip in replacements:
-        rows = groups.of_unit[clips.units_of[clip.output]]
+    replaced = clips.replacements(graph, layers, offsets, groups.of_unit)
+    for clip, rows in replaced:
         edits += [TensorEdit(name, row_axis=0, row_groups=rows) for name, _ in clip.bound_tensors]
+    replacements = tuple(clip for clip, _ in replaced)
     return ModelUnits(
         tuple(units), groups.names, tuple(skipped), tuple(edits), replacements, len(clips.behind)
     )
@@ -244,7 +244,6 @@ class _Clips:
         self.in_body = in_body
         self.behind: set[int] = set()
         self.found: list[tuple[int, Bounds, Carrier]] = []
-        self.units_of: dict[str, np.ndarray] = {}  # replaced node's output -> its units
 
     def admit(
         self, graph: GraphIndex, i: int, bounds: Bounds, carried: dict[int, Carrier], state: _Units
@@ -263,7 +262,8 @@ class _Clips:
         elif self.opset < 8:  # Min and Max broadcast per-unit bounds from opset 8 on
             reason = f"feeds {node}: per-unit bounds need opset 8 or later, not {self.opset}"
         else:
-            self.found.append((i, bounds, carrier))
+            if not bounds.is_relu:  # Max(z, 0) is exact as it stands
+                self.found.append((i, bounds, carrier))
             return True
         state.fix(carrier.units, reason)
         return False
@@ -274,13 +274,14 @@ class _Clips:
         layers: list[LinearMatch],
         offsets: np.ndarray,
         of_unit: np.ndarray,
-    ) -> tuple[ClipReplacement, ...]:
-        """A replacement for each admitted clip that has a moving unit."""
+    ) -> list[tuple[ClipReplacement, np.ndarray]]:
+        """A replacement for each admitted clip that has a moving unit, with its units' groups."""
         taken: set[str] | None = None
         found = []
         for i, bounds, carrier in self.found:
             units = carrier.units
-            if not (of_unit[units] != FIXED).any():
+            rows = of_unit[units]
+            if not (rows != FIXED).any():
                 continue
             if taken is None:
                 taken = _name_heads(graph.graph)
@@ -289,21 +290,18 @@ class _Clips:
                 prefix += "_"
             taken.add(prefix)
             layer = layers[int(np.searchsorted(offsets, units[units >= 0][0], side="right")) - 1]
-            output = graph.nodes[i].output[0]
-            self.units_of[output] = units
-            found.append(
-                ClipReplacement(
-                    node=graph.names[i],
-                    output=output,
-                    data=bounds.data,
-                    low=bounds.low,
-                    high=bounds.high,
-                    prefix=prefix,
-                    shape=(len(units),) + (1,) * (-carrier.axis - 1),
-                    data_type=int(graph.elem_type(layer.weight)),
-                )
+            replacement = ClipReplacement(
+                node=graph.names[i],
+                output=graph.nodes[i].output[0],
+                data=bounds.data,
+                low=bounds.low,
+                high=bounds.high,
+                prefix=prefix,
+                shape=(len(units),) + (1,) * (-carrier.axis - 1),
+                data_type=int(graph.elem_type(layer.weight)),
             )
-        return tuple(found)
+            found.append((replacement, rows))
+        return found
 
 
 def _name_heads(graph: onnx.GraphProto) -> set[str]:
