@@ -24,7 +24,7 @@ small channels few levels.
 
 Each network is trained twice: with BatchNorm's scale initialised to 1 (torch's default; ReLU6
 then hardly ever reaches 6 on this data) and to 4 (it saturates often, as in ImageNet-trained
-MobileNets). 10 to 40 seconds per network on 2 cores; three seeds of each, a few minutes.
+MobileNets). 15 to 60 seconds per network on 2 cores; three seeds of each, a few minutes.
 """
 
 from __future__ import annotations
