@@ -10,7 +10,8 @@ channels c because the op commutes with them:
   bounds 0 and +inf):
   f(a z) = a f(z) for a > 0, element-wise; these make the units *hidden* (``activated``);
 * clips with any other constant bounds (ReLU6 = Clip(0, 6), one bound only, negative bounds,
-  Min or Max against a scalar constant): clip(a z, a lo, a hi) = a clip(z, lo, hi), so they are
+  Min or Max against a scalar constant; docs/algorithm.md §1):
+  clip(a z, a lo, a hi) = a clip(z, lo, hi), so they are
   exact once channel c's bounds become lo a_c and hi a_c, which takes a new node with per-channel
   bound tensors (``Step.clip``; only with ``rescale_clip``). The bounds then scale with the unit
   like a bias does, and the clipped function is positively homogeneous in (z, lo, hi) jointly,
