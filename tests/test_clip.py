@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_models as om
 import onnxruntime as ort
 import pytest
 import torch
@@ -281,3 +282,26 @@ def test_float16_bounds_that_would_overflow_pin_their_unit():
     assert np.abs(weights[0]).max() * np.exp(7.5) < 65504
     reasons = overflowing_groups(model, units, np.array([7.5, 0.0, 0.0, 0.0]))
     assert reasons == {0: "rescaled weights of 'clip/high' would overflow float16"}
+
+
+def test_clips_between_dense_layers_take_one_bound_per_feature():
+    # fc1 (5 -> 7) Clip(-1, 0.5) fc2 (MatMul + Add, 7 -> 6) Min(., 1) fc3 (6 -> 3): 7 + 6 units
+    net = om.Net("dense_clip")
+    z = net.gemm(net.input("x", ["N", 5]), 5, 7, "fc1")
+    lo, hi = net.const("lo", np.float32(-1.0)), net.const("hi", np.float32(0.5))
+    z2 = net.matmul(net.op("Clip", [z, lo, hi], "clip"), 7, 6, "fc2")
+    h2 = net.op("Min", [z2, net.const("one", np.float32(1.0))], "min")
+    net.output(net.gemm(h2, 6, 3, "fc3"))
+    model = net.build()
+    x = 4 * np.random.default_rng(2).standard_normal((64, 5)).astype(np.float32)
+    z, z2, before = _run(model, x, "fc1_out", "fc2_add_out", "fc3_out")
+    assert (z < -1).any() and (z > 0.5).any() and (z2 > 1).any() and (z2 < 1).any()
+
+    balanced, report = api.balance(model, rescale_clip=True)
+
+    assert report.verify.passed and report.units_balanced == 13
+    assert report.clips_replaced == ("clip", "min")
+    shapes = {t.name: tuple(t.dims) for t in balanced.graph.initializer if "/" in t.name}
+    assert shapes == {"clip/low": (7,), "clip/high": (7,), "min/high": (6,)}
+    (after,) = _run(balanced, x, "fc3_out")
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
