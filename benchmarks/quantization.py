@@ -175,8 +175,9 @@ def train(net, x_train: np.ndarray, y_train: np.ndarray, epochs: int) -> None:
     net.eval()
 
 
-def export(net, example: np.ndarray) -> onnx.ModelProto:
-    """The TorchScript export: input ``image``, output ``logits``, dynamic batch, opset 17."""
+def export(net, example: np.ndarray, dynamo: bool = False) -> onnx.ModelProto:
+    """The TorchScript export (opset 17, dynamic batch; or the dynamo one, opset 18): input
+    ``image``, output ``logits``."""
     import torch
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -189,9 +190,10 @@ def export(net, example: np.ndarray) -> onnx.ModelProto:
             path,
             input_names=["image"],
             output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
+            # the dynamo exporter keeps the example's batch size (it wants dynamic_shapes)
+            dynamic_axes=None if dynamo else {"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=18 if dynamo else 17,
+            dynamo=dynamo,
         )
         return onnx.load(path)
 

@@ -15,6 +15,16 @@ from torch import nn
 
 # (expansion t, output channels c, blocks n, first stride s), as in the MobileNetV2 paper
 SMALL_SETTINGS = ((1, 8, 1, 1), (6, 12, 2, 2), (6, 16, 2, 2), (6, 24, 1, 1))
+# torchvision's mobilenet_v2 (width 1.0): with stem 32, head 1280, 3 input channels, 1000 classes
+FULL_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def conv_bn(cin: int, cout: int, k: int, stride: int, groups: int, act) -> nn.Sequential:
