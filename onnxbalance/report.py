@@ -260,7 +260,7 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
     table.add_row("units balanced" if not check else "units movable", str(report.units_balanced))
     table.add_row("units left fixed", str(report.n_fixed))
     if report.units_behind_clips:
-        table.add_row("units behind clips", _clips_text(report))
+        table.add_row("units behind clips", _clips_text(report, check))
     if verbose:
         for entry in report.units_fixed:
             table.add_row("", f"{entry.count} in {entry.name}: {entry.reason}")
@@ -299,11 +299,12 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
     return table
 
 
-def _clips_text(report: Report) -> str:
-    n = report.units_behind_clips
+def _clips_text(report: Report, check: bool) -> str:
+    n, k = report.units_behind_clips, len(report.clips_replaced)
     if not report.rescale_clip:
         return f"{n} (fixed; --rescale-clip balances them)"
-    return f"{n} ({len(report.clips_replaced)} clip nodes replaced by per-unit bounds)"
+    nodes = f"{k} clip node{'' if k == 1 else 's'}"
+    return f"{n} ({nodes} {'to replace' if check else 'replaced'} by per-unit bounds)"
 
 
 def _num(x: float) -> str:

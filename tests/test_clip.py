@@ -216,6 +216,9 @@ def test_report_and_cli_name_the_option(tmp_path, capsys):
         text = capsys.readouterr().out
         assert "units behind clips" in text
         assert ("--rescale-clip balances them" in text) != bool(flag)
+        assert ("1 clip node replaced" in text) == bool(flag)
+    assert main([str(src), "--check", "--rescale-clip"]) == 1  # nothing written, not balanced
+    assert "1 clip node to replace" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- a MobileNetV2-shaped export
