@@ -219,6 +219,12 @@ def test_report_and_cli_name_the_option(tmp_path, capsys):
         assert ("1 clip node replaced" in text) == bool(flag)
     assert main([str(src), "--check", "--rescale-clip"]) == 1  # nothing written, not balanced
     assert "1 clip node to replace" in capsys.readouterr().out
+    # --check on several models passes the option on: only with it can the clip's units move
+    plain = tmp_path / "out0.onnx"  # balanced without the option: nothing moved
+    assert main(["--check", str(src), str(plain)]) == 0
+    assert capsys.readouterr().out.count(": balanced") == 2
+    assert main(["--check", str(src), str(plain), "--rescale-clip"]) == 1
+    assert capsys.readouterr().out.count(": NOT balanced") == 2
 
 
 # ---------------------------------------------------------------- a MobileNetV2-shaped export
