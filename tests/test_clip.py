@@ -314,3 +314,22 @@ def test_clips_between_dense_layers_take_one_bound_per_feature():
     assert shapes == {"clip/low": (7,), "clip/high": (7,), "min/high": (6,)}
     (after,) = _run(balanced, x, "fc3_out")
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+
+
+def test_a_clip_inside_a_loop_body_keeps_its_units_fixed_and_says_why():
+    # loop_mlp's body is fc1 -> Relu -> fc2; its Relu becomes a ReLU6 here
+    from subgraph_models import LOOP_HID, loop_mlp
+
+    model = loop_mlp()
+    body = next(n for n in model.graph.node if n.op_type == "Loop").attribute[0].g
+    act = next(n for n in body.node if n.op_type == "Relu")
+    body.initializer.extend(
+        numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in (("lo", 0), ("hi", 6))
+    )
+    act.CopyFrom(helper.make_node("Clip", [act.input[0], "lo", "hi"], list(act.output), "relu6"))
+    onnx.checker.check_model(model, full_check=True)
+    units = analyse(model, rescale_clip=True)
+    assert units.n_groups == 0 and units.clips == () and units.units_behind_clips == LOOP_HID
+    (skip,) = [s for s in units.skipped if "relu6" in s.reason]
+    assert skip.count == LOOP_HID
+    assert "inside a subgraph, where clips are not rewritten" in skip.reason
