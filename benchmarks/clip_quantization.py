@@ -173,8 +173,8 @@ def run(seeds: int, epochs: int, gamma: float, verbose: bool) -> list[dict]:
                     }[variant],
                     "ratio": {
                         "original": 1.0,
-                        "rescale-clip": report.ratio,
-                        "relu+balance": peer_report.ratio,
+                        "rescale-clip": report.norm_ratio,
+                        "relu+balance": peer_report.norm_ratio,
                     }[variant],
                 }  # fmt: skip
             )
@@ -250,7 +250,7 @@ def full_size(dynamo: bool) -> None:
                 f"  {act.__name__:<5} rescale_clip={rescale_clip!s:<5}: "
                 f"{report.units_found} units, {report.units_behind_clips} behind clips, "
                 f"{report.units_balanced} balanced, "
-                f"{len(report.clips_replaced)} clips replaced, norm ratio {report.ratio:.4f}, "
+                f"{len(report.clips_replaced)} clips replaced, norm ratio {report.norm_ratio:.4f}, "
                 f"max rel diff {verified}, {seconds:.1f} s"
             )
 
