@@ -147,9 +147,25 @@ def digits_cnn(seed: int = 0) -> Task:
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 10),
     )
+    train(net, x_train, y_train, epochs=30)
+    model = export(net, x_train[:1])
+    hidden = (
+        Rescale("0.weight", 0, "0.bias", "3.weight", 1),
+        Rescale("3.weight", 0, "3.bias", "6.weight", 1, repeat=4 * 4),
+    )
+    name = "digits CNN c16-c32-fc10"
+    return Task(name, model, hidden, x_train, x_test, y_test, "logits", seed)
+
+
+def train(net, x_train: np.ndarray, y_train: np.ndarray, epochs: int) -> None:
+    """Adam (lr 3e-3) on the cross-entropy, batches of 64; the net is left in eval mode."""
+    import torch
+    from torch import nn
+
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
-    for _ in range(30):
+    net.train()
+    for _ in range(epochs):
         perm = torch.randperm(len(xt))
         for start in range(0, len(xt), 64):
             idx = perm[start : start + 64]
@@ -157,27 +173,29 @@ def digits_cnn(seed: int = 0) -> Task:
             nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
             opt.step()
     net.eval()
+
+
+def export(net, example: np.ndarray, dynamo: bool = False) -> onnx.ModelProto:
+    """The TorchScript export (opset 17, dynamic batch; or the dynamo one, opset 18): input
+    ``image``, output ``logits``."""
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # the TorchScript exporter is deprecated but writes plain Conv/Relu/MaxPool/Flatten/Gemm
         warnings.simplefilter("ignore", DeprecationWarning)
-        path = os.path.join(tmp, "cnn.onnx")
+        path = os.path.join(tmp, "net.onnx")
         torch.onnx.export(
             net,
-            (torch.from_numpy(x_train[:1]),),
+            (torch.from_numpy(example),),
             path,
             input_names=["image"],
             output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
+            # the dynamo exporter keeps the example's batch size (it wants dynamic_shapes)
+            dynamic_axes=None if dynamo else {"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=18 if dynamo else 17,
+            dynamo=dynamo,
         )
-        model = onnx.load(path)
-    hidden = (
-        Rescale("0.weight", 0, "0.bias", "3.weight", 1),
-        Rescale("3.weight", 0, "3.bias", "6.weight", 1, repeat=4 * 4),
-    )
-    name = "digits CNN c16-c32-fc10"
-    return Task(name, model, hidden, x_train, x_test, y_test, "logits", seed)
+        return onnx.load(path)
 
 
 # --------------------------------------------------------------------------------------------

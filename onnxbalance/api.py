@@ -65,6 +65,7 @@ def balance(
     seed: int = 0,
     progress: Progress | None = None,
     on_stage: Stage | None = None,
+    rescale_clip: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rescale the hidden units of a ReLU network to minimise its l_{p,q} weight norm.
 
@@ -82,6 +83,9 @@ def balance(
         input_shapes: shapes for inputs with dynamic dimensions (default: 1 per dynamic dim).
         progress: called with (sweep, norm) as the solver goes.
         on_stage: called with each stage's name as it starts.
+        rescale_clip: balance units behind clips with constant bounds (ReLU6 = Clip(x, 0, 6),
+            Min(Max(x, 0), 6), ...) too, replacing each such node by per-unit bounds that move
+            with the units (``report.clips_replaced``).
 
     Returns:
         The balanced model and the run's :class:`Report`.
@@ -98,8 +102,9 @@ def balance(
         feed = io.load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
     with tensors.external_folder(folder):
         balanced, report = _balanced(
-            model, source, p, q, tol, max_sweeps, solver, progress, timer, _rewrite(model, timer)
-        )
+            model, source, p, q, tol, max_sweeps, solver, progress, timer, _rewrite(model, timer),
+            rescale_clip,
+        )  # fmt: skip
         # a returned model stands alone: weights still in the input's data files are read in
         balanced = _self_contained(model if balanced is None else balanced)
         comparison = None
@@ -111,7 +116,9 @@ def balance(
                 comparison = compare_models(
                     original, balanced, inputs=feed, input_shapes=input_shapes, seed=seed
                 )
-    report = replace(report, verify=comparison, seconds=dict(timer.seconds))
+    report = replace(
+        report, verify=comparison, seconds=dict(timer.seconds), rescale_clip=rescale_clip
+    )
     _raise_if_failed(report, source, balanced)
     return balanced, report
 
@@ -132,6 +139,7 @@ def balance_file(
     seed: int = 0,
     progress: Progress | None = None,
     on_stage: Stage | None = None,
+    rescale_clip: bool = False,
 ) -> Report:
     """Balance the ONNX file ``src`` and write the result to ``dst`` atomically.
 
@@ -153,7 +161,7 @@ def balance_file(
     with tensors.external_folder(folder):
         produce = _rewrite_while_writing(model, dst, src, folder, timer)
         staged, report = _balanced(
-            model, source, p, q, tol, max_sweeps, solver, progress, timer, produce
+            model, source, p, q, tol, max_sweeps, solver, progress, timer, produce, rescale_clip
         )
         if staged is None:  # nothing to balance: the model is written as it is
             with timer("write"):
@@ -171,8 +179,9 @@ def balance_file(
                         src, staged.model_path, inputs=feed, input_shapes=input_shapes, seed=seed
                     )
             report = replace(
-                report, verify=comparison, seconds=dict(timer.seconds), output=str(dst)
-            )
+                report, verify=comparison, seconds=dict(timer.seconds), output=str(dst),
+                rescale_clip=rescale_clip,
+            )  # fmt: skip
             _raise_if_failed(report, source, None)
             with timer("write"):  # waits for the staged files to reach the disk, then renames
                 staged.commit()
@@ -196,7 +205,7 @@ def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | No
     raise error
 
 
-def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, produce):
+def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, produce, clip):
     """analyse -> solve -> ``produce(units, log_scales)`` (rewrite, or rewrite while writing).
 
     Returns (what ``produce`` made or None when there is nothing to balance, report). The
@@ -207,7 +216,7 @@ def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, pro
     from .overflow import overflowing_groups, pin_groups
 
     with timer("analyse"):
-        units = _analyse(model, source)
+        units = _analyse(model, source, clip)
     result, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
     while result is not None:
         try:
@@ -274,7 +283,7 @@ def _rewrite_while_writing(model, dst, src, folder, timer):
             and (stored[name].HasField("raw_data") or tensors.is_external(stored[name]))
         )
         with timer("rewrite"):  # what is not streamed: Constant nodes, typed-field tensors
-            streams_all = streamed == edits.keys()
+            streams_all = streamed == edits.keys() and not units.clips
             balanced = model if streams_all else rewrite(model, units, u, skip=streamed)
 
         def blocks(name):
@@ -314,11 +323,13 @@ def check(
     solver: str | None = None,
     progress: Progress | None = None,
     on_stage: Stage | None = None,
+    rescale_clip: bool = False,
 ) -> Report:
     """How far the model is from balanced; nothing is rewritten or written.
 
     ``report.norm_after`` is the smallest norm balancing reaches, ``report.input_balanced`` tells
     whether the current norm is within a relative ``tol`` of it (see the module docstring).
+    ``rescale_clip`` as in :func:`balance`.
     """
     _check_options(p, q, tol, max_sweeps)
     timer = _Timer(on_stage)
@@ -326,9 +337,9 @@ def check(
         model, source, folder = _load(model_or_path)
     with tensors.external_folder(folder):
         with timer("analyse"):
-            units = _analyse(model, source)
+            units = _analyse(model, source, rescale_clip)
         _, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
-    return replace(report, seconds=dict(timer.seconds))
+    return replace(report, seconds=dict(timer.seconds), rescale_clip=rescale_clip)
 
 
 NORM_EXPONENTS = (0.01, 100.0)
@@ -366,11 +377,11 @@ def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None
     raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
 
 
-def _analyse(model: onnx.ModelProto, source: str | None) -> ModelUnits:
+def _analyse(model: onnx.ModelProto, source: str | None, rescale_clip: bool) -> ModelUnits:
     from .analysis import analyse
 
     try:
-        units = analyse(model)
+        units = analyse(model, rescale_clip=rescale_clip)
     except InputError as exc:  # a tensor that makes the model compute NaN, named by the analyser
         raise InputError(f"{source or 'model'}: {exc}") from None
     for layer in units.layers:
@@ -410,13 +421,17 @@ def _report(
         + [(_layer_of(pin.name), 1, pin.reason) for pin in pinned]
     )
     found = units.n_groups + sum(skip.count for skip in units.skipped)
+    clips = dict(
+        units_behind_clips=units.units_behind_clips,
+        clips_replaced=tuple(clip.node for clip in units.clips),
+    )
     if result is None:
         norm = _norm(graph, p, q)
         return Report(
             p=p, q=q, tol=tol, solver="none", norm_before=norm, norm_after=norm, sweeps=0,
             passes=0, converged=True, message="nothing to balance: no rescalable hidden units",
             units_found=found, units_balanced=0, units_fixed=fixed, history=(1.0,),
-            seconds=dict(seconds), source=source, layers_before=layers_before,
+            seconds=dict(seconds), source=source, layers_before=layers_before, **clips,
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
@@ -441,6 +456,7 @@ def _report(
         source=source,
         layers_before=layers_before,
         layers_after=_weight_stats(units, result.log_scales),
+        **clips,
     )
 
 

@@ -126,6 +126,14 @@ def run(
     check: Annotated[
         bool, typer.Option("--check", help="Write nothing; exit 1 if any IN is not balanced.")
     ] = False,
+    rescale_clip: Annotated[
+        bool,
+        typer.Option(
+            "--rescale-clip",
+            help="Balance units behind ReLU6 and other constant clips too, replacing each clip "
+            "by per-channel bounds that move with the units.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log each stage; list fixed units.")
@@ -144,6 +152,7 @@ def run(
         source, None if check or not rest else rest[0], p, q, tol, max_sweeps,
         solver.value if solver else None, verify, inputs, tuple(input_shape or ()), seed, report,
         plot, check, quiet, verbose, more_sources=rest if check else rest[1:],
+        rescale_clip=rescale_clip,
     )  # fmt: skip
     try:
         # SIGTERM too becomes an exception, so every temporary file is removed on the way out
@@ -184,6 +193,7 @@ class Invocation:
     quiet: bool
     verbose: bool
     more_sources: tuple[Path, ...] = ()
+    rescale_clip: bool = False
 
 
 def _run(args: Invocation) -> int:
@@ -210,7 +220,8 @@ def _run(args: Invocation) -> int:
     _check_side_outputs(args)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         options = dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
-                       progress=progress.sweep, on_stage=progress.stage)  # fmt: skip
+                       progress=progress.sweep, on_stage=progress.stage,
+                       rescale_clip=args.rescale_clip)  # fmt: skip
         if args.check:
             result = api.check(args.source, args.p, args.q, **options)
         else:
@@ -240,7 +251,7 @@ def _check_several(args: Invocation) -> int:
     for source in (args.source, *args.more_sources):
         try:
             result = api.check(source, args.p, args.q, tol=args.tol, max_sweeps=args.max_sweeps,
-                               solver=args.solver)  # fmt: skip
+                               solver=args.solver, rescale_clip=args.rescale_clip)  # fmt: skip
         except OnnxBalanceError as exc:
             _error(str(exc))
             code = max(code, exc.exit_code)

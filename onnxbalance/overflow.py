@@ -31,6 +31,7 @@ import onnx
 
 from onnxbalance import memory, tensors
 from onnxbalance.analysis.graph import bodies, constant_value
+from onnxbalance.rewrite import clip_bounds
 from onnxbalance.unitgraph import FIXED, ModelUnits, Skip, TensorEdit
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def overflowing_groups(
     for edit in [e for layer in units.layers for e in layer.edits] + list(units.edits):
         by_tensor[edit.tensor].append(edit)
     stored = stored_tensors(model)
+    stored.update((t.name, t) for t in clip_bounds(units.clips))  # created by the rewrite
     reasons: dict[int, str] = {}
     for name, edits in by_tensor.items():
         proto = stored.get(name)

@@ -115,7 +115,9 @@ class Report:
     ``verify`` is None when verification was skipped (``--no-verify``, ``--check``, or nothing
     changed). ``seconds`` maps stage name to wall-clock seconds, in the order the stages ran.
     ``max_imbalance_before``/``_after`` are max over balanced units of |in - out| / (in + out)
-    (docs/algorithm.md §3; 0 means exactly balanced).
+    (docs/algorithm.md §3; 0 means exactly balanced). ``units_behind_clips`` reach a clip with
+    constant bounds (ReLU6, ...), which stops them unless ``rescale_clip``; ``clips_replaced``
+    names the clip nodes replaced by per-unit bounds.
     """
 
     p: float
@@ -140,6 +142,9 @@ class Report:
     output: str = ""
     layers_before: tuple[LayerStats, ...] = ()
     layers_after: tuple[LayerStats, ...] = ()
+    rescale_clip: bool = False
+    units_behind_clips: int = 0
+    clips_replaced: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -195,6 +200,9 @@ class Report:
             "seconds": {stage: round(s, 6) for stage, s in self.seconds.items()},
             "history": [_finite(h) for h in self.history],
             "layers": layer_stats_dicts(self.layers_before, self.layers_after),
+            "rescale_clip": self.rescale_clip,
+            "units_behind_clips": self.units_behind_clips,
+            "clips_replaced": list(self.clips_replaced),
         }
 
 
@@ -251,6 +259,8 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
     table.add_row("units found", str(report.units_found))
     table.add_row("units balanced" if not check else "units movable", str(report.units_balanced))
     table.add_row("units left fixed", str(report.n_fixed))
+    if report.units_behind_clips:
+        table.add_row("units behind clips", _clips_text(report, check))
     if verbose:
         for entry in report.units_fixed:
             table.add_row("", f"{entry.count} in {entry.name}: {entry.reason}")
@@ -287,6 +297,14 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
     if report.seconds:
         table.add_row("seconds total", f"{sum(report.seconds.values()):.3f}")
     return table
+
+
+def _clips_text(report: Report, check: bool) -> str:
+    n, k = report.units_behind_clips, len(report.clips_replaced)
+    if not report.rescale_clip:
+        return f"{n} (fixed; --rescale-clip balances them)"
+    nodes = f"{k} clip node{'' if k == 1 else 's'}"
+    return f"{n} ({nodes} {'to replace' if check else 'replaced'} by per-unit bounds)"
 
 
 def _num(x: float) -> str:

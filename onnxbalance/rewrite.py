@@ -14,6 +14,10 @@ tensors are rescaled in float64 too. Overflow of the tensor's own dtype is refus
 
 The new model shares no message with the input: every proto field is copied once, except the
 edited tensors, which are rebuilt from their new values (keeping name, doc string and metadata).
+
+Clips that rescaled units pass (``ModelUnits.clips``) are replaced by Min/Max/Relu nodes reading
+new per-unit bound initializers, which the edits then rescale like any stored tensor; a scalar
+bound initializer that nothing reads any more is dropped.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import numpy as np
 import onnx
 
 from . import memory, protos, tensors
-from .analysis.graph import bodies, constant_value
+from .analysis.graph import bodies, constant_value, outer_names, subgraphs
 from .errors import UnsupportedModelError
-from .unitgraph import FIXED, ModelUnits, TensorEdit
+from .unitgraph import FIXED, ClipReplacement, ModelUnits, TensorEdit
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +65,22 @@ def rewrite(
     scales = scales_of(checked_scales(units, log_scales))
     edits = tensor_edits(units)
     out = protos.without_initializers(model)
+    unread = replace_clips(out.graph, units.clips)
     done: set[str] = set(skip)
     for tensor in model.graph.initializer:
+        if tensor.name in unread:
+            continue
         new = out.graph.initializer.add()
         if tensor.name in skip:
             new.CopyFrom(tensors.copy_metadata(tensor))
         elif tensor.name in edits:
+            _fill(new, tensor, _apply(tensor, edits[tensor.name], scales))
+            done.add(tensor.name)
+        else:
+            new.CopyFrom(tensor)
+    for tensor in clip_bounds(units.clips):
+        new = out.graph.initializer.add()
+        if tensor.name in edits:
             _fill(new, tensor, _apply(tensor, edits[tensor.name], scales))
             done.add(tensor.name)
         else:
@@ -105,6 +119,79 @@ def _rewrite_bodies(
                 done.add(tensor.name)
         _rewrite_constants(body, edits, scales, done)
         _rewrite_bodies(body, edits, scales, done)
+
+
+def replace_clips(graph: onnx.GraphProto, clips: Sequence[ClipReplacement]) -> set[str]:
+    """Replace each clip node by per-unit Min/Max/Relu in place (same position, same output).
+
+    ``Min(Max(z, low), high)`` rather than ``Max(Min(z, high), low)``: where low > high both
+    give ``high``, as Clip does. Constant nodes whose values only the old nodes read are
+    removed; returns their names and those of the initializers only the old nodes read, which
+    the caller drops.
+    """
+    if not clips:
+        return set()
+    by_output = {clip.output: clip for clip in clips}
+    nodes = list(graph.node)
+    old_inputs: set[str] = set()
+    del graph.node[:]
+    for node in nodes:
+        clip = by_output.get(node.output[0]) if node.output else None
+        if clip is None:
+            graph.node.append(node)
+            continue
+        old_inputs.update(name for name in node.input if name and name != clip.data)
+        graph.node.extend(_clip_nodes(clip, node.name))
+        log.info("rewrite: %s '%s' -> per-unit bounds", node.op_type, clip.node)
+    still_read = {name for node in graph.node for name in node.input}
+    still_read |= {value.name for value in graph.output}
+    still_read |= {
+        name for node in graph.node for sub in subgraphs(node) for name in outer_names(sub)
+    }
+    unread = old_inputs - still_read
+    # onnxruntime warns about every constant nothing reads: the old bounds go with their nodes
+    dead = [
+        k
+        for k, node in enumerate(graph.node)
+        if node.op_type == "Constant" and set(node.output) <= unread
+    ]
+    for k in reversed(dead):
+        del graph.node[k]
+    return unread
+
+
+def _clip_nodes(clip: ClipReplacement, name: str) -> list[onnx.NodeProto]:
+    """The nodes computing ``clip.output``; the last keeps the replaced node's name."""
+    bounds = dict(clip.bound_tensors)
+    low = bounds.get(f"{clip.prefix}/low")
+    high = bounds.get(f"{clip.prefix}/high")
+    steps = []
+    if clip.low == 0.0:
+        steps.append(("Relu", [clip.data], "relu"))
+    elif low is not None:
+        steps.append(("Max", [clip.data, f"{clip.prefix}/low"], "max"))
+    if high is not None:
+        below = steps[-1] if steps else None
+        data = f"{clip.prefix}/{below[2]}" if below else clip.data
+        steps.append(("Min", [data, f"{clip.prefix}/high"], "min"))
+    made = []
+    for k, (op, inputs, label) in enumerate(steps):
+        last = k == len(steps) - 1
+        output = clip.output if last else f"{clip.prefix}/{label}"
+        node_name = name if last else f"{clip.prefix}/{op}"
+        made.append(onnx.helper.make_node(op, inputs, [output], name=node_name))
+    return made
+
+
+def clip_bounds(clips: Sequence[ClipReplacement]) -> list[onnx.TensorProto]:
+    """The replaced clips' bound tensors at their original values, one entry per unit."""
+    found = []
+    for clip in clips:
+        dtype = tensors.numpy_dtype(clip.data_type)
+        for name, value in clip.bound_tensors:
+            array = np.full(clip.shape, value, dtype=dtype)
+            found.append(tensors.make_tensor(name, array, clip.data_type))
+    return found
 
 
 def checked_scales(units: ModelUnits, log_scales: Sequence[float]) -> np.ndarray:

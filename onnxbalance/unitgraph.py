@@ -96,17 +96,54 @@ class Skip:
 
 
 @dataclass(frozen=True)
+class ClipReplacement:
+    """A clip node whose scalar bounds become per-unit tensors that scale with the units.
+
+    The node writing ``output`` (its name kept, so nothing downstream changes) is replaced by
+    ``Min(Max(data, low), high)``, ``Min(Relu(data), high)`` when ``low`` is 0, or the one of
+    Min and Max its finite bounds need; every new name starts with ``prefix + "/"``, a prefix no
+    name in the model has. The bound tensors (:attr:`bound_tensors`) have ``shape`` (units
+    along axis 0, ones after it: they broadcast along the unit axis) and ONNX element type
+    ``data_type``; TensorEdits in ``ModelUnits.edits`` rescale them.
+    """
+
+    node: str
+    output: str
+    data: str
+    low: float
+    high: float
+    prefix: str
+    shape: tuple[int, ...]
+    data_type: int
+
+    @property
+    def bound_tensors(self) -> tuple[tuple[str, float], ...]:
+        """(name, value before rescaling) of each bound tensor; a lower bound of 0 is a Relu."""
+        bounds = []
+        if np.isfinite(self.low) and self.low != 0.0:
+            bounds.append((f"{self.prefix}/low", self.low))
+        if np.isfinite(self.high):
+            bounds.append((f"{self.prefix}/high", self.high))
+        return tuple(bounds)
+
+
+@dataclass(frozen=True)
 class ModelUnits:
     """What analysis found: the linear layers, the scale groups, and what it left alone.
 
     ``edits`` rescale stored tensors outside the linear layers' weights and biases: constants
-    added to rescaled channels, and the mean and bias of a BatchNormalization they pass through.
+    added to rescaled channels, and the mean and bias of a BatchNormalization they pass through,
+    and the per-unit bounds of ``clips``, the clip nodes the rewrite replaces.
+    ``units_behind_clips`` counts the units that reach a clip with constant bounds other than
+    a Relu's, whether or not those clips are replaced.
     """
 
     layers: tuple[LinearUnits, ...]
     group_names: Sequence[str]
     skipped: tuple[Skip, ...] = field(default=())
     edits: tuple[TensorEdit, ...] = field(default=())
+    clips: tuple[ClipReplacement, ...] = field(default=())
+    units_behind_clips: int = 0
 
     @property
     def n_groups(self) -> int:

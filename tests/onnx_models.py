@@ -56,7 +56,7 @@ class Net:
     def output(self, name: str) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, self.elem, None))
 
-    def build(self) -> onnx.ModelProto:
+    def build(self, opset: int = OPSET) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes,
             self.name,
@@ -67,7 +67,7 @@ class Net:
         )
         model = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
+            opset_imports=[helper.make_opsetid("", opset)],
             producer_name="onnxbalance-tests",
             producer_version="0.0",
             doc_string="built by tests/onnx_models.py",

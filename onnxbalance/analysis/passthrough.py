@@ -9,6 +9,15 @@ channels c because the op commutes with them:
 * positively homogeneous activations (Relu, LeakyRelu, PRelu with a constant slope, Clip with
   bounds 0 and +inf):
   f(a z) = a f(z) for a > 0, element-wise; these make the units *hidden* (``activated``);
+* clips with any other constant bounds (ReLU6 = Clip(0, 6), one bound only, negative bounds,
+  Min or Max against a scalar constant; docs/algorithm.md §1):
+  clip(a z, a lo, a hi) = a clip(z, lo, hi), so they are
+  exact once channel c's bounds become lo a_c and hi a_c, which takes a new node with per-channel
+  bound tensors (``Step.clip``; only with ``rescale_clip``). The bounds then scale with the unit
+  like a bias does, and the clipped function is positively homogeneous in (z, lo, hi) jointly,
+  just as a Relu is in the layer's row and bias: the units are *hidden* (``activated``) exactly
+  as after a Relu (Max(z, 0) is one: it passes with ``rescale_clip`` and needs no new node).
+  A clip with neither bound is the identity and leaves them as they were;
 * copies and per-channel maps: Identity, Dropout (inference), max/average/Lp pools and their
   global forms (they act on each channel of an [N, C, ...] tensor separately), mean, sum, max,
   min, L1 and L2 reductions over other axes (all positively homogeneous), Pad (zero
@@ -31,9 +40,9 @@ channels c because the op commutes with them:
   rescaled per channel, the output of a non-homogeneous op) has scale 1, so the tie fixes the
   whole group.
 
-Everything else stops the units (they keep scale 1): non-homogeneous functions (Clip/Relu6,
-Sigmoid, Gelu, Softmax, LayerNormalization, ...), ops mixing channels (MatMul of two activations,
-reductions over the unit axis), unknown ops, and shapes that cannot be inferred.
+Everything else stops the units (they keep scale 1): non-homogeneous functions (Sigmoid, Gelu,
+Softmax, LayerNormalization, ...), clips without ``rescale_clip``, ops mixing channels (MatMul of
+two activations, reductions over the unit axis), unknown ops, and shapes that cannot be inferred.
 """
 
 from __future__ import annotations
@@ -82,6 +91,23 @@ class Step:
     ties: tuple[tuple[Carrier, ...], ...] = ()
     fixes: tuple[tuple[np.ndarray, str], ...] = ()
     scaled: tuple[tuple[str, int, np.ndarray], ...] = ()  # (constant, its axis, units)
+    clip: Bounds | None = None  # exact only once the node's bounds move with the units
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A clip of ``data`` to [low, high] (-inf / +inf where absent), both constants."""
+
+    data: str
+    low: float
+    high: float
+
+    @property
+    def is_relu(self) -> bool:
+        return self.low == 0.0 and self.high == np.inf
+
+    def text(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]"
 
 
 Rule = Callable[[GraphIndex, int, dict[int, Carrier]], "Step | Refusal"]
@@ -153,8 +179,7 @@ def _activation(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step 
 
 
 def _clip(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
-    """Clip with bounds 0 and +inf is Relu (torch's clamp(min=0)); any finite bound other than
-    min = 0 breaks homogeneity (Relu6 = Clip(0, 6))."""
+    """Clip: bounds from inputs 1 and 2 (opset >= 11) or from attributes (opset < 11)."""
     node = graph.nodes[i]
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
@@ -163,13 +188,40 @@ def _clip(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
     for slot, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
         if len(node.input) > slot and node.input[slot]:
             value = _constant(graph, node.input[slot])
-            bounds.append(None if value is None or value.size != 1 else float(value.ravel()[0]))
-        else:  # opset < 11 bounds are attributes
+            if value is None or value.size != 1:
+                return Refusal(f"feeds {_name(graph, i)} whose bounds are not scalar constants")
+            bounds.append(float(value.ravel()[0]))
+        else:
             bounds.append(float(attr(node, name, default)))
-    low, high = bounds
-    if high == np.inf and low in (0.0, -np.inf):
-        return _same(graph, i, data, activated=low == 0.0)
-    return Refusal(f"feeds Clip '{graph.names[i]}', which is not positively homogeneous")
+    clip = Bounds(node.input[0], *bounds)
+    step = _bounded(graph, i, data, clip)
+    if clip.is_relu and isinstance(step, Step):  # torch's clamp(min=0): a Relu, option or not
+        return Step(outputs=step.outputs)
+    return step
+
+
+def _min_max(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Max(z, c) and Min(z, c) with a scalar constant c clip z to one bound, so the
+    Min(Max(x, 0), 6) that exporters write for ReLU6 is a Relu and a clip to at most 6 (both
+    clips: without ``rescale_clip`` the units stop at the Max, as they always did)."""
+    node = graph.nodes[i]
+    if len(node.input) != 2 or len(carried) != 1:
+        return Refusal(f"feeds {_name(graph, i)}, which does not clip to a constant")
+    slot, data = next(iter(carried.items()))
+    value = _constant(graph, node.input[1 - slot])
+    if value is None or value.size != 1:
+        return Refusal(f"feeds {_name(graph, i)}, which does not clip to a scalar constant")
+    c = float(value.ravel()[0])
+    low, high = (c, np.inf) if node.op_type == "Max" else (-np.inf, c)
+    return _bounded(graph, i, data, Bounds(node.input[slot], low, high))
+
+
+def _bounded(graph: GraphIndex, i: int, data: Carrier, bounds: Bounds) -> Step | Refusal:
+    if np.isnan(bounds.low) or np.isnan(bounds.high):
+        return Refusal(f"feeds {_name(graph, i)}, whose bound is NaN")
+    if bounds.high == np.inf and bounds.low == -np.inf:
+        return _same(graph, i, data)  # the identity
+    return Step(outputs=_same(graph, i, data, activated=True).outputs, clip=bounds)
 
 
 def _copy(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -690,6 +742,7 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
     **{op: _activation for op in ACTIVATIONS},
     **dict.fromkeys(("Identity", "Dropout"), _copy),
     "Clip": _clip,
+    **dict.fromkeys(("Min", "Max"), _min_max),
     **dict.fromkeys(
         (
             "MaxPool",

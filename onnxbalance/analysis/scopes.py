@@ -145,7 +145,10 @@ def merged(parts: Sequence[tuple[str, ModelUnits]]) -> ModelUnits:
         skipped += [dataclasses.replace(s, node=prefix + s.node) for s in units.skipped]
         edits += [_shifted_edit(e, offset) for e in units.edits]
         offset += units.n_groups
-    return ModelUnits(tuple(layers), _Chained(names), tuple(skipped), tuple(edits))
+    # clips are replaced in the main graph only (``parts[0]``, whose groups are not shifted)
+    clips = parts[0][1].clips
+    behind = sum(units.units_behind_clips for _, units in parts)
+    return ModelUnits(tuple(layers), _Chained(names), tuple(skipped), tuple(edits), clips, behind)
 
 
 def _shifted(groups: np.ndarray | None, offset: int) -> np.ndarray | None:

@@ -24,6 +24,11 @@ bodies are analysed the same way, each as a graph of its own (:mod:`.scopes`).
 Requiring an activation on every path keeps to docs/algorithm.md §1 (hidden units of a ReLU
 network): a layer feeding another linear layer directly keeps its units at scale 1, although
 that rescaling would be exact too.
+
+With ``rescale_clip``, units pass clips with constant bounds (ReLU6, ...) as hidden units, and
+each such clip on a moving channel becomes a :class:`~onnxbalance.unitgraph.ClipReplacement`
+whose per-unit bounds are rescaled like a bias (:mod:`.passthrough`). Without it, they stop
+there; ``units_behind_clips`` counts them either way.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ from typing import overload
 import numpy as np
 import onnx
 
-from ..unitgraph import FIXED, LinearUnits, ModelUnits, Skip, TensorEdit
+from ..unitgraph import FIXED, ClipReplacement, LinearUnits, ModelUnits, Skip, TensorEdit
 from .graph import GraphIndex
 from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
-from .passthrough import Carrier, Step, match_passthrough
+from .passthrough import Bounds, Carrier, Step, match_passthrough
 from .scopes import NameSequence, body_indexes, merged
 from .shapes import infer_scoped_shapes
 
@@ -72,11 +77,13 @@ class _Units:
             self.reason.setdefault(u, reason)
 
 
-def analyse(model: onnx.ModelProto) -> ModelUnits:
+def analyse(model: onnx.ModelProto, *, rescale_clip: bool = False) -> ModelUnits:
     """Find the linear layers, the hidden units that may be rescaled, and what must stay put.
 
     Args:
         model: the ONNX model (not modified).
+        rescale_clip: let units through clips with constant bounds, whose nodes are then
+            replaced by per-unit bounds (``ModelUnits.clips``).
 
     Returns:
         The layers with their row/column scale groups and the tensor edits that rescale them,
@@ -88,12 +95,17 @@ def analyse(model: onnx.ModelProto) -> ModelUnits:
         InputError: a BatchNormalization after a layer computes NaN or infinity (:mod:`.ops`).
     """
     shapes = infer_scoped_shapes(model)
-    parts = [("", _analyse_graph(GraphIndex(model.graph, shapes[()])))]
-    parts += [(f"{path}/", _analyse_graph(body)) for path, body in body_indexes(model, shapes)]
+    opset = _opset(model)
+    main = _analyse_graph(GraphIndex(model.graph, shapes[()]), _Clips(rescale_clip, opset))
+    parts = [("", main)]
+    parts += [
+        (f"{path}/", _analyse_graph(body, _Clips(rescale_clip, opset, in_body=True)))
+        for path, body in body_indexes(model, shapes)
+    ]
     return merged(parts)
 
 
-def _analyse_graph(graph: GraphIndex) -> ModelUnits:
+def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
     """:func:`analyse` for one graph (the main graph or a body, :mod:`.scopes`)."""
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
@@ -106,7 +118,7 @@ def _analyse_graph(graph: GraphIndex) -> ModelUnits:
 
     offsets = np.cumsum([0] + [layer.n_rows for layer in layers])
     state = _Units(int(offsets[-1]))
-    reads, scaled = _propagate(graph, layers, offsets, state)
+    reads, scaled = _propagate(graph, layers, offsets, state, clips)
 
     groups = _Groups(state, _UnitNames([layer.name for layer in layers], offsets))
 
@@ -147,11 +159,17 @@ def _analyse_graph(graph: GraphIndex) -> ModelUnits:
         rows = groups.of_unit[carried]
         if (rows != FIXED).any():
             edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows))
-    return ModelUnits(tuple(units), groups.names, tuple(skipped), tuple(edits))
+    replaced = clips.replacements(graph, layers, offsets, groups.of_unit)
+    for clip, rows in replaced:
+        edits += [TensorEdit(name, row_axis=0, row_groups=rows) for name, _ in clip.bound_tensors]
+    replacements = tuple(clip for clip, _ in replaced)
+    return ModelUnits(
+        tuple(units), groups.names, tuple(skipped), tuple(edits), replacements, len(clips.behind)
+    )
 
 
 def _propagate(
-    graph: GraphIndex, layers: list[LinearMatch], offsets: np.ndarray, state: _Units
+    graph: GraphIndex, layers: list[LinearMatch], offsets: np.ndarray, state: _Units, clips: _Clips
 ) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray]]]:
     """One pass over the nodes: carry units forward, record ties and reasons. Returns, per
     layer index, the units its data input carries (the layer's column units), and the stored
@@ -203,11 +221,104 @@ def _propagate(
             for carrier in carried.values():
                 state.fix(carrier.units, step.reason)
             continue
+        if step.clip is not None and not clips.admit(graph, i, step.clip, carried, state):
+            continue
         _apply(graph, i, step, state)
         scaled.extend(step.scaled)
         for name, carrier in step.outputs:
             carry(name, carrier)
     return reads, scaled
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+class _Clips:
+    """The clips units reach: which to let them through (with ``rescale_clip``), which units
+    reach any, and, once the groups are known, the nodes to replace."""
+
+    def __init__(self, rescale: bool, opset: int, in_body: bool = False) -> None:
+        self.rescale = rescale
+        self.opset = opset
+        self.in_body = in_body
+        self.behind: set[int] = set()
+        self.found: list[tuple[int, Bounds, Carrier]] = []
+
+    def admit(
+        self, graph: GraphIndex, i: int, bounds: Bounds, carried: dict[int, Carrier], state: _Units
+    ) -> bool:
+        """Whether the units pass node ``i``, a clip to constant ``bounds``; fixes them if not."""
+        (carrier,) = carried.values()
+        self.behind.update(carrier.units[carrier.units >= 0].tolist())
+        node = f"{graph.nodes[i].op_type} '{graph.names[i]}'"
+        if not self.rescale:
+            reason = (
+                f"feeds {node}, which is not positively homogeneous at fixed bounds "
+                f"{bounds.text()} (--rescale-clip moves them with the units)"
+            )
+        elif self.in_body:  # the rewrite replaces nodes of the main graph only
+            reason = f"feeds {node} inside a subgraph, where clips are not rewritten"
+        elif self.opset < 8:  # Min and Max broadcast per-unit bounds from opset 8 on
+            reason = f"feeds {node}: per-unit bounds need opset 8 or later, not {self.opset}"
+        else:
+            if not bounds.is_relu:  # Max(z, 0) is exact as it stands
+                self.found.append((i, bounds, carrier))
+            return True
+        state.fix(carrier.units, reason)
+        return False
+
+    def replacements(
+        self,
+        graph: GraphIndex,
+        layers: list[LinearMatch],
+        offsets: np.ndarray,
+        of_unit: np.ndarray,
+    ) -> list[tuple[ClipReplacement, np.ndarray]]:
+        """A replacement for each admitted clip that has a moving unit, with its units' groups."""
+        taken: set[str] | None = None
+        found = []
+        for i, bounds, carrier in self.found:
+            units = carrier.units
+            rows = of_unit[units]
+            if not (rows != FIXED).any():
+                continue
+            if taken is None:
+                taken = _name_heads(graph.graph)
+            prefix = graph.names[i]
+            while prefix in taken:
+                prefix += "_"
+            taken.add(prefix)
+            layer = layers[int(np.searchsorted(offsets, units[units >= 0][0], side="right")) - 1]
+            replacement = ClipReplacement(
+                node=graph.names[i],
+                output=graph.nodes[i].output[0],
+                data=bounds.data,
+                low=bounds.low,
+                high=bounds.high,
+                prefix=prefix,
+                shape=(len(units),) + (1,) * (-carrier.axis - 1),
+                data_type=int(graph.elem_type(layer.weight)),
+            )
+            found.append((replacement, rows))
+        return found
+
+
+def _name_heads(graph: onnx.GraphProto) -> set[str]:
+    """Every part before a '/' of a name the graph uses: a prefix not in this set makes fresh
+    names ``prefix + "/" + anything``."""
+    names = {node.name for node in graph.node}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    for values in (graph.input, graph.output, graph.value_info, graph.initializer):
+        names.update(v.name for v in values)
+    heads = set()
+    for name in names:
+        while "/" in name:
+            name = name.rpartition("/")[0]
+            heads.add(name)
+    return heads
 
 
 def _read(layer: LinearMatch, carrier: Carrier, state: _Units) -> bool:
