@@ -23,6 +23,7 @@ _LAZY = {
     "balance": "api",
     "balance_file": "api",
     "check": "api",
+    "compare": "api",
     "Comparison": "report",
     "FixedEntry": "report",
     "Report": "report",
@@ -53,4 +54,5 @@ __all__ = [
     "balance",
     "balance_file",
     "check",
+    "compare",
 ]

@@ -28,7 +28,7 @@ import onnx
 
 from . import io, protos, safewrite, tensors
 from .errors import InputError, UnsupportedModelError, VerificationError
-from .report import Report, fixed_entries
+from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
 from .weightstats import LayerStats, layer_stats
 
@@ -63,6 +63,8 @@ def balance(
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
     progress: Progress | None = None,
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
@@ -80,7 +82,10 @@ def balance(
         solver: ``"newton"`` or ``"mu"`` (Algorithm 1); None for the solver's default.
         verify: run both models in onnxruntime and compare their outputs.
         inputs: arrays (or an ``.npz`` path) to verify with, instead of seeded random ones.
-        input_shapes: shapes for inputs with dynamic dimensions (default: 1 per dynamic dim).
+        input_shapes: shapes for inputs with dynamic dimensions (default: a batch of 8, else
+            16 per dynamic dimension; see :func:`onnxbalance.verify.make_inputs`).
+        rtol, atol: accept ``|balanced - original| <= rtol * |original| + atol`` instead of the
+            tolerance derived from the model's own round-off (either one given: the other is 0).
         progress: called with (sweep, norm) as the solver goes.
         on_stage: called with each stage's name as it starts.
         rescale_clip: balance units behind clips with constant bounds (ReLU6 = Clip(x, 0, 6),
@@ -114,8 +119,9 @@ def balance(
 
                 original = source if folder is not None else model
                 comparison = compare_models(
-                    original, balanced, inputs=feed, input_shapes=input_shapes, seed=seed
-                )
+                    original, balanced, inputs=feed, input_shapes=input_shapes, seed=seed,
+                    rtol=rtol, atol=atol,
+                )  # fmt: skip
     report = replace(
         report, verify=comparison, seconds=dict(timer.seconds), rescale_clip=rescale_clip
     )
@@ -137,6 +143,8 @@ def balance_file(
     inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
     progress: Progress | None = None,
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
@@ -176,8 +184,9 @@ def balance_file(
                     from .verify import compare_models
 
                     comparison = compare_models(
-                        src, staged.model_path, inputs=feed, input_shapes=input_shapes, seed=seed
-                    )
+                        src, staged.model_path, inputs=feed, input_shapes=input_shapes,
+                        seed=seed, rtol=rtol, atol=atol,
+                    )  # fmt: skip
             report = replace(
                 report, verify=comparison, seconds=dict(timer.seconds), output=str(dst),
                 rescale_clip=rescale_clip,
@@ -192,17 +201,36 @@ def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | No
     comparison = report.verify
     if comparison is None or comparison.passed:
         return
-    worst = max(comparison.failures, key=lambda o: o.max_rel_diff)
     # balance() writes nothing: its caller gets the model on the error, not a file story
     outcome = "not written" if balanced is None else "not returned (see error.model)"
     error = VerificationError(
-        f"{source or 'model'}: the balanced model's output {worst.name!r} differs from the "
-        f"input's ({worst.reason}; max abs diff {worst.max_abs_diff:.3g}, max rel diff "
-        f"{worst.max_rel_diff:.3g}); the balanced model is {outcome}"
+        f"{source or 'model'}: the balanced model's {difference_text(comparison)}; the "
+        f"balanced model is {outcome} ({RETRY_HINT})"
     )
     error.report = report  # type: ignore[attr-defined]
     error.model = balanced  # type: ignore[attr-defined]
     raise error
+
+
+RETRY_HINT = "verify on other arrays with --inputs, loosen with --rtol/--atol, or --no-verify"
+
+
+def difference_text(comparison: Comparison) -> str:
+    """The worst failed output, and how far outside its tolerance its worst value was."""
+    worst = max(comparison.failures, key=lambda o: (o.tolerance_ratio, o.max_rel_diff))
+    allowed = (
+        f"up to {worst.atol:.3g}" if not worst.rtol else f"{worst.rtol:.3g}·|x| + {worst.atol:.3g}"
+    )
+    outside = (
+        f"{worst.tolerance_ratio:.3g} times the tolerance ({allowed}, noise floor "
+        f"{worst.noise_floor:.3g})"
+        if np.isfinite(worst.tolerance_ratio) and worst.tolerance_ratio > 1
+        else "beyond any tolerance"
+    )
+    return (
+        f"output {worst.name!r} differs from the input's ({worst.reason}; max abs diff "
+        f"{worst.max_abs_diff:.3g}, max rel diff {worst.max_rel_diff:.3g}, {outside})"
+    )
 
 
 def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, produce, clip):
@@ -342,6 +370,41 @@ def check(
     return replace(report, seconds=dict(timer.seconds), rescale_clip=rescale_clip)
 
 
+def compare(
+    first: ModelOrPath,
+    second: ModelOrPath,
+    *,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Comparison:
+    """Whether two models compute the same function: the check :func:`balance` runs on its
+    result, for any two models with the same inputs and outputs (an export against its
+    simplified, converted or rebalanced version). ``first`` is the reference whose round-off
+    sets the tolerance; the options are those of :func:`balance`.
+
+    Returns:
+        The :class:`Comparison` (``passed`` tells the verdict); nothing raises for different
+        models.
+
+    Raises:
+        InputError: a model cannot be read or run, or the inputs do not fit ``first``.
+    """
+    from .verify import compare_models
+
+    _check_seed(seed)
+    with tensors.arrays_kept():
+        for model in (first, second):
+            if isinstance(model, str | os.PathLike):
+                io.load_model(model)  # a one-line error for a missing or broken file
+        feed = io.load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
+        return compare_models(
+            first, second, inputs=feed, input_shapes=input_shapes, seed=seed, rtol=rtol, atol=atol
+        )
+
+
 NORM_EXPONENTS = (0.01, 100.0)
 """Range of p and q: outside it the norm's exponents (1/q, q/p) take ordinary weights out of
 float64 (p = 0.001 raises each row's sum of |w|^p to the power q/p = 2000; q = 1e-300 divides
@@ -357,12 +420,17 @@ def _check_options(
             raise InputError(f"--{name} must be a positive number, got {value}")
         if not low <= value <= high:
             raise InputError(f"--{name} must be between {low:g} and {high:g}, got {value:g}")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise InputError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
+    if seed is not None:
+        _check_seed(seed)
     if not (np.isfinite(tol) and tol > 0):
         raise InputError(f"--tol must be a positive number, got {tol}")
     if max_sweeps < 1:
         raise InputError(f"--max-sweeps must be at least 1, got {max_sweeps}")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**64:
+        raise InputError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
 
 
 def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None]:

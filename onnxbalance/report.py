@@ -28,9 +28,12 @@ class OutputComparison:
     """One output of the original model against the same output of the balanced one.
 
     ``max_rel_diff`` is ``max_abs_diff / max|reference|``: relative to the output's magnitude, so
-    entries near zero do not blow it up. ``passed`` applies the dtype's tolerance elementwise
-    (``|diff| <= rtol * |reference| + atol``); ``reason`` says why it failed, or how it was
-    compared when that was not in the models' own dtype; empty otherwise.
+    entries near zero do not blow it up. ``passed`` applies the tolerance elementwise
+    (``|diff| <= rtol * |reference| + atol``; by default ``rtol`` is 0 and ``atol`` follows
+    from ``noise_floor``, the largest deviation of the original run with its weights perturbed
+    by round-off); ``tolerance_ratio`` is the largest ``|diff| / (rtol * |reference| + atol)``,
+    above 1 when it failed; ``reason`` says why it failed, or how it was compared when that was
+    not in the models' own dtype; empty otherwise.
     """
 
     name: str
@@ -42,6 +45,8 @@ class OutputComparison:
     atol: float
     passed: bool
     reason: str = ""
+    noise_floor: float = 0.0
+    tolerance_ratio: float = 0.0
 
     def __bool__(self) -> bool:
         return self.passed
@@ -49,11 +54,19 @@ class OutputComparison:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Both models run on the same inputs; ``passed`` only if every output passed."""
+    """Both models run on the same inputs; ``passed`` only if every output passed.
+
+    ``n_inputs`` counts samples (``draws`` runs times the batch each one feeds),
+    ``input_shapes`` gives each input's shape in one run, ``rule`` is ``"noise_floor"`` or
+    ``"fixed"`` (the caller's rtol/atol).
+    """
 
     outputs: tuple[OutputComparison, ...]
     n_inputs: int
     seed: int
+    draws: int = 1
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    rule: str = "noise_floor"
 
     @property
     def passed(self) -> bool:
@@ -68,6 +81,10 @@ class Comparison:
         return max((o.max_rel_diff for o in self.outputs), default=0.0)
 
     @property
+    def tolerance_ratio(self) -> float:
+        return max((o.tolerance_ratio for o in self.outputs), default=0.0)
+
+    @property
     def failures(self) -> tuple[OutputComparison, ...]:
         return tuple(o for o in self.outputs if not o.passed)
 
@@ -79,7 +96,11 @@ class Comparison:
             "passed": self.passed,
             "max_abs_diff": _finite(self.max_abs_diff),
             "max_rel_diff": _finite(self.max_rel_diff),
+            "tolerance_ratio": _finite(self.tolerance_ratio),
+            "rule": self.rule,
             "n_inputs": self.n_inputs,
+            "draws": self.draws,
+            "input_shapes": {name: list(shape) for name, shape in self.input_shapes.items()},
             "seed": self.seed,
             "outputs": [
                 {
@@ -90,6 +111,8 @@ class Comparison:
                     "max_rel_diff": _finite(o.max_rel_diff),
                     "rtol": o.rtol,
                     "atol": o.atol,
+                    "noise_floor": o.noise_floor,
+                    "tolerance_ratio": _finite(o.tolerance_ratio),
                     "passed": o.passed,
                     "reason": o.reason,
                 }

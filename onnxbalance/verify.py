@@ -2,20 +2,28 @@
 
 The only module that imports onnxruntime (lazily, inside :func:`run_model`).
 
-Inputs are seeded random arrays built from each graph input's declared dtype and shape
-(dynamic dimensions: 1, or the user's ``input_shapes``), or the user's arrays. Floating outputs
-pass when, elementwise,
+Inputs (:func:`make_inputs`) are seeded random arrays built from each graph input's declared
+dtype and shape, or the user's arrays. A dynamic leading dimension of an input of rank 2 or
+more is a batch of :data:`BATCH`, every other dynamic dimension a sequence of :data:`SEQUENCE`;
+when no batch dimension was chosen that way, :data:`DRAWS` independent draws are run instead of
+one. Integer inputs that index a Gather on a stored table are drawn from the table's rows.
 
-    |balanced - reference| <= rtol * |reference| + atol,    atol = atol_scale * max|reference|
+The tolerance comes from the model itself: the original runs a second time with every weight
+perturbed by a random relative amount of one unit in the last place of its dtype (seeded), and
+per output the largest deviation of that run from the original's is the noise floor, the
+round-off any equivalent model may show in the precision the model computes in. A floating
+output passes when, elementwise,
 
-with (rtol, atol_scale) chosen by dtype (float32: 1e-5, 1e-5): tolerances relative to the
-output's magnitude, because rescaling by exact powers would be exact and the only differences
-are rounding. Integer and boolean outputs (labels) must be equal. A floating output that is all
-zero on the test inputs fails: it could not tell a broken model from a correct one; so does one
-that is NaN or infinite everywhere. Non-finite values must match, except where the input model
-overflows its dtype and the balanced one overflows nowhere else (rescaling moves magnitudes
-between layers): both are then run again in a wider float type (float32 for float16, else
-float64), with the same tolerances, and the output says so.
+    |balanced - original| <= FACTOR * (noise_floor + eps * max|original|)
+
+with ``eps`` the machine epsilon of the model's compute precision (float16 when any weight or
+value is float16, whatever its graph outputs are), or ``|diff| <= rtol * |original| + atol``
+when the caller gives ``rtol``/``atol``. Integer and boolean outputs (labels) must be equal. A
+floating output that is all zero on the test inputs fails: it could not tell a broken model
+from a correct one; so does one that is NaN or infinite everywhere. Non-finite values must
+match, except where the input model overflows its dtype and the balanced one overflows nowhere
+else (rescaling moves magnitudes between layers): the models are then run again in a wider
+float type (float32 for float16, else float64), with the same rule, and the output says so.
 """
 
 from __future__ import annotations
@@ -40,21 +48,22 @@ log = logging.getLogger(__name__)
 
 _PROTOBUF_LIMIT = 2**31 - 1
 
-__all__ = ["Comparison", "OutputComparison", "compare_models", "make_inputs", "tolerance"]
+__all__ = ["Comparison", "OutputComparison", "compare_models", "make_inputs"]
 
-_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-10, 1e-10),
-    "float32": (1e-5, 1e-5),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (3e-2, 3e-2),
-}
+FACTOR = 10.0
+"""How many noise floors a correct model may deviate by (docs: README, Verification)."""
 
+BATCH, SEQUENCE, DRAWS = 8, 16, 4
+"""Default size of a dynamic batch / of any other dynamic dimension; draws without a batch."""
 
-def tolerance(dtype: np.dtype | str) -> tuple[float, float]:
-    """(rtol, atol relative to max|reference|) for outputs of this dtype; (0, 0) means exact."""
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    return _TOLERANCES.get(name, (0.0, 0.0))
+SMALL_INTEGERS = 4
+"""Integer inputs that index no stored table are drawn from [0, SMALL_INTEGERS)."""
 
+# machine epsilon: the spacing of floats at 1, twice the unit round-off
+_EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+_FLOATS = frozenset({upcast.F16, upcast.F32, upcast.F64})
+# ops that hand an index tensor on unchanged in value on the way to a Gather
+_INDEX_CARRIERS = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -88,34 +97,47 @@ def compare_models(
     inputs: Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> Comparison:
     """Run both models in onnxruntime, one after the other, and compare every output.
 
     Each model is a ModelProto or a path; from a path onnxruntime reads the file and its
     external data itself, so models over protobuf's 2 GB limit work, and each session is freed
-    before the next one loads. bfloat16 models run as float32 (onnxruntime has no bfloat16 CPU
-    kernels; the conversion is exact, see :mod:`onnxbalance.upcast`) with bfloat16 tolerances.
-    Outputs that the input model overflows are judged again in a wider type
-    (:func:`_compared_wider`).
+    before the next one loads. The original also runs with its weights perturbed
+    (:func:`perturbed`), which gives each output's noise floor; ``rtol``/``atol`` replace that
+    rule by a fixed one (see the module docstring). bfloat16 models run as float32 (onnxruntime
+    has no bfloat16 CPU kernels; the conversion is exact, see :mod:`onnxbalance.upcast`) with
+    bfloat16's round-off. Outputs that the input model overflows are judged again in a wider
+    type (:func:`_compared_wider`).
 
     Raises:
-        InputError: bad ``inputs``/``input_shapes``, or onnxruntime refuses the original model
-            or the inputs.
+        InputError: bad ``inputs``/``input_shapes``/``rtol``/``atol``, or onnxruntime refuses
+            the original model or the inputs.
     """
+    _check_tolerance(rtol, atol)
     first, second = _Source.of(original), _Source.of(balanced)
     as_dtype = None
     if upcast.uses(first.proto, upcast.BF16) or upcast.uses(second.proto, upcast.BF16):
         first, second = first.widened(upcast.to_float32), second.widened(upcast.to_float32)
         as_dtype = "bfloat16"
-    feed = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
-    reference = run_model(first, feed, "the input model")
-    result = run_model(second, feed, "the balanced model")
+    feeds = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
+    rule = _Rule(_compute_dtype(first.proto, as_dtype), rtol, atol)
+    perturb = functools.partial(perturbed, seed=seed, as_dtype=as_dtype)
+    noisy = None if rule.fixed else first.widened(perturb)
+    reference = run_all(first, feeds, "the input model")
+    floor_run = None if noisy is None else run_all(noisy, feeds, "the input model")
+    result = run_all(second, feeds, "the balanced model")
     outputs = tuple(
-        compare_output(name, reference[name], result[name], as_dtype) for name in reference
+        compare_output(
+            name, reference[name], result[name], floor_run and floor_run[name], rule=rule
+        )
+        for name in reference
     )
     # NaN or infinite inputs give non-finite outputs without any overflow
     finite_inputs = all(
         np.isfinite(value).all()
+        for feed in feeds
         for value in feed.values()
         if np.issubdtype(value.dtype, np.inexact)
     )
@@ -128,9 +150,16 @@ def compare_models(
         and _overflowed(reference[o.name], result[o.name])
     ]
     if overflowed:
-        again = _compared_wider(first, second, feed, overflowed, as_dtype)
+        again = _compared_wider(first, second, feeds, overflowed, rule, noisy)
         outputs = tuple(again.get(o.name, o) for o in outputs)
-    comparison = Comparison(outputs=outputs, n_inputs=len(feed), seed=seed)
+    comparison = Comparison(
+        outputs=tuple(_per_draw(o, len(feeds)) for o in outputs),
+        n_inputs=len(feeds) * _batch(feeds[0]),
+        seed=seed,
+        draws=len(feeds),
+        input_shapes={name: tuple(value.shape) for name, value in feeds[0].items()},
+        rule="fixed" if rule.fixed else "noise_floor",
+    )
     log.info(
         "verification %s: max abs diff %.3g, max rel diff %.3g",
         "passed" if comparison.passed else "FAILED",
@@ -138,6 +167,79 @@ def compare_models(
         comparison.max_rel_diff,
     )
     return comparison
+
+
+def _check_tolerance(rtol: float | None, atol: float | None) -> None:
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise InputError(f"--{name} must be a non-negative number, got {value}")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How floating outputs are judged: the noise-floor rule in ``compute`` precision, or the
+    caller's fixed ``rtol``/``atol`` when either is given."""
+
+    compute: str | None = None
+    rtol: float | None = None
+    atol: float | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.rtol is not None or self.atol is not None
+
+    def bounds(self, output_dtype: str, floor: float, scale: float) -> tuple[float, float]:
+        """(rtol, atol) of ``|diff| <= rtol * |original| + atol`` for one output."""
+        if self.fixed:
+            return self.rtol or 0.0, self.atol or 0.0
+        eps = _EPSILON.get(self.compute or output_dtype, _EPSILON["float64"])
+        return 0.0, FACTOR * (floor + eps * scale)
+
+
+def _compute_dtype(model: onnx.ModelProto, as_dtype: str | None) -> str | None:
+    """The float type the model computes in, when narrower than its outputs may say: float16
+    weights or values behind float32 inputs and outputs are float16 work."""
+    if as_dtype:
+        return as_dtype
+    return "float16" if upcast.uses(model, upcast.F16) else None
+
+
+def perturbed(model: onnx.ModelProto, *, seed: int, as_dtype: str | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights are moved by a seeded random relative amount of at
+    most one machine epsilon of their dtype (``as_dtype``'s when the model was widened).
+
+    Only weights move: floating tensors of two elements or more that are not all whole numbers.
+    Scalars and whole-number tensors are structure (a mask's 1.0, a Resize's scales, -inf
+    fills), where one unit in the last place can change a shape or cancel a mask. Values that
+    would leave the dtype's range stay as they are.
+    """
+    rng = np.random.default_rng([seed, 1])
+
+    def perturb(tensor: onnx.TensorProto) -> onnx.TensorProto:
+        if tensor.data_type not in _FLOATS or tensors.element_count(tensor) < 2:
+            return tensor
+        values = tensors.read_array(tensor)
+        finite = np.isfinite(values)
+        if np.array_equal(values[finite], np.round(values[finite])):
+            return tensor
+        eps = _EPSILON[as_dtype or values.dtype.name]
+        with np.errstate(over="ignore", invalid="ignore"):
+            factor = 1.0 + eps * rng.uniform(-1.0, 1.0, values.shape)
+            moved = (values.astype(np.float64) * factor).astype(values.dtype)
+        moved = np.where(np.isfinite(moved) | ~finite, moved, values)
+        fresh = tensors.make_tensor(tensor.name, moved, tensor.data_type)
+        fresh.doc_string = tensor.doc_string
+        return fresh
+
+    from . import protos
+
+    return protos.map_tensors(model, perturb)
+
+
+def _batch(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in one draw: the leading dimension the inputs of rank 2 or more share, else 1."""
+    leading = {value.shape[0] for value in feed.values() if value.ndim >= 2}
+    return leading.pop() if len(leading) == 1 else 1
 
 
 def _overflowed(reference: np.ndarray, result: np.ndarray) -> bool:
@@ -153,12 +255,14 @@ def _overflowed(reference: np.ndarray, result: np.ndarray) -> bool:
 def _compared_wider(
     first: _Source,
     second: _Source,
-    feed: Mapping[str, np.ndarray],
+    feeds: Sequence[Mapping[str, np.ndarray]],
     failed: Sequence[OutputComparison],
-    as_dtype: str | None,
+    rule: _Rule,
+    noisy: _Source | None = None,
 ) -> dict[str, OutputComparison]:
-    """The ``failed`` outputs compared again with both models and the inputs in a wider float
-    type (:func:`onnxbalance.upcast.wider_type`), with the tolerances of each output's own dtype.
+    """The ``failed`` outputs compared again with the models (``noisy``: the perturbed
+    original) and the inputs in a wider float type (:func:`onnxbalance.upcast.wider_type`),
+    with the round-off of each output's own dtype.
 
     The input model overflowed its dtype on the test inputs: the balanced one may not have
     (rescaling moves magnitudes between layers, and may well take a hidden layer back into
@@ -168,30 +272,40 @@ def _compared_wider(
     """
     wide = upcast.wider_type(first.proto)
     dtype = tensors.numpy_dtype(wide)
-    wide_feed = {
-        name: value.astype(dtype)
-        if np.issubdtype(value.dtype, np.floating) and value.dtype.itemsize < dtype.itemsize
-        else value
-        for name, value in feed.items()
-    }
+    wide_feeds = [
+        {
+            name: value.astype(dtype)
+            if np.issubdtype(value.dtype, np.floating) and value.dtype.itemsize < dtype.itemsize
+            else value
+            for name, value in feed.items()
+        }
+        for feed in feeds
+    ]
     convert = functools.partial(upcast.widen, wide=wide)
     try:
-        reference = run_model(first.widened(convert), wide_feed, "the input model")
-        result = run_model(second.widened(convert), wide_feed, "the balanced model")
+        reference = run_all(first.widened(convert), wide_feeds, "the input model")
+        floor_run = None if noisy is None else run_all(noisy.widened(convert), wide_feeds, "it")
+        result = run_all(second.widened(convert), wide_feeds, "the balanced model")
     except InputError as exc:
         log.info("verification in %s impossible: %s", dtype.name, exc)
         return {
             o.name: replace(
                 o,
-                reason=f"{o.reason}: the input model overflows {as_dtype or o.dtype} on the "
+                reason=f"{o.reason}: the input model overflows {rule.compute or o.dtype} on the "
                 f"test inputs, and onnxruntime cannot run the models in {dtype.name} to compare",
             )
             for o in failed
         }
     compared = {}
     for failure in failed:
-        name, own = failure.name, as_dtype or failure.dtype
-        again = compare_output(name, reference[name], result[name], own)
+        name, own = failure.name, rule.compute or failure.dtype
+        again = compare_output(
+            name,
+            reference[name],
+            result[name],
+            floor_run and floor_run[name],
+            rule=replace(rule, compute=own),
+        )
         how = f"the input model overflows {own} on the test inputs: compared in {dtype.name}"
         compared[name] = replace(
             again, dtype=failure.dtype, reason=how + (f", {again.reason}" if again.reason else "")
@@ -206,11 +320,14 @@ def make_inputs(
     inputs: Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """The arrays to feed: the user's ``inputs`` if given, else seeded random ones.
+) -> list[dict[str, np.ndarray]]:
+    """The feeds to run: the user's ``inputs`` if given, else seeded random draws.
 
-    Random floats are standard normal, integers uniform in [0, 4) (small enough to be valid
-    indices), booleans fair coin flips.
+    Dynamic dimensions: :data:`BATCH` for the leading one of an input of rank 2 or more,
+    :data:`SEQUENCE` for the others (``input_shapes`` overrides both). One draw when a batch
+    was chosen so, else :data:`DRAWS`. Random floats are standard normal, integers uniform in
+    the rows of the stored table they index through a Gather (:func:`index_bounds`), else in
+    [0, SMALL_INTEGERS), booleans fair coin flips.
 
     Raises:
         InputError: an input is not fed or unknown, a shape has the wrong rank or a
@@ -225,23 +342,66 @@ def make_inputs(
             f"(inputs: {', '.join(declared) or 'none'})"
         )
     if inputs is not None:
-        return _check_fed(declared, inputs)
+        return [_check_fed(declared, inputs)]
+    typed = {
+        name: _dtype_and_shape(name, value, input_shapes.get(name))
+        for name, value in declared.items()
+    }
+    batched = any(
+        name not in input_shapes and _dims(value)[:1] == [None] and len(_dims(value)) >= 2
+        for name, value in declared.items()
+    )
+    bounds = index_bounds(model)
     rng = np.random.default_rng(seed)
-    feed = {}
-    for name, value in declared.items():
-        dtype, shape = _dtype_and_shape(name, value, input_shapes.get(name))
-        if np.issubdtype(dtype, np.floating):
-            feed[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feed[name] = rng.integers(0, 2, size=shape).astype(np.bool_)
-        elif np.issubdtype(dtype, np.integer):
-            feed[name] = rng.integers(0, 4, size=shape).astype(dtype)
-        else:
-            raise InputError(
-                f"input {name!r} has dtype {dtype}, which cannot be generated; "
-                "give arrays with --inputs FILE.npz"
-            )
-    return feed
+    feeds = []
+    for _ in range(1 if batched else DRAWS):
+        feed = {}
+        for name, (dtype, shape) in typed.items():
+            if np.issubdtype(dtype, np.floating):
+                feed[name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                feed[name] = rng.integers(0, 2, size=shape).astype(np.bool_)
+            elif np.issubdtype(dtype, np.integer):
+                high = bounds.get(name, SMALL_INTEGERS)
+                feed[name] = rng.integers(0, high, size=shape).astype(dtype)
+            else:
+                raise InputError(
+                    f"input {name!r} has dtype {dtype}, which cannot be generated; "
+                    "give arrays with --inputs FILE.npz"
+                )
+        feeds.append(feed)
+    return feeds
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph inputs that index a Gather on a stored table (possibly through Cast,
+    Reshape and the like): the number of rows every such table has along the gathered axis."""
+    graph = model.graph
+    tables = {t.name: tuple(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tables[node.output[0]] = tuple(node.attribute[0].t.dims)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    bounds = {}
+    for name in graph_inputs(model):
+        rows, frontier, seen = [], [name], set()
+        while frontier:
+            value = frontier.pop()
+            seen.add(value)
+            for node in readers.get(value, []):
+                if node.op_type in _INDEX_CARRIERS and node.input[0] == value:
+                    frontier.extend(o for o in node.output if o not in seen)
+                elif node.op_type == "Gather" and node.input[1:2] == [value]:
+                    shape = tables.get(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if shape and -len(shape) <= axis < len(shape) and shape[axis] > 0:
+                        rows.append(shape[axis])
+        if rows:
+            bounds[name] = min(rows)
+    return bounds
 
 
 def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -258,26 +418,58 @@ def run_model(
     Raises:
         InputError: onnxruntime cannot load or run the model.
     """
+    return _run_sessions(model, [feed], what)[0]
+
+
+def run_all(
+    model: ModelSource | _Source, feeds: Sequence[Mapping[str, np.ndarray]], what: str
+) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` on every feed, one session for all: each output's values from
+    several feeds stacked along a new leading axis (flattened and joined if their shapes
+    differ, see :func:`_per_draw`), from one feed as they are."""
+    runs = _run_sessions(model, feeds, what)
+    if len(runs) == 1:
+        return runs[0]
+    joined = {}
+    for name in runs[0]:
+        values = [run[name] for run in runs]
+        same = len({v.shape for v in values}) == 1
+        joined[name] = np.stack(values) if same else np.concatenate([v.ravel() for v in values])
+    return joined
+
+
+def _per_draw(output: OutputComparison, draws: int) -> OutputComparison:
+    """``output`` with the shape of one draw's output (see :func:`run_all`)."""
+    return replace(output, shape=output.shape[1:]) if draws > 1 else output
+
+
+def _run_sessions(
+    model: ModelSource | _Source, feeds: Sequence[Mapping[str, np.ndarray]], what: str
+) -> list[dict[str, np.ndarray]]:
     source = model if isinstance(model, _Source) else _Source.of(model)
     if source.path is not None:
-        return _run_session(str(source.path), feed, what)
+        return _run_session(str(source.path), feeds, what)
     if not tensors.external_names(source.proto) and source.proto.ByteSize() < _PROTOBUF_LIMIT:
-        return _run_session(source.proto.SerializeToString(), feed, what)
+        return _run_session(source.proto.SerializeToString(), feeds, what)
     # external references or too big for one message: onnxruntime needs a file
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-") as folder:
         with safewrite.stage_model(
             source.proto, Path(folder) / "model.onnx", base_dir=source.folder
         ) as staged:
-            return _run_session(str(staged.model_path), feed, what)
+            return _run_session(str(staged.model_path), feeds, what)
+
+
+_SILENT = 4  # onnxruntime's "fatal" severity: its own error lines never reach the terminal
 
 
 def _run_session(
-    model: bytes | str, feed: Mapping[str, np.ndarray], what: str
-) -> dict[str, np.ndarray]:
+    model: bytes | str, feeds: Sequence[Mapping[str, np.ndarray]], what: str
+) -> list[dict[str, np.ndarray]]:
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(_SILENT)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = _SILENT
     # Basic optimisations only: fusions could differ between the two graphs and blur the check.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     # No packed copies of the weights: verification runs once, and memory matters more.
@@ -287,42 +479,48 @@ def _run_session(
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         types = [o.type for o in session.get_outputs()]
-        values = session.run(names, dict(feed))
+        runs = [session.run(names, dict(feed)) for feed in feeds]
     except Exception as exc:  # onnxruntime raises its own untyped exception classes
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"onnxruntime cannot run {what}: {message}") from None
     finally:
         session = None  # free the session's buffers before the next model is loaded
-    return {
-        name: _to_array(value, kind) for name, value, kind in zip(names, values, types, strict=True)
-    }
+    return [
+        {name: _to_array(value, kind) for name, value, kind in zip(names, row, types, strict=True)}
+        for row in runs
+    ]
 
 
 def compare_output(
-    name: str, reference: np.ndarray, result: np.ndarray, as_dtype: str | None = None
+    name: str,
+    reference: np.ndarray,
+    result: np.ndarray,
+    floor_run: np.ndarray | None = None,
+    *,
+    rule: _Rule | None = None,
 ) -> OutputComparison:
-    """Compare one output; see the module docstring for the rule. ``as_dtype`` names the dtype
-    whose tolerances apply when the model ran in a wider one (bfloat16 run as float32)."""
+    """Compare one output; see the module docstring for the rule. ``floor_run`` is the
+    perturbed original's output (none: a noise floor of 0)."""
+    rule = rule or _Rule()
     dtype = reference.dtype
     shape = tuple(int(d) for d in reference.shape)
-    rtol, atol_scale = tolerance(as_dtype if as_dtype and dtype.kind == "f" else dtype)
 
-    def record(abs_diff: float, rel_diff: float, atol: float, passed: bool, reason: str = ""):
+    def record(abs_diff, rel_diff, passed, reason="", rtol=0.0, atol=0.0, floor=0.0, ratio=0.0):
         return OutputComparison(
-            name, dtype.name, shape, abs_diff, rel_diff, rtol, atol, passed, reason
+            name, dtype.name, shape, abs_diff, rel_diff, rtol, atol, passed, reason, floor, ratio
         )
 
     if result.shape != reference.shape:
-        return record(np.inf, np.inf, 0.0, False, f"shape {result.shape} != {reference.shape}")
+        return record(np.inf, np.inf, False, f"shape {result.shape} != {reference.shape}")
     if not np.issubdtype(dtype, np.inexact):
         if dtype.kind in "OUS":
             equal = np.array_equal(reference, result)
             return record(
                 0.0 if equal else np.inf,
                 0.0 if equal else np.inf,
-                0.0,
                 equal,
                 "" if equal else "values differ",
+                ratio=0.0 if equal else np.inf,
             )
         differ = int(np.count_nonzero(reference != result))
         diff = np.abs(reference.astype(np.float64) - result.astype(np.float64))
@@ -330,35 +528,49 @@ def compare_output(
         scale = float(np.abs(reference.astype(np.float64)).max()) if reference.size else 0.0
         rel = abs_diff / scale if scale > 0 else (0.0 if abs_diff == 0 else np.inf)
         reason = f"{differ} of {reference.size} values differ" if differ else ""
-        return record(abs_diff, rel, 0.0, differ == 0, reason)
+        return record(abs_diff, rel, differ == 0, reason, ratio=np.inf if differ else 0.0)
 
     ref = reference.astype(np.float64)
     res = result.astype(np.float64)
     finite = np.isfinite(ref)
     same_nonfinite = np.array_equal(ref[~finite], res[~finite], equal_nan=True)
     if not np.all(np.isfinite(res[finite])) or not same_nonfinite:
-        return record(np.inf, np.inf, 0.0, False, "non-finite values differ")
+        return record(np.inf, np.inf, False, "non-finite values differ", ratio=np.inf)
     if reference.size and not finite.any():
-        return record(
-            0.0, 0.0, 0.0, False, "output is NaN or infinite everywhere on the test inputs"
-        )
+        return record(0.0, 0.0, False, "output is NaN or infinite everywhere on the test inputs")
+    floor = _noise_floor(ref, floor_run)
     ref, res = ref[finite], res[finite]
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     diff = np.abs(ref - res)
     abs_diff = float(diff.max()) if diff.size else 0.0
-    atol = atol_scale * scale
+    rtol, atol = rule.bounds(dtype.name, floor, scale)
     if scale == 0.0:
         return record(
             abs_diff,
             0.0 if abs_diff == 0 else np.inf,
-            0.0,
             False,
             "output is all zero on the test inputs, so the check cannot fail",
+            rtol,
+            atol,
+            floor,
         )
-    rel_diff = abs_diff / scale
-    bad = int(np.count_nonzero(diff > rtol * np.abs(ref) + atol))
+    bound = rtol * np.abs(ref) + atol
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(diff > 0, diff / bound, 0.0)
+    ratio = float(ratios.max()) if ratios.size else 0.0
+    bad = int(np.count_nonzero(diff > bound))
     reason = f"{bad} of {ref.size} values outside tolerance" if bad else ""
-    return record(abs_diff, rel_diff, atol, bad == 0, reason)
+    return record(abs_diff, abs_diff / scale, bad == 0, reason, rtol, atol, floor, ratio)
+
+
+def _noise_floor(reference: np.ndarray, floor_run: np.ndarray | None) -> float:
+    """The largest deviation of the perturbed original from the original where both are
+    finite (0 without a perturbed run, or when its output took another shape)."""
+    if floor_run is None or floor_run.shape != reference.shape:
+        return 0.0
+    noisy = floor_run.astype(np.float64)
+    both = np.isfinite(reference) & np.isfinite(noisy)
+    return float(np.abs(reference[both] - noisy[both]).max()) if both.any() else 0.0
 
 
 def _check_fed(
@@ -397,11 +609,7 @@ def _dtype_and_shape(
         raise InputError(
             f"input {name!r} has an element type numpy cannot hold; give arrays with --inputs"
         ) from None
-    declared = (
-        [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-        if tensor_type.HasField("shape")
-        else None
-    )
+    declared = _dims(value) if tensor_type.HasField("shape") else None
     if override is not None:
         shape = tuple(int(d) for d in override)
         if declared is not None and len(shape) != len(declared):
@@ -418,7 +626,19 @@ def _dtype_and_shape(
         return dtype, shape
     if declared is None:
         raise InputError(f"input {name!r} has no declared shape; give it with --input-shape")
-    return dtype, tuple(d if d else 1 for d in declared)
+    return dtype, tuple(
+        d if d else BATCH if i == 0 and len(declared) >= 2 else SEQUENCE
+        for i, d in enumerate(declared)
+    )
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    """The declared dimensions, None where dynamic (no shape: none)."""
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tensor_type.shape.dim]  # fmt: skip
 
 
 _ORT_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,

@@ -132,7 +132,7 @@ def test_dtypes(dirs, dtype, external):
     report = json.loads((out_dir / "r.json").read_text())
     assert report["norm_after"] < 0.9 * report["norm_before"]
     (output,) = report["verify"]["outputs"]
-    assert output["passed"] and output["rtol"] == verify.tolerance(dtype)[0]
+    assert output["passed"] and 0 < output["noise_floor"] < output["atol"]
     written = onnx.load(out_dir / "b.onnx")
     assert {t.data_type for t in written.graph.initializer} == {DTYPES[dtype]}
     x = np.random.default_rng(2).standard_normal((5, 6))

@@ -9,7 +9,15 @@ from gemm_mlp import add_relu_model, gemm_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxbalance.errors import InputError
-from onnxbalance.verify import compare_models, compare_output, make_inputs, run_model, tolerance
+from onnxbalance.verify import (
+    BATCH,
+    DRAWS,
+    _Rule,
+    compare_models,
+    compare_output,
+    make_inputs,
+    run_model,
+)
 
 
 def _perturbed(model: onnx.ModelProto, name: str, factor: float) -> onnx.ModelProto:
@@ -27,7 +35,8 @@ def test_identical_models_pass_with_zero_difference():
     result = compare_models(model, model)
     assert result.passed and bool(result)
     assert result.max_abs_diff == 0.0 and result.max_rel_diff == 0.0
-    assert result.n_inputs == 1 and [o.name for o in result.outputs] == ["y"]
+    assert result.n_inputs == BATCH and result.draws == 1 and result.input_shapes == {"x": (8, 5)}
+    assert [o.name for o in result.outputs] == ["y"] and result.outputs[0].shape == (8, 3)
 
 
 def test_rescaled_equivalent_model_passes():
@@ -65,13 +74,14 @@ def test_all_zero_output_counts_as_failure():
 
 def test_seeded_inputs_are_reproducible_and_shapes_resolved():
     model = gemm_mlp([5, 6, 2], batch="N")
-    a = make_inputs(model, seed=3)
-    b = make_inputs(model, seed=3)
-    c = make_inputs(model, seed=4)
-    assert a["x"].shape == (1, 5) and a["x"].dtype == np.float32
+    (a,), (b,), (c,) = (make_inputs(model, seed=s) for s in (3, 3, 4))
+    assert a["x"].shape == (BATCH, 5) and a["x"].dtype == np.float32
     np.testing.assert_array_equal(a["x"], b["x"])
     assert not np.array_equal(a["x"], c["x"])
-    assert make_inputs(model, input_shapes={"x": (7, 5)})["x"].shape == (7, 5)
+    # no batch chosen by us: several independent draws instead
+    draws = make_inputs(model, input_shapes={"x": (7, 5)})
+    assert len(draws) == DRAWS and {d["x"].shape for d in draws} == {(7, 5)}
+    assert not np.array_equal(draws[0]["x"], draws[1]["x"])
 
 
 @pytest.mark.parametrize(
@@ -105,7 +115,7 @@ def test_integer_and_bool_inputs_are_generated():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feed = make_inputs(model, input_shapes={"idx": (4, 3), "mask": (4, 3), "x": (4, 3)})
+    feed = make_inputs(model, input_shapes={"idx": (4, 3), "mask": (4, 3), "x": (4, 3)})[0]
     assert feed["idx"].dtype == np.int64 and feed["mask"].dtype == np.bool_
     assert set(np.unique(feed["idx"])) <= {0, 1, 2, 3}
     assert compare_models(model, model, input_shapes={"idx": (4, 3), "mask": (4, 3),
@@ -123,18 +133,26 @@ def test_user_inputs_are_checked_and_used():
         compare_models(model, model, inputs={"x": x.astype(np.float64)})
 
 
-def test_tolerance_fits_the_dtype():
-    assert tolerance("float32") == (1e-5, 1e-5)
-    assert tolerance(np.float16)[0] >= 1e-3
-    assert tolerance(np.float64)[0] <= 1e-9
-    assert tolerance(np.int64) == (0.0, 0.0)
+def test_tolerance_follows_the_noise_floor_and_the_compute_precision():
     ref = np.linspace(-1, 1, 50).astype(np.float32)
-    assert compare_output("y", ref, ref * np.float32(1 + 2e-6)).passed
-    assert not compare_output("y", ref, ref * np.float32(1 + 1e-3)).passed
-    ref64 = ref.astype(np.float64)
-    assert not compare_output("y", ref64, ref64 * (1 + 2e-6)).passed
-    ref16 = ref.astype(np.float16)
-    assert compare_output("y", ref16, (ref16 * np.float16(1.001)).astype(np.float16)).passed
+    noisy = ref + np.float32(1e-4)  # the perturbed original: a noise floor of 1e-4
+    within = compare_output("y", ref, ref + np.float32(9e-4), noisy)
+    assert within.passed and within.noise_floor == pytest.approx(1e-4, rel=1e-3)
+    outside = compare_output("y", ref, ref + np.float32(2e-3), noisy)
+    assert not outside.passed and outside.tolerance_ratio == pytest.approx(
+        2e-3 / outside.atol, rel=1e-3
+    )
+    assert 1.5 < outside.tolerance_ratio < 2.5
+    # no floor: FACTOR machine epsilons of the output's scale
+    assert compare_output("y", ref, ref * np.float32(1 + 5e-7)).passed
+    assert not compare_output("y", ref, ref * np.float32(1 + 1e-5)).passed
+    # float16 work behind float32 outputs: float16's epsilon
+    float16_work = _Rule(compute="float16")
+    assert compare_output("y", ref, ref * np.float32(1 + 5e-3), rule=float16_work).passed
+    # the caller's rtol/atol replace the rule
+    fixed = _Rule(rtol=1e-2, atol=0.0)
+    assert compare_output("y", ref, ref * np.float32(1 + 5e-3), rule=fixed).passed
+    assert not compare_output("y", ref, ref + np.float32(1e-3), noisy, rule=_Rule(atol=1e-4)).passed
 
 
 def test_integer_outputs_must_match_exactly():
@@ -204,7 +222,7 @@ def test_an_overflow_that_balancing_removes_is_compared_in_float64():
     assert (
         output.reason == "the input model overflows float32 on the test inputs: compared in float64"
     )
-    assert output.dtype == "float32" and output.rtol == 1e-5
+    assert output.dtype == "float32" and output.rtol == 0 and output.noise_floor > 0
     assert 0 < output.max_rel_diff < 1e-5
     wrong = compare_models(overflowing, _perturbed(balanced, "W1", 1.01), inputs=feed)
     (failure,) = wrong.failures
@@ -247,9 +265,9 @@ def test_float16_models_are_compared_again_in_float32_where_conv_runs():
     balanced = _one_by_one_convs([1.0, 1.0], [1.0, 1.0], np.float16)
     feed = {"x": np.full((1, 1, 2, 2), 100.0, np.float16)}
     failed = compare_output("y", np.full((1, 1, 2, 2), np.inf, np.float16), feed["x"] * 2)
-    again = _compared_wider(_Source.of(original), _Source.of(balanced), feed, [failed], None)
+    again = _compared_wider(_Source.of(original), _Source.of(balanced), [feed], [failed], _Rule())
     output = again["y"]
-    assert output.passed and output.dtype == "float16" and output.rtol == 1e-2
+    assert output.passed and output.dtype == "float16"
     assert (
         output.reason == "the input model overflows float16 on the test inputs: compared in float32"
     )
@@ -290,7 +308,7 @@ def test_outputs_non_finite_everywhere_are_compared_in_float64_or_fail():
         not lost.passed and lost.reason == "output is NaN or infinite everywhere on the test inputs"
     )
     model = _with_huge_bias(np.float32)
-    assert not np.isfinite(run_model(model, make_inputs(model), "it")["y"]).any()
+    assert not np.isfinite(run_model(model, make_inputs(model)[0], "it")["y"]).any()
     same = compare_models(model, model)
     assert same.passed and "compared in float64" in same.outputs[0].reason
     assert not compare_models(model, _perturbed(model, "W1", 1.01)).passed
