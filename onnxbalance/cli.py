@@ -10,12 +10,14 @@ and the one-line error to stderr.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.util
 import json
 import logging
 import math
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
@@ -33,7 +35,7 @@ from .errors import (
     interrupt_behind,
 )
 from .plot import MISSING_MATPLOTLIB, image_format, plot_convergence
-from .report import Report, summary_table
+from .report import Report, comparison_table, summary_table
 
 PROG = "onnxbalance"
 MAX_INPUT_ELEMENTS = 2**31 - 1
@@ -49,7 +51,7 @@ class Solver(str, enum.Enum):
 
 SUMMARY = "Balance a ReLU network stored as ONNX: the same function, minimum l_{p,q} weight norm."
 EXAMPLE = "onnxbalance model.onnx balanced.onnx --p 2 --q 2"
-USAGES = ("[OPTIONS] IN OUT", "[OPTIONS] --check IN...")
+USAGES = ("[OPTIONS] IN OUT", "[OPTIONS] --check IN...", "compare [OPTIONS] A B")
 
 
 class _Command(typer.core.TyperCommand):
@@ -76,6 +78,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help=SUMMARY,
 )
+
+
+RTOL = typer.Option(
+    metavar="R", help="Accept |diff| <= R*|original| + atol instead of the noise-floor rule."
+)
+ATOL = typer.Option(metavar="A", help="Absolute part of that rule (either option enables it).")
 
 
 def _version(value: bool) -> None:
@@ -116,6 +124,8 @@ def run(
         typer.Option(metavar="NAME=D1,D2,..", help="Shape of an input with dynamic dims."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
+    rtol: Annotated[float | None, RTOL] = None,
+    atol: Annotated[float | None, ATOL] = None,
     report: Annotated[
         Path | None,
         typer.Option(metavar="F.json", help="Write the run's report as JSON (- for stdout)."),
@@ -152,12 +162,17 @@ def run(
         source, None if check or not rest else rest[0], p, q, tol, max_sweeps,
         solver.value if solver else None, verify, inputs, tuple(input_shape or ()), seed, report,
         plot, check, quiet, verbose, more_sources=rest if check else rest[1:],
-        rescale_clip=rescale_clip,
+        rescale_clip=rescale_clip, rtol=rtol, atol=atol,
     )  # fmt: skip
+    _exit_with(functools.partial(_run, invocation))
+
+
+def _exit_with(command: Callable[[], int]) -> None:
+    """Run ``command``; a user error becomes its one line and its exit code."""
     try:
         # SIGTERM too becomes an exception, so every temporary file is removed on the way out
         with safewrite.interrupts_raise():
-            code = _run(invocation)
+            code = command()
     except OnnxBalanceError as exc:
         _error(str(exc))
         code = exc.exit_code
@@ -194,6 +209,8 @@ class Invocation:
     verbose: bool
     more_sources: tuple[Path, ...] = ()
     rescale_clip: bool = False
+    rtol: float | None = None
+    atol: float | None = None
 
 
 def _run(args: Invocation) -> int:
@@ -228,7 +245,8 @@ def _run(args: Invocation) -> int:
             try:
                 result = api.balance_file(
                     args.source, args.output, args.p, args.q, verify=args.verify,
-                    inputs=args.inputs, input_shapes=shapes, seed=args.seed, **options,
+                    inputs=args.inputs, input_shapes=shapes, seed=args.seed,
+                    rtol=args.rtol, atol=args.atol, **options,
                 )  # fmt: skip
             except VerificationError as error:
                 failed = getattr(error, "report", None)
@@ -404,13 +422,91 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     )
 
 
+compare_app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@compare_app.command(
+    epilog="Exit codes: 0 equivalent, 2 bad usage or unreadable/invalid input, 3 different."
+)
+def compare(
+    first: Annotated[Path, typer.Argument(metavar="A", help="The reference model.")],
+    second: Annotated[Path, typer.Argument(metavar="B", help="The model to check against A.")],
+    inputs: Annotated[
+        Path | None, typer.Option(metavar="F.npz", help="Compare on these arrays (.npz).")
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=D1,D2,..", help="Shape of an input with dynamic dims."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    rtol: Annotated[float | None, RTOL] = None,
+    atol: Annotated[float | None, ATOL] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(metavar="F.json", help="Write the comparison as JSON (- for stdout)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
+) -> None:
+    """Run A and B in onnxruntime on the same inputs; exit 3 if B does not compute what A does."""
+    _configure_logging(False, quiet)
+    _exit_with(
+        functools.partial(
+            _compare, first, second, inputs, tuple(input_shape or ()), seed, rtol, atol, report,
+            quiet,
+        )
+    )  # fmt: skip
+
+
+def _compare(first, second, inputs, input_shape, seed, rtol, atol, report, quiet) -> int:
+    """Check the report's path before any work, compare, write the report, print the table."""
+    shapes = parse_input_shapes(list(input_shape))
+    if report is not None and not _is_stdout(report):
+        for source in (first, second):
+            io.check_side_output(report, what="report", source=source,
+                                 inputs=[inputs] if inputs is not None else [])  # fmt: skip
+    comparison = api.compare(
+        first, second, inputs=inputs, input_shapes=shapes, seed=seed, rtol=rtol, atol=atol
+    )
+    if report is not None:
+        data = {"first": str(first), "second": str(second), "verify": comparison.to_dict()}
+        text = json.dumps(data, indent=2) + "\n"
+        if _is_stdout(report):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            io.write_bytes(report, text.encode())
+    if not quiet:
+        from rich.console import Console
+
+        # with --report - stdout carries the JSON alone
+        console = Console(file=sys.stderr if _is_stdout(report or Path()) else sys.stdout)
+        console.print(comparison_table(comparison, str(first), str(second)))
+    if comparison.passed:
+        return EXIT_OK
+    hint = "compare on other arrays with --inputs, or loosen with --rtol/--atol"
+    _error(f"{second}: {api.difference_text(comparison)} ({hint})")
+    return EXIT_VERIFY
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the command, turn every user error into one line and an exit code."""
-    if not (sys.argv[1:] if argv is None else argv):  # a bare command: how to use it
+    """Entry point: run the command, turn every user error into one line and an exit code.
+
+    ``onnxbalance compare A B`` is a command of its own; every other command line balances
+    (``onnxbalance IN OUT``), so that form needs no command name.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # a bare command: how to use it
         print(_usage(), file=sys.stderr)
         return EXIT_USAGE
+    command, prog = app, PROG
+    if args[0] == "compare":
+        command, prog, args = compare_app, f"{PROG} compare", args[1:]
     try:
-        code = app(args=argv, prog_name=PROG, standalone_mode=False)
+        code = command(args=args, prog_name=prog, standalone_mode=False)
     except _usage_errors() as exc:  # unknown option, bad value, missing IN
         _error(exc.format_message())
         return EXIT_USAGE

@@ -266,8 +266,35 @@ def verification_text(comparison: Comparison | None) -> str:
     verdict = "PASSED" if comparison.passed else "FAILED"
     return (
         f"{verdict}: max abs diff {comparison.max_abs_diff:.3g}, "
-        f"max rel diff {comparison.max_rel_diff:.3g}"
+        f"max rel diff {comparison.max_rel_diff:.3g}, "
+        f"{comparison.tolerance_ratio:.3g} of the tolerance, on {comparison.n_inputs} inputs"
     )
+
+
+def comparison_table(comparison: Comparison, first: str, second: str) -> Table:
+    """The table ``onnxbalance compare`` prints: the verdict, what was run, each output."""
+    from rich.table import Table
+
+    table = Table(title="onnxbalance compare", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("models", f"{first} vs {second}")
+    shapes = ", ".join(f"{n} {list(s)}" for n, s in comparison.input_shapes.items())
+    table.add_row(
+        "inputs", f"{comparison.draws} draws: {shapes}" if comparison.draws > 1 else shapes
+    )
+    table.add_row("verification", verification_text(comparison))
+    for o in comparison.outputs:
+        table.add_row("", _output_text(o))
+    return table
+
+
+def _output_text(o: OutputComparison) -> str:
+    line = (
+        f"{o.name}: abs {o.max_abs_diff:.3g}, rel {o.max_rel_diff:.3g}, "
+        f"noise floor {o.noise_floor:.3g}, tolerance {o.atol:.3g}"
+    )
+    return line + (f" ({o.reason})" if o.reason else "")
 
 
 def summary_table(report: Report, *, verbose: bool = False, check: bool = False) -> Table:
@@ -309,8 +336,7 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
         table.add_row("verification", verification_text(report.verify))
         if report.verify is not None and (verbose or not report.verify.passed):
             for o in report.verify.outputs:
-                line = f"{o.name}: abs {o.max_abs_diff:.3g}, rel {o.max_rel_diff:.3g}"
-                table.add_row("", line + (f" ({o.reason})" if o.reason else ""))
+                table.add_row("", _output_text(o))
     if verbose:
         for i, b in enumerate(report.layers_before):
             a = report.layers_after[i] if i < len(report.layers_after) else None

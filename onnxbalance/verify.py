@@ -50,7 +50,7 @@ _PROTOBUF_LIMIT = 2**31 - 1
 
 __all__ = ["Comparison", "OutputComparison", "compare_models", "make_inputs"]
 
-FACTOR = 10.0
+FACTOR = 5.0
 """How many noise floors a correct model may deviate by (docs: README, Verification)."""
 
 BATCH, SEQUENCE, DRAWS = 8, 16, 4
@@ -123,15 +123,10 @@ def compare_models(
         as_dtype = "bfloat16"
     feeds = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     rule = _Rule(_compute_dtype(first.proto, as_dtype), rtol, atol)
-    perturb = functools.partial(perturbed, seed=seed, as_dtype=as_dtype)
-    noisy = None if rule.fixed else first.widened(perturb)
-    reference = run_all(first, feeds, "the input model")
-    floor_run = None if noisy is None else run_all(noisy, feeds, "the input model")
-    result = run_all(second, feeds, "the balanced model")
+    perturb = None if rule.fixed else functools.partial(perturbed, seed=seed, as_dtype=as_dtype)
+    reference, result, noisy = _run_pair(first, second, feeds, perturb)
     outputs = tuple(
-        compare_output(
-            name, reference[name], result[name], floor_run and floor_run[name], rule=rule
-        )
+        compare_output(name, reference[name], result[name], noisy.get(name), rule=rule)
         for name in reference
     )
     # NaN or infinite inputs give non-finite outputs without any overflow
@@ -150,7 +145,7 @@ def compare_models(
         and _overflowed(reference[o.name], result[o.name])
     ]
     if overflowed:
-        again = _compared_wider(first, second, feeds, overflowed, rule, noisy)
+        again = _compared_wider(first, second, feeds, overflowed, rule, perturb)
         outputs = tuple(again.get(o.name, o) for o in outputs)
     comparison = Comparison(
         outputs=tuple(_per_draw(o, len(feeds)) for o in outputs),
@@ -222,7 +217,7 @@ def perturbed(model: onnx.ModelProto, *, seed: int, as_dtype: str | None = None)
         finite = np.isfinite(values)
         if np.array_equal(values[finite], np.round(values[finite])):
             return tensor
-        eps = _EPSILON[as_dtype or values.dtype.name]
+        eps = _EPSILON[as_dtype or values.dtype.name] / 2  # the unit round-off
         with np.errstate(over="ignore", invalid="ignore"):
             factor = 1.0 + eps * rng.uniform(-1.0, 1.0, values.shape)
             moved = (values.astype(np.float64) * factor).astype(values.dtype)
@@ -258,11 +253,11 @@ def _compared_wider(
     feeds: Sequence[Mapping[str, np.ndarray]],
     failed: Sequence[OutputComparison],
     rule: _Rule,
-    noisy: _Source | None = None,
+    perturb: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
 ) -> dict[str, OutputComparison]:
-    """The ``failed`` outputs compared again with the models (``noisy``: the perturbed
-    original) and the inputs in a wider float type (:func:`onnxbalance.upcast.wider_type`),
-    with the round-off of each output's own dtype.
+    """The ``failed`` outputs compared again with the models (``perturb``: see
+    :func:`_run_pair`) and the inputs in a wider float type
+    (:func:`onnxbalance.upcast.wider_type`), with the round-off of each output's own dtype.
 
     The input model overflowed its dtype on the test inputs: the balanced one may not have
     (rescaling moves magnitudes between layers, and may well take a hidden layer back into
@@ -283,9 +278,7 @@ def _compared_wider(
     ]
     convert = functools.partial(upcast.widen, wide=wide)
     try:
-        reference = run_all(first.widened(convert), wide_feeds, "the input model")
-        floor_run = None if noisy is None else run_all(noisy.widened(convert), wide_feeds, "it")
-        result = run_all(second.widened(convert), wide_feeds, "the balanced model")
+        reference, result, noisy = _run_pair(first, second, wide_feeds, perturb, convert)
     except InputError as exc:
         log.info("verification in %s impossible: %s", dtype.name, exc)
         return {
@@ -303,7 +296,7 @@ def _compared_wider(
             name,
             reference[name],
             result[name],
-            floor_run and floor_run[name],
+            noisy.get(name),
             rule=replace(rule, compute=own),
         )
         how = f"the input model overflows {own} on the test inputs: compared in {dtype.name}"
@@ -312,6 +305,29 @@ def _compared_wider(
         )
         log.info("verification of output %r: %s", name, compared[name].reason)
     return compared
+
+
+def _run_pair(
+    first: _Source,
+    second: _Source,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    perturb: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
+    convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[Any, Any]]]:
+    """Both models' outputs on ``feeds`` (each through ``convert`` first, if given), and per
+    output the pair of outputs of both models with their weights perturbed (``perturb``; none
+    without it): each model's own round-off, since an equivalent model may well be worse
+    conditioned than the original (units scaled up whose contributions then cancel)."""
+
+    def run(source: _Source, what: str) -> dict[str, np.ndarray]:
+        return run_all(source.widened(convert) if convert else source, feeds, what)
+
+    reference, result = run(first, "the input model"), run(second, "the balanced model")
+    if perturb is None:
+        return reference, result, {}
+    noisy_first = run(first.widened(perturb), "the input model")
+    noisy_second = run(second.widened(perturb), "the balanced model")
+    return reference, result, {n: (noisy_first[n], noisy_second.get(n)) for n in reference}
 
 
 def make_inputs(
@@ -495,12 +511,12 @@ def compare_output(
     name: str,
     reference: np.ndarray,
     result: np.ndarray,
-    floor_run: np.ndarray | None = None,
+    noisy: tuple[np.ndarray | None, np.ndarray | None] | None = None,
     *,
     rule: _Rule | None = None,
 ) -> OutputComparison:
-    """Compare one output; see the module docstring for the rule. ``floor_run`` is the
-    perturbed original's output (none: a noise floor of 0)."""
+    """Compare one output; see the module docstring for the rule. ``noisy`` holds this output
+    of both models with their weights perturbed (none: a noise floor of 0)."""
     rule = rule or _Rule()
     dtype = reference.dtype
     shape = tuple(int(d) for d in reference.shape)
@@ -538,7 +554,10 @@ def compare_output(
         return record(np.inf, np.inf, False, "non-finite values differ", ratio=np.inf)
     if reference.size and not finite.any():
         return record(0.0, 0.0, False, "output is NaN or infinite everywhere on the test inputs")
-    floor = _noise_floor(ref, floor_run)
+    floor = sum(
+        _noise_floor(ours, moved)
+        for ours, moved in zip((ref, res), noisy or (None, None), strict=True)
+    )
     ref, res = ref[finite], res[finite]
     scale = float(np.abs(ref).max()) if ref.size else 0.0
     diff = np.abs(ref - res)
@@ -563,14 +582,14 @@ def compare_output(
     return record(abs_diff, abs_diff / scale, bad == 0, reason, rtol, atol, floor, ratio)
 
 
-def _noise_floor(reference: np.ndarray, floor_run: np.ndarray | None) -> float:
-    """The largest deviation of the perturbed original from the original where both are
-    finite (0 without a perturbed run, or when its output took another shape)."""
-    if floor_run is None or floor_run.shape != reference.shape:
+def _noise_floor(output: np.ndarray, moved: np.ndarray | None) -> float:
+    """The largest deviation of a model's output with its weights perturbed from its output
+    where both are finite (0 without that run, or when its output took another shape)."""
+    if moved is None or moved.shape != output.shape:
         return 0.0
-    noisy = floor_run.astype(np.float64)
-    both = np.isfinite(reference) & np.isfinite(noisy)
-    return float(np.abs(reference[both] - noisy[both]).max()) if both.any() else 0.0
+    noisy = moved.astype(np.float64)
+    both = np.isfinite(output) & np.isfinite(noisy)
+    return float(np.abs(output[both] - noisy[both]).max()) if both.any() else 0.0
 
 
 def _check_fed(

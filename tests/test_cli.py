@@ -371,6 +371,7 @@ def test_a_bare_command_prints_the_usage():
     assert bare.stderr.splitlines() == [
         "Usage: onnxbalance [OPTIONS] IN OUT",
         "       onnxbalance [OPTIONS] --check IN...",
+        "       onnxbalance compare [OPTIONS] A B",
         "Try 'onnxbalance --help' for help.",
     ]
 
