@@ -122,6 +122,12 @@ def balance(
                     original, balanced, inputs=feed, input_shapes=input_shapes, seed=seed,
                     rtol=rtol, atol=atol,
                 )  # fmt: skip
+        elif verify:  # nothing balanced: the copy must still be a model onnxruntime runs
+            with timer("verify"):
+                from .verify import check_runs
+
+                check_runs(source if folder is not None else model, inputs=feed,
+                           input_shapes=input_shapes, seed=seed)  # fmt: skip
     report = replace(
         report, verify=comparison, seconds=dict(timer.seconds), rescale_clip=rescale_clip
     )
@@ -187,6 +193,11 @@ def balance_file(
                         src, staged.model_path, inputs=feed, input_shapes=input_shapes,
                         seed=seed, rtol=rtol, atol=atol,
                     )  # fmt: skip
+            elif verify:  # nothing balanced: the copy must still be a model onnxruntime runs
+                with timer("verify"):
+                    from .verify import check_runs
+
+                    check_runs(src, inputs=feed, input_shapes=input_shapes, seed=seed)
             report = replace(
                 report, verify=comparison, seconds=dict(timer.seconds), output=str(dst),
                 rescale_clip=rescale_clip,
@@ -458,7 +469,31 @@ def _analyse(model: onnx.ModelProto, source: str | None, rescale_clip: bool) -> 
                 f"{source or 'model'}: layer '{layer.name}' has an empty weight (shape "
                 f"{tuple(layer.weight.shape)}): a zero-width layer is not a usable network"
             )
+    _refuse_non_finite_offsets(model, units, source)
     return units
+
+
+def _refuse_non_finite_offsets(model: onnx.ModelProto, units: ModelUnits, source: str) -> None:
+    """A bias (or BatchNormalization parameter) that moves with its units and holds NaN or
+    infinity makes the model compute NaN there whatever balancing does: refused by name, like
+    such a weight (the solver names those). Weights are the edits with a column axis."""
+    stored = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            stored[node.output[0]] = node.attribute[0].t
+    edits = [e for layer in units.layers for e in layer.edits] + list(units.edits)
+    for edit in edits:
+        tensor = stored.get(edit.tensor)
+        if edit.col_axis is not None or tensor is None:
+            continue
+        with np.errstate(invalid="ignore"):  # a signalling NaN is named, not warned about
+            finite = np.isfinite(tensors.read_array(tensor))
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise InputError(
+                f"{source or 'model'}: tensor {edit.tensor!r} holds NaN or infinity (at "
+                f"{list(first)}): the model computes NaN or infinity there"
+            )
 
 
 def _solve(graph, p, q, tol, max_sweeps, solver, progress, source):

@@ -58,7 +58,9 @@ class Comparison:
 
     ``n_inputs`` counts samples (``draws`` runs times the batch each one feeds),
     ``input_shapes`` gives each input's shape in one run, ``rule`` is ``"noise_floor"`` or
-    ``"fixed"`` (the caller's rtol/atol).
+    ``"fixed"`` (the caller's rtol/atol). ``active_fraction`` is the fraction of the values
+    after the first model's Relu nodes that were non-zero on those inputs (None: no Relu, or
+    weights in external files): near 0 or 1, the hidden units were barely put to the test.
     """
 
     outputs: tuple[OutputComparison, ...]
@@ -67,6 +69,7 @@ class Comparison:
     draws: int = 1
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     rule: str = "noise_floor"
+    active_fraction: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -100,6 +103,7 @@ class Comparison:
             "rule": self.rule,
             "n_inputs": self.n_inputs,
             "draws": self.draws,
+            "active_fraction": self.active_fraction,
             "input_shapes": {name: list(shape) for name, shape in self.input_shapes.items()},
             "seed": self.seed,
             "outputs": [
@@ -268,6 +272,11 @@ def verification_text(comparison: Comparison | None) -> str:
         f"{verdict}: max abs diff {comparison.max_abs_diff:.3g}, "
         f"max rel diff {comparison.max_rel_diff:.3g}, "
         f"{comparison.tolerance_ratio:.3g} of the tolerance, on {comparison.n_inputs} inputs"
+        + (
+            f", {100 * comparison.active_fraction:.3g}% of hidden values active"
+            if comparison.active_fraction is not None
+            else ""
+        )
     )
 
 

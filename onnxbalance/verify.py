@@ -8,11 +8,11 @@ more is a batch of :data:`BATCH`, every other dynamic dimension a sequence of :d
 when no batch dimension was chosen that way, :data:`DRAWS` independent draws are run instead of
 one. Integer inputs that index a Gather on a stored table are drawn from the table's rows.
 
-The tolerance comes from the model itself: the original runs a second time with every weight
-perturbed by a random relative amount of one unit in the last place of its dtype (seeded), and
-per output the largest deviation of that run from the original's is the noise floor, the
-round-off any equivalent model may show in the precision the model computes in. A floating
-output passes when, elementwise,
+The tolerance comes from the models themselves: each one runs a second time with every weight
+perturbed by a random relative amount of at most the unit round-off of its dtype (seeded,
+:func:`perturbed`), and per output the largest deviation of that run from the model's own is
+its noise floor, the round-off any equivalent model may show in the precision it computes in;
+the two models' floors add up. A floating output passes when, elementwise,
 
     |balanced - original| <= FACTOR * (noise_floor + eps * max|original|)
 
@@ -24,6 +24,8 @@ from a correct one; so does one that is NaN or infinite everywhere. Non-finite v
 match, except where the input model overflows its dtype and the balanced one overflows nowhere
 else (rescaling moves magnitudes between layers): the models are then run again in a wider
 float type (float32 for float16, else float64), with the same rule, and the output says so.
+The share of non-zero values after the original's Relu nodes tells how much of the hidden units
+the inputs exercised. :func:`check_runs` runs a model alone (one with nothing to balance).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import safewrite, tensors, upcast
+from . import protos, safewrite, tensors, upcast
 from .errors import InputError
 from .report import Comparison, OutputComparison
 
@@ -51,7 +53,8 @@ _PROTOBUF_LIMIT = 2**31 - 1
 __all__ = ["Comparison", "OutputComparison", "compare_models", "make_inputs"]
 
 FACTOR = 5.0
-"""How many noise floors a correct model may deviate by (docs: README, Verification)."""
+"""How many noise floors a correct model may deviate by: correct balanced models were seen
+up to about 2.5 (README, Verification)."""
 
 BATCH, SEQUENCE, DRAWS = 8, 16, 4
 """Default size of a dynamic batch / of any other dynamic dimension; draws without a batch."""
@@ -124,7 +127,9 @@ def compare_models(
     feeds = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     rule = _Rule(_compute_dtype(first.proto, as_dtype), rtol, atol)
     perturb = None if rule.fixed else functools.partial(perturbed, seed=seed, as_dtype=as_dtype)
-    reference, result, noisy = _run_pair(first, second, feeds, perturb)
+    watched, activations = _watching_activations(first)
+    reference, result, noisy = _run_pair(watched, second, feeds, perturb)
+    active = _active_fraction([reference.pop(name) for name in activations])
     outputs = tuple(
         compare_output(name, reference[name], result[name], noisy.get(name), rule=rule)
         for name in reference
@@ -154,6 +159,7 @@ def compare_models(
         draws=len(feeds),
         input_shapes={name: tuple(value.shape) for name, value in feeds[0].items()},
         rule="fixed" if rule.fixed else "noise_floor",
+        active_fraction=active,
     )
     log.info(
         "verification %s: max abs diff %.3g, max rel diff %.3g",
@@ -162,6 +168,57 @@ def compare_models(
         comparison.max_rel_diff,
     )
     return comparison
+
+
+def check_runs(
+    model: ModelSource,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> None:
+    """Run ``model`` once on the first verification feed: a model with nothing to balance is
+    copied, and must still be one onnxruntime can run (a Conv whose group does not divide its
+    channels fails only then). Inputs that cannot be generated (strings, say) leave nothing
+    to run it on: the model is then taken as it is.
+
+    Raises:
+        InputError: onnxruntime cannot load or run the model, or the caller's inputs or shapes
+            do not fit it.
+    """
+    source = _Source.of(model)
+    if upcast.uses(source.proto, upcast.BF16):
+        source = source.widened(upcast.to_float32)
+    try:
+        feeds = make_inputs(source.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
+    except InputError as exc:
+        if inputs is not None or input_shapes:
+            raise
+        log.info("the input model is not run: %s", exc)
+        return
+    run_all(source, feeds[:1], "the input model")
+
+
+def _watching_activations(source: _Source) -> tuple[_Source, list[str]]:
+    """``source`` with the outputs of its main graph's Relu nodes as extra graph outputs, and
+    their names; unchanged (and no names) when its weights are in external files, which a
+    changed graph could only reach through a staged copy of them."""
+    graph = source.proto.graph
+    outputs = {o.name for o in graph.output}
+    names = [n.output[0] for n in graph.node if n.op_type == "Relu" and n.output[0] not in outputs]
+    if not names or tensors.external_names(source.proto):
+        return source, []
+    watched = onnx.ModelProto()
+    watched.CopyFrom(source.proto)
+    watched.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return _Source(watched, None, source.folder), names
+
+
+def _active_fraction(activations: Sequence[np.ndarray]) -> float | None:
+    """The fraction of the hidden units' values that are non-zero after their Relu, over all
+    test inputs (None when there is no Relu to watch)."""
+    total = sum(a.size for a in activations)
+    return sum(int(np.count_nonzero(a)) for a in activations) / total if total else None
 
 
 def _check_tolerance(rtol: float | None, atol: float | None) -> None:
@@ -201,7 +258,8 @@ def _compute_dtype(model: onnx.ModelProto, as_dtype: str | None) -> str | None:
 
 def perturbed(model: onnx.ModelProto, *, seed: int, as_dtype: str | None = None) -> onnx.ModelProto:
     """A copy of ``model`` whose weights are moved by a seeded random relative amount of at
-    most one machine epsilon of their dtype (``as_dtype``'s when the model was widened).
+    most the unit round-off of their dtype (``as_dtype``'s when the model was widened): the
+    rounding a rescaled weight undergoes.
 
     Only weights move: floating tensors of two elements or more that are not all whole numbers.
     Scalars and whole-number tensors are structure (a mask's 1.0, a Resize's scales, -inf
@@ -217,16 +275,14 @@ def perturbed(model: onnx.ModelProto, *, seed: int, as_dtype: str | None = None)
         finite = np.isfinite(values)
         if np.array_equal(values[finite], np.round(values[finite])):
             return tensor
-        eps = _EPSILON[as_dtype or values.dtype.name] / 2  # the unit round-off
+        unit_round_off = _EPSILON[as_dtype or values.dtype.name] / 2
         with np.errstate(over="ignore", invalid="ignore"):
-            factor = 1.0 + eps * rng.uniform(-1.0, 1.0, values.shape)
+            factor = 1.0 + unit_round_off * rng.uniform(-1.0, 1.0, values.shape)
             moved = (values.astype(np.float64) * factor).astype(values.dtype)
         moved = np.where(np.isfinite(moved) | ~finite, moved, values)
         fresh = tensors.make_tensor(tensor.name, moved, tensor.data_type)
         fresh.doc_string = tensor.doc_string
         return fresh
-
-    from . import protos
 
     return protos.map_tensors(model, perturb)
 
@@ -327,7 +383,7 @@ def _run_pair(
         return reference, result, {}
     noisy_first = run(first.widened(perturb), "the input model")
     noisy_second = run(second.widened(perturb), "the balanced model")
-    return reference, result, {n: (noisy_first[n], noisy_second.get(n)) for n in reference}
+    return reference, result, {n: (noisy_first[n], noisy_second.get(n)) for n in result}
 
 
 def make_inputs(

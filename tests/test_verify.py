@@ -323,3 +323,20 @@ def test_nan_inputs_are_not_taken_for_an_overflow():
     feed = {"x": np.full((2, 4), np.nan, np.float32)}
     (failure,) = compare_models(model, model, inputs=feed).failures
     assert failure.reason == "output is NaN or infinite everywhere on the test inputs"
+
+
+def test_the_share_of_active_hidden_values_is_reported():
+    """Counted by hand: the hidden Relu of a 4-8-3 MLP on the same inputs, run separately."""
+    model = gemm_mlp([4, 8, 3], seed=3)
+    result = compare_models(model, model)
+    watched = onnx.ModelProto()
+    watched.CopyFrom(model)
+    hidden = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    watched.graph.output.append(onnx.ValueInfoProto(name=hidden))
+    (feed,) = make_inputs(model)
+    values = run_model(watched, feed, "it")[hidden]
+    assert 0 < result.active_fraction < 1
+    assert result.active_fraction == np.count_nonzero(values) / values.size
+    assert result.to_dict()["active_fraction"] == result.active_fraction
+    assert [o.name for o in result.outputs] == ["y"]  # the watched values are not compared
+    assert compare_models(add_relu_model(), add_relu_model()).active_fraction is not None
