@@ -214,9 +214,10 @@ def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | No
         return
     # balance() writes nothing: its caller gets the model on the error, not a file story
     outcome = "not written" if balanced is None else "not returned (see error.model)"
+    hint = RETRY_HINT if balanced is None else IN_MEMORY_RETRY_HINT
     error = VerificationError(
-        f"{source or 'model'}: the balanced model's {difference_text(comparison)}; the "
-        f"balanced model is {outcome} ({RETRY_HINT})"
+        f"{source or 'model'}: the balanced model's {difference_text(comparison)}; {hint}; the "
+        f"balanced model is {outcome}"
     )
     error.report = report  # type: ignore[attr-defined]
     error.model = balanced  # type: ignore[attr-defined]
@@ -224,6 +225,7 @@ def _raise_if_failed(report: Report, source: str, balanced: onnx.ModelProto | No
 
 
 RETRY_HINT = "verify on other arrays with --inputs, loosen with --rtol/--atol, or --no-verify"
+IN_MEMORY_RETRY_HINT = "verify on other arrays (inputs=), loosen (rtol=, atol=) or verify=False"
 
 
 def difference_text(comparison: Comparison) -> str:

@@ -30,10 +30,10 @@ class OutputComparison:
     ``max_rel_diff`` is ``max_abs_diff / max|reference|``: relative to the output's magnitude, so
     entries near zero do not blow it up. ``passed`` applies the tolerance elementwise
     (``|diff| <= rtol * |reference| + atol``; by default ``rtol`` is 0 and ``atol`` follows
-    from ``noise_floor``, the largest deviation of the original run with its weights perturbed
-    by round-off); ``tolerance_ratio`` is the largest ``|diff| / (rtol * |reference| + atol)``,
-    above 1 when it failed; ``reason`` says why it failed, or how it was compared when that was
-    not in the models' own dtype; empty otherwise.
+    from ``noise_floor``, the largest deviation of each model run with its weights perturbed by
+    round-off, both added); ``tolerance_ratio`` is the largest
+    ``|diff| / (rtol * |reference| + atol)``, above 1 when it failed; ``reason`` says why it
+    failed, or how it was compared when that was not in the models' own dtype; empty otherwise.
     """
 
     name: str

@@ -107,9 +107,10 @@ def compare_models(
 
     Each model is a ModelProto or a path; from a path onnxruntime reads the file and its
     external data itself, so models over protobuf's 2 GB limit work, and each session is freed
-    before the next one loads. The original also runs with its weights perturbed
-    (:func:`perturbed`), which gives each output's noise floor; ``rtol``/``atol`` replace that
-    rule by a fixed one (see the module docstring). bfloat16 models run as float32 (onnxruntime
+    before the next one loads. Each also runs with its weights perturbed (:func:`perturbed`),
+    which gives each output's noise floor; ``rtol``/``atol`` replace that rule by a fixed one
+    (see the module docstring). The original's Relu outputs are watched on the way
+    (``active_fraction``). bfloat16 models run as float32 (onnxruntime
     has no bfloat16 CPU kernels; the conversion is exact, see :mod:`onnxbalance.upcast`) with
     bfloat16's round-off. Outputs that the input model overflows are judged again in a wider
     type (:func:`_compared_wider`).
