@@ -424,13 +424,22 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
 
 compare_app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # plain help, like the balancing command's
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+class _CompareCommand(typer.core.TyperCommand):
+    """The usage names A and B as users write them (typer would print ``{A} {B}``)."""
+
+    def format_usage(self, ctx, formatter) -> None:
+        formatter.write_usage(ctx.command_path, USAGES[-1].removeprefix("compare "))
+
+
 @compare_app.command(
-    epilog="Exit codes: 0 equivalent, 2 bad usage or unreadable/invalid input, 3 different."
+    cls=_CompareCommand,
+    epilog="Exit codes: 0 equivalent, 2 bad usage or unreadable/invalid input, 3 different.",
 )
 def compare(
     first: Annotated[Path, typer.Argument(metavar="A", help="The reference model.")],

@@ -194,3 +194,17 @@ def test_the_noise_floor_factor_separates_rescaled_from_changed_models():
     assert passed.passed and passed.tolerance_ratio < 1 / 2
     changed = vm.scaled_unit(rescaled, 1.01)
     assert onnxbalance.compare(original, changed).tolerance_ratio > FACTOR
+
+
+def test_compare_help_and_report_to_stdout(tmp_path, capsys):
+    assert main(["compare", "--help"]) == 0
+    helped = capsys.readouterr().out
+    assert helped.startswith("Usage: onnxbalance compare [OPTIONS] A B")
+    assert "{A}" not in helped and "<bool>" not in helped and "--rtol R" in helped
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm_mlp([4, 8, 3], seed=1), model)
+    assert main(["compare", str(model), str(model), "--report", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["verify"]["passed"] and "onnxbalance compare" in err  # the table
+    assert main(["compare", str(model), str(model), "--report", str(model), "-q"]) == 2
+    assert "m.onnx" in capsys.readouterr().err
