@@ -177,8 +177,12 @@ def test_coarse_matrix_and_minimiser_are_exact(p, q):
     aggregate = aggregates(objective, workspace.movable)
     prolong = np.zeros((n, aggregate.max() + 1))
     prolong[np.arange(n), aggregate] = 1.0
-    lower = curvature._coarse_factor
-    np.testing.assert_allclose(lower @ lower.T, prolong.T @ hessian @ prolong, rtol=1e-5)
+    coarse = prolong.T @ hessian @ prolong
+    assert np.all(np.linalg.eigvalsh(coarse) > 0)
+    factored = curvature._coarse_factor
+    assert factored.positive == coarse.shape[0]
+    for vector in np.eye(coarse.shape[0]):
+        np.testing.assert_allclose(factored.solve(coarse @ vector), vector, atol=1e-4)
     shift = curvature.coarse_minimiser(rtol=0.0)
     coarse_gradient = prolong.T @ objective.loads(u + shift).gradient(q)
     assert np.abs(coarse_gradient).max() < 1e-6 * objective.value(u)

@@ -56,6 +56,7 @@ from . import lowrank
 from .couplings import SINGLE_FACTORS
 from .objective import _accumulate
 from .points import LayerState, Parts, Point, _point, evaluate, start
+from .sparse import Coordinates, Factor
 from .workspace import Workspace, _group_values, _LayerStructure, aggregates
 
 __all__ = ["Curvature", "LayerState", "Point", "Workspace", "aggregates", "evaluate", "start"]
@@ -117,7 +118,7 @@ class Curvature:
         self._prepared: tuple[list[bool], list[tuple]] | None = None
         self.fractions: list[np.ndarray] | None = None
         self.coarse_shift: np.ndarray | None = None  # z of the last simple coarse solve
-        self._coarse_factor: np.ndarray | None = None
+        self._coarse_factor: Factor | None = None
 
     @cached_property
     def _jacobi(self) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +213,7 @@ class Curvature:
         structures, block_passes = workspace.coarse_structures()
         objective.passes += block_passes
         self.fractions = []
-        coarse = np.zeros((workspace.n_coarse, workspace.n_coarse))
+        coarse = Coordinates()
         for layer, plain, structure, state, use32 in zip(
             objective.layers,
             workspace.structures,
@@ -229,11 +230,11 @@ class Curvature:
             self.fractions.append(fractions)
             if structure.local.size:
                 _, _, hessian = _coarse_terms(state.load, fractions, structure.row_onehot, p, r)
-                coarse[np.ix_(structure.local, structure.local)] += hessian
-        try:
-            self._coarse_factor = np.linalg.cholesky(coarse)
-        except np.linalg.LinAlgError:
-            self._coarse_factor = None  # keep the Jacobi part alone
+                coarse.add_block(structure.local, hessian)
+        factored = coarse.factor(workspace.n_coarse)
+        # not positive definite: keep the Jacobi part alone
+        positive = factored is not None and factored.positive == workspace.n_coarse
+        self._coarse_factor = factored if positive else None
 
     def model(self) -> lowrank.Model | None:
         """The diagonal plus per-layer rank-one model of H (lowrank.py), None if it is not
@@ -278,9 +279,7 @@ class Curvature:
             restricted = np.bincount(
                 aggregate[live], weights=residual[live], minlength=self.workspace.n_coarse
             )
-            lower = self._coarse_factor
-            solved = np.linalg.solve(lower.T, np.linalg.solve(lower, restricted))
-            z[live] += solved[aggregate[live]]
+            z[live] += self._coarse_factor.solve(restricted)[aggregate[live]]
         return z
 
     def coarse_minimiser(self, max_iter: int = 200, rtol: float = COARSE_RTOL) -> np.ndarray:
@@ -309,10 +308,10 @@ class Curvature:
             )
         ]
 
-        def terms(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        def terms(z: np.ndarray) -> tuple[float, np.ndarray, Coordinates]:
             value = 0.0
             gradient = np.zeros(workspace.n_coarse)
-            hessian = np.zeros((workspace.n_coarse, workspace.n_coarse))
+            hessian = Coordinates()
             for load, fractions, structure in layers:
                 if not structure.local.size:
                     value += float(load.sum())
@@ -321,7 +320,7 @@ class Curvature:
                 v, g, h = _coarse_terms(moved[0], moved[1], structure.row_onehot, p, r)
                 value += v
                 gradient[structure.local] += g
-                hessian[np.ix_(structure.local, structure.local)] += h
+                hessian.add_block(structure.local, h)
             return value, gradient, hessian
 
         return self._prolong(_damped_newton(terms, workspace.n_coarse, max_iter, rtol))
@@ -411,14 +410,13 @@ class Curvature:
             share = np.concatenate([state.moving for state in self.point.layers])
         if r == 1.0:
             return _exponential_terms(load, share, rows, cols, m, p)
-        pairs = {
-            "aa": rows * (m + 1) + rows,
-            "ab": rows * (m + 1) + cols,
-            "ba": cols * (m + 1) + rows,
-            "bb": cols * (m + 1) + cols,
-        }
+        # Hessian entries (a, a), (a, b), (b, a), (b, b) of every row, those on m dropped
+        first = np.concatenate([rows, rows, cols, cols])
+        second = np.concatenate([rows, cols, rows, cols])
+        entries = (first < m) & (second < m)
+        first, second = first[entries], second[entries]
 
-        def terms(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        def terms(z: np.ndarray) -> tuple[float, np.ndarray, Coordinates]:
             padded = np.append(z, 0.0)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 fall = share * np.exp(-p * padded[cols])
@@ -431,13 +429,12 @@ class Curvature:
             size = m + 1
             gradient = r * p * (np.bincount(rows, phi, size) - np.bincount(cols, pw, size))
             k = r * r * p * p
-            hessian = (
-                np.bincount(pairs["aa"], k * phi, size * size)
-                - np.bincount(pairs["ab"], k * pw, size * size)
-                - np.bincount(pairs["ba"], k * pw, size * size)
-                + np.bincount(pairs["bb"], k * pw * w + r * p * p * pw * (1.0 - w), size * size)
-            ).reshape(size, size)
-            return value, gradient[:m], hessian[:m, :m]
+            hessian = Coordinates()
+            values = np.concatenate(
+                [k * phi, -k * pw, -k * pw, k * pw * w + r * p * p * pw * (1.0 - w)]
+            )
+            hessian.add(first, second, values[entries])
+            return value, gradient[:m], hessian
 
         return terms
 
@@ -448,25 +445,31 @@ def _exponential_terms(
     """For r = 1, F(u + P z) with gradient and Hessian in z as a sum of exponentials:
     phi_o = rho_o (1 - T_o) e^(p z_a) + rho_o T_o e^(p (z_a - z_b)), so only the sums of both
     coefficients over the rows of one (a, b) pair matter, and F(z) = sum_j w_j exp(p e_j . z)
-    with e_j = 1_a or 1_a - 1_b (index m: not movable, z = 0)."""
-    # distinct (a, b) pairs without sorting: ids are below (m + 1)^2, a handful
-    ids = rows * (m + 1) + cols
-    seen = np.bincount(ids, minlength=(m + 1) * (m + 1)) > 0
-    pair = np.flatnonzero(seen)
-    inverse = (np.cumsum(seen) - 1)[ids]
+    with e_j = 1_a - 1_b, b = m for the first kind (index m: not movable, z = 0). Each e_j has
+    at most two entries: the Hessian sum_j w_j e_j e_j^T is assembled as coordinates."""
+    pair, inverse = np.unique(rows * (m + 1) + cols, return_inverse=True)
+    inverse = inverse.ravel()
     moving = np.bincount(inverse, load * share, pair.size)
     weights = np.concatenate([np.bincount(inverse, load, pair.size) - moving, moving])
-    exponents = np.zeros((2, pair.size, m + 1))
-    exponents[:, np.arange(pair.size), pair // (m + 1)] = 1.0
-    exponents[1, np.arange(pair.size), pair % (m + 1)] -= 1.0
+    plus = np.concatenate([pair // (m + 1), pair // (m + 1)])
+    minus = np.concatenate([np.full(pair.size, m), pair % (m + 1)])
     kept = weights > 0
-    exponents = exponents.reshape(2 * pair.size, m + 1)[kept, :m]
-    weights = weights[kept]
+    weights, plus, minus = weights[kept], plus[kept], minus[kept]
+    first = np.concatenate([plus, minus, plus, minus])
+    second = np.concatenate([plus, minus, minus, plus])
+    signs = np.repeat([1.0, 1.0, -1.0, -1.0], weights.size)
+    entries = (first < m) & (second < m) & np.tile(plus != minus, 4)  # e_j = 0 when a = b
+    first, second, signs = first[entries], second[entries], signs[entries]
+    size = m + 1
 
-    def terms(z: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    def terms(z: np.ndarray) -> tuple[float, np.ndarray, Coordinates]:
+        padded = np.append(z, 0.0)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflowing trial is rejected
-            phi = weights * np.exp(p * (exponents @ z))
-            return float(phi.sum()), p * (phi @ exponents), p * p * (exponents.T * phi) @ exponents
+            phi = weights * np.exp(p * (padded[plus] - padded[minus]))
+        gradient = p * (np.bincount(plus, phi, size) - np.bincount(minus, phi, size))
+        hessian = Coordinates()
+        hessian.add(first, second, p * p * signs * np.tile(phi, 4)[entries])
+        return float(phi.sum()), gradient[:m], hessian
 
     return terms
 
@@ -478,10 +481,10 @@ def _damped_newton(terms, size: int, max_iter: int, rtol: float) -> np.ndarray:
     z = np.zeros(size)
     value, gradient, hessian = terms(z)
     for _ in range(max_iter):
-        try:
-            step = -np.linalg.solve(hessian, gradient)
-        except np.linalg.LinAlgError:
+        factored = hessian.factor(size)
+        if factored is None:
             break
+        step = -factored.solve(gradient)
         slope = float(gradient @ step)
         if not (np.isfinite(slope) and slope < -rtol * value):
             break

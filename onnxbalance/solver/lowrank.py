@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import sparse
 from .objective import Bins, consecutive_start, distinct, stable_order
 
 
@@ -93,7 +94,9 @@ class Layout:
     term: np.ndarray  # layer term of each entry
     by_vector: Bins  # entries into vectors
     by_group: Bins  # entries into groups
-    by_cell: Bins  # entry pairs into cells of U^T D^-1 U (flat), sorted by cell
+    by_cell: Bins  # entry pairs into the non-zero cells of U^T D^-1 U, sorted by cell
+    cell_rows: np.ndarray  # row and column of each non-zero cell
+    cell_cols: np.ndarray
 
 
 def layout(row_groups, col_groups, movable: np.ndarray, starts=None) -> Layout:
@@ -160,9 +163,14 @@ def layout(row_groups, col_groups, movable: np.ndarray, starts=None) -> Layout:
                     second.append(order[runs + b])
     entries = np.arange(vector.size)
     left, right = np.concatenate([entries, *first]), np.concatenate([entries, *second])
-    # pairs in the order of their cells: each build sums runs without reordering the products
+    # pairs in the order of their cells: each build sums runs without reordering the products;
+    # only the cells that occur are numbered (vectors meet only where their layers share groups)
     cell = vector[left] * size + vector[right]
     by_cell = stable_order(cell, size * size)
+    ordered = cell[by_cell]
+    first_of_cell = np.ones(ordered.size, dtype=bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=first_of_cell[1:])
+    cells = ordered[first_of_cell]
     return Layout(
         tuple(sides),
         vector,
@@ -174,7 +182,9 @@ def layout(row_groups, col_groups, movable: np.ndarray, starts=None) -> Layout:
         vector >> 1,
         Bins.consecutive(sizes),
         by_group,
-        Bins(cell[by_cell], size * size),
+        Bins(np.cumsum(first_of_cell) - 1, cells.size),
+        cells // max(size, 1),
+        cells % max(size, 1),
     )
 
 
@@ -185,8 +195,7 @@ class Model:
     inverse_diagonal: np.ndarray  # 1 / D on movable groups, 0 elsewhere
     layout: Layout
     values: np.ndarray  # U's entries, in layout order
-    basis: np.ndarray  # eigenvectors of K^-1 + U^T D^-1 U
-    inverse_eigenvalues: np.ndarray
+    capacitance: sparse.Factor  # K^-1 + U^T D^-1 U, factored
 
     def solve(self, residual: np.ndarray) -> np.ndarray:
         """M^-1 residual (zero on groups that cannot move)."""
@@ -195,7 +204,7 @@ class Model:
         if not layout.size:
             return scaled
         projected = layout.by_vector(self.values * scaled[layout.group])
-        weights = self.basis @ (self.inverse_eigenvalues * (self.basis.T @ projected))
+        weights = self.capacitance.solve(projected)
         spread = layout.by_group(self.values * weights[layout.vector])
         return scaled - self.inverse_diagonal * spread
 
@@ -234,22 +243,23 @@ def build(
             position = end
     values *= (live / np.sqrt(safe_totals))[layout.term]
     weighted = values * inverse_diagonal[layout.group]
-    capacitance = layout.by_cell(weighted[layout.left] * values[layout.right])
-    blocks = np.arange(0, size * size, 2 * size + 2)  # the (2l, 2l) cells
-    capacitance[blocks] -= np.where(live, (r - 1.0) * gammas / safe_totals, 0.0) / (p * p * r**3)
+    products = layout.by_cell(weighted[layout.left] * values[layout.right])
+    rows, cols = 2 * np.arange(size // 2), 2 * np.arange(size // 2) + 1  # each term's (2l, 2l + 1)
     off = np.where(live, -1.0 / (p * p * r * r), 1.0)
-    capacitance[blocks + 1] += off
-    capacitance[blocks + size] += off
-    capacitance = capacitance.reshape(size, size)
-    if not np.all(np.isfinite(capacitance)):
+    capacitance = sparse.factor(
+        size,
+        np.concatenate([layout.cell_rows, rows, rows, cols]),
+        np.concatenate([layout.cell_cols, rows, cols, rows]),
+        np.concatenate(
+            [
+                products,
+                -np.where(live, (r - 1.0) * gammas / safe_totals, 0.0) / (p * p * r**3),
+                off,
+                off,
+            ]
+        ),
+        floor=1e-12,
+    )
+    if capacitance is None or capacitance.positive != size // 2:
         return None
-    try:
-        eigenvalues, basis = np.linalg.eigh(capacitance)
-    except np.linalg.LinAlgError:
-        return None
-    magnitudes = np.abs(eigenvalues)
-    if np.count_nonzero(eigenvalues > 0) != size // 2 or magnitudes.min(
-        initial=np.inf
-    ) <= 1e-12 * magnitudes.max(initial=0.0):
-        return None
-    return Model(inverse_diagonal, layout, values, basis, 1.0 / eigenvalues)
+    return Model(inverse_diagonal, layout, values, capacitance)
