@@ -213,6 +213,43 @@ def test_evaluate_matches_the_reference_loads(net, p, q, spread, seed):
     np.testing.assert_allclose(point.outgoing, outgoing, rtol=1e-11, atol=1e-300)
 
 
+def test_evaluate_is_exact_where_a_load_overflows():
+    """Far out, rho^r of one row overflows (F is infinite) while the outgoing loads of its
+    columns, rho^(r-1) c e^(p (u_o - u_i)), are finite up to 2e301: the plain products overflow
+    on the way, the log-domain evaluation does not. (A case hypothesis found.)"""
+    column = np.array([[-0.132], [0.640], [0.105], [-0.536], [0.362]])
+    weights = [
+        column,
+        np.array([[1.304, 0.947, -0.704, -1.265, -0.623]]),
+        np.array([[0.0413]]),
+        np.array([[-2.325, -0.219, -1.246, -0.732, -0.544]]),
+    ]
+    net = Network(
+        (1, 5, 1, 1),
+        tuple(
+            Edge(src, dst, w)
+            for (src, dst), w in zip(((0, 1), (1, 2), (2, 3), (1, 3)), weights, strict=True)
+        ),
+        (
+            np.zeros(0),
+            np.array([-0.316, 0.412, 1.043, -0.129, 1.366]),
+            np.array([-0.665]),
+            np.array([0.352]),
+        ),
+        (np.array([FIXED]), np.arange(5), np.array([5]), np.array([FIXED])),
+        6,
+    )
+    p, q = 1.0, 3.75
+    u = np.random.default_rng(4265746).normal(scale=60.0, size=6)
+    point = evaluate(Workspace(Objective(net.unit_graph(p), p, q), np.ones(6, dtype=bool)), u)
+    incoming, outgoing = reference.loads(net.layers(), 6, u, p, q)
+    assert point.value == np.inf and incoming[5] == np.inf
+    finite = np.isfinite(outgoing)
+    assert outgoing[finite].max() > 1e300
+    np.testing.assert_allclose(point.outgoing, outgoing, rtol=1e-11, atol=1e-300)
+    np.testing.assert_allclose(point.incoming, incoming, rtol=1e-11, atol=1e-300)
+
+
 def test_evaluate_redoes_a_row_lost_to_underflow():
     """The case of test_objective: one row sits e^900 below another column of its layer."""
     weights = [np.zeros((1, 1)), np.array([[0.0], [-0.54], [0.0], [0.0]]), np.zeros((1, 4))]

@@ -103,12 +103,18 @@ def evaluate(workspace: Workspace, log_scales: np.ndarray, fast: bool = False) -
     rho_o^(r-1) exp(p u_o); with ``fast`` and factors within exp(+-FAST_LIMIT), layers that
     have a float32 copy (couplings.py) multiply with it: about 1e-7 relative error in every
     load, so such a point (``exact=False``) only steers, it never certifies.
+
+    Where a load overflows, the plain products may overflow on the way to loads that do not
+    (rho^r is infinite, rho^(r-1) or c rho^(r-1) e^(p u_o) e^(-p u_i) is not): such a float64
+    point is evaluated again in the log domain, so that its loads are exact too.
     """
     objective = workspace.objective
     scaled = objective.p * np.asarray(log_scales, dtype=np.float64)
     largest = float(max(scaled.max(), -scaled.min())) if scaled.size else 0.0
     if objective._log_range + 2.0 * largest < _DIRECT_LIMIT:
-        return _evaluate_direct(workspace, log_scales, scaled, fast and largest <= FAST_LIMIT)
+        point = _evaluate_direct(workspace, log_scales, scaled, fast and largest <= FAST_LIMIT)
+        if not point.exact or (np.isfinite(point.value) and np.isfinite(point.outgoing).all()):
+            return point
     return _evaluate_shifted(workspace, log_scales)
 
 
@@ -233,7 +239,9 @@ def _evaluate_direct(
             np.dot(row_weight[row_part], layer.free, out=back[col_part])
     if back32 is not None:  # each column's product is in back32 or in back, 0 in the other
         back += back32
-    parts = Parts(load, sums, col_factor, row_weight, back * col_factor, moving)
+    with np.errstate(over="ignore"):  # an outgoing load may overflow where F does
+        col_out = back * col_factor
+    parts = Parts(load, sums, col_factor, row_weight, col_out, moving)
     return _point(workspace, log_scales, parts, exact)
 
 
