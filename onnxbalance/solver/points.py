@@ -180,21 +180,21 @@ def _evaluate_direct(
     sums = rows.fixed_row_sum.copy()
     singles = [layer.single if fast else None for layer in objective.layers]
     exact = not any(single is not None for single in singles)
+    small = rows.small
     if exact and r == 1.0:
         # rho^(r-1) = 1: both products are known up front, so each block of rows is read
         # from memory once for both
-        back = np.zeros(col_factor.size)
-        for layer, row_part, col_part in zip(
-            objective.layers, rows.row_slices, rows.col_slices, strict=True
-        ):
-            if col_part.start < col_part.stop:
-                _both_products(
-                    layer.free,
-                    col_factor[col_part],
-                    row_factor[row_part],
-                    sums[row_part],
-                    back[col_part],
-                )
+        sums += small.products(col_factor, sums.size)
+        back = small.back(row_factor, col_factor.size)
+        for index in small.large:
+            row_part, col_part = rows.row_slices[index], rows.col_slices[index]
+            _both_products(
+                objective.layers[index].free,
+                col_factor[col_part],
+                row_factor[row_part],
+                sums[row_part],
+                back[col_part],
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
         load = sums * row_factor
@@ -202,11 +202,10 @@ def _evaluate_direct(
         return _point(workspace, log_scales, parts, True)
     x32 = None if exact else col_factor.astype(np.float32)
     sums32 = None if exact else np.zeros(sums.size, dtype=np.float32)
-    for layer, single, row_part, col_part in zip(
-        objective.layers, singles, rows.row_slices, rows.col_slices, strict=True
-    ):
-        if col_part.start == col_part.stop:
-            continue
+    sums += small.products(col_factor, sums.size)
+    for index in small.large:
+        layer, single = objective.layers[index], singles[index]
+        row_part, col_part = rows.row_slices[index], rows.col_slices[index]
         if single is not None:
             np.dot(single, x32[col_part], out=sums32[row_part])
         else:
@@ -223,16 +222,15 @@ def _evaluate_direct(
             # rho^(r-1) without a second power; rho = 0 rows carry nothing back
             row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
         moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
-    back = np.zeros(col_factor.size)
+    with np.errstate(over="ignore", invalid="ignore"):
+        back = small.back(row_weight, col_factor.size)
     y32 = back32 = None
     if not exact and (r == 1.0 or row_weight.max(initial=0.0) < SINGLE_FACTORS):
         y32 = row_weight.astype(np.float32)
         back32 = np.zeros(col_factor.size, dtype=np.float32)
-    for layer, single, row_part, col_part in zip(
-        objective.layers, singles, rows.row_slices, rows.col_slices, strict=True
-    ):
-        if col_part.start == col_part.stop:
-            continue
+    for index in small.large:
+        layer, single = objective.layers[index], singles[index]
+        row_part, col_part = rows.row_slices[index], rows.col_slices[index]
         if single is not None and y32 is not None:
             np.dot(y32[row_part], single, out=back32[col_part])
         else:

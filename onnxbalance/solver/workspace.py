@@ -37,6 +37,53 @@ class _CoarseStructure:
     col_local: np.ndarray  # positions in ``local`` of the columns' aggregates
 
 
+SMALL_LAYER = 256
+"""Layers with at most this many couplings multiply as one scatter over all of them (a
+np.bincount per product for all such layers together) instead of one BLAS call each: a call
+costs microseconds, which is most of an evaluation of a deep chain of small layers."""
+
+
+@dataclass(frozen=True)
+class _SmallLayers:
+    """The couplings of the small layers (with movable columns), as coordinates into the rows
+    and columns of all layers; and which layers are not small."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+    large: tuple[int, ...]
+
+    @staticmethod
+    def of(layers, row_stops: np.ndarray, col_stops: np.ndarray) -> _SmallLayers:
+        rows, cols, values, large = [], [], [], []
+        for index, layer in enumerate(layers):
+            if not layer.col_groups.size:
+                continue
+            if layer.free.size > SMALL_LAYER:
+                large.append(index)
+                continue
+            row, col = np.nonzero(layer.free)
+            rows.append(row + row_stops[index])
+            cols.append(col + col_stops[index])
+            values.append(layer.free[row, col])
+        empty = [np.zeros(0, dtype=np.int64)]
+        return _SmallLayers(
+            np.concatenate(empty + rows),
+            np.concatenate(empty + cols),
+            np.concatenate([np.zeros(0), *values]),
+            tuple(large),
+        )
+
+    def products(self, x: np.ndarray, n_rows: int) -> np.ndarray:
+        """c @ x of every small layer, in the rows of all layers (0 in the others)."""
+        # (np.bincount gives integers when there are no entries)
+        return np.bincount(self.rows, self.values * x[self.cols], n_rows).astype(np.float64)
+
+    def back(self, y: np.ndarray, n_cols: int) -> np.ndarray:
+        """y @ c of every small layer, in the columns of all layers (0 in the others)."""
+        return np.bincount(self.cols, self.values * y[self.rows], n_cols).astype(np.float64)
+
+
 @dataclass(frozen=True)
 class _Rows:
     """The rows and the movable columns of all layers, concatenated in layer order."""
@@ -52,6 +99,7 @@ class _Rows:
     outgoing: Bins  # columns into groups
     row_layers: Bins  # rows into layers
     col_layers: Bins
+    small: _SmallLayers
 
     @staticmethod
     def of(objective: Objective) -> _Rows:
@@ -80,6 +128,7 @@ class _Rows:
             Bins(col_groups, n),
             Bins.consecutive(row_counts),
             Bins.consecutive(col_counts),
+            _SmallLayers.of(layers, row_stops, col_stops),
         )
 
 
