@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from networks import exponents, make_network, networks
 
 from onnxbalance.solver import couplings, newton, solve
+from onnxbalance.solver import workspace as workspace_module
 from onnxbalance.solver.couplings import summarise, summarise_graph
 from onnxbalance.solver.curvature import Curvature, Workspace, evaluate
 from onnxbalance.solver.liveness import DEAD_INCOMING, DEAD_OUTGOING, find_pinned
@@ -285,3 +286,19 @@ def test_certification_needs_a_lower_norm_or_a_smaller_imbalance():
     assert newton._certifies(better, start, workspace)
     assert not newton._certifies(start, better, workspace)
     assert not newton._certifies(start, start, workspace)  # same F, same imbalance
+
+
+@pytest.mark.parametrize(("p", "q"), [(2.0, 2.0), (1.0, 3.0)])
+def test_small_layers_scatter_like_their_products(p, q, monkeypatch):
+    """Layers of at most SMALL_LAYER couplings are multiplied by one scatter over all of them;
+    with the limit at zero every layer takes its own BLAS products: same point."""
+    net = make_network((3, 5, 4, 40, 30, 2), seed=4, skips=2, zero_fraction=0.2)
+    u = np.random.default_rng(5).normal(scale=0.5, size=net.n_groups)
+    scattered = evaluate(_workspace(net, p, q)[1], u)
+    monkeypatch.setattr(workspace_module, "SMALL_LAYER", 0)
+    workspace = _workspace(net, p, q)[1]
+    assert not workspace.rows.small.values.size
+    multiplied = evaluate(workspace, u)
+    assert scattered.value == pytest.approx(multiplied.value, rel=1e-14)
+    np.testing.assert_allclose(scattered.incoming, multiplied.incoming, rtol=1e-13)
+    np.testing.assert_allclose(scattered.outgoing, multiplied.outgoing, rtol=1e-13)
