@@ -12,7 +12,7 @@ a peak RSS under 300 MB, the solve time linear in depth. Then:
 - how fast SIGTERM ends a CLI run on the deepest chain, sent while it solves (target: within a
   second).
 
-Run: PYTHONPATH=. python benchmarks/depth.py [--quick]
+Run: PYTHONPATH=. python benchmarks/depth.py [--quick | --depths 250 500]
 """
 
 from __future__ import annotations
@@ -138,8 +138,9 @@ def sigterm_latency(depth: int, folder: Path) -> tuple[float, int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer depths")
+    parser.add_argument("--depths", type=int, nargs="+", help="these depths only (no extras)")
     args = parser.parse_args()
-    depths = QUICK_DEPTHS if args.quick else DEPTHS
+    depths = args.depths or (QUICK_DEPTHS if args.quick else DEPTHS)
     print(f"chains of {WIDTH}x{WIDTH} Gemm+Relu, Newton solver, one process per depth")
     print(f"{'layers':>7} {'solve s':>8} {'s/layer ms':>10} {'whole s':>8} {'peak MB':>8} steps")
     for depth in depths:
@@ -151,6 +152,8 @@ def main() -> None:
             + ("" if result["converged"] else " NOT CONVERGED"),
             flush=True,
         )
+    if args.depths:
+        return
     sweeps = 20
     mu = in_child(2000, "mu", sweeps)
     print(
