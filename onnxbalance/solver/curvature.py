@@ -481,10 +481,10 @@ def _damped_newton(terms, size: int, max_iter: int, rtol: float) -> np.ndarray:
     z = np.zeros(size)
     value, gradient, hessian = terms(z)
     for _ in range(max_iter):
-        factored = hessian.factor(size)
-        if factored is None:
+        solved = hessian.solve(size, gradient)
+        if solved is None:
             break
-        step = -factored.solve(gradient)
+        step = -solved
         slope = float(gradient @ step)
         if not (np.isfinite(slope) and slope < -rtol * value):
             break

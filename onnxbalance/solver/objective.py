@@ -400,12 +400,16 @@ class Objective:
         return top + float(np.log(np.exp(every - top).sum()))
 
     def loads(self, log_scales: np.ndarray) -> Loads:
-        """F(u), in_g and out_g at ``log_scales`` (two passes)."""
+        """F(u), in_g and out_g at ``log_scales`` (two passes; four where the plain products
+        overflow: F or an outgoing load is infinite, and the products may have overflowed on
+        the way to loads that do not, so the point is redone in the log domain)."""
         log_scales = np.asarray(log_scales, dtype=np.float64)
         scaled = self.p * log_scales
         largest = float(max(scaled.max(), -scaled.min())) if scaled.size else 0.0
         if self._log_range + 2.0 * largest < _DIRECT_LIMIT:
-            return self._direct_loads(scaled)
+            loads = self._direct_loads(scaled)
+            if np.isfinite(loads.value) and np.isfinite(loads.outgoing).all():
+                return loads
         return self._log_loads(log_scales)
 
     def _direct_loads(self, scaled: np.ndarray) -> Loads:
@@ -420,7 +424,7 @@ class Objective:
         value = 0.0
         incoming = np.zeros(self.n_groups)
         outgoing = np.zeros(self.n_groups)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for layer in self.layers:
                 row_factor = None if layer.rows.all_fixed else layer.rows.gather(factor)
                 col_factor = None

@@ -174,11 +174,24 @@ class Coordinates:
         self.add(np.repeat(indices, indices.size), np.tile(indices, indices.size), block.ravel())
 
     def factor(self, size: int, floor: float = ROUND_OFF) -> Factor | None:
-        empty = np.zeros(0, dtype=np.int64)
-        return factor(
-            size,
-            np.concatenate([empty, *self.rows]),
-            np.concatenate([empty, *self.cols]),
+        return factor(size, *self._entries(), floor)
+
+    def solve(self, size: int, rhs: np.ndarray) -> np.ndarray | None:
+        """The matrix's solution for ``rhs``, None if it is singular or not finite. Small ones
+        by one LU solve: no factor to keep, and no inertia wanted."""
+        rows, cols, values = self._entries()
+        if size > DENSE_LIMIT:
+            factored = factor(size, rows, cols, values)
+            return None if factored is None else factored.solve(rhs)
+        matrix = np.bincount(rows * size + cols, values, size * size).reshape(size, size)
+        try:
+            return np.linalg.solve(matrix, rhs)
+        except np.linalg.LinAlgError:
+            return None
+
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            np.concatenate([np.zeros(0, dtype=np.int64), *self.rows]),
+            np.concatenate([np.zeros(0, dtype=np.int64), *self.cols]),
             np.concatenate([np.zeros(0), *self.values]),
-            floor,
         )

@@ -76,12 +76,15 @@ class _SmallLayers:
 
     def products(self, x: np.ndarray, n_rows: int) -> np.ndarray:
         """c @ x of every small layer, in the rows of all layers (0 in the others)."""
-        # (np.bincount gives integers when there are no entries)
-        return np.bincount(self.rows, self.values * x[self.cols], n_rows).astype(np.float64)
+        if not self.values.size:
+            return np.zeros(n_rows)
+        return np.bincount(self.rows, self.values * x[self.cols], n_rows)
 
     def back(self, y: np.ndarray, n_cols: int) -> np.ndarray:
         """y @ c of every small layer, in the columns of all layers (0 in the others)."""
-        return np.bincount(self.cols, self.values * y[self.rows], n_cols).astype(np.float64)
+        if not self.values.size:
+            return np.zeros(n_cols)
+        return np.bincount(self.cols, self.values * y[self.rows], n_cols)
 
 
 @dataclass(frozen=True)
