@@ -424,15 +424,16 @@ class Curvature:
                 phi = load * np.exp(r * p * padded[rows]) * moved**r
                 phi = np.where(load > 0, phi, 0.0)
                 w = np.where(moved > 0, fall / moved, 0.0)
+                # an overflowing trial point is rejected: its infinities may meet zeros here
+                pw = phi * w
+                k = r * r * p * p
+                values = np.concatenate(
+                    [k * phi, -k * pw, -k * pw, k * pw * w + r * p * p * pw * (1.0 - w)]
+                )
             value = float(phi.sum())
-            pw = phi * w
             size = m + 1
             gradient = r * p * (np.bincount(rows, phi, size) - np.bincount(cols, pw, size))
-            k = r * r * p * p
             hessian = Coordinates()
-            values = np.concatenate(
-                [k * phi, -k * pw, -k * pw, k * pw * w + r * p * p * pw * (1.0 - w)]
-            )
             hessian.add(first, second, values[entries])
             return value, gradient[:m], hessian
 
