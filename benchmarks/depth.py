@@ -32,6 +32,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxbalance
+
+# the children import the onnxbalance this process imports (PYTHONPATH, not the current folder)
+PACKAGE_ROOT = str(Path(onnxbalance.__file__).resolve().parent.parent)
+HERE = str(Path(__file__).resolve().parent)
+
 WIDTH = 4
 DEPTHS = (250, 500, 1000, 2000, 5000)
 QUICK_DEPTHS = (250, 1000, 2000)
@@ -84,12 +90,11 @@ def run_one(depth: int, solver: str | None, max_sweeps: int) -> dict:
 
 def in_child(depth: int, solver: str | None = None, max_sweeps: int = 10_000) -> dict:
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import depth; "
-        "print(json.dumps(depth.run_one(int(sys.argv[2]), sys.argv[3] or None, int(sys.argv[4]))))"
+        "import json, sys; sys.path[:0] = sys.argv[1:3]; import depth; "
+        "print(json.dumps(depth.run_one(int(sys.argv[3]), sys.argv[4] or None, int(sys.argv[5]))))"
     )
-    here = str(Path(__file__).resolve().parent)
     out = subprocess.run(
-        [sys.executable, "-c", code, here, str(depth), solver or "", str(max_sweeps)],
+        [sys.executable, "-c", code, PACKAGE_ROOT, HERE, str(depth), solver or "", str(max_sweeps)],
         check=True,
         capture_output=True,
         text=True,
@@ -114,7 +119,7 @@ def sigterm_latency(depth: int, folder: Path) -> tuple[float, int, float]:
     exit code, and when the signal was sent."""
     source = folder / "chain.onnx"
     onnx.save(chain(depth), source)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
     process = subprocess.Popen(
         [sys.executable, "-m", "onnxbalance", str(source), str(folder / "out.onnx"), "-v"],
         stdout=subprocess.PIPE,
