@@ -118,7 +118,7 @@ def test_shared_weight_fixes_both_uses_and_counts_once():
     # fc2 and fc3 share W: their rows and columns stay put, so fc1 cannot move either;
     # W appears once among the layers (fc3 is its second use).
     layers = {"fc0": ("fc0", None), "fc1": (None, "fc0"), "fc2": (None, None), "fc4": (None, None)}
-    shared = "weight 'W' is used by 2 node inputs"
+    shared = "weight 'W' is shared by 2 node inputs"
     skips = [("fc1", HID, f"feeds 'fc2': {shared}"), ("fc2", HID, shared), ("fc3", HID, shared)]
     check(om.shared_weight(), layers, skips)
 
@@ -581,13 +581,13 @@ def test_gemm_batchnorm():
     assert [e.tensor for e in units.layers[1].edits] == ["fc2_W", "bn2_scale", "bn2_bias"]
     assert units.layers[1].edits[0].row_groups is None  # fc2's rows move through BN only
 
-    shared = "BN scale 'shared_scale' is used by 2 node inputs"
-    layers = {
-        "fc1": (fixed(HID), fixed(om.IN)),
-        "fc2": (fixed(HID), fixed(HID)),
-        "fc3": (fixed(om.OUT), fixed(HID)),
-    }
-    check_units(om.gemm_bn(shared_scale=True), layers, [("fc1", HID, shared), ("fc2", HID, shared)])
+    # a BN scale shared by both BNs: each BN reads a private copy, so both layers' rows move
+    units = check_units(om.gemm_bn(shared_scale=True), layers, [])
+    assert [(c.name, c.source, c.readers) for c in units.copies] == [
+        ("shared_scale.bn1", "shared_scale", ((1, 1),)),
+        ("shared_scale.bn2", "shared_scale", ((4, 1),)),
+    ]
+    assert [e.tensor for e in units.layers[0].edits] == ["shared_scale.bn1", "bn1_bias"]
 
 
 @pytest.mark.parametrize("transposed", [False, True])

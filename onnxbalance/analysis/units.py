@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 
 from ..unitgraph import FIXED, ClipReplacement, LinearUnits, ModelUnits, Skip, TensorEdit
+from . import shared
 from .graph import GraphIndex
 from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
 from .passthrough import Bounds, Carrier, Step, match_passthrough
@@ -77,36 +78,64 @@ class _Units:
             self.reason.setdefault(u, reason)
 
 
-def analyse(model: onnx.ModelProto, *, rescale_clip: bool = False) -> ModelUnits:
+def analyse(
+    model: onnx.ModelProto, *, rescale_clip: bool = False, copy_weights: bool = False
+) -> ModelUnits:
     """Find the linear layers, the hidden units that may be rescaled, and what must stay put.
+
+    Shared and derived constants of the main graph get private copies where their readers need
+    different factors (:mod:`.shared`); ``copy_weights`` allows copies of weight matrices too
+    (the file grows).
 
     Args:
         model: the ONNX model (not modified).
         rescale_clip: let units through clips with constant bounds, whose nodes are then
             replaced by per-unit bounds (``ModelUnits.clips``).
+        copy_weights: copy weight matrices whose readers need different factors.
 
     Returns:
         The layers with their row/column scale groups and the tensor edits that rescale them,
         one group name ``"<layer>:<unit>"`` per hidden unit (a tied group takes the name of its
-        first unit; inside a body, ``"If 'name'/then_branch/<layer>:<unit>"``), and the Skip
-        records.
+        first unit; inside a body, ``"If 'name'/then_branch/<layer>:<unit>"``), the Skip
+        records, and the private copies the rewrite makes.
 
     Raises:
         InputError: a BatchNormalization after a layer computes NaN or infinity (:mod:`.ops`).
     """
     shapes = infer_scoped_shapes(model)
     opset = _opset(model)
-    main = _analyse_graph(GraphIndex(model.graph, shapes[()]), _Clips(rescale_clip, opset))
-    parts = [("", main)]
+    parts = [("", _main_graph(model, shapes[()], rescale_clip, opset, copy_weights))]
     parts += [
-        (f"{path}/", _analyse_graph(body, _Clips(rescale_clip, opset, in_body=True)))
+        (f"{path}/", _analyse_graph(body, _Clips(rescale_clip, opset, in_body=True))[0])
         for path, body in body_indexes(model, shapes)
     ]
     return merged(parts)
 
 
-def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
-    """:func:`analyse` for one graph (the main graph or a body, :mod:`.scopes`)."""
+def _main_graph(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int | None, ...]],
+    rescale_clip: bool,
+    opset: int,
+    copy_weights: bool,
+) -> ModelUnits:
+    """:func:`analyse` for the main graph, with the private copies it needs."""
+    original = GraphIndex(model.graph, shapes)
+    refused: frozenset[str] = frozenset()
+    while True:  # each round refuses more weights, so it ends
+        copies = shared.plan(original, refused)
+        graph = GraphIndex(model.graph, shapes, copies)
+        units, weights = _analyse_graph(graph, _Clips(rescale_clip, opset))
+        units, conflicts = shared.settle(original, units, weights, copies, copy_weights)
+        if not conflicts:
+            return units
+        log.info("%d shared weights need different factors per reader", len(conflicts))
+        refused |= conflicts
+
+
+def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[str]]:
+    """:func:`analyse` for one graph (the main graph or a body, :mod:`.scopes`), and each
+    layer's weight tensor."""
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
     for i in graph.topological_order():
@@ -124,6 +153,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
 
     reaches = _reaches_linear(graph)
     units = []
+    weights = []
     seen_weights: set[str] = set()
     for k, layer in enumerate(layers):
         span = np.arange(offsets[k], offsets[k + 1])
@@ -148,6 +178,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
             np.full(layer.n_cols, FIXED, dtype=np.int64) if read is None else groups.of_unit[read]
         )
         units.append(_units(graph, layer, rows, cols))
+        weights.append(layer.weight)
     log.info(
         "analysis: %d linear layers, %d hidden units, %d skip records",
         len(units),
@@ -165,7 +196,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
     replacements = tuple(clip for clip, _ in replaced)
     return ModelUnits(
         tuple(units), groups.names, tuple(skipped), tuple(edits), replacements, len(clips.behind)
-    )
+    ), weights
 
 
 def _propagate(
