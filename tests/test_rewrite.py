@@ -225,7 +225,8 @@ HAND_UNCHANGED = {
     ),
     "sigmoid": ({"fc2_b", "fc4_b"}, {"fc1_W", "fc1_b", "fc2_W", "fc3_W", "fc3_b", "fc4_W"}),
     "weight_is_input": ({"fc1_W", "fc1_b", "fc3_b"}, {"fc2_W", "fc2_b", "fc3_W"}),
-    "linear_linear": ({"fc1_W", "fc1_b", "fc3_b"}, {"fc2_W", "fc2_b", "fc3_W"}),
+    # fc1 -> fc2 with no activation between: a linear channel, rescaled like a hidden one
+    "linear_linear": ({"fc3_b"}, {"fc1_W", "fc1_b", "fc2_W", "fc2_b", "fc3_W"}),
     "trans_a_second": ({"fc1_W", "fc1_b", "fc2_W", "fc2_b"}, set()),
 }
 
@@ -345,9 +346,10 @@ CONV_UNCHANGED = {
     ),
     "conv_clip": ({"conv1_W", "conv1_b", "conv2_W", "conv2_b"}, set()),
     "conv_hardswish": ({"conv1_W", "conv1_b", "conv2_W", "conv2_b"}, set()),
+    # the Add's channels feed fc linearly: stem and c2 rows move together, fc's columns follow
     "resnet_no_relu_after_add": (
-        {"stem_W", "stem_b", "c2_b", "fc_W", "fc_b"},
-        {"c1_W", "c1_b", "c2_W"},
+        {"fc_b"},
+        {"stem_W", "stem_b", "c1_W", "c1_b", "c2_W", "c2_b", "fc_W"},
     ),
     "merge_sum3": ({"a_W", "a_b", "b_W", "b_b", "c_W", "c_b"}, set()),
     "ffn": ({"ff2_b", "g0", "b0", "g1", "b1"}, {"ff1_W", "ff1_b", "ff2_W"}),

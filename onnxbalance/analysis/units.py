@@ -7,7 +7,7 @@
    (residual Add, ...) ties the units it joins, channel by channel (union-find,
    docs/algorithm.md §6). A unit is *fixed* (scale 1) when any path from it
    * reaches a linear layer that is not a rescalable reader (weight shared or overridable, reads
-     another axis) or reaches it without passing a positively homogeneous activation,
+     another axis),
    * stops at an op that does not commute with positive per-channel factors (with its reason),
    * reaches a graph output, or a merge with something that carries no unit;
    and when no path from it reaches a linear layer at all (output units; channels sliced away).
@@ -21,9 +21,10 @@ meets on the way (a per-channel bias added later, the mean and bias of a BatchNo
 passes through: ``ModelUnits.edits``), and divides every column that reads it. If/Loop/Scan
 bodies are analysed the same way, each as a graph of its own (:mod:`.scopes`).
 
-Requiring an activation on every path keeps to docs/algorithm.md §1 (hidden units of a ReLU
-network): a layer feeding another linear layer directly keeps its units at scale 1, although
-that rescaling would be exact too.
+A channel between two linear layers with no activation between them (a linear bottleneck:
+Conv -> BN -> Conv, or Conv -> BN -> residual Add) is a unit like any other: the second layer
+is linear, so dividing its column by the factor the first layer's row took is exact for any
+positive factor, as it is through a positively homogeneous activation (docs/algorithm.md §1).
 
 With ``rescale_clip``, units pass clips with constant bounds (ReLU6, ...) as hidden units, and
 each such clip on a moving channel becomes a :class:`~onnxbalance.unitgraph.ClipReplacement`
@@ -355,10 +356,6 @@ def _name_heads(graph: onnx.GraphProto) -> set[str]:
 def _read(layer: LinearMatch, carrier: Carrier, state: _Units) -> bool:
     """Check the units reaching a layer's data input; True if they become its columns."""
     units = carrier.units
-    if not carrier.activated.all():
-        state.fix(
-            units[~carrier.activated], f"output feeds '{layer.name}' with no activation between"
-        )
     if carrier.axis != layer.in_axis:
         state.fix(units, f"activation feeds '{layer.name}', which reads it transposed")
     elif len(units) != layer.n_cols:
