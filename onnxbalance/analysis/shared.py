@@ -93,10 +93,13 @@ def settle(
     by_source: dict[str, list[TensorCopy]] = {}
     for copy in copies:
         by_source.setdefault(copy.source, []).append(copy)
-    rename: dict[str, str] = {}  # copy name -> the tensor its edits go to
+    rename: dict[str, str | None] = {}  # copy name -> the tensor its edits go to (None: none)
     kept: list[TensorCopy] = []
     conflicts = set()
     for source, group in by_source.items():
+        if _all_zero(group[0].value):  # zero biases: every factor leaves them as they are
+            rename.update(dict.fromkeys((copy.name for copy in group), None))
+            continue
         signatures: dict[tuple, list[TensorCopy]] = {}
         for copy in group:
             signature = _signature(edits.get(copy.name, []))
@@ -108,6 +111,7 @@ def settle(
             continue
         in_place = (
             len(signatures) == 1
+            and len(next(iter(signatures.values()))) == len(group)
             and group[0].stored
             and len(group) == graph.n_uses(source)
             and source not in graph.graph_outputs
@@ -131,8 +135,12 @@ def settle(
     return _renamed(units, weights, rename, tuple(kept)), frozenset()
 
 
+def _all_zero(value: onnx.TensorProto) -> bool:
+    return not np.any(tensors.read_array(value))
+
+
 def _renamed(
-    units: ModelUnits, weights: Sequence[str], rename: dict[str, str], copies: tuple
+    units: ModelUnits, weights: Sequence[str], rename: dict[str, str | None], copies: tuple
 ) -> ModelUnits:
     """Edits moved to their settled tensor; copies merged into one keep the first one's edits
     (they are identical); a layer that reads the same stored weight with the same units as an
@@ -143,7 +151,7 @@ def _renamed(
         out = []
         for edit in edits:
             tensor = rename.get(edit.tensor, edit.tensor)
-            if origin.setdefault(tensor, edit.tensor) == edit.tensor:
+            if tensor is not None and origin.setdefault(tensor, edit.tensor) == edit.tensor:
                 out.append(replace(edit, tensor=tensor))
         return out
 
@@ -152,7 +160,7 @@ def _renamed(
     by_weight: dict[str, LinearUnits] = {}
     for layer, weight in zip(units.layers, weights, strict=True):
         edits = settled(layer.edits)
-        weight = rename.get(weight, weight)
+        weight = rename.get(weight, weight) or weight
         twin = by_weight.setdefault(weight, layer)
         if twin is not layer and _same_layer(twin, layer):
             moved.extend(edits)

@@ -1,0 +1,299 @@
+"""Units that real exporters hide: shared and derived constants, linear bottlenecks, weights that
+are graph outputs, and the outcome a pipeline sees.
+
+Every model is balanced and then run in onnxruntime next to the original (independently of the
+tool's own verification); the number of balanced units is derived by hand from the network.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_rewrite import feeds, max_error, run
+
+from onnxbalance import TooFewBalancedError, balance
+from onnxbalance.analysis import analyse
+from onnxbalance.cli import main
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def _torch_export(module: nn.Module, example, dynamo: bool) -> onnx.ModelProto:
+    module = module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            return torch.onnx.export(module, (example,), dynamo=True, verbose=False).model_proto
+        import io
+
+        buffer = io.BytesIO()
+        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"])
+        return onnx.load_from_string(buffer.getvalue())
+
+
+def _balanced(model: onnx.ModelProto, **options):
+    """Balance, then check the function in onnxruntime on random inputs; return the report."""
+    out, report = balance(model, verify=False, **options)
+    inputs = feeds(model)
+    assert max_error(run(model, inputs), run(out, inputs)) <= 1e-5
+    assert report.norm_after < report.norm_before * (1 - 1e-3)  # something really moved
+    return out, report
+
+
+class _FFN(nn.Module):
+    """fc1 -> ReLU -> fc2 -> fc3 -> ReLU -> fc4, biases zero-initialised (an untrained model):
+    the TorchScript exporter stores one zero bias for fc1 and fc3 (through an Identity)."""
+
+    def __init__(self, zero_biases: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.fc3, self.fc4 = nn.Linear(8, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.fc1.weight *= 5.0  # an imbalance for the solver to remove
+            for fc in (self.fc1, self.fc2, self.fc3, self.fc4):
+                if zero_biases:
+                    nn.init.zeros_(fc.bias)
+            if not zero_biases:  # one bias value for fc1 and fc3: stored once
+                self.fc3.bias.copy_(self.fc1.bias)
+
+    def forward(self, x):
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return self.fc4(torch.relu(self.fc3(h)))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("zero_biases", [True, False])
+def test_torch_ffn_with_shared_biases(dynamo, zero_biases):
+    model = _torch_export(_FFN(zero_biases), torch.zeros(2, 8), dynamo)
+    stored = {t.name for t in model.graph.initializer}
+    if not dynamo:  # the pattern under test: one bias tensor read by fc1 and (aliased) fc3
+        assert "fc3.bias" not in stored
+    _, report = _balanced(model)
+    # fc1's 16 and fc3's 16 hidden units, and the 8 channels between fc2 and fc3 (linear);
+    # fc4's outputs are not hidden units
+    assert (report.units_found, report.units_balanced) == (16 + 8 + 16, 16 + 8 + 16)
+    # zero biases need no copy (no factor changes them); fc1 and fc3 need different ones
+    copies = 0 if zero_biases else 2
+    assert report.copied_tensors == copies
+
+
+class _VGG(nn.Module):
+    """Conv -> BN -> ReLU twice, pool, two Linear layers: torchvision's vgg with BN in small,
+    zero conv biases (its initialisation), so every conv reads one stored zero bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        layers = []
+        for cin, cout in ((3, 8), (8, 8), (8, 16)):
+            conv = nn.Conv2d(cin, cout, 3, padding=1)
+            nn.init.zeros_(conv.bias)
+            bn = nn.BatchNorm2d(cout)
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 3.0)
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+            layers += [conv, bn, nn.ReLU()]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc1, self.fc2 = nn.Linear(16, 12), nn.Linear(12, 5)
+        nn.init.zeros_(self.fc1.bias)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.features(x))))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_vgg_with_batchnorm_and_zero_biases(dynamo):
+    model = _torch_export(_VGG(), torch.zeros(1, 3, 8, 8), dynamo)
+    _, report = _balanced(model)
+    # every hidden channel: 8 + 8 + 16 conv channels and fc1's 12 units (fc2's are outputs)
+    assert (report.units_found, report.units_balanced) == (8 + 8 + 16 + 12, 8 + 8 + 16 + 12)
+
+
+class _Bottleneck(nn.Module):
+    """MobileNetV2's linear bottleneck with a residual: stem (Conv-BN-ReLU) -> expand (Conv-BN-
+    ReLU) -> project (Conv-BN, no activation) + stem's output -> head Conv -> ReLU -> pool -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+
+        def conv_bn(cin, cout, k=1):
+            bn = nn.BatchNorm2d(cout)
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 3.0)
+                bn.running_var.uniform_(0.5, 2)
+            return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), bn)
+
+        self.stem, self.expand, self.project = conv_bn(3, 6, 3), conv_bn(6, 12), conv_bn(12, 6)
+        self.head, self.fc = conv_bn(6, 10), nn.Linear(10, 4)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        y = self.project(torch.relu(self.expand(s))) + s
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_linear_bottleneck_with_a_residual_add(dynamo):
+    model = _torch_export(_Bottleneck(), torch.zeros(1, 3, 6, 6), dynamo)
+    _, report = _balanced(model)
+    # expand's 12 and head's 10; project's 6 reach the head linearly and are tied to stem's 6
+    # through the Add: 6 groups, each counted once
+    assert (report.units_found, report.units_balanced) == (12 + 6 + 10, 12 + 6 + 10)
+
+
+# ---------------------------------------------------------------- patterns built by hand
+
+
+def _gemm_relu_gemm(name: str, bias_nodes, bias_input: str, inits) -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32) * 4, "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(3, 6)).astype(np.float32), "w2")
+    nodes = list(bias_nodes) + [
+        helper.make_node("Gemm", ["x", "w1", bias_input], ["z"], name="fc1", transB=1),
+        helper.make_node("Relu", ["z"], ["h"], name="relu"),
+        helper.make_node("Gemm", ["h", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [w1, w2, *inits],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bias_in_a_constant_node_through_identity_aliases():
+    b = numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32), "b_value")
+    nodes = [
+        helper.make_node("Constant", [], ["b"], name="const", value=b),
+        helper.make_node("Identity", ["b"], ["b_alias"], name="alias1"),
+        helper.make_node("Identity", ["b_alias"], ["b_alias2"], name="alias2"),
+    ]
+    model = _gemm_relu_gemm("constant_bias", nodes, "b_alias2", [])
+    out, report = _balanced(model)
+    assert report.units_balanced == 6
+    # the reader gets a folded copy; the Constant and the Identity nodes are left as they were
+    assert [c.name for c in analyse(model).copies] == ["b_alias2.fc1"]
+    assert [n.input[2] for n in out.graph.node if n.name == "fc1"] == ["b_alias2.fc1"]
+    assert [n for n in out.graph.node if n.op_type != "Gemm"] == [
+        n for n in model.graph.node if n.op_type != "Gemm"
+    ]
+
+
+def test_paddle_style_reshaped_conv_bias():
+    # paddle2onnx: Add(Conv(x, W), Reshape(bias, [1, C, 1, 1])), the bias also shared by two
+    # convs through one Reshape (bit-identical values stored once)
+    rng = np.random.default_rng(4)
+    c = 4
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(c, 2, 3, 3)).astype(np.float32) * 3, "w1"),
+        numpy_helper.from_array(rng.normal(size=(c, c, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.normal(size=(c, c, 1, 1)).astype(np.float32), "w3"),
+        numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "bias"),
+        numpy_helper.from_array(np.array([1, c, 1, 1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["bias", "shape"], ["bias4"], name="reshape"),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Add", ["c1", "bias4"], ["z1"], name="add1"),
+        helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
+        helper.make_node("Conv", ["h1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "bias4"], ["z2"], name="add2"),
+        helper.make_node("Relu", ["z2"], ["h2"], name="relu2"),
+        helper.make_node("Conv", ["h2", "w3"], ["y"], name="conv3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle_bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 5, 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = _balanced(model)
+    assert (report.units_found, report.units_balanced) == (2 * c, 2 * c)  # conv3's: outputs
+    assert report.copied_tensors == 2  # conv1 and conv2 need different factors
+    stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert np.array_equal(stored["bias"], numpy_helper.to_array(inits[3]))  # source untouched
+
+
+def test_weight_that_is_also_a_graph_output_is_never_edited():
+    # fc1's weight is also an output of the graph: the output must stay bit-identical (it used
+    # to change silently with --no-verify); its small bias is copied, its weight matrix is not
+    model = _gemm_relu_gemm("weight_output", [], "b1", [])
+    b1 = numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32), "b1")
+    model.graph.initializer.append(b1)
+    model.graph.output.append(helper.make_tensor_value_info("w1", TensorProto.FLOAT, [6, 4]))
+    model.graph.output.append(helper.make_tensor_value_info("b1", TensorProto.FLOAT, [6]))
+    out, report = balance(model, verify=False)
+    inputs = feeds(model)
+    before, after = run(model, inputs), run(out, inputs)
+    assert np.array_equal(before[1], after[1]) and np.array_equal(before[2], after[2])
+    assert report.units_balanced == 0
+    reasons = {entry.reason for entry in report.units_fixed}
+    assert "weight 'w1' is also a graph output" in reasons
+
+    out, report = _balanced(model, copy_shared_weights=True)
+    after = run(out, inputs)
+    assert np.array_equal(before[1], after[1]) and np.array_equal(before[2], after[2])
+    assert report.units_balanced == 6
+    assert report.bytes_added == (6 * 4 + 6) * 4  # w1 and b1 copied for fc1
+
+
+def test_one_weight_read_twice_with_the_same_units_is_edited_once():
+    # fc2 and fc2b read the same hidden units through one weight (unrolled steps): their edits
+    # agree, so the weight is edited in place and no copy is made
+    model = _gemm_relu_gemm("read_twice", [], "b1", [])
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32), "b1")
+    )
+    model.graph.node.append(helper.make_node("Gemm", ["h", "w2"], ["y2"], name="fc2b", transB=1))
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 3]))
+    units = analyse(model)
+    assert units.copies == ()
+    assert sorted(layer.name for layer in units.layers) == ["fc1", "fc2"]  # w2 counts once
+    _, report = _balanced(model)
+    assert report.units_balanced == 6
+
+
+# ---------------------------------------------------------------- the outcome a pipeline sees
+
+
+def test_min_balanced_exits_5_and_the_summary_warns(tmp_path, capsys):
+    model = _gemm_relu_gemm("weight_output", [], "b1", [])
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32), "b1")
+    )
+    model.graph.output.append(helper.make_tensor_value_info("w1", TensorProto.FLOAT, [6, 4]))
+    src, dst, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(model, src)
+
+    assert main([str(src), str(dst)]) == 0
+    out, _ = capsys.readouterr()
+    first = next(line for line in out.splitlines() if "│" in line)  # the table's first row
+    assert "WARNING" in first and "nothing balanced: all 6 units found are fixed" in first
+
+    dst.unlink()
+    code = main([str(src), str(dst), "--min-balanced", "0.5", "--report", str(report)])
+    _, err = capsys.readouterr()
+    assert code == 5 and not dst.exists()
+    assert err.startswith("onnxbalance: error: ") and "less than --min-balanced 0.5" in err
+    assert json.loads(report.read_text())["balanced_fraction"] == 0.0
+    with pytest.raises(TooFewBalancedError):
+        balance(model, min_balanced=0.1)
+
+    assert main([str(src), str(dst), "--copy-shared-weights", "--min-balanced", "0.5"]) == 0
+    out, _ = capsys.readouterr()
+    assert "WARNING" not in out and "private copies" in out
+    assert main([str(src), str(dst), "--min-balanced", "1.5"]) == 2
+    assert "--min-balanced must be a fraction" in capsys.readouterr().err
