@@ -364,7 +364,6 @@ STOPPING = {
     "reshape_split_channels": "feeds Reshape 'r1', which spreads the unit axis",
     "layernorm": "feeds LayerNormalization 'mid'",
     "reduce_channels": "feeds ReduceMean 'mid'",
-    "add_scalar": "merged by Add 'mid' with 'k', which cannot be rescaled",
     "batchnorm_input_mean": "feeds BatchNormalization 'mid' whose parameters cannot be rescaled",
 }
 
@@ -385,6 +384,10 @@ def test_constants_rescaled_with_the_channels_they_meet():
     # a [C, 1, 1] constant added to them
     units = analyse(om.conv_chain("add_channels"))
     assert [(e.tensor, e.row_axis) for e in units.edits] == [("k", 0)]
+    # a constant that is the same for every channel: expanded to [C, 1, 1] first
+    units = analyse(om.conv_chain("add_scalar"))
+    assert [(e.tensor, e.row_axis, e.expand_to) for e in units.edits] == [("k", 0, (CH, 1, 1))]
+    assert names(units, units.edits[0].row_groups) == own("conv1", CH)
 
 
 def test_conv_batchnorm_moves_gamma_beta_not_the_conv():

@@ -297,3 +297,41 @@ def test_min_balanced_exits_5_and_the_summary_warns(tmp_path, capsys):
     assert "WARNING" not in out and "private copies" in out
     assert main([str(src), str(dst), "--min-balanced", "1.5"]) == 2
     assert "--min-balanced must be a fraction" in capsys.readouterr().err
+
+
+def test_a_scalar_shift_shared_by_two_layers_is_expanded_per_channel():
+    # x + k with one stored k for every channel, read by two layers' Adds (a learnt scalar
+    # shift, paddle's mobile blocks): each Add gets a private [C, 1] copy scaled with its units
+    model = _gemm_relu_gemm("scalar_shift", [], "b1", [])
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32), "b1")
+    )
+    w3 = np.random.default_rng(5).normal(size=(5, 3)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0.7], np.float32), "k"))
+    model.graph.initializer.append(numpy_helper.from_array(w3, "w3"))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+    nodes = model.graph.node
+    nodes[0].output[0] = "z0"
+    nodes.insert(1, helper.make_node("Add", ["z0", "k"], ["z"], name="shift1"))
+    nodes[-1].output[0] = "y0"
+    nodes.append(helper.make_node("Add", ["y0", "k"], ["y1"], name="shift2"))
+    nodes.append(helper.make_node("Relu", ["y1"], ["h2"], name="relu2"))
+    nodes.append(helper.make_node("Gemm", ["h2", "w3"], ["y"], name="fc3", transB=1))
+    out, report = _balanced(model)
+    assert report.units_balanced == 6 + 3
+    shapes = {t.name: list(t.dims) for t in out.graph.initializer}
+    assert shapes["k.shift1"] == [6] and shapes["k.shift2"] == [3] and shapes["k"] == [1]
+
+
+def test_reasons_name_the_true_obstacle():
+    # a Reshape whose target shape is an input: the channels' destination is a run-time value
+    model = _gemm_relu_gemm("runtime_reshape", [], "b1", [])
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.linspace(-1, 1, 6, dtype=np.float32), "b1")
+    )
+    model.graph.input.append(helper.make_tensor_value_info("target", TensorProto.INT64, [2]))
+    fc2 = model.graph.node[2]
+    fc2.input[0] = "h2"
+    model.graph.node.insert(2, helper.make_node("Reshape", ["h", "target"], ["h2"], name="r"))
+    reasons = {skip.reason for skip in analyse(model).skipped}
+    assert reasons == {"feeds Reshape 'r', whose target shape is computed at run time"}

@@ -187,10 +187,10 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
         len(skipped),
     )
     edits = []
-    for tensor, axis, carried in scaled:
+    for tensor, axis, carried, expand_to in scaled:
         rows = groups.of_unit[carried]
         if (rows != FIXED).any():
-            edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows))
+            edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows, expand_to=expand_to))
     replaced = clips.replacements(graph, layers, offsets, groups.of_unit)
     for clip, rows in replaced:
         edits += [TensorEdit(name, row_axis=0, row_groups=rows) for name, _ in clip.bound_tensors]
@@ -202,7 +202,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
 
 def _propagate(
     graph: GraphIndex, layers: list[LinearMatch], offsets: np.ndarray, state: _Units, clips: _Clips
-) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray]]]:
+) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray, tuple[int, ...] | None]]]:
     """One pass over the nodes: carry units forward, record ties and reasons. Returns, per
     layer index, the units its data input carries (the layer's column units), and the stored
     constants that scale with units (tensor, axis, units)."""
@@ -210,7 +210,7 @@ def _propagate(
     absorbed = {j for layer in layers for j in layer.nodes[1:]}
     carriers: dict[str, Carrier] = {}
     reads: dict[int, np.ndarray] = {}
-    scaled: list[tuple[str, int, np.ndarray]] = []
+    scaled: list[tuple[str, int, np.ndarray, tuple[int, ...] | None]] = []
 
     def carry(name: str, carrier: Carrier) -> None:
         carriers[name] = carrier
