@@ -84,6 +84,57 @@ def test_torch_ffn_with_shared_biases(dynamo, zero_biases):
     assert report.copied_tensors == copies
 
 
+class _DecoderLayer(nn.Module):
+    """OPT's decoder layer with hidden_act='relu' in small: pre-LayerNorm attention and ReLU FFN,
+    each with a residual; HF's initialisation (zero biases, LayerNorm beta 0 and gamma 1)."""
+
+    def __init__(self, d: int = 16, heads: int = 2, ffn: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+
+        def heads(y):
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        h = self.ln1(x)
+        q, k, v = heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+        attention = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        x = x + self.o(attention.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = nn.Sequential(_DecoderLayer(), _DecoderLayer())
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.5)
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.layers[0].fc1.weight *= 4.0  # an imbalance for the solver to remove
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_opt_like_decoder_with_zero_biases(dynamo):
+    # every zero bias is stored once by both exporters; the FFN's 32 hidden units per layer are
+    # the ReLU network's (attention, LayerNorm and the residual stream from the input stop the
+    # rest)
+    model = _torch_export(_Decoder(), torch.zeros(1, 5, 16), dynamo)
+    _, report = _balanced(model)
+    assert report.units_balanced == 2 * 32
+    assert report.copied_tensors == 0
+
+
 class _VGG(nn.Module):
     """Conv -> BN -> ReLU twice, pool, two Linear layers: torchvision's vgg with BN in small,
     zero conv biases (its initialisation), so every conv reads one stored zero bias."""
@@ -335,3 +386,44 @@ def test_reasons_name_the_true_obstacle():
     model.graph.node.insert(2, helper.make_node("Reshape", ["h", "target"], ["h2"], name="r"))
     reasons = {skip.reason for skip in analyse(model).skipped}
     assert reasons == {"feeds Reshape 'r', whose target shape is computed at run time"}
+
+
+def test_a_shared_weight_matrix_is_copied_only_when_asked():
+    # fc2 and fc3 apply one square W to different units: without the option W stays shared and
+    # its readers fixed (test_analysis); with it each gets a copy and every hidden layer moves
+    import onnx_models as om
+
+    model = om.shared_weight()
+    assert analyse(model).copies == ()
+    units = analyse(model, copy_weights=True)
+    assert [(c.name, c.source) for c in units.copies] == [("W.fc2", "W"), ("W.fc3", "W")]
+    out, report = _balanced(model, copy_shared_weights=True)
+    assert report.units_balanced == 4 * om.HID  # fc0, fc1, fc2, fc3; fc4's are outputs
+    assert report.bytes_added == 2 * om.HID * om.HID * 4
+    stored = {t.name: t for t in out.graph.initializer}
+    original = {t.name: t for t in model.graph.initializer}
+    assert stored["W"].SerializeToString() == original["W"].SerializeToString()
+
+
+def test_bias_folded_through_shape_only_subexpressions():
+    # Unsqueeze -> Cast (float64 -> float32) -> Expand -> Squeeze -> Transpose -> Flatten of a
+    # stored float64 vector: folded into one private float32 bias for the layer
+    chain = [
+        helper.make_node("Unsqueeze", ["b64", "axis0"], ["u"], name="unsqueeze"),
+        helper.make_node("Cast", ["u"], ["c"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Expand", ["c", "ones"], ["e"], name="expand"),
+        helper.make_node("Squeeze", ["e", "axis0"], ["s"], name="squeeze"),
+        helper.make_node("Transpose", ["s"], ["t"], name="transpose", perm=[0]),
+        helper.make_node("Flatten", ["t"], ["f"], name="flatten", axis=0),
+        helper.make_node("Squeeze", ["f", "axis0"], ["b"], name="squeeze2"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.linspace(-2, 2, 6), "b64"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array([1, 6], np.int64), "ones"),
+    ]
+    model = _gemm_relu_gemm("folded_bias", chain, "b", inits)
+    out, report = _balanced(model)
+    assert report.units_balanced == 6 and report.copied_tensors == 1
+    (copy,) = analyse(model).copies
+    assert (copy.name, list(copy.value.dims), copy.value.data_type) == ("b.fc1", [6], 1)
