@@ -509,7 +509,7 @@ def test_resnet_block_on_the_graph_input_fixes_the_residual_group():
         "c2": (fixed(CH), taps(own("c1", CH), 9)),
         "fc": (fixed(om.OUT), fixed(CH)),
     }
-    skips = [("c2", CH, "merged by Add 'add' with 'x', which cannot be rescaled")]
+    skips = [("c2", CH, "merged by Add 'add' with the graph input 'x' (scale 1)")]
     check_units(om.resnet_block("input"), layers, skips, n_groups=CH)
 
 
@@ -538,7 +538,7 @@ def test_merges(kind):
         b_rows = c_cols = own("a", CH)  # channel k of both branches: one tied group
     elif kind == "sum3":
         a_rows = b_rows = c_cols = fixed(CH)
-        reason = "merged by Sum 'merge' with 'z', which cannot be rescaled"
+        reason = "merged by Sum 'merge' with the graph input 'z' (scale 1)"
         skips = [("a", CH, reason), ("b", CH, reason)]
     else:  # a per-channel constant added to a's channels is rescaled with them
         c_cols = own("a", CH)
@@ -621,7 +621,12 @@ def test_transformer_ffn_after_attention_style_heads():
     }
     skips = [
         ("v_proj", 8, "feeds Reshape 'split_heads', which spreads the unit axis"),
-        ("o_proj", 8, "merged by Add 'attn_res' with 'ln0_out', which cannot be rescaled"),
+        (
+            "o_proj",
+            8,
+            "merged by Add 'attn_res' with 'ln0_out' from LayerNormalization 'ln0', which "
+            "carries no rescalable unit",
+        ),
     ]
     check_units(om.ffn(with_attention_reshape=True), layers, skips, n_groups=16)
 

@@ -689,13 +689,23 @@ def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
                 )
             ):
                 return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
-            reason = f"merged by {_name(graph, i)} with '{name}', which cannot be rescaled"
+            reason = f"merged by {_name(graph, i)} with {_unscalable(graph, name)}"
             fixes.extend((c.units, reason) for c in carried.values())
     activated = np.logical_and.reduce([c.activated for c in carried.values()])
     out = Carrier(first.units, activated, first.axis, first.rank)
     return Step(
         outputs=((node.output[0], out),), ties=(tuple(carried.values()),), fixes=tuple(fixes)
     )
+
+
+def _unscalable(graph: GraphIndex, name: str) -> str:
+    """What a merge met that carries no unit (scale 1), named by where it comes from."""
+    if name in graph.graph_inputs:
+        return f"the graph input '{name}' (scale 1)"
+    producer = graph.producer.get(name)
+    if producer is not None:
+        return f"'{name}' from {_name(graph, producer)}, which carries no rescalable unit"
+    return f"'{name}', which cannot be rescaled"
 
 
 def _shape_only(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step:
