@@ -232,13 +232,12 @@ def test_bias_in_a_constant_node_through_identity_aliases():
     ]
     model = _gemm_relu_gemm("constant_bias", nodes, "b_alias2", [])
     out, report = _balanced(model)
-    assert report.units_balanced == 6
-    # the reader gets a folded copy; the Constant and the Identity nodes are left as they were
-    assert [c.name for c in analyse(model).copies] == ["b_alias2.fc1"]
-    assert [n.input[2] for n in out.graph.node if n.name == "fc1"] == ["b_alias2.fc1"]
-    assert [n for n in out.graph.node if n.op_type != "Gemm"] == [
-        n for n in model.graph.node if n.op_type != "Gemm"
-    ]
+    assert report.units_balanced == 6 and report.copied_tensors == 0
+    # rescaled where it is stored, in the Constant node; every other node stays as it was
+    assert out.graph.node[0].attribute[0].t.name == "b_value"
+    new_b = numpy_helper.to_array(out.graph.node[0].attribute[0].t)
+    assert new_b.shape == (6,) and not np.array_equal(new_b, numpy_helper.to_array(b))
+    assert out.graph.node[1:] == model.graph.node[1:]
 
 
 def test_paddle_style_reshaped_conv_bias():
@@ -276,6 +275,14 @@ def test_paddle_style_reshaped_conv_bias():
     assert report.copied_tensors == 2  # conv1 and conv2 need different factors
     stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     assert np.array_equal(stored["bias"], numpy_helper.to_array(inits[3]))  # source untouched
+
+    # read by conv1 alone (conv2 without a bias): rescaled in place, where it is stored
+    model.graph.node[5].input[1] = "c2"  # add2 becomes c2 + c2: conv2's channels, doubled
+    out, report = _balanced(model)
+    assert (report.units_balanced, report.copied_tensors) == (2 * c, 0)
+    stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert stored["bias"].shape == (c,)
+    assert not np.array_equal(stored["bias"], numpy_helper.to_array(inits[3]))
 
 
 def test_weight_that_is_also_a_graph_output_is_never_edited():

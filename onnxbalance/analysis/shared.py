@@ -8,6 +8,8 @@ place rescales every reader alike, so analysis first gives every reader its own 
 through the subexpression). After the units are known, :func:`settle` keeps only what the file
 needs:
 
+* a subexpression read by one layer alone, from a stored vector read by nothing else, is
+  rescaled at that stored vector (paddle's ``Reshape(bias, [1, C, 1, 1])``);
 * a copy whose reader needs no change is dropped (the reader keeps its original input);
 * readers whose edits are identical share one copy; when all readers of a stored tensor agree
   and nothing else reads it (no graph output, no subgraph capture, no reader left without a
@@ -94,6 +96,7 @@ def settle(
     for copy in copies:
         by_source.setdefault(copy.source, []).append(copy)
     rename: dict[str, str | None] = {}  # copy name -> the tensor its edits go to (None: none)
+    row_axes: dict[str, int] = {}  # copy name -> its edits' axis in that tensor, if another
     kept: list[TensorCopy] = []
     conflicts = set()
     for source, group in by_source.items():
@@ -120,6 +123,13 @@ def settle(
             for copy in group:
                 rename[copy.name] = source
             continue
+        origin = _exclusive_origin(graph, group, edits) if len(signatures) == 1 else None
+        if origin is not None:
+            tensor, axis = origin
+            for copy in group:
+                rename[copy.name] = tensor
+                row_axes[copy.name] = axis
+            continue
         if not copy_weights and not is_small(
             group[0].value.dims, tensors.numpy_dtype(group[0].value.data_type).itemsize
         ):
@@ -132,15 +142,50 @@ def settle(
             rename.update({copy.name: first.name for copy in same})
     if conflicts:
         return units, frozenset(conflicts)
-    return _renamed(units, weights, rename, tuple(kept)), frozenset()
+    return _renamed(units, weights, rename, row_axes, tuple(kept)), frozenset()
 
 
 def _all_zero(value: onnx.TensorProto) -> bool:
     return not np.any(tensors.read_array(value))
 
 
+def _exclusive_origin(
+    graph: GraphIndex, group: Sequence[TensorCopy], edits: dict[str, list[TensorEdit]]
+) -> tuple[str, int] | None:
+    """(stored tensor, axis) where a derived vector's row edit can be made in place: the readers
+    agree, every link from the stored vector to them has no other reader, no link is a graph
+    output, and the vector keeps its entries in order (Reshape, Unsqueeze, Squeeze, Flatten,
+    Identity, Cast and Transpose of a vector do; Expand does not). None otherwise."""
+    first = group[0]
+    if first.stored or len(group) != 1:
+        return None
+    if any(e.col_groups is not None or e.expand_to is not None for e in edits[first.name]):
+        return None
+    name = first.source
+    while not graph.is_constant(name):
+        if graph.n_uses(name) != 1 or name in graph.graph_outputs:
+            return None
+        node = graph.producer_of(name)
+        if node is None or node.op_type not in FOLDS or node.op_type == "Expand":
+            return None
+        name = node.input[0]
+    if graph.n_uses(name) != 1 or name in graph.graph_outputs or graph.is_overridable(name):
+        return None
+    dims = graph.shape(name) or ()
+    if graph.tensor_proto(name) is None or not dims or not is_small(dims, 1):
+        return None
+    if int(np.prod(dims)) != int(np.prod(first.value.dims)):
+        return None
+    longer = [k for k, d in enumerate(dims) if d != 1]
+    return name, longer[0] if longer else 0
+
+
 def _renamed(
-    units: ModelUnits, weights: Sequence[str], rename: dict[str, str | None], copies: tuple
+    units: ModelUnits,
+    weights: Sequence[str],
+    rename: dict[str, str | None],
+    row_axes: dict[str, int],
+    copies: tuple,
 ) -> ModelUnits:
     """Edits moved to their settled tensor; copies merged into one keep the first one's edits
     (they are identical); a layer that reads the same stored weight with the same units as an
@@ -152,7 +197,8 @@ def _renamed(
         for edit in edits:
             tensor = rename.get(edit.tensor, edit.tensor)
             if tensor is not None and origin.setdefault(tensor, edit.tensor) == edit.tensor:
-                out.append(replace(edit, tensor=tensor))
+                axis = row_axes.get(edit.tensor, edit.row_axis)
+                out.append(replace(edit, tensor=tensor, row_axis=axis))
         return out
 
     layers: list[LinearUnits] = []
