@@ -44,9 +44,12 @@ SMALL_BYTES = 4 << 20
 
 def is_small(shape: Sequence[int], itemsize: int) -> bool:
     """A vector (at most one dimension longer than 1) of at most :data:`SMALL_BYTES`."""
-    return sum(d != 1 for d in shape) <= 1 and int(np.prod(shape, dtype=np.int64)) * itemsize <= (
-        SMALL_BYTES
-    )
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+    return sum(d != 1 for d in shape) <= 1 and nbytes <= SMALL_BYTES
+
+
+def _small_tensor(value: onnx.TensorProto) -> bool:
+    return is_small(value.dims, tensors.numpy_dtype(value.data_type).itemsize)
 
 
 def plan(graph: GraphIndex, refused: frozenset[str]) -> list[TensorCopy]:
@@ -65,12 +68,9 @@ def plan(graph: GraphIndex, refused: frozenset[str]) -> list[TensorCopy]:
         found = _constant_value(graph, name)
         if found is None:
             continue
-        value, derived = found
-        if value.data_type not in FLOAT_TYPES:
-            continue
-        small = is_small(value.dims, tensors.numpy_dtype(value.data_type).itemsize)
+        value, derived = found  # a derived value is always small (see _constant_value)
         shared = len(uses) > 1 or name in graph.graph_outputs
-        if not (derived and small) and not (shared and not derived):
+        if value.data_type not in FLOAT_TYPES or not (derived or shared):
             continue
         for i, slot in readers:
             copy_name = _fresh(f"{name}.{graph.names[i]}", taken)
@@ -130,9 +130,7 @@ def settle(
                 rename[copy.name] = tensor
                 row_axes[copy.name] = axis
             continue
-        if not copy_weights and not is_small(
-            group[0].value.dims, tensors.numpy_dtype(group[0].value.data_type).itemsize
-        ):
+        if not copy_weights and not _small_tensor(group[0].value):
             conflicts.add(source)
             continue
         for same in signatures.values():
@@ -291,7 +289,7 @@ def _constant_value(graph: GraphIndex, name: str) -> tuple[onnx.TensorProto, boo
     if found is None:
         return None
     source = found[0]
-    if not is_small(source.dims, tensors.numpy_dtype(source.data_type).itemsize):
+    if not _small_tensor(source):
         return None
     operands = []
     for extra in node.input[1:]:
