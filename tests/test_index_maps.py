@@ -156,6 +156,7 @@ def test_crnn_balances_both_convs():
     model, feed = _crnn()
     balanced, report = balance(model, inputs=feed)
     assert report.units_balanced == 4 + 6
+    assert report.copied_tensors == 0  # edited once, in place
     assert_equivalent(model, balanced, feed)
 
 
