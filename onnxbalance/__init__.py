@@ -15,6 +15,7 @@ from .errors import (
     OnnxBalanceError,
     OutputError,
     SideOutputError,
+    TooFewBalancedError,
     UnsupportedModelError,
     VerificationError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "OutputError",
     "Report",
     "SideOutputError",
+    "TooFewBalancedError",
     "UnsupportedModelError",
     "VerificationError",
     "__version__",

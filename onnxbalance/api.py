@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from . import io, protos, safewrite, tensors
-from .errors import InputError, UnsupportedModelError, VerificationError
+from .errors import InputError, TooFewBalancedError, UnsupportedModelError, VerificationError
 from .report import Comparison, Report, fixed_entries
 from .unitgraph import ModelUnits, UnitGraph
 from .weightstats import LayerStats, layer_stats
@@ -68,6 +68,8 @@ def balance(
     progress: Progress | None = None,
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
+    copy_shared_weights: bool = False,
+    min_balanced: float = 0.0,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rescale the hidden units of a ReLU network to minimise its l_{p,q} weight norm.
 
@@ -91,6 +93,10 @@ def balance(
         rescale_clip: balance units behind clips with constant bounds (ReLU6 = Clip(x, 0, 6),
             Min(Max(x, 0), 6), ...) too, replacing each such node by per-unit bounds that move
             with the units (``report.clips_replaced``).
+        copy_shared_weights: give each reader of a shared weight matrix that needs its own
+            factors a private copy (the file grows; ``report.bytes_added`` says by how much).
+            Shared vectors (biases, BN parameters) are always copied where needed.
+        min_balanced: the smallest fraction of the units found that must be balanced.
 
     Returns:
         The balanced model and the run's :class:`Report`.
@@ -99,8 +105,10 @@ def balance(
         InputError, UnsupportedModelError: the model or an option cannot be used.
         VerificationError: the outputs differ beyond tolerance; its ``report`` attribute holds
             the full report (``report.verify.passed`` is False).
+        TooFewBalancedError: less than ``min_balanced`` of the units found were balanced (its
+            ``report`` attribute holds the report; nothing is verified or written).
     """
-    _check_options(p, q, tol, max_sweeps, seed)
+    _check_options(p, q, tol, max_sweeps, seed, min_balanced)
     timer = _Timer(on_stage)
     with timer("load"):
         model, source, folder = _load(model_or_path)
@@ -108,8 +116,9 @@ def balance(
     with tensors.external_folder(folder):
         balanced, report = _balanced(
             model, source, p, q, tol, max_sweeps, solver, progress, timer, _rewrite(model, timer),
-            rescale_clip,
+            rescale_clip, copy_shared_weights,
         )  # fmt: skip
+        _require_balanced(report, min_balanced, source)
         # a returned model stands alone: weights still in the input's data files are read in
         balanced = _self_contained(model if balanced is None else balanced)
         comparison = None
@@ -154,6 +163,8 @@ def balance_file(
     progress: Progress | None = None,
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
+    copy_shared_weights: bool = False,
+    min_balanced: float = 0.0,
 ) -> Report:
     """Balance the ONNX file ``src`` and write the result to ``dst`` atomically.
 
@@ -167,7 +178,7 @@ def balance_file(
         VerificationError: its ``report`` attribute holds the full report.
     """
     io.check_output_path(dst, src)
-    _check_options(p, q, tol, max_sweeps, seed)
+    _check_options(p, q, tol, max_sweeps, seed, min_balanced)
     timer = _Timer(on_stage)
     with timer("load"):
         model, source, folder = _load(src)
@@ -175,8 +186,9 @@ def balance_file(
     with tensors.external_folder(folder):
         produce = _rewrite_while_writing(model, dst, src, folder, timer)
         staged, report = _balanced(
-            model, source, p, q, tol, max_sweeps, solver, progress, timer, produce, rescale_clip
-        )
+            model, source, p, q, tol, max_sweeps, solver, progress, timer, produce, rescale_clip,
+            copy_shared_weights,
+        )  # fmt: skip
         if staged is None:  # nothing to balance: the model is written as it is
             with timer("write"):
                 staged = safewrite.stage_model(
@@ -184,6 +196,7 @@ def balance_file(
                     protected=[src],
                 )  # fmt: skip
         with staged:
+            _require_balanced(report, min_balanced, source)
             comparison = None
             if verify and report.solver != "none":
                 with timer("verify"):
@@ -246,7 +259,9 @@ def difference_text(comparison: Comparison) -> str:
     )
 
 
-def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, produce, clip):
+def _balanced(
+    model, source, p, q, tol, max_sweeps, solver, progress, timer, produce, clip, copy_weights=False
+):
     """analyse -> solve -> ``produce(units, log_scales)`` (rewrite, or rewrite while writing).
 
     Returns (what ``produce`` made or None when there is nothing to balance, report). The
@@ -257,7 +272,7 @@ def _balanced(model, source, p, q, tol, max_sweeps, solver, progress, timer, pro
     from .overflow import overflowing_groups, pin_groups
 
     with timer("analyse"):
-        units = _analyse(model, source, clip)
+        units = _analyse(model, source, clip, copy_weights)
     result, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
     while result is not None:
         try:
@@ -365,22 +380,27 @@ def check(
     progress: Progress | None = None,
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
+    copy_shared_weights: bool = False,
+    min_balanced: float = 0.0,
 ) -> Report:
     """How far the model is from balanced; nothing is rewritten or written.
 
     ``report.norm_after`` is the smallest norm balancing reaches, ``report.input_balanced`` tells
     whether the current norm is within a relative ``tol`` of it (see the module docstring).
-    ``rescale_clip`` as in :func:`balance`.
+    ``rescale_clip``, ``copy_shared_weights`` and ``min_balanced`` (here: movable units) as
+    in :func:`balance`.
     """
-    _check_options(p, q, tol, max_sweeps)
+    _check_options(p, q, tol, max_sweeps, min_balanced=min_balanced)
     timer = _Timer(on_stage)
     with timer("load"):
         model, source, folder = _load(model_or_path)
     with tensors.external_folder(folder):
         with timer("analyse"):
-            units = _analyse(model, source, rescale_clip)
+            units = _analyse(model, source, rescale_clip, copy_shared_weights)
         _, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
-    return replace(report, seconds=dict(timer.seconds), rescale_clip=rescale_clip)
+    report = replace(report, seconds=dict(timer.seconds), rescale_clip=rescale_clip)
+    _require_balanced(report, min_balanced, source)
+    return report
 
 
 def compare(
@@ -425,7 +445,12 @@ by zero)."""
 
 
 def _check_options(
-    p: float, q: float, tol: float, max_sweeps: int, seed: int | None = None
+    p: float,
+    q: float,
+    tol: float,
+    max_sweeps: int,
+    seed: int | None = None,
+    min_balanced: float = 0.0,
 ) -> None:
     low, high = NORM_EXPONENTS
     for name, value in (("p", p), ("q", q)):
@@ -439,6 +464,21 @@ def _check_options(
         raise InputError(f"--tol must be a positive number, got {tol}")
     if max_sweeps < 1:
         raise InputError(f"--max-sweeps must be at least 1, got {max_sweeps}")
+    if not (isinstance(min_balanced, int | float) and 0 <= min_balanced <= 1):
+        raise InputError(f"--min-balanced must be a fraction in [0, 1], got {min_balanced}")
+
+
+def _require_balanced(report: Report, min_balanced: float, source: str) -> None:
+    """TooFewBalancedError (holding the report) when too small a part of the units moved."""
+    if report.balanced_fraction >= min_balanced:
+        return
+    error = TooFewBalancedError(
+        f"{source or 'model'}: {report.units_balanced} of {report.units_found} units found "
+        f"balanced ({100 * report.balanced_fraction:.3g}%), less than --min-balanced "
+        f"{min_balanced:g}; nothing is written"
+    )
+    error.report = report  # type: ignore[attr-defined]
+    raise error
 
 
 def _check_seed(seed: int) -> None:
@@ -458,11 +498,13 @@ def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None
     raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
 
 
-def _analyse(model: onnx.ModelProto, source: str | None, rescale_clip: bool) -> ModelUnits:
+def _analyse(
+    model: onnx.ModelProto, source: str | None, rescale_clip: bool, copy_weights: bool
+) -> ModelUnits:
     from .analysis import analyse
 
     try:
-        units = analyse(model, rescale_clip=rescale_clip)
+        units = analyse(model, rescale_clip=rescale_clip, copy_weights=copy_weights)
     except InputError as exc:  # a tensor that makes the model compute NaN, named by the analyser
         raise InputError(f"{source or 'model'}: {exc}") from None
     for layer in units.layers:
@@ -530,13 +572,17 @@ def _report(
         units_behind_clips=units.units_behind_clips,
         clips_replaced=tuple(clip.node for clip in units.clips),
     )
+    copies = dict(
+        copied_tensors=len(units.copies),
+        bytes_added=sum(tensors.expected_nbytes(copy.value) for copy in units.copies),
+    )
     if result is None:
         norm = _norm(graph, p, q)
         return Report(
             p=p, q=q, tol=tol, solver="none", norm_before=norm, norm_after=norm, sweeps=0,
             passes=0, converged=True, message="nothing to balance: no rescalable hidden units",
             units_found=found, units_balanced=0, units_fixed=fixed, history=(1.0,),
-            seconds=dict(seconds), source=source, layers_before=layers_before, **clips,
+            seconds=dict(seconds), source=source, layers_before=layers_before, **clips, **copies,
         )  # fmt: skip
     before = result.norm_before
     history = tuple(h / before if before > 0 else 1.0 for h in result.history)
@@ -562,6 +608,7 @@ def _report(
         layers_before=layers_before,
         layers_after=_weight_stats(units, result.log_scales),
         **clips,
+        **copies,
     )
 
 

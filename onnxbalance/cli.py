@@ -2,7 +2,8 @@
 
 Exit codes: 0 done (also when there is nothing to balance), 1 ``--check`` found the model not
 balanced, 2 bad usage or an unreadable/invalid/unsupported input or unwritable output,
-3 verification failed, 4 OUT was written but a side output (report, plot) then could not be.
+3 verification failed, 4 OUT was written but a side output (report, plot) then could not be,
+5 fewer units balanced than ``--min-balanced`` asks.
 Results and the summary go to stdout (the summary to stderr with ``--report -``); progress, logs
 and the one-line error to stderr.
 """
@@ -31,6 +32,7 @@ from .errors import (
     OnnxBalanceError,
     OutputError,
     SideOutputError,
+    TooFewBalancedError,
     VerificationError,
     interrupt_behind,
 )
@@ -98,7 +100,8 @@ def _version(value: bool) -> None:
     cls=_Command,
     epilog="Exit codes: 0 done (also nothing to balance), 1 --check found IN not balanced, "
     "2 bad usage or unreadable/invalid/unsupported input, 3 verification failed, "
-    "4 OUT written but --report/--plot then failed.",
+    "4 OUT written but --report/--plot then failed, 5 fewer units balanced than "
+    "--min-balanced.",
 )
 def run(
     # described in the docstring: typer would list OUT as "<list[Path]>"
@@ -144,6 +147,20 @@ def run(
             "by per-channel bounds that move with the units.",
         ),
     ] = False,
+    copy_shared_weights: Annotated[
+        bool,
+        typer.Option(
+            "--copy-shared-weights",
+            help="Give each reader of a shared weight matrix its own copy (the file grows).",
+        ),
+    ] = False,
+    min_balanced: Annotated[
+        float,
+        typer.Option(
+            metavar="FRACTION",
+            help="Exit 5, writing nothing, if fewer of the units found are balanced.",
+        ),
+    ] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log each stage; list fixed units.")
@@ -163,6 +180,7 @@ def run(
         solver.value if solver else None, verify, inputs, tuple(input_shape or ()), seed, report,
         plot, check, quiet, verbose, more_sources=rest if check else rest[1:],
         rescale_clip=rescale_clip, rtol=rtol, atol=atol,
+        copy_shared_weights=copy_shared_weights, min_balanced=min_balanced,
     )  # fmt: skip
     _exit_with(functools.partial(_run, invocation))
 
@@ -211,6 +229,8 @@ class Invocation:
     rescale_clip: bool = False
     rtol: float | None = None
     atol: float | None = None
+    copy_shared_weights: bool = False
+    min_balanced: float = 0.0
 
 
 def _run(args: Invocation) -> int:
@@ -238,21 +258,23 @@ def _run(args: Invocation) -> int:
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         options = dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
                        progress=progress.sweep, on_stage=progress.stage,
-                       rescale_clip=args.rescale_clip)  # fmt: skip
-        if args.check:
-            result = api.check(args.source, args.p, args.q, **options)
-        else:
-            try:
+                       rescale_clip=args.rescale_clip,
+                       copy_shared_weights=args.copy_shared_weights,
+                       min_balanced=args.min_balanced)  # fmt: skip
+        try:
+            if args.check:
+                result = api.check(args.source, args.p, args.q, **options)
+            else:
                 result = api.balance_file(
                     args.source, args.output, args.p, args.q, verify=args.verify,
                     inputs=args.inputs, input_shapes=shapes, seed=args.seed,
                     rtol=args.rtol, atol=args.atol, **options,
                 )  # fmt: skip
-            except VerificationError as error:
-                failed = getattr(error, "report", None)
-                if failed is not None:
-                    _finish(failed, replace(args, plot=None))
-                raise
+        except (VerificationError, TooFewBalancedError) as error:
+            failed = getattr(error, "report", None)
+            if failed is not None:
+                _finish(failed, replace(args, plot=None))
+            raise
     _finish(result, args, committed=not args.check)
     if args.check:
         return EXIT_OK if result.input_balanced else EXIT_UNBALANCED
@@ -269,7 +291,9 @@ def _check_several(args: Invocation) -> int:
     for source in (args.source, *args.more_sources):
         try:
             result = api.check(source, args.p, args.q, tol=args.tol, max_sweeps=args.max_sweeps,
-                               solver=args.solver, rescale_clip=args.rescale_clip)  # fmt: skip
+                               solver=args.solver, rescale_clip=args.rescale_clip,
+                               copy_shared_weights=args.copy_shared_weights,
+                               min_balanced=args.min_balanced)  # fmt: skip
         except OnnxBalanceError as exc:
             _error(str(exc))
             code = max(code, exc.exit_code)

@@ -44,6 +44,12 @@ class VerificationError(OnnxBalanceError):
     exit_code = 3
 
 
+class TooFewBalancedError(OnnxBalanceError):
+    """A smaller fraction of the units found could be balanced than ``min_balanced`` asks."""
+
+    exit_code = 5
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks clean up."""
 

@@ -125,6 +125,7 @@ def overflowing_groups(
         by_tensor[edit.tensor].append(edit)
     stored = stored_tensors(model)
     stored.update((t.name, t) for t in clip_bounds(units.clips))  # created by the rewrite
+    stored.update((copy.name, copy.value) for copy in units.copies)
     reasons: dict[int, str] = {}
     for name, edits in by_tensor.items():
         proto = stored.get(name)

@@ -172,6 +172,8 @@ class Report:
     rescale_clip: bool = False
     units_behind_clips: int = 0
     clips_replaced: tuple[str, ...] = ()
+    copied_tensors: int = 0
+    bytes_added: int = 0
 
     @property
     def changed(self) -> bool:
@@ -197,6 +199,11 @@ class Report:
     def n_fixed(self) -> int:
         return sum(entry.count for entry in self.units_fixed)
 
+    @property
+    def balanced_fraction(self) -> float:
+        """units_balanced / units_found (1 when no unit was found: nothing was left out)."""
+        return self.units_balanced / self.units_found if self.units_found else 1.0
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN and infinities become null)."""
         return {
@@ -221,6 +228,9 @@ class Report:
             "units_fixed": [
                 {"name": e.name, "count": e.count, "reason": e.reason} for e in self.units_fixed
             ],
+            "balanced_fraction": self.balanced_fraction,
+            "copied_tensors": self.copied_tensors,
+            "bytes_added": self.bytes_added,
             "max_imbalance_before": _finite(self.max_imbalance_before),
             "max_imbalance_after": _finite(self.max_imbalance_after),
             "verify": self.verify.to_dict() if self.verify is not None else None,
@@ -314,12 +324,18 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
+    shortfall = shortfall_text(report)
+    if shortfall:
+        table.add_row("WARNING", shortfall)
     table.add_row("norm", f"l_{{{_num(report.p)},{_num(report.q)}}}")
     table.add_row("units found", str(report.units_found))
     table.add_row("units balanced" if not check else "units movable", str(report.units_balanced))
     table.add_row("units left fixed", str(report.n_fixed))
     if report.units_behind_clips:
         table.add_row("units behind clips", _clips_text(report, check))
+    if report.copied_tensors:
+        copies = f"{report.copied_tensors} tensors, file {report.bytes_added:+,} bytes"
+        table.add_row("private copies", copies)
     if verbose:
         for entry in report.units_fixed:
             table.add_row("", f"{entry.count} in {entry.name}: {entry.reason}")
@@ -363,6 +379,23 @@ def _clips_text(report: Report, check: bool) -> str:
         return f"{n} (fixed; --rescale-clip balances them)"
     nodes = f"{k} clip node{'' if k == 1 else 's'}"
     return f"{n} ({nodes} {'to replace' if check else 'replaced'} by per-unit bounds)"
+
+
+LOW_BALANCED = 0.5
+"""Below this fraction of the units found, the summary warns on top."""
+
+
+def shortfall_text(report: Report) -> str:
+    """A warning when nothing or only a small part of the units found was balanced, else ''."""
+    found, moved = report.units_found, report.units_balanced
+    if not found or report.balanced_fraction >= LOW_BALANCED:
+        return ""
+    if not moved:
+        return f"nothing balanced: all {found} units found are fixed (--verbose says why)"
+    return (
+        f"only {moved} of {found} units found balanced ({100 * report.balanced_fraction:.3g}%; "
+        "--verbose says why the others are fixed)"
+    )
 
 
 def _num(x: float) -> str:

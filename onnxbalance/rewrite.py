@@ -18,6 +18,8 @@ edited tensors, which are rebuilt from their new values (keeping name, doc strin
 Clips that rescaled units pass (``ModelUnits.clips``) are replaced by Min/Max/Relu nodes reading
 new per-unit bound initializers, which the edits then rescale like any stored tensor; a scalar
 bound initializer that nothing reads any more is dropped.
+Private copies (``ModelUnits.copies``) are appended to the initializers, rescaled like any
+edited tensor, and only the node inputs that read them are renamed.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def rewrite(
     scales = scales_of(checked_scales(units, log_scales))
     edits = tensor_edits(units)
     out = protos.without_initializers(model)
+    for copy in units.copies:  # by node index: before the clips change the node list
+        for i, slot in copy.readers:
+            out.graph.node[i].input[slot] = copy.name
     unread = replace_clips(out.graph, units.clips)
     done: set[str] = set(skip)
     for tensor in model.graph.initializer:
@@ -85,6 +90,14 @@ def rewrite(
             done.add(tensor.name)
         else:
             new.CopyFrom(tensor)
+    for copy in units.copies:
+        new = out.graph.initializer.add()
+        if copy.name in edits:
+            _fill(new, copy.value, _apply(copy.value, edits[copy.name], scales))
+        else:  # its units were pinned after the copy was planned (overflow)
+            new.CopyFrom(copy.value)
+        new.name = copy.name
+        done.add(copy.name)
     _rewrite_constants(out.graph, edits, scales, done)
     _rewrite_bodies(out.graph, edits, scales, done)
     missing = sorted(set(edits) - done)

@@ -8,17 +8,21 @@ into the solver's input, :class:`UnitGraph`, whose layers carry coupling matrice
 
     c[o, i] = sum over kernel taps / flattened positions of |W[o, i, ...]|^p
 
-Nothing here knows about ONNX or about the balancing algorithm.
+Nothing here reads ONNX or knows about the balancing algorithm (a copy only holds a tensor).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxbalance.memory import abs_power, empty_arrays, empty_populated
+
+if TYPE_CHECKING:
+    from onnx import TensorProto
 
 FIXED = -1
 """Group index of a unit whose scale is pinned to 1."""
@@ -128,6 +132,23 @@ class ClipReplacement:
 
 
 @dataclass(frozen=True)
+class TensorCopy:
+    """A private copy of a constant for some node inputs of the main graph.
+
+    The copy, an initializer named ``name`` holding ``value``, replaces ``source`` at
+    ``readers`` ((node index, input slot) pairs); edits name the copy. ``value`` is the source's
+    stored tensor, or the folded value of a constant subexpression (``stored`` False then: the
+    subexpression's result has no tensor of its own that could be edited instead).
+    """
+
+    name: str
+    source: str
+    readers: tuple[tuple[int, int], ...]
+    value: TensorProto
+    stored: bool = True
+
+
+@dataclass(frozen=True)
 class ModelUnits:
     """What analysis found: the linear layers, the scale groups, and what it left alone.
 
@@ -136,6 +157,7 @@ class ModelUnits:
     and the per-unit bounds of ``clips``, the clip nodes the rewrite replaces.
     ``units_behind_clips`` counts the units that reach a clip with constant bounds other than
     a Relu's, whether or not those clips are replaced.
+    ``copies`` are the private copies the rewrite adds before any edit (edits may name them).
     """
 
     layers: tuple[LinearUnits, ...]
@@ -144,6 +166,7 @@ class ModelUnits:
     edits: tuple[TensorEdit, ...] = field(default=())
     clips: tuple[ClipReplacement, ...] = field(default=())
     units_behind_clips: int = 0
+    copies: tuple[TensorCopy, ...] = field(default=())
 
     @property
     def n_groups(self) -> int:

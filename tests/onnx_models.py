@@ -583,8 +583,8 @@ BETWEEN = {
     "reduce_channels": lambda n, h: (n.op("ReduceMean", [h], "mid", axes=[1], keepdims=1), 1),
     "batchnorm_alone": lambda n, h: (ConvNet.bn(n, h, CH, "mid"), CH),
     "add_channels": lambda n, h: (n.op("Add", [n.rand("k", (CH, 1, 1)), h], "mid"), CH),
-    # stops
     "add_scalar": lambda n, h: (n.op("Add", [h, n.rand("k", (1,))], "mid"), CH),
+    # stops
     "batchnorm_input_mean": lambda n, h: (
         n.op(
             "BatchNormalization",

@@ -118,7 +118,7 @@ def test_shared_weight_fixes_both_uses_and_counts_once():
     # fc2 and fc3 share W: their rows and columns stay put, so fc1 cannot move either;
     # W appears once among the layers (fc3 is its second use).
     layers = {"fc0": ("fc0", None), "fc1": (None, "fc0"), "fc2": (None, None), "fc4": (None, None)}
-    shared = "weight 'W' is used by 2 node inputs"
+    shared = "weight 'W' is shared by 2 node inputs"
     skips = [("fc1", HID, f"feeds 'fc2': {shared}"), ("fc2", HID, shared), ("fc3", HID, shared)]
     check(om.shared_weight(), layers, skips)
 
@@ -151,9 +151,10 @@ def test_no_relu_nothing_moves_and_output_layer_is_not_a_skip():
 
 
 def test_linear_feeding_linear_directly():
-    layers = {"fc1": (None, None), "fc2": ("fc2", None), "fc3": (None, "fc2")}
-    skips = [("fc1", HID, "output feeds 'fc2' with no activation between")]
-    check(om.linear_linear(), layers, skips)
+    # fc1's channels reach fc2 with no activation: rescaling them is exact all the same (fc2 is
+    # linear), so they are hidden units like fc2's
+    layers = {"fc1": ("fc1", None), "fc2": ("fc2", "fc1"), "fc3": (None, "fc2")}
+    check(om.linear_linear(), layers, [])
 
 
 def test_dequantized_weight():
@@ -363,7 +364,6 @@ STOPPING = {
     "reshape_split_channels": "feeds Reshape 'r1', which spreads the unit axis",
     "layernorm": "feeds LayerNormalization 'mid'",
     "reduce_channels": "feeds ReduceMean 'mid'",
-    "add_scalar": "merged by Add 'mid' with 'k', which cannot be rescaled",
     "batchnorm_input_mean": "feeds BatchNormalization 'mid' whose parameters cannot be rescaled",
 }
 
@@ -384,6 +384,10 @@ def test_constants_rescaled_with_the_channels_they_meet():
     # a [C, 1, 1] constant added to them
     units = analyse(om.conv_chain("add_channels"))
     assert [(e.tensor, e.row_axis) for e in units.edits] == [("k", 0)]
+    # a constant that is the same for every channel: expanded to [C, 1, 1] first
+    units = analyse(om.conv_chain("add_scalar"))
+    assert [(e.tensor, e.row_axis, e.expand_to) for e in units.edits] == [("k", 0, (CH, 1, 1))]
+    assert names(units, units.edits[0].row_groups) == own("conv1", CH)
 
 
 def test_conv_batchnorm_moves_gamma_beta_not_the_conv():
@@ -505,22 +509,19 @@ def test_resnet_block_on_the_graph_input_fixes_the_residual_group():
         "c2": (fixed(CH), taps(own("c1", CH), 9)),
         "fc": (fixed(om.OUT), fixed(CH)),
     }
-    skips = [("c2", CH, "merged by Add 'add' with 'x', which cannot be rescaled")]
+    skips = [("c2", CH, "merged by Add 'add' with the graph input 'x' (scale 1)")]
     check_units(om.resnet_block("input"), layers, skips, n_groups=CH)
 
 
-def test_residual_add_feeding_a_layer_without_relu_fixes_the_tied_group():
+def test_residual_add_feeding_a_layer_without_relu_ties_the_group():
+    # the Add's channels reach fc with no activation: a linear channel, tied across the Add
     layers = {
-        "stem": (fixed(CH), taps(fixed(CH), 9)),
-        "c1": (own("c1", CH), taps(fixed(CH), 9)),
-        "c2": (fixed(CH), taps(own("c1", CH), 9)),
-        "fc": (fixed(om.OUT), fixed(CH)),
+        "stem": (own("stem", CH), taps(fixed(CH), 9)),
+        "c1": (own("c1", CH), taps(own("stem", CH), 9)),
+        "c2": (own("stem", CH), taps(own("c1", CH), 9)),
+        "fc": (fixed(om.OUT), own("stem", CH)),
     }
-    skips = [
-        ("c2", CH, "output feeds 'fc' with no activation between"),
-        ("stem", CH, "tied by a merge to units of 'c2', which are fixed: output feeds 'fc'"),
-    ]
-    check_units(om.resnet_block("identity", relu_after_add=False), layers, skips, n_groups=CH)
+    check_units(om.resnet_block("identity", relu_after_add=False), layers, [], n_groups=2 * CH)
 
 
 @pytest.mark.parametrize(
@@ -537,7 +538,7 @@ def test_merges(kind):
         b_rows = c_cols = own("a", CH)  # channel k of both branches: one tied group
     elif kind == "sum3":
         a_rows = b_rows = c_cols = fixed(CH)
-        reason = "merged by Sum 'merge' with 'z', which cannot be rescaled"
+        reason = "merged by Sum 'merge' with the graph input 'z' (scale 1)"
         skips = [("a", CH, reason), ("b", CH, reason)]
     else:  # a per-channel constant added to a's channels is rescaled with them
         c_cols = own("a", CH)
@@ -581,13 +582,13 @@ def test_gemm_batchnorm():
     assert [e.tensor for e in units.layers[1].edits] == ["fc2_W", "bn2_scale", "bn2_bias"]
     assert units.layers[1].edits[0].row_groups is None  # fc2's rows move through BN only
 
-    shared = "BN scale 'shared_scale' is used by 2 node inputs"
-    layers = {
-        "fc1": (fixed(HID), fixed(om.IN)),
-        "fc2": (fixed(HID), fixed(HID)),
-        "fc3": (fixed(om.OUT), fixed(HID)),
-    }
-    check_units(om.gemm_bn(shared_scale=True), layers, [("fc1", HID, shared), ("fc2", HID, shared)])
+    # a BN scale shared by both BNs: each BN reads a private copy, so both layers' rows move
+    units = check_units(om.gemm_bn(shared_scale=True), layers, [])
+    assert [(c.name, c.source, c.readers) for c in units.copies] == [
+        ("shared_scale.bn1", "shared_scale", ((1, 1),)),
+        ("shared_scale.bn2", "shared_scale", ((4, 1),)),
+    ]
+    assert [e.tensor for e in units.layers[0].edits] == ["shared_scale.bn1", "bn1_bias"]
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -620,7 +621,12 @@ def test_transformer_ffn_after_attention_style_heads():
     }
     skips = [
         ("v_proj", 8, "feeds Reshape 'split_heads', which spreads the unit axis"),
-        ("o_proj", 8, "merged by Add 'attn_res' with 'ln0_out', which cannot be rescaled"),
+        (
+            "o_proj",
+            8,
+            "merged by Add 'attn_res' with 'ln0_out' from LayerNormalization 'ln0', which "
+            "carries no rescalable unit",
+        ),
     ]
     check_units(om.ffn(with_attention_reshape=True), layers, skips, n_groups=16)
 
@@ -694,17 +700,16 @@ def test_nodes_stored_out_of_order_are_analysed_in_dependency_order():
     assert len(set(renamed.values())) == len(renamed)
 
 
-@pytest.mark.parametrize("bounds, moves", [((0.0,), True), ((0.0, 6.0), False), ((), False)])
+@pytest.mark.parametrize("bounds, moves", [((0.0,), True), ((0.0, 6.0), False), ((), True)])
 def test_clip_is_an_activation_only_with_bounds_0_and_infinity(bounds, moves):
     net = om.Net("clip_bounds")
     z = net.gemm(net.input("x", ["N", om.IN]), om.IN, HID, "fc1")
     limits = [net.const(f"c{k}", np.float32(b)) for k, b in enumerate(bounds)]
     net.output(net.gemm(net.op("Clip", [z, *limits], "clip"), HID, om.OUT, "fc2"))
-    if moves:
+    if moves:  # no bounds: Clip is the identity, and fc1 feeding fc2 linearly still moves
         check(net.build(), MLP, [])
     else:
-        # no bounds: Clip is the identity, which leaves fc1 linear-to-linear
-        reason = "not positively homogeneous" if bounds else "with no activation between"
+        reason = "not positively homogeneous"
         check(net.build(), {"fc1": (None, None), "fc2": (None, None)}, [("fc1", HID, reason)])
 
 

@@ -11,12 +11,13 @@ from :func:`onnxbalance.analysis.shapes.infer_shapes` when the caller passes the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
 
 from .. import tensors
+from ..unitgraph import TensorCopy
 
 FLOAT_TYPES = frozenset(tensors.FLOAT_TYPES)
 
@@ -82,14 +83,27 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
 
 
 class GraphIndex:
-    """Producers, consumers and constants of one (main) graph. Never mutates the graph."""
+    """Producers, consumers and constants of one (main) graph. Never mutates the graph.
+
+    With ``copies``, the index describes the graph as it will be once they are made: each
+    reader names its copy, which is a constant (the nodes renamed are copies of the protos).
+    """
 
     def __init__(
-        self, graph: onnx.GraphProto, shapes: dict[str, tuple[int | None, ...]] | None = None
+        self,
+        graph: onnx.GraphProto,
+        shapes: dict[str, tuple[int | None, ...]] | None = None,
+        copies: Sequence[TensorCopy] = (),
     ) -> None:
         self.graph = graph
         self.shapes = shapes or {}
         self.nodes = list(graph.node)
+        for copy in copies:
+            for i, slot in copy.readers:
+                if self.nodes[i] is graph.node[i]:
+                    self.nodes[i] = onnx.NodeProto()
+                    self.nodes[i].CopyFrom(graph.node[i])
+                self.nodes[i].input[slot] = copy.name
         self.names = [node_name(node, i) for i, node in enumerate(self.nodes)]
         self.graph_inputs = frozenset(v.name for v in graph.input)
         self.graph_outputs = frozenset(v.name for v in graph.output)
@@ -99,6 +113,7 @@ class GraphIndex:
         self.with_subgraphs: list[int] = []
         self.implicit: dict[int, list[str]] = {}  # outer tensors read inside a node's subgraphs
         self._initializers = {t.name: t for t in graph.initializer}
+        self._initializers.update((copy.name, copy.value) for copy in copies)
         self.sparse = frozenset(t.values.name for t in graph.sparse_initializer)
         self._constant_nodes: dict[str, onnx.NodeProto] = {}
         self._arrays: dict[str, np.ndarray] = {}

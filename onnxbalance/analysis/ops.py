@@ -182,9 +182,19 @@ def _editable(graph: GraphIndex, name: str, role: str) -> str | None:
     """Why a constant cannot be rewritten in place, or None if it can."""
     if graph.is_overridable(name):
         return f"{role} '{name}' is also a graph input (it can be overridden at run time)"
-    n = graph.n_uses(name)
-    if n > 1:
+    if name in graph.graph_outputs:
+        return f"{role} '{name}' is also a graph output"
+    uses = graph.uses(name)
+    if any(slot < 0 for _, slot in uses):
+        return f"{role} '{name}' is also read inside a subgraph"
+    n = graph.n_uses(name)  # in a body: over the whole model
+    if n > len(uses):
         return f"{role} '{name}' is used by {n} node inputs"
+    if n > 1:
+        return (
+            f"{role} '{name}' is shared by {n} node inputs that need different factors "
+            "(--copy-shared-weights gives each its own copy)"
+        )
     return None
 
 

@@ -32,7 +32,8 @@ channels c because the op commutes with them:
   other axes copy entries within each channel; a Reshape -> Transpose -> Reshape chain whose
   channel map is exact (a channel shuffle) permutes the channels;
 * affine maps with stored constants that are rescaled with the units: Add/Sub of a per-channel
-  constant (x + b -> a x + a b), a BatchNormalization that is not right after a layer
+  constant (x + b -> a x + a b; a constant equal for every channel is expanded to one entry
+  per channel first), a BatchNormalization that is not right after a layer
   (pre-activation, after a Relu): gamma (a x - a mean) / s + a beta = a BN(x);
 * merges: Add, Sum, Sub (and Concat along another axis) join channel k of every input into one
   output channel, which is exact only if those units share one factor: they are *tied*
@@ -90,7 +91,8 @@ class Step:
     outputs: tuple[tuple[str, Carrier], ...] = ()
     ties: tuple[tuple[Carrier, ...], ...] = ()
     fixes: tuple[tuple[np.ndarray, str], ...] = ()
-    scaled: tuple[tuple[str, int, np.ndarray], ...] = ()  # (constant, its axis, units)
+    # (constant, its axis, units, the shape it is expanded to or None)
+    scaled: tuple[tuple[str, int, np.ndarray, tuple[int, ...] | None], ...] = ()
     clip: Bounds | None = None  # exact only once the node's bounds move with the units
 
 
@@ -439,7 +441,12 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     if isinstance(data, Refusal):
         return data
     before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
-    if before is None or any(d is None for d in before[data.axis + len(before) :]):
+    computed = node.op_type == "Reshape" and not _is_constant(graph, node.input[1])
+    unknown = before is None or any(d is None for d in before[data.axis + len(before) :])
+    if computed and (unknown or after is None or None in after[1:]):
+        # the true obstacle: where the channels land depends on a run-time value
+        return Refusal(f"feeds {_name(graph, i)}, whose target shape is computed at run time")
+    if unknown:
         return Refusal(f"shape of '{node.input[0]}' cannot be inferred")
     if after is None:
         return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
@@ -663,7 +670,9 @@ def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
         if c.axis != first.axis or len(c.units) != len(first.units):
             return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
     if len(carried) == 1 and len(node.input) == 2 and node.op_type in ("Add", "Sub"):
-        scaled = _per_unit_constant(graph, node.input[1 - next(iter(carried))], first)
+        rank = _rank(graph, node.output[0], first)
+        rank = None if isinstance(rank, Refusal) else rank
+        scaled = _per_unit_constant(graph, node.input[1 - next(iter(carried))], first, rank)
         if scaled is not None:
             return Step(outputs=((node.output[0], first),), scaled=(scaled,))
     fixes = []
@@ -680,7 +689,7 @@ def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
                 )
             ):
                 return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
-            reason = f"merged by {_name(graph, i)} with '{name}', which cannot be rescaled"
+            reason = f"merged by {_name(graph, i)} with {_unscalable(graph, name)}"
             fixes.extend((c.units, reason) for c in carried.values())
     activated = np.logical_and.reduce([c.activated for c in carried.values()])
     out = Carrier(first.units, activated, first.axis, first.rank)
@@ -689,25 +698,46 @@ def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     )
 
 
+def _unscalable(graph: GraphIndex, name: str) -> str:
+    """What a merge met that carries no unit (scale 1), named by where it comes from."""
+    if name in graph.graph_inputs:
+        return f"the graph input '{name}' (scale 1)"
+    producer = graph.producer.get(name)
+    if producer is not None:
+        return f"'{name}' from {_name(graph, producer)}, which carries no rescalable unit"
+    return f"'{name}', which cannot be rescaled"
+
+
 def _shape_only(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step:
     """Shape, Size: their result does not depend on the values, so no factor reaches it."""
     return Step()
 
 
 def _per_unit_constant(
-    graph: GraphIndex, name: str, data: Carrier
-) -> tuple[str, int, np.ndarray] | None:
+    graph: GraphIndex, name: str, data: Carrier, rank: int | None = None
+) -> tuple[str, int, np.ndarray, tuple[int, ...] | None] | None:
     """A stored float constant with one entry per unit along the units' axis (ones elsewhere)
-    that may be rewritten: adding it to rescaled channels is exact once it is rescaled too."""
+    that may be rewritten: adding it to rescaled channels is exact once it is rescaled too.
+
+    With ``rank``, the rank of the sum, a constant that is the same for every unit (all its
+    dimensions 1: HardSwish's ``x + 3``, a learnt scalar shift) qualifies too: it is expanded
+    to one entry per unit (the last item, None when the shape stays), which leaves the sum's
+    shape as it was."""
     shape = graph.shape(name)
-    if not _is_constant(graph, name) or shape is None or len(shape) < -data.axis:
-        return None
-    axis = len(shape) + data.axis
-    if shape[axis] != len(data.units) or any(d != 1 for k, d in enumerate(shape) if k != axis):
+    if not _is_constant(graph, name) or shape is None:
         return None
     if graph.elem_type(name) not in FLOAT_TYPES or graph.n_uses(name) != 1:
         return None
-    return name, axis, data.units
+    if len(shape) >= -data.axis:
+        axis = len(shape) + data.axis
+        others_one = all(d == 1 for k, d in enumerate(shape) if k != axis)
+        if shape[axis] == len(data.units) and others_one:
+            return name, axis, data.units, None
+    if rank is None or any(d != 1 for d in shape) or -data.axis > rank:
+        return None
+    expanded = [1] * max(len(shape), -data.axis)
+    expanded[data.axis] = len(data.units)
+    return name, len(expanded) + data.axis, data.units, tuple(expanded)
 
 
 def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:

@@ -148,7 +148,10 @@ def merged(parts: Sequence[tuple[str, ModelUnits]]) -> ModelUnits:
     # clips are replaced in the main graph only (``parts[0]``, whose groups are not shifted)
     clips = parts[0][1].clips
     behind = sum(units.units_behind_clips for _, units in parts)
-    return ModelUnits(tuple(layers), _Chained(names), tuple(skipped), tuple(edits), clips, behind)
+    copies = parts[0][1].copies  # the main graph's (bodies get none)
+    return ModelUnits(
+        tuple(layers), _Chained(names), tuple(skipped), tuple(edits), clips, behind, copies
+    )
 
 
 def _shifted(groups: np.ndarray | None, offset: int) -> np.ndarray | None:

@@ -7,7 +7,7 @@
    (residual Add, ...) ties the units it joins, channel by channel (union-find,
    docs/algorithm.md §6). A unit is *fixed* (scale 1) when any path from it
    * reaches a linear layer that is not a rescalable reader (weight shared or overridable, reads
-     another axis) or reaches it without passing a positively homogeneous activation,
+     another axis),
    * stops at an op that does not commute with positive per-channel factors (with its reason),
    * reaches a graph output, or a merge with something that carries no unit;
    and when no path from it reaches a linear layer at all (output units; channels sliced away).
@@ -21,9 +21,10 @@ meets on the way (a per-channel bias added later, the mean and bias of a BatchNo
 passes through: ``ModelUnits.edits``), and divides every column that reads it. If/Loop/Scan
 bodies are analysed the same way, each as a graph of its own (:mod:`.scopes`).
 
-Requiring an activation on every path keeps to docs/algorithm.md §1 (hidden units of a ReLU
-network): a layer feeding another linear layer directly keeps its units at scale 1, although
-that rescaling would be exact too.
+A channel between two linear layers with no activation between them (a linear bottleneck:
+Conv -> BN -> Conv, or Conv -> BN -> residual Add) is a unit like any other: the second layer
+is linear, so dividing its column by the factor the first layer's row took is exact for any
+positive factor, as it is through a positively homogeneous activation (docs/algorithm.md §1).
 
 With ``rescale_clip``, units pass clips with constant bounds (ReLU6, ...) as hidden units, and
 each such clip on a moving channel becomes a :class:`~onnxbalance.unitgraph.ClipReplacement`
@@ -40,6 +41,7 @@ import numpy as np
 import onnx
 
 from ..unitgraph import FIXED, ClipReplacement, LinearUnits, ModelUnits, Skip, TensorEdit
+from . import shared
 from .graph import GraphIndex
 from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
 from .passthrough import Bounds, Carrier, Step, match_passthrough
@@ -77,36 +79,64 @@ class _Units:
             self.reason.setdefault(u, reason)
 
 
-def analyse(model: onnx.ModelProto, *, rescale_clip: bool = False) -> ModelUnits:
+def analyse(
+    model: onnx.ModelProto, *, rescale_clip: bool = False, copy_weights: bool = False
+) -> ModelUnits:
     """Find the linear layers, the hidden units that may be rescaled, and what must stay put.
+
+    Shared and derived constants of the main graph get private copies where their readers need
+    different factors (:mod:`.shared`); ``copy_weights`` allows copies of weight matrices too
+    (the file grows).
 
     Args:
         model: the ONNX model (not modified).
         rescale_clip: let units through clips with constant bounds, whose nodes are then
             replaced by per-unit bounds (``ModelUnits.clips``).
+        copy_weights: copy weight matrices whose readers need different factors.
 
     Returns:
         The layers with their row/column scale groups and the tensor edits that rescale them,
         one group name ``"<layer>:<unit>"`` per hidden unit (a tied group takes the name of its
-        first unit; inside a body, ``"If 'name'/then_branch/<layer>:<unit>"``), and the Skip
-        records.
+        first unit; inside a body, ``"If 'name'/then_branch/<layer>:<unit>"``), the Skip
+        records, and the private copies the rewrite makes.
 
     Raises:
         InputError: a BatchNormalization after a layer computes NaN or infinity (:mod:`.ops`).
     """
     shapes = infer_scoped_shapes(model)
     opset = _opset(model)
-    main = _analyse_graph(GraphIndex(model.graph, shapes[()]), _Clips(rescale_clip, opset))
-    parts = [("", main)]
+    parts = [("", _main_graph(model, shapes[()], rescale_clip, opset, copy_weights))]
     parts += [
-        (f"{path}/", _analyse_graph(body, _Clips(rescale_clip, opset, in_body=True)))
+        (f"{path}/", _analyse_graph(body, _Clips(rescale_clip, opset, in_body=True))[0])
         for path, body in body_indexes(model, shapes)
     ]
     return merged(parts)
 
 
-def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
-    """:func:`analyse` for one graph (the main graph or a body, :mod:`.scopes`)."""
+def _main_graph(
+    model: onnx.ModelProto,
+    shapes: dict[str, tuple[int | None, ...]],
+    rescale_clip: bool,
+    opset: int,
+    copy_weights: bool,
+) -> ModelUnits:
+    """:func:`analyse` for the main graph, with the private copies it needs."""
+    original = GraphIndex(model.graph, shapes)
+    refused: frozenset[str] = frozenset()
+    while True:  # each round refuses more weights, so it ends
+        copies = shared.plan(original, refused)
+        graph = GraphIndex(model.graph, shapes, copies)
+        units, weights = _analyse_graph(graph, _Clips(rescale_clip, opset))
+        units, conflicts = shared.settle(original, units, weights, copies, copy_weights)
+        if not conflicts:
+            return units
+        log.info("%d shared weights need different factors per reader", len(conflicts))
+        refused |= conflicts
+
+
+def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[str]]:
+    """:func:`analyse` for one graph (the main graph or a body, :mod:`.scopes`), and each
+    layer's weight tensor."""
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
     for i in graph.topological_order():
@@ -124,6 +154,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
 
     reaches = _reaches_linear(graph)
     units = []
+    weights = []
     seen_weights: set[str] = set()
     for k, layer in enumerate(layers):
         span = np.arange(offsets[k], offsets[k + 1])
@@ -148,6 +179,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
             np.full(layer.n_cols, FIXED, dtype=np.int64) if read is None else groups.of_unit[read]
         )
         units.append(_units(graph, layer, rows, cols))
+        weights.append(layer.weight)
     log.info(
         "analysis: %d linear layers, %d hidden units, %d skip records",
         len(units),
@@ -155,22 +187,22 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> ModelUnits:
         len(skipped),
     )
     edits = []
-    for tensor, axis, carried in scaled:
+    for tensor, axis, carried, expand_to in scaled:
         rows = groups.of_unit[carried]
         if (rows != FIXED).any():
-            edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows))
+            edits.append(TensorEdit(tensor, row_axis=axis, row_groups=rows, expand_to=expand_to))
     replaced = clips.replacements(graph, layers, offsets, groups.of_unit)
     for clip, rows in replaced:
         edits += [TensorEdit(name, row_axis=0, row_groups=rows) for name, _ in clip.bound_tensors]
     replacements = tuple(clip for clip, _ in replaced)
     return ModelUnits(
         tuple(units), groups.names, tuple(skipped), tuple(edits), replacements, len(clips.behind)
-    )
+    ), weights
 
 
 def _propagate(
     graph: GraphIndex, layers: list[LinearMatch], offsets: np.ndarray, state: _Units, clips: _Clips
-) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray]]]:
+) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray, tuple[int, ...] | None]]]:
     """One pass over the nodes: carry units forward, record ties and reasons. Returns, per
     layer index, the units its data input carries (the layer's column units), and the stored
     constants that scale with units (tensor, axis, units)."""
@@ -178,7 +210,7 @@ def _propagate(
     absorbed = {j for layer in layers for j in layer.nodes[1:]}
     carriers: dict[str, Carrier] = {}
     reads: dict[int, np.ndarray] = {}
-    scaled: list[tuple[str, int, np.ndarray]] = []
+    scaled: list[tuple[str, int, np.ndarray, tuple[int, ...] | None]] = []
 
     def carry(name: str, carrier: Carrier) -> None:
         carriers[name] = carrier
@@ -324,10 +356,6 @@ def _name_heads(graph: onnx.GraphProto) -> set[str]:
 def _read(layer: LinearMatch, carrier: Carrier, state: _Units) -> bool:
     """Check the units reaching a layer's data input; True if they become its columns."""
     units = carrier.units
-    if not carrier.activated.all():
-        state.fix(
-            units[~carrier.activated], f"output feeds '{layer.name}' with no activation between"
-        )
     if carrier.axis != layer.in_axis:
         state.fix(units, f"activation feeds '{layer.name}', which reads it transposed")
     elif len(units) != layer.n_cols:

