@@ -489,7 +489,6 @@ def _check_seed(seed: int) -> None:
 def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None]:
     """(model, source name, folder its external data is relative to, if loaded from a file)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        io.check_input_dims(model_or_path, "model")
         tensors.keep_arrays(model_or_path)
         return model_or_path, "", None
     if isinstance(model_or_path, str | os.PathLike):

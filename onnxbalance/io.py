@@ -63,25 +63,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     check_model(tensors.without_weights(model), str(path))
-    check_input_dims(model, str(path))
     return model
-
-
-def check_input_dims(model: onnx.ModelProto, name: str = "model") -> None:
-    """Refuse a graph input declaring a negative dimension (``onnx.checker`` lets it through and
-    nothing could feed it).
-
-    Raises:
-        InputError: naming the input and the dimension.
-    """
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value < 0:
-                raise InputError(
-                    f"{name}: graph input '{value.name}' declares dimension {axis} as "
-                    f"{dim.dim_value}; dimensions cannot be negative"
-                )
 
 
 def _mapped_or_read(path: Path) -> memoryview:

@@ -601,20 +601,11 @@ def test_long_names_are_not_refused_for_temporary_names(dirs):
     assert sorted(os.listdir(out_dir)) == sorted([out.name, out.name + ".data", report.name])
 
 
-def _negative_dimension(folder: Path) -> list:
-    model = mlp(seed=4)
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -3  # onnx.checker allows it
-    return [save(model, folder / "neg.onnx")]
-
-
 def _zero_width_layer(folder: Path) -> list:
     return [save(mlp(widths=(4, 0, 3), seed=4), folder / "zero.onnx")]
 
 
 HOSTILE = {
-    "negative input dimension": (
-        _negative_dimension, [], "graph input 'x' declares dimension 0 as -3; dimensions cannot"
-    ),
     "zero-width hidden layer": (
         _zero_width_layer, [], "layer 'gemm0' has an empty weight (shape (0, 4)): a zero-width"
     ),
@@ -644,14 +635,28 @@ def test_hostile_inputs_and_options_are_one_line_exit_2(dirs, case):
     assert snapshot(src_dir) == before and not any(out_dir.iterdir())
 
 
+@pytest.mark.parametrize("size", [-1, -3])
+def test_a_negative_input_dimension_is_dynamic(dirs, size):
+    """onnxruntime takes a negative declared size for a dynamic one, and paddle2onnx writes -1:
+    such a model balances and is verified on a batch of 8 like any dynamic batch."""
+    src_dir, out_dir = dirs
+    model = mlp(seed=4)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = size  # onnx.checker allows it
+    src = save(model, src_dir / "neg.onnx")
+    code, out, err = run(src, out_dir / "b.onnx", "--report", out_dir / "r.json", "-q")
+    assert (code, out, err) == (0, "", "")
+    report = json.loads((out_dir / "r.json").read_text())
+    assert report["units_balanced"] > 0 and report["verify"]["passed"]
+    assert report["verify"]["input_shapes"]["x"][0] == 8, report["verify"]["input_shapes"]
+
+
 def test_in_memory_models_are_checked_like_files():
     import onnxbalance
     from onnxbalance.errors import InputError
 
     model = mlp(seed=4)
-    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = -4
-    with pytest.raises(InputError, match="model: graph input 'x' declares dimension 1 as -4"):
-        onnxbalance.balance(model)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    assert onnxbalance.balance(model)[1].verify.passed
     with pytest.raises(InputError, match="--seed must be an integer"):
         onnxbalance.balance(mlp(seed=4), seed=-1)
 

@@ -66,8 +66,10 @@ def _declared(graph: onnx.GraphProto, initializers) -> dict[str, Shape]:
             continue
         tensor_type = value.type.tensor_type
         if tensor_type.HasField("shape"):
+            # a negative size is a dynamic one to onnxruntime (paddle2onnx writes -1)
             shapes[value.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                for d in tensor_type.shape.dim
             )
     for tensor in initializers:
         shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
