@@ -386,8 +386,9 @@ class Objective:
             return [np.exp(rows.log_rho) for rows in self._log_row_sums(log_scales)]
 
     def value(self, log_scales: np.ndarray) -> float:
-        """F(u) = ||W||_{p,q}^q after rescaling by exp(u) (one pass)."""
-        return float(np.exp(self.log_value(log_scales)))
+        """F(u) = ||W||_{p,q}^q after rescaling by exp(u) (one pass; inf beyond float64)."""
+        with np.errstate(over="ignore"):
+            return float(np.exp(self.log_value(log_scales)))
 
     def log_value(self, log_scales: np.ndarray) -> float:
         """log F(u), also where F itself would overflow (one pass)."""
@@ -459,7 +460,8 @@ class Objective:
         value = 0.0
         incoming = np.zeros(self.n_groups)
         outgoing = np.zeros(self.n_groups)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        # a load beyond float64 is inf, quietly: the callers compare it, the solver refuses it
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             per_layer = self._log_row_sums(log_scales)
             self.passes += 1
             for layer, rows in zip(self.layers, per_layer, strict=True):
