@@ -8,6 +8,7 @@ verification, silero-vad a 16 kHz window (random integers would not be a sample 
 the tool refuses is printed with its one-line error.
 
 Usage: PYTHONPATH=. python benchmarks/exporter_models.py [--cache DIR] [--reasons N]
+                                                         [--rescale-clip]
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / "out" / "wheels")
     parser.add_argument("--reasons", type=int, default=4, help="fixed-unit reasons per model")
+    parser.add_argument("--rescale-clip", action="store_true", help="balance behind ReLU6 too")
     args = parser.parse_args()
     print(
         f"{'model':22} {'found':>6} {'balanced':>8} {'fixed':>6} {'copies':>6} "
@@ -111,6 +113,7 @@ def main() -> None:
                     Path(tmp) / "out.onnx",
                     input_shapes=model.input_shapes or None,
                     inputs=model.inputs,
+                    rescale_clip=args.rescale_clip,
                 )
             except OnnxBalanceError as error:
                 report = getattr(error, "report", None)
