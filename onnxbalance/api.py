@@ -204,7 +204,7 @@ def balance_file(
 
                     comparison = compare_models(
                         src, staged.model_path, inputs=feed, input_shapes=input_shapes,
-                        seed=seed, rtol=rtol, atol=atol,
+                        seed=seed, rtol=rtol, atol=atol, scratch=staged.folder,
                     )  # fmt: skip
             elif verify:  # nothing balanced: the copy must still be a model onnxruntime runs
                 with timer("verify"):

@@ -482,12 +482,14 @@ def stage_model(
     external: Iterable[str] | None = None,
     protected: Iterable[str | os.PathLike] = (),
     generated: Mapping[str, Blocks] | None = None,
+    durable: bool = True,
 ) -> Staged:
     """Write the complete output (model and data) under a temporary folder beside ``out``.
 
     Arguments as for :func:`save_model`; ``generated`` gives tensors whose values are produced
     while writing (:data:`Blocks`), by name, instead of read from ``model``. Nothing at ``out``
-    changes until :meth:`Staged.commit`.
+    changes until :meth:`Staged.commit`. ``durable=False``: the files are read once and removed
+    (a scratch copy), so they are never flushed to the disk.
 
     Raises:
         OutputError: the destination cannot be written, or is one of the input's data files.
@@ -540,7 +542,8 @@ def stage_model(
                 skeleton = protos.map_tensors(
                     model, lambda t: writer.add(t) if t.name in names else inline(t)
                 )
-            staged._sync_later(staged.data_path)
+            if durable:
+                staged._sync_later(staged.data_path)
         elif generated or any(tensors.is_external(t) for t in tensors.iter_tensors(model)):
             skeleton = protos.map_tensors(model, inline)
         else:  # every tensor already inline and final: serialise the model itself, no copy
@@ -558,7 +561,8 @@ def stage_model(
                     _write_blocks(handle, piece, *produced.pop(piece))
                 else:
                     handle.write(piece)
-        staged._sync_later(staged.model_path)
+        if durable:
+            staged._sync_later(staged.model_path)
     except OSError as exc:
         staged.discard()
         raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc

@@ -34,7 +34,7 @@ import functools
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import protos, safewrite, tensors, upcast
+from . import memory, protos, safewrite, tensors, upcast
 from .errors import InputError
 from .report import Comparison, OutputComparison
 
@@ -102,6 +102,7 @@ def compare_models(
     seed: int = 0,
     rtol: float | None = None,
     atol: float | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> Comparison:
     """Run both models in onnxruntime, one after the other, and compare every output.
 
@@ -109,11 +110,12 @@ def compare_models(
     external data itself, so models over protobuf's 2 GB limit work, and each session is freed
     before the next one loads. Each also runs with its weights perturbed (:func:`perturbed`),
     which gives each output's noise floor; ``rtol``/``atol`` replace that rule by a fixed one
-    (see the module docstring). The original's Relu outputs are watched on the way
-    (``active_fraction``). bfloat16 models run as float32 (onnxruntime
-    has no bfloat16 CPU kernels; the conversion is exact, see :mod:`onnxbalance.upcast`) with
-    bfloat16's round-off. Outputs that the input model overflows are judged again in a wider
-    type (:func:`_compared_wider`).
+    (see the module docstring). The perturbed copy of a model with external data is written
+    under ``scratch`` (default: the system's temporary folder) while it runs. The original's
+    Relu outputs are watched on the way (``active_fraction``). bfloat16 models run as float32
+    (onnxruntime has no bfloat16 CPU kernels; the conversion is exact, see
+    :mod:`onnxbalance.upcast`) with bfloat16's round-off. Outputs that the input model
+    overflows are judged again in a wider type (:func:`_compared_wider`).
 
     Raises:
         InputError: bad ``inputs``/``input_shapes``/``rtol``/``atol``, or onnxruntime refuses
@@ -127,9 +129,9 @@ def compare_models(
         as_dtype = "bfloat16"
     feeds = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     rule = _Rule(_compute_dtype(first.proto, as_dtype), rtol, atol)
-    perturb = None if rule.fixed else functools.partial(perturbed, seed=seed, as_dtype=as_dtype)
+    perturb = None if rule.fixed else functools.partial(_Perturbation, seed, as_dtype)
     watched, activations = _watching_activations(first)
-    reference, result, noisy = _run_pair(watched, second, feeds, perturb)
+    reference, result, noisy = _run_pair(watched, second, feeds, perturb, scratch=scratch)
     active = _active_fraction([reference.pop(name) for name in activations])
     outputs = tuple(
         compare_output(name, reference[name], result[name], noisy.get(name), rule=rule)
@@ -151,7 +153,7 @@ def compare_models(
         and _overflowed(reference[o.name], result[o.name])
     ]
     if overflowed:
-        again = _compared_wider(first, second, feeds, overflowed, rule, perturb)
+        again = _compared_wider(first, second, feeds, overflowed, rule, perturb, scratch)
         outputs = tuple(again.get(o.name, o) for o in outputs)
     comparison = Comparison(
         outputs=tuple(_per_draw(o, len(feeds)) for o in outputs),
@@ -257,35 +259,116 @@ def _compute_dtype(model: onnx.ModelProto, as_dtype: str | None) -> str | None:
     return "float16" if upcast.uses(model, upcast.F16) else None
 
 
-def perturbed(model: onnx.ModelProto, *, seed: int, as_dtype: str | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` whose weights are moved by a seeded random relative amount of at
-    most the unit round-off of their dtype (``as_dtype``'s when the model was widened): the
-    rounding a rescaled weight undergoes.
+class _Perturbation:
+    """Weights moved by a seeded random relative amount of at most the unit round-off of their
+    dtype (``as_dtype``'s when the model was widened): the rounding a rescaled weight undergoes.
 
     Only weights move: floating tensors of two elements or more that are not all whole numbers.
     Scalars and whole-number tensors are structure (a mask's 1.0, a Resize's scales, -inf
     fills), where one unit in the last place can change a shape or cancel a mask. Values that
-    would leave the dtype's range stay as they are.
+    would leave the dtype's range stay as they are. Values are moved a block of rows at a
+    time, so a weight of any size needs no float64 copy (nor any copy, when it is streamed).
     """
-    rng = np.random.default_rng([seed, 1])
 
-    def perturb(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    def __init__(self, seed: int, as_dtype: str | None = None) -> None:
+        self.rng = np.random.default_rng([seed, 1])
+        self.as_dtype = as_dtype
+
+    @staticmethod
+    def moves(tensor: onnx.TensorProto, base_dir: Path | None = None) -> bool:
         if tensor.data_type not in _FLOATS or tensors.element_count(tensor) < 2:
+            return False
+        values = tensors.read_array(tensor, base_dir).reshape(-1)
+        try:
+            for rows in memory.row_blocks(values.size, values.itemsize):
+                block = values[rows]
+                finite = block[np.isfinite(block)]
+                if not np.array_equal(finite, np.round(finite)):
+                    return True
+            return False
+        finally:
+            memory.release(values)
+
+    def blocks(
+        self, tensor: onnx.TensorProto, base_dir: Path | None = None
+    ) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
+        """The moved tensor as (shape, blocks along axis 0 in its dtype), for a weight that
+        :meth:`moves`; the random draws are taken as the blocks are."""
+        values = tensors.read_array(tensor, base_dir)
+        unit_round_off = _EPSILON[self.as_dtype or values.dtype.name] / 2
+        # v + v * delta rounds to what v * (1 + delta) does: float32 holds v * delta to a
+        # relative 2^-24, far below the rounding of the sum, at half float64's traffic
+        work = np.dtype(np.float32 if values.dtype.itemsize <= 4 else np.float64)
+        row_bytes = work.itemsize * int(np.prod(values.shape[1:], dtype=np.int64))
+
+        def moved_blocks() -> Iterator[np.ndarray]:
+            for rows in memory.row_blocks(values.shape[0], row_bytes):
+                block = values[rows]
+                delta = self.rng.random(block.shape, dtype=work)
+                delta *= 2 * unit_round_off
+                delta -= unit_round_off
+                moved = block.astype(work)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    delta *= moved
+                    moved += delta
+                    moved = moved.astype(values.dtype, copy=False)
+                lost = ~np.isfinite(moved)
+                if lost.any():  # out of the dtype's range: the value stays
+                    moved = np.where(lost & np.isfinite(block), block, moved)
+                yield moved
+            memory.release(values)
+
+        return values.shape, moved_blocks()
+
+    def tensor(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """``tensor`` moved, inline (itself when it is no weight)."""
+        if not self.moves(tensor):
             return tensor
-        values = tensors.read_array(tensor)
-        finite = np.isfinite(values)
-        if np.array_equal(values[finite], np.round(values[finite])):
-            return tensor
-        unit_round_off = _EPSILON[as_dtype or values.dtype.name] / 2
-        with np.errstate(over="ignore", invalid="ignore"):
-            factor = 1.0 + unit_round_off * rng.uniform(-1.0, 1.0, values.shape)
-            moved = (values.astype(np.float64) * factor).astype(values.dtype)
-        moved = np.where(np.isfinite(moved) | ~finite, moved, values)
-        fresh = tensors.make_tensor(tensor.name, moved, tensor.data_type)
+        shape, blocks = self.blocks(tensor)
+        fresh = tensors.make_tensor(tensor.name, np.concatenate(list(blocks)).reshape(shape),
+                                    tensor.data_type)  # fmt: skip
         fresh.doc_string = tensor.doc_string
         return fresh
 
-    return protos.map_tensors(model, perturb)
+
+def perturbed(model: onnx.ModelProto, *, seed: int, as_dtype: str | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with its weights perturbed (:class:`_Perturbation`), all inline."""
+    return protos.map_tensors(model, _Perturbation(seed, as_dtype).tensor)
+
+
+def _run_perturbed(
+    source: _Source,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    what: str,
+    perturbation: _Perturbation,
+    scratch: Path | None,
+) -> dict[str, np.ndarray]:
+    """:func:`run_all` on ``source`` with its weights perturbed. Weights in external files are
+    streamed, moved a block at a time, into a temporary copy of the model under ``scratch``
+    (the system's temporary folder when None), which onnxruntime then opens: the perturbed
+    model is never in memory."""
+    external = tensors.external_names(source.proto)
+    if not external:
+        return run_all(_Source(protos.map_tensors(source.proto, perturbation.tensor), None,
+                               source.folder), feeds, what)  # fmt: skip
+    streamed = {
+        t.name: functools.partial(perturbation.blocks, t, source.folder)
+        for t in source.proto.graph.initializer
+        if t.name in external and perturbation.moves(t, source.folder)
+    }
+    with tensors.external_folder(source.folder):
+        rest = protos.map_tensors(
+            source.proto,
+            lambda t: (
+                t if t.name in streamed and tensors.is_external(t) else perturbation.tensor(t)
+            ),
+        )
+    with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-", dir=scratch) as folder:
+        with safewrite.stage_model(
+            rest, Path(folder) / "perturbed.onnx", base_dir=source.folder, external=external,
+            generated=streamed, durable=False,
+        ) as staged:  # fmt: skip
+            return run_all(_Source.of(staged.model_path), feeds, what)
 
 
 def _batch(feed: Mapping[str, np.ndarray]) -> int:
@@ -310,7 +393,8 @@ def _compared_wider(
     feeds: Sequence[Mapping[str, np.ndarray]],
     failed: Sequence[OutputComparison],
     rule: _Rule,
-    perturb: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+    perturb: Callable[[], _Perturbation] | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> dict[str, OutputComparison]:
     """The ``failed`` outputs compared again with the models (``perturb``: see
     :func:`_run_pair`) and the inputs in a wider float type
@@ -335,7 +419,7 @@ def _compared_wider(
     ]
     convert = functools.partial(upcast.widen, wide=wide)
     try:
-        reference, result, noisy = _run_pair(first, second, wide_feeds, perturb, convert)
+        reference, result, noisy = _run_pair(first, second, wide_feeds, perturb, convert, scratch)
     except InputError as exc:
         log.info("verification in %s impossible: %s", dtype.name, exc)
         return {
@@ -368,22 +452,24 @@ def _run_pair(
     first: _Source,
     second: _Source,
     feeds: Sequence[Mapping[str, np.ndarray]],
-    perturb: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
+    perturb: Callable[[], _Perturbation] | None,
     convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[Any, Any]]]:
     """Both models' outputs on ``feeds`` (each through ``convert`` first, if given), and per
-    output the pair of outputs of both models with their weights perturbed (``perturb``; none
-    without it): each model's own round-off, since an equivalent model may well be worse
-    conditioned than the original (units scaled up whose contributions then cancel)."""
-
-    def run(source: _Source, what: str) -> dict[str, np.ndarray]:
-        return run_all(source.widened(convert) if convert else source, feeds, what)
-
-    reference, result = run(first, "the input model"), run(second, "the balanced model")
+    output the pair of outputs of both models with their weights perturbed (each with the same
+    draws, a fresh ``perturb()``; none without it): each model's own round-off, since an
+    equivalent model may well be worse conditioned than the original (units scaled up whose
+    contributions then cancel). One onnxruntime session is alive at a time."""
+    if convert:
+        first, second = first.widened(convert), second.widened(convert)
+    reference = run_all(first, feeds, "the input model")
+    result = run_all(second, feeds, "the balanced model")
     if perturb is None:
         return reference, result, {}
-    noisy_first = run(first.widened(perturb), "the input model")
-    noisy_second = run(second.widened(perturb), "the balanced model")
+    folder = Path(scratch) if scratch is not None else None
+    noisy_first = _run_perturbed(first, feeds, "the input model", perturb(), folder)
+    noisy_second = _run_perturbed(second, feeds, "the balanced model", perturb(), folder)
     return reference, result, {n: (noisy_first[n], noisy_second.get(n)) for n in result}
 
 

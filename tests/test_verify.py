@@ -340,3 +340,32 @@ def test_the_share_of_active_hidden_values_is_reported():
     assert result.to_dict()["active_fraction"] == result.active_fraction
     assert [o.name for o in result.outputs] == ["y"]  # the watched values are not compared
     assert compare_models(add_relu_model(), add_relu_model()).active_fraction is not None
+
+
+def _saved_external(model: onnx.ModelProto, path) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving with external data edits the model it is given
+    onnx.save_model(copy, path, save_as_external_data=True, location=f"{path.name}.data",
+                    size_threshold=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_weights_streamed_from_external_data_move_as_in_memory_ones(tmp_path, monkeypatch, dtype):
+    # The perturbed copy of a model with external data is written a few rows at a time: with
+    # blocks of 64 bytes every weight takes several, and each output's noise floor must still
+    # equal the one of the same models given in memory (moved whole, same draws).
+    original = gemm_mlp([6, 40, 30, 3], seed=3, dtype=dtype)
+    rescaled = gemm_mlp([6, 40, 30, 3], seed=3, dtype=dtype, scale_hidden=[8.0, 0.25])
+    _saved_external(original, tmp_path / "a.onnx")
+    _saved_external(rescaled, tmp_path / "b.onnx")
+    stored = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    in_memory = compare_models(original, rescaled)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("onnxbalance.memory.BLOCK_BYTES", 64)
+    streamed = compare_models(tmp_path / "a.onnx", tmp_path / "b.onnx", scratch=scratch)
+    floors = [o.noise_floor for o in streamed.outputs]
+    assert floors == [o.noise_floor for o in in_memory.outputs] and min(floors) > 0
+    assert streamed.passed and in_memory.passed
+    assert list(scratch.iterdir()) == []  # the perturbed copies are gone
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == stored
