@@ -56,19 +56,26 @@ def _types(graph: onnx.GraphProto, narrow: frozenset[int], wide: int) -> None:
                 _types(sub, narrow, wide)
 
 
-def _widened(model: onnx.ModelProto, narrow: frozenset[int], wide: int) -> onnx.ModelProto:
+def _widened(
+    model: onnx.ModelProto, narrow: frozenset[int], wide: int, read_external: bool = True
+) -> onnx.ModelProto:
     """A copy of ``model`` with tensors, value types and Cast targets of the ``narrow`` types
     as ``wide``.
 
     External tensors are read through :func:`onnxbalance.tensors.read_array` (set the folder
     with :func:`onnxbalance.tensors.external_folder`); converted ones come back inline, the
-    others keep their storage.
+    others keep their storage. ``read_external=False``: external tensors to convert come back
+    as stubs of the wide type without values, which the caller fills from the original's.
     """
     dtype = tensors.numpy_dtype(wide)
 
     def convert(tensor: onnx.TensorProto) -> onnx.TensorProto:
         if tensor.data_type not in narrow:
             return tensor
+        if not read_external and tensors.is_external(tensor):
+            stub = tensors.copy_metadata(tensor)
+            stub.data_type = wide
+            return stub
         with np.errstate(invalid="ignore"):  # a signalling NaN becomes a quiet one, no warning
             values = tensors.read_array(tensor).astype(dtype)
         fresh = tensors.make_tensor(tensor.name, values, wide)
@@ -80,10 +87,10 @@ def _widened(model: onnx.ModelProto, narrow: frozenset[int], wide: int) -> onnx.
     return out
 
 
-def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_float32(model: onnx.ModelProto, read_external: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with bfloat16 tensors, value types and Cast targets as float32
     (external tensors: see :func:`_widened`)."""
-    return _widened(model, frozenset({BF16}), F32)
+    return _widened(model, frozenset({BF16}), F32, read_external)
 
 
 def wider_type(model: onnx.ModelProto) -> int:
@@ -93,8 +100,8 @@ def wider_type(model: onnx.ModelProto) -> int:
     return F32 if uses(model, F16, BF16) else F64
 
 
-def widen(model: onnx.ModelProto, wide: int) -> onnx.ModelProto:
+def widen(model: onnx.ModelProto, wide: int, read_external: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with every narrower float tensor, value type and Cast target as
     ``wide`` (float32 or float64; external tensors: see :func:`_widened`)."""
     narrow = {F16, BF16} if wide == F32 else {F16, BF16, F32}
-    return _widened(model, frozenset(narrow), wide)
+    return _widened(model, frozenset(narrow), wide, read_external)

@@ -64,7 +64,7 @@ SMALL_INTEGERS = 4
 
 # machine epsilon: the spacing of floats at 1, twice the unit round-off
 _EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
-_FLOATS = frozenset({upcast.F16, upcast.F32, upcast.F64})
+_FLOATS = frozenset({upcast.F16, upcast.BF16, upcast.F32, upcast.F64})
 # ops that hand an index tensor on unchanged in value on the way to a Gather
 _INDEX_CARRIERS = frozenset({"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
 
@@ -79,6 +79,9 @@ class _Source:
     proto: onnx.ModelProto
     path: Path | None
     folder: Path | None
+    narrow: _Source | None = None
+    """For a widened model with external data: the model it was widened from, whose external
+    values its value-less stubs stand for, converted as they are staged (:func:`_run`)."""
 
     @classmethod
     def of(cls, model: ModelSource) -> _Source:
@@ -87,10 +90,17 @@ class _Source:
         path = Path(model)
         return cls(onnx.load(path, load_external_data=False), path, path.parent)
 
-    def widened(self, widen: Callable[[onnx.ModelProto], onnx.ModelProto]) -> _Source:
-        """This model through one of :mod:`onnxbalance.upcast`'s conversions."""
-        with tensors.external_folder(self.folder):
-            return _Source(widen(self.proto), None, self.folder)
+    def widened(self, widen: Callable[..., onnx.ModelProto]) -> _Source:
+        """This model through one of :mod:`onnxbalance.upcast`'s conversions; external
+        weights are converted only when the model runs, a block at a time (:func:`_run`)."""
+        if self.narrow is not None:  # the conversions are exact: convert the original at once
+            return self.narrow.widened(widen)
+        stored = sum(tensors.is_external(t) for t in tensors.iter_tensors(self.proto))
+        weights = sum(tensors.is_external(t) for t in self.proto.graph.initializer)
+        if not stored or stored != weights:  # external tensors elsewhere are rare: read in here
+            with tensors.external_folder(self.folder):
+                return _Source(widen(self.proto), None, self.folder)
+        return _Source(widen(self.proto, read_external=False), None, self.folder, self)
 
 
 def compare_models(
@@ -199,7 +209,7 @@ def check_runs(
             raise
         log.info("the input model is not run: %s", exc)
         return
-    run_all(source, feeds[:1], "the input model")
+    _run(source, feeds[:1], "the input model")
 
 
 def _watching_activations(source: _Source) -> tuple[_Source, list[str]]:
@@ -214,7 +224,7 @@ def _watching_activations(source: _Source) -> tuple[_Source, list[str]]:
     watched = onnx.ModelProto()
     watched.CopyFrom(source.proto)
     watched.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    return _Source(watched, None, source.folder), names
+    return replace(source, proto=watched, path=None), names
 
 
 def _active_fraction(activations: Sequence[np.ndarray]) -> float | None:
@@ -289,42 +299,30 @@ class _Perturbation:
         finally:
             memory.release(values)
 
-    def blocks(
-        self, tensor: onnx.TensorProto, base_dir: Path | None = None
-    ) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
-        """The moved tensor as (shape, blocks along axis 0 in its dtype), for a weight that
-        :meth:`moves`; the random draws are taken as the blocks are."""
-        values = tensors.read_array(tensor, base_dir)
-        unit_round_off = _EPSILON[self.as_dtype or values.dtype.name] / 2
+    def move(self, block: np.ndarray) -> np.ndarray:
+        """``block`` of a weight that :meth:`moves`, moved (the next random draws)."""
+        unit_round_off = _EPSILON[self.as_dtype or block.dtype.name] / 2
         # v + v * delta rounds to what v * (1 + delta) does: float32 holds v * delta to a
         # relative 2^-24, far below the rounding of the sum, at half float64's traffic
-        work = np.dtype(np.float32 if values.dtype.itemsize <= 4 else np.float64)
-        row_bytes = work.itemsize * int(np.prod(values.shape[1:], dtype=np.int64))
-
-        def moved_blocks() -> Iterator[np.ndarray]:
-            for rows in memory.row_blocks(values.shape[0], row_bytes):
-                block = values[rows]
-                delta = self.rng.random(block.shape, dtype=work)
-                delta *= 2 * unit_round_off
-                delta -= unit_round_off
-                moved = block.astype(work)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    delta *= moved
-                    moved += delta
-                    moved = moved.astype(values.dtype, copy=False)
-                lost = ~np.isfinite(moved)
-                if lost.any():  # out of the dtype's range: the value stays
-                    moved = np.where(lost & np.isfinite(block), block, moved)
-                yield moved
-            memory.release(values)
-
-        return values.shape, moved_blocks()
+        work = np.dtype(np.float32 if block.dtype.itemsize <= 4 else np.float64)
+        delta = self.rng.random(block.shape, dtype=work)
+        delta *= 2 * unit_round_off
+        delta -= unit_round_off
+        moved = block.astype(work)
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta *= moved
+            moved += delta
+            moved = moved.astype(block.dtype, copy=False)
+        lost = ~np.isfinite(moved)
+        if lost.any():  # out of the dtype's range: the value stays
+            moved = np.where(lost & np.isfinite(block), block, moved)
+        return moved
 
     def tensor(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
         """``tensor`` moved, inline (itself when it is no weight)."""
         if not self.moves(tensor):
             return tensor
-        shape, blocks = self.blocks(tensor)
+        shape, blocks = _converted_blocks(tensor, None, None, self)
         fresh = tensors.make_tensor(tensor.name, np.concatenate(list(blocks)).reshape(shape),
                                     tensor.data_type)  # fmt: skip
         fresh.doc_string = tensor.doc_string
@@ -336,36 +334,67 @@ def perturbed(model: onnx.ModelProto, *, seed: int, as_dtype: str | None = None)
     return protos.map_tensors(model, _Perturbation(seed, as_dtype).tensor)
 
 
-def _run_perturbed(
+def _converted_blocks(
+    tensor: onnx.TensorProto,
+    base_dir: Path | None,
+    dtype: np.dtype | None,
+    perturbation: _Perturbation | None,
+) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
+    """``tensor``'s values as (shape, blocks of rows), converted to ``dtype`` (None: its own)
+    and then moved by ``perturbation`` (None: not moved), about a megabyte at a time."""
+    values = tensors.read_array(tensor, base_dir)
+    dtype = np.dtype(dtype or values.dtype)
+    row_bytes = max(dtype.itemsize, 4) * int(np.prod(values.shape[1:], dtype=np.int64))
+
+    def blocks() -> Iterator[np.ndarray]:
+        for rows in memory.row_blocks(values.shape[0], row_bytes):
+            with np.errstate(invalid="ignore"):  # a signalling NaN becomes a quiet one
+                block = values[rows].astype(dtype, copy=False)
+            yield perturbation.move(block) if perturbation is not None else block
+        memory.release(values)
+
+    return values.shape, blocks()
+
+
+def _run(
     source: _Source,
     feeds: Sequence[Mapping[str, np.ndarray]],
     what: str,
-    perturbation: _Perturbation,
-    scratch: Path | None,
+    perturbation: _Perturbation | None = None,
+    scratch: Path | None = None,
 ) -> dict[str, np.ndarray]:
-    """:func:`run_all` on ``source`` with its weights perturbed. Weights in external files are
-    streamed, moved a block at a time, into a temporary copy of the model under ``scratch``
-    (the system's temporary folder when None), which onnxruntime then opens: the perturbed
-    model is never in memory."""
-    external = tensors.external_names(source.proto)
+    """:func:`run_all` on ``source``, with its weights moved by ``perturbation`` if given.
+
+    Weights in external files that are moved, or converted (a widened model,
+    :meth:`_Source.widened`), are streamed a block at a time into a temporary copy of the model
+    under ``scratch`` (the system's temporary folder when None), which onnxruntime then opens:
+    such a model is never in memory."""
+    origin = source.narrow or source
+    external = tensors.external_names(origin.proto)
+    if perturbation is None and source.narrow is None:
+        return run_all(source, feeds, what)
     if not external:
         return run_all(_Source(protos.map_tensors(source.proto, perturbation.tensor), None,
                                source.folder), feeds, what)  # fmt: skip
-    streamed = {
-        t.name: functools.partial(perturbation.blocks, t, source.folder)
-        for t in source.proto.graph.initializer
-        if t.name in external and perturbation.moves(t, source.folder)
-    }
-    with tensors.external_folder(source.folder):
+    stored = {t.name: t for t in origin.proto.graph.initializer if t.name in external}
+    streamed = {}
+    for tensor in source.proto.graph.initializer:
+        if tensor.name not in stored:
+            continue
+        moves = perturbation is not None and perturbation.moves(stored[tensor.name], origin.folder)
+        if moves or tensor.data_type != stored[tensor.name].data_type:
+            streamed[tensor.name] = functools.partial(
+                _converted_blocks, stored[tensor.name], origin.folder,
+                tensors.numpy_dtype(tensor.data_type), perturbation if moves else None,
+            )  # fmt: skip
+    with tensors.external_folder(origin.folder):
         rest = protos.map_tensors(
             source.proto,
-            lambda t: (
-                t if t.name in streamed and tensors.is_external(t) else perturbation.tensor(t)
-            ),
+            lambda t: t if t.name in streamed or perturbation is None else perturbation.tensor(t),
         )
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-", dir=scratch) as folder:
         with safewrite.stage_model(
-            rest, Path(folder) / "perturbed.onnx", base_dir=source.folder, external=external,
+            rest, Path(folder) / "model.onnx", base_dir=origin.folder, external=external,
             generated=streamed, durable=False,
         ) as staged:  # fmt: skip
             return run_all(_Source.of(staged.model_path), feeds, what)
@@ -463,13 +492,13 @@ def _run_pair(
     contributions then cancel). One onnxruntime session is alive at a time."""
     if convert:
         first, second = first.widened(convert), second.widened(convert)
-    reference = run_all(first, feeds, "the input model")
-    result = run_all(second, feeds, "the balanced model")
+    folder = Path(scratch) if scratch is not None else None
+    reference = _run(first, feeds, "the input model", scratch=folder)
+    result = _run(second, feeds, "the balanced model", scratch=folder)
     if perturb is None:
         return reference, result, {}
-    folder = Path(scratch) if scratch is not None else None
-    noisy_first = _run_perturbed(first, feeds, "the input model", perturb(), folder)
-    noisy_second = _run_perturbed(second, feeds, "the balanced model", perturb(), folder)
+    noisy_first = _run(first, feeds, "the input model", perturb(), folder)
+    noisy_second = _run(second, feeds, "the balanced model", perturb(), folder)
     return reference, result, {n: (noisy_first[n], noisy_second.get(n)) for n in result}
 
 
