@@ -843,7 +843,9 @@ def _to_array(value: Any, kind: str = "") -> np.ndarray:
     ``seq(map(int64,tensor(float)))``) says which tolerance applies.
     """
     if isinstance(value, np.ndarray):
-        return value
+        # onnxruntime's array may view memory of its session, which then lives on with all of
+        # its buffers (a float16 model's float32 copies of every weight): an output is small
+        return value.copy() if value.base is not None else value
     dtype = next((t for name, t in _ORT_ELEMENT_TYPES.items() if name in kind), None)
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         keys = sorted(value[0])
