@@ -83,3 +83,20 @@ def test_deep_network_model_matches_the_dense_one(monkeypatch):
     by_eigh = Curvature(workspace, point).model()
     assert by_ldl is not None and by_eigh is not None
     np.testing.assert_allclose(by_ldl.solve(rhs), by_eigh.solve(rhs), rtol=1e-7, atol=1e-12)
+
+
+def test_an_overflowing_coarse_trial_is_quiet_and_infinite():
+    """r = 1 coarse terms at a point far enough to overflow: the value is inf (the line search
+    rejects the trial) and numpy says nothing (inf - inf in the gradient warned before; the
+    fuzz found it on a weight of -1.8e19)."""
+    from onnxbalance.solver.curvature import _exponential_terms
+
+    # a chain of three aggregates: the middle one gains an inf term from each side at z below
+    load = np.array([1.0, 2.0])
+    share = np.array([0.5, 1.0])
+    terms = _exponential_terms(load, share, np.array([0, 1]), np.array([1, 2]), 3, 2.0)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        value, gradient, _ = terms(np.array([800.0, 400.0, 0.0]))
+        finite_value, finite_gradient, _ = terms(np.zeros(3))
+    assert value == np.inf
+    assert np.isfinite(finite_value) and np.isfinite(finite_gradient).all()

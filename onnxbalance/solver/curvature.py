@@ -465,11 +465,12 @@ def _exponential_terms(
 
     def terms(z: np.ndarray) -> tuple[float, np.ndarray, Coordinates]:
         padded = np.append(z, 0.0)
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing trial is rejected
+        # an overflowing trial (inf terms, inf - inf in its gradient) is rejected by its value
+        with np.errstate(over="ignore", invalid="ignore"):
             phi = weights * np.exp(p * (padded[plus] - padded[minus]))
-        gradient = p * (np.bincount(plus, phi, size) - np.bincount(minus, phi, size))
-        hessian = Coordinates()
-        hessian.add(first, second, p * p * signs * np.tile(phi, 4)[entries])
+            gradient = p * (np.bincount(plus, phi, size) - np.bincount(minus, phi, size))
+            hessian = Coordinates()
+            hessian.add(first, second, p * p * signs * np.tile(phi, 4)[entries])
         return float(phi.sum()), gradient[:m], hessian
 
     return terms
