@@ -256,11 +256,7 @@ def _run(args: Invocation) -> int:
         io.check_output_path(args.output, args.source)
     _check_side_outputs(args)
     with _Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
-        options = dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
-                       progress=progress.sweep, on_stage=progress.stage,
-                       rescale_clip=args.rescale_clip,
-                       copy_shared_weights=args.copy_shared_weights,
-                       min_balanced=args.min_balanced)  # fmt: skip
+        options = dict(_solve_options(args), progress=progress.sweep, on_stage=progress.stage)
         try:
             if args.check:
                 result = api.check(args.source, args.p, args.q, **options)
@@ -290,10 +286,7 @@ def _check_several(args: Invocation) -> int:
     code = EXIT_OK
     for source in (args.source, *args.more_sources):
         try:
-            result = api.check(source, args.p, args.q, tol=args.tol, max_sweeps=args.max_sweeps,
-                               solver=args.solver, rescale_clip=args.rescale_clip,
-                               copy_shared_weights=args.copy_shared_weights,
-                               min_balanced=args.min_balanced)  # fmt: skip
+            result = api.check(source, args.p, args.q, **_solve_options(args))
         except OnnxBalanceError as exc:
             _error(str(exc))
             code = max(code, exc.exit_code)
@@ -303,6 +296,13 @@ def _check_several(args: Invocation) -> int:
         if not args.quiet:
             print(f"{source}: {check_verdict(result)}", flush=True)
     return code
+
+
+def _solve_options(args: Invocation) -> dict:
+    """The options ``api.check`` and ``api.balance_file`` share, from the command line."""
+    return dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
+                rescale_clip=args.rescale_clip, copy_shared_weights=args.copy_shared_weights,
+                min_balanced=args.min_balanced)  # fmt: skip
 
 
 def check_verdict(result: Report) -> str:
