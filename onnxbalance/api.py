@@ -519,11 +519,13 @@ def _analyse(
 def _refuse_non_finite_offsets(model: onnx.ModelProto, units: ModelUnits, source: str) -> None:
     """A bias (or BatchNormalization parameter) that moves with its units and holds NaN or
     infinity makes the model compute NaN there whatever balancing does: refused by name, like
-    such a weight (the solver names those). Weights are the edits with a column axis."""
-    stored = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
-            stored[node.output[0]] = node.attribute[0].t
+    such a weight (the solver names those). Weights are the edits with a column axis; the
+    tensors are found where they are stored, in bodies too, or among the private copies."""
+    from .overflow import stored_tensors
+
+    stored = stored_tensors(model)
+    stored.update((copy.name, copy.value) for copy in units.copies)
+    copied_from = {copy.name: copy.source for copy in units.copies}  # users know the source
     edits = [e for layer in units.layers for e in layer.edits] + list(units.edits)
     for edit in edits:
         tensor = stored.get(edit.tensor)
@@ -534,7 +536,8 @@ def _refuse_non_finite_offsets(model: onnx.ModelProto, units: ModelUnits, source
         if not finite.all():
             first = tuple(int(i) for i in np.argwhere(~finite)[0])
             raise InputError(
-                f"{source or 'model'}: tensor {edit.tensor!r} holds NaN or infinity (at "
+                f"{source or 'model'}: tensor {copied_from.get(edit.tensor, edit.tensor)!r} "
+                f"holds NaN or infinity (at "
                 f"{list(first)}): the model computes NaN or infinity there"
             )
 

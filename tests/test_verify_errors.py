@@ -78,3 +78,36 @@ def test_a_nan_bias_is_named_like_a_nan_weight(tmp_path, capfd):
         assert len(err.splitlines()) == 1
         assert f"tensor 'B0' holds NaN or infinity (at [{entry}])" in err
         assert not out.exists()
+
+
+def test_a_nan_bias_shared_by_layers_that_get_private_copies_is_named(tmp_path, capfd):
+    """Two layers read one bias and need different factors, so each gets a private copy: the
+    NaN is still named (by the stored tensor's name) with exit 2, not a failed verification."""
+    rng = np.random.default_rng(0)
+    bias = np.ones(8, np.float32)
+    bias[3] = np.nan
+    weights = {"W0": (8, 4), "W1": (8, 8), "W2": (3, 8)}
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in weights.items()]  # fmt: skip
+    inits += [
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "c"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W0", "b"], ["h0"], transB=1),
+        helper.make_node("Relu", ["h0"], ["a0"]),
+        helper.make_node("Gemm", ["a0", "W1", "b"], ["h1"], transB=1),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "W2", "c"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared_nan_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits,
+    )  # fmt: skip
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    assert main([str(src), str(out), "-q"]) == 2
+    _, err = capfd.readouterr()
+    assert len(err.splitlines()) == 1
+    assert "tensor 'b' holds NaN or infinity (at [3])" in err
+    assert not out.exists()
