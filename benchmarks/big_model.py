@@ -11,11 +11,15 @@ else from ``resource.getrusage(RUSAGE_CHILDREN)``. The model is generated chunk 
 into its external data file (seeded; rows scaled by log-uniform factors so balancing has work to
 do), in a temporary folder that is removed at the end unless ``--keep``. ``--gb 2.5`` builds a
 model over protobuf's 2 GB limit; ``--dtype float16`` or ``bfloat16`` stores weights, input and
-output in that type (the targets there: the verified run within 1.5x the baseline's time, peak
-RSS within 1.3x the weight bytes).
+output in that type. ``--arch decoder`` builds an OPT-style decoder instead (LayerNorm,
+attention with q/k/v/out projections, a ReLU feed-forward block of 4 x ``--width`` units,
+residual Adds; only the feed-forward units balance). Targets (verified run / baseline time,
+peak RSS / weight bytes): float16 and bfloat16 1.5 and 1.3, float32 1.3 and 1.1 (:data:`TARGETS`).
+``--before DIR`` measures another source tree (a worktree of an earlier commit) in the same
+run, against the same baseline.
 
     PYTHONPATH=. python benchmarks/big_model.py [--gb 1] [--width 8192] [--dtype float32]
-        [--dir /tmp/x] [--keep]
+        [--arch mlp|decoder] [--before DIR] [--dir /tmp/x] [--keep]
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import onnx
 from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"float32": (1.3, 1.1), "float16": (1.5, 1.3), "bfloat16": (1.5, 1.3)}
+"""(verified run / onnx load+save, peak RSS / weight bytes) aimed at per dtype."""
 ALIGN = 65536
 DTYPES = {
     "float32": (np.dtype(np.float32), TensorProto.FLOAT),
@@ -46,68 +52,187 @@ DTYPES = {
 }
 
 
+class _DataFile:
+    """Tensors appended to one external data file, each at an aligned offset."""
+
+    def __init__(self, folder: Path, name: str, dtype: str) -> None:
+        self.name = name
+        self.numpy_type, self.data_type = DTYPES[dtype]
+        self.file = open(folder / name, "wb")  # noqa: SIM115 (closed by close())
+        self.offset = 0
+        self.weight_bytes = 0
+
+    def add(self, name: str, shape: tuple[int, ...], chunks) -> TensorProto:
+        """Write float32 ``chunks`` (row blocks, in order) as tensor ``name``; its stub."""
+        if self.offset % ALIGN:
+            self.file.write(b"\0" * (ALIGN - self.offset % ALIGN))
+            self.offset += ALIGN - self.offset % ALIGN
+        start = self.offset
+        for chunk in chunks:
+            self.file.write(chunk.astype(self.numpy_type).tobytes())
+        nbytes = int(np.prod(shape)) * self.numpy_type.itemsize
+        self.offset += nbytes
+        self.weight_bytes += nbytes
+        tensor = TensorProto(name=name, data_type=self.data_type, dims=list(shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.name), ("offset", start), ("length", nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _scaled_rows(rng, rows: int, cols: int, fan_in: int, normalise: bool):
+    """Gaussian rows of variance 2 / fan_in, each row times a log-uniform factor in
+    [e^-2, e^2] (normalised to unit mean square when ``normalise``: narrow types keep their
+    activations in range), ~64 MB at a time."""
+    row_scale = np.exp(rng.uniform(-2, 2, size=rows)).astype(np.float32)
+    if normalise:
+        row_scale /= np.sqrt(np.mean(row_scale**2))
+    block = max(1, (64 * 2**20) // (cols * 4))
+    for r in range(0, rows, block):
+        chunk = rng.standard_normal((min(block, rows - r), cols), dtype=np.float32)
+        chunk *= row_scale[r : r + block, None] * np.float32(np.sqrt(2.0 / fan_in))
+        yield chunk
+
+
 def generate(
     folder: Path, gb: float, width: int, seed: int = 0, dtype: str = "float32"
 ) -> tuple[Path, int]:
     """Write ``model.onnx`` + ``model.onnx.bin`` (width x width layers); return (path, bytes)."""
-    numpy_type, data_type = DTYPES[dtype]
-    layer_bytes = width * width * numpy_type.itemsize
-    n_layers = max(2, round(gb * 2**30 / layer_bytes))
+    data = _DataFile(folder, "model.onnx.bin", dtype)
+    n_layers = max(2, round(gb * 2**30 / (width * width * data.numpy_type.itemsize)))
     rng = np.random.default_rng(seed)
-    path = folder / "model.onnx"
-    data_name = "model.onnx.bin"
     inits, nodes = [], []
-    offset = 0
-    weight_bytes = 0
-    block = max(1, (64 * 2**20) // (width * 4))  # ~64 MB of rows at a time
-    with open(folder / data_name, "wb") as data:
-        current = "x"
-        for k in range(n_layers):
-            for name, shape in ((f"W{k}", (width, width)), (f"b{k}", (width,))):
-                if offset % ALIGN:
-                    data.write(b"\0" * (ALIGN - offset % ALIGN))
-                    offset += ALIGN - offset % ALIGN
-                start = offset
-                if len(shape) == 2:
-                    row_scale = np.exp(rng.uniform(-2, 2, size=width)).astype(np.float32)
-                    if dtype != "float32":  # activations of unit variance stay in range
-                        row_scale /= np.sqrt(np.mean(row_scale**2))
-                    for r in range(0, width, block):
-                        rows = min(block, width - r)
-                        chunk = rng.standard_normal((rows, width), dtype=np.float32)
-                        chunk *= row_scale[r : r + rows, None] * np.float32(np.sqrt(2.0 / width))
-                        data.write(chunk.astype(numpy_type).tobytes())
-                else:
-                    bias = rng.standard_normal(width, dtype=np.float32) * 0.1
-                    data.write(bias.astype(numpy_type).tobytes())
-                nbytes = int(np.prod(shape)) * numpy_type.itemsize
-                offset += nbytes
-                weight_bytes += nbytes
-                tensor = TensorProto(name=name, data_type=data_type, dims=list(shape))
-                tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_name), ("offset", start), ("length", nbytes)):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
-                inits.append(tensor)
-            last = k == n_layers - 1
-            out = "y" if last else f"z{k}"
-            nodes.append(
-                helper.make_node("Gemm", [current, f"W{k}", f"b{k}"], [out], f"gemm{k}", transB=1)
+    current = "x"
+    for k in range(n_layers):
+        inits.append(
+            data.add(
+                f"W{k}", (width, width), _scaled_rows(rng, width, width, width, dtype != "float32")
             )
-            if not last:
-                nodes.append(helper.make_node("Relu", [out], [f"h{k}"], f"relu{k}"))
-                current = f"h{k}"
+        )
+        bias = rng.standard_normal(width, dtype=np.float32) * 0.1
+        inits.append(data.add(f"b{k}", (width,), [bias]))
+        last = k == n_layers - 1
+        out = "y" if last else f"z{k}"
+        nodes.append(
+            helper.make_node("Gemm", [current, f"W{k}", f"b{k}"], [out], f"gemm{k}", transB=1)
+        )
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"h{k}"], f"relu{k}"))
+            current = f"h{k}"
+    data.close()
+    io_type = data.data_type
     graph = helper.make_graph(
         nodes,
         "big_mlp",
-        [helper.make_tensor_value_info("x", data_type, ["N", width])],
-        [helper.make_tensor_value_info("y", data_type, ["N", width])],
+        [helper.make_tensor_value_info("x", io_type, ["N", width])],
+        [helper.make_tensor_value_info("y", io_type, ["N", width])],
         inits,
     )
+    return _save(folder, graph), data.weight_bytes
+
+
+def generate_decoder(
+    folder: Path, gb: float, hidden: int, seed: int = 0, dtype: str = "float32", heads: int = 16
+) -> tuple[Path, int]:
+    """An OPT-style stack of pre-LayerNorm decoder layers (attention with q/k/v/out
+    projections, a ReLU feed-forward block of 4 x hidden units, residual Adds), written as the
+    exporters do (MatMul + Add bias, Reshape/Transpose into heads); return (path, bytes).
+    Only the feed-forward units can be balanced: the rest stays fixed, as in real decoders."""
+    data = _DataFile(folder, "model.onnx.bin", dtype)
+    ffn, head = 4 * hidden, hidden // heads
+    layer_bytes = (4 * hidden * hidden + 2 * hidden * ffn) * data.numpy_type.itemsize
+    n_layers = max(1, round(gb * 2**30 / layer_bytes))
+    rng = np.random.default_rng(seed)
+    narrow = dtype != "float32"
+    inits, nodes = [], []
+
+    def matrix(name, rows, cols, fan_in):  # stored (in, out) as MatMul reads it
+        # rows of the transposed matrix are the units (scaled per unit), as in Gemm's W
+        units = np.concatenate(list(_scaled_rows(rng, cols, rows, fan_in, narrow)))
+        inits.append(data.add(name, (rows, cols), [np.ascontiguousarray(units.T)]))
+
+    def vector(name, size, value=None):
+        values = (
+            np.full(size, value, np.float32)
+            if value is not None
+            else (rng.standard_normal(size, dtype=np.float32) * 0.02)
+        )
+        inits.append(data.add(name, (size,), [values]))
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], output, **attrs))
+        return output
+
+    def linear(x, name, rows, cols):
+        matrix(f"{name}.weight", rows, cols, rows)
+        vector(f"{name}.bias", cols)
+        return node(
+            "Add",
+            [node("MatMul", [x, f"{name}.weight"], f"{name}/MatMul"), f"{name}.bias"],
+            f"{name}/Add",
+        )
+
+    const = {
+        "heads_shape": np.array([0, 0, heads, head], np.int64),
+        "merged_shape": np.array([0, 0, hidden], np.int64),
+    }
+    for name, value in const.items():
+        inits.append(helper.make_tensor(name, TensorProto.INT64, value.shape, value))
+    scale = TensorProto(name="scale", data_type=data.data_type, dims=[])
+    scale.raw_data = np.asarray(1.0 / np.sqrt(head), data.numpy_type).tobytes()
+    inits.append(scale)
+    x = "x"
+    for k in range(n_layers):
+        p = f"layers.{k}"
+        vector(f"{p}.ln1.weight", hidden, 1.0)
+        vector(f"{p}.ln1.bias", hidden, 0.0)
+        h = node("LayerNormalization", [x, f"{p}.ln1.weight", f"{p}.ln1.bias"], f"{p}/ln1", axis=-1)
+        split = {}
+        for part in ("q", "k", "v"):
+            proj = linear(h, f"{p}.attn.{part}", hidden, hidden)
+            heads_ = node("Reshape", [proj, "heads_shape"], f"{p}/{part}/Reshape")
+            perm = [0, 2, 3, 1] if part == "k" else [0, 2, 1, 3]
+            split[part] = node("Transpose", [heads_], f"{p}/{part}/Transpose", perm=perm)
+        scores = node("MatMul", [split["q"], split["k"]], f"{p}/scores")
+        scaled = node("Mul", [scores, "scale"], f"{p}/scaled")
+        weights = node("Softmax", [scaled], f"{p}/softmax", axis=-1)
+        context = node("MatMul", [weights, split["v"]], f"{p}/context")
+        merged = node(
+            "Reshape",
+            [
+                node("Transpose", [context], f"{p}/context/Transpose", perm=[0, 2, 1, 3]),
+                "merged_shape",
+            ],
+            f"{p}/merged",
+        )
+        x = node("Add", [x, linear(merged, f"{p}.attn.out", hidden, hidden)], f"{p}/residual1")
+        vector(f"{p}.ln2.weight", hidden, 1.0)
+        vector(f"{p}.ln2.bias", hidden, 0.0)
+        h = node("LayerNormalization", [x, f"{p}.ln2.weight", f"{p}.ln2.bias"], f"{p}/ln2", axis=-1)
+        f = node("Relu", [linear(h, f"{p}.fc1", hidden, ffn)], f"{p}/relu")
+        x = node("Add", [x, linear(f, f"{p}.fc2", ffn, hidden)], f"{p}/residual2")
+    data.close()
+    nodes.append(helper.make_node("Identity", [x], ["y"], "output"))
+    graph = helper.make_graph(
+        nodes,
+        "big_decoder",
+        [helper.make_tensor_value_info("x", data.data_type, ["N", "S", hidden])],
+        [helper.make_tensor_value_info("y", data.data_type, ["N", "S", hidden])],
+        inits,
+    )
+    return _save(folder, graph), data.weight_bytes
+
+
+def _save(folder: Path, graph) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    path = folder / "model.onnx"
     path.write_bytes(model.SerializeToString())
-    return path, weight_bytes
+    return path
 
 
 _BASELINE = """
@@ -149,71 +274,97 @@ def measure(args: list[str], env: dict[str, str]) -> dict[str, float | str]:
     }
 
 
+def _best(command: list[str], env: dict[str, str], repeat: int, name: str) -> dict:
+    """The fastest of ``repeat`` runs of ``command``, printed."""
+    best = None
+    for _ in range(repeat):
+        result = measure(command, env)
+        if result["code"] != 0:
+            print(f"{name}: exit {result['code']}: {result['stderr']}")
+        if best is None or result["wall"] < best["wall"]:
+            best = result
+    print(
+        f"{name:24s} wall {best['wall']:7.2f} s   peak RSS {best['peak'] / 2**30:6.2f} GiB"
+        f"   exit {best['code']}"
+    )
+    return best
+
+
+def _summary(results: dict, suffix: str, weight_bytes: int, report: Path, dtype: str) -> None:
+    """The ratios the targets are stated in, and the verified run's stages."""
+    base = results["onnx load+save"]["wall"]
+    time_target, memory_target = TARGETS[dtype]
+    for name in ("--no-verify", "verified"):
+        run = results[name + suffix]
+        print(
+            f"{name + suffix}: time / onnx load+save {run['wall'] / base:.2f}, peak RSS / "
+            f"weight bytes {run['peak'] / weight_bytes:.2f}"
+            + (f"  (targets <= {time_target}, <= {memory_target})" if name == "verified" else "")
+        )
+    if report.exists():
+        data = json.loads(report.read_text())
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in data["seconds"].items())
+        print(f"stages of the verified run{suffix} (s): {stages}")
+        print(
+            f"solver {data['solver']}: {data['sweeps']} steps, {data['passes']} passes, "
+            f"norm ratio {data['norm_ratio']:.4f}, converged {data['converged']}, "
+            f"units balanced {data['units_balanced']} of {data['units_found']}, "
+            f"verification passed {data['verify']['passed']}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="total weight size in GiB")
-    parser.add_argument("--width", type=int, default=8192)
+    parser.add_argument("--width", type=int, default=8192, help="MLP width / decoder hidden size")
+    parser.add_argument(
+        "--arch", choices=("mlp", "decoder"), default="mlp",
+        help="Gemm+Relu MLP (every layer balanced) or OPT-style decoder (feed-forward units)",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each (best kept)")
+    parser.add_argument(
+        "--before", type=Path, default=None,
+        help="another source tree (a worktree of an earlier commit) measured in the same run",
+    )  # fmt: skip
     options = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="onnxbalance-big-", dir=options.dir))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     try:
         start = time.perf_counter()
-        path, weight_bytes = generate(folder, options.gb, options.width, dtype=options.dtype)
+        if options.arch == "mlp":
+            path, weight_bytes = generate(folder, options.gb, options.width, dtype=options.dtype)
+            what = f"{options.dtype} Gemm+Relu layers of {options.width}x{options.width}"
+        else:
+            path, weight_bytes = generate_decoder(
+                folder, options.gb, options.width, dtype=options.dtype
+            )
+            what = f"{options.dtype} decoder layers, hidden {options.width}"
+        n_layers = sum(
+            n.op_type == "Relu" for n in onnx.load(path, load_external_data=False).graph.node
+        )
         print(
-            f"model: {len(onnx.load(path, load_external_data=False).graph.initializer) // 2} "
-            f"{options.dtype} Gemm layers of {options.width}x{options.width}, weights "
+            f"model: {n_layers + (options.arch == 'mlp')} {what}, weights "
             f"{weight_bytes / 2**30:.2f} GiB, generated in {time.perf_counter() - start:.1f} s "
             f"({folder})"
         )
-        python = sys.executable
-        runs = {
-            "onnx load+save": [python, "-c", _BASELINE, str(path), str(folder / "copy.onnx")],
-            "onnxbalance --no-verify": [
-                python, "-m", "onnxbalance", str(path), str(folder / "out.onnx"), "--no-verify",
-                "--quiet",
-            ],
-            "onnxbalance (verify)": [
-                python, "-m", "onnxbalance", str(path), str(folder / "out.onnx"), "--quiet",
-                "--report", str(folder / "report.json"),
-            ],
-        }  # fmt: skip
-        results = {}
-        for name, command in runs.items():
-            best = None
-            for _ in range(options.repeat if name != "onnxbalance (verify)" else 1):
-                result = measure(command, env)
-                if result["code"] != 0:
-                    print(f"{name}: exit {result['code']}: {result['stderr']}")
-                if best is None or result["wall"] < best["wall"]:
-                    best = result
-            results[name] = best
-            print(
-                f"{name:26s} wall {best['wall']:7.2f} s   peak RSS {best['peak'] / 2**30:6.2f} GiB"
-                f" ({best['peak'] / weight_bytes:4.2f}x weights)   exit {best['code']}"
-            )
-        base = results["onnx load+save"]["wall"]
-        fast = results["onnxbalance --no-verify"]["wall"]
-        peak = results["onnxbalance (verify)"]["peak"]
-        verified = results["onnxbalance (verify)"]["wall"]
-        print(f"time ratio (no verify / onnx load+save): {fast / base:.2f}  (target <= 2)")
-        print(f"time ratio (verified run / onnx load+save): {verified / base:.2f}")
-        print(
-            f"peak RSS with verification / weight bytes: {peak / weight_bytes:.2f}  (target <= 2.5)"
-        )
-        report = folder / "report.json"
-        if report.exists():
-            data = json.loads(report.read_text())
-            stages = ", ".join(f"{k} {v:.2f}" for k, v in data["seconds"].items())
-            print(f"stages of the verified run (s): {stages}")
-            print(
-                f"solver {data['solver']}: {data['sweeps']} steps, {data['passes']} passes, "
-                f"norm ratio {data['norm_ratio']:.4f}, converged {data['converged']}, "
-                f"verification passed {data['verify']['passed']}"
-            )
+        trees = {"": ROOT} if options.before is None else {"": ROOT, " [before]": options.before}
+        results = {"onnx load+save": _best(
+            [sys.executable, "-c", _BASELINE, str(path), str(folder / "copy.onnx")],
+            env, options.repeat, "onnx load+save",
+        )}  # fmt: skip
+        for suffix, tree in trees.items():
+            tree_env = dict(os.environ, PYTHONPATH=str(tree))
+            balance = [sys.executable, "-m", "onnxbalance", str(path), str(folder / "out.onnx")]
+            report = folder / ("report-before.json" if suffix else "report.json")
+            for name, extra, repeat in (
+                ("--no-verify", ["--no-verify", "--quiet"], options.repeat),
+                ("verified", ["--quiet", "--report", str(report)], 1),
+            ):
+                results[name + suffix] = _best(balance + extra, tree_env, repeat, name + suffix)
+            _summary(results, suffix, weight_bytes, report, options.dtype)
     finally:
         if options.keep:
             print(f"kept {folder}")
