@@ -118,3 +118,39 @@ def test_block_wise_rewrite_equals_whole(monkeypatch, name):
     blocked = _values(rewrite(model, units, u))
     for key, value in whole.items():
         np.testing.assert_array_equal(blocked[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_streamed_output_is_the_float32_rule_bit_for_bit(tmp_path, monkeypatch, dtype):
+    # what balance_file writes: rescaled blocks streamed into the staged data file
+    from test_rewrite import float32_rule
+
+    from onnxbalance import api
+    from onnxbalance.rewrite import tensor_edits
+
+    path = save(mlp(widths=(9, 40, 33, 5), dtype=dtype, seed=8), tmp_path / "in.onnx", True)
+    model = onnx.load(path, load_external_data=False)
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 4 * 4 * 40 * 3)  # several blocks per weight
+    with tensors.external_folder(tmp_path):
+        units = analyse(model)
+        u = np.random.default_rng(9).uniform(-2, 2, units.n_groups)
+        produce = api._rewrite_while_writing(model, tmp_path / "out.onnx", path, tmp_path,
+                                             api._Timer(None))  # fmt: skip
+        with produce(units, u) as staged:
+            written = {t.name: t for t in onnx.load(staged.model_path).graph.initializer}
+    up, down = np.append(np.exp(u), 1.0), np.append(np.exp(-u), 1.0)
+    edits = tensor_edits(units)
+    assert {"W0", "W1", "W2", "b0", "b1"} <= edits.keys()
+    for tensor in model.graph.initializer:
+        with tensors.external_folder(tmp_path):
+            original = tensors.read_array(tensor)
+        new = numpy_helper.to_array(written[tensor.name])
+        if tensor.name not in edits:
+            assert new.tobytes() == original.tobytes()
+            continue
+        (edit,) = edits[tensor.name]
+        rows = up[edit.row_groups] if edit.row_groups is not None else np.ones(len(original))
+        cols = down[edit.col_groups] if edit.col_groups is not None else np.ones(1)
+        expected = float32_rule(original.reshape(len(original), -1), rows, cols)
+        assert new.dtype == original.dtype
+        assert new.tobytes() == expected.tobytes(), tensor.name

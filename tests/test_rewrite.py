@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from onnxbalance import tensors
 from onnxbalance.analysis import analyse
 from onnxbalance.errors import UnsupportedModelError
 from onnxbalance.rewrite import rewrite
@@ -410,3 +411,77 @@ def test_float64_weights_are_rescaled_in_float64():
     expected = w * (np.exp(u[:50])[:, None] * np.exp(-u[50:])[None, :])
     np.testing.assert_allclose(np.concatenate(list(blocks)), expected, rtol=4e-16, atol=0)
     assert dtype == np.float64
+
+
+NARROW = {"float16": np.dtype(np.float16), "bfloat16": tensors.BFLOAT16}
+
+
+def float32_rule(w: np.ndarray, row_factor: np.ndarray, col_factor: np.ndarray) -> np.ndarray:
+    """The documented arithmetic, with numpy's own casts: the weight in float32 times the
+    float32 row factor times the float32 column factor (that product rounded first), rounded
+    to the weight's dtype."""
+    combined = row_factor.astype(np.float32)[:, None] * col_factor.astype(np.float32)[None, :]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (w.astype(np.float32) * combined).astype(w.dtype)
+
+
+def special_weights(dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
+    """60x50 weights of ordinary size, with zeros, subnormals, huge values, infinities and NaNs
+    (two payloads) in some rows only, so that some blocks hold them and others do not."""
+    w = rng.standard_normal((60, 50)) * np.exp(rng.uniform(-6, 3, size=(60, 1)))
+    w[3, :10] = [0.0, -0.0, 1e-7, -3e-6, 6e-8, 2e-5, -6e-5, 1e30, -1e30, 7e4]
+    with np.errstate(over="ignore"):
+        narrow = w.astype(dtype)  # float16: 1e30 and 7e4 are infinities there already
+    bits = narrow.view(np.uint16)
+    bits[9, 20:25] = [0x0001, 0x8003, 0x0040, 0x007F, 0x8001]  # subnormals of either dtype
+    bits[17, 5] = 0x7C00 if dtype == np.float16 else 0x7F80  # +inf
+    bits[17, 6] = 0xFC00 if dtype == np.float16 else 0xFF80  # -inf
+    bits[41, 0] = 0x7E01 if dtype == np.float16 else 0x7FC1  # NaN, a payload
+    bits[41, 1] = 0xFD55 if dtype == np.float16 else 0xFFA5  # negative signalling NaN
+    return narrow
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_narrow_weights_follow_the_float32_rule_bit_for_bit(monkeypatch, name):
+    from onnxbalance import memory
+    from onnxbalance.rewrite import rescaled_blocks, scales_of
+
+    rng = np.random.default_rng(5)
+    w = special_weights(NARROW[name], rng)
+    u = rng.uniform(-3, 3, 110)
+    rows, cols = np.arange(60), np.arange(60, 110)
+    edit = TensorEdit("W", row_axis=0, row_groups=rows, col_axis=1, col_groups=cols)
+    data_type = onnx.TensorProto.FLOAT16 if name == "float16" else onnx.TensorProto.BFLOAT16
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 4 * 4 * 50 * 5)  # blocks of five rows
+    _, dtype, blocks = rescaled_blocks(tensors.make_tensor("W", w, data_type), [edit], scales_of(u))
+    parts = list(blocks)
+    assert len(parts) == 12 and dtype == NARROW[name]
+    got = np.concatenate(parts)
+    expected = float32_rule(w, np.exp(u[rows]), np.exp(-u[cols]))
+    np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
+    wide, new = w.astype(np.float32), got.astype(np.float32)
+    assert (np.isinf(new) == np.isinf(wide)).all()  # infinite weights stay, nothing else
+    assert (np.sign(new[np.isinf(wide)]) == np.sign(wide[np.isinf(wide)])).all()
+    assert (np.isnan(new) == np.isnan(wide)).all()
+    tiny = float(np.finfo(np.float16).smallest_normal) if name == "float16" else 2.0**-126
+    assert ((np.abs(new) < tiny) & (new != 0)).any()  # subnormal results are kept
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_overflow_of_a_narrow_dtype_is_refused_naming_the_tensor_and_its_edge_is_kept(name):
+    from onnxbalance.rewrite import rescaled_blocks, scales_of
+
+    dtype = NARROW[name]
+    largest = tensors.max_finite(dtype)
+    w = np.full((4, 3), 0.5, dtype=dtype)
+    w[2, 1] = largest
+    edit = TensorEdit("big_W", row_axis=0, row_groups=np.arange(4))
+    data_type = onnx.TensorProto.FLOAT16 if name == "float16" else onnx.TensorProto.BFLOAT16
+    tensor = tensors.make_tensor("big_W", w, data_type)
+    # a factor just above 1 that still rounds back to the largest finite value: not refused
+    nudge = 1 + 2.0**-13 if name == "float16" else 1 + 2.0**-10
+    _, _, blocks = rescaled_blocks(tensor, [edit], scales_of(np.log([1, 1, nudge, 1])))
+    assert np.concatenate(list(blocks))[2, 1] == largest
+    _, _, blocks = rescaled_blocks(tensor, [edit], scales_of(np.log([1, 1, 1.5, 1])))
+    with pytest.raises(UnsupportedModelError, match=f"'big_W' overflows {name}"):
+        list(blocks)

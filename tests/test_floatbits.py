@@ -1,0 +1,101 @@
+"""The bit-level float16/bfloat16 <-> float32 conversions give numpy's (and ml_dtypes') results
+bit for bit: every narrow bit pattern widened, and every rounding boundary narrowed."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from onnxbalance import floatbits
+
+NARROW = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+ALL_PATTERNS = np.arange(2**16, dtype=np.uint16)
+
+
+def bits32(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+
+
+def finite_values(dtype: np.dtype) -> np.ndarray:
+    """Every finite value of ``dtype``, as float32 (exact), in increasing order."""
+    values = ALL_PATTERNS.view(dtype).astype(np.float32)
+    return np.unique(values[np.isfinite(values)])
+
+
+def boundaries(dtype: np.dtype) -> np.ndarray:
+    """Every finite value of ``dtype``, every midpoint between neighbours (where ties are
+    decided), and the float32 numbers on either side of each: all within ``dtype``'s range."""
+    values = finite_values(dtype).astype(np.float64)
+    midpoints = (values[:-1] + values[1:]) / 2  # exact: a bit more than the narrow precision
+    points = np.concatenate([values, midpoints]).astype(np.float32)
+    assert (points.astype(np.float64) == np.concatenate([values, midpoints])).all()
+    around = [points, np.nextafter(points, np.float32(np.inf)), np.nextafter(points, -np.inf)]
+    found = np.concatenate(around)
+    return found[np.abs(found) <= values.max()]
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_widening_matches_numpy_on_every_bit_pattern(name):
+    narrow = ALL_PATTERNS.view(NARROW[name])  # NaN payloads, infinities, subnormals, -0 too
+    expected = bits32(narrow.astype(np.float32))
+    np.testing.assert_array_equal(bits32(floatbits.to_float32(narrow)), expected)
+    finite = narrow[np.isfinite(narrow.astype(np.float32))]  # no block that needs numpy
+    np.testing.assert_array_equal(
+        bits32(floatbits.to_float32(finite)), bits32(finite.astype(np.float32))
+    )
+    strided = narrow.reshape(256, 256)[::3, 1::2]  # any view, and a C-ordered result
+    widened = floatbits.to_float32(strided)
+    assert widened.flags.c_contiguous and widened.shape == strided.shape
+    np.testing.assert_array_equal(bits32(widened), bits32(strided.astype(np.float32)))
+
+
+def test_float16_widening_without_subnormal_arithmetic_falls_back_exactly(monkeypatch):
+    # a processor flushing float32 subnormals would zero float16's through the 2**-112 path
+    monkeypatch.setattr(floatbits, "_subnormals_kept", lambda: False)
+    narrow = ALL_PATTERNS.view(np.float16)
+    np.testing.assert_array_equal(
+        bits32(floatbits.to_float32(narrow)), bits32(narrow.astype(np.float32))
+    )
+
+
+def test_subnormal_arithmetic_is_kept_in_this_process():
+    assert floatbits._subnormals_kept()  # else the tests above never reach the fast path
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_narrowing_rounds_like_numpy_at_every_boundary(name):
+    dtype = NARROW[name]
+    points = boundaries(dtype)
+    points = np.concatenate([points, -points, [np.float32(0.0), np.float32(-0.0)]])
+    got = floatbits.from_float32(points.astype(np.float32), dtype)
+    assert got.dtype == dtype and got.shape == points.shape
+    np.testing.assert_array_equal(got.view(np.uint16), points.astype(dtype).view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    ("name", "start", "stop", "step"),
+    [
+        ("float16", 0, 0x38800000, 997),  # zero up to float16's smallest normal, 2**-14
+        ("float16", 0x38800000, 0x477FE000, 1009),  # the normal range up to 65504
+        ("bfloat16", 0, 0x7F7F0000, 4099),  # zero up to bfloat16's largest finite value
+    ],
+)
+def test_narrowing_matches_numpy_across_the_range(name, start, stop, step):
+    values = np.arange(start, stop, step, dtype=np.uint32).view(np.float32)
+    values = np.concatenate([values, -values]).reshape(2, -1)
+    got = floatbits.from_float32(values, NARROW[name])
+    assert got.shape == values.shape
+    np.testing.assert_array_equal(got.view(np.uint16), values.astype(NARROW[name]).view(np.uint16))
+
+
+def test_other_dtypes_are_cast_by_numpy():
+    values = np.array([1.5, -2.25], dtype=np.float32)
+    assert floatbits.from_float32(values, np.float32) is values  # nothing to do: no copy
+    np.testing.assert_array_equal(floatbits.from_float32(values, np.float64), [1.5, -2.25])
+    doubles = np.array([1.0 + 2.0**-40], dtype=np.float64)  # double to half: rounded once
+    assert (
+        floatbits.from_float32(doubles, np.float16).tobytes()
+        == doubles.astype(np.float16).tobytes()
+    )
+    np.testing.assert_array_equal(floatbits.to_float32(np.array([3.0])), [3.0])
