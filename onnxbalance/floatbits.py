@@ -13,7 +13,10 @@ do the same in well under half of that, with bit-identical results. Widening:
   and NaN (exponent 31) would come out finite (``|x| >= 2**16``, beyond float16's largest
   65504), so a block holding one is converted by numpy instead; so is everything when the
   processor flushes float32 subnormals to zero (a flag some libraries set), which would lose the
-  float16 subnormals on their way through ``2**-112``.
+  float16 subnormals on their way through ``2**-112``. On x86 each float16 subnormal costs that
+  multiplication a microcode assist: with 1.5% of them (the weights of
+  ``benchmarks/big_model.py``) widening is only as fast as numpy's; with the usual few per
+  thousand, nearly twice as fast.
 
 Narrowing (round to nearest, ties to even, as numpy and ml_dtypes round), for finite values
 within the narrow type's range (the caller checks that; anything else goes to numpy):
