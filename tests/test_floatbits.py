@@ -99,3 +99,10 @@ def test_other_dtypes_are_cast_by_numpy():
         == doubles.astype(np.float16).tobytes()
     )
     np.testing.assert_array_equal(floatbits.to_float32(np.array([3.0])), [3.0])
+
+
+def test_byte_swapped_arrays_are_converted_by_numpy():
+    values = np.array([1.5, -(2.0**-20), 65504.0], dtype=">f2")  # big-endian float16
+    assert floatbits.to_float32(values).tolist() == [1.5, -(2.0**-20), 65504.0]
+    narrow = floatbits.from_float32(np.array([1.5, -3.0], dtype=np.float32), np.dtype(">f2"))
+    assert narrow.dtype == np.dtype(">f2") and narrow.tolist() == [1.5, -3.0]
