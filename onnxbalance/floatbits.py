@@ -82,7 +82,7 @@ def from_float32(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if values.dtype != np.float32 or dtype not in (_FLOAT16, _BFLOAT16) or not dtype.isnative:
         return values.astype(dtype, copy=False)
-    values = np.ascontiguousarray(values)
+    values = values if values.flags.c_contiguous else values.copy()  # a scalar stays one
     bits = values.view(np.uint32)
     rounded = np.empty(values.shape, dtype=np.uint32)
     out = np.empty(values.shape, dtype=dtype)

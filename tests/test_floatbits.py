@@ -106,3 +106,14 @@ def test_byte_swapped_arrays_are_converted_by_numpy():
     assert floatbits.to_float32(values).tolist() == [1.5, -(2.0**-20), 65504.0]
     narrow = floatbits.from_float32(np.array([1.5, -3.0], dtype=np.float32), np.dtype(">f2"))
     assert narrow.dtype == np.dtype(">f2") and narrow.tolist() == [1.5, -3.0]
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_scalars_and_views_keep_their_shape(name):
+    dtype = NARROW[name]
+    scalar = np.array(-0.75, dtype=np.float32)
+    assert floatbits.from_float32(scalar, dtype).shape == ()
+    assert floatbits.from_float32(scalar, dtype).item() == -0.75
+    assert floatbits.to_float32(np.array(3.5, dtype=dtype)).shape == ()
+    columns = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]  # not contiguous
+    np.testing.assert_array_equal(floatbits.from_float32(columns, dtype), columns.astype(dtype))
