@@ -1,0 +1,101 @@
+"""Memory and time of the solve stage alone on a large external-data model (float16 by default).
+
+Generates the Gemm+Relu MLP of ``big_model.py`` and, in a fresh process, loads and analyses it,
+then resets the process's peak resident set (``/proc/self/clear_refs``) and times the two parts
+of the solve stage: building the coupling matrices (``ModelUnits.unit_graph``) and solving
+(``onnxbalance.solver.solve``). Printed: seconds of each, the stage's peak RSS in GiB and as a
+multiple of the weight bytes, the storage dtype of the couplings, and the solver's steps, passes
+and norm ratio (identical norms across versions show the same minimum was found).
+
+``--root`` runs another checkout's onnxbalance on the same model (e.g. the main branch, for a
+before/after comparison under the same machine load); ``--repeat`` alternates the roots.
+
+    PYTHONPATH=. python benchmarks/solve_stage.py [--gb 0.5] [--dtype float16] [--width 8192]
+        [--root /path/to/other/checkout] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from big_model import DTYPES, generate  # noqa: E402
+
+_STAGE = """
+import json, sys, time
+from pathlib import Path
+from onnxbalance import io, tensors
+from onnxbalance.analysis import analyse
+from onnxbalance.solver import solve
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+with tensors.external_folder(Path(sys.argv[1]).parent):
+    units = analyse(io.load_model(sys.argv[1]))
+    start_rss = peak()
+    with open("/proc/self/clear_refs", "w") as reset:
+        reset.write("5")  # the peak from here on: the solve stage alone
+    start = time.perf_counter()
+    graph = units.unit_graph(2.0, [])
+    built = time.perf_counter()
+    result = solve(graph, 2.0, 2.0)
+    done = time.perf_counter()
+print(json.dumps({
+    "couplings": built - start, "solve": done - built, "peak": peak(), "before": start_rss,
+    "dtype": str(graph.layers[0].coupling.dtype), "steps": result.sweeps,
+    "passes": result.passes, "norm_before": result.norm_before, "norm_after": result.norm_after,
+}))
+"""
+
+
+def run_stage(path: Path, root: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-c", _STAGE, str(path)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{root}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=0.5, help="total weight size in GiB")
+    parser.add_argument("--width", type=int, default=8192)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    parser.add_argument("--root", type=Path, action="append", default=[], help="other checkout")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each root, alternated")
+    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: /tmp)")
+    options = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="onnxbalance-solve-", dir=options.dir))
+    try:
+        path, weight_bytes = generate(folder, options.gb, options.width, dtype=options.dtype)
+        print(f"{options.dtype} weights {weight_bytes / 2**30:.2f} GiB, width {options.width}")
+        for _ in range(options.repeat):
+            for root in [ROOT, *options.root]:
+                r = run_stage(path, root.resolve())
+                print(
+                    f"{str(root):28s} couplings {r['couplings']:6.2f} s  solve {r['solve']:6.2f} s"
+                    f"  peak RSS {r['peak'] / 2**30:5.2f} GiB ({r['peak'] / weight_bytes:4.2f}x"
+                    f" weights)  stored {r['dtype']}  {r['steps']} steps, {r['passes']} passes,"
+                    f" norm {r['norm_before']:.10g} -> {r['norm_after']:.15g}"
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
