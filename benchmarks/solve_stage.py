@@ -4,8 +4,9 @@ Generates the Gemm+Relu MLP of ``big_model.py`` and, in a fresh process, loads a
 then resets the process's peak resident set (``/proc/self/clear_refs``) and times the two parts
 of the solve stage: building the coupling matrices (``ModelUnits.unit_graph``) and solving
 (``onnxbalance.solver.solve``). Printed: seconds of each, the stage's peak RSS in GiB and as a
-multiple of the weight bytes, the storage dtype of the couplings, and the solver's steps, passes
-and norm ratio (identical norms across versions show the same minimum was found).
+multiple of the weight bytes (whole, and above the resident set at its start), the dtype the
+largest coupling matrix is stored in, and the solver's steps, passes and norms (equal norms
+across versions show that the same minimum was found).
 
 ``--root`` runs another checkout's onnxbalance on the same model (e.g. the main branch, for a
 before/after comparison under the same machine load); ``--repeat`` alternates the roots.
@@ -32,29 +33,31 @@ from big_model import DTYPES, generate  # noqa: E402
 
 _STAGE = """
 import json, sys, time
+import numpy as np
 from pathlib import Path
 from onnxbalance import io, tensors
 from onnxbalance.analysis import analyse
 from onnxbalance.solver import solve
 
-def peak():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
 
 with tensors.external_folder(Path(sys.argv[1]).parent):
     units = analyse(io.load_model(sys.argv[1]))
-    start_rss = peak()
     with open("/proc/self/clear_refs", "w") as reset:
         reset.write("5")  # the peak from here on: the solve stage alone
+    start_rss = status("VmRSS:")
     start = time.perf_counter()
     graph = units.unit_graph(2.0, [])
     built = time.perf_counter()
     result = solve(graph, 2.0, 2.0)
     done = time.perf_counter()
+largest = max((layer.coupling for layer in graph.layers), key=np.size)
 print(json.dumps({
-    "couplings": built - start, "solve": done - built, "peak": peak(), "before": start_rss,
-    "dtype": str(graph.layers[0].coupling.dtype), "steps": result.sweeps,
+    "couplings": built - start, "solve": done - built, "peak": status("VmHWM:"),
+    "before": start_rss, "dtype": str(largest.dtype), "steps": result.sweeps,
     "passes": result.passes, "norm_before": result.norm_before, "norm_after": result.norm_after,
 }))
 """
@@ -63,7 +66,11 @@ print(json.dumps({
 def run_stage(path: Path, root: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.run(
-        [sys.executable, "-c", _STAGE, str(path)], capture_output=True, text=True, env=env
+        [sys.executable, "-c", _STAGE, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,  # python -c puts the working folder first on the path
     )
     if proc.returncode != 0:
         raise SystemExit(f"{root}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
@@ -89,7 +96,9 @@ def main() -> int:
                 print(
                     f"{str(root):28s} couplings {r['couplings']:6.2f} s  solve {r['solve']:6.2f} s"
                     f"  peak RSS {r['peak'] / 2**30:5.2f} GiB ({r['peak'] / weight_bytes:4.2f}x"
-                    f" weights)  stored {r['dtype']}  {r['steps']} steps, {r['passes']} passes,"
+                    f" weights; {(r['peak'] - r['before']) / weight_bytes:4.2f}x above the"
+                    f" {r['before'] / 2**30:.2f} GiB at its start)  stored {r['dtype']}"
+                    f"  {r['steps']} steps, {r['passes']} passes,"
                     f" norm {r['norm_before']:.10g} -> {r['norm_after']:.15g}"
                 )
     finally:

@@ -3,8 +3,9 @@
 Weights read from external data are memory maps: pages are read when a computation touches
 them and then count towards the process's resident set until unmapped. :func:`release` hands
 them back once a computation is done (they stay in the page cache and are re-read
-transparently if touched again). :func:`float64_blocks` converts a tensor to float64 a block of
-rows at a time, so a float32 weight never needs more than its float64 result plus one block.
+transparently if touched again). :func:`float64_blocks` hands out a matrix a block of rows at a
+time in float64 (converted into one reused buffer when it is stored narrower), so that a float64
+computation on a float32 matrix needs no full-size float64 copy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Iterator, Sequence
 
+import ml_dtypes
 import numpy as np
 
 BLOCK_BYTES = 2**20
@@ -109,6 +111,85 @@ def row_blocks(n_rows: int, row_bytes: int) -> Iterator[slice]:
         yield slice(start, min(n_rows, start + step))
 
 
+def float64_blocks(
+    matrix: np.ndarray, block_bytes: int = BLOCK_BYTES
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, ``matrix[rows]`` in float64) over blocks of about ``block_bytes`` float64 bytes.
+
+    A float64 matrix's blocks are views; any other is converted into one buffer that every
+    block reuses (a block is only valid until the next one is asked for).
+    """
+    n_rows, n_cols = matrix.shape
+    step = max(1, block_bytes // (8 * max(n_cols, 1)))
+    buffer = None if matrix.dtype == np.float64 else np.empty((min(step, n_rows), n_cols))
+    for start in range(0, n_rows, step):
+        rows = slice(start, min(n_rows, start + step))
+        if buffer is None:
+            yield rows, matrix[rows]
+            continue
+        block = buffer[: rows.stop - rows.start]
+        np.copyto(block, matrix[rows])
+        yield rows, block
+
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# bfloat16 |w| as the bits of its magnitude (the sign bit cleared; the order is that of |w|):
+# from 2^-63 (biased exponent 64) up to below 2^64 (exponent 191), w^2 is a normal float32
+_BFLOAT16_SQUARES_FROM = np.uint16(64 << 7)
+_BFLOAT16_SQUARES_BELOW = np.uint16(191 << 7)
+
+
+def squares_fit_float32(dtype: np.typing.DTypeLike) -> bool:
+    """Whether w^2 of weights of this dtype may be exact in float32 (:func:`float32_squares`):
+    float16 always (11 significant bits square into 22, from 2^-48 to 2^32), bfloat16 (8 bits
+    into 16) while |w| stays in the range where the square is a normal float32."""
+    return np.dtype(dtype) in (np.dtype(np.float16), _BFLOAT16)
+
+
+def _bfloat16_squares_exact(block: np.ndarray) -> bool:
+    """Whether every non-zero |w| of a bfloat16 block lies in [2^-63, 2^64): no NaN or inf, no
+    square that overflows float32 or falls below its normal range."""
+    magnitude = block.view(np.uint16) & np.uint16(0x7FFF)
+    if magnitude.max(initial=0) >= _BFLOAT16_SQUARES_BELOW:
+        return False
+    # zeros wrap round to 0xFFFF here: the minimum is that of the non-zero magnitudes
+    return bool((magnitude - np.uint16(1)).min(initial=0xFFFF) >= _BFLOAT16_SQUARES_FROM - 1)
+
+
+def _square_rows(
+    weight: np.ndarray, rows: slice, out: np.ndarray, unit_max: np.ndarray | None
+) -> None:
+    """out[rows] = weight[rows] ** 2 (in out's dtype) and, if wanted, each row's largest |w|:
+    the square root of an exact square is exact, so no abs pass is needed for it."""
+    block = out[rows]
+    block[...] = weight[rows]  # the cast happens here, one block at a time
+    np.square(block, out=block)  # the sign goes anyway: no abs pass
+    if unit_max is not None:
+        unit_max[rows] = np.sqrt(block.reshape(len(block), -1).max(axis=1))
+
+
+def float32_squares(
+    weight: np.ndarray, out: np.ndarray, unit_max: np.ndarray | None = None
+) -> bool:
+    """``weight ** 2`` into the float32 array ``out``, block by block, where every square is
+    exact in float32 (:func:`squares_fit_float32`): True then. False, at the first block of a
+    bfloat16 weight outside that range (``out`` and ``unit_max`` are then partly written).
+
+    >>> out = np.empty((1, 2), np.float32)
+    >>> float32_squares(np.array([[-3.0, 0.5]], np.float16), out), out.tolist()
+    (True, [[9.0, 0.25]])
+    """
+    weight = np.asarray(weight)
+    checked = weight.dtype == _BFLOAT16
+    with np.errstate(over="ignore", invalid="ignore"):  # float16 inf and NaN: refused later
+        for rows in row_blocks(len(out), out[:1].nbytes):
+            if checked and not _bfloat16_squares_exact(weight[rows]):
+                return False
+            _square_rows(weight, rows, out, unit_max)
+    release(weight)
+    return True
+
+
 def _is_narrow_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" and dtype.itemsize <= 4
 
@@ -148,13 +229,11 @@ def abs_power(
     # refuses with the layer's name: no warning
     with np.errstate(over="ignore", invalid="ignore"):
         for rows in row_blocks(len(out), row_bytes):
+            if squares_only:
+                _square_rows(weight, rows, out, unit_max)
+                continue
             block = out[rows]
             block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
-            if squares_only:
-                np.square(block, out=block)  # the sign goes anyway: no abs pass
-                if unit_max is not None:
-                    unit_max[rows] = np.sqrt(block.reshape(len(block), -1).max(axis=1))
-                continue
             np.abs(block, out=block)
             if unit_max is not None:
                 unit_max[rows] = block.reshape(len(block), -1).max(axis=1)

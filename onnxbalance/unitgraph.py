@@ -8,6 +8,9 @@ into the solver's input, :class:`UnitGraph`, whose layers carry coupling matrice
 
     c[o, i] = sum over kernel taps / flattened positions of |W[o, i, ...]|^p
 
+in float64, or in float32 where that is exact: p = 2, one raw column per unit, and float16 or
+(in range) bfloat16 weights, whose squares float32 holds exactly (docs/algorithm.md §5).
+
 Nothing here reads ONNX or knows about the balancing algorithm (a copy only holds a tensor).
 """
 
@@ -19,7 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onnxbalance.memory import abs_power, empty_arrays, empty_populated
+from onnxbalance.memory import (
+    abs_power,
+    empty_arrays,
+    empty_populated,
+    float32_squares,
+    squares_fit_float32,
+)
 
 if TYPE_CHECKING:
     from onnx import TensorProto
@@ -32,7 +41,8 @@ FIXED = -1
 class Layer:
     """One linear map between units, as the solver sees it.
 
-    ``coupling`` is a non-negative float64 matrix of shape (rows, cols); ``row_groups[o]`` and
+    ``coupling`` is a non-negative matrix of shape (rows, cols), float64 or float32 (then its
+    entries are exact: the solver multiplies it in float64 all the same); ``row_groups[o]`` and
     ``col_groups[i]`` are scale-group indices or :data:`FIXED`.
     """
 
@@ -176,6 +186,10 @@ class ModelUnits:
         """The solver's view for the l_{p,q} norm with this ``p`` (the coupling matrices are
         allocated together: :func:`onnxbalance.memory.empty_arrays`).
 
+        A layer whose couplings are exact in float32 (:meth:`_Columns.squares_in_float32`)
+        stores them only there, half the bytes of float64; a bfloat16 weight found outside the
+        range where that holds falls back to float64.
+
         ``unit_max``: if given, each layer's per-unit largest |w| is appended to it, found
         while the couplings are built (:func:`onnxbalance.memory.abs_power`).
         """
@@ -184,14 +198,30 @@ class ModelUnits:
             (np.shape(layer.weight)[0], column.groups.size)
             for layer, column in zip(self.layers, columns, strict=True)
         ]
-        couplings = empty_arrays(shapes, np.float64)
+        narrow = [
+            column.squares_in_float32(p, layer.weight)
+            for layer, column in zip(self.layers, columns, strict=True)
+        ]
+        stores = {
+            dtype: iter(
+                empty_arrays([s for s, n in zip(shapes, narrow, strict=True) if n == wanted], dtype)
+            )
+            for dtype, wanted in ((np.float32, True), (np.float64, False))
+        }
         layers = []
-        for layer, column, out in zip(self.layers, columns, couplings, strict=True):
+        for layer, column, shape, in_float32 in zip(
+            self.layers, columns, shapes, narrow, strict=True
+        ):
             maxima = None
             if unit_max is not None:
-                maxima = np.empty(out.shape[0])
+                maxima = np.empty(shape[0])
                 unit_max.append(maxima)
-            coupling = column.couple(layer.weight, p, out, maxima)
+            coupling = next(stores[np.float32 if in_float32 else np.float64])
+            if in_float32 and not float32_squares(layer.weight, coupling, maxima):
+                coupling = empty_populated(shape, np.float64)  # bfloat16 beyond the range
+                in_float32 = False
+            if not in_float32:
+                coupling = column.couple(layer.weight, p, coupling, maxima)
             layers.append(
                 Layer(layer.name, coupling, np.asarray(layer.row_groups, np.int64), column.groups)
             )
@@ -213,6 +243,14 @@ class _Columns:
         if raw.ndim == 1 and groups.size == raw.size and np.array_equal(groups, raw):
             groups = raw  # every raw column is its own unit, in order
         return _Columns(raw, groups, column_of)
+
+    def squares_in_float32(self, p: float, weight: np.ndarray) -> bool:
+        """Whether the coupling may be stored in float32: p = 2 and each coupling column one raw
+        column (a sum of several squares is not exact in float32), of a float16 or bfloat16
+        weight (:func:`onnxbalance.memory.squares_fit_float32`)."""
+        return (
+            p == 2.0 and self.groups is self.raw and squares_fit_float32(np.asarray(weight).dtype)
+        )
 
     def couple(
         self, weight: np.ndarray, p: float, out: np.ndarray, unit_max: np.ndarray | None = None

@@ -7,6 +7,9 @@ entries, its row and column sums (empty rows and columns, dead units, and F and 
 u = 0, see curvature.start), and a float32 copy of c for products that only steer (trial points
 whose values are certified in float64 later, Hessian products).
 
+A matrix stored in float32 (unitgraph.py: only where that holds it exactly) is its own copy;
+its sums are still taken in float64, each block converted while it is in cache.
+
 The float64 matrix is read once, in blocks of rows that stay in cache, for the copy and both
 sums; the copy's minimum (float32, half the bytes), taken over a few megabytes at a time, settles
 the rest. Rounding to float32 is monotone and keeps the sign, so a positive minimum of the copy
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..memory import empty_arrays
+from ..memory import empty_arrays, float64_blocks
 from ..unitgraph import FIXED, UnitGraph
 
 SINGLE_FACTORS = 1e15
@@ -41,8 +44,10 @@ _LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, abs
 class Coupling:
     """One layer's coupling matrix as the solvers use it."""
 
-    matrix: np.ndarray  # float64
-    single: np.ndarray | None  # float32 copy, None unless _single_fits
+    matrix: np.ndarray  # float64, or float32 holding c exactly (multiplied via products.py)
+    single: (
+        np.ndarray | None
+    )  # float32 copy (``matrix`` itself if float32), None unless _single_fits
     positive: bool  # every entry > 0 (and the matrix is not empty)
     log_range: float  # bounds |log c| over the non-zero entries (0 if there are none)
     row_sums: np.ndarray  # c @ 1 in float64
@@ -135,10 +140,11 @@ def _single_fits(
 def _copy_and_sums(
     matrix: np.ndarray, single: np.ndarray | None
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, float, float]:
-    """The float32 copy (into ``single`` unless None), the row sums, the column sums, the
-    smallest entry and the smallest positive entry (inf if none) of ``matrix``, in one sweep:
-    blocks of rows small enough to stay in cache are read once from memory for all. Where
-    every entry is positive the minima come from the copy (float32 accuracy)."""
+    """The float32 copy (into ``single`` unless None or ``matrix`` itself), the row sums, the
+    column sums, the smallest entry and the smallest positive entry (inf if none) of
+    ``matrix``, in one sweep: blocks of rows small enough to stay in cache are read once from
+    memory for all, in float64 (:func:`onnxbalance.memory.float64_blocks`). Where every entry
+    is positive the minima come from the copy (float32 accuracy)."""
     rows, cols = matrix.shape
     row_sums = np.empty(rows)
     col_sums = np.zeros(cols)
@@ -147,19 +153,19 @@ def _copy_and_sums(
     # the copy's minimum is taken over many blocks at once, while they are still in cache
     chunk = step * max(1, _COPY_MIN_BYTES // (4 * cols * step))
     lead = np.ones(min(step, rows))
+    copying = single is not None and single is not matrix
     smallest = positive = np.inf
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, seen later
         for first in range(0, rows, chunk):
-            for start in range(first, min(first + chunk, rows), step):
-                block = matrix[start : start + step]
-                if single is not None:
-                    single[start : start + step] = block
-                else:
+            part = slice(first, first + chunk)
+            for block_rows, block in float64_blocks(matrix[part], _BLOCK_BYTES):
+                if copying:
+                    single[part][block_rows] = block
+                elif single is None:
                     smallest, positive = _fold_minima(block, block.min(), smallest, positive)
-                np.dot(block, ones, out=row_sums[start : start + step])
+                np.dot(block, ones, out=row_sums[part][block_rows])
                 col_sums += lead[: block.shape[0]] @ block
             if single is not None:
-                part = slice(first, first + chunk)
                 least = single[part].min()
                 smallest, positive = _fold_minima(matrix[part], least, smallest, positive)
     return single, row_sums, col_sums, smallest, positive
@@ -172,14 +178,16 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
     objective evaluated in float64 alone need not hold half the couplings' bytes again), into
     this array if one is given (its shape and float32 dtype).
     """
-    matrix = np.asarray(coupling, dtype=np.float64)
+    matrix = np.asarray(coupling)
+    if matrix.dtype != np.float32:  # float32 holds its values exactly: kept as it is
+        matrix = matrix.astype(np.float64, copy=False)
     if matrix.ndim != 2:
         raise ValueError(f"layer {layer_name!r}: coupling matrix must be 2-D")
     if not matrix.size:
         empty = np.zeros(matrix.shape[0]), np.zeros(matrix.shape[1])
         return Coupling(matrix, None, False, 0.0, *empty)
     if single is True:
-        single = np.empty(matrix.shape, dtype=np.float32)
+        single = matrix if matrix.dtype == np.float32 else np.empty(matrix.shape, np.float32)
     copy, row_sums, col_sums, smallest, smallest_positive = _copy_and_sums(
         matrix, single if single is not False else None
     )
@@ -204,11 +212,17 @@ def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ..
         single and len(shape) == 2 and bool(np.any(np.asarray(layer.col_groups) != FIXED))
         for layer, shape in zip(graph.layers, shapes, strict=True)
     ]
-    planes = [shape for shape, wanted in zip(shapes, copied, strict=True) if wanted]
+    # a matrix stored in float32 is its own copy
+    stored32 = [np.asarray(layer.coupling).dtype == np.float32 for layer in graph.layers]
+    planes = [
+        shape
+        for shape, wanted, own in zip(shapes, copied, stored32, strict=True)
+        if wanted and not own
+    ]
     copies = iter(empty_arrays(planes, np.float32))
     out = []
-    for layer, wanted in zip(graph.layers, copied, strict=True):
-        copy = next(copies) if wanted else False
+    for layer, wanted, own in zip(graph.layers, copied, stored32, strict=True):
+        copy = (own or next(copies)) if wanted else False
         coupling = summarise(layer.name, layer.coupling, copy)
         _check_shapes(layer, *coupling.matrix.shape)
         out.append(coupling)
@@ -246,6 +260,6 @@ def check_graph(graph: UnitGraph) -> None:
         if matrix.ndim != 2:
             raise ValueError(f"layer {layer.name!r}: coupling matrix must be 2-D")
         if matrix.size:
-            _check_values(layer.name, float(matrix.sum()), float(matrix.min()))
+            _check_values(layer.name, float(matrix.sum(dtype=np.float64)), float(matrix.min()))
         _check_shapes(layer, *matrix.shape)
     _check_ranges(graph)

@@ -56,6 +56,7 @@ from . import lowrank
 from .couplings import SINGLE_FACTORS
 from .objective import _accumulate
 from .points import LayerState, Parts, Point, _point, evaluate, start
+from .products import times, transposed_times
 from .sparse import Coordinates, Factor
 from .workspace import Workspace, _group_values, _LayerStructure, aggregates
 
@@ -72,7 +73,7 @@ def _fractions(
         product = structure.free32 @ (state.col_factor[:, None] * block).astype(np.float32)
         product = product.astype(np.float64)
     else:
-        product = free @ (state.col_factor[:, None] * block)
+        product = times(free, state.col_factor[:, None] * block)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(state.sums[:, None] > 0, product / state.sums[:, None], 0.0)
 
@@ -195,10 +196,12 @@ class Curvature:
                 result += _accumulate(p * p * r * r * state.load * v_rows, layer.row_groups, n)
                 continue
             v_cols = v[layer.col_groups]
-            d = p * (v_rows - inverse * (matrix @ (col_factor * v_cols.astype(matrix.dtype))))
+            # in float32 where col_factor is (the copy's products), else in float64
+            x = col_factor * v_cols.astype(col_factor.dtype)
+            d = p * (v_rows - inverse * times(matrix, x))
             result += _accumulate(p * r * r * state.load * d, layer.row_groups, n)
             y = state.row_weight * (p * r * (r - 1.0) * d + r * p * p * v_rows)
-            back = scale * (matrix.T @ y.astype(matrix.dtype)).astype(np.float64)
+            back = scale * transposed_times(matrix, y.astype(col_factor.dtype)).astype(np.float64)
             column = r * p * p * v_cols * state.col_out - state.col_scale * back
             result += np.bincount(layer.col_groups, weights=column, minlength=n)
         return np.where(workspace.movable, result * size, 0.0)

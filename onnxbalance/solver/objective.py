@@ -33,6 +33,7 @@ import numpy as np
 
 from ..unitgraph import FIXED, UnitGraph
 from .couplings import Coupling, check_graph, summarise_graph
+from .products import times, transposed_times
 
 __all__ = ["Loads", "Objective", "check_graph", "movable_groups"]
 
@@ -96,7 +97,8 @@ class _Side:
 @dataclass(frozen=True)
 class _PreparedLayer:
     name: str
-    free: np.ndarray  # coupling restricted to columns of movable groups, C-contiguous float64
+    free: np.ndarray  # coupling restricted to columns of movable groups, C-contiguous (float64,
+    # or float32 holding it exactly: multiplied through products.py)
     fixed_row_sum: np.ndarray  # per row: sum of the coupling over fixed columns
     row_groups: np.ndarray
     col_groups: np.ndarray  # groups of the columns of ``free`` (never FIXED)
@@ -106,7 +108,8 @@ class _PreparedLayer:
     free_col_sums: np.ndarray  # c.T @ 1 over the free columns
     row_sums: np.ndarray  # c @ 1 over all columns (rho at u = 0)
     log_range: float  # largest |log| of a non-zero coupling
-    single: np.ndarray | None  # float32 copy of free (couplings.py), or None
+    single: np.ndarray | None  # float32 copy of free (couplings.py; ``free`` itself if that is
+    # float32), or None
 
     # Masks and logs that only the log-domain path and r != 1 read, made on first use.
     @cached_property
@@ -149,9 +152,12 @@ def _prepare(
             log_range = summary.log_range
         else:
             col_groups = col_groups[movable]
-            fixed_row_sum = coupling[:, ~movable].sum(axis=1)
+            fixed_row_sum = coupling[:, ~movable].sum(axis=1, dtype=np.float64)
             free = np.ascontiguousarray(coupling[:, movable])
-            single = _single_columns(summary, movable)
+            if summary.single is coupling:  # stored in float32: its own copy, and so is free
+                single = free if free.shape[1] else None
+            else:
+                single = _single_columns(summary, movable)
             # Row and column sums come with the summary: empty rows and columns cost no pass.
             free_col_sums = summary.col_sums[movable]
             log_range = max(summary.log_range, _log_range(fixed_row_sum))
@@ -221,7 +227,8 @@ the largest entry of the whole layer, not of their own row): such rows are redon
 def _log_sum_terms(block: np.ndarray, log_factors: np.ndarray, extra: np.ndarray | None):
     """log sum_j block[k, j] exp(log_factors[j]) for every row k of ``block``, by log-sum-exp
     within the row; ``extra`` is the log of one more term per row (fixed columns) or None."""
-    terms = np.log(block) + log_factors[None, :]
+    terms = np.log(block, dtype=np.float64)  # float32 couplings too: their logs in float64
+    terms += log_factors[None, :]
     if extra is not None:
         terms = np.concatenate([terms, extra[:, None]], axis=1)
     top = terms.max(axis=1)
@@ -361,7 +368,7 @@ class Objective:
                     top = 0.0
                 factors = col_log - top
                 np.exp(factors, out=factors)
-                sums = layer.free @ factors
+                sums = times(layer.free, factors)
                 if layer.has_fixed_columns:
                     sums += layer.fixed_row_sum * np.exp(-top)
                 redo = sums < _TINY
@@ -431,7 +438,7 @@ class Objective:
                 col_factor = None
                 if layer.col_groups.size:
                     col_factor = layer.cols.gather(inverse)
-                    sums = layer.free @ col_factor
+                    sums = times(layer.free, col_factor)
                     if layer.has_fixed_columns:
                         sums += layer.fixed_row_sum
                 else:
@@ -450,7 +457,9 @@ class Objective:
                 layer.rows.scatter(incoming, row_load)
                 if col_factor is None:
                     continue
-                back = layer.free_col_sums if weight is None else layer.free.T @ weight
+                back = (
+                    layer.free_col_sums if weight is None else transposed_times(layer.free, weight)
+                )
                 layer.cols.scatter(outgoing, back * col_factor)
         return Loads(value, incoming, outgoing)
 
@@ -485,7 +494,7 @@ class Objective:
                 if not np.isfinite(top):
                     continue
                 weights = log_weight - top
-                back = layer.free.T @ np.exp(weights, out=weights)
+                back = transposed_times(layer.free, np.exp(weights, out=weights))
                 redo = (back < _TINY) & ~layer.zero_cols
                 log_back = np.log(back, out=back)
                 if redo.any():

@@ -18,6 +18,7 @@ import numpy as np
 
 from .couplings import SINGLE_FACTORS
 from .objective import _DIRECT_LIMIT, _TINY, _accumulate
+from .products import both_times, times, transposed_times
 from .workspace import Workspace, _group_values
 
 FAST_LIMIT = 30.0  # largest |p u| for which evaluate(fast=True) uses the float32 copies
@@ -141,7 +142,7 @@ def start(workspace: Workspace) -> Point:
                 objective.layers, rows.row_slices, rows.col_slices, strict=True
             ):
                 if col_part.start < col_part.stop:
-                    np.dot(row_weight[row_part], layer.free, out=back[col_part])
+                    transposed_times(layer.free, row_weight[row_part], out=back[col_part])
         moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
     parts = Parts(load, sums, col_factor, row_weight, back * col_factor, moving)
     return _point(workspace, np.zeros(n), parts, True)
@@ -188,7 +189,7 @@ def _evaluate_direct(
         back = small.back(row_factor, col_factor.size)
         for index in small.large:
             row_part, col_part = rows.row_slices[index], rows.col_slices[index]
-            _both_products(
+            both_times(
                 objective.layers[index].free,
                 col_factor[col_part],
                 row_factor[row_part],
@@ -209,7 +210,7 @@ def _evaluate_direct(
         if single is not None:
             np.dot(single, x32[col_part], out=sums32[row_part])
         else:
-            sums[row_part] += layer.free @ col_factor[col_part]
+            sums[row_part] += times(layer.free, col_factor[col_part])
     if sums32 is not None:
         sums += sums32
     rho = sums * row_factor
@@ -234,27 +235,13 @@ def _evaluate_direct(
         if single is not None and y32 is not None:
             np.dot(y32[row_part], single, out=back32[col_part])
         else:
-            np.dot(row_weight[row_part], layer.free, out=back[col_part])
+            transposed_times(layer.free, row_weight[row_part], out=back[col_part])
     if back32 is not None:  # each column's product is in back32 or in back, 0 in the other
         back += back32
     with np.errstate(over="ignore"):  # an outgoing load may overflow where F does
         col_out = back * col_factor
     parts = Parts(load, sums, col_factor, row_weight, col_out, moving)
     return _point(workspace, log_scales, parts, exact)
-
-
-_BLOCK_BYTES = 1 << 19  # rows of float64 couplings per block (half a typical L2 cache)
-
-
-def _both_products(
-    matrix: np.ndarray, x: np.ndarray, y: np.ndarray, rows_out: np.ndarray, cols_out: np.ndarray
-) -> None:
-    """rows_out += matrix @ x and cols_out += y @ matrix, block of rows by block of rows."""
-    step = max(1, _BLOCK_BYTES // (8 * max(matrix.shape[1], 1)))
-    for start in range(0, matrix.shape[0], step):
-        block = matrix[start : start + step]
-        rows_out[start : start + step] += block @ x
-        cols_out += y[start : start + step] @ block
 
 
 def _evaluate_shifted(workspace: Workspace, log_scales: np.ndarray) -> Point:
@@ -280,7 +267,7 @@ def _evaluate_shifted(workspace: Workspace, log_scales: np.ndarray) -> Point:
             top = max(float(col_log.max()) if col_log.size else 0.0, 0.0)
             col_factor = np.exp(col_log - top)
             fixed = layer.fixed_row_sum * np.exp(-top)
-            sums = fixed + layer.free @ col_factor if col_log.size else fixed
+            sums = fixed + times(layer.free, col_factor) if col_log.size else fixed
             moving = np.where(sums > 0, 1.0 - fixed / sums, 0.0)
             log_rho = row_log + top + np.log(sums)  # -inf for rows with only zero couplings
             suspect = suspect or bool(np.any((sums < _TINY) & ~layer.empty_rows))
@@ -293,7 +280,7 @@ def _evaluate_shifted(workspace: Workspace, log_scales: np.ndarray) -> Point:
             if col_log.size and np.isfinite(top2):
                 row_weight = np.exp(log_weight - top2)
                 col_scale = np.exp(col_log + top2)
-                back = layer.free.T @ row_weight
+                back = transposed_times(layer.free, row_weight)
                 suspect = suspect or bool(np.any((back < _TINY) & ~layer.zero_cols))
                 col_out = np.where(back > 0, np.exp(col_log + top2 + np.log(back)), 0.0)
                 outgoing += np.bincount(layer.col_groups, weights=col_out, minlength=n)

@@ -1,0 +1,67 @@
+"""Float64 products with a coupling matrix, whatever its storage.
+
+A coupling matrix is float64, or float32 where that holds it exactly (the squares of float16
+weights, unitgraph.py). numpy's ``float32_matrix @ float64_vector`` casts the whole matrix to a
+float64 temporary, the very copy that float32 storage saves; here such a matrix is multiplied a
+block of rows at a time, each block converted to float64 while it stays in cache, so the result
+is the float64 product of the exact couplings. Float64 matrices, and products asked in float32
+(a float32 vector: the solver's steering phase), go straight to BLAS as one call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..memory import float64_blocks
+
+BLOCK_BYTES = 1 << 19
+"""Float64 bytes of a block of rows (half a typical L2 cache): converted, then read from cache
+by one or two products."""
+
+
+def _widens(matrix: np.ndarray, vector: np.ndarray) -> bool:
+    """Whether numpy would cast ``matrix`` whole to multiply it with ``vector``."""
+    return matrix.dtype != np.float64 and np.result_type(matrix, vector) == np.float64
+
+
+def times(matrix: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``matrix @ x`` (x a vector, or a matrix of column vectors), into ``out`` if given.
+
+    >>> times(np.array([[1.0, 2.0]], np.float32), np.array([0.5, 0.25])).tolist()
+    [1.0]
+    """
+    if not _widens(matrix, x):
+        return np.dot(matrix, x, out=out)
+    if out is None:
+        out = np.empty((matrix.shape[0], *np.shape(x)[1:]))
+    for rows, block in float64_blocks(matrix, BLOCK_BYTES):
+        np.dot(block, x, out=out[rows])
+    return out
+
+
+def transposed_times(
+    matrix: np.ndarray, y: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``matrix.T @ y`` for a vector y, into ``out`` if given.
+
+    >>> transposed_times(np.array([[1.0, 2.0]], np.float32), np.array([0.5])).tolist()
+    [0.5, 1.0]
+    """
+    if not _widens(matrix, y):
+        return np.dot(y, matrix, out=out)
+    if out is None:
+        out = np.empty(matrix.shape[1])
+    out[...] = 0.0
+    for rows, block in float64_blocks(matrix, BLOCK_BYTES):
+        out += y[rows] @ block
+    return out
+
+
+def both_times(
+    matrix: np.ndarray, x: np.ndarray, y: np.ndarray, rows_out: np.ndarray, cols_out: np.ndarray
+) -> None:
+    """rows_out += matrix @ x and cols_out += matrix.T @ y, each block of rows read from memory
+    once for both (and converted once, for a float32 matrix)."""
+    for rows, block in float64_blocks(matrix, BLOCK_BYTES):
+        rows_out[rows] += block @ x
+        cols_out += y[rows] @ block
