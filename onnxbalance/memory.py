@@ -156,16 +156,35 @@ def _bfloat16_squares_exact(block: np.ndarray) -> bool:
     return bool((magnitude - np.uint16(1)).min(initial=0xFFFF) >= _BFLOAT16_SQUARES_FROM - 1)
 
 
-def _square_rows(
-    weight: np.ndarray, rows: slice, out: np.ndarray, unit_max: np.ndarray | None
-) -> None:
-    """out[rows] = weight[rows] ** 2 (in out's dtype) and, if wanted, each row's largest |w|:
-    the square root of an exact square is exact, so no abs pass is needed for it."""
-    block = out[rows]
-    block[...] = weight[rows]  # the cast happens here, one block at a time
+def _square_into(source: np.ndarray, block: np.ndarray, maxima: np.ndarray | None) -> None:
+    """block = source ** 2 (in block's dtype) and, if wanted, each row's largest |w| into
+    ``maxima``: the square root of an exact square is exact, so no abs pass is needed for it."""
+    block[...] = source  # the cast happens here, one block at a time
     np.square(block, out=block)  # the sign goes anyway: no abs pass
-    if unit_max is not None:
-        unit_max[rows] = np.sqrt(block.reshape(len(block), -1).max(axis=1))
+    if maxima is not None:
+        maxima[...] = np.sqrt(block.reshape(len(block), -1).max(axis=1))
+
+
+def _power_into(
+    source: np.ndarray, block: np.ndarray, p: float, squares_only: bool, maxima: np.ndarray | None
+) -> None:
+    """block = |source| ** p in float64 and, if wanted, each row's largest |w| into
+    ``maxima`` (:func:`abs_power`'s work on one block of rows)."""
+    if squares_only:
+        _square_into(source, block, maxima)
+        return
+    block[...] = source  # the cast to float64 happens here, one block at a time
+    np.abs(block, out=block)
+    if maxima is not None:
+        maxima[...] = block.reshape(len(block), -1).max(axis=1)
+    if p == 2.0:
+        np.square(block, out=block)
+    elif p != 1.0:
+        np.power(block, p, out=block)
+
+
+def _rows_of(unit_max: np.ndarray | None, rows: slice) -> np.ndarray | None:
+    return None if unit_max is None else unit_max[rows]
 
 
 def float32_squares(
@@ -185,7 +204,7 @@ def float32_squares(
         for rows in row_blocks(len(out), out[:1].nbytes):
             if checked and not _bfloat16_squares_exact(weight[rows]):
                 return False
-            _square_rows(weight, rows, out, unit_max)
+            _square_into(weight[rows], out[rows], _rows_of(unit_max, rows))
     release(weight)
     return True
 
@@ -221,26 +240,52 @@ def abs_power(
         with np.errstate(over="ignore", invalid="ignore"):
             out[...] = np.abs(weight.astype(np.float64)) ** p
         return out
-    row_bytes = out[0].nbytes
-    # float32 and narrower weights square exactly in float64 (no overflow, no underflow), and
-    # the square root of an exact square is exact: their largest |w| needs no abs pass
-    squares_only = p == 2.0 and (unit_max is None or _is_narrow_float(weight.dtype))
+    squares_only = _squares_only(p, weight.dtype, unit_max)
     # huge weights give inf here, and NaN weights (signalling ones too) NaN, which the solver
     # refuses with the layer's name: no warning
     with np.errstate(over="ignore", invalid="ignore"):
-        for rows in row_blocks(len(out), row_bytes):
-            if squares_only:
-                _square_rows(weight, rows, out, unit_max)
-                continue
-            block = out[rows]
-            block[...] = weight[rows]  # the cast to float64 happens here, one block at a time
-            np.abs(block, out=block)
-            if unit_max is not None:
-                unit_max[rows] = block.reshape(len(block), -1).max(axis=1)
-            if p == 2.0:
-                np.square(block, out=block)
-            elif p != 1.0:
-                np.power(block, p, out=block)
+        for rows in row_blocks(len(out), out[0].nbytes):
+            _power_into(weight[rows], out[rows], p, squares_only, _rows_of(unit_max, rows))
+    release(weight)
+    return out
+
+
+def _squares_only(p: float, dtype: np.dtype, unit_max: np.ndarray | None) -> bool:
+    """Whether |w|^p is w^2 with nothing else wanted: float32 and narrower weights square
+    exactly in float64 (no overflow, no underflow), and the square root of an exact square is
+    exact, so their largest |w| needs no abs pass."""
+    return p == 2.0 and (unit_max is None or _is_narrow_float(dtype))
+
+
+def abs_power_runs(
+    weight: np.ndarray,
+    p: float,
+    starts: np.ndarray,
+    out: np.ndarray,
+    order: np.ndarray | None = None,
+    unit_max: np.ndarray | None = None,
+) -> np.ndarray:
+    """Sums of ``|weight| ** p`` over runs of columns, into the float64 ``out`` (rows, runs):
+    run k takes columns starts[k] up to starts[k + 1] of the 2-D weight, its columns first put
+    in ``order`` if given (``np.add.reduceat``). Block by block like :func:`abs_power`, so the
+    powers never exist whole: one block of rows at a time, in one reused buffer.
+
+    >>> out = np.empty((1, 2))
+    >>> abs_power_runs(np.array([[1.0, -2.0, 3.0]]), 2.0, np.array([0, 1]), out).tolist()
+    [[1.0, 13.0]]
+    """
+    weight = np.asarray(weight)
+    n_rows, n_cols = weight.shape
+    squares_only = _squares_only(p, weight.dtype, unit_max)
+    buffer = None
+    with np.errstate(over="ignore", invalid="ignore"):  # as in abs_power
+        for rows in row_blocks(n_rows, 8 * n_cols):
+            if buffer is None:
+                buffer = np.empty((rows.stop - rows.start, n_cols))
+            block = buffer[: rows.stop - rows.start]
+            _power_into(weight[rows], block, p, squares_only, _rows_of(unit_max, rows))
+            ordered = block if order is None else block[:, order]
+            np.add.reduceat(ordered, starts, axis=1, out=out[rows])
     release(weight)
     return out
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from onnxbalance.memory import (
     abs_power,
+    abs_power_runs,
     empty_arrays,
     empty_populated,
     float32_squares,
@@ -260,15 +261,14 @@ class _Columns:
         raw, groups, column_of = self.raw, self.groups, self.column_of
         if groups is raw:
             return abs_power(weight, p, out, unit_max)  # block-wise: no full-size temporaries
-        powered = abs_power(weight, p, unit_max=unit_max)
         if raw.ndim == 1:
             order = np.argsort(column_of, kind="stable")
-            if np.array_equal(order, np.arange(len(order))):
-                ordered = powered  # already grouped in runs (Flatten, all-fixed inputs): no copy
-            else:
-                ordered = powered[:, order]
             starts = np.searchsorted(column_of[order], np.arange(len(groups)))
-            return np.add.reduceat(ordered, starts, axis=1, out=out)
+            if np.array_equal(order, np.arange(len(order))):
+                order = None  # already grouped in runs (Flatten, all-fixed inputs): no copy
+            # a block of rows at a time: the powers of all raw columns never exist whole
+            return abs_power_runs(weight, p, starts, out, order, unit_max)
+        powered = abs_power(weight, p, unit_max=unit_max)
         n_rows = powered.shape[0]
         flat_index = np.arange(n_rows)[:, None] * len(groups) + column_of.reshape(raw.shape)
         out.ravel()[:] = np.bincount(

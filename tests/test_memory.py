@@ -135,3 +135,20 @@ def test_empty_arrays_share_one_allocation_below_the_populate_size(monkeypatch, 
     apart = memory.empty_arrays(shapes, dtype)
     assert [a.shape for a in apart] == shapes
     assert not np.shares_memory(apart[0], apart[2], max_work=None)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("p", [2.0, 1.0, 0.7])
+def test_abs_power_runs_sums_the_powers_block_by_block(monkeypatch, dtype, p):
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 100)  # two rows of 7 float64 columns a block
+    weight = (np.random.default_rng(2).standard_normal((11, 7)) * 4).astype(dtype)
+    powers = np.abs(weight.astype(np.float64)) ** p
+    order = np.array([3, 0, 5, 1, 2, 6, 4])
+    starts = np.array([0, 2, 3])
+    for permuted in (order, None):
+        columns = powers if permuted is None else powers[:, permuted]
+        expected = np.stack([columns[:, 0:2].sum(1), columns[:, 2], columns[:, 3:].sum(1)], 1)
+        maxima = np.full(11, np.nan)
+        out = memory.abs_power_runs(weight, p, starts, np.empty((11, 3)), permuted, maxima)
+        np.testing.assert_allclose(out, expected, rtol=1e-15)
+        np.testing.assert_array_equal(maxima, np.abs(weight.astype(np.float64)).max(axis=1))
