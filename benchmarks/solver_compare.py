@@ -57,7 +57,7 @@ from onnxbalance.solver import (
 from onnxbalance.solver.couplings import summarise_graph  # noqa: E402
 from onnxbalance.solver.mu import step_size  # noqa: E402
 from onnxbalance.solver.objective import Objective  # noqa: E402
-from onnxbalance.solver.points import _both_products  # noqa: E402
+from onnxbalance.solver.products import both_times  # noqa: E402
 from onnxbalance.unitgraph import FIXED, Layer, UnitGraph  # noqa: E402
 
 P = Q = 2.0
@@ -254,7 +254,7 @@ def products_alone(graph: UnitGraph, single: int, double: int) -> float:
     """Seconds of the solve's memory-bound work without its logic: the coupling summary (one
     read of every float64 coupling, writing the float32 copies), then ``single`` evaluations'
     two products with the copies and ``double`` with the float64 couplings, as the solver makes
-    them (points._both_products for r = 1)."""
+    them (products.both_times for r = 1)."""
     start = time.perf_counter()
     couplings = [c for c in summarise_graph(graph) if c.single is not None]
     for _ in range(single):
@@ -264,7 +264,7 @@ def products_alone(graph: UnitGraph, single: int, double: int) -> float:
     for _ in range(double):
         for c in couplings:
             rows, cols = c.matrix.shape
-            _both_products(c.matrix, np.ones(cols), np.ones(rows), np.zeros(rows), np.zeros(cols))
+            both_times(c.matrix, np.ones(cols), np.ones(rows), np.zeros(rows), np.zeros(cols))
     return time.perf_counter() - start
 
 
