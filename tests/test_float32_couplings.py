@@ -218,8 +218,13 @@ def test_products_of_float32_matrices_are_float64_products(shape, monkeypatch):
     np.testing.assert_allclose(rows_out, 1 + wide @ x, rtol=1e-14)
     np.testing.assert_allclose(cols_out, 1 + wide.T @ y, rtol=1e-14)
     assert times(matrix, x).dtype == transposed_times(matrix, y).dtype == np.float64
-    # float32 vectors multiply in float32 (the steering phase's products)
+    # float32 vectors multiply in float32 (the steering phase's products); both_times adds
+    # each block's float32 products into float64 outputs
     assert times(matrix, x.astype(np.float32)).dtype == np.float32
+    rows_out, cols_out = np.zeros(shape[0]), np.zeros(shape[1])
+    both_times(matrix, x.astype(np.float32), y.astype(np.float32), rows_out, cols_out)
+    np.testing.assert_allclose(rows_out, wide @ x, rtol=1e-6)
+    np.testing.assert_allclose(cols_out, wide.T @ y, rtol=1e-6)
     # no float64 copy of the matrix: a few rows at a time
     tracemalloc.start()
     try:

@@ -45,9 +45,7 @@ class Coupling:
     """One layer's coupling matrix as the solvers use it."""
 
     matrix: np.ndarray  # float64, or float32 holding c exactly (multiplied via products.py)
-    single: (
-        np.ndarray | None
-    )  # float32 copy (``matrix`` itself if float32), None unless _single_fits
+    single: np.ndarray | None  # float32 copy (matrix itself if float32); None unless _single_fits
     positive: bool  # every entry > 0 (and the matrix is not empty)
     log_range: float  # bounds |log c| over the non-zero entries (0 if there are none)
     row_sums: np.ndarray  # c @ 1 in float64

@@ -182,28 +182,26 @@ def _evaluate_direct(
     singles = [layer.single if fast else None for layer in objective.layers]
     exact = not any(single is not None for single in singles)
     small = rows.small
-    if exact and r == 1.0:
+    x32 = None if exact else col_factor.astype(np.float32)
+    sums += small.products(col_factor, sums.size)
+    if r == 1.0:
         # rho^(r-1) = 1: both products are known up front, so each block of rows is read
-        # from memory once for both
-        sums += small.products(col_factor, sums.size)
+        # from memory once for both (from the float32 copy where there is one: fast)
         back = small.back(row_factor, col_factor.size)
+        y32 = None if exact else row_factor.astype(np.float32)
         for index in small.large:
             row_part, col_part = rows.row_slices[index], rows.col_slices[index]
-            both_times(
-                objective.layers[index].free,
-                col_factor[col_part],
-                row_factor[row_part],
-                sums[row_part],
-                back[col_part],
-            )
+            single = singles[index]
+            matrix, x, y = objective.layers[index].free, col_factor, row_factor
+            if single is not None:
+                matrix, x, y = single, x32, y32
+            both_times(matrix, x[col_part], y[row_part], sums[row_part], back[col_part])
         with np.errstate(divide="ignore", invalid="ignore"):
             moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
         load = sums * row_factor
         parts = Parts(load, sums, col_factor, row_factor, back * col_factor, moving)
-        return _point(workspace, log_scales, parts, True)
-    x32 = None if exact else col_factor.astype(np.float32)
+        return _point(workspace, log_scales, parts, exact)
     sums32 = None if exact else np.zeros(sums.size, dtype=np.float32)
-    sums += small.products(col_factor, sums.size)
     for index in small.large:
         layer, single = objective.layers[index], singles[index]
         row_part, col_part = rows.row_slices[index], rows.col_slices[index]
@@ -216,17 +214,14 @@ def _evaluate_direct(
     rho = sums * row_factor
     # a trial point far out may overflow: its F is then infinite and the step is refused
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if r == 1.0:
-            load, row_weight = rho, row_factor
-        else:
-            load = rho**r
-            # rho^(r-1) without a second power; rho = 0 rows carry nothing back
-            row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
+        load = rho**r
+        # rho^(r-1) without a second power; rho = 0 rows carry nothing back
+        row_weight = np.where(rho > 0, load / rho, 0.0) * row_factor
         moving = np.where(sums > 0, 1.0 - rows.fixed_row_sum / sums, 0.0)
     with np.errstate(over="ignore", invalid="ignore"):
         back = small.back(row_weight, col_factor.size)
     y32 = back32 = None
-    if not exact and (r == 1.0 or row_weight.max(initial=0.0) < SINGLE_FACTORS):
+    if not exact and row_weight.max(initial=0.0) < SINGLE_FACTORS:
         y32 = row_weight.astype(np.float32)
         back32 = np.zeros(col_factor.size, dtype=np.float32)
     for index in small.large:

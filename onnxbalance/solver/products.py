@@ -61,7 +61,21 @@ def both_times(
     matrix: np.ndarray, x: np.ndarray, y: np.ndarray, rows_out: np.ndarray, cols_out: np.ndarray
 ) -> None:
     """rows_out += matrix @ x and cols_out += matrix.T @ y, each block of rows read from memory
-    once for both (and converted once, for a float32 matrix)."""
-    for rows, block in float64_blocks(matrix, BLOCK_BYTES):
+    once for both (and converted once, for a float32 matrix with float64 vectors). With float32
+    vectors the products are float32 ones, each block's added into the outputs (float64 ones
+    sum the blocks' float32 products without further rounding)."""
+    for rows, block in _row_blocks(matrix, x):
         rows_out[rows] += block @ x
         cols_out += y[rows] @ block
+
+
+def _row_blocks(matrix: np.ndarray, vector: np.ndarray):
+    """(rows, block) over blocks of about BLOCK_BYTES, in float64 if the product is float64."""
+    if _widens(matrix, vector):
+        yield from float64_blocks(matrix, BLOCK_BYTES)
+        return
+    n_rows, n_cols = matrix.shape
+    step = max(1, BLOCK_BYTES // (matrix.itemsize * max(n_cols, 1)))
+    for start in range(0, n_rows, step):
+        rows = slice(start, min(n_rows, start + step))
+        yield rows, matrix[rows]
