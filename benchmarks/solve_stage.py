@@ -1,8 +1,8 @@
 """Memory and time of the solve stage alone on a large external-data model (float16 by default).
 
-Generates the Gemm+Relu MLP of ``big_model.py`` and, in a fresh process, loads and analyses it,
-then resets the process's peak resident set (``/proc/self/clear_refs``) and times the two parts
-of the solve stage: building the coupling matrices (``ModelUnits.unit_graph``) and solving
+Generates the Gemm+Relu MLP of ``big_model.py`` (or its decoder, ``--arch decoder``) and, in a
+fresh process, loads and analyses it, then resets the process's peak resident set
+(``/proc/self/clear_refs``) and times the two parts of the solve stage: building the coupling matrices (``ModelUnits.unit_graph``) and solving
 (``onnxbalance.solver.solve``). Printed: seconds of each, the stage's peak RSS in GiB and as a
 multiple of the weight bytes (whole, and above the resident set at its start), the dtype the
 largest coupling matrix is stored in, and the solver's steps, passes and norms (equal norms
@@ -12,7 +12,7 @@ across versions show that the same minimum was found).
 before/after comparison under the same machine load); ``--repeat`` alternates the roots.
 
     PYTHONPATH=. python benchmarks/solve_stage.py [--gb 0.5] [--dtype float16] [--width 8192]
-        [--root /path/to/other/checkout] [--repeat 1]
+        [--arch mlp|decoder] [--root /path/to/other/checkout] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from big_model import DTYPES, generate  # noqa: E402
+from big_model import DTYPES, generate, generate_decoder  # noqa: E402
 
 _STAGE = """
 import json, sys, time
@@ -80,7 +80,8 @@ def run_stage(path: Path, root: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=0.5, help="total weight size in GiB")
-    parser.add_argument("--width", type=int, default=8192)
+    parser.add_argument("--width", type=int, default=8192, help="MLP width / decoder hidden")
+    parser.add_argument("--arch", choices=("mlp", "decoder"), default="mlp", help="big_model's")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     parser.add_argument("--root", type=Path, action="append", default=[], help="other checkout")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each root, alternated")
@@ -88,8 +89,12 @@ def main() -> int:
     options = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="onnxbalance-solve-", dir=options.dir))
     try:
-        path, weight_bytes = generate(folder, options.gb, options.width, dtype=options.dtype)
-        print(f"{options.dtype} weights {weight_bytes / 2**30:.2f} GiB, width {options.width}")
+        make = generate if options.arch == "mlp" else generate_decoder
+        path, weight_bytes = make(folder, options.gb, options.width, dtype=options.dtype)
+        print(
+            f"{options.arch}, {options.dtype} weights {weight_bytes / 2**30:.2f} GiB, width "
+            f"{options.width}"
+        )
         for _ in range(options.repeat):
             for root in [ROOT, *options.root]:
                 r = run_stage(path, root.resolve())

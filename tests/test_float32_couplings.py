@@ -177,11 +177,20 @@ def test_bfloat16_out_of_range_falls_back_to_float64(bad):
     np.testing.assert_array_equal(unit_max[1][4:], np.abs(rest).max(axis=1))
 
 
-def test_bfloat16_edges_of_the_range_stay_float32():
+def test_bfloat16_edges_of_the_range_stay_float32(monkeypatch):
     weight = np.array([[2.0**-63, -(2.0**64 - 2.0**56)], [0.0, -0.0]], dtype=BFLOAT16)
     out = np.empty((2, 2), np.float32)
     assert memory.float32_squares(weight, out)
     np.testing.assert_array_equal(out, np.float64(weight) ** 2)
+    # a MatMul's weight is read transposed, in tiles of columns: the same squares and checks
+    monkeypatch.setattr(memory, "_TILE", 2)
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 16)
+    stored = np.random.default_rng(1).standard_normal((7, 5)).astype(BFLOAT16)
+    out = np.empty((5, 7), np.float32)
+    assert memory.float32_squares(stored.T, out)
+    np.testing.assert_array_equal(out, np.float64(stored.T) ** 2)
+    stored[6, 4] = 2.0**-64
+    assert not memory.float32_squares(stored.T, out)
 
 
 @settings(max_examples=80, deadline=None)
