@@ -4,8 +4,9 @@ A coupling matrix is float64, or float32 where that holds it exactly (the square
 weights, unitgraph.py). numpy's ``float32_matrix @ float64_vector`` casts the whole matrix to a
 float64 temporary, the very copy that float32 storage saves; here such a matrix is multiplied a
 block of rows at a time, each block converted to float64 while it stays in cache, so the result
-is the float64 product of the exact couplings. Float64 matrices, and products asked in float32
-(a float32 vector: the solver's steering phase), go straight to BLAS as one call.
+is the float64 product of the exact couplings. :func:`times` and :func:`transposed_times` hand
+float64 matrices, and products asked in float32 (float32 vectors: the solver's steering phase),
+to BLAS as one call; :func:`both_times` reads each block of rows once for its two products.
 """
 
 from __future__ import annotations
