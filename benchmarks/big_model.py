@@ -245,13 +245,17 @@ print(time.perf_counter() - start)
 """
 
 
-def measure(args: list[str], env: dict[str, str]) -> dict[str, float | str]:
-    """Run a command; return wall seconds, peak RSS bytes, exit code and its last stderr line."""
+def measure(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> dict[str, float | str]:
+    """Run a command in ``cwd``; return wall seconds, peak RSS bytes, exit code and its last
+    stderr line. (``python -m`` imports from its working folder first: run from the
+    repository's, it would take that tree's onnxbalance whatever PYTHONPATH says.)"""
     timer = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     command = [timer, "-v", *args] if timer else args
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - start
     peak = None
     if timer:
@@ -274,11 +278,11 @@ def measure(args: list[str], env: dict[str, str]) -> dict[str, float | str]:
     }
 
 
-def _best(command: list[str], env: dict[str, str], repeat: int, name: str) -> dict:
+def _best(command: list[str], env: dict[str, str], repeat: int, name: str, cwd: Path) -> dict:
     """The fastest of ``repeat`` runs of ``command``, printed."""
     best = None
     for _ in range(repeat):
-        result = measure(command, env)
+        result = measure(command, env, cwd)
         if result["code"] != 0:
             print(f"{name}: exit {result['code']}: {result['stderr']}")
         if best is None or result["wall"] < best["wall"]:
@@ -353,7 +357,7 @@ def main() -> int:
         trees = {"": ROOT} if options.before is None else {"": ROOT, " [before]": options.before}
         results = {"onnx load+save": _best(
             [sys.executable, "-c", _BASELINE, str(path), str(folder / "copy.onnx")],
-            env, options.repeat, "onnx load+save",
+            env, options.repeat, "onnx load+save", folder,
         )}  # fmt: skip
         for suffix, tree in trees.items():
             tree_env = dict(os.environ, PYTHONPATH=str(tree))
@@ -363,7 +367,9 @@ def main() -> int:
                 ("--no-verify", ["--no-verify", "--quiet"], options.repeat),
                 ("verified", ["--quiet", "--report", str(report)], 1),
             ):
-                results[name + suffix] = _best(balance + extra, tree_env, repeat, name + suffix)
+                results[name + suffix] = _best(
+                    balance + extra, tree_env, repeat, name + suffix, folder
+                )
             _summary(results, suffix, weight_bytes, report, options.dtype)
     finally:
         if options.keep:
