@@ -662,6 +662,13 @@ def _run_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     # No packed copies of the weights: verification runs once, and memory matters more.
     options.add_session_config_entry("session.disable_prepacking", "1")
+    # A float16 weight reaches onnxruntime's float32 kernels through a Cast it inserts and runs
+    # on every inference; in the default order all those Casts run first, holding float32
+    # copies of every weight at once (twice the weight bytes), while the priority order runs
+    # each just before its reader. Without the arena each copy is returned when it dies, not
+    # kept for the next buffer of another size.
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = False
     session = None
     try:
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
