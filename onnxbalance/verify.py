@@ -120,8 +120,9 @@ def compare_models(
     external data itself, so models over protobuf's 2 GB limit work, and each session is freed
     before the next one loads. Each also runs with its weights perturbed (:func:`perturbed`),
     which gives each output's noise floor; ``rtol``/``atol`` replace that rule by a fixed one
-    (see the module docstring). The perturbed copy of a model with external data is written
-    under ``scratch`` (default: the system's temporary folder) while it runs. The original's
+    (see the module docstring); the perturbed weights of a model with external data go to
+    onnxruntime as arrays in memory. A bfloat16 model with external data is converted into a
+    copy under ``scratch`` (default: the system's temporary folder) while it runs. The original's
     Relu outputs are watched on the way (``active_fraction``). bfloat16 models run as float32
     (onnxruntime has no bfloat16 CPU kernels; the conversion is exact, see
     :mod:`onnxbalance.upcast`) with bfloat16's round-off. Outputs that the input model
@@ -322,9 +323,9 @@ class _Perturbation:
         """``tensor`` moved, inline (itself when it is no weight)."""
         if not self.moves(tensor):
             return tensor
-        shape, blocks = _converted_blocks(tensor, None, None, self)
-        fresh = tensors.make_tensor(tensor.name, np.concatenate(list(blocks)).reshape(shape),
-                                    tensor.data_type)  # fmt: skip
+        fresh = tensors.make_tensor(
+            tensor.name, _joined(*_converted_blocks(tensor, None, None, self)), tensor.data_type
+        )
         fresh.doc_string = tensor.doc_string
         return fresh
 
@@ -356,6 +357,18 @@ def _converted_blocks(
     return values.shape, blocks()
 
 
+def _joined(shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> np.ndarray:
+    """The blocks of rows of :func:`_converted_blocks` as one array of ``shape``, each copied
+    into place as it comes (never a list of them and their concatenation at once)."""
+    joined, start = None, 0
+    for block in blocks:
+        if joined is None:
+            joined = np.empty(shape, block.dtype)
+        joined[start : start + len(block)] = block
+        start += len(block)
+    return joined
+
+
 def _run(
     source: _Source,
     feeds: Sequence[Mapping[str, np.ndarray]],
@@ -365,10 +378,11 @@ def _run(
 ) -> dict[str, np.ndarray]:
     """:func:`run_all` on ``source``, with its weights moved by ``perturbation`` if given.
 
-    Weights in external files that are moved, or converted (a widened model,
-    :meth:`_Source.widened`), are streamed a block at a time into a temporary copy of the model
-    under ``scratch`` (the system's temporary folder when None), which onnxruntime then opens:
-    such a model is never in memory."""
+    Moved weights of a model with external data go to onnxruntime as arrays in memory, which
+    it uses in place of the stored ones; the others it reads from their files as usual. Weights
+    in external files that are converted (a widened model, :meth:`_Source.widened`) are
+    streamed a block at a time into a temporary copy of the model under ``scratch`` (the
+    system's temporary folder when None), which onnxruntime then opens."""
     origin = source.narrow or source
     external = tensors.external_names(origin.proto)
     if perturbation is None and source.narrow is None:
@@ -388,10 +402,16 @@ def _run(
                 tensors.numpy_dtype(tensor.data_type), perturbation if moves else None,
             )  # fmt: skip
     with tensors.external_folder(origin.folder):
+        # inline weights take the first draws, the external ones the next, in stored order
         rest = protos.map_tensors(
             source.proto,
             lambda t: t if t.name in streamed or perturbation is None else perturbation.tensor(t),
         )
+    # the moved weights keep their stored references: onnxruntime checks every initializer's
+    # data against its shape before it takes the held values instead
+    if source.narrow is None:
+        held = {name: _joined(*blocks()) for name, blocks in streamed.items()}
+        return run_all(_Source(rest, None, origin.folder), feeds, what, held)
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-", dir=scratch) as folder:
         with safewrite.stage_model(
             rest, Path(folder) / "model.onnx", base_dir=origin.folder, external=external,
@@ -610,12 +630,16 @@ def run_model(
 
 
 def run_all(
-    model: ModelSource | _Source, feeds: Sequence[Mapping[str, np.ndarray]], what: str
+    model: ModelSource | _Source,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    what: str,
+    held: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """All outputs of ``model`` on every feed, one session for all: each output's values from
     several feeds stacked along a new leading axis (flattened and joined if their shapes
-    differ, see :func:`_per_draw`), from one feed as they are."""
-    runs = _run_sessions(model, feeds, what)
+    differ, see :func:`_per_draw`), from one feed as they are. ``held``: values of main-graph
+    initializers that replace the stored ones."""
+    runs = _run_sessions(model, feeds, what, held or {})
     if len(runs) == 1:
         return runs[0]
     joined = {}
@@ -632,27 +656,44 @@ def _per_draw(output: OutputComparison, draws: int) -> OutputComparison:
 
 
 def _run_sessions(
-    model: ModelSource | _Source, feeds: Sequence[Mapping[str, np.ndarray]], what: str
+    model: ModelSource | _Source,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    what: str,
+    held: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     source = model if isinstance(model, _Source) else _Source.of(model)
-    if source.path is not None:
+    if source.path is not None and not held:
         return _run_session(str(source.path), feeds, what)
-    if not tensors.external_names(source.proto) and source.proto.ByteSize() < _PROTOBUF_LIMIT:
-        return _run_session(source.proto.SerializeToString(), feeds, what)
-    # external references or too big for one message: onnxruntime needs a file
+    external = tensors.external_names(source.proto)
+    if source.proto.ByteSize() < _PROTOBUF_LIMIT and (source.folder is not None or not external):
+        folder = source.folder if external else None
+        return _run_session(source.proto.SerializeToString(), feeds, what, folder, held)
+    # too big for one message (or references no folder resolves, refused naming the tensor)
+    generated = {name: functools.partial(_as_blocks, value) for name, value in (held or {}).items()}
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-") as folder:
         with safewrite.stage_model(
-            source.proto, Path(folder) / "model.onnx", base_dir=source.folder
+            source.proto, Path(folder) / "model.onnx", base_dir=source.folder, generated=generated
         ) as staged:
             return _run_session(str(staged.model_path), feeds, what)
+
+
+def _as_blocks(value: np.ndarray) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """``value`` as :data:`onnxbalance.safewrite.Blocks` produce it."""
+    return value.shape, [value]
 
 
 _SILENT = 4  # onnxruntime's "fatal" severity: its own error lines never reach the terminal
 
 
 def _run_session(
-    model: bytes | str, feeds: Sequence[Mapping[str, np.ndarray]], what: str
+    model: bytes | str,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    what: str,
+    folder: Path | None = None,
+    held: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
+    """``model`` (a file, or serialised with its external references relative to ``folder``)
+    run on every feed; ``held`` replaces stored initializers, used in place, never copied."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(_SILENT)
@@ -669,6 +710,14 @@ def _run_session(
     # kept for the next buffer of another size.
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.enable_cpu_mem_arena = False
+    if folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(folder.resolve())
+        )
+    # onnxruntime keeps pointers into these, not references: they must outlive the session
+    given = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in (held or {}).items()}
+    for name, value in given.items():
+        options.add_initializer(name, value)
     session = None
     try:
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
