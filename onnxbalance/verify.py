@@ -352,7 +352,9 @@ def _converted_blocks(
             with np.errstate(invalid="ignore"):  # a signalling NaN becomes a quiet one
                 block = values[rows].astype(dtype, copy=False)
             yield perturbation.move(block) if perturbation is not None else block
-        memory.release(values)
+            # the rows read so far leave the resident set: a weight held in memory for
+            # onnxruntime then takes its own bytes, not twice them
+            memory.release(values)
 
     return values.shape, blocks()
 
@@ -363,7 +365,7 @@ def _joined(shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> np.ndarray:
     joined, start = None, 0
     for block in blocks:
         if joined is None:
-            joined = np.empty(shape, block.dtype)
+            joined = memory.empty_populated(shape, block.dtype)
         joined[start : start + len(block)] = block
         start += len(block)
     return joined
@@ -706,10 +708,10 @@ def _run_session(
     # A float16 weight reaches onnxruntime's float32 kernels through a Cast it inserts and runs
     # on every inference; in the default order all those Casts run first, holding float32
     # copies of every weight at once (twice the weight bytes), while the priority order runs
-    # each just before its reader. Without the arena each copy is returned when it dies, not
-    # kept for the next buffer of another size.
+    # each just before its reader. The memory pattern, planned after the first run, would set
+    # aside room for one more of them.
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     if folder is not None:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(folder.resolve())
