@@ -9,6 +9,7 @@ import pytest
 from gemm_mlp import add_relu_model, gemm_mlp
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxbalance import upcast
 from onnxbalance.errors import InputError
 from onnxbalance.verify import (
     BATCH,
@@ -401,6 +402,24 @@ def test_perturbed_weights_in_external_data_are_handed_over_in_memory(tmp_path, 
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * dtype(1.1), "W1"))
     _saved_external(broken, tmp_path / "c.onnx")
     assert not compare_models(tmp_path / "a.onnx", tmp_path / "c.onnx").passed
+
+
+@pytest.mark.parametrize(("dtype", "eps"), [(np.float16, 2**-10), (ml_dtypes.bfloat16, 2**-7)])
+def test_narrow_models_with_external_data_keep_their_own_round_off(tmp_path, dtype, eps):
+    # The tolerance of a float16 or bfloat16 model read from external data is its dtype's:
+    # 5 * (noise floor + eps * max|original|), the scale taken from the original run apart
+    # (bfloat16 through the exact float32 conversion, float16 as it is).
+    original = gemm_mlp([6, 40, 30, 3], seed=8, dtype=dtype)
+    rescaled = gemm_mlp([6, 40, 30, 3], seed=8, dtype=dtype, scale_hidden=[2.0, 0.5])
+    _saved_external(original, tmp_path / "a.onnx")
+    _saved_external(rescaled, tmp_path / "b.onnx")
+    result = compare_models(tmp_path / "a.onnx", tmp_path / "b.onnx")
+    runnable = upcast.to_float32(original) if dtype is ml_dtypes.bfloat16 else original
+    feeds = make_inputs(runnable)
+    scale = max(float(np.abs(run_model(runnable, f, "it")["y"]).max()) for f in feeds)
+    (output,) = result.outputs
+    assert output.passed and output.noise_floor > 0
+    assert output.atol == pytest.approx(FACTOR * (output.noise_floor + eps * scale), rel=1e-12)
 
 
 def test_outputs_own_their_memory():
