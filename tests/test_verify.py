@@ -404,6 +404,21 @@ def test_perturbed_weights_in_external_data_are_handed_over_in_memory(tmp_path, 
     assert not compare_models(tmp_path / "a.onnx", tmp_path / "c.onnx").passed
 
 
+def test_held_weights_go_into_the_file_of_a_graph_too_big_for_one_message(tmp_path, monkeypatch):
+    # Over protobuf's limit the graph reaches onnxruntime as a file: the perturbed weights held
+    # in memory must be written into it, or the perturbed run would use the stored ones.
+    original = gemm_mlp([6, 40, 30, 3], seed=6, dtype=np.float16)
+    rescaled = gemm_mlp([6, 40, 30, 3], seed=6, dtype=np.float16, scale_hidden=[4.0, 0.5])
+    _saved_external(original, tmp_path / "a.onnx")
+    _saved_external(rescaled, tmp_path / "b.onnx")
+    in_memory = compare_models(original, rescaled)
+    monkeypatch.setattr("onnxbalance.verify._PROTOBUF_LIMIT", 100)
+    staged = compare_models(tmp_path / "a.onnx", tmp_path / "b.onnx")
+    figures = [(o.noise_floor, o.atol, o.max_abs_diff) for o in staged.outputs]
+    assert figures == [(o.noise_floor, o.atol, o.max_abs_diff) for o in in_memory.outputs]
+    assert staged.passed and min(o.noise_floor for o in staged.outputs) > 0
+
+
 @pytest.mark.parametrize(("dtype", "eps"), [(np.float16, 2**-10), (ml_dtypes.bfloat16, 2**-7)])
 def test_narrow_models_with_external_data_keep_their_own_round_off(tmp_path, dtype, eps):
     # The tolerance of a float16 or bfloat16 model read from external data is its dtype's:
