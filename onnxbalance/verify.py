@@ -359,13 +359,17 @@ def _converted_blocks(
     return values.shape, blocks()
 
 
-def _joined(shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> np.ndarray:
+def _joined(
+    shape: tuple[int, ...], blocks: Iterator[np.ndarray], spare: np.ndarray | None = None
+) -> np.ndarray:
     """The blocks of rows of :func:`_converted_blocks` as one array of ``shape``, each copied
-    into place as it comes (never a list of them and their concatenation at once)."""
+    into place as it comes (never a list of them and their concatenation at once); into
+    ``spare`` when it has that shape and the blocks' dtype."""
     joined, start = None, 0
     for block in blocks:
         if joined is None:
-            joined = memory.empty_populated(shape, block.dtype)
+            fits = spare is not None and (spare.shape, spare.dtype) == (shape, block.dtype)
+            joined = spare if fits else memory.empty_populated(shape, block.dtype)
         joined[start : start + len(block)] = block
         start += len(block)
     return joined
@@ -377,11 +381,13 @@ def _run(
     what: str,
     perturbation: _Perturbation | None = None,
     scratch: Path | None = None,
+    spare: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`run_all` on ``source``, with its weights moved by ``perturbation`` if given.
 
     Moved weights of a model with external data go to onnxruntime as arrays in memory, which
-    it uses in place of the stored ones; the others it reads from their files as usual. Weights
+    it uses in place of the stored ones; the others it reads from their files as usual. The
+    arrays are taken from ``spare`` where they fit, and left there afterwards. Weights
     in external files that are converted (a widened model, :meth:`_Source.widened`) are
     streamed a block at a time into a temporary copy of the model under ``scratch`` (the
     system's temporary folder when None), which onnxruntime then opens."""
@@ -412,8 +418,13 @@ def _run(
     # the moved weights keep their stored references: onnxruntime checks every initializer's
     # data against its shape before it takes the held values instead
     if source.narrow is None:
-        held = {name: _joined(*blocks()) for name, blocks in streamed.items()}
-        return run_all(_Source(rest, None, origin.folder), feeds, what, held)
+        spare = {} if spare is None else spare
+        held = {
+            name: _joined(*blocks(), spare.pop(name, None)) for name, blocks in streamed.items()
+        }
+        outputs = run_all(_Source(rest, None, origin.folder), feeds, what, held)
+        spare.update(held)
+        return outputs
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-", dir=scratch) as folder:
         with safewrite.stage_model(
             rest, Path(folder) / "model.onnx", base_dir=origin.folder, external=external,
@@ -519,8 +530,11 @@ def _run_pair(
     result = _run(second, feeds, "the balanced model", scratch=folder)
     if perturb is None:
         return reference, result, {}
-    noisy_first = _run(first, feeds, "the input model", perturb(), folder)
-    noisy_second = _run(second, feeds, "the balanced model", perturb(), folder)
+    # the input model's perturbed weights, once its session is gone, take the balanced one's
+    # (the same tensors, mostly): fresh pages for a gigabyte cost a second or more
+    spare: dict[str, np.ndarray] = {}
+    noisy_first = _run(first, feeds, "the input model", perturb(), folder, spare)
+    noisy_second = _run(second, feeds, "the balanced model", perturb(), folder, spare)
     return reference, result, {n: (noisy_first[n], noisy_second.get(n)) for n in result}
 
 
