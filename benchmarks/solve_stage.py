@@ -58,7 +58,8 @@ with tensors.external_folder(Path(sys.argv[1]).parent):
 largest = max((layer.coupling for layer in graph.layers), key=np.size)
 print(json.dumps({
     "couplings": built - start, "solve": done - built, "peak": status("VmHWM:"),
-    "before": start_rss, "dtype": str(largest.dtype), "steps": result.sweeps,
+    "before": start_rss, "steps": result.sweeps,
+    "dtype": str(largest.dtype) if isinstance(largest, np.ndarray) else "nowhere (squared on use)",
     "passes": result.passes, "norm_before": result.norm_before, "norm_after": result.norm_after,
 }))
 """

@@ -350,3 +350,80 @@ def row_max_abs(weight: np.ndarray, row_log: np.ndarray, col_log: np.ndarray) ->
         out *= np.exp(np.asarray(row_log, dtype=np.float64))
     release(weight)
     return out
+
+
+class LazySquares:
+    """The coupling matrix ``weight ** 2`` of a float16 or bfloat16 weight whose squares are
+    exact in float32, never stored: it holds the weight (a memory map is not copied) and hands
+    its squares out a tile at a time (:meth:`tiles`), so a pass over it costs no memory beyond
+    one tile. Its mapped pages are given back after every pass (:func:`release`).
+
+    It looks like a read-only float32 matrix of the weight's shape to the solver: ``shape``,
+    ``dtype`` and indexing (``matrix[rows]``, ``matrix[:, cols]``: those squares only, for the
+    rare rows and columns redone exactly). ``np.asarray`` builds the whole matrix.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, weight: np.ndarray) -> None:
+        self.weight = weight
+        self.shape = tuple(weight.shape)
+        self.size = int(weight.size)
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight's rows lie closer together than its columns (a MatMul's [in, out]
+        weight seen as [out, in]): tiles are then columns of the matrix, rows of the stored
+        weight."""
+        return abs(self.weight.strides[0]) < abs(self.weight.strides[1])
+
+    def tiles(
+        self, dtype: np.typing.DTypeLike = np.float32, squared: bool = True
+    ) -> Iterator[tuple[slice, slice, np.ndarray]]:
+        """(rows, columns, the squares there in ``dtype``; the weights if not ``squared``) over
+        tiles of about :data:`BLOCK_BYTES` that cover the matrix: blocks of rows, or of columns
+        for a transposed weight (each read from contiguous stored rows). One buffer is reused:
+        a tile is valid until the next one is asked for."""
+        everything = slice(0, None)
+        source = self.weight.T if self.transposed else self.weight
+        buffer = None
+        try:
+            for part in row_blocks(len(source), np.dtype(dtype).itemsize * source.shape[1]):
+                if buffer is None:
+                    buffer = np.empty((part.stop - part.start, source.shape[1]), dtype)
+                block = buffer[: part.stop - part.start]
+                np.copyto(block, source[part])  # exact: float32 holds every float16, bfloat16
+                if squared:
+                    with np.errstate(over="ignore", invalid="ignore"):  # inf, NaN: refused later
+                        np.square(block, out=block)
+                yield (everything, part, block.T) if self.transposed else (part, everything, block)
+        finally:  # also when a caller stops early
+            release(self.weight)
+
+    def __getitem__(self, key) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.square(np.asarray(self.weight[key], dtype=np.float32))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def check_lazy_squares(squares: LazySquares, unit_max: np.ndarray | None = None) -> bool:
+    """Whether every square of ``squares`` is exact in float32 (:func:`float32_squares`'s
+    check, one pass over the weight; True for float16), each row's largest |w| into
+    ``unit_max`` on the way if given. Nothing is stored."""
+    checked = squares.weight.dtype == _BFLOAT16
+    if not checked and unit_max is None:
+        return True
+    if unit_max is not None:
+        unit_max[...] = 0.0
+    exact = True
+    for rows, _, block in squares.tiles(squared=False):
+        if checked and not _squares_exact(block):
+            exact = False
+            break
+        if unit_max is not None:
+            np.maximum(unit_max[rows], np.abs(block).max(axis=1), out=unit_max[rows])
+    return exact

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onnxbalance.memory import (
+    LazySquares,
     abs_power,
     abs_power_runs,
+    check_lazy_squares,
     empty_arrays,
     empty_populated,
     float32_squares,
@@ -37,18 +39,28 @@ if TYPE_CHECKING:
 FIXED = -1
 """Group index of a unit whose scale is pinned to 1."""
 
+LAZY_BYTES = 64 * 2**20
+"""A layer whose couplings are exact in float32 and would take at least this many float32 bytes
+is not stored: its coupling is a :class:`onnxbalance.memory.LazySquares` that squares the
+weight a tile at a time whenever the solver reads it. Squaring on the fly costs about what
+reading stored squares does, and saves building them, so for big layers it is as fast and
+removes 4 bytes per 2-byte weight from the peak; below this size (a 4096 x 4096 layer) the
+stored squares are a small share of the memory and a pass over them is a little faster."""
+
 
 @dataclass(frozen=True)
 class Layer:
     """One linear map between units, as the solver sees it.
 
     ``coupling`` is a non-negative matrix of shape (rows, cols), float64 or float32 (then its
-    entries are exact: the solver multiplies it in float64 all the same); ``row_groups[o]`` and
+    entries are exact: the solver multiplies it in float64 all the same), or the never stored
+    float32 squares of a big layer (:class:`onnxbalance.memory.LazySquares`, multiplied through
+    onnxbalance.solver.products); ``row_groups[o]`` and
     ``col_groups[i]`` are scale-group indices or :data:`FIXED`.
     """
 
     name: str
-    coupling: np.ndarray
+    coupling: np.ndarray | LazySquares
     row_groups: np.ndarray
     col_groups: np.ndarray
 
@@ -188,8 +200,9 @@ class ModelUnits:
         allocated together: :func:`onnxbalance.memory.empty_arrays`).
 
         A layer whose couplings are exact in float32 (:meth:`_Columns.squares_in_float32`)
-        stores them only there, half the bytes of float64; a bfloat16 weight found outside the
-        range where that holds falls back to float64.
+        stores them only there, half the bytes of float64, or from :data:`LAZY_BYTES` on does
+        not store them at all; a bfloat16 weight found outside the range where that holds falls
+        back to float64.
 
         ``unit_max``: if given, each layer's per-unit largest |w| is appended to it, found
         while the couplings are built (:func:`onnxbalance.memory.abs_power`).
@@ -203,30 +216,51 @@ class ModelUnits:
             column.squares_in_float32(p, layer.weight)
             for layer, column in zip(self.layers, columns, strict=True)
         ]
+        lazy = [
+            n and 4 * int(np.prod(shape)) >= LAZY_BYTES
+            for shape, n in zip(shapes, narrow, strict=True)
+        ]
+        narrow = [n and not big for n, big in zip(narrow, lazy, strict=True)]
         stores = {
             dtype: iter(
-                empty_arrays([s for s, n in zip(shapes, narrow, strict=True) if n == wanted], dtype)
+                empty_arrays(
+                    [
+                        shape
+                        for shape, n, big in zip(shapes, narrow, lazy, strict=True)
+                        if n == wanted and not big
+                    ],
+                    dtype,
+                )
             )
             for dtype, wanted in ((np.float32, True), (np.float64, False))
         }
         layers = []
-        for layer, column, shape, in_float32 in zip(
-            self.layers, columns, shapes, narrow, strict=True
+        for layer, column, shape, in_float32, big in zip(
+            self.layers, columns, shapes, narrow, lazy, strict=True
         ):
             maxima = None
             if unit_max is not None:
                 maxima = np.empty(shape[0])
                 unit_max.append(maxima)
-            coupling = next(stores[np.float32 if in_float32 else np.float64])
+            if big:
+                squares = LazySquares(np.asarray(layer.weight))
+                if check_lazy_squares(squares, maxima):
+                    layers.append(_layer(layer, squares, column))
+                    continue
+                coupling = empty_populated(shape, np.float64)  # bfloat16 beyond the range
+            else:
+                coupling = next(stores[np.float32 if in_float32 else np.float64])
             if in_float32 and not float32_squares(layer.weight, coupling, maxima):
                 coupling = empty_populated(shape, np.float64)  # bfloat16 beyond the range
                 in_float32 = False
             if not in_float32:
                 coupling = column.couple(layer.weight, p, coupling, maxima)
-            layers.append(
-                Layer(layer.name, coupling, np.asarray(layer.row_groups, np.int64), column.groups)
-            )
+            layers.append(_layer(layer, coupling, column))
         return UnitGraph(tuple(layers), self.group_names)
+
+
+def _layer(layer: LinearUnits, coupling: np.ndarray | LazySquares, column: _Columns) -> Layer:
+    return Layer(layer.name, coupling, np.asarray(layer.row_groups, np.int64), column.groups)
 
 
 @dataclass(frozen=True)

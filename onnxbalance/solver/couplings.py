@@ -8,7 +8,9 @@ u = 0, see curvature.start), and a float32 copy of c for products that only stee
 whose values are certified in float64 later, Hessian products).
 
 A matrix stored in float32 (unitgraph.py: only where that holds it exactly) is its own copy;
-its sums are still taken in float64, each block converted while it is in cache.
+its sums are still taken in float64, each block converted while it is in cache. So is a matrix
+never stored (memory.LazySquares): its squares are formed in float64 a tile at a time for the
+sums and minima, in that one look.
 
 The float64 matrix is read once, in blocks of rows that stay in cache, for the copy and both
 sums; the copy's minimum (float32, half the bytes), taken over a few megabytes at a time, settles
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..memory import empty_arrays, float64_blocks
+from ..memory import LazySquares, empty_arrays, float64_blocks
 from ..unitgraph import FIXED, UnitGraph
 
 SINGLE_FACTORS = 1e15
@@ -44,7 +46,8 @@ _LOG_SLACK = 1e-6  # float32 rounding of the extreme entries, relative in c, abs
 class Coupling:
     """One layer's coupling matrix as the solvers use it."""
 
-    matrix: np.ndarray  # float64, or float32 holding c exactly (multiplied via products.py)
+    matrix: np.ndarray | LazySquares  # float64, or float32 holding c exactly, or its squares
+    # formed on demand (multiplied via products.py)
     single: np.ndarray | None  # float32 copy (matrix itself if float32); None unless _single_fits
     positive: bool  # every entry > 0 (and the matrix is not empty)
     log_range: float  # bounds |log c| over the non-zero entries (0 if there are none)
@@ -169,6 +172,25 @@ def _copy_and_sums(
     return single, row_sums, col_sums, smallest, positive
 
 
+def _lazy_sums(matrix: LazySquares) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """:func:`_copy_and_sums` for a matrix never stored: its row sums, column sums, smallest
+    entry and smallest positive entry, from its float64 tiles (the squares, exact)."""
+    row_sums = np.zeros(matrix.shape[0])
+    col_sums = np.zeros(matrix.shape[1])
+    smallest = positive = np.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        for rows, cols, tile in matrix.tiles(np.float64):
+            row_sums[rows] += tile.sum(axis=1)
+            col_sums[cols] += tile.sum(axis=0)
+            smallest, positive = _fold_minima(tile, tile.min(), smallest, positive)
+    return row_sums, col_sums, smallest, positive
+
+
+def _as_matrix(coupling) -> np.ndarray | LazySquares:
+    """The coupling as an array (a matrix never stored stays as it is)."""
+    return coupling if isinstance(coupling, LazySquares) else np.asarray(coupling)
+
+
 def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Coupling:
     """The :class:`Coupling` of one matrix; ValueError naming the layer if it is unusable.
 
@@ -176,7 +198,7 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
     objective evaluated in float64 alone need not hold half the couplings' bytes again), into
     this array if one is given (its shape and float32 dtype).
     """
-    matrix = np.asarray(coupling)
+    matrix = _as_matrix(coupling)
     if matrix.dtype != np.float32:  # float32 holds its values exactly: kept as it is
         matrix = matrix.astype(np.float64, copy=False)
     if matrix.ndim != 2:
@@ -186,9 +208,13 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
         return Coupling(matrix, None, False, 0.0, *empty)
     if single is True:
         single = matrix if matrix.dtype == np.float32 else np.empty(matrix.shape, np.float32)
-    copy, row_sums, col_sums, smallest, smallest_positive = _copy_and_sums(
-        matrix, single if single is not False else None
-    )
+    if isinstance(matrix, LazySquares):  # its own copy, like a stored float32 matrix
+        copy = matrix if single is not False else None
+        row_sums, col_sums, smallest, smallest_positive = _lazy_sums(matrix)
+    else:
+        copy, row_sums, col_sums, smallest, smallest_positive = _copy_and_sums(
+            matrix, single if single is not False else None
+        )
     _check_values(layer_name, float(row_sums.sum()), smallest)
     # the largest row sum bounds every entry from above: no pass looks for the maximum
     largest = float(row_sums.max())
@@ -211,7 +237,7 @@ def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ..
         for layer, shape in zip(graph.layers, shapes, strict=True)
     ]
     # a matrix stored in float32 is its own copy
-    stored32 = [np.asarray(layer.coupling).dtype == np.float32 for layer in graph.layers]
+    stored32 = [_as_matrix(layer.coupling).dtype == np.float32 for layer in graph.layers]
     planes = [
         shape
         for shape, wanted, own in zip(shapes, copied, stored32, strict=True)

@@ -70,8 +70,8 @@ def _fractions(
 ) -> np.ndarray:
     """(t @ block)_o / rho_o for a block of column vectors (one pass per column of the block)."""
     if use32:
-        product = structure.free32 @ (state.col_factor[:, None] * block).astype(np.float32)
-        product = product.astype(np.float64)
+        factors = (state.col_factor[:, None] * block).astype(np.float32)
+        product = times(structure.free32, factors).astype(np.float64)
     else:
         product = times(free, state.col_factor[:, None] * block)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..unitgraph import FIXED, Layer, UnitGraph
 from .couplings import Coupling, summarise_graph
+from .products import times, transposed_times
 from .result import PinnedGroup
 
 DEAD_INCOMING = "dead: all incoming weights are zero"
@@ -94,7 +95,8 @@ def _reachable(
                 hit = targets[(coupling.row_sums if forward else coupling.col_sums) > 0]
             else:
                 matrix = coupling.matrix
-                hit = targets[(matrix @ active if forward else matrix.T @ active) > 0]
+                product = times if forward else transposed_times
+                hit = targets[product(matrix, active) > 0]
             new = hit[~source[hit]]  # the pad (FIXED) is a source: never new
             if new.size:
                 source[new] = True

@@ -31,6 +31,7 @@ from functools import cached_property
 
 import numpy as np
 
+from ..memory import LazySquares
 from ..unitgraph import FIXED, UnitGraph
 from .couplings import Coupling, check_graph, summarise_graph
 from .products import times, transposed_times
@@ -97,8 +98,9 @@ class _Side:
 @dataclass(frozen=True)
 class _PreparedLayer:
     name: str
-    free: np.ndarray  # coupling restricted to columns of movable groups, C-contiguous (float64,
-    # or float32 holding it exactly: multiplied through products.py)
+    free: np.ndarray | LazySquares  # coupling restricted to columns of movable groups,
+    # C-contiguous (float64, or float32 holding it exactly, or never stored: multiplied
+    # through products.py)
     fixed_row_sum: np.ndarray  # per row: sum of the coupling over fixed columns
     row_groups: np.ndarray
     col_groups: np.ndarray  # groups of the columns of ``free`` (never FIXED)
@@ -147,12 +149,14 @@ def _prepare(
         if movable.all():
             # No copy (unless not C-ordered): the sweep reads the caller's matrix itself.
             fixed_row_sum = np.zeros(coupling.shape[0])
-            free, single = np.ascontiguousarray(coupling), summary.single
+            free, single = _contiguous(coupling), summary.single
             free_col_sums = summary.col_sums
             log_range = summary.log_range
         else:
             col_groups = col_groups[movable]
             fixed_row_sum = coupling[:, ~movable].sum(axis=1, dtype=np.float64)
+            # a matrix never stored is stored here: the layers with fixed columns (the first)
+            # are few, and their free couplings then need no gather per product
             free = np.ascontiguousarray(coupling[:, movable])
             if summary.single is coupling:  # stored in float32: its own copy, and so is free
                 single = free if free.shape[1] else None
@@ -178,6 +182,11 @@ def _prepare(
             )
         )
     return tuple(prepared)
+
+
+def _contiguous(coupling: np.ndarray | LazySquares) -> np.ndarray | LazySquares:
+    """The coupling C-ordered (a matrix never stored is read through products.py as it is)."""
+    return coupling if isinstance(coupling, LazySquares) else np.ascontiguousarray(coupling)
 
 
 def _log_range(values: np.ndarray) -> float:

@@ -206,7 +206,7 @@ def _evaluate_direct(
         layer, single = objective.layers[index], singles[index]
         row_part, col_part = rows.row_slices[index], rows.col_slices[index]
         if single is not None:
-            np.dot(single, x32[col_part], out=sums32[row_part])
+            times(single, x32[col_part], out=sums32[row_part])
         else:
             sums[row_part] += times(layer.free, col_factor[col_part])
     if sums32 is not None:
@@ -228,7 +228,7 @@ def _evaluate_direct(
         layer, single = objective.layers[index], singles[index]
         row_part, col_part = rows.row_slices[index], rows.col_slices[index]
         if single is not None and y32 is not None:
-            np.dot(y32[row_part], single, out=back32[col_part])
+            transposed_times(single, y32[row_part], out=back32[col_part])
         else:
             transposed_times(layer.free, row_weight[row_part], out=back[col_part])
     if back32 is not None:  # each column's product is in back32 or in back, 0 in the other

@@ -7,13 +7,18 @@ block of rows at a time, each block converted to float64 while it stays in cache
 is the float64 product of the exact couplings. :func:`times` and :func:`transposed_times` hand
 float64 matrices, and products asked in float32 (float32 vectors: the solver's steering phase),
 to BLAS as one call; :func:`both_times` reads each block of rows once for its two products.
+
+A big layer's couplings may not be stored at all (:class:`onnxbalance.memory.LazySquares`):
+every product then squares the weight a tile at a time (a block of rows, or of columns), in
+float64 for float64 vectors and in float32 for float32 ones, and adds up the tiles' products.
+No other code reads such a matrix whole.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..memory import float64_blocks
+from ..memory import LazySquares, float64_blocks
 
 BLOCK_BYTES = 1 << 19
 """Float64 bytes of a block of rows (half a typical L2 cache): converted, then read from cache
@@ -31,6 +36,11 @@ def times(matrix: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> n
     >>> times(np.array([[1.0, 2.0]], np.float32), np.array([0.5, 0.25])).tolist()
     [1.0]
     """
+    if isinstance(matrix, LazySquares):
+        out = _zeros(out, (matrix.shape[0], *np.shape(x)[1:]), x)
+        for rows, cols, tile in _tiles(matrix, x):
+            out[rows] += tile @ x[cols]
+        return out
     if not _widens(matrix, x):
         return np.dot(matrix, x, out=out)
     if out is None:
@@ -48,6 +58,11 @@ def transposed_times(
     >>> transposed_times(np.array([[1.0, 2.0]], np.float32), np.array([0.5])).tolist()
     [0.5, 1.0]
     """
+    if isinstance(matrix, LazySquares):
+        out = _zeros(out, (matrix.shape[1],), y)
+        for rows, cols, tile in _tiles(matrix, y):
+            out[cols] += y[rows] @ tile
+        return out
     if not _widens(matrix, y):
         return np.dot(y, matrix, out=out)
     if out is None:
@@ -65,18 +80,32 @@ def both_times(
     once for both (and converted once, for a float32 matrix with float64 vectors). With float32
     vectors the products are float32 ones, each block's added into the outputs (float64 ones
     sum the blocks' float32 products without further rounding)."""
-    for rows, block in _row_blocks(matrix, x):
-        rows_out[rows] += block @ x
-        cols_out += y[rows] @ block
+    for rows, cols, block in _tiles(matrix, x):
+        rows_out[rows] += block @ x[cols]
+        cols_out[cols] += y[rows] @ block
 
 
-def _row_blocks(matrix: np.ndarray, vector: np.ndarray):
-    """(rows, block) over blocks of about BLOCK_BYTES, in float64 if the product is float64."""
+def _zeros(out: np.ndarray | None, shape: tuple[int, ...], vector: np.ndarray) -> np.ndarray:
+    """``out`` zeroed, or a new zero array of this shape in the product's dtype."""
+    if out is None:
+        return np.zeros(shape, np.result_type(np.float32, vector))
+    out[...] = 0.0
+    return out
+
+
+def _tiles(matrix, vector: np.ndarray):
+    """(rows, columns, tile) over tiles of about BLOCK_BYTES that cover the matrix, in float64
+    if the product is float64: blocks of rows, or a LazySquares's own tiles."""
+    if isinstance(matrix, LazySquares):
+        yield from matrix.tiles(np.result_type(np.float32, vector))
+        return
+    every = slice(None)
     if _widens(matrix, vector):
-        yield from float64_blocks(matrix, BLOCK_BYTES)
+        for rows, block in float64_blocks(matrix, BLOCK_BYTES):
+            yield rows, every, block
         return
     n_rows, n_cols = matrix.shape
     step = max(1, BLOCK_BYTES // (matrix.itemsize * max(n_cols, 1)))
     for start in range(0, n_rows, step):
         rows = slice(start, min(n_rows, start + step))
-        yield rows, matrix[rows]
+        yield rows, every, matrix[rows]

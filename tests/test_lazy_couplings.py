@@ -1,0 +1,210 @@
+"""Couplings of big float16 and bfloat16 layers that are never stored (memory.LazySquares):
+the same solutions as the stored float32 squares, no full-size matrix during a solve, and the
+bfloat16 fallback and NaN/inf errors of the stored path. Tests force the lazy path on small
+layers by lowering unitgraph.LAZY_BYTES."""
+
+from __future__ import annotations
+
+import dataclasses
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from mlp_models import mlp
+from torch import nn
+from torch_models import export, randomise
+from verify_models import float16
+
+from onnxbalance import memory, unitgraph
+from onnxbalance.analysis import analyse
+from onnxbalance.solver import solve
+from onnxbalance.solver.products import both_times, times, transposed_times
+from onnxbalance.unitgraph import FIXED, Layer, UnitGraph
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def torch_float16_mlp():
+    torch.manual_seed(1)
+    module = nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU())
+    module.append(nn.Linear(40, 5))
+    return float16(export(randomise(module, 1).eval(), torch.zeros(2, 12)))
+
+
+MODELS = {
+    "hand-built float16 MLP": lambda: mlp((6, 32, 24, 16, 3), dtype="float16", seed=3),
+    "hand-built bfloat16 MLP": lambda: mlp((6, 32, 24, 16, 3), dtype="bfloat16", seed=4),
+    "torch MLP to float16": torch_float16_mlp,
+}
+
+
+def both_graphs(units, monkeypatch):
+    """(stored, lazy) unit graphs of the same units, and the lazy one's unit maxima."""
+    stored = units.unit_graph(2.0)
+    monkeypatch.setattr(unitgraph, "LAZY_BYTES", 0)
+    unit_max: list[np.ndarray] = []
+    lazy = units.unit_graph(2.0, unit_max)
+    monkeypatch.undo()
+    return stored, lazy, unit_max
+
+
+@pytest.mark.parametrize("method", ["newton", "mu"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lazy_couplings_give_the_stored_solution(name, method, monkeypatch):
+    units = analyse(MODELS[name]())
+    stored, lazy, unit_max = both_graphs(units, monkeypatch)
+    kinds = [type(layer.coupling) for layer in lazy.layers]
+    # every layer with one raw column per unit goes lazy; the first (all inputs FIXED: one
+    # summed column) keeps float64
+    assert kinds.count(memory.LazySquares) == len(kinds) - 1, kinds
+    for layer, plain in zip(lazy.layers, stored.layers, strict=True):
+        np.testing.assert_array_equal(np.asarray(layer.coupling), plain.coupling)
+    for found, maxima in zip(units.layers, unit_max, strict=True):
+        weight = np.asarray(found.weight, dtype=np.float64)
+        np.testing.assert_array_equal(maxima, np.abs(weight).max(axis=1))
+    options = {"method": method, "tol": 1e-9, "max_sweeps": 400 if method == "mu" else 10_000}
+    expected = solve(stored, 2.0, 2.0, **options)
+    found = solve(lazy, 2.0, 2.0, **options)
+    assert expected.norm_after < expected.norm_before * 0.999  # there was work to do
+    np.testing.assert_allclose(found.norm_after, expected.norm_after, rtol=1e-12)
+    np.testing.assert_allclose(found.log_scales, expected.log_scales, rtol=0, atol=1e-9)
+    assert found.passes == expected.passes
+    assert found.sweeps == expected.sweeps
+
+
+def _chain(weights, transposed: bool) -> UnitGraph:
+    """Layers fc0.. with these float16/bfloat16 weights as never-stored couplings; the first
+    layer's columns and the last layer's rows FIXED. ``transposed``: each weight is read as a
+    MatMul's [in, out] tensor seen as [out, in] (tiles of columns)."""
+    layers, start = [], 0
+    for k, weight in enumerate(weights):
+        n_out, n_in = weight.shape
+        cols = np.full(n_in, FIXED) if k == 0 else np.arange(start - n_in, start)
+        last = k == len(weights) - 1
+        rows = np.full(n_out, FIXED) if last else np.arange(start, start + n_out)
+        start += 0 if last else n_out
+        matrix = np.ascontiguousarray(weight.T).T if transposed else weight
+        layers.append(Layer(f"fc{k}", memory.LazySquares(matrix), rows, cols))
+    return UnitGraph(tuple(layers), [f"g{k}" for k in range(start)])
+
+
+def _weights(sizes, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((n_out, n_in)) * np.exp(rng.uniform(-2, 2, (n_out, 1))) / 9).astype(
+            dtype
+        )
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+def test_transposed_and_fixed_column_layers_match_stored_squares(dtype, transposed):
+    """Tiles of rows or of columns, and a first layer with fixed columns (stored by the
+    objective): the Newton solution of the float32 squares stored."""
+    weights = _weights((5, 300, 200, 250, 3), dtype)
+    lazy = _chain(weights, transposed)
+    stored = UnitGraph(
+        tuple(
+            dataclasses.replace(layer, coupling=np.square(np.float32(weight)))
+            for layer, weight in zip(lazy.layers, weights, strict=True)
+        ),
+        lazy.group_names,
+    )
+    expected = solve(stored, 2.0, 2.0, tol=1e-10)
+    found = solve(lazy, 2.0, 2.0, tol=1e-10)
+    assert expected.converged and expected.passes > 4
+    np.testing.assert_allclose(found.norm_after, expected.norm_after, rtol=1e-12)
+    np.testing.assert_allclose(found.log_scales, expected.log_scales, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_products_of_lazy_squares(transposed):
+    rng = np.random.default_rng(5)
+    stored = rng.standard_normal((700, 530)).astype(np.float16)
+    weight = stored.T if transposed else stored  # (530, 700): columns from stored rows
+    lazy = memory.LazySquares(weight)
+    assert lazy.transposed == transposed
+    wide = np.float64(weight) ** 2
+    x, y = rng.random(weight.shape[1]), rng.random(weight.shape[0])
+    columns = rng.random((weight.shape[1], 3))
+    np.testing.assert_allclose(times(lazy, x), wide @ x, rtol=1e-13)
+    np.testing.assert_allclose(times(lazy, columns), wide @ columns, rtol=1e-13)
+    np.testing.assert_allclose(transposed_times(lazy, y), wide.T @ y, rtol=1e-13)
+    rows_out, cols_out = np.ones(wide.shape[0]), np.ones(wide.shape[1])
+    both_times(lazy, x, y, rows_out, cols_out)
+    np.testing.assert_allclose(rows_out, 1 + wide @ x, rtol=1e-13)
+    np.testing.assert_allclose(cols_out, 1 + wide.T @ y, rtol=1e-13)
+    assert times(lazy, x.astype(np.float32)).dtype == np.float32  # the steering products
+    np.testing.assert_allclose(times(lazy, x.astype(np.float32)), wide @ x, rtol=1e-5)
+    out = np.full(wide.shape[1], np.nan, np.float32)  # written whole, whatever it held
+    transposed_times(lazy, y.astype(np.float32), out=out)
+    np.testing.assert_allclose(out, wide.T @ y, rtol=1e-5)
+    rows = np.array([3, 0, 699 if not transposed else 529])
+    np.testing.assert_array_equal(lazy[rows], wide[rows])
+    np.testing.assert_array_equal(lazy[:, [1, 4]], wide[:, [1, 4]])
+
+
+def test_no_full_size_matrix_during_a_solve(monkeypatch):
+    """Building the couplings and a whole Newton solve of three never-stored 1536 x 1536 layers
+    allocate less than one such layer's float32 squares (stored, they take three)."""
+    width = 1536
+    units = analyse(mlp((8, width, width, width, 4), dtype="float16", seed=2, spread=2.0))
+    monkeypatch.setattr(unitgraph, "LAZY_BYTES", 2**20)
+    tracemalloc.start()
+    try:
+        graph = units.unit_graph(2.0, [])
+        result = solve(graph, 2.0, 2.0, tol=1e-8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    lazy = [type(layer.coupling) is memory.LazySquares for layer in graph.layers]
+    assert lazy == [False, True, True, False]  # the hidden layers; the rest are small
+    assert result.converged and result.passes > 4
+    assert peak < width * width * 4, peak
+    monkeypatch.undo()
+    expected = solve(units.unit_graph(2.0), 2.0, 2.0, tol=1e-8)
+    # the tiles sum in another order than the stored blocks: round-off, within the tolerance
+    np.testing.assert_allclose(result.norm_after, expected.norm_after, rtol=1e-12)
+    np.testing.assert_allclose(result.log_scales, expected.log_scales, rtol=0, atol=1e-7)
+
+
+def _with_entry(units, index: int, value: float):
+    """The units with entry [3, 5] of layer ``index``'s weight set to ``value``, and that
+    weight (a writable copy)."""
+    weight = np.array(units.layers[index].weight)
+    weight[3, 5] = value
+    layers = list(units.layers)
+    layers[index] = dataclasses.replace(layers[index], weight=weight)
+    return dataclasses.replace(units, layers=tuple(layers)), weight
+
+
+@pytest.mark.parametrize("bad", [2.0**64, 1e-25, np.inf, np.nan])
+def test_bfloat16_out_of_range_falls_back_to_float64(bad, monkeypatch):
+    units, weight = _with_entry(analyse(mlp((4, 16, 12, 3), dtype="bfloat16", seed=2)), 1, bad)
+    monkeypatch.setattr(unitgraph, "LAZY_BYTES", 0)
+    unit_max: list[np.ndarray] = []
+    graph = units.unit_graph(2.0, unit_max)
+    assert graph.layers[1].coupling.dtype == np.float64  # stored in float64, as before
+    assert isinstance(graph.layers[2].coupling, memory.LazySquares)  # the others unaffected
+    if np.isfinite(bad):
+        np.testing.assert_array_equal(graph.layers[1].coupling, np.float64(weight) ** 2)
+        assert solve(graph, 2.0, 2.0).converged
+    else:
+        with pytest.raises(ValueError, match="'.*' has NaN or infinite weights"):
+            solve(graph, 2.0, 2.0)
+    np.testing.assert_array_equal(unit_max[1], np.abs(np.float64(weight)).max(axis=1))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_float16_nan_and_inf_are_named_by_the_solver(bad, monkeypatch):
+    units, _ = _with_entry(analyse(mlp((4, 16, 12, 8, 3), dtype="float16", seed=2)), 2, bad)
+    monkeypatch.setattr(unitgraph, "LAZY_BYTES", 0)
+    graph = units.unit_graph(2.0, [])
+    assert isinstance(graph.layers[2].coupling, memory.LazySquares)
+    name = units.layers[2].name
+    with pytest.raises(ValueError, match=f"layer '{name}' has NaN or infinite weights"):
+        solve(graph, 2.0, 2.0)
