@@ -52,13 +52,19 @@ def _subnormals_kept() -> bool:
     return bool(tiny[0] * _REBIAS == np.float32(2.0**-28))
 
 
-def to_float32(values: np.ndarray) -> np.ndarray:
+def to_float32(
+    values: np.ndarray, out: np.ndarray | None = None, finite: bool = False
+) -> np.ndarray:
     """A new C-ordered float32 array with the values of ``values`` (any float dtype), exactly as
-    ``values.astype(np.float32)`` gives them, bit for bit."""
+    ``values.astype(np.float32)`` gives them, bit for bit; into ``out`` (a float32 array of the
+    same shape) if given. ``finite``: the caller has checked that no value is infinite or NaN
+    (float16's fix-up for them, two reductions, is skipped)."""
     dtype = values.dtype
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
     if not dtype.isnative or dtype not in (_FLOAT16, _BFLOAT16):
-        return np.array(values, dtype=np.float32)
-    out = np.empty(values.shape, dtype=np.float32)
+        np.copyto(out, values, casting="unsafe")
+        return out
     bits = out.view(np.uint32)
     if dtype == _BFLOAT16:
         np.copyto(bits, values.view(np.uint16))
@@ -71,7 +77,9 @@ def to_float32(values: np.ndarray) -> np.ndarray:
     np.left_shift(bits, 13, out=bits)
     np.bitwise_and(bits, _FLOAT16_IN_FLOAT32, out=bits)
     np.multiply(out, _REBIAS, out=out)
-    if out.size and (out.max() >= _BEYOND_FLOAT16 or out.min() <= -_BEYOND_FLOAT16):
+    if finite or not out.size:
+        return out
+    if out.max() >= _BEYOND_FLOAT16 or out.min() <= -_BEYOND_FLOAT16:
         np.copyto(out, values)  # infinity or NaN among them
     return out
 

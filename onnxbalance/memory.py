@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
+from . import floatbits
+
 BLOCK_BYTES = 2**20
 """Float64 bytes converted per block: small enough that a block stays in cache through the
 few passes made over it, large enough that the Python loop costs nothing."""
@@ -138,6 +140,7 @@ _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # is a normal float32
 _SQUARES_FROM = np.uint32(64 << 23)
 _SQUARES_BELOW = np.uint32(191 << 23)
+_FLOAT16_INFINITY = np.uint16(0x7C00)  # |w|'s bits from here on: infinity or NaN
 
 
 def squares_fit_float32(dtype: np.typing.DTypeLike) -> bool:
@@ -151,11 +154,16 @@ def _squares_exact(block: np.ndarray) -> bool:
     """Whether every non-zero |w| of a float32 block (bfloat16 weights, converted exactly) lies
     in [2^-63, 2^64): no NaN or inf, no square that overflows float32 or falls below its normal
     range."""
-    magnitude = block.view(np.uint32) & np.uint32(0x7FFFFFFF)
-    if magnitude.max(initial=0) >= _SQUARES_BELOW:
+    return _in_range(block.view(np.uint32) & np.uint32(0x7FFFFFFF), _SQUARES_FROM, _SQUARES_BELOW)
+
+
+def _in_range(magnitude: np.ndarray, low, high) -> bool:
+    """Whether every non-zero entry of an unsigned array lies in [low, high)."""
+    if magnitude.max(initial=0) >= high:
         return False
-    # zeros wrap round to the largest uint32 here: the minimum is that of the non-zero ones
-    return bool((magnitude - np.uint32(1)).min(initial=0xFFFFFFFF) >= _SQUARES_FROM - 1)
+    # zeros wrap round to the largest unsigned integer here: the minimum is that of the others
+    wrapped = magnitude - magnitude.dtype.type(1)
+    return bool(wrapped.min(initial=np.iinfo(magnitude.dtype).max) >= low - 1)
 
 
 _TILE = 128
@@ -378,28 +386,38 @@ class LazySquares:
         weight."""
         return abs(self.weight.strides[0]) < abs(self.weight.strides[1])
 
-    def tiles(
-        self, dtype: np.typing.DTypeLike = np.float32, squared: bool = True
-    ) -> Iterator[tuple[slice, slice, np.ndarray]]:
-        """(rows, columns, the squares there in ``dtype``; the weights if not ``squared``) over
-        tiles of about :data:`BLOCK_BYTES` that cover the matrix: blocks of rows, or of columns
-        for a transposed weight (each read from contiguous stored rows). One buffer is reused:
-        a tile is valid until the next one is asked for."""
+    def _parts(self, element_bytes: int) -> Iterator[tuple[slice, slice, np.ndarray]]:
+        """(rows, columns, the stored weights of the matrix's tile there, as they are stored:
+        transposed for a transposed weight) over tiles of about :data:`BLOCK_BYTES` once each
+        is widened to ``element_bytes``; the mapped pages are released afterwards."""
         everything = slice(0, None)
         source = self.weight.T if self.transposed else self.weight
-        buffer = None
         try:
-            for part in row_blocks(len(source), np.dtype(dtype).itemsize * source.shape[1]):
-                if buffer is None:
-                    buffer = np.empty((part.stop - part.start, source.shape[1]), dtype)
-                block = buffer[: part.stop - part.start]
-                np.copyto(block, source[part])  # exact: float32 holds every float16, bfloat16
-                if squared:
-                    with np.errstate(over="ignore", invalid="ignore"):  # inf, NaN: refused later
-                        np.square(block, out=block)
-                yield (everything, part, block.T) if self.transposed else (part, everything, block)
+            for part in row_blocks(len(source), element_bytes * source.shape[1]):
+                yield (everything, part) if self.transposed else (part, everything), source[part]
         finally:  # also when a caller stops early
             release(self.weight)
+
+    def tiles(
+        self, dtype: np.typing.DTypeLike = np.float32
+    ) -> Iterator[tuple[slice, slice, np.ndarray]]:
+        """(rows, columns, the squares there in float32 or float64 ``dtype``) over tiles of
+        about :data:`BLOCK_BYTES` that cover the matrix: blocks of rows, or of columns for a
+        transposed weight (each read from contiguous stored rows). Reused buffers: a tile is
+        valid until the next one is asked for."""
+        dtype = np.dtype(dtype)
+        single = wide = None
+        for (rows, cols), stored in self._parts(dtype.itemsize):
+            if single is None:
+                single = np.empty(stored.shape, np.float32)
+                wide = np.empty(stored.shape) if dtype == np.float64 else None
+            # exact, and finite (checked when the matrix was built)
+            block = floatbits.to_float32(stored, single[: len(stored)], finite=True)
+            if wide is not None:  # widened while squared: one pass less
+                block = np.square(block, out=wide[: len(stored)])
+            else:
+                np.square(block, out=block)  # exact in float32 (checked when it was built)
+            yield rows, cols, block.T if self.transposed else block
 
     def __getitem__(self, key) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
@@ -411,19 +429,24 @@ class LazySquares:
 
 
 def check_lazy_squares(squares: LazySquares, unit_max: np.ndarray | None = None) -> bool:
-    """Whether every square of ``squares`` is exact in float32 (:func:`float32_squares`'s
-    check, one pass over the weight; True for float16), each row's largest |w| into
-    ``unit_max`` on the way if given. Nothing is stored."""
-    checked = squares.weight.dtype == _BFLOAT16
-    if not checked and unit_max is None:
-        return True
+    """Whether every square of ``squares`` is finite and exact in float32 (for bfloat16
+    :func:`float32_squares`'s check; a float16 weight fails only with infinities or NaN, which
+    the float64 couplings then carry to the solver's error), each row's largest |w| into
+    ``unit_max`` on the way if given. One pass over the stored bits, nothing widened or
+    stored: |w|'s order is that of its bits with the sign cleared."""
+    low, high = (
+        (_SQUARES_FROM >> 16, _SQUARES_BELOW >> 16)
+        if squares.weight.dtype == _BFLOAT16
+        else (np.uint16(1), _FLOAT16_INFINITY)
+    )
+    largest = None if unit_max is None else np.zeros(len(unit_max), np.uint16)
+    along = 0 if squares.transposed else 1  # the stored tile holds the rows along this axis
+    for (rows, _), stored in squares._parts(2):
+        magnitude = stored.view(np.uint16) & np.uint16(0x7FFF)
+        if not _in_range(magnitude, low, high):
+            return False
+        if largest is not None:
+            np.maximum(largest[rows], magnitude.max(axis=along), out=largest[rows])
     if unit_max is not None:
-        unit_max[...] = 0.0
-    exact = True
-    for rows, _, block in squares.tiles(squared=False):
-        if checked and not _squares_exact(block):
-            exact = False
-            break
-        if unit_max is not None:
-            np.maximum(unit_max[rows], np.abs(block).max(axis=1), out=unit_max[rows])
-    return exact
+        unit_max[...] = largest.view(squares.weight.dtype)
+    return True

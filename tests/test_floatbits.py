@@ -44,6 +44,10 @@ def test_widening_matches_numpy_on_every_bit_pattern(name):
     np.testing.assert_array_equal(
         bits32(floatbits.to_float32(finite)), bits32(finite.astype(np.float32))
     )
+    # into a given array; ``finite`` (no fix-up for infinity and NaN) on finite values alike
+    out = np.full(finite.shape, np.nan, np.float32)
+    assert floatbits.to_float32(finite, out, finite=True) is out
+    np.testing.assert_array_equal(bits32(out), bits32(finite.astype(np.float32)))
     strided = narrow.reshape(256, 256)[::3, 1::2]  # any view, and a C-ordered result
     widened = floatbits.to_float32(strided)
     assert widened.flags.c_contiguous and widened.shape == strided.shape

@@ -143,6 +143,9 @@ def test_products_of_lazy_squares(transposed):
     out = np.full(wide.shape[1], np.nan, np.float32)  # written whole, whatever it held
     transposed_times(lazy, y.astype(np.float32), out=out)
     np.testing.assert_allclose(out, wide.T @ y, rtol=1e-5)
+    maxima = np.empty(wide.shape[0])
+    assert memory.check_lazy_squares(lazy, maxima)  # the bits of |w|, tile by tile
+    np.testing.assert_array_equal(maxima, np.sqrt(wide).max(axis=1))
     rows = np.array([3, 0, 699 if not transposed else 529])
     np.testing.assert_array_equal(lazy[rows], wide[rows])
     np.testing.assert_array_equal(lazy[:, [1, 4]], wide[:, [1, 4]])
@@ -203,8 +206,28 @@ def test_bfloat16_out_of_range_falls_back_to_float64(bad, monkeypatch):
 def test_float16_nan_and_inf_are_named_by_the_solver(bad, monkeypatch):
     units, _ = _with_entry(analyse(mlp((4, 16, 12, 8, 3), dtype="float16", seed=2)), 2, bad)
     monkeypatch.setattr(unitgraph, "LAZY_BYTES", 0)
-    graph = units.unit_graph(2.0, [])
-    assert isinstance(graph.layers[2].coupling, memory.LazySquares)
+    unit_max: list[np.ndarray] = []
+    graph = units.unit_graph(2.0, unit_max)
+    # the tiles skip float16's fix-up for infinities and NaN: such a layer is stored in float64
+    assert graph.layers[2].coupling.dtype == np.float64
+    assert isinstance(graph.layers[1].coupling, memory.LazySquares)
+    assert np.isnan(unit_max[2][3]) == np.isnan(bad) and not np.isfinite(unit_max[2][3])
     name = units.layers[2].name
     with pytest.raises(ValueError, match=f"layer '{name}' has NaN or infinite weights"):
         solve(graph, 2.0, 2.0)
+
+
+def test_bfloat16_range_is_checked_on_the_stored_bits(monkeypatch):
+    """The edges of the range where squares are exact pass, one step beyond fails, in any tile
+    of a transposed weight read a few stored rows at a time."""
+    monkeypatch.setattr(memory, "BLOCK_BYTES", 64)
+    stored = np.random.default_rng(1).standard_normal((9, 6)).astype(BFLOAT16)
+    stored[2, 1], stored[8, 5], stored[4, 0] = 2.0**-63, -(2.0**64 - 2.0**56), 0.0
+    lazy = memory.LazySquares(stored.T)
+    maxima = np.empty(6)
+    assert memory.check_lazy_squares(lazy, maxima)
+    np.testing.assert_array_equal(maxima, np.abs(np.float64(stored)).max(axis=0))
+    for bad in (2.0**-64, 2.0**64, np.inf, np.nan):
+        edited = stored.copy()
+        edited[7, 3] = bad
+        assert not memory.check_lazy_squares(memory.LazySquares(edited.T))
