@@ -5,9 +5,9 @@ fresh process, loads and analyses it, then resets the process's peak resident se
 (``/proc/self/clear_refs``) and times the two parts of the solve stage: building the coupling
 matrices (``ModelUnits.unit_graph``) and solving (``onnxbalance.solver.solve``). Printed:
 seconds of each, the stage's peak RSS in GiB and as a multiple of the weight bytes (whole, and
-above the resident set at its start), the dtype the largest coupling matrix is stored in, and
-the solver's steps, passes and norms (equal norms across versions show that the same minimum was
-found).
+above the resident set at its start), the dtype the largest coupling matrix is stored in
+("nowhere": squared on use), and the solver's steps, passes and norms (equal norms across
+versions show that the same minimum was found).
 
 ``--root`` runs another checkout's onnxbalance on the same model (e.g. the main branch, for a
 before/after comparison under the same machine load); ``--repeat`` alternates the roots.

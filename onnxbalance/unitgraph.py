@@ -9,7 +9,8 @@ into the solver's input, :class:`UnitGraph`, whose layers carry coupling matrice
     c[o, i] = sum over kernel taps / flattened positions of |W[o, i, ...]|^p
 
 in float64, or in float32 where that is exact: p = 2, one raw column per unit, and float16 or
-(in range) bfloat16 weights, whose squares float32 holds exactly (docs/algorithm.md §5).
+(in range) bfloat16 weights, whose squares float32 holds exactly (docs/algorithm.md §5); big
+layers of that kind store none, their squares are formed a tile at a time when read.
 
 Nothing here reads ONNX or knows about the balancing algorithm (a copy only holds a tensor).
 """

@@ -155,8 +155,8 @@ def _prepare(
         else:
             col_groups = col_groups[movable]
             fixed_row_sum = coupling[:, ~movable].sum(axis=1, dtype=np.float64)
-            # a matrix never stored is stored here: the layers with fixed columns (the first)
-            # are few, and their free couplings then need no gather per product
+            # a matrix never stored is stored here: layers with fixed columns among movable
+            # ones (a pinned input unit) are few, and then need no gather per product
             free = np.ascontiguousarray(coupling[:, movable])
             if summary.single is coupling:  # stored in float32: its own copy, and so is free
                 single = free if free.shape[1] else None
