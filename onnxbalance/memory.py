@@ -386,7 +386,7 @@ class LazySquares:
         weight."""
         return abs(self.weight.strides[0]) < abs(self.weight.strides[1])
 
-    def _parts(self, element_bytes: int) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    def _parts(self, element_bytes: int) -> Iterator[tuple[tuple[slice, slice], np.ndarray]]:
         """(rows, columns, the stored weights of the matrix's tile there, as they are stored:
         transposed for a transposed weight) over tiles of about :data:`BLOCK_BYTES` once each
         is widened to ``element_bytes``; the mapped pages are released afterwards."""
@@ -420,8 +420,7 @@ class LazySquares:
             yield rows, cols, block.T if self.transposed else block
 
     def __getitem__(self, key) -> np.ndarray:
-        with np.errstate(over="ignore", invalid="ignore"):
-            return np.square(np.asarray(self.weight[key], dtype=np.float32))
+        return np.square(np.asarray(self.weight[key], dtype=np.float32))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[...]

@@ -43,10 +43,12 @@ FIXED = -1
 LAZY_BYTES = 64 * 2**20
 """A layer whose couplings are exact in float32 and would take at least this many float32 bytes
 is not stored: its coupling is a :class:`onnxbalance.memory.LazySquares` that squares the
-weight a tile at a time whenever the solver reads it. Squaring on the fly costs about what
-reading stored squares does, and saves building them, so for big layers it is as fast and
-removes 4 bytes per 2-byte weight from the peak; below this size (a 4096 x 4096 layer) the
-stored squares are a small share of the memory and a pass over them is a little faster."""
+weight a tile at a time whenever the solver reads it. That removes 4 bytes per 2-byte weight
+from the peak and the pass that builds the squares, for a dearer pass after it (float16 is
+widened every time, about 1 ns a weight; bfloat16 by a shift): the solve stage of 8192 x 8192
+float16 layers takes about 1.3-1.5 times as long, of bfloat16 ones less. Below this size (a
+4096 x 4096 layer) the squares are a small share of the memory and stay stored. Tests lower it
+to send small layers down the same path."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,8 @@ class ModelUnits:
                 if check_lazy_squares(squares, maxima):
                     layers.append(_layer(layer, squares, column))
                     continue
-                coupling = empty_populated(shape, np.float64)  # bfloat16 beyond the range
+                # bfloat16 beyond the range, or an infinite or NaN float16 weight
+                coupling = empty_populated(shape, np.float64)
             else:
                 coupling = next(stores[np.float32 if in_float32 else np.float64])
             if in_float32 and not float32_squares(layer.weight, coupling, maxima):
