@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ml_dtypes
@@ -317,43 +319,58 @@ def _summary(results: dict, suffix: str, weight_bytes: int, report: Path, dtype:
         )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=1.0, help="total weight size in GiB")
-    parser.add_argument("--width", type=int, default=8192, help="MLP width / decoder hidden size")
+def add_model_options(parser: argparse.ArgumentParser, gb: float, width: int, dtype: str) -> None:
+    """The options of the generated model (with these defaults) and of its work folder."""
+    parser.add_argument("--gb", type=float, default=gb, help="total weight size in GiB")
+    parser.add_argument("--width", type=int, default=width, help="MLP width / decoder hidden size")
     parser.add_argument(
         "--arch", choices=("mlp", "decoder"), default="mlp",
         help="Gemm+Relu MLP (every layer balanced) or OPT-style decoder (feed-forward units)",
     )  # fmt: skip
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=dtype)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+
+
+@contextmanager
+def generated_model(options: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, Path, int]]:
+    """(work folder, model path, weight bytes) of the model ``options`` describe, generated in
+    a fresh folder that is removed afterwards unless ``--keep``."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=options.dir))
+    try:
+        make = generate if options.arch == "mlp" else generate_decoder
+        path, weight_bytes = make(folder, options.gb, options.width, dtype=options.dtype)
+        yield folder, path, weight_bytes
+    finally:
+        if options.keep:
+            print(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_options(parser, gb=1.0, width=8192, dtype="float32")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each (best kept)")
     parser.add_argument(
         "--before", type=Path, default=None,
         help="another source tree (a worktree of an earlier commit) measured in the same run",
     )  # fmt: skip
     options = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="onnxbalance-big-", dir=options.dir))
-    env = dict(os.environ)
-    try:
-        start = time.perf_counter()
-        if options.arch == "mlp":
-            path, weight_bytes = generate(folder, options.gb, options.width, dtype=options.dtype)
-            what = f"{options.dtype} Gemm+Relu layers of {options.width}x{options.width}"
-        else:
-            path, weight_bytes = generate_decoder(
-                folder, options.gb, options.width, dtype=options.dtype
-            )
-            what = f"{options.dtype} decoder layers, hidden {options.width}"
-        n_layers = sum(
-            n.op_type == "Relu" for n in onnx.load(path, load_external_data=False).graph.node
+    start = time.perf_counter()
+    with generated_model(options, "onnxbalance-big-") as (folder, path, weight_bytes):
+        what = (
+            f"{options.dtype} Gemm+Relu layers of {options.width}x{options.width}"
+            if options.arch == "mlp"
+            else f"{options.dtype} decoder layers, hidden {options.width}"
         )
+        graph = onnx.load(path, load_external_data=False).graph
+        n_layers = sum(n.op_type == "Relu" for n in graph.node) + (options.arch == "mlp")
         print(
-            f"model: {n_layers + (options.arch == 'mlp')} {what}, weights "
-            f"{weight_bytes / 2**30:.2f} GiB, generated in {time.perf_counter() - start:.1f} s "
-            f"({folder})"
+            f"model: {n_layers} {what}, weights {weight_bytes / 2**30:.2f} GiB, generated in "
+            f"{time.perf_counter() - start:.1f} s ({folder})"
         )
+        env = dict(os.environ)
         trees = {"": ROOT} if options.before is None else {"": ROOT, " [before]": options.before}
         results = {"onnx load+save": _best(
             [sys.executable, "-c", _BASELINE, str(path), str(folder / "copy.onnx")],
@@ -371,11 +388,6 @@ def main() -> int:
                     balance + extra, tree_env, repeat, name + suffix, folder
                 )
             _summary(results, suffix, weight_bytes, report, options.dtype)
-    finally:
-        if options.keep:
-            print(f"kept {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from big_model import DTYPES, generate, generate_decoder  # noqa: E402
+from big_model import add_model_options, generated_model  # noqa: E402
 
 _STAGE = """
 import json, sys, time
@@ -81,18 +79,11 @@ def run_stage(path: Path, root: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=0.5, help="total weight size in GiB")
-    parser.add_argument("--width", type=int, default=8192, help="MLP width / decoder hidden")
-    parser.add_argument("--arch", choices=("mlp", "decoder"), default="mlp", help="big_model's")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    add_model_options(parser, gb=0.5, width=8192, dtype="float16")
     parser.add_argument("--root", type=Path, action="append", default=[], help="other checkout")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each root, alternated")
-    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: /tmp)")
     options = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="onnxbalance-solve-", dir=options.dir))
-    try:
-        make = generate if options.arch == "mlp" else generate_decoder
-        path, weight_bytes = make(folder, options.gb, options.width, dtype=options.dtype)
+    with generated_model(options, "onnxbalance-solve-") as (_, path, weight_bytes):
         print(
             f"{options.arch}, {options.dtype} weights {weight_bytes / 2**30:.2f} GiB, width "
             f"{options.width}"
@@ -108,8 +99,6 @@ def main() -> int:
                     f"  {r['steps']} steps, {r['passes']} passes,"
                     f" norm {r['norm_before']:.10g} -> {r['norm_after']:.15g}"
                 )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from big_model import DTYPES, generate, generate_decoder, measure
+from big_model import add_model_options, generated_model, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,18 +39,10 @@ print(result.passed, [(o.name, o.max_abs_diff, o.noise_floor, o.atol) for o in r
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=0.5, help="total weight size in GiB")
-    parser.add_argument("--width", type=int, default=4096, help="MLP width / decoder hidden size")
-    parser.add_argument("--arch", choices=("mlp", "decoder"), default="mlp")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
-    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: /tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    add_model_options(parser, gb=0.5, width=4096, dtype="float16")
     parser.add_argument("--before", type=Path, default=None, help="an earlier source tree")
     options = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="onnxbalance-verify-stage-", dir=options.dir))
-    try:
-        make = generate if options.arch == "mlp" else generate_decoder
-        path, weight_bytes = make(folder, options.gb, options.width, dtype=options.dtype)
+    with generated_model(options, "onnxbalance-verify-stage-") as (folder, path, weight_bytes):
         out = folder / "out.onnx"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         subprocess.run(
@@ -84,11 +74,6 @@ def main() -> int:
             )
         if len(set(verdicts.values())) > 1:
             print("the verdicts or figures differ between the trees")
-    finally:
-        if options.keep:
-            print(f"kept {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

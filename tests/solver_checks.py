@@ -7,7 +7,7 @@ import pytest
 import reference
 from networks import Edge, Network, make_network
 
-from onnxbalance.solver import SolveResult
+from onnxbalance.solver import SolveResult, solve
 
 
 def check_against_reference(net: Network, p: float, q: float, result: SolveResult) -> None:
@@ -71,3 +71,15 @@ def alternating_magnitudes_network() -> Network:
     factors = [1e30, 1e-30, 1e30, 1e-30]
     edges = tuple(Edge(e.src, e.dst, e.weight * f) for e, f in zip(net.edges, factors, strict=True))
     return Network(net.sizes, edges, net.biases, net.groups, net.n_groups)
+
+
+def assert_same_minimum(found_graph, expected_graph, method: str) -> None:
+    """Both unit graphs (the same weights, stored two ways) solve to the same minimum, at the
+    same points, in the same number of passes and sweeps (p = q = 2, tol 1e-9)."""
+    options = {"method": method, "tol": 1e-9, "max_sweeps": 400 if method == "mu" else 10_000}
+    found = solve(found_graph, 2.0, 2.0, **options)
+    expected = solve(expected_graph, 2.0, 2.0, **options)
+    assert expected.norm_after < expected.norm_before * 0.999  # there was work to do
+    np.testing.assert_allclose(found.norm_after, expected.norm_after, rtol=1e-12)
+    np.testing.assert_allclose(found.log_scales, expected.log_scales, rtol=0, atol=1e-9)
+    assert (found.passes, found.sweeps) == (expected.passes, expected.sweeps)
