@@ -7,6 +7,10 @@ arithmetic, the function the bfloat16 weights define. Running the original and t
 model through the same conversion compares them fairly: both are evaluated the same way, and the
 only difference left is the rounding of the rescaled weights to bfloat16.
 
+:func:`to_float32_by_casts`: the same function with the stored bfloat16 weights left as they are,
+each converted by a Cast node where it is read, so onnxruntime need not hold a float32 copy of
+them all.
+
 :func:`widen`: the same to float32 or float64 (:func:`wider_type`), also exact. It serves when
 the input model overflows its own dtype on the test inputs and the balanced one does not
 (rescaling moves magnitudes between layers; that is what it is for): in the wider type neither
@@ -19,6 +23,7 @@ import numpy as np
 import onnx
 
 from onnxbalance import protos, tensors
+from onnxbalance.analysis.graph import outer_names, subgraphs
 
 BF16 = onnx.TensorProto.BFLOAT16
 F16 = onnx.TensorProto.FLOAT16
@@ -105,3 +110,57 @@ def widen(model: onnx.ModelProto, wide: int, read_external: bool = True) -> onnx
     ``wide`` (float32 or float64; external tensors: see :func:`_widened`)."""
     narrow = {F16, BF16} if wide == F32 else {F16, BF16, F32}
     return _widened(model, frozenset(narrow), wide, read_external)
+
+
+def to_float32_by_casts(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """:func:`to_float32`, except that the main graph's bfloat16 initializers that only its own
+    nodes read stay as they are stored (external data included) and reach those nodes through
+    a Cast to float32 placed right before the first of them. The function is the same (the
+    Cast is the exact conversion); onnxruntime then holds the weights in bfloat16 and converts
+    one at a time as the nodes run (when it does not fold constants), instead of holding a
+    float32 copy of them all. None when a bfloat16 tensor in external data is read elsewhere
+    (a body, a graph output, listed as a graph input): that model takes :func:`to_float32`."""
+    graph = model.graph
+    inner = set().union(*(outer_names(g) for n in graph.node for g in subgraphs(n)))
+    # a graph input's declared type becomes float32, so an initializer listed there converts too
+    elsewhere = inner | {o.name for o in graph.output} | {v.name for v in graph.input}
+    kept = {t.name: t for t in graph.initializer if t.data_type == BF16 and t.name not in elsewhere}
+    if any(
+        t.data_type == BF16 and tensors.is_external(t) and t.name not in kept
+        for t in tensors.iter_tensors(model)
+    ):
+        return None
+    out = _widened(model, frozenset({BF16}), F32, read_external=False)
+    for index, tensor in enumerate(out.graph.initializer):
+        if tensor.name in kept:
+            out.graph.initializer[index].CopyFrom(kept[tensor.name])
+    taken = {name for node in graph.node for name in [*node.input, *node.output, node.name]}
+    taken |= {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    cast_of = {}
+    for name in kept:
+        cast_of[name] = _unused(f"{name}/float32", taken)
+        taken.add(cast_of[name])
+    pending = set(cast_of)
+    nodes = []
+    for node in out.graph.node:
+        for name in dict.fromkeys(i for i in node.input if i in pending):
+            # right before its first reader: the float32 copy lives from here to the last one
+            nodes.append(
+                onnx.helper.make_node("Cast", [name], [cast_of[name]], cast_of[name], to=F32)
+            )
+            pending.discard(name)
+        reader = onnx.NodeProto()
+        reader.CopyFrom(node)
+        reader.input[:] = [cast_of.get(name, name) for name in node.input]
+        nodes.append(reader)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    """``name``, or ``name`` with the first number suffix no name in ``taken`` has."""
+    candidate, number = name, 1
+    while candidate in taken:
+        candidate, number = f"{name}.{number}", number + 1
+    return candidate

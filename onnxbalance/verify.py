@@ -82,6 +82,10 @@ class _Source:
     narrow: _Source | None = None
     """For a widened model with external data: the model it was widened from, whose external
     values its value-less stubs stand for, converted as they are staged (:func:`_run`)."""
+    casts: bool = False
+    """Weights that reach their readers through Cast nodes of the graph
+    (:func:`onnxbalance.upcast.to_float32_by_casts`): onnxruntime must not fold those into
+    float32 copies of the weights."""
 
     @classmethod
     def of(cls, model: ModelSource) -> _Source:
@@ -102,6 +106,15 @@ class _Source:
                 return _Source(widen(self.proto), None, self.folder)
         return _Source(widen(self.proto, read_external=False), None, self.folder, self)
 
+    def in_float32(self) -> _Source:
+        """A bfloat16 model as onnxruntime runs it: its stored weights kept, each converted by
+        a Cast right before it is read (:func:`onnxbalance.upcast.to_float32_by_casts`), or, where
+        that does not apply, :meth:`widened` to float32."""
+        casted = upcast.to_float32_by_casts(self.proto)
+        if casted is None:
+            return self.widened(upcast.to_float32)
+        return _Source(casted, None, self.folder, casts=True)
+
 
 def compare_models(
     original: ModelSource,
@@ -121,8 +134,9 @@ def compare_models(
     before the next one loads. Each also runs with its weights perturbed (:func:`perturbed`),
     which gives each output's noise floor; ``rtol``/``atol`` replace that rule by a fixed one
     (see the module docstring); the perturbed weights of a model with external data go to
-    onnxruntime as arrays in memory. A bfloat16 model with external data is converted into a
-    copy under ``scratch`` (default: the system's temporary folder) while it runs. The original's
+    onnxruntime as arrays in memory. A bfloat16 model keeps its weights, widened by Cast nodes
+    (:meth:`_Source.in_float32`); one whose weights cannot stay so is converted into a copy
+    under ``scratch`` (default: the system's temporary folder) while it runs. The original's
     Relu outputs are watched on the way (``active_fraction``). bfloat16 models run as float32
     (onnxruntime has no bfloat16 CPU kernels; the conversion is exact, see
     :mod:`onnxbalance.upcast`) with bfloat16's round-off. Outputs that the input model
@@ -136,7 +150,7 @@ def compare_models(
     first, second = _Source.of(original), _Source.of(balanced)
     as_dtype = None
     if upcast.uses(first.proto, upcast.BF16) or upcast.uses(second.proto, upcast.BF16):
-        first, second = first.widened(upcast.to_float32), second.widened(upcast.to_float32)
+        first, second = first.in_float32(), second.in_float32()
         as_dtype = "bfloat16"
     feeds = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     rule = _Rule(_compute_dtype(first.proto, as_dtype), rtol, atol)
@@ -202,7 +216,7 @@ def check_runs(
     """
     source = _Source.of(model)
     if upcast.uses(source.proto, upcast.BF16):
-        source = source.widened(upcast.to_float32)
+        source = source.in_float32()
     try:
         feeds = make_inputs(source.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     except InputError as exc:
@@ -396,8 +410,8 @@ def _run(
     if perturbation is None and source.narrow is None:
         return run_all(source, feeds, what)
     if not external:
-        return run_all(_Source(protos.map_tensors(source.proto, perturbation.tensor), None,
-                               source.folder), feeds, what)  # fmt: skip
+        moved = protos.map_tensors(source.proto, perturbation.tensor)
+        return run_all(replace(source, proto=moved, path=None), feeds, what)
     stored = {t.name: t for t in origin.proto.graph.initializer if t.name in external}
     streamed = {}
     for tensor in source.proto.graph.initializer:
@@ -422,7 +436,7 @@ def _run(
         held = {
             name: _joined(*blocks(), spare.pop(name, None)) for name, blocks in streamed.items()
         }
-        outputs = run_all(_Source(rest, None, origin.folder), feeds, what, held)
+        outputs = run_all(replace(source, proto=rest, path=None), feeds, what, held)
         spare.update(held)
         return outputs
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-", dir=scratch) as folder:
@@ -679,18 +693,19 @@ def _run_sessions(
 ) -> list[dict[str, np.ndarray]]:
     source = model if isinstance(model, _Source) else _Source.of(model)
     if source.path is not None and not held:
-        return _run_session(str(source.path), feeds, what)
+        return _run_session(str(source.path), feeds, what, fold=not source.casts)
     external = tensors.external_names(source.proto)
     if source.proto.ByteSize() < _PROTOBUF_LIMIT and (source.folder is not None or not external):
         folder = source.folder if external else None
-        return _run_session(source.proto.SerializeToString(), feeds, what, folder, held)
+        serialised = source.proto.SerializeToString()
+        return _run_session(serialised, feeds, what, folder, held, fold=not source.casts)
     # too big for one message (or references no folder resolves, refused naming the tensor)
     generated = {name: functools.partial(_as_blocks, value) for name, value in (held or {}).items()}
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-") as folder:
         with safewrite.stage_model(
             source.proto, Path(folder) / "model.onnx", base_dir=source.folder, generated=generated
         ) as staged:
-            return _run_session(str(staged.model_path), feeds, what)
+            return _run_session(str(staged.model_path), feeds, what, fold=not source.casts)
 
 
 def _as_blocks(value: np.ndarray) -> tuple[tuple[int, ...], list[np.ndarray]]:
@@ -707,9 +722,12 @@ def _run_session(
     what: str,
     folder: Path | None = None,
     held: Mapping[str, np.ndarray] | None = None,
+    fold: bool = True,
 ) -> list[dict[str, np.ndarray]]:
     """``model`` (a file, or serialised with its external references relative to ``folder``)
-    run on every feed; ``held`` replaces stored initializers, used in place, never copied."""
+    run on every feed; ``held`` replaces stored initializers, used in place, never copied.
+    ``fold``: let onnxruntime fold constants (not when the graph's own Casts widen weights:
+    folded, each would become a float32 copy held for the session's life)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(_SILENT)
@@ -731,12 +749,15 @@ def _run_session(
             "session.model_external_initializers_file_folder_path", str(folder.resolve())
         )
     # onnxruntime keeps pointers into these, not references: they must outlive the session
-    given = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in (held or {}).items()}
+    given = {name: _ort_value(ort, value) for name, value in (held or {}).items()}
     for name, value in given.items():
         options.add_initializer(name, value)
+    unfolded = {} if fold else {"disabled_optimizers": ["ConstantFolding"]}
     session = None
     try:
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model, options, providers=["CPUExecutionProvider"], **unfolded
+        )
         names = [o.name for o in session.get_outputs()]
         types = [o.type for o in session.get_outputs()]
         runs = [session.run(names, dict(feed)) for feed in feeds]
@@ -749,6 +770,14 @@ def _run_session(
         {name: _to_array(value, kind) for name, value, kind in zip(names, row, types, strict=True)}
         for row in runs
     ]
+
+
+def _ort_value(ort, value: np.ndarray):
+    """An OrtValue over ``value``'s memory (onnxruntime's numpy bridge knows no bfloat16: its
+    bits go as 16-bit integers, declared bfloat16)."""
+    if value.dtype == tensors.numpy_dtype(upcast.BF16):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value.view(np.uint16), upcast.BF16)
+    return ort.OrtValue.ortvalue_from_numpy(value)
 
 
 def compare_output(
