@@ -106,9 +106,9 @@ def empty_arrays(shapes: Sequence[tuple[int, ...]], dtype: np.typing.DTypeLike) 
     ]
 
 
-def row_blocks(n_rows: int, row_bytes: int) -> Iterator[slice]:
-    """Slices of about :data:`BLOCK_BYTES` each along the first axis."""
-    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+def row_blocks(n_rows: int, row_bytes: int, block_bytes: int | None = None) -> Iterator[slice]:
+    """Slices of about ``block_bytes`` (default :data:`BLOCK_BYTES`) each along the first axis."""
+    step = max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, row_bytes))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
 
@@ -122,13 +122,13 @@ def float64_blocks(
     block reuses (a block is only valid until the next one is asked for).
     """
     n_rows, n_cols = matrix.shape
-    step = max(1, block_bytes // (8 * max(n_cols, 1)))
-    buffer = None if matrix.dtype == np.float64 else np.empty((min(step, n_rows), n_cols))
-    for start in range(0, n_rows, step):
-        rows = slice(start, min(n_rows, start + step))
-        if buffer is None:
+    buffer = None
+    for rows in row_blocks(n_rows, 8 * n_cols, block_bytes):
+        if matrix.dtype == np.float64:
             yield rows, matrix[rows]
             continue
+        if buffer is None:  # the first block is the largest
+            buffer = np.empty((rows.stop - rows.start, n_cols))
         block = buffer[: rows.stop - rows.start]
         np.copyto(block, matrix[rows])
         yield rows, block

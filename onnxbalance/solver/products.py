@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..memory import LazySquares, float64_blocks
+from ..memory import LazySquares, float64_blocks, row_blocks
 
 BLOCK_BYTES = 1 << 19
 """Float64 bytes of a block of rows (half a typical L2 cache): converted, then read from cache
@@ -105,7 +105,5 @@ def _tiles(matrix, vector: np.ndarray):
             yield rows, every, block
         return
     n_rows, n_cols = matrix.shape
-    step = max(1, BLOCK_BYTES // (matrix.itemsize * max(n_cols, 1)))
-    for start in range(0, n_rows, step):
-        rows = slice(start, min(n_rows, start + step))
+    for rows in row_blocks(n_rows, matrix.itemsize * n_cols, BLOCK_BYTES):
         yield rows, every, matrix[rows]
