@@ -215,52 +215,45 @@ class ModelUnits:
             (np.shape(layer.weight)[0], column.groups.size)
             for layer, column in zip(self.layers, columns, strict=True)
         ]
-        narrow = [
-            column.squares_in_float32(p, layer.weight)
-            for layer, column in zip(self.layers, columns, strict=True)
+        storage = [
+            _storage(column.squares_in_float32(p, layer.weight), shape)
+            for layer, column, shape in zip(self.layers, columns, shapes, strict=True)
         ]
-        lazy = [
-            n and 4 * int(np.prod(shape)) >= LAZY_BYTES
-            for shape, n in zip(shapes, narrow, strict=True)
-        ]
-        narrow = [n and not big for n, big in zip(narrow, lazy, strict=True)]
         stores = {
             dtype: iter(
-                empty_arrays(
-                    [
-                        shape
-                        for shape, n, big in zip(shapes, narrow, lazy, strict=True)
-                        if n == wanted and not big
-                    ],
-                    dtype,
-                )
+                empty_arrays([s for s, k in zip(shapes, storage, strict=True) if k is dtype], dtype)
             )
-            for dtype, wanted in ((np.float32, True), (np.float64, False))
+            for dtype in (np.float32, np.float64)
         }
         layers = []
-        for layer, column, shape, in_float32, big in zip(
-            self.layers, columns, shapes, narrow, lazy, strict=True
-        ):
+        for layer, column, shape, kind in zip(self.layers, columns, shapes, storage, strict=True):
             maxima = None
             if unit_max is not None:
                 maxima = np.empty(shape[0])
                 unit_max.append(maxima)
-            if big:
+            if kind is LazySquares:
                 squares = LazySquares(np.asarray(layer.weight))
                 if check_lazy_squares(squares, maxima):
                     layers.append(_layer(layer, squares, column))
                     continue
                 # bfloat16 beyond the range, or an infinite or NaN float16 weight
-                coupling = empty_populated(shape, np.float64)
+                coupling, kind = empty_populated(shape, np.float64), np.float64
             else:
-                coupling = next(stores[np.float32 if in_float32 else np.float64])
-            if in_float32 and not float32_squares(layer.weight, coupling, maxima):
-                coupling = empty_populated(shape, np.float64)  # bfloat16 beyond the range
-                in_float32 = False
-            if not in_float32:
+                coupling = next(stores[kind])
+            if kind is np.float32 and not float32_squares(layer.weight, coupling, maxima):
+                coupling, kind = empty_populated(shape, np.float64), np.float64  # bfloat16 beyond
+            if kind is np.float64:
                 coupling = column.couple(layer.weight, p, coupling, maxima)
             layers.append(_layer(layer, coupling, column))
         return UnitGraph(tuple(layers), self.group_names)
+
+
+def _storage(squares_in_float32: bool, shape: tuple[int, int]) -> type:
+    """How a layer's coupling is kept: np.float64, or, where its squares are exact in float32,
+    np.float32, or :class:`LazySquares` (not stored) from :data:`LAZY_BYTES` of them on."""
+    if not squares_in_float32:
+        return np.float64
+    return LazySquares if 4 * shape[0] * shape[1] >= LAZY_BYTES else np.float32
 
 
 def _layer(layer: LinearUnits, coupling: np.ndarray | LazySquares, column: _Columns) -> Layer:
