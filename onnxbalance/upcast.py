@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from onnxbalance import protos, tensors
-from onnxbalance.analysis.graph import outer_names, subgraphs
+from onnxbalance.analysis.graph import fresh_name, outer_names, subgraphs
 
 BF16 = onnx.TensorProto.BFLOAT16
 F16 = onnx.TensorProto.FLOAT16
@@ -136,10 +136,7 @@ def to_float32_by_casts(model: onnx.ModelProto) -> onnx.ModelProto | None:
             out.graph.initializer[index].CopyFrom(kept[tensor.name])
     taken = {name for node in graph.node for name in [*node.input, *node.output, node.name]}
     taken |= {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    cast_of = {}
-    for name in kept:
-        cast_of[name] = _unused(f"{name}/float32", taken)
-        taken.add(cast_of[name])
+    cast_of = {name: fresh_name(f"{name}/float32", taken) for name in kept}
     pending = set(cast_of)
     nodes = []
     for node in out.graph.node:
@@ -156,11 +153,3 @@ def to_float32_by_casts(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
-
-
-def _unused(name: str, taken: set[str]) -> str:
-    """``name``, or ``name`` with the first number suffix no name in ``taken`` has."""
-    candidate, number = name, 1
-    while candidate in taken:
-        candidate, number = f"{name}.{number}", number + 1
-    return candidate

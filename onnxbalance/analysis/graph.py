@@ -68,6 +68,17 @@ def bodies(graph: onnx.GraphProto) -> Iterator[tuple[int, int, str, onnx.GraphPr
         position += found
 
 
+def fresh_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name.2``, ``name.3``, ... : the first that is not in ``taken``, which
+    then holds it too."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}.{n}"
+    taken.add(candidate)
+    return candidate
+
+
 def outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph reads but does not define itself: its implicit outer-scope inputs."""
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}

@@ -35,7 +35,7 @@ import onnx
 
 from .. import tensors
 from ..unitgraph import LinearUnits, ModelUnits, TensorCopy, TensorEdit
-from .graph import FLOAT_TYPES, GraphIndex
+from .graph import FLOAT_TYPES, GraphIndex, fresh_name
 from .ops import STANDARD_DOMAINS, attr
 
 SMALL_BYTES = 4 << 20
@@ -73,7 +73,7 @@ def plan(graph: GraphIndex, refused: frozenset[str]) -> list[TensorCopy]:
         if value.data_type not in FLOAT_TYPES or not (derived or shared):
             continue
         for i, slot in readers:
-            copy_name = _fresh(f"{name}.{graph.names[i]}", taken)
+            copy_name = fresh_name(f"{name}.{graph.names[i]}", taken)
             copies.append(TensorCopy(copy_name, name, ((i, slot),), value, stored=not derived))
     return copies
 
@@ -258,15 +258,6 @@ def _names(graph: GraphIndex) -> set[str]:
     names = set(graph.producer) | set(graph.consumers) | set(graph.graph_inputs)
     names |= {t.name for t in graph.graph.initializer} | set(graph.graph_outputs)
     return names
-
-
-def _fresh(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}.{n}"
-    taken.add(candidate)
-    return candidate
 
 
 # ------------------------------------------------------------------ constant subexpressions
