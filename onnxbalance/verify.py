@@ -692,20 +692,21 @@ def _run_sessions(
     held: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     source = model if isinstance(model, _Source) else _Source.of(model)
+    fold = not source.casts
     if source.path is not None and not held:
-        return _run_session(str(source.path), feeds, what, fold=not source.casts)
+        return _run_session(str(source.path), feeds, what, fold=fold)
     external = tensors.external_names(source.proto)
     if source.proto.ByteSize() < _PROTOBUF_LIMIT and (source.folder is not None or not external):
         folder = source.folder if external else None
         serialised = source.proto.SerializeToString()
-        return _run_session(serialised, feeds, what, folder, held, fold=not source.casts)
+        return _run_session(serialised, feeds, what, folder, held, fold=fold)
     # too big for one message (or references no folder resolves, refused naming the tensor)
     generated = {name: functools.partial(_as_blocks, value) for name, value in (held or {}).items()}
     with tempfile.TemporaryDirectory(prefix="onnxbalance-verify-") as folder:
         with safewrite.stage_model(
             source.proto, Path(folder) / "model.onnx", base_dir=source.folder, generated=generated
         ) as staged:
-            return _run_session(str(staged.model_path), feeds, what, fold=not source.casts)
+            return _run_session(str(staged.model_path), feeds, what, fold=fold)
 
 
 def _as_blocks(value: np.ndarray) -> tuple[tuple[int, ...], list[np.ndarray]]:
