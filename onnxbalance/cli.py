@@ -86,6 +86,7 @@ RTOL = typer.Option(
     metavar="R", help="Accept |diff| <= R*|original| + atol instead of the noise-floor rule."
 )
 ATOL = typer.Option(metavar="A", help="Absolute part of that rule (either option enables it).")
+INPUT_SHAPE = typer.Option(metavar="NAME=D1,D2,..", help="Shape of an input with dynamic dims.")
 
 
 def _version(value: bool) -> None:
@@ -122,10 +123,7 @@ def run(
     inputs: Annotated[
         Path | None, typer.Option(metavar="F.npz", help="Verify on these arrays (.npz).")
     ] = None,
-    input_shape: Annotated[
-        list[str] | None,
-        typer.Option(metavar="NAME=D1,D2,..", help="Shape of an input with dynamic dims."),
-    ] = None,
+    input_shape: Annotated[list[str] | None, INPUT_SHAPE] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random verification inputs.")] = 0,
     rtol: Annotated[float | None, RTOL] = None,
     atol: Annotated[float | None, ATOL] = None,
@@ -471,10 +469,7 @@ def compare(
     inputs: Annotated[
         Path | None, typer.Option(metavar="F.npz", help="Compare on these arrays (.npz).")
     ] = None,
-    input_shape: Annotated[
-        list[str] | None,
-        typer.Option(metavar="NAME=D1,D2,..", help="Shape of an input with dynamic dims."),
-    ] = None,
+    input_shape: Annotated[list[str] | None, INPUT_SHAPE] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     rtol: Annotated[float | None, RTOL] = None,
     atol: Annotated[float | None, ATOL] = None,
