@@ -7,8 +7,10 @@ into place. The model file is the single commit point: the data file goes in fir
 no existing file has (so the old model, which may reference the old data file, stays valid), then
 the model replaces the old one, then the old model's data file is removed. Any exception or
 interrupt before the model's rename removes the temporary folder and leaves an existing output
-untouched; cleanup itself holds SIGINT/SIGTERM until it is done, and a folder left by a killed
-run is removed by the next run on the same output.
+untouched; cleanup itself holds SIGINT/SIGTERM until it is done. The folder's removal belongs to
+the object that stages it (as :class:`tempfile.TemporaryDirectory`'s does), so an interrupt
+between staging and the caller's ``with`` still removes it, when the object is dropped or at
+exit at the latest; a folder left by a killed run is removed by the next run on the same output.
 
 Tensor storage follows the input: a tensor stored externally is written to ``OUT.name +
 ".data"`` beside the output (``OUT.name + ".1.data"`` when that name is taken, as it is when
@@ -36,6 +38,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -391,6 +394,9 @@ class Staged:
         self.committed = False
         self._kept = {Path(p).resolve() for p in kept}
         self._syncs: list[_BackgroundSync] = []
+        # whatever becomes of this object (dropped by an interrupt before a caller's ``with``,
+        # or alive at exit), the folder goes with it
+        self._folder_removal = weakref.finalize(self, _remove_folder, folder)
 
     def _sync_later(self, path: Path) -> None:
         self._syncs.append(_BackgroundSync(path))
@@ -453,16 +459,20 @@ class Staged:
         with signals_deferred():
             with contextlib.suppress(OSError):
                 self._wait_synced()
-            try:
-                self.folder.rmdir()  # committed: nothing left inside
-            except OSError:
-                shutil.rmtree(self.folder, ignore_errors=True)
+            self._folder_removal()
 
     def __enter__(self) -> Staged:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+def _remove_folder(folder: Path) -> None:
+    try:
+        folder.rmdir()  # committed: nothing left inside
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_destination(out: Path) -> Path:
@@ -515,12 +525,8 @@ def stage_model(
         final_data = fresh_data_path(out, avoid=kept)
     remove_stale_staging(out)
     token = f"{_staging_key(out)}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        temp = folder / f"{_STAGING_PREFIX}{token}"
-        temp.mkdir()
-    except OSError as exc:
-        raise OutputError(f"cannot write '{out}': {exc.strerror or exc}") from exc
-    staged = Staged(out, temp, final_data, kept)
+    # the object owns the folder before the folder exists: no moment has one without the other
+    staged = Staged(out, folder / f"{_STAGING_PREFIX}{token}", final_data, kept)
     generated = dict(generated or {})
     produced: dict[str, tuple[Iterable[np.ndarray], int]] = {}
 
@@ -536,6 +542,7 @@ def stage_model(
         return stub
 
     try:
+        staged.folder.mkdir()
         if staged.data_path is not None:
             with open(staged.data_path, "xb") as handle:
                 writer = _DataWriter(handle, staged.data_path.name, base, generated)

@@ -357,6 +357,34 @@ def test_staged_output_opens_like_the_final_one(folders):
     np.testing.assert_array_equal(_outputs(out), _outputs(path))
 
 
+def test_a_staged_output_never_entered_is_removed_with_its_object(folders):
+    """An interrupt can land after staging and before the caller's ``with``: the object that
+    staged the output is then dropped, and its folder goes with it."""
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    staged = safewrite.stage_model(model, out, base_dir=path.parent)
+    assert staged.folder.is_dir() and staged.model_path.is_file()
+    del staged
+    assert os.listdir(out.parent) == []
+
+
+def test_a_staged_output_still_held_at_exit_is_removed(folders):
+    """...or, when a frame still holds it, at the interpreter's exit at the latest."""
+    model, path = _lazy(folders)
+    out = folders / "out" / "b.onnx"
+    script = (
+        "import sys, onnx\n"
+        "from onnxbalance import safewrite\n"
+        f"model = onnx.load({str(path)!r}, load_external_data=False)\n"
+        f"held = safewrite.stage_model(model, {str(out)!r}, base_dir={str(path.parent)!r})\n"
+        "print(held.folder.is_dir())\n"
+        "sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "True\n", "")
+    assert os.listdir(out.parent) == []
+
+
 @pytest.mark.parametrize("layout", ["external", "inline"])
 def test_generated_tensors_are_streamed_in(folders, layout):
     """Values produced while writing replace the stored ones, in blocks, with a new shape."""
