@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import memory, protos, safewrite, tensors, upcast
+from . import floatbits, memory, protos, safewrite, tensors, upcast
 from .errors import InputError
 from .report import Comparison, OutputComparison
 
@@ -293,6 +293,9 @@ class _Perturbation:
     fills), where one unit in the last place can change a shape or cancel a mask. Values that
     would leave the dtype's range stay as they are. Values are moved a block of rows at a
     time, so a weight of any size needs no float64 copy (nor any copy, when it is streamed).
+    Stored float16 and bfloat16 weights step to a neighbour with the probabilities that
+    rounding ``v * (1 + delta)`` gives (:func:`onnxbalance.floatbits.moved_by_round_off`, 16
+    random bits a weight), the same distribution at a quarter of the float arithmetic's cost.
     """
 
     def __init__(self, seed: int, as_dtype: str | None = None) -> None:
@@ -316,6 +319,11 @@ class _Perturbation:
 
     def move(self, block: np.ndarray) -> np.ndarray:
         """``block`` of a weight that :meth:`moves`, moved (the next random draws)."""
+        narrow = block.dtype.name in ("float16", "bfloat16")
+        if narrow and self.as_dtype in (None, block.dtype.name):
+            words = self.rng.bit_generator.random_raw(-(-block.size // 4))
+            draws = words.view(np.uint16)[: block.size].reshape(block.shape)
+            return floatbits.moved_by_round_off(block, draws)
         unit_round_off = _EPSILON[self.as_dtype or block.dtype.name] / 2
         # v + v * delta rounds to what v * (1 + delta) does: float32 holds v * delta to a
         # relative 2^-24, far below the rounding of the sum, at half float64's traffic

@@ -121,3 +121,49 @@ def test_scalars_and_views_keep_their_shape(name):
     assert floatbits.to_float32(np.array(3.5, dtype=dtype)).shape == ()
     columns = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]  # not contiguous
     np.testing.assert_array_equal(floatbits.from_float32(columns, dtype), columns.astype(dtype))
+
+
+@pytest.mark.parametrize(("name", "unit_round_off"), [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_round_off_steps_are_the_roundings_of_v_times_one_plus_delta(name, unit_round_off):
+    # Every bit pattern, with 64 independent random draws each: the value must land exactly
+    # where rounding v * (1 + delta) to nearest would, delta = +-u * s / 2^15 as the draw sets
+    # it; the reference compares |v delta| with half the gap to each neighbour in float64
+    # (exact: the neighbours come from the patterns next to v, whatever the binade), and
+    # values that would leave the range, infinities and NaN stay.
+    dtype = NARROW[name]
+    values = ALL_PATTERNS.view(dtype)
+    with np.errstate(invalid="ignore"):  # NaN patterns
+        wide = values.astype(np.float64)
+        gap_up = np.abs((ALL_PATTERNS + np.uint16(1)).view(dtype).astype(np.float64)) - np.abs(wide)
+        gap_down = np.abs(wide) - np.abs(
+            (ALL_PATTERNS - np.uint16(1)).view(dtype).astype(np.float64)
+        )
+    magnitude = ALL_PATTERNS & 0x7FFF
+    finite = np.isfinite(wide)
+    rng = np.random.default_rng(3)
+    ties = steps = 0
+    for _ in range(64):
+        draws = rng.integers(0, 2**16, ALL_PATTERNS.size, dtype=np.uint16)
+        down = draws >= 2**15
+        gap = np.where(down, gap_down, gap_up)
+        with np.errstate(invalid="ignore"):
+            reach = np.abs(wide) * unit_round_off * (draws & 0x7FFF) / 2.0**15  # |v delta|
+            step = finite & (magnitude > 0) & (reach > gap / 2)
+            step &= np.isfinite(np.where(down, wide, wide + np.sign(wide) * gap_up))
+            tie = finite & (reach == gap / 2) & (reach > 0)
+        expected = np.where(step, np.where(down, ALL_PATTERNS - 1, ALL_PATTERNS + 1), ALL_PATTERNS)
+        moved = floatbits.moved_by_round_off(values, draws).view(np.uint16)
+        assert (moved == expected)[~tie].all()
+        assert (moved[tie] == ALL_PATTERNS[tie]).all()  # exactly half the gap: a null set
+        ties += int(tie.sum())
+        steps += int(step.sum())
+    assert steps > 64 * 2**14  # a good share of the values moved (each binade's upper half)
+    assert moved.dtype == np.uint16 and floatbits.moved_by_round_off(values, draws).dtype == dtype
+
+
+def test_round_off_steps_keep_the_shape():
+    values = np.arange(12, dtype=np.float16).reshape(3, 4)[:, 1:] + np.float16(0.5)
+    moved = floatbits.moved_by_round_off(values, np.full(values.shape, 0xFFFF, np.uint16))
+    assert moved.shape == (3, 3) and moved.dtype == np.float16
+    # the largest |delta| downwards moves every normal value whose mantissa exceeds 1 + 2^-15
+    assert (moved < values).all()
