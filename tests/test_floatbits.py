@@ -68,6 +68,26 @@ def test_subnormal_arithmetic_is_kept_in_this_process():
 
 
 @pytest.mark.parametrize("name", NARROW)
+def test_widening_is_exact_across_blocks_and_into_any_layout(name):
+    """Long arrays, views of any layout, and results into a strided ``out``."""
+    narrow = ALL_PATTERNS.view(NARROW[name])
+    finite = narrow[np.isfinite(narrow.astype(np.float32))]
+    rng = np.random.default_rng(3)
+    long = rng.permutation(np.tile(finite, 3))[: 3 * 2**15 + 17]
+    np.testing.assert_array_equal(
+        bits32(floatbits.to_float32(long)), bits32(long.astype(np.float32))
+    )
+    square = long[: 300 * 300].reshape(300, 300)
+    out = np.full((300, 301), np.nan, np.float32)[:, :300]  # no flat view of it exists
+    assert floatbits.to_float32(square, out) is out
+    np.testing.assert_array_equal(bits32(out), bits32(square.astype(np.float32)))
+    for view in (square.T, square[::-7, 3:250:5], long[:0].reshape(0, 4), long[5]):
+        widened = floatbits.to_float32(view)
+        assert widened.flags.c_contiguous and widened.shape == view.shape
+        np.testing.assert_array_equal(bits32(widened), bits32(view.astype(np.float32)))
+
+
+@pytest.mark.parametrize("name", NARROW)
 def test_narrowing_rounds_like_numpy_at_every_boundary(name):
     dtype = NARROW[name]
     points = boundaries(dtype)
