@@ -690,6 +690,46 @@ def test_a_signal_during_start_up_is_one_line(dirs, signum):
     assert interrupted >= 1
 
 
+_LOST_IN_A_CALLBACK = """
+import os, signal, sys, time, weakref
+from onnxbalance.__main__ import handle_interrupts
+from onnxbalance.errors import Interrupted
+if sys.argv[1] == "handled":
+    handle_interrupts()
+else:  # what raising from the handler alone does
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    signal.signal(signal.SIGTERM, handler)
+class Held:
+    pass
+held = Held()
+def callback(ref):
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs in here, where raising is ignored
+ref = weakref.ref(held, callback)
+try:
+    del held
+    time.sleep(5)
+    print("not interrupted")
+except Interrupted as exc:
+    print("interrupted", exc.signum)
+"""
+
+
+@pytest.mark.parametrize("handling", ["handled", "plain"])
+def test_an_interrupt_landing_in_a_weakref_callback_is_not_lost(handling):
+    """A signal can arrive while a weakref callback runs (the import system has them): Python
+    prints the raised interrupt as "Exception ignored" and drops it. The command's handling
+    delivers it again once the main thread is back where it can be raised, silently."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOST_IN_A_CALLBACK, handling], capture_output=True, text=True
+    )
+    if handling == "handled":
+        assert (done.stdout, done.stderr) == (f"interrupted {int(signal.SIGTERM)}\n", "")
+    else:  # the failure the handling exists for, still there in Python itself
+        assert done.stdout == "not interrupted\n"
+        assert "Exception ignored" in done.stderr
+
+
 def test_in_memory_verification_failure_speaks_of_no_file(monkeypatch):
     """balance() writes nothing: its failure names the model it would have returned."""
     import onnxbalance
