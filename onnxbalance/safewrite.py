@@ -17,8 +17,9 @@ Tensor storage follows the input: a tensor stored externally is written to ``OUT
 an earlier output is replaced), one stored inline stays inline. Tensor bytes are streamed one
 tensor at a time (external sources are copied file-to-file; tensors produced while writing go
 block by block into their place in the data file, or into holes left in the serialized model,
-:func:`onnxbalance.protos.serialized_pieces`), so neither the model's weights nor a serialized
-model larger than protobuf's 2 GB limit ever sit in memory as one message.
+:func:`onnxbalance.protos.serialized_pieces`; a large one is written by a thread while the next
+blocks are computed), so neither the model's weights nor a serialized model larger than
+protobuf's 2 GB limit ever sit in memory as one message.
 The input's own data files are never written: the output's data file never takes the name of
 an existing file, and an output that is one of them is refused.
 
@@ -32,6 +33,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -309,12 +311,80 @@ class _DataWriter:
 
 def _write_blocks(handle, name: str, blocks: Iterable[np.ndarray], nbytes: int) -> None:
     written = 0
-    for block in blocks:
-        data = tensors.raw_view(block)
-        handle.write(data)
-        written += len(data)
+    behind = _WriteBehind(handle) if nbytes >= _WRITE_BEHIND_FROM else None
+    with behind or contextlib.nullcontext():
+        for block in blocks:
+            data = tensors.raw_view(block)
+            written += behind.write(data) if behind is not None else handle.write(data)
     if written != nbytes:  # a producer bug, not the user's input
         raise RuntimeError(f"tensor '{name}': {written} bytes for {nbytes}")
+
+
+_WRITE_BEHIND_BYTES = 4 * 2**20
+_WRITE_BEHIND_FROM = 4 * _WRITE_BEHIND_BYTES  # below, a thread and its buffers cost more
+
+
+class _WriteBehind:
+    """Bytes gathered into a few megabytes at a time and written by a thread, so computing the
+    next blocks (rescaling, numpy without the GIL) overlaps the write of the last ones (the
+    kernel's copy into the page cache): on one core each, a 2 GiB float16 model's produced
+    weights took 4.3 s to compute and 4.9 s to write, one after the other.
+
+    Two buffers take turns. A write error is raised in the caller's thread at its next
+    :meth:`write` or on leaving the block; leaving it by an exception or an interrupt lets the
+    write under way finish (signals held, as in cleanup) and writes nothing more.
+    """
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self._free.put(bytearray(_WRITE_BEHIND_BYTES))
+        self._buffer, self._filled = bytearray(_WRITE_BEHIND_BYTES), 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="onnxbalance-write", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (item := self._full.get()) is not None:
+            buffer, length = item
+            if self._error is None:
+                try:
+                    self._handle.write(memoryview(buffer)[:length])
+                except BaseException as exc:  # raised again in the caller's thread
+                    self._error = exc
+            self._free.put(buffer)
+
+    def write(self, data: memoryview) -> int:
+        """Queue ``data`` (bytes); return how many."""
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            room = min(len(view) - done, _WRITE_BEHIND_BYTES - self._filled)
+            self._buffer[self._filled : self._filled + room] = view[done : done + room]
+            self._filled += room
+            done += room
+            if self._filled == _WRITE_BEHIND_BYTES:
+                self._hand_over()
+        return done
+
+    def _hand_over(self) -> None:
+        self._full.put((self._buffer, self._filled))
+        self._buffer, self._filled = self._free.get(), 0
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        with signals_deferred():
+            if exc_type is None and self._filled:
+                self._full.put((self._buffer, self._filled))
+            self._full.put(None)
+            self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
 
 
 def inline_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> onnx.TensorProto:

@@ -385,6 +385,85 @@ def test_a_staged_output_still_held_at_exit_is_removed(folders):
     assert os.listdir(out.parent) == []
 
 
+@pytest.fixture
+def small_write_behind(monkeypatch):
+    """Buffers of 1000 bytes, used from 3000: every test tensor goes through many of them."""
+    monkeypatch.setattr(safewrite, "_WRITE_BEHIND_BYTES", 1000)
+    monkeypatch.setattr(safewrite, "_WRITE_BEHIND_FROM", 3000)
+
+
+def _writer_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "onnxbalance-write"]
+
+
+@pytest.mark.parametrize("layout", ["external", "inline"])
+def test_large_generated_tensors_are_written_behind_byte_for_byte(
+    folders, layout, small_write_behind
+):
+    """Blocks of uneven sizes cross the buffers' edges anywhere; a tensor below the threshold
+    is written directly; the bytes are the same either way and no writer thread stays."""
+    model, path = _lazy(folders)
+    rng = np.random.default_rng(5)
+    new_w0 = rng.standard_normal((8, 4)).astype(np.float32)
+    big = rng.standard_normal((700, 9)).astype(np.float32)  # 25 200 bytes, 26 buffers
+    cuts = np.sort(rng.choice(np.arange(1, 700), 40, replace=False))
+
+    def w0():
+        return (8, 4), iter([new_w0])
+
+    def w1():  # W1 is 2x8 in the model: a new shape, as an expansion would give
+        return big.shape, iter(np.split(big, cuts))
+
+    out = folders / "out" / "b.onnx"
+    external = None if layout == "external" else ()
+    staged = safewrite.stage_model(
+        model, out, base_dir=path.parent, external=external, generated={"W0": w0, "W1": w1}
+    )
+    staged.commit()
+    written = {t.name: t for t in onnx.load(out, load_external_data=False).graph.initializer}
+    np.testing.assert_array_equal(tensors.read_array(written["W1"], out.parent), big)
+    np.testing.assert_array_equal(tensors.read_array(written["W0"], out.parent), new_w0)
+    assert _writer_threads() == []
+
+
+class _FailingFile:
+    """A file whose disk fills after ``room`` bytes."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.data = room, bytearray()
+
+    def write(self, data) -> int:
+        if len(self.data) + len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.data += data
+        return len(data)
+
+
+def test_a_failed_write_behind_is_raised_in_the_caller(small_write_behind):
+    blocks = [np.full(100, i, np.float32) for i in range(50)]  # 20 000 bytes
+    sink = _FailingFile(room=5000)
+    with pytest.raises(OSError, match="No space left"):
+        safewrite._write_blocks(sink, "W", iter(blocks), 20_000)
+    assert len(sink.data) == 5000  # whole buffers, in order, up to the failure
+    assert bytes(sink.data) == b"".join(b.tobytes() for b in blocks)[:5000]
+    assert _writer_threads() == []
+
+
+def test_a_failing_producer_stops_the_write_behind(small_write_behind):
+    def blocks():
+        for i in range(30):
+            yield np.full(100, i, np.float32)
+        raise ValueError("float16 overflow")
+
+    sink = _FailingFile(room=10**6)
+    with pytest.raises(ValueError, match="overflow"):
+        safewrite._write_blocks(sink, "W", blocks(), 20_000)
+    assert len(sink.data) % 1000 == 0 and len(sink.data) <= 12_000  # nothing after it failed
+    assert _writer_threads() == []
+
+
 @pytest.mark.parametrize("layout", ["external", "inline"])
 def test_generated_tensors_are_streamed_in(folders, layout):
     """Values produced while writing replace the stored ones, in blocks, with a new shape."""
