@@ -385,6 +385,18 @@ def test_a_staged_output_still_held_at_exit_is_removed(folders):
     assert os.listdir(out.parent) == []
 
 
+def _written_with(model, path, folders, layout, generated):
+    """Stage and commit ``model`` with ``generated`` tensors (stored as the input stores them,
+    or all inline); the output's path and its initializers by name."""
+    out = folders / "out" / "b.onnx"
+    external = None if layout == "external" else ()
+    staged = safewrite.stage_model(
+        model, out, base_dir=path.parent, external=external, generated=generated
+    )
+    staged.commit()
+    return out, {t.name: t for t in onnx.load(out, load_external_data=False).graph.initializer}
+
+
 @pytest.fixture
 def small_write_behind(monkeypatch):
     """Buffers of 1000 bytes, used from 3000: every test tensor goes through many of them."""
@@ -416,13 +428,7 @@ def test_large_generated_tensors_are_written_behind_byte_for_byte(
     def w1():  # W1 is 2x8 in the model: a new shape, as an expansion would give
         return big.shape, iter(np.split(big, cuts))
 
-    out = folders / "out" / "b.onnx"
-    external = None if layout == "external" else ()
-    staged = safewrite.stage_model(
-        model, out, base_dir=path.parent, external=external, generated={"W0": w0, "W1": w1}
-    )
-    staged.commit()
-    written = {t.name: t for t in onnx.load(out, load_external_data=False).graph.initializer}
+    out, written = _written_with(model, path, folders, layout, {"W0": w0, "W1": w1})
     np.testing.assert_array_equal(tensors.read_array(written["W1"], out.parent), big)
     np.testing.assert_array_equal(tensors.read_array(written["W0"], out.parent), new_w0)
     assert _writer_threads() == []
@@ -477,13 +483,7 @@ def test_generated_tensors_are_streamed_in(folders, layout):
     def b0():  # a scalar expanded to one entry per unit
         return (8,), iter([new_b0])
 
-    out = folders / "out" / "b.onnx"
-    external = None if layout == "external" else ()
-    staged = safewrite.stage_model(
-        model, out, base_dir=path.parent, external=external, generated={"W0": w0, "b0": b0}
-    )
-    staged.commit()
-    written = {t.name: t for t in onnx.load(out, load_external_data=False).graph.initializer}
+    out, written = _written_with(model, path, folders, layout, {"W0": w0, "b0": b0})
     assert tensors.is_external(written["W0"]) == (layout == "external")
     np.testing.assert_array_equal(tensors.read_array(written["W0"], out.parent), new_w0)
     np.testing.assert_array_equal(tensors.read_array(written["b0"], out.parent), new_b0)
