@@ -312,10 +312,10 @@ class _DataWriter:
 def _write_blocks(handle, name: str, blocks: Iterable[np.ndarray], nbytes: int) -> None:
     written = 0
     behind = _WriteBehind(handle) if nbytes >= _WRITE_BEHIND_FROM else None
+    write = handle.write if behind is None else behind.write
     with behind or contextlib.nullcontext():
         for block in blocks:
-            data = tensors.raw_view(block)
-            written += behind.write(data) if behind is not None else handle.write(data)
+            written += write(tensors.raw_view(block))
     if written != nbytes:  # a producer bug, not the user's input
         raise RuntimeError(f"tensor '{name}': {written} bytes for {nbytes}")
 

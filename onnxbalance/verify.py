@@ -319,8 +319,7 @@ class _Perturbation:
 
     def move(self, block: np.ndarray) -> np.ndarray:
         """``block`` of a weight that :meth:`moves`, moved (the next random draws)."""
-        narrow = block.dtype.name in ("float16", "bfloat16")
-        if narrow and self.as_dtype in (None, block.dtype.name):
+        if block.dtype.itemsize == 2 and self.as_dtype in (None, block.dtype.name):  # 16-bit
             words = self.rng.bit_generator.random_raw(-(-block.size // 4))
             draws = words.view(np.uint16)[: block.size].reshape(block.shape)
             return floatbits.moved_by_round_off(block, draws)
