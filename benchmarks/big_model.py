@@ -287,16 +287,13 @@ def measure(
 def _best(command: list[str], env: dict[str, str], repeat: int, name: str, cwd: Path) -> dict:
     """The fastest of ``repeat`` runs of ``command``, printed; a failed run (often the fastest)
     is never taken over one that succeeded."""
-    best = None
+    runs = []
     for _ in range(repeat):
         result = measure(command, env, cwd)
         if result["code"] != 0:
             print(f"{name}: exit {result['code']}: {result['stderr']}")
-        if best is None or (result["code"] == 0, -result["wall"]) > (
-            best["code"] == 0,
-            -best["wall"],
-        ):
-            best = result
+        runs.append(result)
+    best = min(runs, key=lambda run: (run["code"] != 0, run["wall"]))
     print(
         f"{name:24s} wall {best['wall']:7.2f} s   peak RSS {best['peak'] / 2**30:6.2f} GiB"
         f"   exit {best['code']}"
