@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -405,8 +406,6 @@ def small_write_behind(monkeypatch):
 
 
 def _writer_threads() -> list[str]:
-    import threading
-
     return [t.name for t in threading.enumerate() if t.name == "onnxbalance-write"]
 
 
