@@ -18,9 +18,11 @@ channels c because the op commutes with them:
   just as a Relu is in the layer's row and bias: the units are *hidden* (``activated``) exactly
   as after a Relu (Max(z, 0) is one: it passes with ``rescale_clip`` and needs no new node).
   A clip with neither bound is the identity and leaves them as they were;
-* copies and per-channel maps: Identity, Dropout (inference), max/average/Lp pools and their
-  global forms (they act on each channel of an [N, C, ...] tensor separately), mean, sum, max,
-  min, L1 and L2 reductions over other axes (all positively homogeneous), Pad (zero
+* copies and per-channel maps: Identity, Dropout (inference), Cast/CastLike from one float type
+  to another (exact when it widens; when it narrows, round(a z) and a round(z) differ by the
+  target's round-off, as a rescaled weight stored in that type does), max/average/Lp pools and
+  their global forms (they act on each channel of an [N, C, ...] tensor separately), mean,
+  sum, max, min, L1 and L2 reductions over other axes (all positively homogeneous), Pad (zero
   constant, edge, reflect or wrap; nothing added along the unit axis), Resize/Upsample (each
   channel interpolated alone; the unit axis keeps its size), Mul/Div by a constant (any values:
   a (y k) = (a y) k);
@@ -236,6 +238,25 @@ def _copy(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
         mode = _constant(graph, node.input[2])
         if mode is None or bool(mode):
             return Refusal(f"feeds Dropout '{graph.names[i]}' that may run in training mode")
+    return _same(graph, i, data)
+
+
+def _cast(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Cast and CastLike between float types: widening is exact; narrowing gives round(a z),
+    which differs from a round(z) by the target's round-off, as a rescaled weight stored in that
+    type does (fp16 converters wrap the ops they keep in float32, such as Resize, in a Cast each
+    way). A cast to anything else (an integer, a bool, float8) stops the units."""
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    if node.op_type == "Cast":
+        target = int(attr(node, "to", 0))
+    else:
+        target = graph.elem_type(node.input[1]) if len(node.input) > 1 else None
+    source = graph.elem_type(node.input[0])
+    if target not in FLOAT_TYPES or source not in (*FLOAT_TYPES, None):
+        return Refusal(f"feeds {_name(graph, i)}, which does not cast to a float type")
     return _same(graph, i, data)
 
 
@@ -771,6 +792,7 @@ def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
 PASSTHROUGH_RULES: dict[str, Rule] = {
     **{op: _activation for op in ACTIVATIONS},
     **dict.fromkeys(("Identity", "Dropout"), _copy),
+    **dict.fromkeys(("Cast", "CastLike"), _cast),
     "Clip": _clip,
     **dict.fromkeys(("Min", "Max"), _min_max),
     **dict.fromkeys(
