@@ -57,3 +57,27 @@ def reshape_transpose_reshape(perm: tuple[int, ...]) -> onnx.ModelProto:
     back = net.op("Reshape", [moved, net.const("back", np.array([1, 4, 2, 2]))], "back")
     net.output(net.op("Conv", [back, net.rand("c2_W", (2, 4, 1, 1))], "conv2"))
     return net.build()
+
+
+def nhwc_flatten_at_run_time(target: str, columns: int) -> onnx.ModelProto:
+    """x [batch, 3, 5, 5] -> 3x3 conv (4 channels) -> Relu -> Transpose to NHWC -> Reshape to a
+    target computed at run time, as tf2onnx writes a Keras Flatten -> MatMul reading
+    ``columns`` columns. ``target`` lists its entries: sizes, "batch" (x's leading size, read
+    with Shape and Slice) or "other" (the leading size of another input, [n, 1])."""
+    net = Net("nhwc_flatten_at_run_time")
+    x = net.input("x", ["batch", 3, 5, 5])
+    other = net.input("other", ["n", 1])
+    h = net.op("Conv", [x, net.rand("conv_W", (4, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    nhwc = net.op("Transpose", [net.relu(h, "act")], "nhwc", perm=[0, 2, 3, 1])
+    first, one = net.const("first", np.array([0])), net.const("one", np.array([1]))
+    leading = {
+        name: net.op("Slice", [net.op("Shape", [tensor], f"{name}_shape"), first, one], name)
+        for name, tensor in (("batch", nhwc), ("other", other))
+    }
+    entries = [
+        leading[entry] if entry in leading else net.const(f"size{k}", np.array([int(entry)]))
+        for k, entry in enumerate(target.split(", "))
+    ]
+    shape = net.op("Concat", entries, "target", axis=0)
+    net.output(net.matmul(net.op("Reshape", [nhwc, shape], "flatten"), columns, OUT, "fc"))
+    return net.build()

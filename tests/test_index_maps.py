@@ -1,4 +1,4 @@
-"""Units through Gather / GatherElements / run-time Slices and channel shuffles.
+"""Units through Gather / GatherElements / run-time Slices and Reshapes, and channel shuffles.
 
 Counts are derived by hand from the fixtures; every balanced model is run next to the original
 in onnxruntime here, independently of the tool's own verification.
@@ -176,3 +176,73 @@ def test_reshape_transpose_reshape_only_when_it_permutes_channels(perm, channels
     balanced, report = balance(model, inputs={"x": x})
     assert report.units_balanced == 4
     assert_equivalent(model, balanced, {"x": x})
+
+
+class FlattenByView(nn.Module):
+    """Conv-Relu, then ``h.view(h.size(0), -1)`` into a Linear-Relu-Linear head: the classic
+    classifier of pre-``torch.flatten`` code. With a dynamic batch the TorchScript exporter
+    computes the view's target at run time: Concat(Unsqueeze(Gather(Shape(h), 0)), [-1])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 5 * 5, 7)
+        self.fc2 = nn.Linear(7, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc2(torch.relu(self.fc1(h.view(h.size(0), -1))))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_a_view_keeping_a_dynamic_batch_passes_the_units(dynamo):
+    module = _skewed(FlattenByView(), seed=5)
+    example = torch.randn(2, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = {0: torch.export.Dim("batch")}
+            model = torch.onnx.export(
+                module, (example,), dynamo=True, verbose=False, dynamic_shapes=(batch,)
+            ).model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(
+                module, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                dynamic_axes={"x": {0: "batch"}},
+            )  # fmt: skip
+            model = onnx.load_from_string(buffer.getvalue())
+            assert "Shape" in [node.op_type for node in model.graph.node]  # computed target
+    feed = {model.graph.input[0].name: np.random.default_rng(5).normal(size=(3, 3, 5, 5))}
+    feed = {name: x.astype(np.float32) for name, x in feed.items()}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_found == report.units_balanced == 4 + 7
+    assert report.norm_after < report.norm_before * (1 - 1e-3)
+    assert_equivalent(model, balanced, feed)
+
+
+@pytest.mark.parametrize(
+    ("target", "columns", "balanced"),
+    [
+        ("batch, -1", 100, 4),  # tf2onnx's Flatten of an NHWC tensor
+        ("batch, 0, -1", 20, 4),  # 0 repeats the input's size there
+        ("batch, 5, 20", 20, 4),
+        ("-1, 100", 100, 4),  # no run-time entry: the -1 is the batch
+        ("-1, batch", 1, 0),  # the batch moved behind the units
+        ("batch, batch, -1", 1, 0),  # the batch twice: the -1 cannot be told
+        ("other, -1", 1, 0),  # another input's size, unknown
+    ],
+)
+def test_a_reshape_target_read_from_shapes_at_run_time(target, columns, balanced):
+    model = im.nhwc_flatten_at_run_time(target, columns)
+    units = analyse(model)
+    assert units.n_groups == balanced
+    if not balanced:  # (such a model need not run: only its analysis is looked at)
+        assert "whose target shape is computed at run time" in units.skipped[0].reason
+        return
+    x = np.random.default_rng(6).normal(size=(3, 3, 5, 5)).astype(np.float32)
+    feed = {"x": x, "other": np.zeros((2, 1), np.float32)}
+    balanced_model, report = balance(model, inputs=feed)
+    assert report.units_balanced == balanced
+    assert report.norm_after < report.norm_before * (1 - 1e-3)
+    assert_equivalent(model, balanced_model, feed)

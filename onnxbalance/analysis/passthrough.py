@@ -29,7 +29,9 @@ channels c because the op commutes with them:
 * index maps: Transpose follows the axis; Flatten, Reshape, Squeeze, Unsqueeze keep row-major
   order, so when the unit axis and everything after it (inner size s) fold into one output axis
   whose trailing size t divides s, output index x belongs to channel (x t // s) mod C (column
-  j of Flatten([N, C, H, W]) is channel j // (H W)); Concat along the unit axis offsets the
+  j of Flatten([N, C, H, W]) is channel j // (H W)); a Reshape target computed from Shape
+  nodes is read as sizes and references to the input's own dimensions, which settles the
+  output's trailing sizes for every batch size; Concat along the unit axis offsets the
   channels, Split, Slice and Gather along it select them; Slice, Gather and GatherElements along
   other axes copy entries within each channel; a Reshape -> Transpose -> Reshape chain whose
   channel map is exact (a channel shuffle) permutes the channels;
@@ -456,6 +458,110 @@ def reshaped(
     return None
 
 
+Dimension = int | tuple[str, int]
+"""An entry of a shape computed at run time: a known size, or (tensor, axis) for that tensor's
+size along that axis, whatever it turns out to be."""
+
+_SHAPE_NODES = 64  # nodes a Reshape target is followed back through: exporters use a handful
+
+
+def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
+    """The entries of a small integer tensor that exporters compute from ``Shape`` nodes and
+    constants (``x.view(x.size(0), -1)`` gives Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])):
+    per entry a known size or a reference to a tensor's dimension; None for anything else. A
+    scalar counts as one entry (Unsqueeze and Squeeze leave the entries as they are)."""
+    budget = _SHAPE_NODES
+
+    def entries(name: str) -> list[Dimension] | None:
+        nonlocal budget
+        budget -= 1
+        value = _constant(graph, name)
+        if value is not None:
+            if value.dtype.kind not in "iu" or value.ndim > 1:
+                return None
+            return [int(v) for v in value.ravel()]
+        node = graph.producer_of(name)
+        if node is None or node.domain not in STANDARD_DOMAINS or budget < 0:
+            return None
+        op, first = node.op_type, node.input[0] if node.input else ""
+        if op == "Shape":
+            rank = graph.rank(first)
+            if rank is None:
+                return None
+            axes = range(rank)[int(attr(node, "start", 0)) : attr(node, "end", None)]
+            return [(first, axis) for axis in axes]
+        if op in ("Identity", "Unsqueeze", "Squeeze", "Cast"):
+            return entries(first)
+        if op == "Concat":
+            parts = [entries(part) for part in node.input]
+            return None if None in parts else [entry for part in parts for entry in part]
+        bounds = [_constant(graph, x) if x else None for x in node.input[1:]]
+        if op == "Gather" and bounds and bounds[0] is not None:
+            data = entries(first)
+            taken = bounds[0].ravel()
+            if data is None or int(attr(node, "axis", 0)) != 0:
+                return None
+            if not all(-len(data) <= k < len(data) for k in taken):
+                return None
+            return [data[int(k)] for k in taken]
+        if op == "Slice" and len(bounds) >= 2 and not any(b is None or b.size != 1 for b in bounds):
+            start, end, *rest = (int(b.ravel()[0]) for b in bounds)
+            if rest[:1] not in ([], [0], [-1]) or rest[1:] not in ([], [1]):
+                return None  # 1-D: the only axis, with step 1
+            data = entries(first)
+            return None if data is None else data[start:end]
+        return None
+
+    return entries(name)
+
+
+def _computed_dims(
+    graph: GraphIndex, i: int, before: tuple[int | None, ...]
+) -> tuple[int | None, ...] | None:
+    """A Reshape's output shape from a target computed at run time (:func:`_shape_value`),
+    None per dimension that repeats one of the input's unknown ones (a dynamic batch), or None
+    if it cannot be told for every size those take: each unknown input dimension must reappear
+    in the target exactly once, so that the -1 divides out the known ones alone."""
+    node = graph.nodes[i]
+    entries = _shape_value(graph, node.input[1])
+    if entries is None or int(attr(node, "allowzero", 0)):
+        return None
+    dims: list[int | None] = []
+    repeated: dict[int, int] = {}  # output position -> the input axis whose size it repeats
+    for position, entry in enumerate(entries):
+        if entry == 0:  # 0 repeats the input's size at the same position
+            entry = (node.input[0], position)
+        if isinstance(entry, int):
+            if entry < -1:
+                return None
+            dims.append(entry)
+            continue
+        tensor, axis = entry
+        shape = before if tensor == node.input[0] else graph.dims(tensor)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        if tensor == node.input[0]:
+            repeated[position] = axis % len(shape)
+        elif shape[axis] is None:
+            return None  # another tensor's unknown size
+        dims.append(shape[axis])
+    unknown = {axis for axis, size in enumerate(before) if size is None}
+    axes = list(repeated.values())
+    if len(set(axes)) != len(axes) or not unknown <= set(axes) or dims.count(-1) > 1:
+        return None
+    if -1 in dims:
+        known_in = int(np.prod([d for a, d in enumerate(before) if a not in axes], dtype=np.int64))
+        known_out = int(
+            np.prod(
+                [d for k, d in enumerate(dims) if d != -1 and k not in repeated], dtype=np.int64
+            )
+        )
+        if known_out <= 0 or known_in % known_out:
+            return None
+        dims[dims.index(-1)] = known_in // known_out
+    return tuple(dims)
+
+
 def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     node = graph.nodes[i]
     data = _only_data(graph, i, carried)
@@ -463,6 +569,8 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
         return data
     before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
     computed = node.op_type == "Reshape" and not _is_constant(graph, node.input[1])
+    if computed and before is not None and (after is None or None in after[1:]):
+        after = _computed_dims(graph, i, before) or after
     unknown = before is None or any(d is None for d in before[data.axis + len(before) :])
     if computed and (unknown or after is None or None in after[1:]):
         # the true obstacle: where the channels land depends on a run-time value
