@@ -69,6 +69,7 @@ def balance(
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
     copy_shared_weights: bool = False,
+    drop_weight_inputs: bool = False,
     min_balanced: float = 0.0,
 ) -> tuple[onnx.ModelProto, Report]:
     """Rescale the hidden units of a ReLU network to minimise its l_{p,q} weight norm.
@@ -96,6 +97,12 @@ def balance(
         copy_shared_weights: give each reader of a shared weight matrix that needs its own
             factors a private copy (the file grows; ``report.bytes_added`` says by how much).
             Shared vectors (biases, BN parameters) are always copied where needed.
+        drop_weight_inputs: remove the weights that the model also lists as graph inputs from
+            those inputs (IR 3 lists every weight there; so do exporters asked to keep
+            initializers as inputs), so that they are constants that balancing may change;
+            otherwise a unit with such a weight stays fixed, since a caller could feed another
+            value. The output then takes only the other inputs (its IR version is at least 4);
+            ``report.weight_inputs_dropped`` names them.
         min_balanced: the smallest fraction of the units found that must be balanced.
 
     Returns:
@@ -111,7 +118,7 @@ def balance(
     _check_options(p, q, tol, max_sweeps, seed, min_balanced)
     timer = _Timer(on_stage)
     with timer("load"):
-        model, source, folder = _load(model_or_path)
+        model, source, folder, dropped = _load(model_or_path, drop_weight_inputs)
         feed = io.load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
     with tensors.external_folder(folder):
         balanced, report = _balanced(
@@ -138,8 +145,9 @@ def balance(
                 check_runs(source if folder is not None else model, inputs=feed,
                            input_shapes=input_shapes, seed=seed)  # fmt: skip
     report = replace(
-        report, verify=comparison, seconds=dict(timer.seconds), rescale_clip=rescale_clip
-    )
+        report, verify=comparison, seconds=dict(timer.seconds), rescale_clip=rescale_clip,
+        weight_inputs_dropped=dropped,
+    )  # fmt: skip
     _raise_if_failed(report, source, balanced)
     return balanced, report
 
@@ -164,6 +172,7 @@ def balance_file(
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
     copy_shared_weights: bool = False,
+    drop_weight_inputs: bool = False,
     min_balanced: float = 0.0,
 ) -> Report:
     """Balance the ONNX file ``src`` and write the result to ``dst`` atomically.
@@ -181,7 +190,7 @@ def balance_file(
     _check_options(p, q, tol, max_sweeps, seed, min_balanced)
     timer = _Timer(on_stage)
     with timer("load"):
-        model, source, folder = _load(src)
+        model, source, folder, dropped = _load(src, drop_weight_inputs)
         feed = io.load_inputs(inputs) if isinstance(inputs, str | os.PathLike) else inputs
     with tensors.external_folder(folder):
         produce = _rewrite_while_writing(model, dst, src, folder, timer)
@@ -213,7 +222,7 @@ def balance_file(
                     check_runs(src, inputs=feed, input_shapes=input_shapes, seed=seed)
             report = replace(
                 report, verify=comparison, seconds=dict(timer.seconds), output=str(dst),
-                rescale_clip=rescale_clip,
+                rescale_clip=rescale_clip, weight_inputs_dropped=dropped,
             )  # fmt: skip
             _raise_if_failed(report, source, None)
             with timer("write"):  # waits for the staged files to reach the disk, then renames
@@ -381,24 +390,28 @@ def check(
     on_stage: Stage | None = None,
     rescale_clip: bool = False,
     copy_shared_weights: bool = False,
+    drop_weight_inputs: bool = False,
     min_balanced: float = 0.0,
 ) -> Report:
     """How far the model is from balanced; nothing is rewritten or written.
 
     ``report.norm_after`` is the smallest norm balancing reaches, ``report.input_balanced`` tells
     whether the current norm is within a relative ``tol`` of it (see the module docstring).
-    ``rescale_clip``, ``copy_shared_weights`` and ``min_balanced`` (here: movable units) as
-    in :func:`balance`.
+    ``rescale_clip``, ``copy_shared_weights``, ``drop_weight_inputs`` and ``min_balanced``
+    (here: movable units) as in :func:`balance`.
     """
     _check_options(p, q, tol, max_sweeps, min_balanced=min_balanced)
     timer = _Timer(on_stage)
     with timer("load"):
-        model, source, folder = _load(model_or_path)
+        model, source, folder, dropped = _load(model_or_path, drop_weight_inputs)
     with tensors.external_folder(folder):
         with timer("analyse"):
             units = _analyse(model, source, rescale_clip, copy_shared_weights)
         _, report = _solved(units, p, q, tol, max_sweeps, solver, progress, timer, source)
-    report = replace(report, seconds=dict(timer.seconds), rescale_clip=rescale_clip)
+    report = replace(
+        report, seconds=dict(timer.seconds), rescale_clip=rescale_clip,
+        weight_inputs_dropped=dropped,
+    )  # fmt: skip
     _require_balanced(report, min_balanced, source)
     return report
 
@@ -486,15 +499,28 @@ def _check_seed(seed: int) -> None:
         raise InputError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
 
 
-def _load(model_or_path: ModelOrPath) -> tuple[onnx.ModelProto, str, Path | None]:
-    """(model, source name, folder its external data is relative to, if loaded from a file)."""
+def _load(
+    model_or_path: ModelOrPath, drop_weight_inputs: bool = False
+) -> tuple[onnx.ModelProto, str, Path | None, tuple[str, ...]]:
+    """(model, source name, folder its external data is relative to if loaded from a file, the
+    weights removed from its graph inputs when ``drop_weight_inputs``). A caller's model is
+    copied before any input is removed from it."""
     if isinstance(model_or_path, onnx.ModelProto):
-        tensors.keep_arrays(model_or_path)
-        return model_or_path, "", None
-    if isinstance(model_or_path, str | os.PathLike):
+        model, source, folder = model_or_path, "", None
+        weights = {tensor.name for tensor in model.graph.initializer}
+        if drop_weight_inputs and any(value.name in weights for value in model.graph.input):
+            model = onnx.ModelProto()
+            model.CopyFrom(model_or_path)
+        tensors.keep_arrays(model)
+    elif isinstance(model_or_path, str | os.PathLike):
         path = Path(model_or_path)
-        return io.load_model(path), str(model_or_path), path.parent
-    raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+        model, source, folder = io.load_model(path), str(model_or_path), path.parent
+    else:
+        raise TypeError(
+            f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}"
+        )
+    dropped = protos.drop_weight_inputs(model) if drop_weight_inputs else ()
+    return model, source, folder, dropped
 
 
 def _analyse(

@@ -152,6 +152,14 @@ def run(
             help="Give each reader of a shared weight matrix its own copy (the file grows).",
         ),
     ] = False,
+    drop_weight_inputs: Annotated[
+        bool,
+        typer.Option(
+            "--drop-weight-inputs",
+            help="Remove weights also listed as graph inputs (IR 3, old exporters) from the "
+            "inputs, so they are constants that balancing may change.",
+        ),
+    ] = False,
     min_balanced: Annotated[
         float,
         typer.Option(
@@ -178,7 +186,8 @@ def run(
         solver.value if solver else None, verify, inputs, tuple(input_shape or ()), seed, report,
         plot, check, quiet, verbose, more_sources=rest if check else rest[1:],
         rescale_clip=rescale_clip, rtol=rtol, atol=atol,
-        copy_shared_weights=copy_shared_weights, min_balanced=min_balanced,
+        copy_shared_weights=copy_shared_weights, drop_weight_inputs=drop_weight_inputs,
+        min_balanced=min_balanced,
     )  # fmt: skip
     _exit_with(functools.partial(_run, invocation))
 
@@ -228,6 +237,7 @@ class Invocation:
     rtol: float | None = None
     atol: float | None = None
     copy_shared_weights: bool = False
+    drop_weight_inputs: bool = False
     min_balanced: float = 0.0
 
 
@@ -300,6 +310,7 @@ def _solve_options(args: Invocation) -> dict:
     """The options ``api.check`` and ``api.balance_file`` share, from the command line."""
     return dict(tol=args.tol, max_sweeps=args.max_sweeps, solver=args.solver,
                 rescale_clip=args.rescale_clip, copy_shared_weights=args.copy_shared_weights,
+                drop_weight_inputs=args.drop_weight_inputs,
                 min_balanced=args.min_balanced)  # fmt: skip
 
 

@@ -57,6 +57,25 @@ def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+WEIGHTS_AS_CONSTANTS_IR = 4
+"""The first IR version that lets an initializer stay out of the graph inputs."""
+
+
+def drop_weight_inputs(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Remove, in place, the main graph's inputs that name one of its initializers, so that
+    those weights are constants, and raise the IR version to 4 if it was lower (IR 3 requires
+    every initializer to be listed as an input; later exporters list them on request, such as
+    torch's ``keep_initializers_as_inputs``). Returns the names removed."""
+    weights = {tensor.name for tensor in model.graph.initializer}
+    kept = [value for value in model.graph.input if value.name not in weights]
+    dropped = tuple(value.name for value in model.graph.input if value.name in weights)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, WEIGHTS_AS_CONSTANTS_IR)
+    return dropped
+
+
 def copy_except(message, skipped: frozenset[str]):
     """A copy of ``message`` without the fields named in ``skipped``, which are never read.
 

@@ -144,7 +144,8 @@ class Report:
     ``max_imbalance_before``/``_after`` are max over balanced units of |in - out| / (in + out)
     (docs/algorithm.md §3; 0 means exactly balanced). ``units_behind_clips`` reach a clip with
     constant bounds (ReLU6, ...), which stops them unless ``rescale_clip``; ``clips_replaced``
-    names the clip nodes replaced by per-unit bounds.
+    names the clip nodes replaced by per-unit bounds. ``weight_inputs_dropped`` names the
+    weights removed from the graph inputs (``drop_weight_inputs``).
     """
 
     p: float
@@ -174,6 +175,7 @@ class Report:
     clips_replaced: tuple[str, ...] = ()
     copied_tensors: int = 0
     bytes_added: int = 0
+    weight_inputs_dropped: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -240,6 +242,7 @@ class Report:
             "rescale_clip": self.rescale_clip,
             "units_behind_clips": self.units_behind_clips,
             "clips_replaced": list(self.clips_replaced),
+            "weight_inputs_dropped": list(self.weight_inputs_dropped),
         }
 
 
@@ -336,6 +339,8 @@ def summary_table(report: Report, *, verbose: bool = False, check: bool = False)
     if report.copied_tensors:
         copies = f"{report.copied_tensors} tensors, file {report.bytes_added:+,} bytes"
         table.add_row("private copies", copies)
+    if report.weight_inputs_dropped:
+        table.add_row("weight inputs dropped", str(len(report.weight_inputs_dropped)))
     if verbose:
         for entry in report.units_fixed:
             table.add_row("", f"{entry.count} in {entry.name}: {entry.reason}")

@@ -181,7 +181,10 @@ class LinearMatch:
 def _editable(graph: GraphIndex, name: str, role: str) -> str | None:
     """Why a constant cannot be rewritten in place, or None if it can."""
     if graph.is_overridable(name):
-        return f"{role} '{name}' is also a graph input (it can be overridden at run time)"
+        return (
+            f"{role} '{name}' is also a graph input (it can be overridden at run time; "
+            "--drop-weight-inputs makes the weights constants)"
+        )
     if name in graph.graph_outputs:
         return f"{role} '{name}' is also a graph output"
     uses = graph.uses(name)
