@@ -246,3 +246,38 @@ def test_a_reshape_target_read_from_shapes_at_run_time(target, columns, balanced
     assert report.units_balanced == balanced
     assert report.norm_after < report.norm_before * (1 - 1e-3)
     assert_equivalent(model, balanced_model, feed)
+
+
+class WidthSequence(nn.Module):
+    """The feature-to-sequence step of CRNN text recognisers: conv features [N, C, H, W] of an
+    image of any width become W time steps of C * H values (``permute(3, 0, 1, 2)`` then
+    ``view(w, n, c * h)``, a target computed from Shape, Gather and Mul), read by a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))  # [N, 4, 2, W]
+        seq = f.permute(3, 0, 1, 2)
+        w, n, c, h = seq.shape
+        return self.fc(seq.reshape(w, n, c * h))
+
+
+def test_a_sequence_of_columns_of_any_width_passes_the_units():
+    module = _skewed(WidthSequence(), seed=8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (torch.randn(1, 1, 2, 5),), buffer, dynamo=False, opset_version=12,
+            input_names=["x"], dynamic_axes={"x": {3: "width"}},
+        )  # fmt: skip
+    model = onnx.load_from_string(buffer.getvalue())
+    assert "Mul" in [node.op_type for node in model.graph.node]  # c * h, computed
+    feed = {"x": np.random.default_rng(8).normal(size=(1, 1, 2, 7)).astype(np.float32)}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_found == report.units_balanced == 4
+    assert report.norm_after < report.norm_before * (1 - 1e-3)
+    assert_equivalent(model, balanced, feed)

@@ -468,8 +468,9 @@ _SHAPE_NODES = 64  # nodes a Reshape target is followed back through: exporters 
 def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
     """The entries of a small integer tensor that exporters compute from ``Shape`` nodes and
     constants (``x.view(x.size(0), -1)`` gives Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])):
-    per entry a known size or a reference to a tensor's dimension; None for anything else. A
-    scalar counts as one entry (Unsqueeze and Squeeze leave the entries as they are)."""
+    per entry a known size, or a reference to a tensor's dimension whose size is unknown; None
+    for anything else. A scalar counts as one entry (Unsqueeze and Squeeze leave the entries as
+    they are)."""
     budget = _SHAPE_NODES
 
     def entries(name: str) -> list[Dimension] | None:
@@ -485,16 +486,23 @@ def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
             return None
         op, first = node.op_type, node.input[0] if node.input else ""
         if op == "Shape":
-            rank = graph.rank(first)
-            if rank is None:
+            dims = graph.dims(first)
+            if dims is None:
                 return None
-            axes = range(rank)[int(attr(node, "start", 0)) : attr(node, "end", None)]
-            return [(first, axis) for axis in axes]
+            axes = range(len(dims))[int(attr(node, "start", 0)) : attr(node, "end", None)]
+            return [(first, axis) if dims[axis] is None else dims[axis] for axis in axes]
         if op in ("Identity", "Unsqueeze", "Squeeze", "Cast"):
             return entries(first)
         if op == "Concat":
             parts = [entries(part) for part in node.input]
             return None if None in parts else [entry for part in parts for entry in part]
+        if op == "Mul" and len(node.input) == 2:  # known sizes only: C * H of a view
+            factors = [entries(part) for part in node.input]
+            if None in factors or len(factors[0]) != len(factors[1]):
+                return None
+            if not all(isinstance(e, int) for factor in factors for e in factor):
+                return None
+            return [a * b for a, b in zip(*factors, strict=True)]
         bounds = [_constant(graph, x) if x else None for x in node.input[1:]]
         if op == "Gather" and bounds and bounds[0] is not None:
             data = entries(first)
