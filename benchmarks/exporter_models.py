@@ -57,6 +57,18 @@ MODELS = (
         {"x": (1, 3, 48, 320)},
     ),
     Model(
+        "ddddocr CRNN",  # torch 1.9: conv features -> view(w, n, c * h) -> LSTM, any width
+        "ddddocr==1.6.1",
+        "ddddocr/common.onnx",
+        {"input1": (1, 1, 64, 160)},
+    ),
+    Model(
+        "magika",  # tf2onnx 1.16: Keras Dense and Conv with tanh-approximated GELU
+        "magika==1.0.3",
+        "magika/models/standard_v3_3/model.onnx",
+        {"bytes": (4, 2048)},
+    ),
+    Model(
         "silero-vad",
         "silero-vad==6.2.3",
         "silero_vad/data/silero_vad.onnx",
