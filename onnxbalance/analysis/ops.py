@@ -1,5 +1,6 @@
 """Matching of linear layers: Gemm, MatMul(+Add), Conv, ConvTranspose, each optionally followed
-by an inference-form BatchNormalization. Each rule returns a match or a :class:`Refusal`.
+by an inference-form BatchNormalization, and the input weights of recurrent layers, which read
+units without making any. Each rule returns a match or a :class:`Refusal`.
 
 A linear layer's output units are the entries of its output along one axis (``out_axis``,
 counted from the end: -1 for Gemm/MatMul features, -(k+1) for the channels of a k-D conv), and
@@ -18,6 +19,11 @@ it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact bec
   through W[:, o, taps]; rows are axis 1 of the weight, columns axis 0. A grouped ConvTranspose
   would need a row factor that depends on the column's group, which a tensor edit cannot
   express: it is refused.
+* LSTM, GRU and RNN read their input x only through the input weight W [directions,
+  gates * hidden, input]: every gate computes ``f(x W^T + h R^T + b)``, so dividing column i
+  of W (in every direction and gate) by a_i undoes a factor a_i carried by x[..., i]. The gates
+  pass sigmoid and tanh, so their rows never move and count as no unit; R and b stay as they
+  are.
 * BatchNormalization (inference form) right after the layer:
   ``y = gamma (z - mean) / sqrt(var + eps) + beta``. Scaling output channel o by a_o exactly
   means multiplying gamma[o] and beta[o] by a_o while the layer's rows, its bias, mean and var
@@ -89,7 +95,10 @@ QUANTIZED_WEIGHT = {
 }
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 STANDARD_DOMAINS = ("", "ai.onnx")
-LINEAR_OPS = frozenset({"Gemm", "MatMul", "Conv", "ConvTranspose"} | set(QUANTIZED_WEIGHT))
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+LINEAR_OPS = frozenset(
+    {"Gemm", "MatMul", "Conv", "ConvTranspose"} | set(QUANTIZED_WEIGHT) | RECURRENT_OPS
+)
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,8 @@ class LinearMatch:
     """A linear layer: ``output[..., o] = sum_i weight[o, i] * data[..., i] + bias[o]``.
 
     ``row_axis``/``col_axis`` say which axis of the stored weight holds output/input units;
-    ``kind`` is "dense" (Gemm, MatMul), "conv" or "convT"; ``taps`` the kernel size of a conv.
+    ``kind`` is "dense" (Gemm, MatMul), "conv", "convT" or "recurrent" (the input weight of an
+    LSTM, GRU or RNN, whose rows never move); ``taps`` the kernel size of a conv.
     ``rows_refusal`` says why the output units cannot move (weight, bias or BN parameters not
     editable); ``cols_refusal`` why the input units cannot (weight not editable).
     """
@@ -147,6 +157,8 @@ class LinearMatch:
         w = graph.array(self.weight)
         if self.kind == "conv":
             oriented = w.reshape(w.shape[0], -1)
+        elif self.kind == "recurrent":  # [directions, gates * hidden, input]
+            oriented = w.reshape(-1, w.shape[-1])
         elif self.kind == "convT":  # [I, O, taps] -> [O, I * taps] (group 1 only)
             oriented = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 0, 2)
             oriented = oriented.reshape(w.shape[1], -1)
@@ -267,6 +279,8 @@ def match_linear(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         match = _match_matmul(graph, i)
     elif op in ("Conv", "ConvTranspose"):
         match = _match_conv(graph, i)
+    elif op in RECURRENT_OPS:
+        return _match_recurrent(graph, i)
     if isinstance(match, LinearMatch):
         rank = graph.rank(match.output)
         if match.kind != "dense" or rank == 2:  # BN normalises axis 1: the units' axis
@@ -373,6 +387,39 @@ def _match_matmul(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         bias_shape=bias_shape,
         rows_refusal=rows_refusal,
         cols_refusal=weight_refusal,
+    )
+
+
+def _match_recurrent(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
+    """The input weight W [directions, gates * hidden, input] of an LSTM, GRU or RNN: every
+    gate computes ``f(x W^T + h R^T + b)``, so x reaches the nonlinearities only through W, and
+    dividing column i of W by a_i undoes a factor a_i carried by x[..., i]. The rows (gates)
+    pass sigmoid and tanh: they never move, and count as no unit."""
+    node = graph.nodes[i]
+    if len(node.input) < 3:
+        return None
+    w = node.input[1]
+    if w in graph.sparse or not graph.is_constant(w):
+        return Refusal(f"{node.op_type} '{graph.names[i]}' input weight '{w}' is not stored")
+    shape = graph.shape(w)
+    if shape is None or len(shape) != 3 or graph.elem_type(w) not in FLOAT_TYPES:
+        return Refusal(f"{node.op_type} input weight '{w}' is not a 3-D float constant")
+    return LinearMatch(
+        name=graph.names[i],
+        nodes=(i,),
+        data_input=node.input[0],
+        in_axis=-1,
+        output=node.output[0] if node.output else "",
+        out_axis=-1,
+        weight=w,
+        row_axis=1,
+        col_axis=2,
+        alpha=1.0,
+        n_rows=shape[0] * shape[1],
+        n_cols=shape[2],
+        rows_refusal=f"gates of {node.op_type} '{graph.names[i]}'",
+        cols_refusal=_editable(graph, w, "weight"),
+        kind="recurrent",
     )
 
 

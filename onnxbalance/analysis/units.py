@@ -159,7 +159,9 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
     for k, layer in enumerate(layers):
         span = np.arange(offsets[k], offsets[k + 1])
         rows = groups.of_unit[span]
-        why = groups.skips(layer.name, span) if layer.output in reaches else []
+        # a recurrent layer's gates are no units: they only weigh in the norm
+        counted = layer.output in reaches and layer.kind != "recurrent"
+        why = groups.skips(layer.name, span) if counted else []
         skipped.extend(why)
         log.info(
             "layer %s: %d of %d units movable%s",
@@ -167,8 +169,10 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
             int((rows != FIXED).sum()),
             layer.n_rows,
             "".join(f"; {s.count} fixed: {s.reason}" for s in why)
-            if layer.output in reaches
-            else " (output units: no linear layer reads them)",
+            if counted
+            else " (output units: no linear layer reads them)"
+            if layer.kind != "recurrent"
+            else " (gates of a recurrent layer: its input weight's columns move)",
         )
         # a weight read by two nodes is stored once and counts once in the norm
         if layer.weight in seen_weights:
@@ -504,7 +508,7 @@ def _units(
 ) -> LinearUnits:
     """The layer's record: raw column groups for the coupling, and the tensor edits."""
     moves_rows = bool((rows != FIXED).any())
-    if layer.kind == "dense":
+    if layer.kind in ("dense", "recurrent"):
         raw_cols = tensor_cols = cols
     elif layer.group == 1:
         raw_cols, tensor_cols = np.repeat(cols, layer.taps), cols

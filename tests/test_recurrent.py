@@ -1,0 +1,92 @@
+"""Units read by the input weight of an LSTM, GRU or RNN (the conv features of a CRNN text
+recogniser, a speech encoder's front end): x reaches the gates only through W, so W's columns
+move with the units while its rows, R and the biases stay as they are. Every balanced model is
+run next to the original in onnxruntime here.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from arch_reference import assert_equivalent
+from onnx import numpy_helper
+
+from onnxbalance import balance
+from onnxbalance.analysis import analyse
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from torch_models import randomise  # noqa: E402 (needs torch)
+
+CHANNELS, HEIGHT = 6, 2
+
+
+class ConvRecurrent(nn.Module):
+    """Conv-Relu features [N, C, H, W] -> W time steps of C * H values -> a recurrent layer ->
+    a Linear head on its outputs."""
+
+    def __init__(self, cell: type, bidirectional: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, CHANNELS, 3, padding=1)
+        self.rnn = cell(CHANNELS * HEIGHT, 5, bidirectional=bidirectional)
+        self.head = nn.Linear(5 * (2 if bidirectional else 1), 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))  # [1, C, H, W]
+        seq = f.permute(3, 0, 1, 2).reshape(f.shape[3], 1, CHANNELS * HEIGHT)
+        out, _ = self.rnn(seq)
+        return self.head(out)
+
+
+def _exported(cell: type, bidirectional: bool) -> onnx.ModelProto:
+    module = randomise(ConvRecurrent(cell, bidirectional), seed=9).eval()
+    with torch.no_grad():  # something to balance: conv channels of very different scales
+        spread = torch.exp(torch.linspace(-2.0, 2.0, CHANNELS))
+        module.conv.weight.mul_(spread.view(-1, 1, 1, 1))
+        module.conv.bias.mul_(spread)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (torch.randn(1, 1, HEIGHT, 7),), buffer, dynamo=False, opset_version=17,
+            input_names=["x"],
+        )  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _stored(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_units_read_by_a_recurrent_layer_move_its_input_weight_columns(cell, bidirectional):
+    model = _exported(getattr(nn, cell), bidirectional)
+    (node,) = [n for n in model.graph.node if n.op_type == cell]
+    units = analyse(model)
+    recurrent = [layer for layer in units.layers if layer.name == node.name]
+    assert len(recurrent) == 1 and (recurrent[0].row_groups == -1).all()  # gates never move
+    assert units.n_groups == CHANNELS and not units.skipped  # the gates count as no unit
+
+    feed = {"x": np.random.default_rng(9).normal(size=(1, 1, HEIGHT, 7)).astype(np.float32)}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_found == report.units_balanced == CHANNELS
+    assert report.norm_after < report.norm_before * (1 - 1e-2)
+    assert_equivalent(model, balanced, feed)
+
+    before, after = _stored(model), _stored(balanced)
+    w, r = node.input[1], node.input[2]
+    ratio = after[w] / before[w]  # [directions, gates * hidden, C * H]: one factor per column
+    assert np.allclose(ratio, ratio[:1, :1, :], rtol=1e-5)
+    # the columns of one channel share its factor: C * H columns hold C channels
+    per_channel = ratio[0, 0].reshape(CHANNELS, HEIGHT)
+    assert np.allclose(per_channel, per_channel[:, :1], rtol=1e-5)
+    assert not np.allclose(per_channel, 1.0, rtol=1e-3)
+    assert np.array_equal(after[r], before[r])
+    if len(node.input) > 3 and node.input[3]:
+        assert np.array_equal(after[node.input[3]], before[node.input[3]])
