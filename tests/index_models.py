@@ -81,3 +81,20 @@ def nhwc_flatten_at_run_time(target: str, columns: int) -> onnx.ModelProto:
     shape = net.op("Concat", entries, "target", axis=0)
     net.output(net.matmul(net.op("Reshape", [nhwc, shape], "flatten"), columns, OUT, "fc"))
     return net.build()
+
+
+def conv1d_through_conv2d(opset: int) -> onnx.ModelProto:
+    """x [batch, 3, length] -> Conv1d (4 channels) -> Relu -> Unsqueeze at axis 2 -> a 1x3
+    Conv2d (5 channels) -> Relu -> Squeeze of axis 2 -> Conv1d (2 channels), with batch and
+    length unknown (axes as an attribute before opset 13, as an input from it on)."""
+    net = Net(f"conv1d_through_conv2d_{opset}")
+    x = net.input("x", ["batch", 3, "length"])
+    pad = {"pads": [1, 1]}
+    h = net.relu(net.op("Conv", [x, net.rand("c1_W", (4, 3, 3))], "conv1", **pad), "act1")
+    axes = {"axes": [2]} if opset < 13 else {}
+    ins = [] if opset < 13 else [net.const("axes", np.array([2]))]
+    h = net.op("Unsqueeze", [h, *ins], "to_2d", **axes)
+    h = net.op("Conv", [h, net.rand("c2_W", (5, 4, 1, 3))], "conv2", pads=[0, 1, 0, 1])
+    h = net.op("Squeeze", [net.relu(h, "act2"), *ins], "to_1d", **axes)
+    net.output(net.op("Conv", [h, net.rand("c3_W", (2, 5, 1))], "conv3"))
+    return net.build(opset)

@@ -281,3 +281,15 @@ def test_a_sequence_of_columns_of_any_width_passes_the_units():
     assert report.units_found == report.units_balanced == 4
     assert report.norm_after < report.norm_before * (1 - 1e-3)
     assert_equivalent(model, balanced, feed)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_squeeze_and_unsqueeze_keep_the_unit_axis_whatever_the_other_sizes(opset):
+    model = im.conv1d_through_conv2d(opset)
+    units = analyse(model)
+    assert units.n_groups == 4 + 5 and not units.skipped
+    x = np.random.default_rng(11).normal(size=(2, 3, 9)).astype(np.float32)
+    balanced, report = balance(model, inputs={"x": x})
+    assert report.units_balanced == 4 + 5
+    assert report.norm_after < report.norm_before * (1 - 1e-3)
+    assert_equivalent(model, balanced, {"x": x})

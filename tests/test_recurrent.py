@@ -90,3 +90,44 @@ def test_units_read_by_a_recurrent_layer_move_its_input_weight_columns(cell, bid
     assert np.array_equal(after[r], before[r])
     if len(node.input) > 3 and node.input[3]:
         assert np.array_equal(after[node.input[3]], before[node.input[3]])
+
+
+class Recogniser(nn.Module):
+    """A CRNN text recogniser on an image of any width: conv features [1, C, 2, W], turned into
+    W time steps ``squeeze`` (features pooled to height 1, then ``squeeze(2)``) or ``view`` way
+    (``view(n, c * h, w)``, w kept), then ``permute(2, 0, 1)`` into a bidirectional LSTM."""
+
+    def __init__(self, to_sequence: str) -> None:
+        super().__init__()
+        self.to_sequence = to_sequence
+        self.conv = nn.Conv2d(1, CHANNELS, 3, padding=1)
+        rows = 1 if to_sequence == "squeeze" else HEIGHT
+        self.rnn = nn.LSTM(CHANNELS * rows, 5, bidirectional=True)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        if self.to_sequence == "squeeze":
+            f = nn.functional.max_pool2d(f, (HEIGHT, 1)).squeeze(2)
+        else:
+            n, c, h, w = f.shape
+            f = f.view(n, c * h, w)
+        return self.head(self.rnn(f.permute(2, 0, 1))[0])
+
+
+@pytest.mark.parametrize("to_sequence", ["squeeze", "view"])
+def test_a_recogniser_of_any_width_balances_its_features(to_sequence):
+    module = randomise(Recogniser(to_sequence), seed=10).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (torch.randn(1, 1, HEIGHT, 7),), buffer, dynamo=False, opset_version=17,
+            input_names=["x"], dynamic_axes={"x": {3: "width"}},
+        )  # fmt: skip
+    model = onnx.load_from_string(buffer.getvalue())
+    feed = {"x": np.random.default_rng(10).normal(size=(1, 1, HEIGHT, 11)).astype(np.float32)}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_found == report.units_balanced == CHANNELS
+    assert report.norm_after < report.norm_before * (1 - 1e-3)
+    assert_equivalent(model, balanced, feed)

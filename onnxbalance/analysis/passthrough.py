@@ -31,10 +31,13 @@ channels c because the op commutes with them:
   whose trailing size t divides s, output index x belongs to channel (x t // s) mod C (column
   j of Flatten([N, C, H, W]) is channel j // (H W)); a Reshape target computed from Shape
   nodes is read as sizes and references to the input's own dimensions, which settles the
-  output's trailing sizes for every batch size; Concat along the unit axis offsets the
-  channels, Split, Slice and Gather along it select them; Slice, Gather and GatherElements along
-  other axes copy entries within each channel; a Reshape -> Transpose -> Reshape chain whose
-  channel map is exact (a channel shuffle) permutes the channels;
+  output's sizes for every size those take, and trailing axes a Reshape carries over as they
+  are leave the layout of the others alone; Squeeze and Unsqueeze with known axes only remove
+  or insert axes of size 1, so the unit axis stays one whatever the other sizes are; Concat
+  along the unit axis offsets the channels, Split, Slice and Gather along it select them;
+  Slice, Gather and GatherElements along other axes copy entries within each channel; a
+  Reshape -> Transpose -> Reshape chain whose channel map is exact (a channel shuffle)
+  permutes the channels;
 * affine maps with stored constants that are rescaled with the units: Add/Sub of a per-channel
   constant (x + b -> a x + a b; a constant equal for every channel is expanded to one entry
   per channel first), a BatchNormalization that is not right after a layer
@@ -525,11 +528,13 @@ def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
 
 def _computed_dims(
     graph: GraphIndex, i: int, before: tuple[int | None, ...]
-) -> tuple[int | None, ...] | None:
-    """A Reshape's output shape from a target computed at run time (:func:`_shape_value`),
-    None per dimension that repeats one of the input's unknown ones (a dynamic batch), or None
-    if it cannot be told for every size those take: each unknown input dimension must reappear
-    in the target exactly once, so that the -1 divides out the known ones alone."""
+) -> tuple[tuple[int | None, ...], int] | None:
+    """A Reshape's output shape read from its target (:func:`_shape_value`), None per
+    dimension that repeats one of the input's unknown ones, and how many trailing input axes
+    it carries over as they are (a CRNN's ``view(n, c * h, w)`` of features of any width keeps
+    w). None if the shape cannot be told for every size the unknown dimensions take: each must
+    reappear in the target once, as a reference to it or as the -1 that the known sizes leave
+    to it alone."""
     node = graph.nodes[i]
     entries = _shape_value(graph, node.input[1])
     if entries is None or int(attr(node, "allowzero", 0)):
@@ -553,21 +558,67 @@ def _computed_dims(
         elif shape[axis] is None:
             return None  # another tensor's unknown size
         dims.append(shape[axis])
-    unknown = {axis for axis, size in enumerate(before) if size is None}
-    axes = list(repeated.values())
-    if len(set(axes)) != len(axes) or not unknown <= set(axes) or dims.count(-1) > 1:
+    axes = set(repeated.values())
+    left = {axis for axis, size in enumerate(before) if size is None} - axes
+    if len(axes) != len(repeated) or dims.count(-1) > 1 or len(left) > (-1 in dims):
         return None
     if -1 in dims:
-        known_in = int(np.prod([d for a, d in enumerate(before) if a not in axes], dtype=np.int64))
+        hole = dims.index(-1)
+        known_in = int(
+            np.prod([d for a, d in enumerate(before) if a not in axes | left], dtype=np.int64)
+        )
         known_out = int(
             np.prod(
-                [d for k, d in enumerate(dims) if d != -1 and k not in repeated], dtype=np.int64
+                [d for k, d in enumerate(dims) if k != hole and k not in repeated], dtype=np.int64
             )
         )
         if known_out <= 0 or known_in % known_out:
             return None
-        dims[dims.index(-1)] = known_in // known_out
-    return tuple(dims)
+        if left:  # the unknown size times known_in / known_out: itself only if that is 1
+            if known_in != known_out:
+                return None
+            repeated[hole], dims[hole] = left.pop(), None
+        else:
+            dims[hole] = known_in // known_out
+    kept = 0
+    while kept < min(len(dims), len(before)) and (
+        repeated.get(len(dims) - 1 - kept) == len(before) - 1 - kept
+    ):
+        kept += 1
+    return tuple(dims), kept
+
+
+def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Squeeze and Unsqueeze with known axes only remove or insert axes of size 1: the unit axis
+    stays an axis of its own whatever the other sizes are (a CRNN's ``squeeze(2)`` of features
+    of any width). Without known axes, :func:`_reshape` decides from the shapes."""
+    node = graph.nodes[i]
+    data = _only_data(graph, i, carried)
+    if isinstance(data, Refusal):
+        return data
+    if len(node.input) > 1 and node.input[1]:  # opset 13: axes as an input
+        axes = _constant(graph, node.input[1])
+    else:
+        axes = attr(node, "axes", None)
+    rank = _rank(graph, node.input[0], data)
+    if axes is None or isinstance(rank, Refusal):
+        return _reshape(graph, i, carried)
+    axes = [int(a) for a in np.asarray(axes).ravel()]
+    unit = data.axis + rank  # from the start
+    out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
+    if len({a % max(rank, out_rank) for a in axes}) != len(axes) or not 0 <= unit < rank:
+        return _reshape(graph, i, carried)  # repeated axes: an invalid node, judged by shapes
+    if node.op_type == "Squeeze":
+        removed = {a % rank for a in axes}
+        if unit in removed:
+            return Refusal(f"feeds {_name(graph, i)}, which removes the unit axis")
+        position = unit - sum(a < unit for a in removed)
+    else:
+        inserted = {a % out_rank for a in axes}
+        kept = [k for k in range(out_rank) if k not in inserted]
+        position = kept[unit]
+    moved = Carrier(data.units, data.activated, position - out_rank, out_rank)
+    return Step(outputs=((node.output[0], moved),))
 
 
 def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -577,26 +628,33 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
         return data
     before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
     computed = node.op_type == "Reshape" and not _is_constant(graph, node.input[1])
-    if computed and before is not None and (after is None or None in after[1:]):
-        after = _computed_dims(graph, i, before) or after
-    unknown = before is None or any(d is None for d in before[data.axis + len(before) :])
-    if computed and (unknown or after is None or None in after[1:]):
+    kept = 0  # trailing axes carried over as they are: the layout of the others decides
+    if node.op_type == "Reshape" and before is not None and (after is None or None in after):
+        resolved = _computed_dims(graph, i, before)
+        if resolved is not None:
+            after, kept = resolved
+    if before is not None and data.axis >= -kept:
+        kept = 0  # the unit axis itself is carried over: the sizes before it decide
+    core_before = before if before is None or not kept else before[:-kept]
+    core_after = after if after is None or not kept else after[:-kept]
+    unknown = before is None or any(d is None for d in core_before[data.axis + len(before) :])
+    if computed and (unknown or core_after is None or None in core_after[1:]):
         # the true obstacle: where the channels land depends on a run-time value
         return Refusal(f"feeds {_name(graph, i)}, whose target shape is computed at run time")
     if unknown:
         return Refusal(f"shape of '{node.input[0]}' cannot be inferred")
     if after is None:
         return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
-    mapped = reshaped(before, data.axis, after, len(data.units))
+    mapped = reshaped(core_before, data.axis + kept, core_after, len(data.units))
     if mapped is None:
         permuted = _permuted(graph, i, data, before)
         if permuted is not None:
             return permuted
-        if None in after[1:]:
+        if None in core_after[1:]:
             return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
         return Refusal(f"feeds {_name(graph, i)}, which spreads the unit axis over several axes")
     axis, index = mapped
-    return Step(outputs=((node.output[0], data.take(index, axis, len(after))),))
+    return Step(outputs=((node.output[0], data.take(index, axis - kept, len(after))),))
 
 
 SIMULATED_ENTRIES = 1 << 22
@@ -928,7 +986,8 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
     "Resize": _resize,
     "Upsample": _resize,
     "Transpose": _transpose,
-    **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze"), _reshape),
+    **dict.fromkeys(("Flatten", "Reshape"), _reshape),
+    **dict.fromkeys(("Squeeze", "Unsqueeze"), _squeeze),
     "Concat": _concat,
     "Split": _split,
     "Slice": _slice,
