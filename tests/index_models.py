@@ -98,3 +98,51 @@ def conv1d_through_conv2d(opset: int) -> onnx.ModelProto:
     h = net.op("Squeeze", [net.relu(h, "act2"), *ins], "to_1d", **axes)
     net.output(net.op("Conv", [h, net.rand("c3_W", (2, 5, 1))], "conv3"))
     return net.build(opset)
+
+
+SEQUENCE_FORMS = ("width last", "width first", "minus one last", "flat")
+
+
+def features_to_sequence(form: str, channels: int, height: int) -> onnx.ModelProto:
+    """x [batch, 1, height, width] (batch and width unknown) -> 3x3 conv (``channels``) ->
+    Relu -> a Reshape whose target is computed from Shape nodes -> a MatMul reading the
+    channels' axis, the forms CRNNs and flattening heads take:
+
+    * "width last": [n, c * h, w] (then Transpose to [n, w, c * h]);
+    * "width first": Transpose to [w, n, c, h], then [w, n, c * h];
+    * "minus one last": [n, c * h, -1], the -1 standing for w (then Transpose);
+    * "flat": [n, -1] (the MatMul then reads c * h * w columns: the width is fixed to 3).
+    """
+    net = Net(f"features_to_sequence_{form.replace(' ', '_')}")
+    width = 3 if form == "flat" else "width"
+    x = net.input("x", ["batch", 1, height, width])
+    h = net.op("Conv", [x, net.rand("conv_W", (channels, 1, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    h = net.relu(h, "act")
+    if form == "width first":
+        h = net.op("Transpose", [h], "steps", perm=[3, 0, 1, 2])
+    shape = net.op("Shape", [h], "shape")
+
+    def size(axis: int) -> str:
+        index = net.const(f"axis{axis}", np.array([axis]))
+        return net.op("Gather", [shape, index], f"size{axis}", axis=0)
+
+    def sizes(*entries: int | str) -> list[str]:
+        """Each entry a known size, or "axis k" for h's size along axis k."""
+        return [
+            size(int(e.split()[1])) if isinstance(e, str) else net.const(f"c{k}", np.array([e]))
+            for k, e in enumerate(entries)
+        ]
+
+    c_h = channels * height
+    parts = {
+        "width last": lambda: sizes("axis 0", c_h, "axis 3"),
+        "width first": lambda: sizes("axis 0", "axis 1", c_h),
+        "minus one last": lambda: sizes("axis 0", c_h, -1),
+        "flat": lambda: sizes("axis 0", -1),
+    }[form]()
+    seq = net.op("Reshape", [h, net.op("Concat", parts, "target", axis=0)], "to_sequence")
+    if form in ("width last", "minus one last"):
+        seq = net.op("Transpose", [seq], "time_major", perm=[0, 2, 1])
+    columns = channels * height * (3 if form == "flat" else 1)
+    net.output(net.matmul(seq, columns, OUT, "fc"))
+    return net.build()

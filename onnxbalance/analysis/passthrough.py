@@ -638,20 +638,24 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     core_before = before if before is None or not kept else before[:-kept]
     core_after = after if after is None or not kept else after[:-kept]
     unknown = before is None or any(d is None for d in core_before[data.axis + len(before) :])
-    if computed and (unknown or core_after is None or None in core_after[1:]):
-        # the true obstacle: where the channels land depends on a run-time value
-        return Refusal(f"feeds {_name(graph, i)}, whose target shape is computed at run time")
+
+    def unseen(name: str) -> Refusal:
+        if computed:  # the true obstacle: where the channels land depends on a run-time value
+            return Refusal(f"feeds {_name(graph, i)}, whose target shape is computed at run time")
+        return Refusal(f"shape of '{name}' cannot be inferred")
+
     if unknown:
-        return Refusal(f"shape of '{node.input[0]}' cannot be inferred")
+        return unseen(node.input[0])
     if after is None:
-        return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+        return unseen(node.output[0])
+    # unknown leading sizes do not matter when a trailing block of known sizes holds the units
     mapped = reshaped(core_before, data.axis + kept, core_after, len(data.units))
     if mapped is None:
         permuted = _permuted(graph, i, data, before)
         if permuted is not None:
             return permuted
         if None in core_after[1:]:
-            return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
+            return unseen(node.output[0])
         return Refusal(f"feeds {_name(graph, i)}, which spreads the unit axis over several axes")
     axis, index = mapped
     return Step(outputs=((node.output[0], data.take(index, axis - kept, len(after))),))
