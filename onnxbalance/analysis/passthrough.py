@@ -601,8 +601,8 @@ def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     else:
         axes = attr(node, "axes", None)
     rank = _rank(graph, node.input[0], data)
-    if axes is None or isinstance(rank, Refusal):
-        return _reshape(graph, i, carried)
+    if axes is None or np.size(axes) == 0 or isinstance(rank, Refusal):
+        return _reshape(graph, i, carried)  # no axes: Squeeze drops every axis of size 1
     axes = [int(a) for a in np.asarray(axes).ravel()]
     unit = data.axis + rank  # from the start
     out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
