@@ -13,6 +13,7 @@ Records only: nothing here runs a model or a solver. ``rich`` is imported when a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -390,16 +391,36 @@ LOW_BALANCED = 0.5
 """Below this fraction of the units found, the summary warns on top."""
 
 
+_OPTION = re.compile(r"--[a-z][a-z-]*[a-z]")
+_QUOTED = re.compile(r"'[^']*'")
+
+
+def freeing_options(units_fixed: Iterable[FixedEntry]) -> dict[str, int]:
+    """Options the reasons for fixed units name (``--rescale-clip``, ``--drop-weight-inputs``,
+    ...), each with how many of those units it may free, most first."""
+    counts: dict[str, int] = {}
+    for entry in units_fixed:
+        unnamed = _QUOTED.sub("", entry.reason)  # a tensor may be called 'x--y'
+        for option in sorted(set(_OPTION.findall(unnamed))):
+            counts[option] = counts.get(option, 0) + entry.count
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
 def shortfall_text(report: Report) -> str:
-    """A warning when nothing or only a small part of the units found was balanced, else ''."""
+    """A warning when nothing or only a small part of the units found was balanced, else '',
+    naming the options that may free fixed units."""
     found, moved = report.units_found, report.units_balanced
     if not found or report.balanced_fraction >= LOW_BALANCED:
         return ""
+    options = "".join(
+        f"; {option} may free {count}"
+        for option, count in freeing_options(report.units_fixed).items()
+    )
     if not moved:
-        return f"nothing balanced: all {found} units found are fixed (--verbose says why)"
+        return f"nothing balanced: all {found} units found are fixed (--verbose says why{options})"
     return (
         f"only {moved} of {found} units found balanced ({100 * report.balanced_fraction:.3g}%; "
-        "--verbose says why the others are fixed)"
+        f"--verbose says why the others are fixed{options})"
     )
 
 

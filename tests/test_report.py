@@ -13,6 +13,7 @@ from onnxbalance.report import (
     OutputComparison,
     Report,
     fixed_entries,
+    shortfall_text,
     summary_table,
 )
 
@@ -117,3 +118,25 @@ def test_summary_table_rows():
 def test_summary_table_nothing_to_balance():
     text = _render(summary_table(_report(units_balanced=0, units_found=0, verify=None)))
     assert "nothing to balance" in text and "norm before" not in text
+
+
+def test_the_shortfall_warning_names_the_options_that_may_free_units():
+    fixed = fixed_entries(
+        [
+            ("conv1", 6, "feeds Clip 'x--y', which ... (--rescale-clip moves them with the units)"),
+            ("conv2", 3, "weight 'w' is also a graph input (... --drop-weight-inputs makes ...)"),
+            ("conv3", 4, "tied by a merge to units of 'conv1', which are fixed: feeds Clip "
+                         "'c' ... (--rescale-clip moves them with the units)"),
+            ("conv4", 5, "feeds Sigmoid 'a--b'"),
+        ]
+    )  # fmt: skip
+    report = _report(units_found=20, units_balanced=2, units_fixed=fixed)
+    assert shortfall_text(report) == (
+        "only 2 of 20 units found balanced (10%; --verbose says why the others are fixed; "
+        "--rescale-clip may free 10; --drop-weight-inputs may free 3)"
+    )
+    assert shortfall_text(_report(units_found=3, units_balanced=0, units_fixed=fixed[:1])) == (
+        "nothing balanced: all 3 units found are fixed (--verbose says why; --rescale-clip may "
+        "free 6)"
+    )
+    assert shortfall_text(_report(units_found=3, units_balanced=3)) == ""
