@@ -507,8 +507,7 @@ def _load(
     copied before any input is removed from it."""
     if isinstance(model_or_path, onnx.ModelProto):
         model, source, folder = model_or_path, "", None
-        weights = {tensor.name for tensor in model.graph.initializer}
-        if drop_weight_inputs and any(value.name in weights for value in model.graph.input):
+        if drop_weight_inputs and protos.weight_inputs(model.graph):
             model = onnx.ModelProto()
             model.CopyFrom(model_or_path)
         tensors.keep_arrays(model)

@@ -61,15 +61,21 @@ WEIGHTS_AS_CONSTANTS_IR = 4
 """The first IR version that lets an initializer stay out of the graph inputs."""
 
 
+def weight_inputs(graph: onnx.GraphProto) -> tuple[str, ...]:
+    """The graph's inputs that name one of its initializers (weights a caller may override),
+    in input order."""
+    weights = {tensor.name for tensor in graph.initializer}
+    return tuple(value.name for value in graph.input if value.name in weights)
+
+
 def drop_weight_inputs(model: onnx.ModelProto) -> tuple[str, ...]:
-    """Remove, in place, the main graph's inputs that name one of its initializers, so that
-    those weights are constants, and raise the IR version to 4 if it was lower (IR 3 requires
-    every initializer to be listed as an input; later exporters list them on request, such as
-    torch's ``keep_initializers_as_inputs``). Returns the names removed."""
-    weights = {tensor.name for tensor in model.graph.initializer}
-    kept = [value for value in model.graph.input if value.name not in weights]
-    dropped = tuple(value.name for value in model.graph.input if value.name in weights)
+    """Remove, in place, the main graph's :func:`weight_inputs`, so that those weights are
+    constants, and raise the IR version to 4 if it was lower (IR 3 requires every initializer
+    to be listed as an input; later exporters list them on request, such as torch's
+    ``keep_initializers_as_inputs``). Returns the names removed."""
+    dropped = weight_inputs(model.graph)
     if dropped:
+        kept = [value for value in model.graph.input if value.name not in dropped]
         del model.graph.input[:]
         model.graph.input.extend(kept)
         model.ir_version = max(model.ir_version, WEIGHTS_AS_CONSTANTS_IR)

@@ -651,8 +651,8 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
 
 def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """The inputs a caller must feed: graph inputs that are not initializers (old IR lists both)."""
-    initializers = {t.name for t in model.graph.initializer}
-    return {v.name: v for v in model.graph.input if v.name not in initializers}
+    weights = set(protos.weight_inputs(model.graph))
+    return {v.name: v for v in model.graph.input if v.name not in weights}
 
 
 def run_model(

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import onnx
 
+from ..protos import weight_inputs
 from ..unitgraph import FIXED, ModelUnits, TensorEdit
 from .graph import GraphIndex, bodies, constant_value, node_name
 from .shapes import ScopeKey, Shape
@@ -69,7 +70,7 @@ def body_indexes(
     graph = model.graph
     if next(bodies(graph), None) is None:
         return  # no body: no need to count the uses of every tensor
-    overridable = frozenset(t.name for t in graph.initializer) & {v.name for v in graph.input}
+    overridable = frozenset(weight_inputs(graph))
     scope = _Scope(shapes, overridable, model_uses(graph))
     yield from _walk(graph, (), "", _constants(graph, {}), shapes[()], scope)
 
