@@ -297,6 +297,20 @@ REDUCTIONS = frozenset(
 )
 
 
+def _axes(graph: GraphIndex, i: int) -> tuple[list[int] | None, bool]:
+    """Node ``i``'s ``axes``: its attribute, or from opset 13 (Squeeze, ReduceSum) or 18 (other
+    reductions) its second input; None if not given, and whether they are computed at run time
+    (given as an input that is not a constant)."""
+    node = graph.nodes[i]
+    if len(node.input) > 1 and node.input[1]:
+        axes = _constant(graph, node.input[1])
+        if axes is None:
+            return None, True
+    else:
+        axes = attr(node, "axes", None)
+    return (None if axes is None else [int(a) for a in np.asarray(axes).ravel()]), False
+
+
 def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Positively homogeneous reductions over axes other than the unit axis (a spatial mean)."""
     node = graph.nodes[i]
@@ -304,17 +318,14 @@ def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if isinstance(found, Refusal):
         return found
     data, rank = found
-    if len(node.input) > 1 and node.input[1]:  # opset 13 (ReduceSum) / 18: axes as an input
-        axes = _constant(graph, node.input[1])
-        if axes is None:
-            return Refusal(f"feeds {_name(graph, i)} whose axes are not a constant")
-    else:
-        axes = attr(node, "axes", None)
-    if axes is None or len(axes) == 0:
+    axes, computed = _axes(graph, i)
+    if computed:
+        return Refusal(f"feeds {_name(graph, i)} whose axes are not a constant")
+    if not axes:
         if int(attr(node, "noop_with_empty_axes", 0)):
             return _same(graph, i, data)
         axes = range(rank)  # the default reduces every axis
-    axes = {int(a) % rank for a in np.asarray(axes).ravel()}
+    axes = {a % rank for a in axes}
     k = data.axis + rank
     if k in axes:
         return Refusal(f"feeds {_name(graph, i)}, which reduces over the unit axis")
@@ -596,14 +607,10 @@ def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    if len(node.input) > 1 and node.input[1]:  # opset 13: axes as an input
-        axes = _constant(graph, node.input[1])
-    else:
-        axes = attr(node, "axes", None)
+    axes, _ = _axes(graph, i)
     rank = _rank(graph, node.input[0], data)
-    if axes is None or np.size(axes) == 0 or isinstance(rank, Refusal):
+    if not axes or isinstance(rank, Refusal):
         return _reshape(graph, i, carried)  # no axes: Squeeze drops every axis of size 1
-    axes = [int(a) for a in np.asarray(axes).ravel()]
     unit = data.axis + rank  # from the start
     out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
     if len({a % max(rank, out_rank) for a in axes}) != len(axes) or not 0 <= unit < rank:
