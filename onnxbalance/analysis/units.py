@@ -159,20 +159,20 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
     for k, layer in enumerate(layers):
         span = np.arange(offsets[k], offsets[k + 1])
         rows = groups.of_unit[span]
-        # a recurrent layer's gates are no units: they only weigh in the norm
-        counted = layer.output in reaches and layer.kind != "recurrent"
-        why = groups.skips(layer.name, span) if counted else []
+        if layer.kind == "recurrent":  # its gates are no units: they only weigh in the norm
+            why, note = [], " (gates of a recurrent layer: its input weight's columns move)"
+        elif layer.output in reaches:
+            why = groups.skips(layer.name, span)
+            note = "".join(f"; {s.count} fixed: {s.reason}" for s in why)
+        else:
+            why, note = [], " (output units: no linear layer reads them)"
         skipped.extend(why)
         log.info(
             "layer %s: %d of %d units movable%s",
             layer.name,
             int((rows != FIXED).sum()),
             layer.n_rows,
-            "".join(f"; {s.count} fixed: {s.reason}" for s in why)
-            if counted
-            else " (output units: no linear layer reads them)"
-            if layer.kind != "recurrent"
-            else " (gates of a recurrent layer: its input weight's columns move)",
+            note,
         )
         # a weight read by two nodes is stored once and counts once in the norm
         if layer.weight in seen_weights:
