@@ -9,8 +9,6 @@ the original in onnxruntime here, independently of the tool's own verification.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -25,7 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxconverter_common")
 nn = torch.nn
 
-from torch_models import export, randomise  # noqa: E402 (needs torch)
+from torch_models import export, export_dynamo, randomise  # noqa: E402 (needs torch)
 from verify_models import float16  # noqa: E402
 
 
@@ -50,11 +48,7 @@ class UpsamplingNet(nn.Module):
 def _exported(dynamo: bool) -> onnx.ModelProto:
     module = randomise(UpsamplingNet(), seed=4).eval()
     example = torch.randn(1, 3, 6, 6)
-    if not dynamo:
-        return export(module, example)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.onnx.export(module, (example,), dynamo=True, verbose=False).model_proto
+    return export_dynamo(module, example) if dynamo else export(module, example)
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

@@ -6,12 +6,8 @@ in onnxruntime here, independently of the tool's own verification.
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import index_models as im
 import numpy as np
-import onnx
 import pytest
 from arch_reference import assert_equivalent
 from hypothesis import assume, given, settings
@@ -25,16 +21,7 @@ from onnxbalance.unitgraph import FIXED
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-
-def _export(module: nn.Module, example: torch.Tensor, dynamo: bool) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            program = torch.onnx.export(module, (example,), dynamo=True, verbose=False)
-            return program.model_proto
-        buffer = io.BytesIO()
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17)
-        return onnx.load_from_string(buffer.getvalue())
+from torch_models import export, export_dynamo  # noqa: E402 (needs torch)
 
 
 def _skewed(module: nn.Module, seed: int) -> nn.Module:
@@ -93,7 +80,7 @@ class ShuffleBlock(nn.Module):
 def test_channel_shuffle(dynamo):
     module = _skewed(ShuffleBlock(), seed=3)
     example = torch.randn(2, 3, 5, 5)
-    model = _export(module, example, dynamo)
+    model = export_dynamo(module, example) if dynamo else export(module, example)
     units = analyse(model)
     expand, depthwise = units.layers[0], units.layers[1]
     # shuffled channel j is channel (j % g) * (C / g) + j // g of the expand conv
@@ -134,7 +121,7 @@ class CRNN(nn.Module):
 def _crnn():
     module = _skewed(CRNN(), seed=5)
     example = torch.randn(2, 1, 4, 6)
-    model = _export(module, example, dynamo=False)
+    model = export(module, example)
     return model, {model.graph.input[0].name: example.numpy()}
 
 
@@ -200,21 +187,11 @@ class FlattenByView(nn.Module):
 def test_a_view_keeping_a_dynamic_batch_passes_the_units(dynamo):
     module = _skewed(FlattenByView(), seed=5)
     example = torch.randn(2, 3, 5, 5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            batch = {0: torch.export.Dim("batch")}
-            model = torch.onnx.export(
-                module, (example,), dynamo=True, verbose=False, dynamic_shapes=(batch,)
-            ).model_proto
-        else:
-            buffer = io.BytesIO()
-            torch.onnx.export(
-                module, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"],
-                dynamic_axes={"x": {0: "batch"}},
-            )  # fmt: skip
-            model = onnx.load_from_string(buffer.getvalue())
-            assert "Shape" in [node.op_type for node in model.graph.node]  # computed target
+    if dynamo:
+        model = export_dynamo(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:
+        model = export(module, example, dynamic_axes={"x": {0: "batch"}})
+        assert "Shape" in [node.op_type for node in model.graph.node]  # computed target
     feed = {model.graph.input[0].name: np.random.default_rng(5).normal(size=(3, 3, 5, 5))}
     feed = {name: x.astype(np.float32) for name, x in feed.items()}
     balanced, report = balance(model, inputs=feed)
@@ -269,14 +246,7 @@ class WidthSequence(nn.Module):
 
 def test_a_sequence_of_columns_of_any_width_passes_the_units():
     module = _skewed(WidthSequence(), seed=8)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (torch.randn(1, 1, 2, 5),), buffer, dynamo=False, opset_version=12,
-            input_names=["x"], dynamic_axes={"x": {3: "width"}},
-        )  # fmt: skip
-    model = onnx.load_from_string(buffer.getvalue())
+    model = export(module, torch.randn(1, 1, 2, 5), opset=12, dynamic_axes={"x": {3: "width"}})
     assert "Mul" in [node.op_type for node in model.graph.node]  # c * h, computed
     feed = {"x": np.random.default_rng(8).normal(size=(1, 1, 2, 7)).astype(np.float32)}
     balanced, report = balance(model, inputs=feed)

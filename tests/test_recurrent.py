@@ -6,9 +6,6 @@ run next to the original in onnxruntime here.
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -21,7 +18,7 @@ from onnxbalance.analysis import analyse
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from torch_models import randomise  # noqa: E402 (needs torch)
+from torch_models import export, randomise  # noqa: E402 (needs torch)
 
 CHANNELS, HEIGHT = 6, 2
 
@@ -49,14 +46,7 @@ def _exported(cell: type, bidirectional: bool) -> onnx.ModelProto:
         spread = torch.exp(torch.linspace(-2.0, 2.0, CHANNELS))
         module.conv.weight.mul_(spread.view(-1, 1, 1, 1))
         module.conv.bias.mul_(spread)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (torch.randn(1, 1, HEIGHT, 7),), buffer, dynamo=False, opset_version=17,
-            input_names=["x"],
-        )  # fmt: skip
-    return onnx.load_from_string(buffer.getvalue())
+    return export(module, torch.randn(1, 1, HEIGHT, 7))
 
 
 def _stored(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -118,14 +108,7 @@ class Recogniser(nn.Module):
 @pytest.mark.parametrize("to_sequence", ["squeeze", "view"])
 def test_a_recogniser_of_any_width_balances_its_features(to_sequence):
     module = randomise(Recogniser(to_sequence), seed=10).eval()
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (torch.randn(1, 1, HEIGHT, 7),), buffer, dynamo=False, opset_version=17,
-            input_names=["x"], dynamic_axes={"x": {3: "width"}},
-        )  # fmt: skip
-    model = onnx.load_from_string(buffer.getvalue())
+    model = export(module, torch.randn(1, 1, HEIGHT, 7), dynamic_axes={"x": {3: "width"}})
     feed = {"x": np.random.default_rng(10).normal(size=(1, 1, HEIGHT, 11)).astype(np.float32)}
     balanced, report = balance(model, inputs=feed)
     assert report.units_found == report.units_balanced == CHANNELS

@@ -8,7 +8,6 @@ tool's own verification); the number of balanced units is derived by hand from t
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -23,18 +22,15 @@ from onnxbalance.cli import main
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from torch_models import export, export_dynamo  # noqa: E402 (needs torch)
+
 
 def _torch_export(module: nn.Module, example, dynamo: bool) -> onnx.ModelProto:
+    """Either exporter at its own default opset (20 for TorchScript with torch 2.13)."""
     module = module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            return torch.onnx.export(module, (example,), dynamo=True, verbose=False).model_proto
-        import io
-
-        buffer = io.BytesIO()
-        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"])
-        return onnx.load_from_string(buffer.getvalue())
+    if dynamo:
+        return export_dynamo(module, example)
+    return export(module, example, opset=None)
 
 
 def _balanced(model: onnx.ModelProto, **options):

@@ -6,9 +6,7 @@ Every balanced model is run next to the original in onnxruntime here.
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -22,7 +20,7 @@ from onnxbalance.cli import main
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from torch_models import randomise  # noqa: E402 (needs torch)
+from torch_models import export, randomise  # noqa: E402 (needs torch)
 
 HIDDEN = 8 + 6  # the two hidden conv layers' channels
 
@@ -35,14 +33,10 @@ def _listed_weights_model(ir_version: int) -> onnx.ModelProto:
         nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
     )  # fmt: skip
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            randomise(module, 7).eval(), (torch.randn(2, 3, 6, 6),), buffer, dynamo=False,
-            opset_version=9, input_names=["x"], keep_initializers_as_inputs=True,
-        )  # fmt: skip
-    model = onnx.load_from_string(buffer.getvalue())
+    model = export(
+        randomise(module, 7).eval(), torch.randn(2, 3, 6, 6), opset=9,
+        keep_initializers_as_inputs=True,
+    )  # fmt: skip
     model.ir_version = ir_version
     weights = {tensor.name for tensor in model.graph.initializer}
     assert weights and weights <= {value.name for value in model.graph.input}

@@ -208,26 +208,46 @@ def randomise(module: nn.Module, seed: int) -> nn.Module:
 # ---------------------------------------------------------------- export
 
 
-def export(module: nn.Module, example: torch.Tensor, *, fold: bool = True) -> onnx.ModelProto:
-    """TorchScript exporter, opset 17, static shapes, one input ``x`` and one output ``y``.
+def export(
+    module: nn.Module,
+    example: torch.Tensor,
+    *,
+    fold: bool = True,
+    opset: int | None = OPSET,
+    **options,
+) -> onnx.ModelProto:
+    """TorchScript exporter, opset 17 unless ``opset`` (None: the exporter's own default), one
+    input ``x`` and one output ``y``; static shapes unless ``options`` (``dynamic_axes``,
+    ``keep_initializers_as_inputs``, ..., passed on to ``torch.onnx.export``) say otherwise.
 
-    The TorchScript exporter is chosen on purpose (module docstring); its deprecation and
-    tracing warnings are silenced so that the suite's warnings are our own."""
+    The TorchScript exporter is chosen on purpose (module docstring); its deprecation, tracing
+    and other warnings (an LSTM exported with a dynamic length, say) are silenced so that the
+    suite's warnings are our own."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore")
         path = os.path.join(tmp, "model.onnx")
         torch.onnx.export(
             module,
             (example,),
             path,
             dynamo=False,
-            opset_version=OPSET,
+            opset_version=opset,
             do_constant_folding=fold,
             input_names=["x"],
             output_names=["y"],
+            **options,
         )
         return onnx.load(path)
+
+
+def export_dynamo(module: nn.Module, example: torch.Tensor, **options) -> onnx.ModelProto:
+    """The dynamo exporter (``options``, such as ``dynamic_shapes``, passed on); its warnings
+    are silenced as :func:`export`'s are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(
+            module, (example,), dynamo=True, verbose=False, **options
+        ).model_proto
 
 
 # ---------------------------------------------------------------- unit graphs from the modules
