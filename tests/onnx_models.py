@@ -572,6 +572,24 @@ BETWEEN = {
         ),
         CH,
     ),
+    "reshape_split_add": lambda n, h: (  # a constant added per position, not per channel
+        n.op(
+            "Reshape",
+            [
+                n.op(
+                    "Add",
+                    [
+                        n.op("Reshape", [h, _ints(n, "sh", [2, 2, 2, 36])], "r1"),
+                        n.rand("k", (1, 1, 1, 36)),
+                    ],
+                    "mid",
+                ),
+                _ints(n, "sh2", [2, CH, 6, 6]),
+            ],
+            "r2",
+        ),
+        CH,
+    ),
     "layernorm": lambda n, h: (
         n.op(
             "LayerNormalization",
@@ -728,7 +746,7 @@ def gemm_bn(shared_scale: bool = False) -> onnx.ModelProto:
 def ffn(with_attention_reshape: bool = False, transposed: bool = False) -> onnx.ModelProto:
     """Transformer encoder FFN on [batch, tokens, features]: LayerNorm -> MatMul+Add (8 -> 16)
     -> Relu -> MatMul+Add (16 -> 8) -> Add(residual) -> LayerNorm -> y; optionally a projection
-    whose output is split into 2 heads by Reshape (which stops it) and merged back; optionally
+    whose output is split into 2 heads by Reshape, passes a Relu and is merged back; optionally
     the FFN weights are stored [out, in] behind Transpose nodes (torch without constant folding)."""
     net = ConvNet(f"ffn_{with_attention_reshape}", seed=13)
     x = net.input("x", [2, 5, 8])

@@ -45,6 +45,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -208,6 +209,15 @@ def randomise(module: nn.Module, seed: int) -> nn.Module:
 # ---------------------------------------------------------------- export
 
 
+def skewed(module: nn.Module, seed: int) -> nn.Module:
+    """Random weights of very different scales per layer: something to balance."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, param in enumerate(module.parameters()):
+            param.copy_(torch.randn(param.shape, generator=generator) * (4.0 if k % 4 < 2 else 0.3))
+    return module.eval()
+
+
 def export(
     module: nn.Module,
     example: torch.Tensor,
@@ -258,7 +268,7 @@ class Spec:
     """One linear layer of a torch module, with its units' groups (raw columns, 2-D)."""
 
     name: str
-    module: nn.Module  # Conv2d or Linear
+    module: nn.Module | SimpleNamespace  # Conv2d, Linear, or a packed weight and bias
     bn: nn.BatchNorm2d | None
     row_groups: np.ndarray
     col_groups: np.ndarray
@@ -515,17 +525,24 @@ def build_transformer():
     )
     randomise(layer, 10)
     m = CallEncoder(layer)
+    attention = layer.self_attn
+    # q, k and v are the row blocks of one packed projection, as torch stores them
+    packed = SimpleNamespace(weight=attention.in_proj_weight, bias=attention.in_proj_bias)
     g = Groups()
-    ff = g.new(32)
+    v, ff = g.new(16), g.new(32)
     specs = [
+        Spec("in_proj", packed, None, np.concatenate([fixed(32), v]), dense_cols(fixed(16), 48)),
+        _fc("out_proj", attention.out_proj, fixed(16), v),  # rows: residual Add with the input
         _fc("linear1", layer.linear1, ff, fixed(16)),  # input is LayerNorm output: fixed
         _fc("linear2", layer.linear2, fixed(16), ff),  # output goes into residual Add + LayerNorm
     ]
     why = (
-        "attention projections feed Softmax/LayerNorm: fixed; linear1 32 hidden units -> ReLU "
-        "-> linear2: 32; linear2's rows feed Add + LayerNorm: fixed. Total 32."
+        "in_proj's q and k rows meet in a MatMul before Softmax: fixed; its 16 v rows pass the "
+        "heads' split, the probabilities' MatMul and the join to out_proj: 16; out_proj's rows "
+        "are added to the input: fixed; linear1 32 hidden units -> ReLU -> linear2: 32; "
+        "linear2's rows feed Add + LayerNorm: fixed. Total 48."
     )
-    return m, (2, 5, 16), specs, g.n, 32, why
+    return m, (2, 5, 16), specs, g.n, 48, why
 
 
 BUILDERS = {

@@ -108,6 +108,7 @@ class GraphIndex:
     ) -> None:
         self.graph = graph
         self.shapes = shapes or {}
+        self.symbols: dict[str, tuple[str | None, ...]] = getattr(shapes, "symbols", {})
         self.nodes = list(graph.node)
         for copy in copies:
             for i, slot in copy.readers:
@@ -208,6 +209,12 @@ class GraphIndex:
         """A computed or stored tensor's shape (None per unknown dimension), None if unknown."""
         shape = self.shape(name)
         return shape if shape is not None else self.shapes.get(name)
+
+    def symbol(self, name: str, axis: int) -> str | None:
+        """The name shape inference gives an unknown size of a tensor (``shapes`` a
+        :class:`~onnxbalance.analysis.shapes.Shapes`), None if it has none."""
+        symbols = self.symbols.get(name, ())
+        return symbols[axis] if -len(symbols) <= axis < len(symbols) else None
 
     def rank(self, name: str) -> int | None:
         dims = self.dims(name)

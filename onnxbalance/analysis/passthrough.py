@@ -56,7 +56,7 @@ two activations, reductions over the unit axis), unknown ops, and shapes that ca
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -75,17 +75,32 @@ from .ops import (
 
 @dataclass(frozen=True)
 class Carrier:
-    """The units a tensor carries along ``axis`` (negative, from the end); -1 = no unit."""
+    """The units a tensor carries along ``axis`` (negative, from the end); -1 = no unit.
+
+    Attention splits a layer's channels into heads ([N, T, C] -> [N, T, H, C/H]) and moves the
+    head axis ahead of the tokens: its units are then *spread* over several axes, ``spread``
+    (one per dimension of ``units``, in the order the channel index was split, major first;
+    ``axis`` is the first of them). Only ops that move entries without mixing channels take
+    such a carrier (:data:`SPREAD_RULES`); a Reshape joins the axes into one again."""
 
     units: np.ndarray
     activated: np.ndarray  # per entry: has it passed a positively homogeneous activation?
     axis: int
     rank: int | None = None  # the tensor's rank when known without shape inference
+    spread: tuple[int, ...] = ()
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        return self.spread or (self.axis,)
 
     def take(self, index: np.ndarray, axis: int | None = None, rank: int | None = None) -> Carrier:
         axis = self.axis if axis is None else axis
         rank = self.rank if rank is None else rank
         return Carrier(self.units[index], self.activated[index], axis, rank)
+
+    def on_axes(self, axes: tuple[int, ...], rank: int | None) -> Carrier:
+        """The same units on other axes (as many as it has now) of a tensor of ``rank``."""
+        return replace(self, axis=axes[0], spread=axes if self.spread else (), rank=rank)
 
 
 @dataclass(frozen=True)
@@ -159,9 +174,7 @@ def _data_with_rank(
 def _same(graph: GraphIndex, i: int, carrier: Carrier, activated: bool = False) -> Step:
     out = graph.nodes[i].output[0]
     if activated:
-        carrier = Carrier(
-            carrier.units, np.ones_like(carrier.activated), carrier.axis, carrier.rank
-        )
+        carrier = replace(carrier, activated=np.ones_like(carrier.activated))
     return Step(outputs=((out, carrier),))
 
 
@@ -287,6 +300,8 @@ def _scale_by_constant(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -
     if not _is_constant(graph, other):
         return Refusal(f"feeds {_name(graph, i)} whose other input '{other}' is not a constant")
     shape = graph.shape(other) or ()
+    if data.spread and any(d != 1 for d in shape):  # attention's scaling of q and k: a scalar
+        return Refusal(f"feeds {_name(graph, i)} with the unit axis spread over several axes")
     if len(shape) >= -data.axis and shape[data.axis] not in (1, len(data.units)):
         return Refusal(f"feeds {_name(graph, i)}, whose constant does not broadcast per unit")
     return _same(graph, i, data)
@@ -425,9 +440,8 @@ def _transpose(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
             return rank
         perm = list(reversed(range(rank)))
     rank = len(perm)
-    axis = list(perm).index(data.axis + rank) - rank
-    moved = Carrier(data.units, data.activated, axis, rank)
-    return Step(outputs=((node.output[0], moved),))
+    axes = tuple(list(perm).index(axis + rank) - rank for axis in data.axes)
+    return Step(outputs=((node.output[0], data.on_axes(axes, rank)),))
 
 
 def reshaped(
@@ -478,6 +492,16 @@ size along that axis, whatever it turns out to be."""
 
 _SHAPE_NODES = 64  # nodes a Reshape target is followed back through: exporters use a handful
 
+# integer arithmetic on known sizes, as ONNX defines it (Mod's result has the divisor's sign;
+# Div truncates, which floor division matches for the non-negative sizes it is given here)
+_SIZE_ARITHMETIC: dict[str, Callable[[int, int], int | None]] = {
+    "Add": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "Mul": lambda a, b: a * b,
+    "Mod": lambda a, b: a % b if b else None,
+    "Div": lambda a, b: a // b if b > 0 and a >= 0 else None,
+}
+
 
 def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
     """The entries of a small integer tensor that exporters compute from ``Shape`` nodes and
@@ -505,36 +529,50 @@ def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
                 return None
             axes = range(len(dims))[int(attr(node, "start", 0)) : attr(node, "end", None)]
             return [(first, axis) if dims[axis] is None else dims[axis] for axis in axes]
-        if op in ("Identity", "Unsqueeze", "Squeeze", "Cast"):
-            return entries(first)
+        if op in ("Identity", "Unsqueeze", "Squeeze", "Cast", "Reshape"):
+            return entries(first)  # a Reshape of a 1-D size list: to one entry, or a scalar
         if op == "Concat":
             parts = [entries(part) for part in node.input]
             return None if None in parts else [entry for part in parts for entry in part]
-        if op == "Mul" and len(node.input) == 2:  # known sizes only: C * H of a view
-            factors = [entries(part) for part in node.input]
-            if None in factors or len(factors[0]) != len(factors[1]):
+        if op in _SIZE_ARITHMETIC and len(node.input) == 2 and not attr(node, "fmod", 0):
+            # known sizes only: C * H of a view, the dim % rank of an unflatten
+            operands = [entries(part) for part in node.input]
+            if None in operands or not all(isinstance(e, int) for o in operands for e in o):
                 return None
-            if not all(isinstance(e, int) for factor in factors for e in factor):
+            a, b = operands
+            if len(a) != len(b) and 1 in (len(a), len(b)):
+                a, b = a * max(1, len(b) // len(a)), b * max(1, len(a) // len(b))
+            if len(a) != len(b):
                 return None
-            return [a * b for a, b in zip(*factors, strict=True)]
-        bounds = [_constant(graph, x) if x else None for x in node.input[1:]]
-        if op == "Gather" and bounds and bounds[0] is not None:
-            data = entries(first)
-            taken = bounds[0].ravel()
-            if data is None or int(attr(node, "axis", 0)) != 0:
+            results = [_SIZE_ARITHMETIC[op](x, y) for x, y in zip(a, b, strict=True)]
+            return None if None in results else results
+        if op == "Gather" and len(node.input) == 2:
+            data, taken = entries(first), _constant(graph, node.input[1])
+            if data is None or taken is None or int(attr(node, "axis", 0)) != 0:
                 return None
-            if not all(-len(data) <= k < len(data) for k in taken):
+            if not all(-len(data) <= k < len(data) for k in taken.ravel()):
                 return None
-            return [data[int(k)] for k in taken]
-        if op == "Slice" and len(bounds) >= 2 and not any(b is None or b.size != 1 for b in bounds):
-            start, end, *rest = (int(b.ravel()[0]) for b in bounds)
-            if rest[:1] not in ([], [0], [-1]) or rest[1:] not in ([], [1]):
-                return None  # 1-D: the only axis, with step 1
+            return [data[int(k)] for k in taken.ravel()]
+        if op == "Slice" and len(node.input) >= 3:
+            bounds = [entries(x) if x else None for x in node.input[1:5]]
+            if any(b is not None and (len(b) != 1 or not isinstance(b[0], int)) for b in bounds):
+                return None
+            start, end, *rest = (None if b is None else b[0] for b in bounds)
+            if start is None or end is None or rest[:1] not in ([], [None], [0], [-1]):
+                return None  # 1-D: the only axis
+            if rest[1:] not in ([], [None], [1]):
+                return None  # with step 1
             data = entries(first)
             return None if data is None else data[start:end]
         return None
 
     return entries(name)
+
+
+def _named_axis(graph: GraphIndex, name: str, rank: int, symbol: str | None) -> int | None:
+    """The one axis of tensor ``name`` whose unknown size shape inference named ``symbol``."""
+    axes = [axis for axis in range(rank) if symbol and graph.symbol(name, axis) == symbol]
+    return axes[0] if len(axes) == 1 else None
 
 
 def _computed_dims(
@@ -564,6 +602,13 @@ def _computed_dims(
         shape = before if tensor == node.input[0] else graph.dims(tensor)
         if shape is None or not -len(shape) <= axis < len(shape):
             return None
+        if tensor != node.input[0] and shape[axis] is None:
+            # another tensor's unknown size (attention's view(b, t, heads, -1) of a projection,
+            # b and t read off the layer's input) is the input's own if inference named it so
+            axis = _named_axis(graph, node.input[0], len(before), graph.symbol(tensor, axis))
+            if axis is None:
+                return None
+            tensor, shape = node.input[0], before
         if tensor == node.input[0]:
             repeated[position] = axis % len(shape)
         elif shape[axis] is None:
@@ -599,6 +644,27 @@ def _computed_dims(
     return tuple(dims), kept
 
 
+def resolved_reshapes(graph: GraphIndex) -> dict[str, tuple[int | None, ...]]:
+    """Output shapes that shape inference left unknown, or knows less of, for Reshapes whose
+    computed targets :func:`_computed_dims` reads (its ``Mod`` of an unflatten is beyond ONNX's
+    data propagation): given back to it as hints, they let it infer the shapes after them."""
+    found = {}
+    for i, node in enumerate(graph.nodes):
+        if node.op_type != "Reshape" or node.domain not in STANDARD_DOMAINS:
+            continue
+        before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
+        if before is None or (after is not None and None not in after):
+            continue
+        resolved = _computed_dims(graph, i, before)
+        if resolved is None:
+            continue
+        dims = resolved[0]
+        known = sum(d is not None for d in dims)
+        if after is None or (len(after) == len(dims) and known > len(after) - after.count(None)):
+            found[node.output[0]] = dims
+    return found
+
+
 def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Squeeze and Unsqueeze with known axes only remove or insert axes of size 1: the unit axis
     stays an axis of its own whatever the other sizes are (a CRNN's ``squeeze(2)`` of features
@@ -611,20 +677,20 @@ def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     rank = _rank(graph, node.input[0], data)
     if not axes or isinstance(rank, Refusal):
         return _reshape(graph, i, carried)  # no axes: Squeeze drops every axis of size 1
-    unit = data.axis + rank  # from the start
+    units = [axis + rank for axis in data.axes]  # from the start
     out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
-    if len({a % max(rank, out_rank) for a in axes}) != len(axes) or not 0 <= unit < rank:
+    if len({a % max(rank, out_rank) for a in axes}) != len(axes) or not 0 <= min(units):
         return _reshape(graph, i, carried)  # repeated axes: an invalid node, judged by shapes
     if node.op_type == "Squeeze":
         removed = {a % rank for a in axes}
-        if unit in removed:
+        if removed & set(units):
             return Refusal(f"feeds {_name(graph, i)}, which removes the unit axis")
-        position = unit - sum(a < unit for a in removed)
+        positions = [unit - sum(a < unit for a in removed) for unit in units]
     else:
         inserted = {a % out_rank for a in axes}
         kept = [k for k in range(out_rank) if k not in inserted]
-        position = kept[unit]
-    moved = Carrier(data.units, data.activated, position - out_rank, out_rank)
+        positions = [kept[unit] for unit in units]
+    moved = data.on_axes(tuple(k - out_rank for k in positions), out_rank)
     return Step(outputs=((node.output[0], moved),))
 
 
@@ -640,11 +706,11 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
         resolved = _computed_dims(graph, i, before)
         if resolved is not None:
             after, kept = resolved
-    if before is not None and data.axis >= -kept:
+    if before is not None and max(data.axes) >= -kept:
         kept = 0  # the unit axis itself is carried over: the sizes before it decide
     core_before = before if before is None or not kept else before[:-kept]
     core_after = after if after is None or not kept else after[:-kept]
-    unknown = before is None or any(d is None for d in core_before[data.axis + len(before) :])
+    unknown = before is None or any(d is None for d in core_before[min(data.axes) + len(before) :])
 
     def unseen(name: str) -> Refusal:
         if computed:  # the true obstacle: where the channels land depends on a run-time value
@@ -656,73 +722,79 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     if after is None:
         return unseen(node.output[0])
     # unknown leading sizes do not matter when a trailing block of known sizes holds the units
-    mapped = reshaped(core_before, data.axis + kept, core_after, len(data.units))
-    if mapped is None:
-        permuted = _permuted(graph, i, data, before)
-        if permuted is not None:
-            return permuted
-        if None in core_after[1:]:
-            return unseen(node.output[0])
-        return Refusal(f"feeds {_name(graph, i)}, which spreads the unit axis over several axes")
-    axis, index = mapped
-    return Step(outputs=((node.output[0], data.take(index, axis - kept, len(after))),))
+    if not data.spread:
+        mapped = reshaped(core_before, data.axis + kept, core_after, len(data.units))
+        if mapped is not None:
+            axis, index = mapped
+            return Step(outputs=((node.output[0], data.take(index, axis - kept, len(after))),))
+    core = data.on_axes(tuple(axis + kept for axis in data.axes), len(core_before))
+    moved = relaid(core_before, core, core_after)
+    if moved is not None:
+        moved = moved.on_axes(tuple(axis - kept for axis in moved.axes), len(after))
+        return Step(outputs=((node.output[0], moved),))
+    if None in core_after[1:]:
+        return unseen(node.output[0])
+    return Refusal(f"feeds {_name(graph, i)}, whose layout of the units cannot be followed")
 
 
 SIMULATED_ENTRIES = 1 << 22
-"""Largest block (one channel axis and the axes after it) whose layout :func:`_permuted`
-follows entry by entry: 32 MiB of int64 positions."""
+"""Largest block whose layout :func:`relaid` follows entry by entry: 32 MiB of positions."""
 
 
-def _permuted(graph: GraphIndex, i: int, data: Carrier, before: tuple) -> Step | None:
-    """Reshape -> Transpose -> Reshape that lays the channels out again along one axis, such as
-    ShuffleNet's channel shuffle ([N, C, H, W] -> [N, g, C/g, H, W] -> swap axes 1 and 2 ->
-    [N, C, H, W]); None for any other chain.
+def relaid(
+    before: tuple[int | None, ...], data: Carrier, after: tuple[int | None, ...]
+) -> Carrier | None:
+    """Where the units of ``data``, on a ``before``-shaped tensor, land when a Reshape lays its
+    entries out again, in the same row-major order, as ``after``: attention's split of the
+    channels into heads ([N, T, C] -> [N, T, H, C/H], units spread over two axes), its merge of
+    heads into the batch ([T, N, C] -> [T, N·H, C/H]), their joins back, a channel shuffle.
 
-    Each of the three ops only moves entries, so every output entry has the channel of the
-    input entry it comes from. The chain is run on the channel number of every entry of one
-    [C, ...] block (the axes before the channels must stay in place): if the channel of each
-    output entry depends only on its index along one axis, the chain maps channels to that
-    axis exactly, and per-channel factors commute with it (docs/algorithm.md §1). The two
-    intermediate tensors must have no other reader, since they carry no units of their own.
-    """
-    chain = [i]
-    for op in ("Transpose", "Reshape"):
-        out = graph.nodes[chain[-1]].output[0]
-        uses = graph.uses(out)
-        if len(uses) != 1 or uses[0][1] != 0 or out in graph.graph_outputs:
-            return None
-        node = graph.nodes[uses[0][0]]
-        if node.op_type != op or node.domain not in STANDARD_DOMAINS:
-            return None
-        chain.append(uses[0][0])
-    k = data.axis + len(before)
-    middle = graph.dims(graph.nodes[i].output[0])
-    final = graph.dims(graph.nodes[chain[2]].output[0])
-    perm = attr(graph.nodes[chain[1]], "perm", None)
-    if (
-        middle is None
-        or final is None
-        or perm is None
-        or before[k] != len(data.units)
-        or list(perm[:k]) != list(range(k))
-        or before[:k].count(None) > 1
-        or middle[:k] != before[:k]
-        or final[:k] != before[:k]
-        or None in middle[k:] + final[k:]
-    ):
+    The channel of every entry of the smallest trailing block of ``before`` that holds all unit
+    axes and is a trailing block of ``after`` too is followed through the new layout (equal
+    trailing blocks hold the same entries, whatever the sizes in front of them). Each output
+    entry's channel then depends on its indices along some axes only: the units lie on those.
+    None when no such block of known sizes exists, it is larger than
+    :data:`SIMULATED_ENTRIES`, or every entry has the same channel (one channel: no axis tells
+    where it is)."""
+    rank = len(before)
+    positions = [axis + rank for axis in data.axes]
+    sizes = data.units.shape if data.spread else (len(data.units),)
+    if any(before[k] != n for k, n in zip(positions, sizes, strict=True)):
         return None
-    size = int(np.prod(before[k:], dtype=np.int64))
-    if size > SIMULATED_ENTRIES or size != np.prod(middle[k:]) or size != np.prod(final[k:]):
+    starts: dict[int, int] = {}  # size of a trailing block of ``after`` -> its first axis
+    size = 1
+    for start in reversed(range(len(after))):
+        if after[start] is None:
+            break
+        size *= after[start]
+        starts.setdefault(size, start)
+    start = min(positions)
+    if any(d is None for d in before[start:]):
         return None
-    inner = size // len(data.units)
-    channel = np.arange(size, dtype=np.int64) // inner
-    channel = channel.reshape(middle[k:]).transpose([a - k for a in perm[k:]]).reshape(final[k:])
-    for m in range(channel.ndim):
-        lines = np.moveaxis(channel, m, 0).reshape(channel.shape[m], -1)
-        if (lines == lines[:, :1]).all():
-            moved = data.take(lines[:, 0], m - channel.ndim, len(final))
-            return Step(outputs=((graph.nodes[chain[2]].output[0], moved),))
-    return None
+    size = int(np.prod(before[start:], dtype=np.int64))
+    while size not in starts:
+        start -= 1
+        if start < 0 or before[start] is None or size > SIMULATED_ENTRIES:
+            return None
+        size *= before[start]
+    if size > SIMULATED_ENTRIES:
+        return None
+    # per entry of the block, its position in data.units (raveled), laid out as after's block
+    in_units = np.arange(data.units.size).reshape(sizes).transpose(np.argsort(positions))
+    shape = [1] * (rank - start)
+    for k in positions:
+        shape[k - start] = before[k]
+    block = np.broadcast_to(in_units.reshape(shape), before[start:])
+    ids = block.reshape(after[starts[size] :])
+    # a unit and whether it was activated, per entry (the same pair may sit at several ids)
+    entry = data.units.ravel()[ids] * 2 + data.activated.ravel()[ids]
+    varying = [m for m in range(ids.ndim) if not (entry == entry.take([0], axis=m)).all()]
+    if not varying:
+        return None
+    index = ids[tuple(slice(None) if m in varying else 0 for m in range(ids.ndim))]
+    axes = tuple(m - ids.ndim for m in varying)
+    units, activated = data.units.ravel()[index], data.activated.ravel()[index]
+    return Carrier(units, activated, axes[0], len(after), axes if len(axes) > 1 else ())
 
 
 def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -833,36 +905,71 @@ def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     its own axis by the indices' axes; GatherElements keeps the rank, and the unit axis keeps
     its first ``indices.shape[k]`` positions), so per-channel factors commute with it
     (docs/algorithm.md §1). A Gather along the unit axis with constant 1-D indices selects
-    channels, like a Slice."""
+    channels, like a Slice; one scalar index along one of several axes the units are spread over
+    (the q, k or v part of a packed projection split into [..., 3, C]) keeps that part."""
     node = graph.nodes[i]
     found = _data_with_rank(graph, i, carried)
     if isinstance(found, Refusal):
         return found
     data, rank = found
-    k = data.axis + rank
+    positions = [axis + rank for axis in data.axes]
     axis = int(attr(node, "axis", 0)) % rank
     dims = graph.dims(node.input[1])
     out = node.output[0]
     if node.op_type == "GatherElements":
-        if axis == k:
+        k = data.axis + rank
+        if data.spread or axis == k:
             return Refusal(f"feeds {_name(graph, i)}, which gathers along the unit axis")
         if dims is None or len(dims) != rank or dims[k] is None or dims[k] > len(data.units):
             return Refusal(f"shape of '{node.input[1]}' cannot be inferred")
         return Step(outputs=((out, data.take(np.arange(dims[k]))),))
-    if axis != k:
+    if axis not in positions:
         if dims is None:
             return Refusal(f"shape of '{node.input[1]}' cannot be inferred")
         out_rank = rank - 1 + len(dims)
-        moved = data.axis if k > axis else k - out_rank
-        return Step(outputs=((out, Carrier(data.units, data.activated, moved, out_rank)),))
+        moved = tuple((p if p < axis else p - 1 + len(dims)) - out_rank for p in positions)
+        return Step(outputs=((out, data.on_axes(moved, out_rank)),))
     indices = _constant(graph, node.input[1])
-    n = len(data.units)
-    if indices is None or indices.ndim != 1:
+    j = positions.index(axis)
+    n = data.units.shape[j]
+    if indices is None or indices.ndim > 1 or (indices.ndim == 0 and not data.spread):
         return Refusal(f"feeds {_name(graph, i)}, which gathers the unit axis by other indices")
     indices = indices.astype(np.int64)
     if ((indices < -n) | (indices >= n)).any():
         return Refusal(f"feeds {_name(graph, i)} with indices out of range")
-    return Step(outputs=((out, data.take(indices % n)),))
+    units = np.take(data.units, indices % n, axis=j)
+    activated = np.take(data.activated, indices % n, axis=j)
+    if indices.ndim == 1:
+        return Step(outputs=((out, replace(data, units=units, activated=activated)),))
+    rest = tuple(p - rank + (p < axis) for p in positions if p != axis)  # the axis is dropped
+    taken = Carrier(units, activated, rest[0], rank - 1, rest if len(rest) > 1 else ())
+    return Step(outputs=((out, taken),))
+
+
+def _matmul(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """A MatMul that is no rescalable layer (attention's probabilities times its values): it
+    sums over the last axis of its first operand and the second-last of its second, and only
+    pairs up the others, so per-channel factors on any other axis of one operand come out on
+    the same axis (from the end) of the product (docs/algorithm.md §1); the other operand,
+    carrying no unit, keeps its values."""
+    node = graph.nodes[i]
+    if len(carried) != 1:
+        return Refusal(f"feeds {_name(graph, i)} with scaled units on both inputs")
+    slot, data = next(iter(carried.items()))
+    rank = _rank(graph, node.input[slot], data)
+    other = _rank(graph, node.input[1 - slot])
+    if isinstance(rank, Refusal) or isinstance(other, Refusal):
+        return rank if isinstance(rank, Refusal) else other
+    if (-1 if slot == 0 else -2) in data.axes or min(rank, other) < 2:
+        return Refusal(f"feeds {_name(graph, i)}, which is not a rescalable linear layer")
+    dims = graph.dims(node.output[0])
+    sizes = data.units.shape if data.spread else (len(data.units),)
+    if dims is not None and any(
+        dims[axis] not in (None, size) for axis, size in zip(data.axes, sizes, strict=True)
+    ):
+        return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
+    out_rank = max(rank, other)
+    return Step(outputs=((node.output[0], data.on_axes(data.axes, out_rank)),))
 
 
 # ------------------------------------------------------------------ merges and readers
@@ -997,6 +1104,7 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
     "Resize": _resize,
     "Upsample": _resize,
     "Transpose": _transpose,
+    "MatMul": _matmul,
     **dict.fromkeys(("Flatten", "Reshape"), _reshape),
     **dict.fromkeys(("Squeeze", "Unsqueeze"), _squeeze),
     "Concat": _concat,
@@ -1011,6 +1119,16 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
 }
 
 
+SPREAD_RULES = frozenset(
+    (
+        *(_activation, _copy, _cast, _scale_by_constant, _shape_only),
+        *(_transpose, _reshape, _squeeze, _gather, _matmul),
+    )
+)
+"""The rules that take units spread over several axes: they move or pair up entries, or act on
+each entry alone."""
+
+
 def match_passthrough(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Where the units carried by node ``i``'s inputs (by input slot) go, or why they stop."""
     node = graph.nodes[i]
@@ -1018,6 +1136,8 @@ def match_passthrough(graph: GraphIndex, i: int, carried: dict[int, Carrier]) ->
     if op in SUBGRAPH_OPS:
         return Refusal(f"used inside the subgraph of {op} '{name}'")
     rule = PASSTHROUGH_RULES.get(op) if node.domain in STANDARD_DOMAINS else None
+    if rule is not None and rule not in SPREAD_RULES and any(c.spread for c in carried.values()):
+        return Refusal(f"feeds {op} '{name}' with the unit axis spread over several axes")
     if rule is not None:
         return rule(graph, i, carried)
     if op in QUANTIZED:

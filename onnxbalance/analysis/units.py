@@ -44,7 +44,7 @@ from ..unitgraph import FIXED, ClipReplacement, LinearUnits, ModelUnits, Skip, T
 from . import shared
 from .graph import GraphIndex
 from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
-from .passthrough import Bounds, Carrier, Step, match_passthrough
+from .passthrough import Bounds, Carrier, Step, match_passthrough, resolved_reshapes
 from .scopes import NameSequence, body_indexes, merged
 from .shapes import infer_scoped_shapes
 
@@ -104,6 +104,14 @@ def analyse(
         InputError: a BatchNormalization after a layer computes NaN or infinity (:mod:`.ops`).
     """
     shapes = infer_scoped_shapes(model)
+    hints: dict[str, tuple[int | None, ...]] = {}
+    while True:  # each round hints more sizes than the last, so it ends
+        found = resolved_reshapes(GraphIndex(model.graph, shapes[()]))
+        found = {name: dims for name, dims in found.items() if hints.get(name) != dims}
+        if not found:
+            break
+        hints |= found
+        shapes = infer_scoped_shapes(model, hints)
     opset = _opset(model)
     parts = [("", _main_graph(model, shapes[()], rescale_clip, opset, copy_weights))]
     parts += [
@@ -360,7 +368,9 @@ def _name_heads(graph: onnx.GraphProto) -> set[str]:
 def _read(layer: LinearMatch, carrier: Carrier, state: _Units) -> bool:
     """Check the units reaching a layer's data input; True if they become its columns."""
     units = carrier.units
-    if carrier.axis != layer.in_axis:
+    if carrier.spread:
+        state.fix(units, f"activation feeds '{layer.name}' with its units spread over several axes")
+    elif carrier.axis != layer.in_axis:
         state.fix(units, f"activation feeds '{layer.name}', which reads it transposed")
     elif len(units) != layer.n_cols:
         state.fix(units, f"feeds '{layer.name}' {len(units)} channels, not {layer.n_cols}")
