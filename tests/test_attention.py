@@ -255,3 +255,47 @@ def test_matmul_of_two_activations_passes_units_it_does_not_sum_over():
     balanced, report = balance(model, inputs=feed)
     assert report.units_balanced == 5
     assert_equivalent(model, balanced, feed)
+
+
+def _paddle_style_attention() -> onnx.ModelProto:
+    """paddle2onnx's SVTR block in small (opset 12), on conv features of any size:
+    x [n, 4, h, w] -> 1x1 conv (6) -> Relu -> Reshape to [n, 6, h·w] (target: Slice(Shape) and
+    -1, which ONNX's inference at this opset turns into no shape at all, not even a rank) ->
+    Transpose -> packed qkv (6 -> 18) -> Reshape [0, -1, 3, 2, 3] -> Transpose (2, 0, 3, 1, 4)
+    -> q, k, v by Slice + Squeeze of axis 0 -> Softmax(q kᵀ) v -> Transpose -> Reshape
+    [0, -1, 6] -> proj (6 -> 5)."""
+    net = Net("paddle_style_attention", seed=4)
+    x = net.input("x", ["n", 4, "h", "w"])
+    h = net.relu(net.op("Conv", [x, net.rand("conv_W", (6, 4, 1, 1))], "conv"), "act")
+    first = [net.const(f"lead_{k}", np.array([v])) for k, v in enumerate((0, 2, 0))]
+    sizes = net.op("Slice", [net.op("Shape", [h], "shape"), *first], "lead")
+    target = net.op("Concat", [sizes, net.const("rest", np.array([-1]))], "target", axis=0)
+    flat = net.op("Reshape", [h, target], "flatten")
+    qkv = net.matmul(net.op("Transpose", [flat], "tokens", perm=[0, 2, 1]), 6, 18, "qkv")
+    qkv = net.op("Reshape", [qkv, net.const("heads", np.array([0, -1, 3, 2, 3]))], "split")
+    qkv = net.op("Transpose", [qkv], "parts", perm=[2, 0, 3, 1, 4])
+    axis0 = net.const("axis0", np.array([0]))
+    parts = []
+    for p in range(3):
+        bounds = [net.const(f"s{p}", np.array([p])), net.const(f"e{p}", np.array([p + 1])), axis0]
+        part = net.op("Slice", [qkv, *bounds], f"slice{p}")
+        parts.append(net.op("Squeeze", [part], f"part{p}", axes=[0]))
+    q, k, v = parts
+    scores = net.op("MatMul", [q, net.op("Transpose", [k], "kt", perm=[0, 1, 3, 2])], "scores")
+    y = net.op("MatMul", [net.op("Softmax", [scores], "probabilities", axis=-1), v], "mix")
+    y = net.op("Transpose", [y], "back", perm=[0, 2, 1, 3])
+    y = net.op("Reshape", [y, net.const("join", np.array([0, -1, 6]))], "join")
+    net.output(net.matmul(y, 6, 5, "proj"))
+    return net.build(opset=12)
+
+
+def test_paddle_style_attention_on_features_of_any_size():
+    model = _paddle_style_attention()
+    feed = {"x": np.random.default_rng(5).normal(size=(2, 4, 3, 5)).astype(np.float32)}
+    balanced, report = balance(model, inputs=feed)
+    # the conv's 6 channels reach qkv through the flatten; qkv's 6 v rows reach proj
+    assert report.units_balanced == 6 + 6
+    assert report.verify is not None and report.verify.passed
+    assert_equivalent(model, balanced, feed)
+    feed = {"x": np.random.default_rng(6).normal(size=(1, 4, 2, 7)).astype(np.float32)}
+    assert_equivalent(model, balanced, feed)

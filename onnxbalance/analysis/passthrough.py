@@ -102,6 +102,13 @@ class Carrier:
         """The same units on other axes (as many as it has now) of a tensor of ``rank``."""
         return replace(self, axis=axes[0], spread=axes if self.spread else (), rank=rank)
 
+    @classmethod
+    def over(
+        cls, units: np.ndarray, activated: np.ndarray, axes: tuple[int, ...], rank: int | None
+    ) -> Carrier:
+        """Units with one dimension per axis in ``axes``: spread if there are several."""
+        return cls(units, activated, axes[0], rank, axes if len(axes) > 1 else ())
+
 
 @dataclass(frozen=True)
 class Step:
@@ -647,22 +654,70 @@ def _computed_dims(
 def resolved_reshapes(graph: GraphIndex) -> dict[str, tuple[int | None, ...]]:
     """Output shapes that shape inference left unknown, or knows less of, for Reshapes whose
     computed targets :func:`_computed_dims` reads (its ``Mod`` of an unflatten is beyond ONNX's
-    data propagation): given back to it as hints, they let it infer the shapes after them."""
+    data propagation), or whose targets at least give the rank and some sizes (paddle2onnx casts
+    a Shape to int32 and back, which loses even the rank): given back to it as hints, they let
+    it infer the shapes after them."""
     found = {}
     for i, node in enumerate(graph.nodes):
         if node.op_type != "Reshape" or node.domain not in STANDARD_DOMAINS:
             continue
         before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
-        if before is None or (after is not None and None not in after):
+        if after is not None and None not in after:
             continue
-        resolved = _computed_dims(graph, i, before)
-        if resolved is None:
+        resolved = None if before is None else _computed_dims(graph, i, before)
+        dims = resolved[0] if resolved is not None else _target_sizes(graph, i, before)
+        if dims is None:
             continue
-        dims = resolved[0]
         known = sum(d is not None for d in dims)
         if after is None or (len(after) == len(dims) and known > len(after) - after.count(None)):
             found[node.output[0]] = dims
     return found
+
+
+def _target_sizes(
+    graph: GraphIndex, i: int, before: tuple[int | None, ...] | None
+) -> tuple[int | None, ...] | None:
+    """A Reshape's output rank and those of its sizes its target tells alone (None for the
+    others), whatever the sizes it reads at run time."""
+    node = graph.nodes[i]
+    entries = _shape_value(graph, node.input[1])
+    if entries is None:
+        return None
+    sizes: list[int | None] = []
+    for position, entry in enumerate(entries):
+        if entry == 0 and not int(attr(node, "allowzero", 0)):  # the input's size there
+            entry = before[position] if before is not None and position < len(before) else None
+        sizes.append(entry if isinstance(entry, int) and entry > 0 else None)
+    return tuple(sizes)
+
+
+def _leading(
+    graph: GraphIndex, i: int, data: Carrier, before: tuple[int | None, ...]
+) -> Step | None:
+    """A Reshape whose target repeats the input's sizes up to the units' last axis (paddle2onnx
+    flattens conv features of any size to [N, C, H·W] with a target computed from the input's
+    Shape; an attention head split [0, -1, 3, heads, C/heads] keeps the batch): equal leading
+    sizes hold the same entries, so the units keep their axes (from the start) whatever the
+    sizes after them."""
+    node = graph.nodes[i]
+    if node.op_type != "Reshape" or int(attr(node, "allowzero", 0)):
+        return None
+    entries = _shape_value(graph, node.input[1])
+    last = max(data.axes) + len(before)
+    if entries is None or len(entries) <= last:
+        return None
+    for position, entry in enumerate(entries[: last + 1]):
+        if isinstance(entry, tuple):
+            tensor, axis = entry
+            if tensor != node.input[0]:
+                axis = _named_axis(graph, node.input[0], len(before), graph.symbol(tensor, axis))
+            if axis is None or axis % len(before) != position:
+                return None
+        elif entry != 0 and (entry != before[position] or entry is None):
+            return None
+    rank = len(entries)
+    moved = data.on_axes(tuple(axis + len(before) - rank for axis in data.axes), rank)
+    return Step(outputs=((node.output[0], moved),))
 
 
 def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -681,17 +736,22 @@ def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
     if len({a % max(rank, out_rank) for a in axes}) != len(axes) or not 0 <= min(units):
         return _reshape(graph, i, carried)  # repeated axes: an invalid node, judged by shapes
+    unit_values, activated = data.units, data.activated
     if node.op_type == "Squeeze":
         removed = {a % rank for a in axes}
-        if removed & set(units):
+        # of units spread over several axes, one of size 1 may go (the q, k or v part sliced
+        # off a packed projection); the one axis of a single channel may not: none is left
+        gone = tuple(j for j, unit in enumerate(units) if unit in removed)
+        if gone and (len(gone) == len(units) or any(unit_values.shape[j] != 1 for j in gone)):
             return Refusal(f"feeds {_name(graph, i)}, which removes the unit axis")
-        positions = [unit - sum(a < unit for a in removed) for unit in units]
+        unit_values, activated = unit_values.squeeze(gone), activated.squeeze(gone)
+        positions = [unit - sum(a < unit for a in removed) for unit in units if unit not in removed]
     else:
         inserted = {a % out_rank for a in axes}
         kept = [k for k in range(out_rank) if k not in inserted]
         positions = [kept[unit] for unit in units]
-    moved = data.on_axes(tuple(k - out_rank for k in positions), out_rank)
-    return Step(outputs=((node.output[0], moved),))
+    moved = tuple(k - out_rank for k in positions)
+    return Step(outputs=((node.output[0], Carrier.over(unit_values, activated, moved, out_rank)),))
 
 
 def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -717,10 +777,11 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
             return Refusal(f"feeds {_name(graph, i)}, whose target shape is computed at run time")
         return Refusal(f"shape of '{name}' cannot be inferred")
 
-    if unknown:
-        return unseen(node.input[0])
-    if after is None:
-        return unseen(node.output[0])
+    if unknown or after is None:
+        leading = None if before is None else _leading(graph, i, data, before)
+        if leading is not None:
+            return leading
+        return unseen(node.input[0] if unknown else node.output[0])
     # unknown leading sizes do not matter when a trailing block of known sizes holds the units
     if not data.spread:
         mapped = reshaped(core_before, data.axis + kept, core_after, len(data.units))
@@ -794,7 +855,7 @@ def relaid(
     index = ids[tuple(slice(None) if m in varying else 0 for m in range(ids.ndim))]
     axes = tuple(m - ids.ndim for m in varying)
     units, activated = data.units.ravel()[index], data.activated.ravel()[index]
-    return Carrier(units, activated, axes[0], len(after), axes if len(axes) > 1 else ())
+    return Carrier.over(units, activated, axes, len(after))
 
 
 def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -879,7 +940,7 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
             given = values[2] if len(values) > 2 else None
             if given is not None:
                 axes = {int(a) if a < 0 else int(a) - rank for a in np.ravel(given)}
-                if data.axis not in axes:
+                if not axes & set(data.axes):
                     return _same(graph, i, data)
             return Refusal(f"feeds Slice '{graph.names[i]}' whose bounds are not constants")
         values += [None] * (4 - len(values))
@@ -891,12 +952,14 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     ends = np.asarray(ends, dtype=np.int64).ravel()
     axes = np.arange(len(starts)) if axes is None else np.asarray(axes, dtype=np.int64).ravel()
     steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
-    index = np.arange(len(data.units))
+    units, activated = data.units, data.activated
     for start, end, ax, step in zip(starts, ends, axes, steps, strict=True):
-        if (ax if ax < 0 else ax - rank) == data.axis:
+        if (ax if ax < 0 else ax - rank) in data.axes:
+            j = data.axes.index(ax if ax < 0 else ax - rank)
             # ONNX clamps like Python slicing; INT64 bounds stay valid Python ints
-            index = index[slice(int(start), int(end), int(step))]
-    return Step(outputs=((node.output[0], data.take(index)),))
+            index = np.arange(units.shape[j])[slice(int(start), int(end), int(step))]
+            units, activated = units.take(index, axis=j), activated.take(index, axis=j)
+    return Step(outputs=((node.output[0], replace(data, units=units, activated=activated)),))
 
 
 def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -942,8 +1005,7 @@ def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if indices.ndim == 1:
         return Step(outputs=((out, replace(data, units=units, activated=activated)),))
     rest = tuple(p - rank + (p < axis) for p in positions if p != axis)  # the axis is dropped
-    taken = Carrier(units, activated, rest[0], rank - 1, rest if len(rest) > 1 else ())
-    return Step(outputs=((out, taken),))
+    return Step(outputs=((out, Carrier.over(units, activated, rest, rank - 1)),))
 
 
 def _matmul(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -1122,7 +1184,7 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
 SPREAD_RULES = frozenset(
     (
         *(_activation, _copy, _cast, _scale_by_constant, _shape_only),
-        *(_transpose, _reshape, _squeeze, _gather, _matmul),
+        *(_transpose, _reshape, _squeeze, _slice, _gather, _matmul),
     )
 )
 """The rules that take units spread over several axes: they move or pair up entries, or act on
