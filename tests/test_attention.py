@@ -144,6 +144,31 @@ def test_split_projection_of_gpt2_attention(dynamo):
     _check_packed(skewed(_GPT2Attention(), seed=3), dynamo)
 
 
+class _TimmAttention(nn.Module):
+    """timm's ViT attention: the packed projection laid out as [3, B, heads, N, C/heads] and
+    taken apart by unbind (a Split, then Squeezes) or by indexing (Gathers)."""
+
+    def __init__(self, unbind: bool) -> None:
+        super().__init__()
+        self.unbind = unbind
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.fc1, self.fc2 = nn.Linear(D, FFN), nn.Linear(FFN, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0) if self.unbind else (qkv[0], qkv[1], qkv[2])
+        y = (q @ k.transpose(-2, -1) * 0.5).softmax(-1) @ v
+        y = self.proj(y.transpose(1, 2).reshape(b, n, c))
+        return self.fc2(torch.relu(self.fc1(y)))
+
+
+@pytest.mark.parametrize("unbind", [True, False], ids=["unbind", "index"])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_packed_projection_of_timm_attention(dynamo, unbind):
+    _check_packed(skewed(_TimmAttention(unbind), seed=4), dynamo)
+
+
 # ---------------------------------------------------------------- layouts, against a simulation
 
 B, T = 2, 3

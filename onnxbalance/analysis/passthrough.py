@@ -894,15 +894,19 @@ def _split(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     axis = int(attr(node, "axis", 0))
     axis = axis - rank if axis >= 0 else axis
     outputs = [out for out in node.output if out]
-    if axis != data.axis:
+    if axis not in data.axes:
         return Step(outputs=tuple((out, data) for out in outputs))
-    sizes = _split_sizes(graph, i, len(data.units))
-    if sizes is None or sum(sizes) != len(data.units):
+    j = data.axes.index(axis)  # a unit axis: timm's unbind of a packed q/k/v splits one
+    n = data.units.shape[j]
+    sizes = _split_sizes(graph, i, n)
+    if sizes is None or sum(sizes) != n:
         return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
     start, pieces = 0, []
     for out, size in zip(node.output, sizes, strict=True):
         if out:
-            pieces.append((out, data.take(np.arange(start, start + size))))
+            index = np.arange(start, start + size)
+            units, activated = data.units.take(index, axis=j), data.activated.take(index, axis=j)
+            pieces.append((out, replace(data, units=units, activated=activated)))
         start += size
     return Step(outputs=tuple(pieces))
 
@@ -1184,7 +1188,7 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
 SPREAD_RULES = frozenset(
     (
         *(_activation, _copy, _cast, _scale_by_constant, _shape_only),
-        *(_transpose, _reshape, _squeeze, _slice, _gather, _matmul),
+        *(_transpose, _reshape, _squeeze, _split, _slice, _gather, _matmul),
     )
 )
 """The rules that take units spread over several axes: they move or pair up entries, or act on
