@@ -13,8 +13,9 @@ do), in a temporary folder that is removed at the end unless ``--keep``. ``--gb 
 model over protobuf's 2 GB limit; ``--dtype float16`` or ``bfloat16`` stores weights, input and
 output in that type. ``--arch decoder`` builds an OPT-style decoder instead (LayerNorm,
 attention with q/k/v/out projections, a ReLU feed-forward block of 4 x ``--width`` units,
-residual Adds; only the feed-forward units balance). Targets (verified run / baseline time,
-peak RSS / weight bytes): float16 and bfloat16 1.5 and 1.3, float32 1.3 and 1.1 (:data:`TARGETS`).
+residual Adds; the feed-forward units and attention's value channels balance). Targets
+(verified run / baseline time, peak RSS / weight bytes): float16 and bfloat16 1.5 and 1.3,
+float32 1.3 and 1.1 (:data:`TARGETS`).
 ``--before DIR`` measures another source tree (a worktree of an earlier commit) in the same
 run, against the same baseline.
 
@@ -143,7 +144,8 @@ def generate_decoder(
     """An OPT-style stack of pre-LayerNorm decoder layers (attention with q/k/v/out
     projections, a ReLU feed-forward block of 4 x hidden units, residual Adds), written as the
     exporters do (MatMul + Add bias, Reshape/Transpose into heads); return (path, bytes).
-    Only the feed-forward units can be balanced: the rest stays fixed, as in real decoders."""
+    The feed-forward units and the value channels (through the heads to the output projection)
+    can be balanced; queries, keys and the residual stream stay fixed, as in real decoders."""
     data = _DataFile(folder, "model.onnx.bin", dtype)
     ffn, head = 4 * hidden, hidden // heads
     layer_bytes = (4 * hidden * hidden + 2 * hidden * ffn) * data.numpy_type.itemsize
@@ -330,7 +332,7 @@ def add_model_options(parser: argparse.ArgumentParser, gb: float, width: int, dt
     parser.add_argument("--width", type=int, default=width, help="MLP width / decoder hidden size")
     parser.add_argument(
         "--arch", choices=("mlp", "decoder"), default="mlp",
-        help="Gemm+Relu MLP (every layer balanced) or OPT-style decoder (feed-forward units)",
+        help="Gemm+Relu MLP (every layer balanced) or OPT-style decoder (FFN and value units)",
     )  # fmt: skip
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=dtype)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: /tmp)")

@@ -985,7 +985,9 @@ def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     out = node.output[0]
     if node.op_type == "GatherElements":
         k = data.axis + rank
-        if data.spread or axis == k:
+        if data.spread:
+            return Refusal(f"feeds {_name(graph, i)} with the unit axis spread over several axes")
+        if axis == k:
             return Refusal(f"feeds {_name(graph, i)}, which gathers along the unit axis")
         if dims is None or len(dims) != rank or dims[k] is None or dims[k] > len(data.units):
             return Refusal(f"shape of '{node.input[1]}' cannot be inferred")
