@@ -185,7 +185,8 @@ class CallEncoder(nn.Module):
 
 
 def randomise(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded weights with per-row magnitudes spread by exp(N(0, 1)); BN stats and affine random."""
+    """Seeded weights with per-row magnitudes spread by exp(N(0, 1)) (Conv, Linear); BN stats,
+    LayerNorm and attention's packed projection random."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
@@ -203,6 +204,11 @@ def randomise(module: nn.Module, seed: int) -> nn.Module:
             elif isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5, generator=gen)
                 m.bias.uniform_(-0.3, 0.3, generator=gen)
+            elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                # the packed q/k/v projection is no Linear: without this, torch's global
+                # generator would set it, and the fixture would differ from process to process
+                m.in_proj_weight.normal_(0.0, 0.3, generator=gen)
+                m.in_proj_bias.uniform_(-0.3, 0.3, generator=gen)
     return module.eval()
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import numpy as np
 import onnx
 
 from .. import tensors
-from .graph import bodies
+from .graph import bodies, constant_value
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def infer_scoped_shapes(
     ``hints``: shapes of main-graph tensors that inference cannot work out alone (a Reshape
     whose target it cannot evaluate), from which it infers the shapes after them."""
     light = tensors.without_weights(model)
+    data_prop = not _asks_for_absurd_sizes(model.graph)
+    if not data_prop and not hints:  # said once, in the first round
+        log.warning("a size of more than 2**40 is asked for: shapes inferred without their values")
     if hints:
         declared = [v for v in light.graph.value_info if v.name not in hints]
         del light.graph.value_info[:]
@@ -64,13 +68,51 @@ def infer_scoped_shapes(
         for name, shape in hints.items():
             light.graph.value_info.append(onnx.helper.make_tensor_value_info(name, 0, shape))
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=data_prop)
     except Exception as error:  # noqa: BLE001 - inference is an aid; its failure is not fatal
         log.warning("shape inference failed (%s); using the shapes the model declares", error)
         inferred = light
     scoped = {(): _declared(inferred.graph, model.graph.initializer)}
     _add_bodies(inferred.graph, (), scoped)
     return scoped
+
+
+_ABSURD_SIZE = 2**40
+"""More entries along one axis than any tensor has. ONNX's data propagation builds the shapes
+that targets ask for, so one flipped bit in a Reshape target (2**57 + 1, from a fuzzed model)
+takes all memory before anything could refuse the model."""
+
+# per op, the inputs that ask for sizes (or, for Range, make as many entries as they say)
+_SIZE_INPUTS = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "ConstantOfShape": (0,),
+    "Tile": (1,),
+    "Range": (0, 1, 2),
+    "Resize": (3,),
+}
+_SMALL = 64  # entries of a constant that can be a size list
+
+
+def _asks_for_absurd_sizes(graph: onnx.GraphProto) -> bool:
+    """Whether a constant given to an input in :data:`_SIZE_INPUTS`, in ``graph`` or its bodies,
+    holds a size beyond :data:`_ABSURD_SIZE`."""
+    constants = {t.name: t for t in graph.initializer}
+    constants.update((n.output[0], v) for n in graph.node if (v := constant_value(n)) is not None)
+    for node in graph.node:
+        for slot in _SIZE_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
+            tensor = constants.get(node.input[slot]) if slot < len(node.input) else None
+            if (
+                tensor is None
+                or tensor.data_type not in (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
+                or tensors.is_external(tensor)
+                or np.prod(tensor.dims) > _SMALL
+            ):
+                continue
+            values = onnx.numpy_helper.to_array(tensor).astype(np.float64)
+            if (np.abs(values) > _ABSURD_SIZE).any():
+                return True
+    return any(_asks_for_absurd_sizes(body) for _, _, _, body in bodies(graph))
 
 
 def _add_bodies(graph: onnx.GraphProto, key: ScopeKey, scoped: dict[ScopeKey, Shapes]) -> None:
