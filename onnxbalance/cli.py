@@ -39,6 +39,8 @@ from .errors import (
 from .plot import MISSING_MATPLOTLIB, image_format, plot_convergence
 from .report import Report, comparison_table, summary_table
 
+log = logging.getLogger(__name__)
+
 PROG = "onnxbalance"
 MAX_INPUT_ELEMENTS = 2**31 - 1
 """Elements of one ``--input-shape``: a random input of more would not fit in memory (8 GB
@@ -242,6 +244,21 @@ class Invocation:
 
 
 def _run(args: Invocation) -> int:
+    """:func:`_run_once`; an interrupt that comes once OUT is in place is too late to stop the
+    run: OUT is complete, so the run succeeded, unless a report or plot it asked for was still
+    to be written (then the interrupt is reported, and that OUT was written)."""
+    try:
+        return _run_once(args)
+    except KeyboardInterrupt as exc:
+        if args.check or args.output is None or not safewrite.was_committed(args.output):
+            raise
+        if args.report is not None or args.plot is not None:
+            return _interrupted(exc, f" (OUT {args.output} was written)")
+        log.warning("interrupted once %s was written: it is complete", args.output)
+        return EXIT_OK
+
+
+def _run_once(args: Invocation) -> int:
     """Check every path before any work, run, write the report/plot, print the summary."""
     if args.quiet and args.verbose:
         raise InputError("--quiet and --verbose exclude each other; choose one")
@@ -560,11 +577,11 @@ def main(argv: list[str] | None = None) -> int:
 _INTERRUPT_REPORTED = False
 
 
-def _interrupted(interrupt: KeyboardInterrupt) -> int:
+def _interrupted(interrupt: KeyboardInterrupt, detail: str = "") -> int:
     """The one line every interrupt gives, once; the exit code 128 + signal."""
     global _INTERRUPT_REPORTED
     _INTERRUPT_REPORTED = True
-    _error("interrupted")
+    _error(f"interrupted{detail}")
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 

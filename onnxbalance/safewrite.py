@@ -67,6 +67,12 @@ onnxruntime can memory-map them on every platform."""
 _CHUNK = 16 * 2**20
 _PAUSE_ENV = "ONNXBALANCE_TEST_PAUSE_BEFORE_COMMIT"
 _STAGING_PREFIX = ".onnxbalance-"
+_COMMITTED: set[Path] = set()  # every output this process has moved into place
+
+
+def was_committed(out: str | os.PathLike) -> bool:
+    """Whether this process has moved a complete output into place at ``out``."""
+    return Path(out).absolute() in _COMMITTED
 
 
 def _in_main_thread() -> bool:
@@ -494,21 +500,30 @@ class Staged:
         try:
             self._wait_synced()
             _pause_for_tests()
+            # an interrupt waits until the renames and the clean-up after them are done: once
+            # the model is renamed the output is complete, and so must be what it replaced
             with signals_deferred():
-                if self.data_path is not None:
-                    os.replace(self.data_path, final_data)
-                os.replace(self.model_path, self.out)
-                self.committed = True
-            _fsync_dir(self.out.parent if str(self.out.parent) else Path("."))
+                try:
+                    if self.data_path is not None:
+                        os.replace(self.data_path, final_data)
+                    os.replace(self.model_path, self.out)
+                    self.committed = True
+                    _COMMITTED.add(self.out.absolute())
+                    _fsync_dir(self.out.parent if str(self.out.parent) else Path("."))
+                finally:
+                    self._discard_uncommitted(final_data)
+                self._remove_replaced(old_data)
         except OSError as exc:
             raise OutputError(f"cannot write '{self.out}': {exc.strerror or exc}") from exc
         finally:
-            if not self.committed and final_data is not None:  # renamed, but not referenced
-                with contextlib.suppress(OSError):
-                    os.unlink(final_data)
-            self.discard()
-        self._remove_replaced(old_data)
+            self._discard_uncommitted(final_data)
         return final_data
+
+    def _discard_uncommitted(self, final_data: Path | None) -> None:
+        if not self.committed and final_data is not None:  # renamed, but not referenced
+            with contextlib.suppress(OSError):
+                os.unlink(final_data)
+        self.discard()
 
     def _remove_replaced(self, old_data: set[Path]) -> None:
         """Remove the replaced model's data files (only names this module gives OUT's data),

@@ -825,3 +825,36 @@ def test_readme_promises_hold_against_hostile_paths_and_options(dirs, case):
         assert code == 2 and out == "" and "Traceback" not in err
         assert err.startswith("onnxbalance: error: ") and err.count("\n") == 1, err
         assert snapshot(out_dir) == previous_out
+
+
+@pytest.mark.parametrize("during", ["renames", "summary"])
+@pytest.mark.parametrize("report", [False, True])
+def test_an_interrupt_once_out_is_written_is_too_late(dirs, monkeypatch, during, report):
+    """A signal that lands while OUT is renamed into place (held until the renames and the
+    clean-up are done) or after it (while the summary is made) cannot unwrite OUT: the run
+    succeeded, silently with --quiet. Only a report still to be written makes it an interrupt,
+    whose one line says OUT was written."""
+    import onnxbalance.cli as cli
+
+    src_dir, out_dir = dirs
+    src = save(mlp(seed=4), src_dir / "m.onnx")
+    out = out_dir / "b.onnx"
+    patched, name = (safewrite, "_fsync_dir") if during == "renames" else (cli, "_finish")
+    original = getattr(patched, name)
+
+    def interrupted_then(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs at the next bytecode: it has, by now
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patched, name, interrupted_then)
+    options = ["--report", str(out_dir / "r.json")] if report else []
+    code, stdout, stderr = run(src, out, "-q", *options)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["b.onnx"]  # no staging folder left
+    onnx.checker.check_model(onnx.load(out))
+    assert stdout == ""
+    if report:
+        assert code == 128 + signal.SIGINT
+        assert stderr == f"onnxbalance: error: interrupted (OUT {out} was written)\n"
+    else:
+        assert (code, stderr) == (0, "")
