@@ -680,6 +680,19 @@ def test_shape_inference_does_not_need_weight_values():
     assert light.ByteSize() < 2000 < model.ByteSize()
 
 
+def test_shape_inference_names_unknown_sizes_unless_the_name_is_a_placeholder():
+    """Sizes named alike are equal (the input's 'batch' stays 'batch' after a Relu); a name an
+    input gives two of its sizes ('?' for every dynamic size) tells nothing and is dropped."""
+    from onnxbalance.analysis.shapes import infer_shapes
+
+    for dims, want in ((["batch", "time", 6], ("batch", "time", None)), (["?", "?", 6], None)):
+        net = om.Net("names")
+        net.output(net.op("Relu", [net.input("x", dims)], "act"))
+        symbols = infer_shapes(net.build()).symbols
+        assert symbols["act_out"] == (want or (None, None, None))
+        assert symbols["x"] == symbols["act_out"]
+
+
 _ABSURD_TARGET = """
 import logging, resource, sys
 import numpy as np

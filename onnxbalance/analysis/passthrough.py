@@ -1,7 +1,8 @@
 """Ops that per-unit factors pass through, one rule per op family, each with the channel map.
 
 A tensor that carries units is described by a :class:`Carrier`: the unit behind each index
-along one axis (``axis``, counted from the end), -1 for entries that carry no unit (scale 1).
+along one axis (``axis``, counted from the end), or along several when attention has split the
+channels into heads, -1 for entries that carry no unit (scale 1).
 A rule gets the carriers of a node's inputs and says where the units land on its outputs
 (:class:`Step`), or refuses with a reason. Every rule is exact for any positive factors a_c on
 channels c because the op commutes with them:
@@ -35,9 +36,13 @@ channels c because the op commutes with them:
   are leave the layout of the others alone; Squeeze and Unsqueeze with known axes only remove
   or insert axes of size 1, so the unit axis stays one whatever the other sizes are; Concat
   along the unit axis offsets the channels, Split, Slice and Gather along it select them;
-  Slice, Gather and GatherElements along other axes copy entries within each channel; a
-  Reshape -> Transpose -> Reshape chain whose channel map is exact (a channel shuffle)
-  permutes the channels;
+  Slice, Gather and GatherElements along other axes copy entries within each channel; any
+  other Reshape (attention's split into heads, heads moved into the batch and back, a channel
+  shuffle's Reshape -> Transpose -> Reshape) is followed entry by entry over a trailing block
+  of known sizes, and the units land on the axes their channel varies along (:func:`relaid`);
+* MatMul of two activations (attention's probabilities times its values) pairs up entries
+  along every axis but the one it sums over: units of one operand on any other axis keep their
+  factors in the product;
 * affine maps with stored constants that are rescaled with the units: Add/Sub of a per-channel
   constant (x + b -> a x + a b; a constant equal for every channel is expanded to one entry
   per channel first), a BatchNormalization that is not right after a layer
@@ -49,8 +54,8 @@ channels c because the op commutes with them:
   whole group.
 
 Everything else stops the units (they keep scale 1): non-homogeneous functions (Sigmoid, Gelu,
-Softmax, LayerNormalization, ...), clips without ``rescale_clip``, ops mixing channels (MatMul of
-two activations, reductions over the unit axis), unknown ops, and shapes that cannot be inferred.
+Softmax, LayerNormalization, ...), clips without ``rescale_clip``, ops mixing channels (a MatMul
+summing over the unit axis, reductions over it), unknown ops, and shapes that cannot be inferred.
 """
 
 from __future__ import annotations
@@ -79,9 +84,9 @@ class Carrier:
 
     Attention splits a layer's channels into heads ([N, T, C] -> [N, T, H, C/H]) and moves the
     head axis ahead of the tokens: its units are then *spread* over several axes, ``spread``
-    (one per dimension of ``units``, in the order the channel index was split, major first;
-    ``axis`` is the first of them). Only ops that move entries without mixing channels take
-    such a carrier (:data:`SPREAD_RULES`); a Reshape joins the axes into one again."""
+    (one per dimension of ``units``, in the same order; ``axis`` is the first of them). Only
+    ops that move entries without mixing channels take such a carrier (:data:`SPREAD_RULES`);
+    a Reshape joins the axes into one again."""
 
     units: np.ndarray
     activated: np.ndarray  # per entry: has it passed a positively homogeneous activation?
@@ -654,9 +659,9 @@ def _computed_dims(
 def resolved_reshapes(graph: GraphIndex) -> dict[str, tuple[int | None, ...]]:
     """Output shapes that shape inference left unknown, or knows less of, for Reshapes whose
     computed targets :func:`_computed_dims` reads (its ``Mod`` of an unflatten is beyond ONNX's
-    data propagation), or whose targets at least give the rank and some sizes (paddle2onnx casts
-    a Shape to int32 and back, which loses even the rank): given back to it as hints, they let
-    it infer the shapes after them."""
+    data propagation), or whose targets at least give the rank and some sizes (paddle2onnx's
+    flatten of conv features to [N, C, -1] leaves ONNX's inference at opset 12 without even the
+    rank): given back to it as hints, they let it infer the shapes after them."""
     found = {}
     for i, node in enumerate(graph.nodes):
         if node.op_type != "Reshape" or node.domain not in STANDARD_DOMAINS:
@@ -713,7 +718,7 @@ def _leading(
                 axis = _named_axis(graph, node.input[0], len(before), graph.symbol(tensor, axis))
             if axis is None or axis % len(before) != position:
                 return None
-        elif entry != 0 and (entry != before[position] or entry is None):
+        elif entry != 0 and entry != before[position]:  # a size known to be the same, or 0
             return None
     rank = len(entries)
     moved = data.on_axes(tuple(axis + len(before) - rank for axis in data.axes), rank)

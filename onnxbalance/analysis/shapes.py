@@ -74,7 +74,21 @@ def infer_scoped_shapes(
         inferred = light
     scoped = {(): _declared(inferred.graph, model.graph.initializer)}
     _add_bodies(inferred.graph, (), scoped)
+    placeholders = _placeholders(model.graph)
+    for shapes in scoped.values():
+        for name, symbols in shapes.symbols.items():
+            shapes.symbols[name] = tuple(None if s in placeholders else s for s in symbols)
     return scoped
+
+
+def _placeholders(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph input gives two of its sizes: a word some exporters write for every
+    dynamic size ('?', 'None'), which says nothing about which sizes are equal."""
+    found = set()
+    for value in graph.input:
+        names = [d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param]
+        found.update(name for name in names if names.count(name) > 1)
+    return found
 
 
 _ABSURD_SIZE = 2**40
