@@ -103,6 +103,11 @@ class Carrier:
         rank = self.rank if rank is None else rank
         return Carrier(self.units[index], self.activated[index], axis, rank)
 
+    def along(self, dim: int, index: np.ndarray) -> Carrier:
+        """The units at ``index`` of their dimension ``dim`` (an axis of the tensor each)."""
+        units, activated = self.units.take(index, axis=dim), self.activated.take(index, axis=dim)
+        return replace(self, units=units, activated=activated)
+
     def on_axes(self, axes: tuple[int, ...], rank: int | None) -> Carrier:
         """The same units on other axes (as many as it has now) of a tensor of ``rank``."""
         return replace(self, axis=axes[0], spread=axes if self.spread else (), rank=rank)
@@ -151,6 +156,10 @@ Rule = Callable[[GraphIndex, int, dict[int, Carrier]], "Step | Refusal"]
 
 def _name(graph: GraphIndex, i: int) -> str:
     return f"{graph.nodes[i].op_type} '{graph.names[i]}'"
+
+
+def _spread_refusal(graph: GraphIndex, i: int) -> Refusal:
+    return Refusal(f"feeds {_name(graph, i)} with the unit axis spread over several axes")
 
 
 def _only_data(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Carrier | Refusal:
@@ -313,7 +322,7 @@ def _scale_by_constant(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -
         return Refusal(f"feeds {_name(graph, i)} whose other input '{other}' is not a constant")
     shape = graph.shape(other) or ()
     if data.spread and any(d != 1 for d in shape):  # attention's scaling of q and k: a scalar
-        return Refusal(f"feeds {_name(graph, i)} with the unit axis spread over several axes")
+        return _spread_refusal(graph, i)
     if len(shape) >= -data.axis and shape[data.axis] not in (1, len(data.units)):
         return Refusal(f"feeds {_name(graph, i)}, whose constant does not broadcast per unit")
     return _same(graph, i, data)
@@ -581,10 +590,19 @@ def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
     return entries(name)
 
 
-def _named_axis(graph: GraphIndex, name: str, rank: int, symbol: str | None) -> int | None:
-    """The one axis of tensor ``name`` whose unknown size shape inference named ``symbol``."""
-    axes = [axis for axis in range(rank) if symbol and graph.symbol(name, axis) == symbol]
-    return axes[0] if len(axes) == 1 else None
+def _repeated_axis(
+    graph: GraphIndex, data: str, before: tuple[int | None, ...], reference: tuple[str, int]
+) -> int | None:
+    """The axis of a Reshape's input ``data`` whose size a target entry (a reference to a
+    tensor's unknown size, :func:`_shape_value`) repeats: a reference to the input itself, or to
+    another tensor's size that shape inference named like one of the input's (attention's
+    view(b, t, heads, -1) of a projection, b and t read off the layer's input); else None."""
+    tensor, axis = reference
+    if tensor == data:
+        return axis % len(before) if -len(before) <= axis < len(before) else None
+    symbol = graph.symbol(tensor, axis)
+    named = [k for k in range(len(before)) if symbol and graph.symbol(data, k) == symbol]
+    return named[0] if len(named) == 1 else None
 
 
 def _computed_dims(
@@ -610,22 +628,11 @@ def _computed_dims(
                 return None
             dims.append(entry)
             continue
-        tensor, axis = entry
-        shape = before if tensor == node.input[0] else graph.dims(tensor)
-        if shape is None or not -len(shape) <= axis < len(shape):
+        axis = _repeated_axis(graph, node.input[0], before, entry)
+        if axis is None:
             return None
-        if tensor != node.input[0] and shape[axis] is None:
-            # another tensor's unknown size (attention's view(b, t, heads, -1) of a projection,
-            # b and t read off the layer's input) is the input's own if inference named it so
-            axis = _named_axis(graph, node.input[0], len(before), graph.symbol(tensor, axis))
-            if axis is None:
-                return None
-            tensor, shape = node.input[0], before
-        if tensor == node.input[0]:
-            repeated[position] = axis % len(shape)
-        elif shape[axis] is None:
-            return None  # another tensor's unknown size
-        dims.append(shape[axis])
+        repeated[position] = axis
+        dims.append(before[axis])
     axes = set(repeated.values())
     left = {axis for axis, size in enumerate(before) if size is None} - axes
     if len(axes) != len(repeated) or dims.count(-1) > 1 or len(left) > (-1 in dims):
@@ -713,10 +720,7 @@ def _leading(
         return None
     for position, entry in enumerate(entries[: last + 1]):
         if isinstance(entry, tuple):
-            tensor, axis = entry
-            if tensor != node.input[0]:
-                axis = _named_axis(graph, node.input[0], len(before), graph.symbol(tensor, axis))
-            if axis is None or axis % len(before) != position:
+            if _repeated_axis(graph, node.input[0], before, entry) != position:
                 return None
         elif entry != 0 and entry != before[position]:  # a size known to be the same, or 0
             return None
@@ -824,7 +828,7 @@ def relaid(
     where it is)."""
     rank = len(before)
     positions = [axis + rank for axis in data.axes]
-    sizes = data.units.shape if data.spread else (len(data.units),)
+    sizes = data.units.shape  # one dimension per unit axis
     if any(before[k] != n for k, n in zip(positions, sizes, strict=True)):
         return None
     starts: dict[int, int] = {}  # size of a trailing block of ``after`` -> its first axis
@@ -840,7 +844,7 @@ def relaid(
     size = int(np.prod(before[start:], dtype=np.int64))
     while size not in starts:
         start -= 1
-        if start < 0 or before[start] is None or size > SIMULATED_ENTRIES:
+        if start < 0 or before[start] is None:
             return None
         size *= before[start]
     if size > SIMULATED_ENTRIES:
@@ -909,9 +913,7 @@ def _split(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     start, pieces = 0, []
     for out, size in zip(node.output, sizes, strict=True):
         if out:
-            index = np.arange(start, start + size)
-            units, activated = data.units.take(index, axis=j), data.activated.take(index, axis=j)
-            pieces.append((out, replace(data, units=units, activated=activated)))
+            pieces.append((out, data.along(j, np.arange(start, start + size))))
         start += size
     return Step(outputs=tuple(pieces))
 
@@ -961,14 +963,14 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     ends = np.asarray(ends, dtype=np.int64).ravel()
     axes = np.arange(len(starts)) if axes is None else np.asarray(axes, dtype=np.int64).ravel()
     steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
-    units, activated = data.units, data.activated
     for start, end, ax, step in zip(starts, ends, axes, steps, strict=True):
-        if (ax if ax < 0 else ax - rank) in data.axes:
-            j = data.axes.index(ax if ax < 0 else ax - rank)
+        ax = ax if ax < 0 else ax - rank
+        if ax in data.axes:
+            j = data.axes.index(ax)
             # ONNX clamps like Python slicing; INT64 bounds stay valid Python ints
-            index = np.arange(units.shape[j])[slice(int(start), int(end), int(step))]
-            units, activated = units.take(index, axis=j), activated.take(index, axis=j)
-    return Step(outputs=((node.output[0], replace(data, units=units, activated=activated)),))
+            index = np.arange(data.units.shape[j])[slice(int(start), int(end), int(step))]
+            data = data.along(j, index)
+    return Step(outputs=((node.output[0], data),))
 
 
 def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -991,7 +993,7 @@ def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if node.op_type == "GatherElements":
         k = data.axis + rank
         if data.spread:
-            return Refusal(f"feeds {_name(graph, i)} with the unit axis spread over several axes")
+            return _spread_refusal(graph, i)
         if axis == k:
             return Refusal(f"feeds {_name(graph, i)}, which gathers along the unit axis")
         if dims is None or len(dims) != rank or dims[k] is None or dims[k] > len(data.units):
@@ -1011,12 +1013,11 @@ def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     indices = indices.astype(np.int64)
     if ((indices < -n) | (indices >= n)).any():
         return Refusal(f"feeds {_name(graph, i)} with indices out of range")
-    units = np.take(data.units, indices % n, axis=j)
-    activated = np.take(data.activated, indices % n, axis=j)
+    taken = data.along(j, indices % n)
     if indices.ndim == 1:
-        return Step(outputs=((out, replace(data, units=units, activated=activated)),))
+        return Step(outputs=((out, taken),))
     rest = tuple(p - rank + (p < axis) for p in positions if p != axis)  # the axis is dropped
-    return Step(outputs=((out, Carrier.over(units, activated, rest, rank - 1)),))
+    return Step(outputs=((out, Carrier.over(taken.units, taken.activated, rest, rank - 1)),))
 
 
 def _matmul(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
@@ -1036,9 +1037,9 @@ def _matmul(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if (-1 if slot == 0 else -2) in data.axes or min(rank, other) < 2:
         return Refusal(f"feeds {_name(graph, i)}, which is not a rescalable linear layer")
     dims = graph.dims(node.output[0])
-    sizes = data.units.shape if data.spread else (len(data.units),)
     if dims is not None and any(
-        dims[axis] not in (None, size) for axis, size in zip(data.axes, sizes, strict=True)
+        dims[axis] not in (None, size)
+        for axis, size in zip(data.axes, data.units.shape, strict=True)
     ):
         return Refusal(f"feeds {_name(graph, i)}, which broadcasts along the unit axis")
     out_rank = max(rank, other)
@@ -1210,7 +1211,7 @@ def match_passthrough(graph: GraphIndex, i: int, carried: dict[int, Carrier]) ->
         return Refusal(f"used inside the subgraph of {op} '{name}'")
     rule = PASSTHROUGH_RULES.get(op) if node.domain in STANDARD_DOMAINS else None
     if rule is not None and rule not in SPREAD_RULES and any(c.spread for c in carried.values()):
-        return Refusal(f"feeds {op} '{name}' with the unit axis spread over several axes")
+        return _spread_refusal(graph, i)
     if rule is not None:
         return rule(graph, i, carried)
     if op in QUANTIZED:
