@@ -106,14 +106,15 @@ def analyse(
     shapes = infer_scoped_shapes(model)
     hints: dict[str, tuple[int | None, ...]] = {}
     while True:  # each round hints more sizes than the last, so it ends
-        found = resolved_reshapes(GraphIndex(model.graph, shapes[()]))
+        index = GraphIndex(model.graph, shapes[()])
+        found = resolved_reshapes(index)
         found = {name: dims for name, dims in found.items() if hints.get(name) != dims}
         if not found:
             break
         hints |= found
         shapes = infer_scoped_shapes(model, hints)
     opset = _opset(model)
-    parts = [("", _main_graph(model, shapes[()], rescale_clip, opset, copy_weights))]
+    parts = [("", _main_graph(model, index, rescale_clip, opset, copy_weights))]
     parts += [
         (f"{path}/", _analyse_graph(body, _Clips(rescale_clip, opset, in_body=True))[0])
         for path, body in body_indexes(model, shapes)
@@ -123,17 +124,17 @@ def analyse(
 
 def _main_graph(
     model: onnx.ModelProto,
-    shapes: dict[str, tuple[int | None, ...]],
+    original: GraphIndex,
     rescale_clip: bool,
     opset: int,
     copy_weights: bool,
 ) -> ModelUnits:
-    """:func:`analyse` for the main graph, with the private copies it needs."""
-    original = GraphIndex(model.graph, shapes)
+    """:func:`analyse` for the main graph (``original`` its index, without copies), with the
+    private copies it needs."""
     refused: frozenset[str] = frozenset()
     while True:  # each round refuses more weights, so it ends
         copies = shared.plan(original, refused)
-        graph = GraphIndex(model.graph, shapes, copies)
+        graph = GraphIndex(model.graph, original.shapes, copies)
         units, weights = _analyse_graph(graph, _Clips(rescale_clip, opset))
         units, conflicts = shared.settle(original, units, weights, copies, copy_weights)
         if not conflicts:
