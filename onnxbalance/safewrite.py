@@ -500,30 +500,25 @@ class Staged:
         try:
             self._wait_synced()
             _pause_for_tests()
-            # an interrupt waits until the renames and the clean-up after them are done: once
-            # the model is renamed the output is complete, and so must be what it replaced
+            # an interrupt waits until the renames and the removal of what they replaced are
+            # done: once the model is renamed the output is complete (discard, below, holds
+            # signals itself)
             with signals_deferred():
-                try:
-                    if self.data_path is not None:
-                        os.replace(self.data_path, final_data)
-                    os.replace(self.model_path, self.out)
-                    self.committed = True
-                    _COMMITTED.add(self.out.absolute())
-                    _fsync_dir(self.out.parent if str(self.out.parent) else Path("."))
-                finally:
-                    self._discard_uncommitted(final_data)
+                if self.data_path is not None:
+                    os.replace(self.data_path, final_data)
+                os.replace(self.model_path, self.out)
+                self.committed = True
+                _COMMITTED.add(self.out.absolute())
+                _fsync_dir(self.out.parent if str(self.out.parent) else Path("."))
                 self._remove_replaced(old_data)
         except OSError as exc:
             raise OutputError(f"cannot write '{self.out}': {exc.strerror or exc}") from exc
         finally:
-            self._discard_uncommitted(final_data)
+            if not self.committed and final_data is not None:  # renamed, but not referenced
+                with contextlib.suppress(OSError):
+                    os.unlink(final_data)
+            self.discard()
         return final_data
-
-    def _discard_uncommitted(self, final_data: Path | None) -> None:
-        if not self.committed and final_data is not None:  # renamed, but not referenced
-            with contextlib.suppress(OSError):
-                os.unlink(final_data)
-        self.discard()
 
     def _remove_replaced(self, old_data: set[Path]) -> None:
         """Remove the replaced model's data files (only names this module gives OUT's data),
