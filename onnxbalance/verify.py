@@ -4,9 +4,11 @@ The only module that imports onnxruntime (lazily, inside :func:`run_model`).
 
 Inputs (:func:`make_inputs`) are seeded random arrays built from each graph input's declared
 dtype and shape, or the user's arrays. A dynamic leading dimension of an input of rank 2 or
-more is a batch of :data:`BATCH`, every other dynamic dimension a sequence of :data:`SEQUENCE`;
-when no batch dimension was chosen that way, :data:`DRAWS` independent draws are run instead of
-one. Integer inputs that index a Gather on a stored table are drawn from the table's rows.
+more is a batch of :data:`BATCH`, every other dynamic dimension a sequence of the first of
+:data:`SIZES` the input model runs on with some output moving with the weights (see
+:attr:`Comparison.insensitive`); dimensions named alike share their size. When no batch
+dimension was chosen that way, :data:`DRAWS` independent draws are run instead of one. Integer
+inputs that index a Gather on a stored table are drawn from the table's rows.
 
 The tolerance comes from the models themselves: each one runs a second time with every weight
 perturbed by a random relative amount of at most the unit round-off of its dtype (seeded,
@@ -56,8 +58,14 @@ FACTOR = 5.0
 """How many noise floors a correct model may deviate by: correct balanced models were seen
 up to about 2.5 (README, Verification)."""
 
-BATCH, SEQUENCE, DRAWS = 8, 16, 4
-"""Default size of a dynamic batch / of any other dynamic dimension; draws without a batch."""
+BATCH, DRAWS = 8, 4
+"""Default size of a dynamic batch; draws without a batch."""
+
+SIZES = (16, 64, 256, 512)
+"""Sizes tried in turn for the other dynamic dimensions, until the input model runs and its
+outputs move with its weights: a network that halves an image side five times and doubles it
+back needs 32 or more, an audio front end that pads by reflection more samples than its pad,
+silero-vad its window of 512 samples (at 256 its outputs are constants)."""
 
 SMALL_INTEGERS = 4
 """Integer inputs that index no stored table are drawn from [0, SMALL_INTEGERS)."""
@@ -140,7 +148,9 @@ def compare_models(
     Relu outputs are watched on the way (``active_fraction``). bfloat16 models run as float32
     (onnxruntime has no bfloat16 CPU kernels; the conversion is exact, see
     :mod:`onnxbalance.upcast`) with bfloat16's round-off. Outputs that the input model
-    overflows are judged again in a wider type (:func:`_compared_wider`).
+    overflows are judged again in a wider type (:func:`_compared_wider`). Dynamic dimensions
+    the caller leaves open take the first of :data:`SIZES` at which the input model runs and
+    the comparison is not :attr:`~Comparison.insensitive` (else the first it runs at).
 
     Raises:
         InputError: bad ``inputs``/``input_shapes``/``rtol``/``atol``, or onnxruntime refuses
@@ -152,14 +162,62 @@ def compare_models(
     if upcast.uses(first.proto, upcast.BF16) or upcast.uses(second.proto, upcast.BF16):
         first, second = first.in_float32(), second.in_float32()
         as_dtype = "bfloat16"
-    feeds = make_inputs(first.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     rule = _Rule(_compute_dtype(first.proto, as_dtype), rtol, atol)
     perturb = None if rule.fixed else functools.partial(_Perturbation, seed, as_dtype)
     watched, activations = _watching_activations(first)
-    reference, result, noisy = _run_pair(watched, second, feeds, perturb, scratch=scratch)
-    active = _active_fraction([reference.pop(name) for name in activations])
+    folder = Path(scratch) if scratch is not None else None
+    runs = _input_runs(
+        watched, lambda feeds: _run(watched, feeds, "the input model", scratch=folder),
+        inputs=inputs, input_shapes=input_shapes, seed=seed,
+    )  # fmt: skip
+    pair = _Pair(first, second, watched, activations, rule, perturb, folder, seed)
+    insensitive = None
+    for feeds, reference in runs:
+        comparison = _compared(pair, feeds, reference)
+        if not comparison.insensitive:
+            break
+        if insensitive is None:
+            insensitive = comparison
+        log.info("no output moves with the weights at %s", comparison.input_shapes)
+    else:
+        comparison = insensitive
+        log.warning(
+            "verification: no output moved when the weights were perturbed, so the test "
+            "inputs put no weight to the test; give inputs the model uses (--inputs, "
+            "--input-shape)"
+        )
+    log.info(
+        "verification %s: max abs diff %.3g, max rel diff %.3g",
+        "passed" if comparison.passed else "FAILED",
+        comparison.max_abs_diff,
+        comparison.max_rel_diff,
+    )
+    return comparison
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """The two models of :func:`compare_models` and how to compare them."""
+
+    first: _Source
+    second: _Source
+    watched: _Source  # the first, its Relu outputs made graph outputs
+    activations: list[str]
+    rule: _Rule
+    perturb: Callable[[], _Perturbation] | None
+    scratch: Path | None
+    seed: int
+
+
+def _compared(pair: _Pair, feeds: list[dict[str, np.ndarray]], reference) -> Comparison:
+    """Both models compared on ``feeds``, the input model's outputs there being ``reference``
+    (with the activations watched)."""
+    reference, result, noisy = _run_pair(
+        pair.watched, pair.second, feeds, pair.perturb, None, pair.scratch, reference
+    )
+    active = _active_fraction([reference.pop(name) for name in pair.activations])
     outputs = tuple(
-        compare_output(name, reference[name], result[name], noisy.get(name), rule=rule)
+        compare_output(name, reference[name], result[name], noisy.get(name), rule=pair.rule)
         for name in reference
     )
     # NaN or infinite inputs give non-finite outputs without any overflow
@@ -174,28 +232,23 @@ def compare_models(
         for o in outputs
         if finite_inputs
         and not o.passed
-        and (as_dtype or o.dtype) != "float64"  # nothing wider to run it in
+        and (pair.rule.compute or o.dtype) != "float64"  # nothing wider to run it in
         and _overflowed(reference[o.name], result[o.name])
     ]
     if overflowed:
-        again = _compared_wider(first, second, feeds, overflowed, rule, perturb, scratch)
+        again = _compared_wider(
+            pair.first, pair.second, feeds, overflowed, pair.rule, pair.perturb, pair.scratch
+        )
         outputs = tuple(again.get(o.name, o) for o in outputs)
-    comparison = Comparison(
+    return Comparison(
         outputs=tuple(_per_draw(o, len(feeds)) for o in outputs),
-        n_inputs=len(feeds) * _batch(feeds[0]),
-        seed=seed,
+        n_inputs=len(feeds) * _batch(feeds[0], graph_inputs(pair.first.proto)),
+        seed=pair.seed,
         draws=len(feeds),
         input_shapes={name: tuple(value.shape) for name, value in feeds[0].items()},
-        rule="fixed" if rule.fixed else "noise_floor",
+        rule="fixed" if pair.rule.fixed else "noise_floor",
         active_fraction=active,
     )
-    log.info(
-        "verification %s: max abs diff %.3g, max rel diff %.3g",
-        "passed" if comparison.passed else "FAILED",
-        comparison.max_abs_diff,
-        comparison.max_rel_diff,
-    )
-    return comparison
 
 
 def check_runs(
@@ -218,13 +271,17 @@ def check_runs(
     if upcast.uses(source.proto, upcast.BF16):
         source = source.in_float32()
     try:
-        feeds = make_inputs(source.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
+        make_inputs(source.proto, inputs=inputs, input_shapes=input_shapes, seed=seed)
     except InputError as exc:
         if inputs is not None or input_shapes:
             raise
         log.info("the input model is not run: %s", exc)
         return
-    _run(source, feeds[:1], "the input model")
+    runs = _input_runs(
+        source, lambda feeds: _run(source, feeds[:1], "the input model"),
+        inputs=inputs, input_shapes=input_shapes, seed=seed,
+    )  # fmt: skip
+    next(runs)
 
 
 def _watching_activations(source: _Source) -> tuple[_Source, list[str]]:
@@ -454,9 +511,14 @@ def _run(
             return run_all(_Source.of(staged.model_path), feeds, what)
 
 
-def _batch(feed: Mapping[str, np.ndarray]) -> int:
-    """Samples in one draw: the leading dimension the inputs of rank 2 or more share, else 1."""
-    leading = {value.shape[0] for value in feed.values() if value.ndim >= 2}
+def _batch(feed: Mapping[str, np.ndarray], declared: Mapping[str, onnx.ValueInfoProto]) -> int:
+    """Samples in one draw: the leading dimension the inputs of rank 2 or more share whose
+    leading dimension the model does not fix, else 1."""
+    leading = {
+        value.shape[0]
+        for name, value in feed.items()
+        if value.ndim >= 2 and _dims(declared[name])[:1] in ([], [None])
+    }
     return leading.pop() if len(leading) == 1 else 1
 
 
@@ -538,16 +600,19 @@ def _run_pair(
     perturb: Callable[[], _Perturbation] | None,
     convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
     scratch: str | os.PathLike | None = None,
+    reference: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, tuple[Any, Any]]]:
     """Both models' outputs on ``feeds`` (each through ``convert`` first, if given), and per
     output the pair of outputs of both models with their weights perturbed (each with the same
     draws, a fresh ``perturb()``; none without it): each model's own round-off, since an
     equivalent model may well be worse conditioned than the original (units scaled up whose
-    contributions then cancel). One onnxruntime session is alive at a time."""
+    contributions then cancel). ``reference``: the first model's outputs, when already run.
+    One onnxruntime session is alive at a time."""
     if convert:
         first, second = first.widened(convert), second.widened(convert)
     folder = Path(scratch) if scratch is not None else None
-    reference = _run(first, feeds, "the input model", scratch=folder)
+    if reference is None:
+        reference = _run(first, feeds, "the input model", scratch=folder)
     result = _run(second, feeds, "the balanced model", scratch=folder)
     if perturb is None:
         return reference, result, {}
@@ -565,13 +630,16 @@ def make_inputs(
     inputs: Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
+    size: int = SIZES[0],
 ) -> list[dict[str, np.ndarray]]:
     """The feeds to run: the user's ``inputs`` if given, else seeded random draws.
 
     Dynamic dimensions: :data:`BATCH` for the leading one of an input of rank 2 or more,
-    :data:`SEQUENCE` for the others (``input_shapes`` overrides both). One draw when a batch
-    was chosen so, else :data:`DRAWS`. Random floats are standard normal, integers uniform in
-    the rows of the stored table they index through a Gather (:func:`index_bounds`), else in
+    ``size`` for the others; dimensions of the same name (ONNX's ``dim_param``) take one size,
+    a given one if ``input_shapes`` fixes it somewhere, else :data:`BATCH` if it leads an input
+    of rank 2 or more (``input_shapes`` overrides all of it). One draw when a batch was chosen
+    so, else :data:`DRAWS`. Random floats are standard normal, integers uniform in the rows of
+    the stored table they index through a Gather (:func:`index_bounds`), else in
     [0, SMALL_INTEGERS), booleans fair coin flips.
 
     Raises:
@@ -588,12 +656,12 @@ def make_inputs(
         )
     if inputs is not None:
         return [_check_fed(declared, inputs)]
-    typed = {
-        name: _dtype_and_shape(name, value, input_shapes.get(name))
-        for name, value in declared.items()
-    }
+    typed = _input_types(declared, input_shapes, size)
     batched = any(
-        name not in input_shapes and _dims(value)[:1] == [None] and len(_dims(value)) >= 2
+        name not in input_shapes
+        and _dims(value)[:1] == [None]
+        and len(_dims(value)) >= 2
+        and typed[name][1][0] == BATCH
         for name, value in declared.items()
     )
     bounds = index_bounds(model)
@@ -616,6 +684,86 @@ def make_inputs(
                 )
         feeds.append(feed)
     return feeds
+
+
+def _input_runs(
+    source: _Source,
+    run: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]],
+    *,
+    inputs: Mapping[str, np.ndarray] | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    seed: int,
+) -> Iterator[tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+    """The feeds of each size of :func:`sizes_to_try` that the input model runs on (``run``),
+    with its outputs there, smallest first.
+
+    Raises:
+        InputError: the feeds cannot be made, or onnxruntime cannot load the model or run it
+            at any of the sizes (the last one's message).
+    """
+    sizes = sizes_to_try(source.proto, inputs=inputs, input_shapes=input_shapes)
+    ran = False
+    for size in sizes:
+        feeds = make_inputs(
+            source.proto, inputs=inputs, input_shapes=input_shapes, seed=seed, size=size
+        )
+        try:
+            outputs = run(feeds)
+        except _RunFailed as exc:
+            if len(sizes) == 1:
+                raise
+            failure = exc
+            log.info("the input model does not run at dynamic size %d: %s", size, exc.message)
+            continue
+        ran = True
+        yield feeds, outputs
+    if not ran:
+        tried = ", ".join(map(str, sizes[:-1])) + f" or {sizes[-1]}"
+        raise InputError(
+            f"onnxruntime cannot run {failure.what} on test inputs whose dynamic dimensions are "
+            f"{tried} (give sizes it runs on with --input-shape): {failure.message}"
+        )
+
+
+def sizes_to_try(
+    model: onnx.ModelProto,
+    *,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[int, ...]:
+    """The ``size`` values of :func:`make_inputs` worth trying in turn: all of :data:`SIZES`
+    when it chooses some dimension by ``size``, else the first alone."""
+    if inputs is not None:
+        return SIZES[:1]
+    declared = graph_inputs(model)
+    shapes = dict(input_shapes or {})
+    try:
+        sized = _input_types(declared, shapes, SIZES[0]) != _input_types(declared, shapes, 1)
+    except InputError:  # make_inputs says what is wrong
+        return SIZES[:1]
+    return SIZES if sized else SIZES[:1]
+
+
+def _input_types(
+    declared: Mapping[str, onnx.ValueInfoProto],
+    input_shapes: Mapping[str, Sequence[int]],
+    size: int,
+) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each input's dtype and the shape to feed it in (see :func:`make_inputs`)."""
+    named: dict[str, int] = {}
+    for name, value in declared.items():
+        given = input_shapes.get(name)
+        if given is not None and len(given) == len(_dim_names(value)):
+            pairs = zip(_dim_names(value), given, strict=True)
+            named.update((dim, int(d)) for dim, d in pairs if dim and int(d) > 0)
+    for name, value in declared.items():
+        leading = _dim_names(value)[:1]
+        if name not in input_shapes and len(_dims(value)) >= 2 and leading[0]:
+            named.setdefault(leading[0], BATCH)
+    return {
+        name: _dtype_and_shape(name, value, input_shapes.get(name), named, size)
+        for name, value in declared.items()
+    }
 
 
 def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
@@ -766,18 +914,32 @@ def _run_session(
         session = ort.InferenceSession(
             model, options, providers=["CPUExecutionProvider"], **unfolded
         )
+    except Exception as exc:  # onnxruntime raises its own untyped exception classes
+        raise InputError(f"onnxruntime cannot run {what}: {_first_line(exc)}") from None
+    try:
         names = [o.name for o in session.get_outputs()]
         types = [o.type for o in session.get_outputs()]
         runs = [session.run(names, dict(feed)) for feed in feeds]
-    except Exception as exc:  # onnxruntime raises its own untyped exception classes
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"onnxruntime cannot run {what}: {message}") from None
+    except Exception as exc:
+        raise _RunFailed(what, _first_line(exc)) from None
     finally:
         session = None  # free the session's buffers before the next model is loaded
     return [
         {name: _to_array(value, kind) for name, value, kind in zip(names, row, types, strict=True)}
         for row in runs
     ]
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class _RunFailed(InputError):
+    """onnxruntime loaded a model but could not run it on the feeds."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(f"onnxruntime cannot run {what}: {message}")
+        self.what, self.message = what, message
 
 
 def _ort_value(ort, value: np.ndarray):
@@ -898,7 +1060,11 @@ def _check_fed(
 
 
 def _dtype_and_shape(
-    name: str, value: onnx.ValueInfoProto, override: Sequence[int] | None
+    name: str,
+    value: onnx.ValueInfoProto,
+    override: Sequence[int] | None,
+    named: Mapping[str, int] | None = None,
+    size: int = SIZES[0],
 ) -> tuple[np.dtype, tuple[int, ...]]:
     if not value.type.HasField("tensor_type"):
         raise InputError(f"input {name!r} is not a tensor; give arrays with --inputs FILE.npz")
@@ -926,10 +1092,17 @@ def _dtype_and_shape(
         return dtype, shape
     if declared is None:
         raise InputError(f"input {name!r} has no declared shape; give it with --input-shape")
+    named = named or {}
     return dtype, tuple(
-        d if d else BATCH if i == 0 and len(declared) >= 2 else SEQUENCE
-        for i, d in enumerate(declared)
+        d or named.get(dim) or (BATCH if i == 0 and len(declared) >= 2 else size)
+        for i, (d, dim) in enumerate(zip(declared, _dim_names(value), strict=True))
     )
+
+
+def _dim_names(value: onnx.ValueInfoProto) -> list[str]:
+    """The name of each dynamic dimension ('' where fixed or unnamed)."""
+    return [d.dim_param if dim is None else "" for d, dim in
+            zip(value.type.tensor_type.shape.dim, _dims(value), strict=True)]  # fmt: skip
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
