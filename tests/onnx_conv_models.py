@@ -433,17 +433,18 @@ def residual_clip() -> Fixture:
 
 
 # mul_const: conv 2->3 ReLU (3) -> Mul by a constant [1, 3, 1, 1] -> conv 3->2 ReLU (2) -> Mul
-# by the second graph input (not constant: stops) -> conv 2->2 out. Total 3.
+# by the second graph input (it carries no unit: balancing leaves it as it is) -> conv 2->2 out.
+# Total 5.
 def mul_const() -> Fixture:
     b = Builder("mul_const", 29)
     x = b.input("x", (2, 2, 4, 4))
     gate = b.input("gate", (2, 2, 4, 4))
-    h = b.groups.new(3)
+    h, g = b.groups.new(3), b.groups.new(2)
     y = relu(b, b.conv(x, fixed(2), 3, (3, 3), h, pads=[1, 1, 1, 1]))
     k = b.const("k", b.rng.uniform(-2.0, 2.0, (1, 3, 1, 1)).astype(np.float32))
-    y = relu(b, b.conv(b.op("Mul", [y, k]), h, 2, (1, 1), fixed(2)))
-    b.outputs.append(b.conv(b.op("Mul", [y, gate]), fixed(2), 2, (1, 1), fixed(2)))
-    return b.finish(3, "3 channels through Mul by a constant; the Mul by an input stops")
+    y = relu(b, b.conv(b.op("Mul", [y, k]), h, 2, (1, 1), g))
+    b.outputs.append(b.conv(b.op("Mul", [y, gate]), g, 2, (1, 1), fixed(2)))
+    return b.finish(5, "3 channels through Mul by a constant, 2 through Mul by an input")
 
 
 # sum_merge: conv a 2->3 and conv b 2->3 (1x1), Sum -> ReLU -> conv 3->2 out: Sum ties channel k

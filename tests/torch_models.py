@@ -22,6 +22,8 @@ Conv that has one, plus Cast nodes on ReLU6's Clip bounds:
 * convnet      Conv Relu MaxPool Conv Relu AveragePool Flatten Gemm Relu Gemm
 * basic_identity     Conv Relu Conv Relu Conv Add Relu GlobalAveragePool Flatten Gemm
 * basic_on_input     Conv Relu Conv Add Relu GlobalAveragePool Flatten Gemm
+* se_basic       Conv Relu Conv Relu Conv GlobalAveragePool Conv Relu Conv Sigmoid Mul Add Relu
+                 GlobalAveragePool Flatten Gemm
 * basic_projection   Conv Relu Conv Relu Conv Conv Add Relu GlobalAveragePool Flatten Gemm
 * bottleneck_identity    Conv Relu Conv Relu Conv Relu Conv Add Relu GlobalAveragePool ...
 * bottleneck_projection  Conv Relu Conv Relu Conv Relu Conv Conv Add Relu GlobalAveragePool ...
@@ -113,6 +115,31 @@ class Bottleneck(nn.Module):
     def forward(self, x):
         y = self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
         return torch.relu(y + (x if self.short is None else self.short(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """SENet's gate: GlobalAveragePool, 1x1 Conv-ReLU, 1x1 Conv-Sigmoid, times the input."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        gate = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(gate))))
+
+
+class SEBasicBlock(BasicBlock):
+    """SE-ResNet basic block: the residual branch gated by :class:`SqueezeExcite` before the
+    shortcut is added."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__(channels, channels)
+        self.se = SqueezeExcite(channels, reduced)
+
+    def forward(self, x):
+        return torch.relu(self.se(self.c2(torch.relu(self.c1(x)))) + x)
 
 
 class Head(nn.Module):
@@ -407,6 +434,28 @@ def build_basic_identity():
     return m, (2, 3, 8, 8), specs, g.n, 16, why
 
 
+def build_se_basic():
+    m = randomise(Net(conv_bn(3, 8, 3), SEBasicBlock(8, 2), Head(8, 4)), 11)
+    g = Groups()
+    res, c1, squeezed = g.new(8), g.new(8), g.new(2)
+    se = m.body.se
+    specs = [
+        _conv("stem", m.stem, res, fixed(3)),
+        _conv("block.c1", m.body.c1, c1, res),
+        _conv("block.c2", m.body.c2, res, c1),
+        _conv("se.reduce", se.reduce, squeezed, res),  # its columns undo the pooled scales
+        _conv("se.expand", se.expand, fixed(8), squeezed),  # Sigmoid: fixed
+        _fc("fc", m.head.fc, fixed(4), res),
+    ]
+    why = (
+        "stem 8 ch tied with conv2's 8 through the gate's Mul (its gate carries no unit: the "
+        "reduce conv's columns undo the pooled channels' scales) and the identity Add: 8; "
+        "conv1 8; the gate's reduce conv 2 -> ReLU: 2; its expand conv feeds Sigmoid: fixed. "
+        "Total 18."
+    )
+    return m, (2, 3, 8, 8), specs, g.n, 18, why
+
+
 def build_basic_on_input():
     m = randomise(Net(None, BasicBlock(8, 8), Head(8, 4)), 3)
     g = Groups()
@@ -555,6 +604,7 @@ BUILDERS = {
     "convnet": build_convnet,
     "basic_identity": build_basic_identity,
     "basic_on_input": build_basic_on_input,
+    "se_basic": build_se_basic,
     "basic_projection": build_basic_projection,
     "bottleneck_identity": build_bottleneck_identity,
     "bottleneck_projection": build_bottleneck_projection,

@@ -310,22 +310,28 @@ def _pool(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
     return _same(graph, i, data)
 
 
-def _scale_by_constant(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
-    """Mul by a constant (either side) or Div by a constant: a (y k) = (a y) k."""
+def _scale_by_factor(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """Mul by a factor k (either side) or Div by one: a (y k) = (a y) k. k is a constant, or
+    any tensor that carries no unit: balancing leaves it as it is (a squeeze-and-excitation
+    gate, computed from y by a layer whose columns undo y's scales, is one)."""
     node = graph.nodes[i]
     if len(carried) != 1 or len(node.input) != 2:
         return Refusal(f"feeds {_name(graph, i)} with scaled units on both inputs")
     (slot, data), other = next(iter(carried.items())), node.input[1 - next(iter(carried))]
     if node.op_type == "Div" and slot != 0:
         return Refusal(f"divides in {_name(graph, i)}, which is not homogeneous in the divisor")
-    if not _is_constant(graph, other):
-        return Refusal(f"feeds {_name(graph, i)} whose other input '{other}' is not a constant")
-    shape = graph.shape(other) or ()
+    dims = graph.dims(other)
+    if (dims is None or None in dims) and (data.spread or data.units.size == 1):
+        # it could spread one unit over the unit axis, or entries over the spread axes
+        return Refusal(f"feeds {_name(graph, i)} whose other input '{other}' has no known shape")
+    shape = dims or ()
     if data.spread and any(d != 1 for d in shape):  # attention's scaling of q and k: a scalar
         return _spread_refusal(graph, i)
-    if len(shape) >= -data.axis and shape[data.axis] not in (1, len(data.units)):
-        return Refusal(f"feeds {_name(graph, i)}, whose constant does not broadcast per unit")
-    return _same(graph, i, data)
+    if len(shape) >= -data.axis and shape[data.axis] not in (None, 1, len(data.units)):
+        return Refusal(f"feeds {_name(graph, i)}, whose factor does not broadcast per unit")
+    # the product has the rank of the factor where that is higher
+    rank = None if data.rank is None or dims is None else max(data.rank, len(dims))
+    return _same(graph, i, replace(data, rank=rank))
 
 
 REDUCTIONS = frozenset(
@@ -1172,7 +1178,7 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
         ),
         _pool,
     ),
-    **dict.fromkeys(("Mul", "Div"), _scale_by_constant),
+    **dict.fromkeys(("Mul", "Div"), _scale_by_factor),
     **dict.fromkeys(REDUCTIONS, _reduce),
     "Pad": _pad,
     "Resize": _resize,
@@ -1195,7 +1201,7 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
 
 SPREAD_RULES = frozenset(
     (
-        *(_activation, _copy, _cast, _scale_by_constant, _shape_only),
+        *(_activation, _copy, _cast, _scale_by_factor, _shape_only),
         *(_transpose, _reshape, _squeeze, _split, _slice, _gather, _matmul),
     )
 )
