@@ -363,7 +363,6 @@ STOPPING = {
     "div_by_units": "divides in Div 'mid'",
     "mul_self": "feeds Mul 'mid' with scaled units on both inputs",
     "reshape_split_add": "feeds Add 'mid' with the unit axis spread over several axes",
-    "layernorm": "feeds LayerNormalization 'mid'",
     "reduce_channels": "feeds ReduceMean 'mid'",
     "batchnorm_input_mean": "feeds BatchNormalization 'mid' whose parameters cannot be rescaled",
 }
@@ -375,6 +374,25 @@ def test_ops_that_stop_the_channel_scales(between):
     n_in = analyse(model).layers[1].weight.shape[1]
     layers = {"conv1": (fixed(CH), taps(fixed(2), 9)), "conv2": (fixed(3), fixed(n_in))}
     check_units(model, layers, [("conv1", CH, STOPPING[between])], n_groups=0)
+
+
+LN_STOPS = "LayerNormalization normalises its input across the units"
+
+
+def test_a_layernorm_stops_the_channels_it_normalises_and_makes_units_of_its_own():
+    # conv1 [2, 4, 6, 6] -> LayerNormalization over the width (scale [6]) -> conv2: the
+    # normalisation's units lie on the width, which conv2 reads as positions, not channels
+    model = om.conv_chain("layernorm")
+    layers = {
+        "conv1": (fixed(CH), taps(fixed(2), 9)),
+        "mid": (fixed(6), fixed(1)),
+        "conv2": (fixed(3), fixed(CH)),
+    }
+    skips = [
+        ("conv1", CH, f"activation feeds 'mid': {LN_STOPS}"),
+        ("mid", 6, "activation feeds 'conv2', which reads it transposed"),
+    ]
+    check_units(model, layers, skips, n_groups=0)
 
 
 def test_constants_rescaled_with_the_channels_they_meet():
@@ -594,9 +612,17 @@ def test_gemm_batchnorm():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_transformer_ffn(transposed):
-    layers = {"ff1": (own("ff1", 16), fixed(8)), "ff2": (fixed(8), own("ff1", 16))}
-    units = check_units(om.ffn(transposed=transposed), layers, [], n_groups=16)
-    edit = units.layers[0].edits[0]
+    # ln0's channels are units of their own, but the residual Add ties them to ff2's rows, and
+    # ln1 normalises the sum: all fixed
+    layers = {
+        "ln0": (fixed(8), fixed(1)),
+        "ff1": (own("ff1", 16), fixed(8)),
+        "ff2": (fixed(8), own("ff1", 16)),
+        "ln1": (fixed(8), fixed(1)),
+    }
+    skips = [("ln0", 8, f"activation feeds 'ln1': {LN_STOPS}")]
+    units = check_units(om.ffn(transposed=transposed), layers, skips, n_groups=16)
+    edit = units.layers[1].edits[0]
     # a weight behind Transpose is edited where it is stored, as [out, in]
     want = ("ff1_Wt", 0, 1) if transposed else ("ff1_W", 1, 0)
     assert (edit.tensor, edit.row_axis, edit.col_axis) == want
@@ -617,18 +643,17 @@ def test_transformer_ffn_after_attention_style_heads():
     # v_proj's channels are split into 2 heads of 4, pass a Relu per entry and are joined back
     # in the same order: o_proj reads them as they were
     layers = {
+        "ln0": (fixed(8), fixed(1)),
         "v_proj": (own("v_proj", 8), fixed(8)),
         "o_proj": (fixed(8), own("v_proj", 8)),
         "ff1": (own("ff1", 16), fixed(8)),
         "ff2": (fixed(8), own("ff1", 16)),
+        "ln1": (fixed(8), fixed(1)),
     }
+    tied = "tied by a merge to units of 'ln0', which are fixed"
     skips = [
-        (
-            "o_proj",
-            8,
-            "merged by Add 'attn_res' with 'ln0_out' from LayerNormalization 'ln0', which "
-            "carries no rescalable unit",
-        ),
+        ("ln0", 8, f"activation feeds 'ln1': {LN_STOPS}"),
+        ("o_proj", 8, f"{tied}: activation feeds 'ln1': {LN_STOPS}"),
     ]
     check_units(om.ffn(with_attention_reshape=True), layers, skips, n_groups=24)
 

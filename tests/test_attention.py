@@ -71,8 +71,9 @@ def test_value_channels_pass_attention_for_any_batch_and_length(dynamo):
         model = export(module, example, dynamic_axes={"x": {0: "batch", 1: "length"}})
     feed = _feed(model, (3, 7, D))  # sizes the export never saw
     balanced, report = balance(model, inputs=feed)
-    # v's 16 channels, o's 16 (read by fc1) and fc1's 24; q and k meet in one MatMul
-    assert (report.units_found, report.units_balanced) == (4 * D + FFN, 2 * D + FFN)
+    # the LayerNorm's 16 channels (read by q, k and v alone), v's 16, o's 16 (read by fc1) and
+    # fc1's 24; q and k meet in one MatMul
+    assert (report.units_found, report.units_balanced) == (5 * D + FFN, 3 * D + FFN)
     assert {entry.count for entry in report.units_fixed} == {D}
     assert all("with scaled units on both inputs" in e.reason for e in report.units_fixed)
     assert report.norm_after < report.norm_before * (1 - 1e-3)

@@ -122,13 +122,15 @@ class _Decoder(nn.Module):
 
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_torch_opt_like_decoder_with_zero_biases(dynamo):
-    # every zero bias is stored once by both exporters; per layer, the FFN's 32 hidden units
-    # and the 16 value channels that attention passes to the output projection move (Softmax
-    # stops q and k, LayerNorm and the residual stream from the input stop the rest)
+    # every zero bias is stored once by both exporters, and so is the LayerNorms' gamma (all
+    # ones); per layer, the FFN's 32 hidden units, the 16 value channels that attention passes
+    # to the output projection and the 16 channels of each LayerNorm (read by linear layers
+    # alone) move (Softmax stops q and k, the residual stream from the input the rest)
     model = _torch_export(_Decoder(), torch.zeros(1, 5, 16), dynamo)
     _, report = _balanced(model)
-    assert report.units_balanced == 2 * (32 + 16)
-    assert report.copied_tensors == 0
+    assert report.units_balanced == 2 * (32 + 16 + 16 + 16)
+    # each LayerNorm gets a copy of the shared gamma; the zero betas stay zero, shared
+    assert (report.copied_tensors, report.bytes_added) == (4, 4 * 16 * 4)
 
 
 class _VGG(nn.Module):

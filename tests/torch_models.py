@@ -142,6 +142,31 @@ class SEBasicBlock(BasicBlock):
         return torch.relu(self.se(self.c2(torch.relu(self.c1(x)))) + x)
 
 
+class PreNormFFN(nn.Module):
+    """A pre-LayerNorm transformer FFN with its residual, and a linear head, on [B, T, 16]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(x + self.fc2(torch.relu(self.fc1(self.norm(x)))))
+
+
+class InstanceNormNet(nn.Module):
+    """Conv, InstanceNorm (affine), ReLU, Conv, ReLU, a head: a style-transfer block in small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.conv2, self.head = nn.Conv2d(8, 6, 3, padding=1), Head(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv1(x)))
+        return self.head(torch.relu(self.conv2(h)))
+
+
 class Head(nn.Module):
     """GlobalAveragePool, Flatten, Linear."""
 
@@ -456,6 +481,40 @@ def build_se_basic():
     return m, (2, 3, 8, 8), specs, g.n, 18, why
 
 
+def build_prenorm_ffn():
+    m = randomise(PreNormFFN(), 12)
+    g = Groups()
+    normed, hidden = g.new(16), g.new(32)
+    specs = [
+        Spec("norm", m.norm, None, normed, np.full((16, 1), FIXED)),  # diagonal: scale only
+        _fc("fc1", m.fc1, hidden, normed),
+        _fc("fc2", m.fc2, fixed(16), hidden),  # rows added to the graph input
+        _fc("head", m.head, fixed(4), fixed(16)),
+    ]
+    why = (
+        "the LayerNorm's 16 channels (scale and bias) are read by fc1 alone: 16; fc1 32 -> "
+        "ReLU: 32; fc2's rows are added to the graph input: fixed. Total 48."
+    )
+    return m, (2, 5, 16), specs, g.n, 48, why
+
+
+def build_instance_norm():
+    m = randomise(InstanceNormNet(), 13)
+    g = Groups()
+    normed, c2 = g.new(8), g.new(6)
+    specs = [
+        _conv("conv1", m.conv1, fixed(8), fixed(3)),  # normalised: a factor would be undone
+        Spec("norm", m.norm, None, normed, np.full((8, 1), FIXED)),
+        _conv("conv2", m.conv2, c2, normed),
+        _fc("fc", m.head.fc, fixed(4), c2),
+    ]
+    why = (
+        "conv1's channels feed the InstanceNorm: fixed; its 8 channels (scale and bias) -> "
+        "ReLU: 8; conv2 6 -> ReLU: 6. Total 14."
+    )
+    return m, (2, 3, 8, 8), specs, g.n, 14, why
+
+
 def build_basic_on_input():
     m = randomise(Net(None, BasicBlock(8, 8), Head(8, 4)), 3)
     g = Groups()
@@ -605,6 +664,8 @@ BUILDERS = {
     "basic_identity": build_basic_identity,
     "basic_on_input": build_basic_on_input,
     "se_basic": build_se_basic,
+    "prenorm_ffn": build_prenorm_ffn,
+    "instance_norm": build_instance_norm,
     "basic_projection": build_basic_projection,
     "bottleneck_identity": build_bottleneck_identity,
     "bottleneck_projection": build_bottleneck_projection,

@@ -24,6 +24,11 @@ it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact bec
   of W (in every direction and gate) by a_i undoes a factor a_i carried by x[..., i]. The gates
   pass sigmoid and tanh, so their rows never move and count as no unit; R and b stay as they
   are.
+* LayerNormalization over the last axis and InstanceNormalization end in
+  ``y = scale[o] * x_hat[..., o] + bias[o]``, ``x_hat`` normalised: a diagonal layer whose
+  units are the output channels (scaling scale[o] and bias[o] by a_o scales y's channel o by
+  a_o; the SmoothQuant symmetry of a transformer's LayerNorm and the projections it feeds).
+  Its input units cannot move: a per-channel factor changes the normalisation.
 * BatchNormalization (inference form) right after the layer:
   ``y = gamma (z - mean) / sqrt(var + eps) + beta``. Scaling output channel o by a_o exactly
   means multiplying gamma[o] and beta[o] by a_o while the layer's rows, its bias, mean and var
@@ -96,6 +101,7 @@ QUANTIZED_WEIGHT = {
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 STANDARD_DOMAINS = ("", "ai.onnx")
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+NORMALIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization"})
 LINEAR_OPS = frozenset(
     {"Gemm", "MatMul", "Conv", "ConvTranspose"} | set(QUANTIZED_WEIGHT) | RECURRENT_OPS
 )
@@ -124,8 +130,9 @@ class LinearMatch:
     """A linear layer: ``output[..., o] = sum_i weight[o, i] * data[..., i] + bias[o]``.
 
     ``row_axis``/``col_axis`` say which axis of the stored weight holds output/input units;
-    ``kind`` is "dense" (Gemm, MatMul), "conv", "convT" or "recurrent" (the input weight of an
-    LSTM, GRU or RNN, whose rows never move); ``taps`` the kernel size of a conv.
+    ``kind`` is "dense" (Gemm, MatMul), "conv", "convT", "recurrent" (the input weight of an
+    LSTM, GRU or RNN, whose rows never move) or "scale" (a normalisation's per-channel scale,
+    the diagonal of its weight); ``taps`` the kernel size of a conv.
     ``rows_refusal`` says why the output units cannot move (weight, bias or BN parameters not
     editable); ``cols_refusal`` why the input units cannot (weight not editable).
     """
@@ -159,6 +166,8 @@ class LinearMatch:
             oriented = w.reshape(w.shape[0], -1)
         elif self.kind == "recurrent":  # [directions, gates * hidden, input]
             oriented = w.reshape(-1, w.shape[-1])
+        elif self.kind == "scale":  # the diagonal: one weight per row
+            oriented = w.reshape(-1, 1)
         elif self.kind == "convT":  # [I, O, taps] -> [O, I * taps] (group 1 only)
             oriented = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 0, 2)
             oriented = oriented.reshape(w.shape[1], -1)
@@ -281,6 +290,8 @@ def match_linear(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         match = _match_conv(graph, i)
     elif op in RECURRENT_OPS:
         return _match_recurrent(graph, i)
+    elif op in NORMALIZATIONS:
+        return _match_normalization(graph, i)
     if isinstance(match, LinearMatch):
         rank = graph.rank(match.output)
         if match.kind != "dense" or rank == 2:  # BN normalises axis 1: the units' axis
@@ -420,6 +431,53 @@ def _match_recurrent(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         rows_refusal=f"gates of {node.op_type} '{graph.names[i]}'",
         cols_refusal=_editable(graph, w, "weight"),
         kind="recurrent",
+    )
+
+
+def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:
+    """The per-channel scale and bias of a LayerNormalization over the last axis (a 1-D scale)
+    or of an InstanceNormalization (channels on axis 1); None where they are not stored
+    floating-point vectors: the node is then no layer, and units stop at it as before."""
+    node = graph.nodes[i]
+    if len(node.input) < 2:
+        return None
+    scale = node.input[1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    shape = graph.shape(scale)
+    if (
+        shape is None
+        or len(shape) != 1
+        or scale in graph.sparse
+        or graph.elem_type(scale) not in FLOAT_TYPES
+    ):
+        return None
+    if node.op_type == "LayerNormalization":
+        out_axis = -1
+    else:
+        rank = graph.rank(node.input[0])
+        if rank is None or rank < 2:
+            return None
+        out_axis = 1 - rank
+    n = shape[0]
+    bias_shape, bias_refusal = _bias(graph, bias, n) if bias is not None else ((), None)
+    return LinearMatch(
+        name=graph.names[i],
+        nodes=(i,),
+        data_input=node.input[0],
+        in_axis=out_axis,
+        output=node.output[0],
+        out_axis=out_axis,
+        weight=scale,
+        row_axis=0,
+        col_axis=0,
+        alpha=1.0,
+        n_rows=n,
+        n_cols=n,
+        bias=bias,
+        bias_shape=bias_shape,
+        rows_refusal=_editable(graph, scale, "scale") or bias_refusal,
+        cols_refusal=f"{node.op_type} normalises its input across the units",
+        kind="scale",
     )
 
 

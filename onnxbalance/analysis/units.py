@@ -254,7 +254,7 @@ def _propagate(
                 state.fix(units, layer.rows_refusal)
             else:
                 rank = graph.rank(layer.output)
-                if layer.kind != "dense" or graph.nodes[i].op_type == "Gemm":
+                if layer.kind not in ("dense", "scale") or graph.nodes[i].op_type == "Gemm":
                     rank = 1 - layer.out_axis if layer.kind != "dense" else 2
                 activated = np.zeros(len(units), bool)
                 carry(layer.output, Carrier(units, activated, layer.out_axis, rank))
@@ -369,14 +369,14 @@ def _name_heads(graph: onnx.GraphProto) -> set[str]:
 def _read(layer: LinearMatch, carrier: Carrier, state: _Units) -> bool:
     """Check the units reaching a layer's data input; True if they become its columns."""
     units = carrier.units
-    if carrier.spread:
+    if layer.cols_refusal is not None:
+        state.fix(units, f"activation feeds '{layer.name}': {layer.cols_refusal}")
+    elif carrier.spread:
         state.fix(units, f"activation feeds '{layer.name}' with its units spread over several axes")
     elif carrier.axis != layer.in_axis:
         state.fix(units, f"activation feeds '{layer.name}', which reads it transposed")
     elif len(units) != layer.n_cols:
         state.fix(units, f"feeds '{layer.name}' {len(units)} channels, not {layer.n_cols}")
-    elif layer.cols_refusal is not None:
-        state.fix(units, f"activation feeds '{layer.name}': {layer.cols_refusal}")
     else:
         state.read[units[units >= 0]] = True
         return True
@@ -519,7 +519,9 @@ def _units(
 ) -> LinearUnits:
     """The layer's record: raw column groups for the coupling, and the tensor edits."""
     moves_rows = bool((rows != FIXED).any())
-    if layer.kind in ("dense", "recurrent"):
+    if layer.kind == "scale":  # row o weighs its own normalised channel alone: never a unit
+        raw_cols, tensor_cols = np.full(1, FIXED, dtype=np.int64), cols
+    elif layer.kind in ("dense", "recurrent"):
         raw_cols = tensor_cols = cols
     elif layer.group == 1:
         raw_cols, tensor_cols = np.repeat(cols, layer.taps), cols

@@ -1,0 +1,103 @@
+"""Normalisations as diagonal layers: the per-channel scale and bias of a LayerNormalization over
+the last axis or of an InstanceNormalization make units of the channels they write, while the
+channels they read stay fixed. The architectures themselves (a pre-LayerNorm FFN and an
+InstanceNorm conv net, with their scipy optima) are in test_architectures; here are the
+float16 conversion and what must keep a normalisation from being a layer. Balanced models are
+run in onnxruntime next to the originals, apart from the tool's own check."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from arch_reference import assert_equivalent
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxbalance import balance
+from onnxbalance.analysis import analyse
+from onnxbalance.unitgraph import FIXED
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxconverter_common")
+
+from torch_models import PreNormFFN, export, export_dynamo, randomise  # noqa: E402
+from verify_models import float16  # noqa: E402
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_a_float16_prenorm_ffn_balances_its_layernorm_channels(dynamo):
+    module = randomise(PreNormFFN(), seed=12)
+    example = torch.randn(2, 5, 16)
+    exported = export_dynamo(module, example) if dynamo else export(module, example)
+    model = float16(exported)
+    scales = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert scales, "the conversion keeps float16 weights"
+
+    balanced, report = balance(model)
+
+    # the LayerNorm's 16 channels and fc1's 32 (see torch_models.build_prenorm_ffn)
+    assert report.units_balanced == 48 and report.verify.passed
+    norm = next(n for n in balanced.graph.node if n.op_type == "LayerNormalization")
+    stored = {t.name: numpy_helper.to_array(t) for t in balanced.graph.initializer}
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    gamma = norm.input[1]
+    assert stored[gamma].dtype == np.float16
+    assert not np.array_equal(stored[gamma], before[gamma])  # the scale moved
+    feed = {model.graph.input[0].name: example.numpy()}
+    assert_equivalent(model, balanced, feed, rtol=1e-2)
+
+
+def _normalised(scale_shape: tuple[int, ...], *, scale_is_input: bool = False) -> onnx.ModelProto:
+    """x [2, 3, 4] -> LayerNormalization (scale of ``scale_shape``, axis from its rank) -> MatMul
+    [4, 5] -> Relu -> MatMul [5, 2]."""
+    rng = np.random.default_rng(0)
+    scale = numpy_helper.from_array(rng.uniform(0.5, 2, scale_shape).astype(np.float32), "g")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])]
+    if scale_is_input:
+        inputs.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, list(scale_shape)))
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "LayerNormalization", ["x", "g", "b"], ["n"], name="norm", axis=-len(scale_shape)
+            ),
+            helper.make_node("Reshape", ["n", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "W1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"]),
+            helper.make_node("MatMul", ["a", "W2"], ["y"], name="fc2"),
+        ],
+        "normalised",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            scale,
+            numpy_helper.from_array(rng.normal(size=scale_shape).astype(np.float32), "b"),
+            numpy_helper.from_array(np.array([2, 3, 4], np.int64), "shape"),
+            numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.normal(size=(5, 2)).astype(np.float32), "W2"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layernorm_over_the_last_axis_is_a_diagonal_layer():
+    model = _normalised((4,))
+    units = analyse(model)
+    norm = next(layer for layer in units.layers if layer.name == "norm")
+    assert norm.weight.shape == (4, 1) and (norm.col_groups == FIXED).all()
+    assert (norm.row_groups != FIXED).all() and units.n_groups == 4 + 5
+    assert sorted(e.tensor for e in norm.edits) == ["b", "g"]
+    balanced, report = balance(model)
+    assert report.verify.passed
+    x = np.random.default_rng(1).normal(size=(2, 3, 4)).astype(np.float32)
+    assert_equivalent(model, balanced, {"x": x})
+
+
+def test_a_layernorm_over_several_axes_or_with_a_scale_fed_at_run_time_makes_no_moving_unit():
+    # scale [3, 4]: one weight per entry, not per channel: no layer at all
+    units = analyse(_normalised((3, 4)))
+    assert "norm" not in {layer.name for layer in units.layers}
+    # a scale that is also a graph input can be overridden: its rows stay, saying why
+    units = analyse(_normalised((4,), scale_is_input=True))
+    norm = next(layer for layer in units.layers if layer.name == "norm")
+    assert (norm.row_groups == FIXED).all()
+    assert any(s.node == "norm" and "also a graph input" in s.reason for s in units.skipped)
