@@ -149,6 +149,7 @@ GENERAL_PQ = [
     ("dwsep_relu", True),
     ("fire", True),
     ("transformer", True),
+    ("prenorm_ffn", True),
 ]
 
 

@@ -1,9 +1,12 @@
 """Normalisations as diagonal layers: the per-channel scale and bias of a LayerNormalization over
 the last axis or of an InstanceNormalization make units of the channels they write, while the
-channels they read stay fixed. The architectures themselves (a pre-LayerNorm FFN and an
-InstanceNorm conv net, with their scipy optima) are in test_architectures; here are the
-float16 conversion and what must keep a normalisation from being a layer. Balanced models are
-run in onnxruntime next to the originals, apart from the tool's own check."""
+channels they read stay fixed; so does a Mul by a per-channel constant of channels that carry
+no unit, which is how a LayerNorm written out in primitive ops (opset < 17, tf2onnx, Keras) or
+an RMSNorm ends. The architectures themselves (a pre-LayerNorm FFN and an InstanceNorm conv
+net, with their scipy optima) are in test_architectures; here are the same FFN at opset 14,
+RMSNorm, the float16 conversion and what must keep a normalisation from being a layer.
+Balanced models are run in onnxruntime next to the originals, apart from the tool's own
+check."""
 
 from __future__ import annotations
 
@@ -19,9 +22,55 @@ from onnxbalance.unitgraph import FIXED
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxconverter_common")
+nn = torch.nn
 
-from torch_models import PreNormFFN, export, export_dynamo, randomise  # noqa: E402
+from arch_reference import check_balanced, reference_minimum  # noqa: E402
+from torch_models import PreNormFFN, export, export_dynamo, fixture, randomise  # noqa: E402
 from verify_models import float16  # noqa: E402
+
+
+def test_a_layernorm_written_out_at_opset_14_balances_to_the_same_optimum():
+    fx, _ = fixture("prenorm_ffn", fold=True, opset=14)
+    ops = {n.op_type for n in fx.model.graph.node}
+    assert "LayerNormalization" not in ops and {"ReduceMean", "Div", "Mul"} <= ops
+
+    balanced, report = balance(fx.model)
+
+    weights = [layer.effective for layer in fx.layers]
+    _, best, _ = reference_minimum(fx.layers, weights, fx.n_groups, 2.0, 2.0)
+    check_balanced(fx, balanced, report.units_balanced, best)
+    assert report.verify.passed
+
+
+class RMSNormFFN(nn.Module):
+    """Llama's RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) before a ReLU FFN, a residual and
+    a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(16))
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return self.head(x + self.fc2(torch.relu(self.fc1(normed))))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_an_rmsnorm_scale_is_a_diagonal_layer(dynamo):
+    module = randomise(RMSNormFFN(), seed=14)
+    example = torch.randn(2, 5, 16)
+    model = export_dynamo(module, example) if dynamo else export(module, example)
+
+    balanced, report = balance(model)
+
+    # the 16 normalised channels (read by fc1 alone) and fc1's 32
+    assert report.units_balanced == 16 + 32 and report.verify.passed
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight = next(n for n, v in stored.items() if np.array_equal(v, module.weight.detach()))
+    after = {t.name: numpy_helper.to_array(t) for t in balanced.graph.initializer}
+    assert not np.array_equal(after[weight], stored[weight])  # the scale moved
+    assert_equivalent(model, balanced, {model.graph.input[0].name: example.numpy()})
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])

@@ -682,11 +682,11 @@ CASES = [(name, fold) for name in BUILDERS for fold in (True, False)]
 CASES.remove(("transformer", False))
 
 
-def fixture(name: str, *, fold: bool) -> tuple[Fixture, nn.Module]:
+def fixture(name: str, *, fold: bool, opset: int = OPSET) -> tuple[Fixture, nn.Module]:
     """Build, export and bind one architecture. Returns the fixture and the torch module."""
     module, shape, specs, n_groups, expected, why = BUILDERS[name]()
     example = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
-    model = export(module, example, fold=fold)
+    model = export(module, example, fold=fold, opset=opset)
     layers = tuple(bind(spec, model) for spec in specs)
     return (
         Fixture(

@@ -481,6 +481,61 @@ def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:
     )
 
 
+def _channel_scale(graph: GraphIndex, i: int) -> tuple[int, str, int] | None:
+    """For a Mul of a computed tensor by a stored floating-point constant with one axis of
+    two or more entries (a per-channel scale, either side): the tensor's slot, the constant and
+    that axis; None for any other node."""
+    node = graph.nodes[i]
+    if node.op_type != "Mul" or node.domain not in STANDARD_DOMAINS or len(node.input) != 2:
+        return None
+    for slot in (0, 1):
+        data, scale = node.input[slot], node.input[1 - slot]
+        shape = graph.shape(scale)
+        if (
+            graph.is_constant(data)
+            or shape is None
+            or not graph.is_constant(scale)
+            or scale in graph.sparse
+            or graph.elem_type(scale) not in FLOAT_TYPES
+        ):
+            continue
+        long_axes = [axis for axis, d in enumerate(shape) if d != 1]
+        if len(long_axes) == 1 and shape[long_axes[0]] >= 2:
+            return slot, scale, long_axes[0]
+    return None
+
+
+def is_channel_scale(graph: GraphIndex, i: int) -> bool:
+    return _channel_scale(graph, i) is not None
+
+
+def match_channel_scale(graph: GraphIndex, i: int) -> LinearMatch:
+    """Node ``i`` (one for which :func:`is_channel_scale` holds, reached by no unit) as a
+    diagonal layer: ``y[..., o, ...] = scale[o] * x[..., o, ...]``, its units the channels
+    along the scale's long axis."""
+    slot, scale, axis = _channel_scale(graph, i)
+    node = graph.nodes[i]
+    shape = graph.shape(scale)
+    out_axis = axis - len(shape)
+    return LinearMatch(
+        name=graph.names[i],
+        nodes=(i,),
+        data_input=node.input[slot],
+        in_axis=out_axis,
+        output=node.output[0],
+        out_axis=out_axis,
+        weight=scale,
+        row_axis=axis,
+        col_axis=axis,
+        alpha=1.0,
+        n_rows=shape[axis],
+        n_cols=shape[axis],
+        rows_refusal=_editable(graph, scale, "scale"),
+        cols_refusal="its channels carried no unit when it was taken for a diagonal layer",
+        kind="scale",
+    )
+
+
 def _transposed_constant(graph: GraphIndex, name: str) -> str | None:
     """The stored [out, in] weight behind ``Transpose(W)`` (torch's export without constant
     folding), or None. Rescaling W's rows and columns rescales the transpose's alike."""

@@ -43,7 +43,14 @@ import onnx
 from ..unitgraph import FIXED, ClipReplacement, LinearUnits, ModelUnits, Skip, TensorEdit
 from . import shared
 from .graph import GraphIndex
-from .ops import LINEAR_OPS, LinearMatch, Refusal, match_linear
+from .ops import (
+    LINEAR_OPS,
+    LinearMatch,
+    Refusal,
+    is_channel_scale,
+    match_channel_scale,
+    match_linear,
+)
 from .passthrough import Bounds, Carrier, Step, match_passthrough, resolved_reshapes
 from .scopes import NameSequence, body_indexes, merged
 from .shapes import infer_scoped_shapes
@@ -145,11 +152,28 @@ def _main_graph(
 
 def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[str]]:
     """:func:`analyse` for one graph (the main graph or a body, :mod:`.scopes`), and each
-    layer's weight tensor."""
+    layer's weight tensor.
+
+    A Mul of channels that carry no unit by a per-channel constant is a diagonal layer (a
+    LayerNorm written out in primitive ops ends in one, y = x_hat * gamma + beta): a first
+    pass tells which Muls see no unit."""
+    units, weights, quiet = _analysed(graph, clips.fresh(), frozenset())
+    diagonal = frozenset(i for i in quiet if is_channel_scale(graph, i))
+    if not diagonal:
+        return units, weights
+    units, weights, _ = _analysed(graph, clips, diagonal)
+    return units, weights
+
+
+def _analysed(
+    graph: GraphIndex, clips: _Clips, diagonal: frozenset[int]
+) -> tuple[ModelUnits, list[str], list[int]]:
+    """:func:`_analyse_graph` with the Muls of ``diagonal`` taken as layers, and the nodes
+    that no unit reached."""
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
     for i in graph.topological_order():
-        match = match_linear(graph, i)
+        match = match_channel_scale(graph, i) if i in diagonal else match_linear(graph, i)
         if isinstance(match, Refusal):
             skipped.append(Skip(graph.names[i], match.count, match.reason))
         elif match is not None:
@@ -157,7 +181,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
 
     offsets = np.cumsum([0] + [layer.n_rows for layer in layers])
     state = _Units(int(offsets[-1]))
-    reads, scaled = _propagate(graph, layers, offsets, state, clips)
+    reads, scaled, quiet = _propagate(graph, layers, offsets, state, clips)
 
     groups = _Groups(state, _UnitNames([layer.name for layer in layers], offsets))
 
@@ -208,22 +232,27 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
     for clip, rows in replaced:
         edits += [TensorEdit(name, row_axis=0, row_groups=rows) for name, _ in clip.bound_tensors]
     replacements = tuple(clip for clip, _ in replaced)
-    return ModelUnits(
+    model_units = ModelUnits(
         tuple(units), groups.names, tuple(skipped), tuple(edits), replacements, len(clips.behind)
-    ), weights
+    )
+    return model_units, weights, quiet
 
 
 def _propagate(
     graph: GraphIndex, layers: list[LinearMatch], offsets: np.ndarray, state: _Units, clips: _Clips
-) -> tuple[dict[int, np.ndarray], list[tuple[str, int, np.ndarray, tuple[int, ...] | None]]]:
+) -> tuple[
+    dict[int, np.ndarray], list[tuple[str, int, np.ndarray, tuple[int, ...] | None]], list[int]
+]:
     """One pass over the nodes: carry units forward, record ties and reasons. Returns, per
-    layer index, the units its data input carries (the layer's column units), and the stored
-    constants that scale with units (tensor, axis, units)."""
+    layer index, the units its data input carries (the layer's column units), the stored
+    constants that scale with units (tensor, axis, units), and the nodes (not layers) that no
+    unit reaches."""
     first = {layer.nodes[0]: k for k, layer in enumerate(layers)}
     absorbed = {j for layer in layers for j in layer.nodes[1:]}
     carriers: dict[str, Carrier] = {}
     reads: dict[int, np.ndarray] = {}
     scaled: list[tuple[str, int, np.ndarray, tuple[int, ...] | None]] = []
+    quiet: list[int] = []
 
     def carry(name: str, carrier: Carrier) -> None:
         carriers[name] = carrier
@@ -260,6 +289,7 @@ def _propagate(
                 carry(layer.output, Carrier(units, activated, layer.out_axis, rank))
             continue
         if not carried:
+            quiet.append(i)
             continue
         step = match_passthrough(graph, i, carried)
         if isinstance(step, Refusal):
@@ -272,7 +302,7 @@ def _propagate(
         scaled.extend(step.scaled)
         for name, carrier in step.outputs:
             carry(name, carrier)
-    return reads, scaled
+    return reads, scaled, quiet
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -289,6 +319,10 @@ class _Clips:
         self.in_body = in_body
         self.behind: set[int] = set()
         self.found: list[tuple[int, Bounds, Carrier]] = []
+
+    def fresh(self) -> _Clips:
+        """The same settings, nothing found yet (for another pass over the graph)."""
+        return _Clips(self.rescale, self.opset, self.in_body)
 
     def admit(
         self, graph: GraphIndex, i: int, bounds: Bounds, carried: dict[int, Carrier], state: _Units
