@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from networks import Edge, Network, exponents, networks
 
 from onnxbalance.solver import Objective
+from onnxbalance.solver.couplings import collapse_fixed_rows, summarise_graph
 from onnxbalance.solver.objective import Bins
 from onnxbalance.unitgraph import FIXED
 
@@ -83,3 +84,40 @@ def test_bins_sum_like_bincount(index, ordered, seed):
     np.testing.assert_allclose(Bins(index, 10)(values), expected, rtol=1e-12, atol=1e-12)
     order = np.argsort(index, kind="stable")
     np.testing.assert_allclose(Bins(index, 10, order)(values), expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    net=networks(dag=True, zeros=True, ties=True),
+    p=exponents,
+    spread=st.sampled_from([0.1, 3.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_layers_whose_rows_stay_collapse_to_their_column_sums_when_q_is_p(net, p, spread, seed):
+    graph = net.unit_graph(p)
+    couplings = summarise_graph(graph)
+    small, collapsed = collapse_fixed_rows(graph, couplings)
+    for before, after in zip(graph.layers, small.layers, strict=True):
+        stays = before.row_groups.size > 1 and (before.row_groups == FIXED).all()
+        assert np.shape(after.coupling)[0] == (1 if stays else np.shape(before.coupling)[0])
+    u = np.random.default_rng(seed).normal(scale=spread, size=net.n_groups)
+    full = Objective(graph, p, p, couplings).loads(u)
+    reduced = Objective(small, p, p, collapsed).loads(u)
+    assert reduced.value == pytest.approx(full.value, rel=1e-12)
+    np.testing.assert_allclose(reduced.incoming, full.incoming, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(reduced.outgoing, full.outgoing, rtol=1e-10, atol=1e-300)
+
+
+def test_collapsing_rows_is_for_q_equal_p_only():
+    from networks import make_network
+
+    graph = make_network((3, 5, 4, 2), seed=7).unit_graph(2.0)  # the output layer's 2 rows stay
+    couplings = summarise_graph(graph)
+    small, collapsed = collapse_fixed_rows(graph, couplings)
+    assert [np.shape(layer.coupling)[0] for layer in small.layers] == [5, 4, 1]
+    u = np.random.default_rng(0).normal(size=graph.n_groups)
+    same = Objective(small, 2.0, 2.0, collapsed).value(u)
+    assert same == pytest.approx(Objective(graph, 2.0, 2.0, couplings).value(u), rel=1e-12)
+    # with q != p each row's sum enters through a power: the collapsed graph is another F
+    other = Objective(small, 2.0, 4.0, collapsed).value(u)
+    assert other != pytest.approx(Objective(graph, 2.0, 4.0, couplings).value(u), rel=1e-3)

@@ -458,25 +458,42 @@ def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:
         if rank is None or rank < 2:
             return None
         out_axis = 1 - rank
-    n = shape[0]
+    reason = f"{node.op_type} normalises its input across the units"
+    return _diagonal(graph, i, node.input[0], scale, 0, out_axis, reason, bias)
+
+
+def _diagonal(
+    graph: GraphIndex,
+    i: int,
+    data: str,
+    scale: str,
+    row_axis: int,
+    out_axis: int,
+    cols_refusal: str,
+    bias: str | None = None,
+) -> LinearMatch:
+    """Node ``i`` as a diagonal layer: channel o of its output (axis ``out_axis``) is
+    ``scale[o]`` (along ``row_axis`` of the stored scale) times channel o of ``data``, plus
+    ``bias[o]``; the data's channels never move (``cols_refusal`` says why)."""
+    n = graph.shape(scale)[row_axis]
     bias_shape, bias_refusal = _bias(graph, bias, n) if bias is not None else ((), None)
     return LinearMatch(
         name=graph.names[i],
         nodes=(i,),
-        data_input=node.input[0],
+        data_input=data,
         in_axis=out_axis,
-        output=node.output[0],
+        output=graph.nodes[i].output[0],
         out_axis=out_axis,
         weight=scale,
-        row_axis=0,
-        col_axis=0,
+        row_axis=row_axis,
+        col_axis=row_axis,
         alpha=1.0,
         n_rows=n,
         n_cols=n,
         bias=bias,
         bias_shape=bias_shape,
         rows_refusal=_editable(graph, scale, "scale") or bias_refusal,
-        cols_refusal=f"{node.op_type} normalises its input across the units",
+        cols_refusal=cols_refusal,
         kind="scale",
     )
 
@@ -514,26 +531,9 @@ def match_channel_scale(graph: GraphIndex, i: int) -> LinearMatch:
     diagonal layer: ``y[..., o, ...] = scale[o] * x[..., o, ...]``, its units the channels
     along the scale's long axis."""
     slot, scale, axis = _channel_scale(graph, i)
-    node = graph.nodes[i]
-    shape = graph.shape(scale)
-    out_axis = axis - len(shape)
-    return LinearMatch(
-        name=graph.names[i],
-        nodes=(i,),
-        data_input=node.input[slot],
-        in_axis=out_axis,
-        output=node.output[0],
-        out_axis=out_axis,
-        weight=scale,
-        row_axis=axis,
-        col_axis=axis,
-        alpha=1.0,
-        n_rows=shape[axis],
-        n_cols=shape[axis],
-        rows_refusal=_editable(graph, scale, "scale"),
-        cols_refusal="its channels carried no unit when it was taken for a diagonal layer",
-        kind="scale",
-    )
+    reason = "its channels carried no unit when it was taken for a diagonal layer"
+    out_axis = axis - len(graph.shape(scale))
+    return _diagonal(graph, i, graph.nodes[i].input[slot], scale, axis, out_axis, reason)
 
 
 def _transposed_constant(graph: GraphIndex, name: str) -> str | None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..unitgraph import UnitGraph
-from .couplings import check_power_range, summarise_graph
+from .couplings import check_power_range, collapse_fixed_rows, summarise_graph
 from .liveness import pin_dead_and_cut_off
 from .objective import Objective
 from .result import PinnedGroup, SolveResult
@@ -83,9 +83,11 @@ def solve(
     if max_sweeps < 0:
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
     # checks every matrix (ValueError naming the layer); only Newton steers with float32 copies
-    couplings = summarise_graph(graph, single=method == "newton")
+    couplings = summarise_graph(graph, single=method == "newton", copy_fixed_rows=p != q)
     check_power_range(graph, couplings, p, q)
     live_graph, pinned = pin_dead_and_cut_off(graph, couplings)
+    if p == q:
+        live_graph, couplings = collapse_fixed_rows(live_graph, couplings)
     result = run(
         live_graph,
         float(p),

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..memory import LazySquares, empty_arrays, float64_blocks
-from ..unitgraph import FIXED, UnitGraph
+from ..unitgraph import FIXED, Layer, UnitGraph
 
 SINGLE_FACTORS = 1e15
 """A float32 copy has entries of at most this, and its rows and columns sum to at least the
@@ -227,13 +227,20 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
     return Coupling(matrix, copy, positive, log_range, row_sums, col_sums)
 
 
-def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ...]:
+def summarise_graph(
+    graph: UnitGraph, single: bool = True, copy_fixed_rows: bool = True
+) -> tuple[Coupling, ...]:
     """:func:`summarise` for every layer, after checking the group arrays (the float32 copies
-    are allocated together: :func:`onnxbalance.memory.empty_arrays`)."""
+    are allocated together: :func:`onnxbalance.memory.empty_arrays`). ``copy_fixed_rows``
+    False: no copy for a layer whose rows are all fixed (:func:`collapse_fixed_rows` will
+    reduce it to its column sums)."""
     shapes = [np.shape(layer.coupling) for layer in graph.layers]
     # a layer whose columns are all fixed takes no product, so it needs no copy
     copied = [
-        single and len(shape) == 2 and bool(np.any(np.asarray(layer.col_groups) != FIXED))
+        single
+        and len(shape) == 2
+        and bool(np.any(np.asarray(layer.col_groups) != FIXED))
+        and (copy_fixed_rows or not _rows_fixed(layer))
         for layer, shape in zip(graph.layers, shapes, strict=True)
     ]
     # a matrix stored in float32 is its own copy
@@ -252,6 +259,30 @@ def summarise_graph(graph: UnitGraph, single: bool = True) -> tuple[Coupling, ..
         out.append(coupling)
     _check_ranges(graph)
     return tuple(out)
+
+
+def _rows_fixed(layer: Layer) -> bool:
+    rows = np.asarray(layer.row_groups)
+    return rows.size > 1 and bool((rows == FIXED).all())
+
+
+def collapse_fixed_rows(
+    graph: UnitGraph, couplings: tuple[Coupling, ...]
+) -> tuple[UnitGraph, tuple[Coupling, ...]]:
+    """For q = p, F(u) = sum over rows o and columns i of c[o, i] exp(p u_o - p u_i): a layer
+    whose rows all stay at scale 1 adds sum_i (sum_o c[o, i]) exp(-p u_i), as one row of its
+    column sums would, and so do its loads and curvature. Such layers (a transformer's q, k
+    and output projections, a FFN's second layer: their columns move, their rows feed a
+    residual stream) become that one row, and no solver pass reads their matrices again."""
+    layers, summaries = [], []
+    for layer, coupling in zip(graph.layers, couplings, strict=True):
+        if _rows_fixed(layer):
+            sums = coupling.col_sums.reshape(1, -1)
+            layer = Layer(layer.name, sums, np.full(1, FIXED, np.int64), layer.col_groups)
+            coupling = summarise(layer.name, sums, single=False)
+        layers.append(layer)
+        summaries.append(coupling)
+    return UnitGraph(tuple(layers), graph.group_names), tuple(summaries)
 
 
 def check_power_range(
