@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import index_models as im
 import numpy as np
+import onnx
 import pytest
 from arch_reference import assert_equivalent
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 from onnx_models import IN
 
 from onnxbalance import balance
@@ -280,4 +282,54 @@ def test_computed_reshapes_keep_the_function_for_any_sizes(form, channels, heigh
     x = np.random.default_rng(width).normal(size=(batch, 1, height, width)).astype(np.float32)
     balanced, report = balance(model, inputs={"x": x})
     assert report.units_balanced == channels
+    assert_equivalent(model, balanced, {"x": x})
+
+
+def _pixel_model(op: str, mode: str | None, channels: int) -> onnx.ModelProto:
+    """x [2, 2, 4, 4] -> conv (``channels``) -> Relu -> ``op`` (blocksize 2) -> conv (3)."""
+    rng = np.random.default_rng(5)
+    after = channels // 4 if op == "DepthToSpace" else channels * 4
+    options = {"mode": mode} if mode else {}
+    w1 = rng.normal(size=(channels, 2, 1, 1)) * np.exp(rng.normal(size=(channels, 1, 1, 1)) * 2)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W1"], ["h"], name="conv1"),
+            helper.make_node("Relu", ["h"], ["a"]),
+            helper.make_node(op, ["a"], ["m"], name="move", blocksize=2, **options),
+            helper.make_node("Conv", ["m", "W2"], ["y"], name="conv2"),
+        ],
+        "pixels",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(w1.astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.normal(size=(3, after, 1, 1)).astype(np.float32), "W2"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("op", "mode", "channels", "shared"),
+    [
+        # output channel c of DepthToSpace holds input channels k*2 + c (DCR) or c*4 + k (CRD)
+        ("DepthToSpace", None, 8, [[0, 2, 4, 6], [1, 3, 5, 7]]),
+        ("DepthToSpace", "DCR", 8, [[0, 2, 4, 6], [1, 3, 5, 7]]),
+        ("DepthToSpace", "CRD", 8, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        # SpaceToDepth spreads channel c over output channels k*2 + c: no tie
+        ("SpaceToDepth", None, 2, [[0], [1]]),
+    ],
+)
+def test_pixel_shuffles_tie_or_spread_the_channels(op, mode, channels, shared):
+    model = _pixel_model(op, mode, channels)
+    units = analyse(model)
+    conv1, conv2 = units.layers
+    groups = [sorted(set(conv1.row_groups[block].tolist())) for block in shared]
+    assert all(len(g) == 1 and g[0] != FIXED for g in groups) and len({g[0] for g in groups}) == 2
+    after = conv2.col_groups.reshape(-1)
+    if op == "SpaceToDepth":
+        assert after.tolist() == conv1.row_groups.tolist() * 4
+    x = np.random.default_rng(1).normal(size=(2, 2, 4, 4)).astype(np.float32)
+    balanced, report = balance(model, inputs={"x": x})
+    assert report.units_balanced == 2 and report.verify.passed
     assert_equivalent(model, balanced, {"x": x})

@@ -246,8 +246,12 @@ def _clip(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
 def _min_max(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Max(z, c) and Min(z, c) with a scalar constant c clip z to one bound, so the
     Min(Max(x, 0), 6) that exporters write for ReLU6 is a Relu and a clip to at most 6 (both
-    clips: without ``rescale_clip`` the units stop at the Max, as they always did)."""
+    clips: without ``rescale_clip`` the units stop at the Max, as they always did). Max and Min
+    of inputs that all carry units tie them, channel by channel, as a sum does:
+    max(a y, a z) = a max(y, z) (maxout, LightCNN's max-feature-map)."""
     node = graph.nodes[i]
+    if len(carried) >= 2 and len(carried) == sum(1 for name in node.input if name):
+        return _merge(graph, i, carried)
     if len(node.input) != 2 or len(carried) != 1:
         return Refusal(f"feeds {_name(graph, i)}, which does not clip to a constant")
     slot, data = next(iter(carried.items()))
@@ -900,6 +904,34 @@ def _concat(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     return Step(outputs=((node.output[0], out),))
 
 
+def _depth_to_space(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
+    """DepthToSpace (a pixel shuffle) moves blocks of r*r channels into the r x r pixels of
+    one channel: output channel c holds input channels k*C + c (mode DCR, the default) or
+    c*r*r + k (CRD) for k < r*r, which must then share one factor. SpaceToDepth spreads
+    channel c over the output channels k*C + c."""
+    found = _data_with_rank(graph, i, carried)
+    if isinstance(found, Refusal):
+        return found
+    data, rank = found
+    node = graph.nodes[i]
+    block = int(attr(node, "blocksize", 0)) ** 2
+    n = len(data.units)
+    if rank != 4 or data.axis != -3 or not block or data.spread:
+        return Refusal(f"feeds {_name(graph, i)} with units off the channel axis of [N, C, H, W]")
+    if node.op_type == "SpaceToDepth":
+        return _same(graph, i, data.take(np.tile(np.arange(n), block)))
+    if n % block:
+        return Refusal(f"feeds {_name(graph, i)} {n} channels, not a multiple of {block}")
+    channels = np.arange(n // block)
+    if attr(node, "mode", b"DCR") in ("CRD", b"CRD"):
+        parts = tuple(data.take(channels * block + k) for k in range(block))
+    else:
+        parts = tuple(data.take(k * len(channels) + channels) for k in range(block))
+    activated = np.logical_and.reduce([part.activated for part in parts])
+    out = replace(parts[0], activated=activated)
+    return Step(outputs=((node.output[0], out),), ties=(parts,))
+
+
 def _split(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     node = graph.nodes[i]
     found = _data_with_rank(graph, i, carried)
@@ -1056,7 +1088,8 @@ def _matmul(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
 
 
 def _merge(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
-    """Add, Sum, Sub, Concat along another axis: channel k of each input is one output channel."""
+    """Add, Sum, Sub, Mean, Concat along another axis, Max and Min of units: channel k of each
+    input is one output channel."""
     node = graph.nodes[i]
     first = next(iter(carried.values()))
     for c in carried.values():
@@ -1188,11 +1221,12 @@ PASSTHROUGH_RULES: dict[str, Rule] = {
     **dict.fromkeys(("Flatten", "Reshape"), _reshape),
     **dict.fromkeys(("Squeeze", "Unsqueeze"), _squeeze),
     "Concat": _concat,
+    **dict.fromkeys(("DepthToSpace", "SpaceToDepth"), _depth_to_space),
     "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
     "GatherElements": _gather,
-    **dict.fromkeys(("Add", "Sum", "Sub"), _merge),
+    **dict.fromkeys(("Add", "Sum", "Sub", "Mean"), _merge),
     "Shape": _shape_only,
     "Size": _shape_only,
     "BatchNormalization": _batchnorm,
