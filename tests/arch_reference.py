@@ -183,7 +183,8 @@ def rescale_model(
         for name in targets:
             if name is not None:
                 value = tensors[name]
-                new[name] = (value.astype(np.float64) * out_factor).astype(value.dtype)
+                factor = out_factor.reshape(value.shape) if value.ndim > 1 else out_factor
+                new[name] = (value.astype(np.float64) * factor).astype(value.dtype)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for tensor in out.graph.initializer:

@@ -167,6 +167,20 @@ class InstanceNormNet(nn.Module):
         return self.head(torch.relu(self.conv2(h)))
 
 
+class GroupNormHead(nn.Module):
+    """Conv-GroupNorm-ReLU twice, as FCOS and RetinaNet heads are built, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.conv2, self.norm2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.head = Head(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.norm1(self.conv1(x)))
+        return self.head(torch.relu(self.norm2(self.conv2(h))))
+
+
 class Head(nn.Module):
     """GlobalAveragePool, Flatten, Linear."""
 
@@ -236,9 +250,13 @@ class CallEncoder(nn.Module):
         return self.layer(x, src_mask=None, is_causal=False)
 
 
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
+
+
 def randomise(module: nn.Module, seed: int) -> nn.Module:
     """Seeded weights with per-row magnitudes spread by exp(N(0, 1)) (Conv, Linear); BN stats,
-    LayerNorm and attention's packed projection random."""
+    the scale and bias of LayerNorm, GroupNorm and InstanceNorm and attention's packed
+    projection random."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
@@ -253,7 +271,7 @@ def randomise(module: nn.Module, seed: int) -> nn.Module:
                 m.bias.uniform_(-0.5, 0.5, generator=gen)
                 m.running_mean.uniform_(-0.5, 0.5, generator=gen)
                 m.running_var.uniform_(0.3, 3.0, generator=gen)
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, NORMS) and m.weight is not None:
                 m.weight.uniform_(0.5, 1.5, generator=gen)
                 m.bias.uniform_(-0.3, 0.3, generator=gen)
             elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
@@ -354,6 +372,8 @@ def _find(tensors: dict[str, np.ndarray], value: np.ndarray, what: str) -> tuple
             continue
         if array.shape == value.shape and np.allclose(array, value, rtol=1e-4, atol=1e-6):
             hits.append((name, False))
+        elif value.ndim == 1 and np.allclose(array.reshape(-1), value, rtol=1e-4, atol=1e-6):
+            hits.append((name, False))  # a vector stored as [C, 1, 1] (a GroupNorm's scale)
         elif (
             array.ndim == 2
             and array.T.shape == value.shape
@@ -515,6 +535,25 @@ def build_instance_norm():
     return m, (2, 3, 8, 8), specs, g.n, 14, why
 
 
+def build_group_norm():
+    m = randomise(GroupNormHead(), 15)
+    g = Groups()
+    first, second = g.new(8), g.new(8)
+    specs = [
+        _conv("conv1", m.conv1, fixed(8), fixed(3)),  # normalised: a factor would be undone
+        Spec("norm1", m.norm1, None, first, np.full((8, 1), FIXED)),
+        _conv("conv2", m.conv2, fixed(8), first),
+        Spec("norm2", m.norm2, None, second, np.full((8, 1), FIXED)),
+        _fc("fc", m.head.fc, fixed(4), second),
+    ]
+    why = (
+        "each GroupNorm's per-channel scale and bias (the Mul and Add after the "
+        "InstanceNormalization torch exports it with) -> ReLU: 8 + 8; the convs' channels feed "
+        "the normalisations: fixed. Total 16."
+    )
+    return m, (2, 3, 8, 8), specs, g.n, 16, why
+
+
 def build_basic_on_input():
     m = randomise(Net(None, BasicBlock(8, 8), Head(8, 4)), 3)
     g = Groups()
@@ -666,6 +705,7 @@ BUILDERS = {
     "se_basic": build_se_basic,
     "prenorm_ffn": build_prenorm_ffn,
     "instance_norm": build_instance_norm,
+    "group_norm": build_group_norm,
     "basic_projection": build_basic_projection,
     "bottleneck_identity": build_bottleneck_identity,
     "bottleneck_projection": build_bottleneck_projection,

@@ -455,11 +455,28 @@ def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:
         out_axis = -1
     else:
         rank = graph.rank(node.input[0])
-        if rank is None or rank < 2:
+        if rank is None or rank < 2 or _in_group_norm(graph, i):
             return None
         out_axis = 1 - rank
     reason = f"{node.op_type} normalises its input across the units"
     return _diagonal(graph, i, node.input[0], scale, 0, out_axis, reason, bias)
+
+
+def _in_group_norm(graph: GraphIndex, i: int) -> bool:
+    """Whether InstanceNormalization ``i`` is the middle of a GroupNorm as torch exports it:
+    Reshape to [N, groups, -1], InstanceNormalization (scale 1, bias 0), Reshape back, Mul by
+    the per-channel scale, Add of the bias. The Mul is then the diagonal layer, with a unit
+    per channel, not the normalisation, with one per group."""
+    reshape = _only_reader(graph, graph.nodes[i].output[0])
+    if reshape is None or graph.nodes[reshape].op_type != "Reshape":
+        return False
+    mul = _only_reader(graph, graph.nodes[reshape].output[0])
+    return mul is not None and is_channel_scale(graph, mul)
+
+
+def _only_reader(graph: GraphIndex, name: str) -> int | None:
+    uses = graph.uses(name)
+    return uses[0][0] if len(uses) == 1 else None
 
 
 def _diagonal(

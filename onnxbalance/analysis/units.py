@@ -554,7 +554,7 @@ def _units(
     """The layer's record: raw column groups for the coupling, and the tensor edits."""
     moves_rows = bool((rows != FIXED).any())
     if layer.kind == "scale":  # row o weighs its own normalised channel alone: never a unit
-        raw_cols, tensor_cols = np.full(1, FIXED, dtype=np.int64), cols
+        raw_cols = tensor_cols = np.full(1, FIXED, dtype=np.int64)
     elif layer.kind in ("dense", "recurrent"):
         raw_cols = tensor_cols = cols
     elif layer.group == 1:
@@ -566,7 +566,9 @@ def _units(
         raw_cols = np.repeat(tensor_cols, layer.taps, axis=1)
     edits = []
     own_rows = moves_rows and layer.bn is None  # with BN, gamma and beta carry the rows
-    if own_rows or (cols != FIXED).any():
+    if layer.kind == "scale" and own_rows:  # a diagonal: its columns never move
+        edits.append(TensorEdit(tensor=layer.weight, row_axis=layer.row_axis, row_groups=rows))
+    elif own_rows or (cols != FIXED).any():
         edits.append(
             TensorEdit(
                 tensor=layer.weight,
