@@ -25,8 +25,9 @@ channels c because the op commutes with them:
   their global forms (they act on each channel of an [N, C, ...] tensor separately), mean,
   sum, max, min, L1 and L2 reductions over other axes (all positively homogeneous), Pad (zero
   constant, edge, reflect or wrap; nothing added along the unit axis), Resize/Upsample (each
-  channel interpolated alone; the unit axis keeps its size), Mul/Div by a constant (any values:
-  a (y k) = (a y) k);
+  channel interpolated alone; the unit axis keeps its size), Mul/Div by a constant or by any
+  tensor that carries no unit, which balancing leaves as it is (a (y k) = (a y) k: a
+  squeeze-and-excitation gate);
 * index maps: Transpose follows the axis; Flatten, Reshape, Squeeze, Unsqueeze keep row-major
   order, so when the unit axis and everything after it (inner size s) fold into one output axis
   whose trailing size t divides s, output index x belongs to channel (x t // s) mod C (column
@@ -47,15 +48,17 @@ channels c because the op commutes with them:
   constant (x + b -> a x + a b; a constant equal for every channel is expanded to one entry
   per channel first), a BatchNormalization that is not right after a layer
   (pre-activation, after a Relu): gamma (a x - a mean) / s + a beta = a BN(x);
-* merges: Add, Sum, Sub (and Concat along another axis) join channel k of every input into one
-  output channel, which is exact only if those units share one factor: they are *tied*
-  (docs/algorithm.md §6). An input that carries no unit (a graph input, a constant that cannot be
-  rescaled per channel, the output of a non-homogeneous op) has scale 1, so the tie fixes the
-  whole group.
+* merges: Add, Sum, Sub, Mean (and Concat along another axis), Max and Min of inputs that all
+  carry units join channel k of every input into one output channel, which is exact only if
+  those units share one factor: they are *tied* (docs/algorithm.md §6); so are the r*r channels
+  a DepthToSpace turns into one channel's pixels. An input that carries no unit (a graph input,
+  a constant that cannot be rescaled per channel, the output of a non-homogeneous op) has scale
+  1, so the tie fixes the whole group.
 
 Everything else stops the units (they keep scale 1): non-homogeneous functions (Sigmoid, Gelu,
-Softmax, LayerNormalization, ...), clips without ``rescale_clip``, ops mixing channels (a MatMul
-summing over the unit axis, reductions over it), unknown ops, and shapes that cannot be inferred.
+Softmax, a normalisation's input, ...), clips without ``rescale_clip``, ops mixing channels (a
+MatMul summing over the unit axis, reductions over it), unknown ops, and shapes that cannot be
+inferred.
 """
 
 from __future__ import annotations
