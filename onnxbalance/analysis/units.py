@@ -35,7 +35,7 @@ there; ``units_behind_clips`` counts them either way.
 from __future__ import annotations
 
 import logging
-from typing import overload
+from typing import NamedTuple, overload
 
 import numpy as np
 import onnx
@@ -155,21 +155,32 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
     layer's weight tensor.
 
     A Mul of channels that carry no unit by a per-channel constant is a diagonal layer (a
-    LayerNorm written out in primitive ops ends in one, y = x_hat * gamma + beta): a first
-    pass tells which Muls see no unit."""
-    units, weights, quiet = _analysed(graph, clips.fresh(), frozenset())
-    diagonal = frozenset(i for i in quiet if is_channel_scale(graph, i))
-    if not diagonal:
-        return units, weights
-    units, weights, _ = _analysed(graph, clips, diagonal)
-    return units, weights
+    LayerNorm written out in primitive ops ends in one, y = x_hat * gamma + beta): following
+    the units once tells which Muls see none; they are then followed again with those Muls as
+    layers."""
+    followed = _followed(graph, clips, frozenset())
+    diagonal = frozenset(i for i in followed.quiet if is_channel_scale(graph, i))
+    if diagonal:
+        followed = _followed(graph, clips.fresh(), diagonal)
+    return _assembled(graph, followed)
 
 
-def _analysed(
-    graph: GraphIndex, clips: _Clips, diagonal: frozenset[int]
-) -> tuple[ModelUnits, list[str], list[int]]:
-    """:func:`_analyse_graph` with the Muls of ``diagonal`` taken as layers, and the nodes
-    that no unit reached."""
+class _Followed(NamedTuple):
+    """The layers of one graph and where their units went (:func:`_followed`)."""
+
+    layers: list[LinearMatch]
+    skipped: list[Skip]
+    offsets: np.ndarray
+    state: _Units
+    clips: _Clips
+    reads: dict[int, np.ndarray]
+    scaled: list[tuple[str, int, np.ndarray, tuple[int, ...] | None]]
+    quiet: list[int]  # nodes (not layers) that no unit reached
+
+
+def _followed(graph: GraphIndex, clips: _Clips, diagonal: frozenset[int]) -> _Followed:
+    """The graph's layers, the Muls of ``diagonal`` among them, and their units followed
+    through the graph (:func:`_propagate`)."""
     skipped: list[Skip] = []
     layers: list[LinearMatch] = []
     for i in graph.topological_order():
@@ -178,11 +189,15 @@ def _analysed(
             skipped.append(Skip(graph.names[i], match.count, match.reason))
         elif match is not None:
             layers.append(match)
-
     offsets = np.cumsum([0] + [layer.n_rows for layer in layers])
     state = _Units(int(offsets[-1]))
     reads, scaled, quiet = _propagate(graph, layers, offsets, state, clips)
+    return _Followed(layers, skipped, offsets, state, clips, reads, scaled, quiet)
 
+
+def _assembled(graph: GraphIndex, followed: _Followed) -> tuple[ModelUnits, list[str]]:
+    """The scale groups, each layer's record and the edits, from the units followed."""
+    layers, skipped, offsets, state, clips, reads, scaled, _ = followed
     groups = _Groups(state, _UnitNames([layer.name for layer in layers], offsets))
 
     reaches = _reaches_linear(graph)
@@ -232,10 +247,9 @@ def _analysed(
     for clip, rows in replaced:
         edits += [TensorEdit(name, row_axis=0, row_groups=rows) for name, _ in clip.bound_tensors]
     replacements = tuple(clip for clip, _ in replaced)
-    model_units = ModelUnits(
+    return ModelUnits(
         tuple(units), groups.names, tuple(skipped), tuple(edits), replacements, len(clips.behind)
-    )
-    return model_units, weights, quiet
+    ), weights
 
 
 def _propagate(
