@@ -443,13 +443,8 @@ def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:
         return None
     scale = node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    shape = graph.shape(scale)
-    if (
-        shape is None
-        or len(shape) != 1
-        or scale in graph.sparse
-        or graph.elem_type(scale) not in FLOAT_TYPES
-    ):
+    shape = _float_constant_shape(graph, scale)
+    if shape is None or len(shape) != 1:
         return None
     if node.op_type == "LayerNormalization":
         out_axis = -1
@@ -460,6 +455,13 @@ def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:
         out_axis = 1 - rank
     reason = f"{node.op_type} normalises its input across the units"
     return _diagonal(graph, i, node.input[0], scale, 0, out_axis, reason, bias)
+
+
+def _float_constant_shape(graph: GraphIndex, name: str) -> tuple[int, ...] | None:
+    """The shape of a stored, dense, floating-point constant; None for anything else."""
+    if name in graph.sparse or graph.elem_type(name) not in FLOAT_TYPES:
+        return None
+    return graph.shape(name)
 
 
 def _in_group_norm(graph: GraphIndex, i: int) -> bool:
@@ -524,14 +526,8 @@ def _channel_scale(graph: GraphIndex, i: int) -> tuple[int, str, int] | None:
         return None
     for slot in (0, 1):
         data, scale = node.input[slot], node.input[1 - slot]
-        shape = graph.shape(scale)
-        if (
-            graph.is_constant(data)
-            or shape is None
-            or not graph.is_constant(scale)
-            or scale in graph.sparse
-            or graph.elem_type(scale) not in FLOAT_TYPES
-        ):
+        shape = _float_constant_shape(graph, scale)
+        if graph.is_constant(data) or shape is None:
             continue
         long_axes = [axis for axis, d in enumerate(shape) if d != 1]
         if len(long_axes) == 1 and shape[long_axes[0]] >= 2:
