@@ -86,8 +86,8 @@ def balance(
         verify: run both models in onnxruntime and compare their outputs.
         inputs: arrays (or an ``.npz`` path) to verify with, instead of seeded random ones.
         input_shapes: shapes for inputs with dynamic dimensions (default: a batch of 8, else
-            16, 64 or 256, the first the input model runs at; see
-            :func:`onnxbalance.verify.make_inputs`).
+            the first of 16, 64, 256 and 512 at which the input model runs and its outputs
+            move with the weights; see :func:`onnxbalance.verify.compare_models`).
         rtol, atol: accept ``|balanced - original| <= rtol * |original| + atol`` instead of the
             tolerance derived from the model's own round-off (either one given: the other is 0).
         progress: called with (sweep, norm) as the solver goes.
