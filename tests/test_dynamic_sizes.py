@@ -10,13 +10,11 @@ recurrent state named by the batch must have the batch's size. Out of the box, w
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
-import warnings
 
 import numpy as np
 import onnx
 import pytest
+from arch_reference import run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxbalance import balance
@@ -74,10 +72,7 @@ def test_an_fpn_with_dynamic_sides_is_verified_at_sides_it_runs_on(dynamo):
     x = np.random.default_rng(0).standard_normal((2, 3, 96, 128)).astype(np.float32)
     with torch.no_grad():
         expected = module(torch.from_numpy(x)).numpy()
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(balanced.SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {name: x})
+    (got,) = run(balanced, {name: x})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -102,16 +97,12 @@ class Detector(nn.Module):
 def _detector() -> tuple[nn.Module, onnx.ModelProto]:
     module = randomise(Detector(), seed=2)
     example = (torch.randn(1, 512), torch.zeros(2, 1, 5))
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(
-            module, example, path, dynamo=False, opset_version=17,
-            input_names=["input", "state"], output_names=["prob", "state_out"],
-            dynamic_axes={"input": {0: "batch", 1: "samples"}, "state": {1: "batch"},
-                          "prob": {0: "batch"}, "state_out": {1: "batch"}},
-        )  # fmt: skip
-        return module, onnx.load(path)
+    model = export(
+        module, example, input_names=["input", "state"], output_names=["prob", "state_out"],
+        dynamic_axes={"input": {0: "batch", 1: "samples"}, "state": {1: "batch"},
+                      "prob": {0: "batch"}, "state_out": {1: "batch"}},
+    )  # fmt: skip
+    return module, model
 
 
 def test_a_state_named_by_the_batch_gets_the_batch_and_samples_grow_until_the_pad_fits():
@@ -129,10 +120,7 @@ def test_a_state_named_by_the_batch_gets_the_batch_and_samples_grow_until_the_pa
         x = torch.randn(2, 700)
         state = torch.randn(2, 2, 5)
         expected = [t.numpy() for t in module(x, state)]
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(balanced.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": x.numpy(), "state": state.numpy()})
+    got = run(balanced, {"input": x.numpy(), "state": state.numpy()})
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -296,15 +296,18 @@ def skewed(module: nn.Module, seed: int) -> nn.Module:
 
 def export(
     module: nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     fold: bool = True,
     opset: int | None = OPSET,
+    input_names: Sequence[str] = ("x",),
+    output_names: Sequence[str] = ("y",),
     **options,
 ) -> onnx.ModelProto:
     """TorchScript exporter, opset 17 unless ``opset`` (None: the exporter's own default), one
-    input ``x`` and one output ``y``; static shapes unless ``options`` (``dynamic_axes``,
-    ``keep_initializers_as_inputs``, ..., passed on to ``torch.onnx.export``) say otherwise.
+    input ``x`` and one output ``y`` unless ``example`` is a tuple of inputs and the names are
+    given; static shapes unless ``options`` (``dynamic_axes``, ``keep_initializers_as_inputs``,
+    ..., passed on to ``torch.onnx.export``) say otherwise.
 
     The TorchScript exporter is chosen on purpose (module docstring); its deprecation, tracing
     and other warnings (an LSTM exported with a dynamic length, say) are silenced so that the
@@ -314,13 +317,13 @@ def export(
         path = os.path.join(tmp, "model.onnx")
         torch.onnx.export(
             module,
-            (example,),
+            example if isinstance(example, tuple) else (example,),
             path,
             dynamo=False,
             opset_version=opset,
             do_constant_folding=fold,
-            input_names=["x"],
-            output_names=["y"],
+            input_names=list(input_names),
+            output_names=list(output_names),
             **options,
         )
         return onnx.load(path)
@@ -435,6 +438,11 @@ def _conv(name, seq_or_conv, rows, in_groups, taps=None) -> Spec:
     return Spec(name, conv, bn, rows, cols)
 
 
+def _norm(name, norm: nn.Module, rows) -> Spec:
+    """Spec of a normalisation's per-channel scale: a diagonal layer, its one column fixed."""
+    return Spec(name, norm, None, rows, np.full((len(rows), 1), FIXED))
+
+
 def _fc(name, linear: nn.Linear, rows, in_groups, positions=1) -> Spec:
     return Spec(name, linear, None, rows, dense_cols(in_groups, linear.out_features, positions))
 
@@ -506,7 +514,7 @@ def build_prenorm_ffn():
     g = Groups()
     normed, hidden = g.new(16), g.new(32)
     specs = [
-        Spec("norm", m.norm, None, normed, np.full((16, 1), FIXED)),  # diagonal: scale only
+        _norm("norm", m.norm, normed),
         _fc("fc1", m.fc1, hidden, normed),
         _fc("fc2", m.fc2, fixed(16), hidden),  # rows added to the graph input
         _fc("head", m.head, fixed(4), fixed(16)),
@@ -524,7 +532,7 @@ def build_instance_norm():
     normed, c2 = g.new(8), g.new(6)
     specs = [
         _conv("conv1", m.conv1, fixed(8), fixed(3)),  # normalised: a factor would be undone
-        Spec("norm", m.norm, None, normed, np.full((8, 1), FIXED)),
+        _norm("norm", m.norm, normed),
         _conv("conv2", m.conv2, c2, normed),
         _fc("fc", m.head.fc, fixed(4), c2),
     ]
@@ -541,9 +549,9 @@ def build_group_norm():
     first, second = g.new(8), g.new(8)
     specs = [
         _conv("conv1", m.conv1, fixed(8), fixed(3)),  # normalised: a factor would be undone
-        Spec("norm1", m.norm1, None, first, np.full((8, 1), FIXED)),
+        _norm("norm1", m.norm1, first),
         _conv("conv2", m.conv2, fixed(8), first),
-        Spec("norm2", m.norm2, None, second, np.full((8, 1), FIXED)),
+        _norm("norm2", m.norm2, second),
         _fc("fc", m.head.fc, fixed(4), second),
     ]
     why = (
