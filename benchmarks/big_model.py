@@ -4,7 +4,10 @@ Measures, each in its own process (so memory and time are isolated):
 
 * the baseline: ``onnx.load`` (external data included) + ``onnx.save_model`` with external data;
 * ``onnxbalance IN OUT --no-verify`` (time target: at most 2x the baseline);
-* ``onnxbalance IN OUT`` with verification (peak RSS target: at most 2.5x the weight bytes).
+* ``onnxbalance IN OUT`` with verification (peak RSS target: at most 2.5x the weight bytes);
+* one onnxruntime session of the input model run once, as verification runs it (seconds inside
+  the process): a verified run makes four such runs, each model with its weights as they are
+  and perturbed, which bounds its time from below whatever the solver does.
 
 Peak resident memory comes from ``/usr/bin/time -v`` (Maximum resident set size) when it exists,
 else from ``resource.getrusage(RUSAGE_CHILDREN)``. The model is generated chunk by chunk, straight
@@ -253,6 +256,16 @@ print(time.perf_counter() - start)
 """
 
 
+_ONNXRUNTIME = """
+import sys, time, onnx
+from onnxbalance.verify import make_inputs, run_model
+feed = make_inputs(onnx.load(sys.argv[1], load_external_data=False))[0]
+start = time.perf_counter()
+run_model(sys.argv[1], feed, "the input model")
+print(time.perf_counter() - start)
+"""
+
+
 def measure(
     args: list[str], env: dict[str, str], cwd: Path | None = None
 ) -> dict[str, float | str]:
@@ -326,6 +339,22 @@ def _summary(results: dict, suffix: str, weight_bytes: int, report: Path, dtype:
         )
 
 
+def _onnxruntime_floor(path: Path, folder: Path, base: float) -> None:
+    """Print what four onnxruntime runs of the input model cost against the baseline."""
+    run = measure(
+        [sys.executable, "-c", _ONNXRUNTIME, str(path)], dict(os.environ, PYTHONPATH=str(ROOT)),
+        folder,
+    )  # fmt: skip
+    if run["code"] != 0:
+        print(f"onnxruntime run: exit {run['code']}: {run['stderr']}")
+        return
+    seconds = float(str(run["stdout"]).splitlines()[-1])
+    print(
+        f"onnxruntime, one run    {seconds:7.2f} s   four of them (verification's): "
+        f"{4 * seconds / base:.2f}x onnx load+save"
+    )
+
+
 def add_model_options(parser: argparse.ArgumentParser, gb: float, width: int, dtype: str) -> None:
     """The options of the generated model (with these defaults) and of its work folder."""
     parser.add_argument("--gb", type=float, default=gb, help="total weight size in GiB")
@@ -383,6 +412,7 @@ def main() -> int:
             [sys.executable, "-c", _BASELINE, str(path), str(folder / "copy.onnx")],
             env, options.repeat, "onnx load+save", folder,
         )}  # fmt: skip
+        _onnxruntime_floor(path, folder, results["onnx load+save"]["wall"])
         for suffix, tree in trees.items():
             tree_env = dict(os.environ, PYTHONPATH=str(tree))
             balance = [sys.executable, "-m", "onnxbalance", str(path), str(folder / "out.onnx")]
