@@ -140,7 +140,10 @@ _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # is a normal float32
 _SQUARES_FROM = np.uint32(64 << 23)
 _SQUARES_BELOW = np.uint32(191 << 23)
-_FLOAT16_INFINITY = np.uint16(0x7C00)  # |w|'s bits from here on: infinity or NaN
+_INFINITE_BITS = {2: 0x7C00, 4: 0x7F800000}  # |w|'s bits from here on: inf or NaN (float16, 32)
+_SQUARES_EXACT = {_BFLOAT16: (int(_SQUARES_FROM >> 16), int(_SQUARES_BELOW >> 16))}
+"""Where |w|'s bits must lie for its square to be exact in the lazy dtype, when not merely
+finite (non-zero values; see :func:`check_lazy_squares`)."""
 
 
 def squares_fit_float32(dtype: np.typing.DTypeLike) -> bool:
@@ -386,23 +389,27 @@ def _abs_in(values: np.ndarray, dtype: type) -> np.ndarray:
 
 
 class LazySquares:
-    """The coupling matrix ``weight ** 2`` of a float16 or bfloat16 weight whose squares are
-    exact in float32, never stored: it holds the weight (a memory map is not copied) and hands
-    its squares out a tile at a time (:meth:`tiles`), so a pass over it costs no memory beyond
-    one tile. Its mapped pages are given back after every pass (:func:`release`).
+    """The coupling matrix ``weight ** 2`` of a float16, bfloat16 or float32 weight, never
+    stored: it holds the weight (a memory map is not copied) and hands its squares out a tile
+    at a time (:meth:`tiles`), so a pass over it costs no memory beyond one tile. Its mapped
+    pages are given back after every pass (:func:`release`). The squares are exact in
+    ``dtype``: float32 for 16-bit weights whose squares fit it (checked by
+    :func:`check_lazy_squares`), float64 for float32 weights (24 significant bits square into
+    48); the float32 tiles of a float32 weight are its squares rounded, as a float32 copy of
+    stored couplings would hold them.
 
-    It looks like a read-only float32 matrix of the weight's shape to the solver: ``shape``,
-    ``dtype`` and indexing (``matrix[rows]``, ``matrix[:, cols]``: those squares only, for the
-    rare rows and columns redone exactly). ``np.asarray`` builds the whole matrix.
+    It looks like a read-only matrix of the weight's shape to the solver: ``shape``, ``dtype``
+    and indexing (``matrix[rows]``, ``matrix[:, cols]``: those squares only, for the rare rows
+    and columns redone exactly). ``np.asarray`` builds the whole matrix.
     """
 
-    dtype = np.dtype(np.float32)
     ndim = 2
 
     def __init__(self, weight: np.ndarray) -> None:
         self.weight = weight
         self.shape = tuple(weight.shape)
         self.size = int(weight.size)
+        self.dtype = np.dtype(np.float32 if weight.dtype.itemsize < 4 else np.float64)
 
     @property
     def transposed(self) -> bool:
@@ -436,16 +443,19 @@ class LazySquares:
             if single is None:
                 single = np.empty(stored.shape, np.float32)
                 wide = np.empty(stored.shape) if dtype == np.float64 else None
-            # exact, and finite (checked when the matrix was built)
-            block = floatbits.to_float32(stored, single[: len(stored)], finite=True)
-            if wide is not None:  # widened while squared: one pass less
-                block = np.square(block, out=wide[: len(stored)])
-            else:
-                np.square(block, out=block)  # exact in float32 (checked when it was built)
+            if stored.dtype == np.float32:  # exact in float64, rounded in float32 (steering)
+                block = (single if wide is None else wide)[: len(stored)]
+                np.square(stored, out=block, dtype=block.dtype)
+            else:  # exact, and finite (checked when the matrix was built)
+                block = floatbits.to_float32(stored, single[: len(stored)], finite=True)
+                if wide is not None:  # widened while squared: one pass less
+                    block = np.square(block, out=wide[: len(stored)])
+                else:
+                    np.square(block, out=block)  # exact in float32
             yield rows, cols, block.T if self.transposed else block
 
     def __getitem__(self, key) -> np.ndarray:
-        return np.square(np.asarray(self.weight[key], dtype=np.float32))
+        return np.square(np.asarray(self.weight[key], dtype=self.dtype))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[...]
@@ -453,21 +463,20 @@ class LazySquares:
 
 
 def check_lazy_squares(squares: LazySquares, unit_max: np.ndarray | None = None) -> bool:
-    """Whether every square of ``squares`` is finite and exact in float32 (for bfloat16
-    :func:`float32_squares`'s check; a float16 weight fails only with infinities or NaN, which
-    the float64 couplings then carry to the solver's error), each row's largest |w| into
-    ``unit_max`` on the way if given. One pass over the stored bits, nothing widened or
+    """Whether every square of ``squares`` is finite and exact in its dtype (for bfloat16
+    :func:`float32_squares`'s check; a float16 or float32 weight fails only with infinities or
+    NaN, which the float64 couplings then carry to the solver's error), each row's largest |w|
+    into ``unit_max`` on the way if given. One pass over the stored bits, nothing widened or
     stored: |w|'s order is that of its bits with the sign cleared."""
-    low, high = (
-        (_SQUARES_FROM >> 16, _SQUARES_BELOW >> 16)
-        if squares.weight.dtype == _BFLOAT16
-        else (np.uint16(1), _FLOAT16_INFINITY)
-    )
-    largest = None if unit_max is None else np.zeros(len(unit_max), np.uint16)
+    dtype = squares.weight.dtype
+    bits = np.dtype(np.uint16 if dtype.itemsize == 2 else np.uint32)
+    low, high = _SQUARES_EXACT.get(dtype, (1, _INFINITE_BITS[dtype.itemsize]))
+    largest = None if unit_max is None else np.zeros(len(unit_max), bits)
     along = 0 if squares.transposed else 1  # the stored tile holds the rows along this axis
-    for (rows, _), stored in squares._parts(2):
-        magnitude = stored.view(np.uint16) & np.uint16(0x7FFF)
-        if not _in_range(magnitude, low, high):
+    sign_cleared = bits.type(np.iinfo(bits).max >> 1)
+    for (rows, _), stored in squares._parts(dtype.itemsize):
+        magnitude = stored.view(bits) & sign_cleared
+        if not _in_range(magnitude, bits.type(low), bits.type(high)):
             return False
         if largest is not None:
             np.maximum(largest[rows], magnitude.max(axis=along), out=largest[rows])

@@ -50,6 +50,13 @@ float16 layers takes about 1.3-1.5 times as long, of bfloat16 ones less. Below t
 4096 x 4096 layer) the squares are a small share of the memory and stay stored. Tests lower it
 to send small layers down the same path."""
 
+LAZY_FLOAT32_BYTES = 4 * 2**20
+"""The same for float32 weights, in the float64 bytes their squares would take (exact there
+only), stored along with a float32 copy for the solver's steering phase: 12 bytes per 4-byte
+weight, three times the weights. Their squares need no widening: a pass squares a tile of
+weights in float64 or float32, about as fast as it reads stored couplings, so from a 724 x
+724 layer on they are not stored."""
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -202,10 +209,11 @@ class ModelUnits:
         """The solver's view for the l_{p,q} norm with this ``p`` (the coupling matrices are
         allocated together: :func:`onnxbalance.memory.empty_arrays`).
 
-        A layer whose couplings are exact in float32 (:meth:`_Columns.squares_in_float32`)
-        stores them only there, half the bytes of float64, or from :data:`LAZY_BYTES` on does
-        not store them at all; a bfloat16 weight found outside the range where that holds falls
-        back to float64.
+        A layer whose couplings are squares exact in float32 (of float16 or bfloat16 weights,
+        :meth:`_Columns.squares_alone`) stores them only there, half the bytes of float64, or
+        from :data:`LAZY_BYTES` on does not store them at all, nor do big float32 layers
+        (:data:`LAZY_FLOAT32_BYTES`); a bfloat16 weight found outside the range where that
+        holds falls back to float64.
 
         ``unit_max``: if given, each layer's per-unit largest |w| is appended to it, found
         while the couplings are built (:func:`onnxbalance.memory.abs_power`).
@@ -216,7 +224,7 @@ class ModelUnits:
             for layer, column in zip(self.layers, columns, strict=True)
         ]
         storage = [
-            _storage(column.squares_in_float32(p, layer.weight), shape)
+            _storage(column.squares_alone(p), np.asarray(layer.weight).dtype, shape)
             for layer, column, shape in zip(self.layers, columns, shapes, strict=True)
         ]
         stores = {
@@ -248,12 +256,19 @@ class ModelUnits:
         return UnitGraph(tuple(layers), self.group_names)
 
 
-def _storage(squares_in_float32: bool, shape: tuple[int, int]) -> type:
-    """How a layer's coupling is kept: np.float64, or, where its squares are exact in float32,
-    np.float32, or :class:`LazySquares` (not stored) from :data:`LAZY_BYTES` of them on."""
-    if not squares_in_float32:
+def _storage(squares_alone: bool, weight_dtype: np.dtype, shape: tuple[int, int]) -> type:
+    """How a layer's coupling is kept: np.float64; np.float32 where its entries are squares
+    of float16 or bfloat16 weights (exact in float32), or :class:`LazySquares` (not stored)
+    from :data:`LAZY_BYTES` of them on; :class:`LazySquares` too for squares of float32
+    weights from :data:`LAZY_FLOAT32_BYTES` on."""
+    if not squares_alone:
         return np.float64
-    return LazySquares if 4 * shape[0] * shape[1] >= LAZY_BYTES else np.float32
+    size = shape[0] * shape[1]
+    if squares_fit_float32(weight_dtype):
+        return LazySquares if 4 * size >= LAZY_BYTES else np.float32
+    if weight_dtype == np.float32 and 8 * size >= LAZY_FLOAT32_BYTES:
+        return LazySquares
+    return np.float64
 
 
 def _layer(layer: LinearUnits, coupling: np.ndarray | LazySquares, column: _Columns) -> Layer:
@@ -276,13 +291,10 @@ class _Columns:
             groups = raw  # every raw column is its own unit, in order
         return _Columns(raw, groups, column_of)
 
-    def squares_in_float32(self, p: float, weight: np.ndarray) -> bool:
-        """Whether the coupling may be stored in float32: p = 2 and each coupling column one raw
-        column (a sum of several squares is not exact in float32), of a float16 or bfloat16
-        weight (:func:`onnxbalance.memory.squares_fit_float32`)."""
-        return (
-            p == 2.0 and self.groups is self.raw and squares_fit_float32(np.asarray(weight).dtype)
-        )
+    def squares_alone(self, p: float) -> bool:
+        """Whether each coupling is one weight's square: p = 2 and each coupling column one raw
+        column (a sum of several squares is exact in no narrower type than float64)."""
+        return p == 2.0 and self.groups is self.raw
 
     def couple(
         self, weight: np.ndarray, p: float, out: np.ndarray, unit_max: np.ndarray | None = None

@@ -1,7 +1,8 @@
-"""Couplings of big float16 and bfloat16 layers that are never stored (memory.LazySquares):
-the same solutions as the stored float32 squares, no full-size matrix during a solve, and the
-bfloat16 fallback and NaN/inf errors of the stored path. Tests force the lazy path on small
-layers by lowering unitgraph.LAZY_BYTES."""
+"""Couplings of big float16, bfloat16 and float32 layers that are never stored
+(memory.LazySquares): the same solutions as the stored squares (float32 ones for 16-bit
+weights, float64 ones for float32 weights), no full-size matrix during a solve, and the bfloat16
+fallback and NaN/inf errors of the stored path. Tests force the lazy path on small layers by
+lowering unitgraph.LAZY_BYTES and unitgraph.LAZY_FLOAT32_BYTES (:func:`all_lazy`)."""
 
 from __future__ import annotations
 
@@ -29,24 +30,31 @@ from onnxbalance.unitgraph import FIXED, Layer, UnitGraph
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def torch_float16_mlp():
+def torch_mlp():
     torch.manual_seed(1)
     module = nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU())
     module.append(nn.Linear(40, 5))
-    return float16(export(randomise(module, 1).eval(), torch.zeros(2, 12)))
+    return export(randomise(module, 1).eval(), torch.zeros(2, 12))
 
 
 MODELS = {
     "hand-built float16 MLP": lambda: mlp((6, 32, 24, 16, 3), dtype="float16", seed=3),
     "hand-built bfloat16 MLP": lambda: mlp((6, 32, 24, 16, 3), dtype="bfloat16", seed=4),
-    "torch MLP to float16": torch_float16_mlp,
+    "torch MLP to float16": lambda: float16(torch_mlp()),
+    "torch MLP (float32)": torch_mlp,
 }
+
+
+def all_lazy(monkeypatch) -> None:
+    """Every layer whose couplings are single squares is never stored, however small."""
+    monkeypatch.setattr(unitgraph, "LAZY_BYTES", 0)
+    monkeypatch.setattr(unitgraph, "LAZY_FLOAT32_BYTES", 0)
 
 
 def both_graphs(units, monkeypatch):
     """(stored, lazy) unit graphs of the same units, and the lazy one's unit maxima."""
     stored = units.unit_graph(2.0)
-    monkeypatch.setattr(unitgraph, "LAZY_BYTES", 0)
+    all_lazy(monkeypatch)
     unit_max: list[np.ndarray] = []
     lazy = units.unit_graph(2.0, unit_max)
     monkeypatch.undo()
@@ -71,7 +79,7 @@ def test_lazy_couplings_give_the_stored_solution(name, method, monkeypatch):
 
 
 def _chain(weights, transposed: bool) -> UnitGraph:
-    """Layers fc0.. with these float16/bfloat16 weights as never-stored couplings; the first
+    """Layers fc0.. with these weights as never-stored couplings; the first
     layer's columns and the last layer's rows FIXED. ``transposed``: each weight is read as a
     MatMul's [in, out] tensor seen as [out, in] (tiles of columns)."""
     layers, start = [], 0
@@ -97,15 +105,17 @@ def _weights(sizes, dtype, seed=0):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32])
 def test_transposed_and_fixed_column_layers_match_stored_squares(dtype, transposed):
     """Tiles of rows or of columns, and a first layer with fixed columns (stored by the
-    objective): the Newton solution of the float32 squares stored."""
+    objective): the Newton solution of the squares stored (in float32 for 16-bit weights, in
+    float64 for float32 ones, exact in each)."""
     weights = _weights((5, 300, 200, 250, 3), dtype)
     lazy = _chain(weights, transposed)
+    exact = np.float32 if np.dtype(dtype).itemsize == 2 else np.float64
     stored = UnitGraph(
         tuple(
-            dataclasses.replace(layer, coupling=np.square(np.float32(weight)))
+            dataclasses.replace(layer, coupling=np.square(weight.astype(exact)))
             for layer, weight in zip(lazy.layers, weights, strict=True)
         ),
         lazy.group_names,
@@ -117,10 +127,11 @@ def test_transposed_and_fixed_column_layers_match_stored_squares(dtype, transpos
     np.testing.assert_allclose(found.log_scales, expected.log_scales, rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_products_of_lazy_squares(transposed):
+def test_products_of_lazy_squares(transposed, dtype):
     rng = np.random.default_rng(5)
-    stored = rng.standard_normal((700, 530)).astype(np.float16)
+    stored = rng.standard_normal((700, 530)).astype(dtype)
     weight = stored.T if transposed else stored  # (530, 700): columns from stored rows
     lazy = memory.LazySquares(weight)
     assert lazy.transposed == transposed
@@ -143,15 +154,19 @@ def test_products_of_lazy_squares(transposed):
     assert memory.check_lazy_squares(lazy, maxima)  # the bits of |w|, tile by tile
     np.testing.assert_array_equal(maxima, np.sqrt(wide).max(axis=1))
     rows = np.array([3, 0, 699 if not transposed else 529])
-    np.testing.assert_array_equal(lazy[rows], wide[rows])
+    np.testing.assert_array_equal(lazy[rows], wide[rows])  # exact: float64 for float32 weights
     np.testing.assert_array_equal(lazy[:, [1, 4]], wide[:, [1, 4]])
+    assert lazy.dtype == (np.float32 if dtype == np.float16 else np.float64)
 
 
-def test_no_full_size_matrix_during_a_solve(monkeypatch):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_no_full_size_matrix_during_a_solve(monkeypatch, dtype):
     """Building the couplings and a whole Newton solve of three never-stored 1536 x 1536 layers
-    allocate less than one such layer's float32 squares (stored, they take three)."""
+    allocate less than one such layer's float32 squares (stored, float16 ones take three, and
+    float32 ones three float64 squares and their float32 copies). Float32 layers of this size
+    are never stored by default."""
     width = 1536
-    units = analyse(mlp((8, width, width, width, 4), dtype="float16", seed=2, spread=2.0))
+    units = analyse(mlp((8, width, width, width, 4), dtype=dtype, seed=2, spread=2.0))
     monkeypatch.setattr(unitgraph, "LAZY_BYTES", 2**20)
     tracemalloc.start()
     try:
@@ -165,7 +180,10 @@ def test_no_full_size_matrix_during_a_solve(monkeypatch):
     assert result.converged and result.passes > 4
     assert peak < width * width * 4, peak
     monkeypatch.undo()
-    expected = solve(units.unit_graph(2.0), 2.0, 2.0, tol=1e-8)
+    monkeypatch.setattr(unitgraph, "LAZY_FLOAT32_BYTES", 2**40)  # all stored
+    stored = units.unit_graph(2.0)
+    assert not any(type(layer.coupling) is memory.LazySquares for layer in stored.layers)
+    expected = solve(stored, 2.0, 2.0, tol=1e-8)
     # the tiles sum in another order than the stored blocks: round-off, within the tolerance
     np.testing.assert_allclose(result.norm_after, expected.norm_after, rtol=1e-12)
     np.testing.assert_allclose(result.log_scales, expected.log_scales, rtol=0, atol=1e-7)
@@ -198,10 +216,11 @@ def test_bfloat16_out_of_range_falls_back_to_float64(bad, monkeypatch):
     np.testing.assert_array_equal(unit_max[1], np.abs(np.float64(weight)).max(axis=1))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
-def test_float16_nan_and_inf_are_named_by_the_solver(bad, monkeypatch):
-    units, _ = _with_entry(analyse(mlp((4, 16, 12, 8, 3), dtype="float16", seed=2)), 2, bad)
-    monkeypatch.setattr(unitgraph, "LAZY_BYTES", 0)
+def test_nan_and_inf_are_named_by_the_solver(bad, dtype, monkeypatch):
+    units, _ = _with_entry(analyse(mlp((4, 16, 12, 8, 3), dtype=dtype, seed=2)), 2, bad)
+    all_lazy(monkeypatch)
     unit_max: list[np.ndarray] = []
     graph = units.unit_graph(2.0, unit_max)
     # the tiles skip float16's fix-up for infinities and NaN: such a layer is stored in float64
@@ -229,7 +248,7 @@ def test_bfloat16_range_is_checked_on_the_stored_bits(monkeypatch):
         assert not memory.check_lazy_squares(memory.LazySquares(edited.T))
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_balance_file_with_external_data_writes_the_stored_result(dtype, tmp_path, monkeypatch):
     """End to end on memory-mapped weights (their pages released after every pass): the file
     balanced through never-stored couplings equals, byte for byte, the one balanced through
@@ -243,8 +262,9 @@ def test_balance_file_with_external_data_writes_the_stored_result(dtype, tmp_pat
         size_threshold=0,
     )
     written = {}
-    for name, threshold in (("stored", unitgraph.LAZY_BYTES), ("lazy", 0)):
+    for name, threshold in (("stored", 2**40), ("lazy", 0)):
         monkeypatch.setattr(unitgraph, "LAZY_BYTES", threshold)
+        monkeypatch.setattr(unitgraph, "LAZY_FLOAT32_BYTES", threshold)
         report = onnxbalance.balance_file(src, tmp_path / f"{name}.onnx")
         assert report.norm_after < report.norm_before * 0.999
         written[name] = (onnx.load(tmp_path / f"{name}.onnx"), report)

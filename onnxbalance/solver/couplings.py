@@ -186,6 +186,12 @@ def _lazy_sums(matrix: LazySquares) -> tuple[np.ndarray, np.ndarray, float, floa
     return row_sums, col_sums, smallest, positive
 
 
+def _own_copy(matrix: np.ndarray | LazySquares) -> bool:
+    """Whether the matrix is its own float32 copy: stored in float32, or never stored (its
+    float32 tiles are the copy's values)."""
+    return isinstance(matrix, LazySquares) or matrix.dtype == np.float32
+
+
 def _as_matrix(coupling) -> np.ndarray | LazySquares:
     """The coupling as an array (a matrix never stored stays as it is)."""
     return coupling if isinstance(coupling, LazySquares) else np.asarray(coupling)
@@ -199,7 +205,7 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
     this array if one is given (its shape and float32 dtype).
     """
     matrix = _as_matrix(coupling)
-    if matrix.dtype != np.float32:  # float32 holds its values exactly: kept as it is
+    if not _own_copy(matrix):  # one stored in float32 holds its values exactly
         matrix = matrix.astype(np.float64, copy=False)
     if matrix.ndim != 2:
         raise ValueError(f"layer {layer_name!r}: coupling matrix must be 2-D")
@@ -207,8 +213,8 @@ def summarise(layer_name: str, coupling, single: bool | np.ndarray = True) -> Co
         empty = np.zeros(matrix.shape[0]), np.zeros(matrix.shape[1])
         return Coupling(matrix, None, False, 0.0, *empty)
     if single is True:
-        single = matrix if matrix.dtype == np.float32 else np.empty(matrix.shape, np.float32)
-    if isinstance(matrix, LazySquares):  # its own copy, like a stored float32 matrix
+        single = matrix if _own_copy(matrix) else np.empty(matrix.shape, np.float32)
+    if isinstance(matrix, LazySquares):
         copy = matrix if single is not False else None
         row_sums, col_sums, smallest, smallest_positive = _lazy_sums(matrix)
     else:
@@ -243,8 +249,7 @@ def summarise_graph(
         and (copy_fixed_rows or not _rows_fixed(layer))
         for layer, shape in zip(graph.layers, shapes, strict=True)
     ]
-    # a matrix stored in float32 is its own copy
-    stored32 = [_as_matrix(layer.coupling).dtype == np.float32 for layer in graph.layers]
+    stored32 = [_own_copy(_as_matrix(layer.coupling)) for layer in graph.layers]
     planes = [
         shape
         for shape, wanted, own in zip(shapes, copied, stored32, strict=True)

@@ -158,8 +158,8 @@ def _prepare(
             # a matrix never stored is stored here: layers with fixed columns among movable
             # ones (a pinned input unit) are few, and then need no gather per product
             free = np.ascontiguousarray(coupling[:, movable])
-            if summary.single is coupling:  # stored in float32: its own copy, and so is free
-                single = free if free.shape[1] else None
+            if summary.single is coupling:  # its own copy (couplings.py), and so is free
+                single = free.astype(np.float32, copy=False) if free.shape[1] else None
             else:
                 single = _single_columns(summary, movable)
             # Row and column sums come with the summary: empty rows and columns cost no pass.
