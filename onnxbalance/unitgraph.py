@@ -244,7 +244,7 @@ class ModelUnits:
                 if check_lazy_squares(squares, maxima):
                     layers.append(_layer(layer, squares, column))
                     continue
-                # bfloat16 beyond the range, or an infinite or NaN float16 weight
+                # bfloat16 beyond the range, or an infinite or NaN float16 or float32 weight
                 coupling, kind = empty_populated(shape, np.float64), np.float64
             else:
                 coupling = next(stores[kind])

@@ -249,15 +249,15 @@ def summarise_graph(
         and (copy_fixed_rows or not _rows_fixed(layer))
         for layer, shape in zip(graph.layers, shapes, strict=True)
     ]
-    stored32 = [_own_copy(_as_matrix(layer.coupling)) for layer in graph.layers]
+    own_copies = [_own_copy(_as_matrix(layer.coupling)) for layer in graph.layers]
     planes = [
         shape
-        for shape, wanted, own in zip(shapes, copied, stored32, strict=True)
+        for shape, wanted, own in zip(shapes, copied, own_copies, strict=True)
         if wanted and not own
     ]
     copies = iter(empty_arrays(planes, np.float32))
     out = []
-    for layer, wanted, own in zip(graph.layers, copied, stored32, strict=True):
+    for layer, wanted, own in zip(graph.layers, copied, own_copies, strict=True):
         copy = (own or next(copies)) if wanted else False
         coupling = summarise(layer.name, layer.coupling, copy)
         _check_shapes(layer, *coupling.matrix.shape)
