@@ -50,12 +50,13 @@ float16 layers takes about 1.3-1.5 times as long, of bfloat16 ones less. Below t
 4096 x 4096 layer) the squares are a small share of the memory and stay stored. Tests lower it
 to send small layers down the same path."""
 
-LAZY_FLOAT32_BYTES = 4 * 2**20
+LAZY_FLOAT32_BYTES = 16 * 2**20
 """The same for float32 weights, in the float64 bytes their squares would take (exact there
 only), stored along with a float32 copy for the solver's steering phase: 12 bytes per 4-byte
 weight, three times the weights. Their squares need no widening: a pass squares a tile of
-weights in float64 or float32, about as fast as it reads stored couplings, so from a 724 x
-724 layer on they are not stored."""
+weights in float64 or float32, about as fast as it reads stored couplings, so from a 1448 x
+1448 layer on they are not stored (smaller ones, as in models of a few megabytes, keep the
+stored matrix and its solve times)."""
 
 
 @dataclass(frozen=True)
