@@ -106,6 +106,21 @@ MODELS = (
             "sr": np.array(16000, np.int64),
         },
     ),
+    Model(
+        "silero-vad (no inputs)",  # no dim named: the state [2, ?, 128] is the batch's
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad.onnx",
+    ),
+    Model(
+        "silero-vad half",  # float16 weights and inputs
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad_half.onnx",
+    ),
+    Model(
+        "silero-vad op18 ifless",  # both sample rates' networks side by side
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad_op18_ifless.onnx",
+    ),
 )
 
 

@@ -637,7 +637,9 @@ def make_inputs(
     Dynamic dimensions: :data:`BATCH` for the leading one of an input of rank 2 or more,
     ``size`` for the others; dimensions of the same name (ONNX's ``dim_param``) take one size,
     a given one if ``input_shapes`` fixes it somewhere, else :data:`BATCH` if it leads an input
-    of rank 2 or more (``input_shapes`` overrides all of it). One draw when a batch was chosen
+    of rank 2 or more; an input laid out as a recurrent state, [fixed, ?, fixed] with that
+    dimension unnamed, takes the batch of the other inputs there (``input_shapes`` overrides
+    all of it). One draw when a batch was chosen
     so, else :data:`DRAWS`. Random floats are standard normal, integers uniform in the rows of
     the stored table they index through a Gather (:func:`index_bounds`), else in
     [0, SMALL_INTEGERS), booleans fair coin flips.
@@ -760,10 +762,32 @@ def _input_types(
         leading = _dim_names(value)[:1]
         if name not in input_shapes and len(_dims(value)) >= 2 and leading[0]:
             named.setdefault(leading[0], BATCH)
+    batch = _batch_size(declared, input_shapes)
     return {
-        name: _dtype_and_shape(name, value, input_shapes.get(name), named, size)
+        name: _dtype_and_shape(name, value, input_shapes.get(name), named, size, batch)
         for name, value in declared.items()
     }
+
+
+def _batch_size(
+    declared: Mapping[str, onnx.ValueInfoProto], input_shapes: Mapping[str, Sequence[int]]
+) -> int | None:
+    """The size of the batch: that given for the first input of rank 2 or more whose leading
+    dimension is dynamic, else :data:`BATCH` if there is one; None if no input has such a
+    leading dimension."""
+    for name, value in declared.items():
+        dims = _dims(value)
+        if len(dims) >= 2 and dims[0] is None:
+            given = input_shapes.get(name)
+            return int(given[0]) if given is not None and len(given) == len(dims) else BATCH
+    return None
+
+
+def _recurrent_state(dims: Sequence[int | None], names: Sequence[str]) -> bool:
+    """Whether an input is laid out as ONNX's recurrent states are, [directions or layers,
+    batch, hidden], with nothing but its batch dynamic, and that unnamed (silero-vad's
+    ``state [2, ?, 128]`` beside ``input [?, ?]``; a named batch shares its name's size)."""
+    return len(dims) == 3 and dims[1] is None and not names[1] and None not in (dims[0], dims[2])
 
 
 def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
@@ -1065,6 +1089,7 @@ def _dtype_and_shape(
     override: Sequence[int] | None,
     named: Mapping[str, int] | None = None,
     size: int = SIZES[0],
+    batch: int | None = None,
 ) -> tuple[np.dtype, tuple[int, ...]]:
     if not value.type.HasField("tensor_type"):
         raise InputError(f"input {name!r} is not a tensor; give arrays with --inputs FILE.npz")
@@ -1093,9 +1118,12 @@ def _dtype_and_shape(
     if declared is None:
         raise InputError(f"input {name!r} has no declared shape; give it with --input-shape")
     named = named or {}
+    names = _dim_names(value)
+    if batch is not None and _recurrent_state(declared, names):
+        return dtype, (declared[0], batch, declared[2])
     return dtype, tuple(
         d or named.get(dim) or (BATCH if i == 0 and len(declared) >= 2 else size)
-        for i, (d, dim) in enumerate(zip(declared, _dim_names(value), strict=True))
+        for i, (d, dim) in enumerate(zip(declared, names, strict=True))
     )
 
 

@@ -125,6 +125,49 @@ def test_a_state_named_by_the_batch_gets_the_batch_and_samples_grow_until_the_pa
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
+def test_an_unnamed_recurrent_state_takes_the_batch_of_the_other_inputs():
+    """silero_vad.onnx names no dimension: input [?, ?], state [2, ?, 128]. Laid out as ONNX's
+    LSTM states are, [directions, batch, hidden], the state's one dynamic dimension is the
+    batch; as a sequence of 16 it failed at every size."""
+    module, model = _detector()
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            dim.ClearField("dim_param")
+
+    balanced, report = balance(model)
+
+    assert report.verify.passed and report.units_balanced == 6
+    assert report.verify.input_shapes == {"input": (BATCH, SIZES[2]), "state": (2, BATCH, 5)}
+    _, report = balance(model, input_shapes={"input": (3, 100)})
+    assert report.verify.input_shapes == {"input": (3, 100), "state": (2, 3, 5)}
+    with torch.no_grad():
+        x, state = torch.randn(3, 600), torch.randn(2, 3, 5)
+        expected = [t.numpy() for t in module(x, state)]
+    got = run(balanced, {"input": x.numpy(), "state": state.numpy()})
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_a_state_layout_without_a_batch_elsewhere_is_a_sequence():
+    # [1, ?, 4] alone is a batch of one sequence (an embedding input); beside an input led by
+    # a dynamic batch it is that batch; named, it follows its name
+    def model(*inputs):
+        values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in inputs]
+        nodes = [helper.make_node("Identity", [n], [n + "_out"]) for n, _ in inputs]
+        outputs = [helper.make_tensor_value_info(n + "_out", TensorProto.FLOAT, None)
+                   for n, _ in inputs]  # fmt: skip
+        return helper.make_model(helper.make_graph(nodes, "g", values, outputs))
+
+    alone = make_inputs(model(("x", [1, None, 4])))[0]
+    assert alone["x"].shape == (1, SIZES[0], 4)
+    (feed,) = make_inputs(model(("x", [1, None, 4]), ("y", [None, 3])))
+    assert feed["x"].shape == (1, BATCH, 4) and feed["y"].shape == (BATCH, 3)
+    given = make_inputs(model(("x", [1, None, 4]), ("y", [None, 3])), input_shapes={"y": (5, 3)})
+    assert given[0]["x"].shape == (1, 5, 4)
+    (feed,) = make_inputs(model(("x", [1, "steps", 4]), ("y", [None, 3])))
+    assert feed["x"].shape == (1, SIZES[0], 4)
+
+
 def _reshaped(first: list, second: list, target: list[int]) -> onnx.ModelProto:
     """y = Reshape(x, target) + 0 * z: inputs x and z of the given dimensions."""
     graph = helper.make_graph(
