@@ -6,9 +6,10 @@ Inputs (:func:`make_inputs`) are seeded random arrays built from each graph inpu
 dtype and shape, or the user's arrays. A dynamic leading dimension of an input of rank 2 or
 more is a batch of :data:`BATCH`, every other dynamic dimension a sequence of the first of
 :data:`SIZES` the input model runs on with some output moving with the weights (see
-:attr:`Comparison.insensitive`); dimensions named alike share their size. When no batch
-dimension was chosen that way, :data:`DRAWS` independent draws are run instead of one. Integer
-inputs that index a Gather on a stored table are drawn from the table's rows.
+:attr:`Comparison.insensitive`); dimensions named alike share their size, and an unnamed
+recurrent state [fixed, ?, fixed] takes the batch. When no batch dimension was chosen that
+way, :data:`DRAWS` independent draws are run instead of one. Integer inputs that index a
+Gather on a stored table are drawn from the table's rows.
 
 The tolerance comes from the models themselves: each one runs a second time with every weight
 perturbed by a random relative amount of at most the unit round-off of its dtype (seeded,
