@@ -156,7 +156,8 @@ class Report:
     changed). ``seconds`` maps stage name to wall-clock seconds, in the order the stages ran.
     ``max_imbalance_before``/``_after`` are max over balanced units of |in - out| / (in + out)
     (docs/algorithm.md §3; 0 means exactly balanced). ``units_behind_clips`` reach a clip with
-    constant bounds (ReLU6, ...), which stops them unless ``rescale_clip``; ``clips_replaced``
+    constant bounds (ReLU6, ...), which stops them unless ``rescale_clip``, and nothing else
+    would (those the option balances); ``clips_replaced``
     names the clip nodes replaced by per-unit bounds. ``weight_inputs_dropped`` names the
     weights removed from the graph inputs (``drop_weight_inputs``).
     """

@@ -189,8 +189,8 @@ class ModelUnits:
     ``edits`` rescale stored tensors outside the linear layers' weights and biases: constants
     added to rescaled channels, and the mean and bias of a BatchNormalization they pass through,
     and the per-unit bounds of ``clips``, the clip nodes the rewrite replaces.
-    ``units_behind_clips`` counts the units that reach a clip with constant bounds other than
-    a Relu's, whether or not those clips are replaced.
+    ``units_behind_clips`` counts the units that clips with constant bounds other than a Relu's
+    decide on: balanced when those clips are replaced, fixed when they are not.
     ``copies`` are the private copies the rewrite adds before any edit (edits may name them).
     """
 

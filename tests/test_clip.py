@@ -183,7 +183,7 @@ def test_clip_whose_bounds_are_not_constants_leaves_its_units_fixed():
 
 def test_opset_7_clip_stays_fixed_for_want_of_broadcasting_min_and_max():
     units = analyse(clip_net("attributes", 7), rescale_clip=True)
-    assert units.n_groups == 0 and units.units_behind_clips == 4
+    assert units.n_groups == 0 and units.units_behind_clips == 0  # the option decides nothing
     (skip,) = units.skipped
     assert "per-unit bounds need opset 8 or later, not 7" in skip.reason
 
@@ -329,7 +329,45 @@ def test_a_clip_inside_a_loop_body_keeps_its_units_fixed_and_says_why():
     act.CopyFrom(helper.make_node("Clip", [act.input[0], "lo", "hi"], list(act.output), "relu6"))
     onnx.checker.check_model(model, full_check=True)
     units = analyse(model, rescale_clip=True)
-    assert units.n_groups == 0 and units.clips == () and units.units_behind_clips == LOOP_HID
+    assert units.n_groups == 0 and units.clips == () and units.units_behind_clips == 0
     (skip,) = [s for s in units.skipped if "relu6" in s.reason]
     assert skip.count == LOOP_HID
     assert "inside a subgraph, where clips are not rewritten" in skip.reason
+
+
+class HardSwishThenRelu6(nn.Module):
+    """A hard swish as paddle2onnx and hand-written torch code write it, x * Clip(x + 3, 0, 6)
+    / 6 (PP-PicoDet, PP-LCNet), then a ReLU6 block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 3)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        h = self.first(x)
+        h = h * torch.clamp(h + 3.0, 0.0, 6.0) / 6.0
+        return self.head(torch.clamp(self.second(h), 0.0, 6.0))
+
+
+def test_units_the_option_would_not_balance_are_not_offered_it():
+    # x * Clip(x + 3, 0, 6) multiplies the unit by itself: --rescale-clip would move the clip's
+    # bounds and still leave the unit fixed. Only the ReLU6 units are counted behind clips,
+    # and the hard swish's say what else stops them.
+    from torch_models import export
+
+    model = export(randomise(HardSwishThenRelu6(), seed=3).eval(), torch.randn(1, 3, 12, 12))
+    units = analyse(model)
+    assert units.n_groups == 0 and units.units_behind_clips == 5
+    reasons = {s.node: s.reason for s in units.skipped if s.count}
+    (first,) = [r for node, r in reasons.items() if node.startswith("/first")]
+    assert (
+        "which is not positively homogeneous at fixed bounds [0, 6]; with --rescale-clip: " in first
+    )
+    assert "with scaled units on both inputs" in first and "moves them" not in first
+    (second,) = [r for node, r in reasons.items() if node.startswith("/second")]
+    assert second.endswith("(--rescale-clip moves them with the units)")
+    _, report = api.balance(model)
+    assert report.units_behind_clips == 5
+    balanced, report = api.balance(model, rescale_clip=True)
+    assert report.units_balanced == 5 and report.units_behind_clips == 5 and report.verify.passed

@@ -29,12 +29,16 @@ positive factor, as it is through a positively homogeneous activation (docs/algo
 With ``rescale_clip``, units pass clips with constant bounds (ReLU6, ...) as hidden units, and
 each such clip on a moving channel becomes a :class:`~onnxbalance.unitgraph.ClipReplacement`
 whose per-unit bounds are rescaled like a bias (:mod:`.passthrough`). Without it, they stop
-there; ``units_behind_clips`` counts them either way.
+there. ``units_behind_clips`` counts the units that the clips decide on: balanced with the
+option, fixed without it. Without the option the units are therefore also followed as if it
+were given, and a unit that something else would stop then says what (a hard-swish
+``x * Clip(x + 3, 0, 6) / 6`` multiplies the unit by itself).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import NamedTuple, overload
 
 import numpy as np
@@ -162,7 +166,31 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
     diagonal = frozenset(i for i in followed.quiet if is_channel_scale(graph, i))
     if diagonal:
         followed = _followed(graph, clips.fresh(), diagonal)
-    return _assembled(graph, followed)
+    behind = sorted(followed.clips.behind)
+    if clips.rescale or not behind:
+        decided = int(_moving(followed.state)[behind].sum())
+    else:  # followed as with --rescale-clip: what the option would balance, what it would not
+        rescaled = _followed(graph, clips.fresh(rescale=True), diagonal)
+        moving = _moving(rescaled.state)
+        decided = int(moving[behind].sum())
+        _name_other_obstacles(followed.state, rescaled.state, moving)
+    units, weights = _assembled(graph, followed)
+    return replace(units, units_behind_clips=decided), weights
+
+
+def _name_other_obstacles(state: _Units, rescaled: _Units, moving: np.ndarray) -> None:
+    """Reasons that offer --rescale-clip to units it would not balance: they say instead what
+    would stop them then (the first reason in their group, followed with the option)."""
+    roots = _roots(rescaled.parent)
+    first: dict[int, str] = {}
+    for u, why in sorted(rescaled.reason.items()):
+        first.setdefault(int(roots[u]), why)
+    for u, why in state.reason.items():
+        if why.endswith(_CLIP_HINT) and not moving[u]:
+            later = first.get(int(roots[u]))
+            state.reason[u] = why[: -len(_CLIP_HINT)] + (
+                f"; with --rescale-clip: {later}" if later else ""
+            )
 
 
 class _Followed(NamedTuple):
@@ -247,9 +275,8 @@ def _assembled(graph: GraphIndex, followed: _Followed) -> tuple[ModelUnits, list
     for clip, rows in replaced:
         edits += [TensorEdit(name, row_axis=0, row_groups=rows) for name, _ in clip.bound_tensors]
     replacements = tuple(clip for clip, _ in replaced)
-    return ModelUnits(
-        tuple(units), groups.names, tuple(skipped), tuple(edits), replacements, len(clips.behind)
-    ), weights
+    units = ModelUnits(tuple(units), groups.names, tuple(skipped), tuple(edits), replacements)
+    return units, weights
 
 
 def _propagate(
@@ -323,6 +350,9 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+_CLIP_HINT = " (--rescale-clip moves them with the units)"
+
+
 class _Clips:
     """The clips units reach: which to let them through (with ``rescale_clip``), which units
     reach any, and, once the groups are known, the nodes to replace."""
@@ -334,9 +364,10 @@ class _Clips:
         self.behind: set[int] = set()
         self.found: list[tuple[int, Bounds, Carrier]] = []
 
-    def fresh(self) -> _Clips:
-        """The same settings, nothing found yet (for another pass over the graph)."""
-        return _Clips(self.rescale, self.opset, self.in_body)
+    def fresh(self, rescale: bool | None = None) -> _Clips:
+        """The same settings (or this ``rescale``), nothing found yet (for another pass over
+        the graph)."""
+        return _Clips(self.rescale if rescale is None else rescale, self.opset, self.in_body)
 
     def admit(
         self, graph: GraphIndex, i: int, bounds: Bounds, carried: dict[int, Carrier], state: _Units
@@ -348,7 +379,7 @@ class _Clips:
         if not self.rescale:
             reason = (
                 f"feeds {node}, which is not positively homogeneous at fixed bounds "
-                f"{bounds.text()} (--rescale-clip moves them with the units)"
+                f"{bounds.text()}{_CLIP_HINT}"
             )
         elif self.in_body:  # the rewrite replaces nodes of the main graph only
             reason = f"feeds {node} inside a subgraph, where clips are not rewritten"
@@ -448,6 +479,17 @@ def _apply(graph: GraphIndex, i: int, step: Step, state: _Units) -> None:
                 state.union(column[0], other)
 
 
+def _moving(state: _Units, roots: np.ndarray | None = None) -> np.ndarray:
+    """Per unit, whether its group moves: its root (``roots``, found if None) is neither fixed
+    nor unread."""
+    roots = _roots(state.parent) if roots is None else roots
+    read = np.zeros(len(roots), dtype=bool)
+    np.logical_or.at(read, roots, state.read)
+    fixed_root = np.zeros(len(roots), dtype=bool)
+    fixed_root[roots[sorted(state.reason)]] = True
+    return ~fixed_root[roots] & read[roots]
+
+
 def _roots(parent: np.ndarray) -> np.ndarray:
     """Every unit's union-find root, by pointer jumping over the whole array at once."""
     roots = parent.copy()
@@ -517,11 +559,7 @@ class _Groups:
         self.root_reason: dict[int, tuple[int, str]] = {}  # root -> (first fixed member, why)
         for u, reason in sorted(state.reason.items()):
             self.root_reason.setdefault(int(self.roots[u]), (u, reason))
-        read = np.zeros(n, dtype=bool)
-        np.logical_or.at(read, self.roots, state.read)
-        fixed_root = np.zeros(n, dtype=bool)
-        fixed_root[list(self.root_reason)] = True
-        moving = ~fixed_root[self.roots] & read[self.roots]
+        moving = _moving(state, self.roots)
         # A root is its group's smallest unit (union keeps the smaller root), so numbering the
         # roots in ascending order numbers groups in order of their first unit.
         group_roots, number = np.unique(self.roots[moving], return_inverse=True)
