@@ -26,6 +26,7 @@ from torch_models import randomise
 from onnxbalance import api
 from onnxbalance.analysis import analyse
 from onnxbalance.overflow import overflowing_groups
+from onnxbalance.report import freeing_options
 from sample_models.mobilenet import MobileNetV2Like
 
 INF = np.inf
@@ -361,13 +362,12 @@ def test_units_the_option_would_not_balance_are_not_offered_it():
     assert units.n_groups == 0 and units.units_behind_clips == 5
     reasons = {s.node: s.reason for s in units.skipped if s.count}
     (first,) = [r for node, r in reasons.items() if node.startswith("/first")]
-    assert (
-        "which is not positively homogeneous at fixed bounds [0, 6]; with --rescale-clip: " in first
-    )
-    assert "with scaled units on both inputs" in first and "moves them" not in first
+    assert "fixed bounds [0, 6]; rescaled bounds would not free them: feeds Mul" in first
+    assert "with scaled units on both inputs" in first and "--rescale-clip" not in first
     (second,) = [r for node, r in reasons.items() if node.startswith("/second")]
     assert second.endswith("(--rescale-clip moves them with the units)")
     _, report = api.balance(model)
     assert report.units_behind_clips == 5
+    assert freeing_options(report.units_fixed) == {"--rescale-clip": 5}
     balanced, report = api.balance(model, rescale_clip=True)
     assert report.units_balanced == 5 and report.units_behind_clips == 5 and report.verify.passed

@@ -180,7 +180,8 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
 
 def _name_other_obstacles(state: _Units, rescaled: _Units, moving: np.ndarray) -> None:
     """Reasons that offer --rescale-clip to units it would not balance: they say instead what
-    would stop them then (the first reason in their group, followed with the option)."""
+    would stop them then (the first reason in their group, followed with the option), without
+    naming it (the summary counts the units each option named in their reasons may free)."""
     roots = _roots(rescaled.parent)
     first: dict[int, str] = {}
     for u, why in sorted(rescaled.reason.items()):
@@ -189,7 +190,7 @@ def _name_other_obstacles(state: _Units, rescaled: _Units, moving: np.ndarray) -
         if why.endswith(_CLIP_HINT) and not moving[u]:
             later = first.get(int(roots[u]))
             state.reason[u] = why[: -len(_CLIP_HINT)] + (
-                f"; with --rescale-clip: {later}" if later else ""
+                f"; rescaled bounds would not free them: {later}" if later else ""
             )
 
 
