@@ -225,7 +225,12 @@ class ModelUnits:
             for layer, column in zip(self.layers, columns, strict=True)
         ]
         storage = [
-            _storage(column.squares_alone(p), np.asarray(layer.weight).dtype, shape)
+            _storage(
+                column.squares_alone(p),
+                np.asarray(layer.weight).dtype,
+                shape,
+                rows_fixed=bool(np.all(np.asarray(layer.row_groups) == FIXED)),
+            )  # fmt: skip
             for layer, column, shape in zip(self.layers, columns, shapes, strict=True)
         ]
         stores = {
@@ -257,17 +262,22 @@ class ModelUnits:
         return UnitGraph(tuple(layers), self.group_names)
 
 
-def _storage(squares_alone: bool, weight_dtype: np.dtype, shape: tuple[int, int]) -> type:
+def _storage(
+    squares_alone: bool, weight_dtype: np.dtype, shape: tuple[int, int], rows_fixed: bool = False
+) -> type:
     """How a layer's coupling is kept: np.float64; np.float32 where its entries are squares
     of float16 or bfloat16 weights (exact in float32), or :class:`LazySquares` (not stored)
     from :data:`LAZY_BYTES` of them on; :class:`LazySquares` too for squares of float32
-    weights from :data:`LAZY_FLOAT32_BYTES` on."""
+    weights from :data:`LAZY_FLOAT32_BYTES` on, and for the squares of a layer whose rows all
+    stay at scale 1 (a transformer's q, k and output projections): for q = p the solver reads
+    those once, for their column sums (``solver.couplings.collapse_fixed_rows``), and storing
+    them first cost more than that read."""
     if not squares_alone:
         return np.float64
     size = shape[0] * shape[1]
     if squares_fit_float32(weight_dtype):
-        return LazySquares if 4 * size >= LAZY_BYTES else np.float32
-    if weight_dtype == np.float32 and 8 * size >= LAZY_FLOAT32_BYTES:
+        return LazySquares if rows_fixed or 4 * size >= LAZY_BYTES else np.float32
+    if weight_dtype == np.float32 and (rows_fixed or 8 * size >= LAZY_FLOAT32_BYTES):
         return LazySquares
     return np.float64
 

@@ -176,13 +176,15 @@ def test_no_full_size_matrix_during_a_solve(monkeypatch, dtype):
     finally:
         tracemalloc.stop()
     lazy = [type(layer.coupling) is memory.LazySquares for layer in graph.layers]
-    assert lazy == [False, True, True, False]  # the hidden layers; the rest are small
+    # the hidden layers, and the output layer, whose rows stay (read once, for its column sums)
+    assert lazy == [False, True, True, True]
     assert result.converged and result.passes > 4
     assert peak < width * width * 4, peak
     monkeypatch.undo()
-    monkeypatch.setattr(unitgraph, "LAZY_FLOAT32_BYTES", 2**40)  # all stored
+    monkeypatch.setattr(unitgraph, "LAZY_FLOAT32_BYTES", 2**40)  # the hidden layers stored
     stored = units.unit_graph(2.0)
-    assert not any(type(layer.coupling) is memory.LazySquares for layer in stored.layers)
+    lazy = [type(layer.coupling) is memory.LazySquares for layer in stored.layers]
+    assert lazy == [False, False, False, True]
     expected = solve(stored, 2.0, 2.0, tol=1e-8)
     # the tiles sum in another order than the stored blocks: round-off, within the tolerance
     np.testing.assert_allclose(result.norm_after, expected.norm_after, rtol=1e-12)
@@ -273,3 +275,25 @@ def test_balance_file_with_external_data_writes_the_stored_result(dtype, tmp_pat
     assert lazy_report.norm_after == stored_report.norm_after
     assert lazy_report.passes == stored_report.passes
     assert lazy_report.verify is not None and lazy_report.verify.passed
+
+
+@pytest.mark.parametrize("q", [2.0, 1.0])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_layers_whose_rows_all_stay_are_never_stored(dtype, q):
+    """A transformer's q, k and output projections: for q = p the solver reads them once, for
+    their column sums; for q != p on every pass. Either way, the stored solution."""
+    units = analyse(mlp((6, 32, 24, 16, 3), dtype=dtype, seed=5))
+    graph = units.unit_graph(2.0)
+    lazy = [type(layer.coupling) is memory.LazySquares for layer in graph.layers]
+    assert lazy == [False, False, False, True]  # only the output layer's rows all stay
+    stored = UnitGraph(
+        tuple(
+            dataclasses.replace(layer, coupling=np.asarray(layer.coupling, np.float64))
+            for layer in graph.layers
+        ),
+        graph.group_names,
+    )
+    found, expected = solve(graph, 2.0, q, tol=1e-10), solve(stored, 2.0, q, tol=1e-10)
+    assert expected.converged and expected.norm_after < expected.norm_before
+    np.testing.assert_allclose(found.norm_after, expected.norm_after, rtol=1e-12)
+    np.testing.assert_allclose(found.log_scales, expected.log_scales, rtol=0, atol=1e-8)
