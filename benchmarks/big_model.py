@@ -5,9 +5,10 @@ Measures, each in its own process (so memory and time are isolated):
 * the baseline: ``onnx.load`` (external data included) + ``onnx.save_model`` with external data;
 * ``onnxbalance IN OUT --no-verify`` (time target: at most 2x the baseline);
 * ``onnxbalance IN OUT`` with verification (peak RSS target: at most 2.5x the weight bytes);
-* one onnxruntime session of the input model run once, as verification runs it (seconds inside
-  the process): a verified run makes four such runs, each model with its weights as they are
-  and perturbed, which bounds its time from below whatever the solver does.
+* one onnxruntime session of the input model run once, as verification runs it (bfloat16
+  widened by Casts; seconds inside the process): a verified run makes four such runs, each
+  model with its weights as they are and perturbed, which bounds its time from below whatever
+  the solver does.
 
 Peak resident memory comes from ``/usr/bin/time -v`` (Maximum resident set size) when it exists,
 else from ``resource.getrusage(RUSAGE_CHILDREN)``. The model is generated chunk by chunk, straight
@@ -257,11 +258,10 @@ print(time.perf_counter() - start)
 
 
 _ONNXRUNTIME = """
-import sys, time, onnx
-from onnxbalance.verify import make_inputs, run_model
-feed = make_inputs(onnx.load(sys.argv[1], load_external_data=False))[0]
+import sys, time
+from onnxbalance.verify import check_runs
 start = time.perf_counter()
-run_model(sys.argv[1], feed, "the input model")
+check_runs(sys.argv[1])  # one run, as verification makes it (bfloat16 widened by Casts)
 print(time.perf_counter() - start)
 """
 
