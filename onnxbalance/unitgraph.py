@@ -213,8 +213,8 @@ class ModelUnits:
         A layer whose couplings are squares exact in float32 (of float16 or bfloat16 weights,
         :meth:`_Columns.squares_alone`) stores them only there, half the bytes of float64, or
         from :data:`LAZY_BYTES` on does not store them at all, nor do big float32 layers
-        (:data:`LAZY_FLOAT32_BYTES`); a bfloat16 weight found outside the range where that
-        holds falls back to float64.
+        (:data:`LAZY_FLOAT32_BYTES`) and layers whose rows all stay at scale 1 (:func:`_storage`);
+        a bfloat16 weight found outside the range where that holds falls back to float64.
 
         ``unit_max``: if given, each layer's per-unit largest |w| is appended to it, found
         while the couplings are built (:func:`onnxbalance.memory.abs_power`).
@@ -230,7 +230,7 @@ class ModelUnits:
                 np.asarray(layer.weight).dtype,
                 shape,
                 rows_fixed=bool(np.all(np.asarray(layer.row_groups) == FIXED)),
-            )  # fmt: skip
+            )
             for layer, column, shape in zip(self.layers, columns, shapes, strict=True)
         ]
         stores = {
