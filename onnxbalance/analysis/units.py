@@ -170,6 +170,7 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
     if clips.rescale or not behind:
         decided = int(_moving(followed.state)[behind].sum())
     else:  # followed as with --rescale-clip: what the option would balance, what it would not
+        # (the same layers, diagonal ones included, so that unit numbers agree)
         rescaled = _followed(graph, clips.fresh(rescale=True), diagonal)
         moving = _moving(rescaled.state)
         decided = int(moving[behind].sum())
