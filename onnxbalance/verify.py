@@ -640,10 +640,9 @@ def make_inputs(
     a given one if ``input_shapes`` fixes it somewhere, else :data:`BATCH` if it leads an input
     of rank 2 or more; an input laid out as a recurrent state, [fixed, ?, fixed] with that
     dimension unnamed, takes the batch of the other inputs there (``input_shapes`` overrides
-    all of it). One draw when a batch was chosen
-    so, else :data:`DRAWS`. Random floats are standard normal, integers uniform in the rows of
-    the stored table they index through a Gather (:func:`index_bounds`), else in
-    [0, SMALL_INTEGERS), booleans fair coin flips.
+    all of it). One draw when a batch was chosen so, else :data:`DRAWS`. Random floats are
+    standard normal, integers uniform in the rows of the stored table they index through a
+    Gather (:func:`index_bounds`), else in [0, SMALL_INTEGERS), booleans fair coin flips.
 
     Raises:
         InputError: an input is not fed or unknown, a shape has the wrong rank or a
@@ -763,25 +762,20 @@ def _input_types(
         leading = _dim_names(value)[:1]
         if name not in input_shapes and len(_dims(value)) >= 2 and leading[0]:
             named.setdefault(leading[0], BATCH)
-    batch = _batch_size(declared, input_shapes)
-    return {
-        name: _dtype_and_shape(name, value, input_shapes.get(name), named, size, batch)
+    typed = {
+        name: _dtype_and_shape(name, value, input_shapes.get(name), named, size)
         for name, value in declared.items()
     }
-
-
-def _batch_size(
-    declared: Mapping[str, onnx.ValueInfoProto], input_shapes: Mapping[str, Sequence[int]]
-) -> int | None:
-    """The size of the batch: that given for the first input of rank 2 or more whose leading
-    dimension is dynamic, else :data:`BATCH` if there is one; None if no input has such a
-    leading dimension."""
+    # the batch: what the first input of rank 2 or more with a dynamic leading dimension got
+    batches = (typed[name][1][0] for name, value in declared.items()
+               if len(_dims(value)) >= 2 and _dims(value)[0] is None)  # fmt: skip
+    batch = next(batches, None)
     for name, value in declared.items():
-        dims = _dims(value)
-        if len(dims) >= 2 and dims[0] is None:
-            given = input_shapes.get(name)
-            return int(given[0]) if given is not None and len(given) == len(dims) else BATCH
-    return None
+        state = name not in input_shapes and _recurrent_state(_dims(value), _dim_names(value))
+        if state and batch is not None:
+            dtype, (directions, _, hidden) = typed[name]
+            typed[name] = dtype, (directions, batch, hidden)
+    return typed
 
 
 def _recurrent_state(dims: Sequence[int | None], names: Sequence[str]) -> bool:
@@ -1090,7 +1084,6 @@ def _dtype_and_shape(
     override: Sequence[int] | None,
     named: Mapping[str, int] | None = None,
     size: int = SIZES[0],
-    batch: int | None = None,
 ) -> tuple[np.dtype, tuple[int, ...]]:
     if not value.type.HasField("tensor_type"):
         raise InputError(f"input {name!r} is not a tensor; give arrays with --inputs FILE.npz")
@@ -1119,12 +1112,9 @@ def _dtype_and_shape(
     if declared is None:
         raise InputError(f"input {name!r} has no declared shape; give it with --input-shape")
     named = named or {}
-    names = _dim_names(value)
-    if batch is not None and _recurrent_state(declared, names):
-        return dtype, (declared[0], batch, declared[2])
     return dtype, tuple(
         d or named.get(dim) or (BATCH if i == 0 and len(declared) >= 2 else size)
-        for i, (d, dim) in enumerate(zip(declared, names, strict=True))
+        for i, (d, dim) in enumerate(zip(declared, _dim_names(value), strict=True))
     )
 
 
