@@ -141,9 +141,6 @@ _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _SQUARES_FROM = np.uint32(64 << 23)
 _SQUARES_BELOW = np.uint32(191 << 23)
 _INFINITE_BITS = {2: 0x7C00, 4: 0x7F800000}  # |w|'s bits from here on: inf or NaN (float16, 32)
-_SQUARES_EXACT = {_BFLOAT16: (int(_SQUARES_FROM >> 16), int(_SQUARES_BELOW >> 16))}
-"""Where |w|'s bits must lie for its square to be exact in the lazy dtype, when not merely
-finite (non-zero values; see :func:`check_lazy_squares`)."""
 
 
 def squares_fit_float32(dtype: np.typing.DTypeLike) -> bool:
@@ -470,7 +467,10 @@ def check_lazy_squares(squares: LazySquares, unit_max: np.ndarray | None = None)
     stored: |w|'s order is that of its bits with the sign cleared."""
     dtype = squares.weight.dtype
     bits = np.dtype(np.uint16 if dtype.itemsize == 2 else np.uint32)
-    low, high = _SQUARES_EXACT.get(dtype, (1, _INFINITE_BITS[dtype.itemsize]))
+    if dtype == _BFLOAT16:  # the top halves of float32 bits
+        low, high = int(_SQUARES_FROM >> 16), int(_SQUARES_BELOW >> 16)
+    else:  # any finite value squares exactly
+        low, high = 1, _INFINITE_BITS[dtype.itemsize]
     largest = None if unit_max is None else np.zeros(len(unit_max), bits)
     along = 0 if squares.transposed else 1  # the stored tile holds the rows along this axis
     sign_cleared = bits.type(np.iinfo(bits).max >> 1)

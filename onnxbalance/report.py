@@ -157,9 +157,9 @@ class Report:
     ``max_imbalance_before``/``_after`` are max over balanced units of |in - out| / (in + out)
     (docs/algorithm.md §3; 0 means exactly balanced). ``units_behind_clips`` reach a clip with
     constant bounds (ReLU6, ...), which stops them unless ``rescale_clip``, and nothing else
-    would (those the option balances); ``clips_replaced``
-    names the clip nodes replaced by per-unit bounds. ``weight_inputs_dropped`` names the
-    weights removed from the graph inputs (``drop_weight_inputs``).
+    would (those the option balances); ``clips_replaced`` names the clip nodes replaced by
+    per-unit bounds. ``weight_inputs_dropped`` names the weights removed from the graph inputs
+    (``drop_weight_inputs``).
     """
 
     p: float
