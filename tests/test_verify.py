@@ -15,6 +15,7 @@ from onnxbalance.verify import (
     BATCH,
     DRAWS,
     FACTOR,
+    _Perturbation,
     _Rule,
     compare_models,
     compare_output,
@@ -439,3 +440,25 @@ def test_outputs_own_their_memory():
     model = gemm_mlp([6, 40, 3], seed=4, dtype=np.float16)
     outputs = run_model(model, {"x": np.ones((2, 6), np.float16)}, "the model")
     assert outputs["y"].flags.owndata and outputs["y"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_weights_move_and_whole_number_structure_stays(dtype):
+    # A weight moves when any of its finite values has a fraction, however far into it (the
+    # first values are only looked at first); whole numbers, scalars and infinities are
+    # structure (masks, scales, -inf fills) and stay, bit for bit.
+    def tensor(values):
+        return numpy_helper.from_array(np.asarray(values, dtype=dtype), "t")
+
+    whole = np.arange(300_000, dtype=np.float64) % 7 - 3
+    late_fraction = whole.copy()
+    late_fraction[-5] = 0.5
+    fills = np.where(whole > 0, -np.inf, 0.0)
+    cases = [(whole, False), (late_fraction, True), (fills, False), ([2.5], False)]
+    assert [_Perturbation.moves(tensor(v)) for v, _ in cases] == [m for _, m in cases]
+    perturbation = _Perturbation(seed=0)
+    for values, moves in cases:
+        stored = tensor(values)
+        moved = numpy_helper.to_array(perturbation.tensor(stored))
+        same = np.array_equal(moved.view(np.uint8), numpy_helper.to_array(stored).view(np.uint8))
+        assert same != moves
