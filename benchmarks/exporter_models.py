@@ -121,6 +121,16 @@ MODELS = (
         "silero-vad==6.2.3",
         "silero_vad/data/silero_vad_op18_ifless.onnx",
     ),
+    Model(
+        "silero-vad openvino",  # written by spox: the LSTM's input weight is gate rows sliced
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad_openvino_16k.onnx",
+    ),
+    Model(
+        "silero-vad sequence",  # a sequence of windows; h and c given apart
+        "silero-vad==6.2.3",
+        "silero_vad/data/silero_vad_16k_sequence.onnx",
+    ),
 )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from arch_reference import assert_equivalent
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxbalance import balance
 from onnxbalance.analysis import analyse
@@ -40,13 +40,17 @@ class ConvRecurrent(nn.Module):
         return self.head(out)
 
 
-def _exported(cell: type, bidirectional: bool) -> onnx.ModelProto:
+def _module(cell: type, bidirectional: bool) -> nn.Module:
     module = randomise(ConvRecurrent(cell, bidirectional), seed=9).eval()
     with torch.no_grad():  # something to balance: conv channels of very different scales
         spread = torch.exp(torch.linspace(-2.0, 2.0, CHANNELS))
         module.conv.weight.mul_(spread.view(-1, 1, 1, 1))
         module.conv.bias.mul_(spread)
-    return export(module, torch.randn(1, 1, HEIGHT, 7))
+    return module
+
+
+def _exported(cell: type, bidirectional: bool) -> onnx.ModelProto:
+    return export(_module(cell, bidirectional), torch.randn(1, 1, HEIGHT, 7))
 
 
 def _stored(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -114,3 +118,87 @@ def test_a_recogniser_of_any_width_balances_its_features(to_sequence):
     assert report.units_found == report.units_balanced == CHANNELS
     assert report.norm_after < report.norm_before * (1 - 1e-3)
     assert_equivalent(model, balanced, feed)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_an_export_without_constant_folding_balances_like_the_folded_one(cell):
+    # Without constant folding (do_constant_folding=False, or inside an If branch, where none
+    # applies) torch writes the input weight as Unsqueeze(Concat(Slice(W, gate rows), ...)):
+    # the stored W's columns move then, and both exports reach the same minimum.
+    module, example = _module(getattr(nn, cell), False), torch.randn(1, 1, HEIGHT, 7)
+    folded, unfolded = (export(module, example, fold=fold) for fold in (True, False))
+    (node,) = [n for n in unfolded.graph.node if n.op_type == cell]
+    assert node.input[1] not in _stored(unfolded)  # computed at run time from the stored W
+    feed = {"x": np.random.default_rng(9).normal(size=(1, 1, HEIGHT, 7)).astype(np.float32)}
+    (_, expected), (balanced, report) = (balance(m, inputs=feed) for m in (folded, unfolded))
+    assert report.units_found == report.units_balanced == CHANNELS
+    assert report.norm_before == pytest.approx(expected.norm_before, rel=1e-12)
+    assert report.norm_after == pytest.approx(expected.norm_after, rel=1e-9)
+    assert_equivalent(unfolded, balanced, feed)
+
+    before, after = _stored(unfolded), _stored(balanced)
+    (w,) = [name for name in before if name.endswith("weight_ih_l0")]  # [gates * hidden, C * H]
+    per_channel = (after[w] / before[w]).reshape(-1, CHANNELS, HEIGHT)
+    assert np.allclose(per_channel, per_channel[:1, :, :1], rtol=1e-5)  # a factor per channel
+    assert not np.allclose(per_channel, 1.0, rtol=1e-3)
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    assert changed == {w, "conv.weight", "conv.bias"}
+
+
+def _slices_of_stored_rows(rows: list[tuple[int, int]], extra_reader: bool) -> onnx.ModelProto:
+    """x -> MatMul -> Relu -> LSTM (hidden 2) whose input weight is Unsqueeze(Concat(Slice(W,
+    rows), ...)); ``extra_reader``: W's first rows are also a graph output."""
+    rng = np.random.default_rng(3)
+    stored = [
+        numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "first"),
+        numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(size=(1, 8, 2)).astype(np.float32), "R"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "first"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+    ]
+    for k, (start, end) in enumerate(rows):
+        stored += [
+            numpy_helper.from_array(np.array([start], np.int64), f"start{k}"),
+            numpy_helper.from_array(np.array([end], np.int64), f"end{k}"),
+        ]
+        nodes.append(helper.make_node("Slice", ["W", f"start{k}", f"end{k}", "axis0"], [f"g{k}"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 2])]
+    if extra_reader:
+        nodes.append(helper.make_node("Slice", ["W", "start0", "end0", "axis0"], ["seen"]))
+        outputs.append(helper.make_tensor_value_info("seen", TensorProto.FLOAT, None))
+    nodes += [
+        helper.make_node("Concat", [f"g{k}" for k in range(len(rows))], ["gates"], axis=0),
+        helper.make_node("Unsqueeze", ["gates", "axis0"], ["Wx"]),
+        helper.make_node("LSTM", ["a", "Wx", "R"], ["y"], hidden_size=2),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 4])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, stored)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra_reader", "reason"),
+    [
+        ([(4, 8), (0, 4)], False, None),
+        ([(0, 2), (6, 8), (4, 6), (2, 4)], False, None),
+        ([(0, 4), (0, 4)], False, "input weight 'Wx' is not stored"),  # rows 4-7 unread
+        ([(0, 6), (4, 8)], False, "input weight 'Wx' is not stored"),  # rows 4, 5 twice
+        ([(4, 8), (0, 4)], True, "weight 'W' is also read outside the input weight 'Wx'"),
+    ],
+)
+def test_gates_reordered_by_slices_move_the_stored_weight_only_when_it_is_theirs(
+    rows, extra_reader, reason
+):
+    model = _slices_of_stored_rows(rows, extra_reader)
+    units = analyse(model)
+    fixed = [skip.reason for skip in units.skipped]
+    if reason is None:
+        assert units.n_groups == 3 and not fixed
+        balanced, report = balance(model)
+        assert report.units_balanced == 3 and report.verify.passed
+        assert not np.array_equal(_stored(balanced)["W"], _stored(model)["W"])
+    else:
+        assert any(reason in why for why in fixed), fixed

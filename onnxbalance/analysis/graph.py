@@ -11,6 +11,7 @@ from :func:`onnxbalance.analysis.shapes.infer_shapes` when the caller passes the
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -126,6 +127,10 @@ class GraphIndex:
         self.implicit: dict[int, list[str]] = {}  # outer tensors read inside a node's subgraphs
         self._initializers = {t.name: t for t in graph.initializer}
         self._initializers.update((copy.name, copy.value) for copy in copies)
+        self._sources = {copy.name: copy.source for copy in copies}
+        self._copied_reads = collections.Counter(
+            copy.source for copy in copies for _ in copy.readers
+        )
         self.sparse = frozenset(t.values.name for t in graph.sparse_initializer)
         self._constant_nodes: dict[str, onnx.NodeProto] = {}
         self._arrays: dict[str, np.ndarray] = {}
@@ -185,6 +190,15 @@ class GraphIndex:
     def n_uses(self, name: str) -> int:
         """Node inputs reading ``name`` (a node reading it twice counts twice)."""
         return len(self.uses(name))
+
+    def stored_name(self, name: str) -> str:
+        """The tensor a private copy was made of (``name`` itself for any other)."""
+        return self._sources.get(name, name)
+
+    def n_stored_uses(self, name: str) -> int:
+        """Node inputs that read the stored tensor ``name`` in the file, those given private
+        copies of it included."""
+        return self.n_uses(name) + self._copied_reads[name]
 
     def is_constant(self, name: str) -> bool:
         return name in self._initializers or name in self._constant_nodes

@@ -23,7 +23,8 @@ it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact bec
   gates * hidden, input]: every gate computes ``f(x W^T + h R^T + b)``, so dividing column i
   of W (in every direction and gate) by a_i undoes a factor a_i carried by x[..., i]. The gates
   pass sigmoid and tanh, so their rows never move and count as no unit; R and b stay as they
-  are.
+  are. A one-direction W computed as ``Unsqueeze(Concat(Slice(V, gate rows), ...), [0])`` from
+  a stored 2-D V, every row of V once, has V's columns: V's columns move instead.
 * LayerNormalization over the last axis and InstanceNormalization end in
   ``y = scale[o] * x_hat[..., o] + bias[o]``, ``x_hat`` normalised: a diagonal layer whose
   units are the output channels (scaling scale[o] and bias[o] by a_o scales y's channel o by
@@ -199,8 +200,9 @@ class LinearMatch:
         return None
 
 
-def _editable(graph: GraphIndex, name: str, role: str) -> str | None:
-    """Why a constant cannot be rewritten in place, or None if it can."""
+def _editable(graph: GraphIndex, name: str, role: str, readers: int = 1) -> str | None:
+    """Why a constant cannot be rewritten in place, or None if it can (``readers``: the node
+    inputs of the one expression that may read it)."""
     if graph.is_overridable(name):
         return (
             f"{role} '{name}' is also a graph input (it can be overridden at run time; "
@@ -214,7 +216,7 @@ def _editable(graph: GraphIndex, name: str, role: str) -> str | None:
     n = graph.n_uses(name)  # in a body: over the whole model
     if n > len(uses):
         return f"{role} '{name}' is used by {n} node inputs"
-    if n > 1:
+    if n > readers:
         return (
             f"{role} '{name}' is shared by {n} node inputs that need different factors "
             "(--copy-shared-weights gives each its own copy)"
@@ -411,9 +413,14 @@ def _match_recurrent(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         return None
     w = node.input[1]
     if w in graph.sparse or not graph.is_constant(w):
-        return Refusal(f"{node.op_type} '{graph.names[i]}' input weight '{w}' is not stored")
-    shape = graph.shape(w)
-    if shape is None or len(shape) != 3 or graph.elem_type(w) not in FLOAT_TYPES:
+        found = _rows_rearranged(graph, w)
+        if found is None:
+            return Refusal(f"{node.op_type} '{graph.names[i]}' input weight '{w}' is not stored")
+        (stored, weight_refusal), rank = found, 2
+    else:
+        stored, weight_refusal, rank = w, _editable(graph, w, "weight"), 3
+    shape = graph.shape(stored)
+    if shape is None or len(shape) != rank or graph.elem_type(stored) not in FLOAT_TYPES:
         return Refusal(f"{node.op_type} input weight '{w}' is not a 3-D float constant")
     return LinearMatch(
         name=graph.names[i],
@@ -422,16 +429,111 @@ def _match_recurrent(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         in_axis=-1,
         output=node.output[0] if node.output else "",
         out_axis=-1,
-        weight=w,
-        row_axis=1,
-        col_axis=2,
+        weight=stored,
+        row_axis=rank - 2,
+        col_axis=rank - 1,
         alpha=1.0,
-        n_rows=shape[0] * shape[1],
-        n_cols=shape[2],
+        n_rows=int(np.prod(shape[:-1])),
+        n_cols=shape[-1],
         rows_refusal=f"gates of {node.op_type} '{graph.names[i]}'",
-        cols_refusal=_editable(graph, w, "weight"),
+        cols_refusal=weight_refusal,
         kind="recurrent",
     )
+
+
+def _rows_rearranged(graph: GraphIndex, name: str) -> tuple[str, str | None] | None:
+    """The stored 2-D weight whose rows, each once, in some order, make up ``Unsqueeze(.., [0])``
+    = ``name``, and why its columns cannot move (None: they can); None for anything else.
+
+    torch exports an LSTM or GRU without constant folding (or inside an If branch, where none
+    applies) as ``Unsqueeze(Concat(Slice(W, gate rows), ...), [0])``: its gates reordered.
+    Slices and Concats along the rows keep every column whole, so dividing W's column i by a_i
+    divides the recurrent layer's column i alike, when W and every node between are read by
+    this expression alone."""
+    unsqueeze = graph.producer_of(name)
+    if (
+        unsqueeze is None
+        or unsqueeze.op_type != "Unsqueeze"
+        or unsqueeze.domain not in STANDARD_DOMAINS
+        or name in graph.graph_outputs
+    ):
+        return None
+    if len(unsqueeze.input) > 1:  # opset >= 13: the axes are an input
+        given = unsqueeze.input[1]
+        if not graph.is_constant(given) or graph.is_overridable(given):
+            return None
+        axes = graph.array(given).ravel().tolist()
+    else:
+        axes = list(attr(unsqueeze, "axes", []))
+    found = _row_pieces(graph, unsqueeze.input[0]) if axes in ([0], [-3]) else None
+    if found is None:
+        return None
+    piece, rows, reads = found
+    stored = graph.stored_name(piece)
+    if not np.array_equal(np.sort(rows), np.arange(graph.shape(stored)[0])):
+        return None  # rows left out or repeated: the stored weight is not the layer's
+    refusal = _editable(graph, stored, "weight", readers=reads)
+    if refusal is None and (reads != graph.n_stored_uses(stored) or graph.n_uses(name) != 1):
+        refusal = f"weight '{stored}' is also read outside the input weight '{name}'"
+    return stored, refusal
+
+
+def _row_pieces(graph: GraphIndex, name: str) -> tuple[str, np.ndarray, int] | None:
+    """(the 2-D constant, the rows of it, in order, and how many times it is read) that
+    ``name`` is made of through Slices and Concats along the first axis, each read once."""
+    if graph.is_constant(name):
+        shape = graph.shape(name)
+        if shape is None or len(shape) != 2 or graph.elem_type(name) not in FLOAT_TYPES:
+            return None
+        return name, np.arange(shape[0]), 1
+    node = graph.producer_of(name)
+    if (
+        node is None
+        or node.domain not in STANDARD_DOMAINS
+        or graph.n_uses(name) != 1
+        or name in graph.graph_outputs
+    ):
+        return None
+    if node.op_type == "Concat" and attr(node, "axis", None) in (0, -2):
+        parts = [_row_pieces(graph, part) for part in node.input]
+        if any(p is None for p in parts) or len({graph.stored_name(p[0]) for p in parts}) != 1:
+            return None
+        rows = np.concatenate([p[1] for p in parts])
+        return parts[0][0], rows, sum(p[2] for p in parts)
+    if node.op_type == "Slice":
+        cuts = slice_cuts(graph, node)
+        inner = _row_pieces(graph, node.input[0])
+        if cuts is None or inner is None:
+            return None
+        stored, rows, reads = inner
+        for axis, start, end, step in cuts:
+            if axis not in (0, -2) or step != 1:
+                return None
+            rows = rows[start:end]  # ONNX clamps like Python slicing
+        return stored, rows, reads
+    return None
+
+
+def slice_cuts(graph: GraphIndex, node: onnx.NodeProto) -> list[tuple[int, int, int, int]] | None:
+    """(axis, start, end, step) for every axis a Slice cuts, as the node gives them (an axis
+    may be negative; bounds clamp like Python slicing; INT64 bounds stay valid Python ints),
+    from its inputs (opset >= 10) or attributes (before); None when one is computed at run
+    time."""
+    if len(node.input) > 1:
+        names = list(node.input[1:5])
+        if any(n and not (graph.is_constant(n) and not graph.is_overridable(n)) for n in names):
+            return None
+        values = [graph.array(n) if n else None for n in names]
+        starts, ends, axes, steps = values + [None] * (4 - len(values))
+    else:
+        starts, ends = attr(node, "starts", []), attr(node, "ends", [])
+        axes, steps = attr(node, "axes", None), None
+    starts = np.asarray(starts, dtype=np.int64).ravel()
+    ends = np.asarray(ends, dtype=np.int64).ravel()
+    axes = np.arange(len(starts)) if axes is None else np.asarray(axes, dtype=np.int64).ravel()
+    steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
+    cuts = zip(axes, starts, ends, steps, strict=True)
+    return [(int(axis), int(start), int(end), int(step)) for axis, start, end, step in cuts]
 
 
 def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:

@@ -78,6 +78,7 @@ from .ops import (
     SUBGRAPH_OPS,
     Refusal,
     attr,
+    slice_cuts,
 )
 
 
@@ -984,32 +985,21 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     if isinstance(found, Refusal):
         return found
     data, rank = found
-    if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps are inputs
-        values = [_constant(graph, n) if n else None for n in node.input[1:5]]
-        if any(v is None for v, n in zip(values, node.input[1:5], strict=False) if n):
-            # bounds computed at run time (a time step's window) on other axes only: the
-            # entries kept along the unit axis are all of them
-            given = values[2] if len(values) > 2 else None
-            if given is not None:
-                axes = {int(a) if a < 0 else int(a) - rank for a in np.ravel(given)}
-                if not axes & set(data.axes):
-                    return _same(graph, i, data)
-            return Refusal(f"feeds Slice '{graph.names[i]}' whose bounds are not constants")
-        values += [None] * (4 - len(values))
-        starts, ends, axes, steps = values
-    else:
-        starts, ends = attr(node, "starts", []), attr(node, "ends", [])
-        axes, steps = attr(node, "axes", None), None
-    starts = np.asarray(starts, dtype=np.int64).ravel()
-    ends = np.asarray(ends, dtype=np.int64).ravel()
-    axes = np.arange(len(starts)) if axes is None else np.asarray(axes, dtype=np.int64).ravel()
-    steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
-    for start, end, ax, step in zip(starts, ends, axes, steps, strict=True):
+    cuts = slice_cuts(graph, node)
+    if cuts is None:
+        # bounds computed at run time (a time step's window) on other axes only: the entries
+        # kept along the unit axis are all of them
+        given = _constant(graph, node.input[3]) if len(node.input) > 3 else None
+        if given is not None:
+            axes = {int(a) if a < 0 else int(a) - rank for a in np.ravel(given)}
+            if not axes & set(data.axes):
+                return _same(graph, i, data)
+        return Refusal(f"feeds Slice '{graph.names[i]}' whose bounds are not constants")
+    for ax, start, end, step in cuts:
         ax = ax if ax < 0 else ax - rank
         if ax in data.axes:
             j = data.axes.index(ax)
-            # ONNX clamps like Python slicing; INT64 bounds stay valid Python ints
-            index = np.arange(data.units.shape[j])[slice(int(start), int(end), int(step))]
+            index = np.arange(data.units.shape[j])[slice(start, end, step)]
             data = data.along(j, index)
     return Step(outputs=((node.output[0], data),))
 
