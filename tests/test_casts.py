@@ -131,3 +131,49 @@ def test_casts_pass_the_units_to_float_types_only(target, like):
     assert report.norm_after < report.norm_before * (1 - 1e-3)
     # the hidden values are rounded to the target's precision on the way: bfloat16's 2^-8
     assert_equivalent(model, balanced, feed, rtol=3e-2 if target == "bfloat16" else 1e-2)
+
+
+def test_a_castlike_reads_only_the_dtype_of_the_units_it_is_like():
+    # CastLike(k, h) takes h's dtype, never its values: h's units reach nothing there
+    rng = np.random.default_rng(5)
+    skew = np.exp(rng.standard_normal((6, 1)))
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((6, 4)) * skew).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal((3, 6)) / skew.T).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.standard_normal(3), "shift"),  # float64, cast like h
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1"], ["h0"], "fc1", transB=1),
+        helper.make_node("Relu", ["h0"], ["h"], "relu"),
+        helper.make_node("CastLike", ["shift", "h"], ["shift32"], "like_h"),
+        helper.make_node("Gemm", ["h", "W2"], ["y0"], "fc2", transB=1),
+        helper.make_node("Add", ["y0", "shift32"], ["y"], "shifted"),
+    ]
+    graph = helper.make_graph(
+        nodes, "castlike_of_a_constant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    units = analyse(model)
+    assert units.n_groups == 6 and not units.skipped
+    feed = {"x": rng.standard_normal((16, 4)).astype(np.float32)}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_balanced == 6 and report.norm_after < report.norm_before * (1 - 1e-3)
+    assert_equivalent(model, balanced, feed)
+
+
+def test_the_dynamo_exporter_without_its_optimiser_casts_no_unit_away():
+    # its attention casts the softmax scale like q and k, whose units then go no further
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    module = randomise(layer, seed=6).eval()
+    example = torch.randn(2, 5, 16)
+    raw, optimised = (export_dynamo(module, example, optimize=flag) for flag in (False, True))
+    assert any(n.op_type == "CastLike" for n in raw.graph.node)
+    reasons = [(s.count, s.reason) for s in analyse(raw).skipped]
+    assert not [r for r in reasons if "CastLike" in r[1]], reasons
+    feed = {raw.graph.input[0].name: example.numpy()}  # torch names it after forward's argument
+    (_, expected), (balanced, report) = (balance(m, inputs=feed) for m in (optimised, raw))
+    assert report.units_balanced == expected.units_balanced > 0
+    assert_equivalent(raw, balanced, feed)

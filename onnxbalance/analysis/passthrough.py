@@ -292,8 +292,14 @@ def _cast(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
     """Cast and CastLike between float types: widening is exact; narrowing gives round(a z),
     which differs from a round(z) by the target's round-off, as a rescaled weight stored in that
     type does (fp16 converters wrap the ops they keep in float32, such as Resize, in a Cast each
-    way). A cast to anything else (an integer, a bool, float8) stops the units."""
+    way). A cast to anything else (an integer, a bool, float8) stops the units. CastLike reads
+    only the dtype of its second input: units arriving there reach nothing (the dynamo exporter
+    without its optimiser casts constants like the activations they meet)."""
     node = graph.nodes[i]
+    if node.op_type == "CastLike":
+        carried = {slot: carrier for slot, carrier in carried.items() if slot != 1}
+        if not carried:
+            return Step()
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
