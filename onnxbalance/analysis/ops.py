@@ -46,6 +46,7 @@ it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact bec
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -459,10 +460,10 @@ def _rows_rearranged(graph: GraphIndex, name: str) -> tuple[str, str | None] | N
     ):
         return None
     if len(unsqueeze.input) > 1:  # opset >= 13: the axes are an input
-        given = unsqueeze.input[1]
-        if not graph.is_constant(given) or graph.is_overridable(given):
+        given = fixed_constant(graph, unsqueeze.input[1])
+        if given is None:
             return None
-        axes = graph.array(given).ravel().tolist()
+        axes = given.ravel().tolist()
     else:
         axes = list(attr(unsqueeze, "axes", []))
     found = _row_pieces(graph, unsqueeze.input[0]) if axes in ([0], [-3]) else None
@@ -517,23 +518,119 @@ def _row_pieces(graph: GraphIndex, name: str) -> tuple[str, np.ndarray, int] | N
 def slice_cuts(graph: GraphIndex, node: onnx.NodeProto) -> list[tuple[int, int, int, int]] | None:
     """(axis, start, end, step) for every axis a Slice cuts, as the node gives them (an axis
     may be negative; bounds clamp like Python slicing; INT64 bounds stay valid Python ints),
-    from its inputs (opset >= 10) or attributes (before); None when one is computed at run
-    time."""
-    if len(node.input) > 1:
-        names = list(node.input[1:5])
-        if any(n and not (graph.is_constant(n) and not graph.is_overridable(n)) for n in names):
-            return None
-        values = [graph.array(n) if n else None for n in names]
-        starts, ends, axes, steps = values + [None] * (4 - len(values))
-    else:
+    from its attributes (before opset 10) or its inputs, constants or sizes known before the
+    model runs (:func:`shape_value`: the dynamo exporter without its optimiser slices a
+    recurrent weight's gates at multiples of a Shape); None when one is known only then."""
+    if len(node.input) == 1:
         starts, ends = attr(node, "starts", []), attr(node, "ends", [])
         axes, steps = attr(node, "axes", None), None
+    else:
+        values = []
+        for name in node.input[1:5]:
+            entries = shape_value(graph, name) if name else None
+            if name and (entries is None or not all(isinstance(e, int) for e in entries)):
+                return None
+            values.append(entries)
+        starts, ends, axes, steps = values + [None] * (4 - len(values))
     starts = np.asarray(starts, dtype=np.int64).ravel()
     ends = np.asarray(ends, dtype=np.int64).ravel()
     axes = np.arange(len(starts)) if axes is None else np.asarray(axes, dtype=np.int64).ravel()
     steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).ravel()
     cuts = zip(axes, starts, ends, steps, strict=True)
     return [(int(axis), int(start), int(end), int(step)) for axis, start, end, step in cuts]
+
+
+def is_fixed_constant(graph: GraphIndex, name: str) -> bool:
+    """A constant the model's caller cannot override (not also a graph input)."""
+    return bool(name) and graph.is_constant(name) and not graph.is_overridable(name)
+
+
+def fixed_constant(graph: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of a :func:`is_fixed_constant` tensor, None for any other."""
+    return graph.array(name) if is_fixed_constant(graph, name) else None
+
+
+Dimension = int | tuple[str, int]
+"""An entry of a shape computed at run time: a known size, or (tensor, axis) for that tensor's
+size along that axis, whatever it turns out to be."""
+
+_SHAPE_NODES = 64  # nodes a Reshape target is followed back through: exporters use a handful
+
+# integer arithmetic on known sizes, as ONNX defines it (Mod's result has the divisor's sign;
+# Div truncates, which floor division matches for the non-negative sizes it is given here)
+_SIZE_ARITHMETIC: dict[str, Callable[[int, int], int | None]] = {
+    "Add": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "Mul": lambda a, b: a * b,
+    "Mod": lambda a, b: a % b if b else None,
+    "Div": lambda a, b: a // b if b > 0 and a >= 0 else None,
+}
+
+
+def shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
+    """The entries of a small integer tensor that exporters compute from ``Shape`` nodes and
+    constants (``x.view(x.size(0), -1)`` gives Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])):
+    per entry a known size, or a reference to a tensor's dimension whose size is unknown; None
+    for anything else. A scalar counts as one entry (Unsqueeze and Squeeze leave the entries as
+    they are)."""
+    budget = _SHAPE_NODES
+
+    def entries(name: str) -> list[Dimension] | None:
+        nonlocal budget
+        budget -= 1
+        value = fixed_constant(graph, name)
+        if value is not None:
+            if value.dtype.kind not in "iu" or value.ndim > 1:
+                return None
+            return [int(v) for v in value.ravel()]
+        node = graph.producer_of(name)
+        if node is None or node.domain not in STANDARD_DOMAINS or budget < 0:
+            return None
+        op, first = node.op_type, node.input[0] if node.input else ""
+        if op == "Shape":
+            dims = graph.dims(first)
+            if dims is None:
+                return None
+            axes = range(len(dims))[int(attr(node, "start", 0)) : attr(node, "end", None)]
+            return [(first, axis) if dims[axis] is None else dims[axis] for axis in axes]
+        if op in ("Identity", "Unsqueeze", "Squeeze", "Cast", "Reshape"):
+            return entries(first)  # a Reshape of a 1-D size list: to one entry, or a scalar
+        if op == "Concat":
+            parts = [entries(part) for part in node.input]
+            return None if None in parts else [entry for part in parts for entry in part]
+        if op in _SIZE_ARITHMETIC and len(node.input) == 2 and not attr(node, "fmod", 0):
+            # known sizes only: C * H of a view, the dim % rank of an unflatten
+            operands = [entries(part) for part in node.input]
+            if None in operands or not all(isinstance(e, int) for o in operands for e in o):
+                return None
+            a, b = operands
+            if len(a) != len(b) and 1 in (len(a), len(b)):
+                a, b = a * max(1, len(b) // len(a)), b * max(1, len(a) // len(b))
+            if len(a) != len(b):
+                return None
+            results = [_SIZE_ARITHMETIC[op](x, y) for x, y in zip(a, b, strict=True)]
+            return None if None in results else results
+        if op == "Gather" and len(node.input) == 2:
+            data, taken = entries(first), fixed_constant(graph, node.input[1])
+            if data is None or taken is None or int(attr(node, "axis", 0)) != 0:
+                return None
+            if not all(-len(data) <= k < len(data) for k in taken.ravel()):
+                return None
+            return [data[int(k)] for k in taken.ravel()]
+        if op == "Slice" and len(node.input) >= 3:
+            bounds = [entries(x) if x else None for x in node.input[1:5]]
+            if any(b is not None and (len(b) != 1 or not isinstance(b[0], int)) for b in bounds):
+                return None
+            start, end, *rest = (None if b is None else b[0] for b in bounds)
+            if start is None or end is None or rest[:1] not in ([], [None], [0], [-1]):
+                return None  # 1-D: the only axis
+            if rest[1:] not in ([], [None], [1]):
+                return None  # with step 1
+            data = entries(first)
+            return None if data is None else data[start:end]
+        return None
+
+    return entries(name)
 
 
 def _match_normalization(graph: GraphIndex, i: int) -> LinearMatch | None:

@@ -78,6 +78,9 @@ from .ops import (
     SUBGRAPH_OPS,
     Refusal,
     attr,
+    fixed_constant,
+    is_fixed_constant,
+    shape_value,
     slice_cuts,
 )
 
@@ -203,14 +206,6 @@ def _same(graph: GraphIndex, i: int, carrier: Carrier, activated: bool = False) 
     return Step(outputs=((out, carrier),))
 
 
-def _is_constant(graph: GraphIndex, name: str) -> bool:
-    return bool(name) and graph.is_constant(name) and not graph.is_overridable(name)
-
-
-def _constant(graph: GraphIndex, name: str) -> np.ndarray | None:
-    return graph.array(name) if _is_constant(graph, name) else None
-
-
 # ------------------------------------------------------------------ element-wise, per channel
 
 
@@ -219,7 +214,9 @@ def _activation(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step 
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    if node.op_type == "PRelu" and (len(node.input) < 2 or not _is_constant(graph, node.input[1])):
+    if node.op_type == "PRelu" and (
+        len(node.input) < 2 or not is_fixed_constant(graph, node.input[1])
+    ):
         # a constant slope is not rescaled: PRelu(a z, s) = a PRelu(z, s) for any fixed s
         return Refusal(f"feeds PRelu '{graph.names[i]}' whose slope is not a constant")
     return _same(graph, i, data, activated=True)
@@ -234,7 +231,7 @@ def _clip(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
     bounds = []
     for slot, name, default in ((1, "min", -np.inf), (2, "max", np.inf)):
         if len(node.input) > slot and node.input[slot]:
-            value = _constant(graph, node.input[slot])
+            value = fixed_constant(graph, node.input[slot])
             if value is None or value.size != 1:
                 return Refusal(f"feeds {_name(graph, i)} whose bounds are not scalar constants")
             bounds.append(float(value.ravel()[0]))
@@ -259,7 +256,7 @@ def _min_max(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     if len(node.input) != 2 or len(carried) != 1:
         return Refusal(f"feeds {_name(graph, i)}, which does not clip to a constant")
     slot, data = next(iter(carried.items()))
-    value = _constant(graph, node.input[1 - slot])
+    value = fixed_constant(graph, node.input[1 - slot])
     if value is None or value.size != 1:
         return Refusal(f"feeds {_name(graph, i)}, which does not clip to a scalar constant")
     c = float(value.ravel()[0])
@@ -282,7 +279,7 @@ def _copy(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refu
     if isinstance(data, Refusal):
         return data
     if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
-        mode = _constant(graph, node.input[2])
+        mode = fixed_constant(graph, node.input[2])
         if mode is None or bool(mode):
             return Refusal(f"feeds Dropout '{graph.names[i]}' that may run in training mode")
     return _same(graph, i, data)
@@ -359,7 +356,7 @@ def _axes(graph: GraphIndex, i: int) -> tuple[list[int] | None, bool]:
     (given as an input that is not a constant)."""
     node = graph.nodes[i]
     if len(node.input) > 1 and node.input[1]:
-        axes = _constant(graph, node.input[1])
+        axes = fixed_constant(graph, node.input[1])
         if axes is None:
             return None, True
     else:
@@ -404,10 +401,10 @@ def _pad(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refus
     if mode not in ("constant", "edge", "reflect", "wrap"):
         return Refusal(f"feeds Pad '{graph.names[i]}' with mode {mode}")
     if len(node.input) > 1:  # opset >= 11: pads, constant_value, axes are inputs
-        pads = _constant(graph, node.input[1])
+        pads = fixed_constant(graph, node.input[1])
         given = [*node.input[2:4], "", ""]
-        value = _constant(graph, given[0]) if given[0] else 0.0
-        axes = _constant(graph, given[1]) if given[1] else None
+        value = fixed_constant(graph, given[0]) if given[0] else 0.0
+        axes = fixed_constant(graph, given[1]) if given[1] else None
         if pads is None or value is None or (given[1] and axes is None):
             return Refusal(f"feeds Pad '{graph.names[i]}' whose pads are not constants")
     else:
@@ -460,7 +457,7 @@ def _resize(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if attr(node, "axes", None) is not None:
         return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
     slot = 1 if node.op_type == "Upsample" or len(node.input) == 2 else 2
-    scales = _constant(graph, node.input[slot]) if len(node.input) > slot else None
+    scales = fixed_constant(graph, node.input[slot]) if len(node.input) > slot else None
     if scales is not None and scales.size >= -data.axis and scales.ravel()[data.axis] == 1:
         return _same(graph, i, data)
     return Refusal(f"shape of '{node.output[0]}' cannot be inferred")
@@ -527,95 +524,12 @@ def reshaped(
     return None
 
 
-Dimension = int | tuple[str, int]
-"""An entry of a shape computed at run time: a known size, or (tensor, axis) for that tensor's
-size along that axis, whatever it turns out to be."""
-
-_SHAPE_NODES = 64  # nodes a Reshape target is followed back through: exporters use a handful
-
-# integer arithmetic on known sizes, as ONNX defines it (Mod's result has the divisor's sign;
-# Div truncates, which floor division matches for the non-negative sizes it is given here)
-_SIZE_ARITHMETIC: dict[str, Callable[[int, int], int | None]] = {
-    "Add": lambda a, b: a + b,
-    "Sub": lambda a, b: a - b,
-    "Mul": lambda a, b: a * b,
-    "Mod": lambda a, b: a % b if b else None,
-    "Div": lambda a, b: a // b if b > 0 and a >= 0 else None,
-}
-
-
-def _shape_value(graph: GraphIndex, name: str) -> list[Dimension] | None:
-    """The entries of a small integer tensor that exporters compute from ``Shape`` nodes and
-    constants (``x.view(x.size(0), -1)`` gives Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])):
-    per entry a known size, or a reference to a tensor's dimension whose size is unknown; None
-    for anything else. A scalar counts as one entry (Unsqueeze and Squeeze leave the entries as
-    they are)."""
-    budget = _SHAPE_NODES
-
-    def entries(name: str) -> list[Dimension] | None:
-        nonlocal budget
-        budget -= 1
-        value = _constant(graph, name)
-        if value is not None:
-            if value.dtype.kind not in "iu" or value.ndim > 1:
-                return None
-            return [int(v) for v in value.ravel()]
-        node = graph.producer_of(name)
-        if node is None or node.domain not in STANDARD_DOMAINS or budget < 0:
-            return None
-        op, first = node.op_type, node.input[0] if node.input else ""
-        if op == "Shape":
-            dims = graph.dims(first)
-            if dims is None:
-                return None
-            axes = range(len(dims))[int(attr(node, "start", 0)) : attr(node, "end", None)]
-            return [(first, axis) if dims[axis] is None else dims[axis] for axis in axes]
-        if op in ("Identity", "Unsqueeze", "Squeeze", "Cast", "Reshape"):
-            return entries(first)  # a Reshape of a 1-D size list: to one entry, or a scalar
-        if op == "Concat":
-            parts = [entries(part) for part in node.input]
-            return None if None in parts else [entry for part in parts for entry in part]
-        if op in _SIZE_ARITHMETIC and len(node.input) == 2 and not attr(node, "fmod", 0):
-            # known sizes only: C * H of a view, the dim % rank of an unflatten
-            operands = [entries(part) for part in node.input]
-            if None in operands or not all(isinstance(e, int) for o in operands for e in o):
-                return None
-            a, b = operands
-            if len(a) != len(b) and 1 in (len(a), len(b)):
-                a, b = a * max(1, len(b) // len(a)), b * max(1, len(a) // len(b))
-            if len(a) != len(b):
-                return None
-            results = [_SIZE_ARITHMETIC[op](x, y) for x, y in zip(a, b, strict=True)]
-            return None if None in results else results
-        if op == "Gather" and len(node.input) == 2:
-            data, taken = entries(first), _constant(graph, node.input[1])
-            if data is None or taken is None or int(attr(node, "axis", 0)) != 0:
-                return None
-            if not all(-len(data) <= k < len(data) for k in taken.ravel()):
-                return None
-            return [data[int(k)] for k in taken.ravel()]
-        if op == "Slice" and len(node.input) >= 3:
-            bounds = [entries(x) if x else None for x in node.input[1:5]]
-            if any(b is not None and (len(b) != 1 or not isinstance(b[0], int)) for b in bounds):
-                return None
-            start, end, *rest = (None if b is None else b[0] for b in bounds)
-            if start is None or end is None or rest[:1] not in ([], [None], [0], [-1]):
-                return None  # 1-D: the only axis
-            if rest[1:] not in ([], [None], [1]):
-                return None  # with step 1
-            data = entries(first)
-            return None if data is None else data[start:end]
-        return None
-
-    return entries(name)
-
-
 def _repeated_axis(
     graph: GraphIndex, data: str, before: tuple[int | None, ...], reference: tuple[str, int]
 ) -> int | None:
     """The axis of a Reshape's input ``data`` whose size a target entry (a reference to a
-    tensor's unknown size, :func:`_shape_value`) repeats: a reference to the input itself, or to
-    another tensor's size that shape inference named like one of the input's (attention's
+    tensor's unknown size, :func:`.ops.shape_value`) repeats: a reference to the input itself,
+    or to another tensor's size that shape inference named like one of the input's (attention's
     view(b, t, heads, -1) of a projection, b and t read off the layer's input); else None."""
     tensor, axis = reference
     if tensor == data:
@@ -628,14 +542,14 @@ def _repeated_axis(
 def _computed_dims(
     graph: GraphIndex, i: int, before: tuple[int | None, ...]
 ) -> tuple[tuple[int | None, ...], int] | None:
-    """A Reshape's output shape read from its target (:func:`_shape_value`), None per
+    """A Reshape's output shape read from its target (:func:`.ops.shape_value`), None per
     dimension that repeats one of the input's unknown ones, and how many trailing input axes
     it carries over as they are (a CRNN's ``view(n, c * h, w)`` of features of any width keeps
     w). None if the shape cannot be told for every size the unknown dimensions take: each must
     reappear in the target once, as a reference to it or as the -1 that the known sizes leave
     to it alone."""
     node = graph.nodes[i]
-    entries = _shape_value(graph, node.input[1])
+    entries = shape_value(graph, node.input[1])
     if entries is None or int(attr(node, "allowzero", 0)):
         return None
     dims: list[int | None] = []
@@ -712,7 +626,7 @@ def _target_sizes(
     """A Reshape's output rank and those of its sizes its target tells alone (None for the
     others), whatever the sizes it reads at run time."""
     node = graph.nodes[i]
-    entries = _shape_value(graph, node.input[1])
+    entries = shape_value(graph, node.input[1])
     if entries is None:
         return None
     sizes: list[int | None] = []
@@ -734,7 +648,7 @@ def _leading(
     node = graph.nodes[i]
     if node.op_type != "Reshape" or int(attr(node, "allowzero", 0)):
         return None
-    entries = _shape_value(graph, node.input[1])
+    entries = shape_value(graph, node.input[1])
     last = max(data.axes) + len(before)
     if entries is None or len(entries) <= last:
         return None
@@ -789,7 +703,7 @@ def _reshape(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     if isinstance(data, Refusal):
         return data
     before, after = graph.dims(node.input[0]), graph.dims(node.output[0])
-    computed = node.op_type == "Reshape" and not _is_constant(graph, node.input[1])
+    computed = node.op_type == "Reshape" and not is_fixed_constant(graph, node.input[1])
     kept = 0  # trailing axes carried over as they are: the layout of the others decides
     if node.op_type == "Reshape" and before is not None and (after is None or None in after):
         resolved = _computed_dims(graph, i, before)
@@ -975,7 +889,7 @@ def _split_sizes(graph: GraphIndex, i: int, total: int) -> list[int] | None:
     if all(d is not None and len(d) > axis % len(d) and d[axis] is not None for d in inferred):
         return [int(d[axis]) for d in inferred]
     if len(node.input) > 1 and node.input[1]:
-        sizes = _constant(graph, node.input[1])
+        sizes = fixed_constant(graph, node.input[1])
         return None if sizes is None else [int(v) for v in np.ravel(sizes)]
     sizes = attr(node, "split", None)
     if sizes is not None:
@@ -995,7 +909,7 @@ def _slice(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Ref
     if cuts is None:
         # bounds computed at run time (a time step's window) on other axes only: the entries
         # kept along the unit axis are all of them
-        given = _constant(graph, node.input[3]) if len(node.input) > 3 else None
+        given = fixed_constant(graph, node.input[3]) if len(node.input) > 3 else None
         if given is not None:
             axes = {int(a) if a < 0 else int(a) - rank for a in np.ravel(given)}
             if not axes & set(data.axes):
@@ -1042,7 +956,7 @@ def _gather(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
         out_rank = rank - 1 + len(dims)
         moved = tuple((p if p < axis else p - 1 + len(dims)) - out_rank for p in positions)
         return Step(outputs=((out, data.on_axes(moved, out_rank)),))
-    indices = _constant(graph, node.input[1])
+    indices = fixed_constant(graph, node.input[1])
     j = positions.index(axis)
     n = data.units.shape[j]
     if indices is None or indices.ndim > 1 or (indices.ndim == 0 and not data.spread):
@@ -1149,7 +1063,7 @@ def _per_unit_constant(
     to one entry per unit (the last item, None when the shape stays), which leaves the sum's
     shape as it was."""
     shape = graph.shape(name)
-    if not _is_constant(graph, name) or shape is None:
+    if not is_fixed_constant(graph, name) or shape is None:
         return None
     if graph.elem_type(name) not in FLOAT_TYPES or graph.n_uses(name) != 1:
         return None
@@ -1186,7 +1100,7 @@ def _batchnorm(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step |
     if (
         bias is None
         or mean is None
-        or not (_is_constant(graph, scale) and _is_constant(graph, var))
+        or not (is_fixed_constant(graph, scale) and is_fixed_constant(graph, var))
     ):
         return refusal
     return Step(outputs=((node.output[0], data),), scaled=(bias, mean))
