@@ -120,17 +120,22 @@ def test_a_recogniser_of_any_width_balances_its_features(to_sequence):
     assert_equivalent(model, balanced, feed)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
 @pytest.mark.parametrize(
     ("cell", "exporter"),  # the dynamo exporter writes an RNN as its steps' MatMuls and Tanhs
     [("LSTM", "torchscript"), ("GRU", "torchscript"), ("RNN", "torchscript"), ("LSTM", "dynamo"),
      ("GRU", "dynamo")],
 )  # fmt: skip
-def test_an_export_without_constant_folding_balances_like_the_folded_one(cell, exporter):
+def test_an_export_without_constant_folding_balances_like_the_folded_one(
+    cell, exporter, bidirectional
+):
     # Without constant folding (do_constant_folding=False, or inside an If branch, where none
-    # applies; the dynamo exporter without its optimiser, which slices at multiples of a Shape)
-    # torch writes the input weight as Unsqueeze(Concat(Slice(W, gate rows), ...)): the stored
-    # W's columns move then, and both exports reach the same minimum.
-    module, example = _module(getattr(nn, cell), False), torch.randn(1, 1, HEIGHT, 7)
+    # applies; the dynamo exporter without its optimiser, which slices at multiples of a Shape,
+    # and with it for weights of realistic size) torch writes each direction's input weight as
+    # Unsqueeze(Concat(Slice(W, gate rows), ...)), joined by a Concat: the stored W's columns
+    # move then, and both exports reach the same minimum.
+    module = _module(getattr(nn, cell), bidirectional)
+    example = torch.randn(1, 1, HEIGHT, 7)
     folded = export(module, example)
     if exporter == "torchscript":
         unfolded = export(module, example, fold=False)
@@ -148,12 +153,14 @@ def test_an_export_without_constant_folding_balances_like_the_folded_one(cell, e
     assert_equivalent(unfolded, balanced, {unfolded.graph.input[0].name: x})
 
     before, after = _stored(unfolded), _stored(balanced)
-    (w,) = [name for name in before if name.endswith("weight_ih_l0")]  # [gates * hidden, C * H]
-    per_channel = (after[w] / before[w]).reshape(-1, CHANNELS, HEIGHT)
+    directions = [n for n in before if n.endswith(("weight_ih_l0", "weight_ih_l0_reverse"))]
+    assert len(directions) == (2 if bidirectional else 1)
+    factors = [after[w] / before[w] for w in directions]  # [gates * hidden, C * H] each
+    per_channel = np.concatenate(factors).reshape(-1, CHANNELS, HEIGHT)
     assert np.allclose(per_channel, per_channel[:1, :, :1], rtol=1e-5)  # a factor per channel
     assert not np.allclose(per_channel, 1.0, rtol=1e-3)
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
-    assert changed == {w, "conv.weight", "conv.bias"}
+    assert changed == {*directions, "conv.weight", "conv.bias"}
 
 
 def _slices_of_stored_rows(rows: list[tuple[int, int]], extra_reader: bool) -> onnx.ModelProto:
@@ -213,3 +220,42 @@ def test_gates_reordered_by_slices_move_the_stored_weight_only_when_it_is_theirs
         assert not np.array_equal(_stored(balanced)["W"], _stored(model)["W"])
     else:
         assert any(reason in why for why in fixed), fixed
+
+
+def test_directions_joined_for_a_recurrent_layer_and_read_elsewhere_stay():
+    model = export(_module(nn.LSTM, True), torch.randn(1, 1, HEIGHT, 7), fold=False)
+    (node,) = [n for n in model.graph.node if n.op_type == "LSTM"]
+    joined = node.input[1]
+    model.graph.node.append(onnx.helper.make_node("Identity", [joined], ["seen"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("seen", 1, None))
+    units = analyse(model)
+    reasons = [(skip.count, skip.reason) for skip in units.skipped]
+    assert reasons == [(CHANNELS, f"activation feeds '/rnn/LSTM': input weight '{joined}' is "
+                                  "also read elsewhere")]  # fmt: skip
+
+
+def test_the_dynamo_exporters_default_bidirectional_lstm_balances():
+    # its optimiser folds no constant this large: each direction's input weight stays gate rows
+    # sliced from the stored one and joined (so the layer is matched through them)
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Linear(32, 128)
+            self.rnn = nn.LSTM(128, 256, bidirectional=True, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(torch.relu(self.features(x)))[0]
+
+    module = randomise(Tagger(), seed=11).eval()
+    example = torch.randn(2, 5, 32)
+    model = export_dynamo(module, example)
+    (node,) = [n for n in model.graph.node if n.op_type == "LSTM"]
+    feed = {model.graph.input[0].name: example.numpy()}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_found == report.units_balanced == 128
+    assert report.norm_after < report.norm_before * (1 - 1e-2)
+    assert_equivalent(model, balanced, feed)
+    before, after = _stored(model), _stored(balanced)
+    for name in ("rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"):
+        assert not np.array_equal(before[name], after[name])
+    assert node.input[1] not in before  # the unfolded form this test is about

@@ -23,8 +23,9 @@ it reads its input units along ``in_axis``. A per-unit factor a > 0 is exact bec
   gates * hidden, input]: every gate computes ``f(x W^T + h R^T + b)``, so dividing column i
   of W (in every direction and gate) by a_i undoes a factor a_i carried by x[..., i]. The gates
   pass sigmoid and tanh, so their rows never move and count as no unit; R and b stay as they
-  are. A one-direction W computed as ``Unsqueeze(Concat(Slice(V, gate rows), ...), [0])`` from
-  a stored 2-D V, every row of V once, has V's columns: V's columns move instead.
+  are. A W computed as ``Unsqueeze(Concat(Slice(V, gate rows), ...), [0])`` from a stored 2-D
+  V, every row of V once (each direction's, joined by a Concat), has V's columns: V's columns
+  move instead.
 * LayerNormalization over the last axis and InstanceNormalization end in
   ``y = scale[o] * x_hat[..., o] + bias[o]``, ``x_hat`` normalised: a diagonal layer whose
   units are the output channels (scaling scale[o] and bias[o] by a_o scales y's channel o by
@@ -160,10 +161,15 @@ class LinearMatch:
     taps: int = 1
     bn: BatchNorm | None = None
     bias_axis: int = -1  # the bias's axis that holds one entry per unit (from the end)
+    more_weights: tuple[str, ...] = ()
+    """Stored weights whose rows follow ``weight``'s and whose columns are its columns (a
+    bidirectional recurrent layer's reverse direction, stored apart)."""
 
     def effective_weight(self, graph: GraphIndex) -> np.ndarray:
         """Rows = output units, raw columns = (input unit, tap), with alpha and BN applied."""
         w = graph.array(self.weight)
+        if self.more_weights:  # [rows, input] each: the directions one after the other
+            w = np.concatenate([w, *(graph.array(name) for name in self.more_weights)])
         if self.kind == "conv":
             oriented = w.reshape(w.shape[0], -1)
         elif self.kind == "recurrent":  # [directions, gates * hidden, input]
@@ -417,12 +423,15 @@ def _match_recurrent(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         found = _rows_rearranged(graph, w)
         if found is None:
             return Refusal(f"{node.op_type} '{graph.names[i]}' input weight '{w}' is not stored")
-        (stored, weight_refusal), rank = found, 2
+        (stored, *reverse), weight_refusal = found
+        rank = 2
     else:
-        stored, weight_refusal, rank = w, _editable(graph, w, "weight"), 3
+        stored, reverse, weight_refusal, rank = w, [], _editable(graph, w, "weight"), 3
     shape = graph.shape(stored)
     if shape is None or len(shape) != rank or graph.elem_type(stored) not in FLOAT_TYPES:
         return Refusal(f"{node.op_type} input weight '{w}' is not a 3-D float constant")
+    if any(graph.shape(other) != shape for other in reverse):
+        return Refusal(f"{node.op_type} input weight '{w}' joins directions of different shapes")
     return LinearMatch(
         name=graph.names[i],
         nodes=(i,),
@@ -434,23 +443,45 @@ def _match_recurrent(graph: GraphIndex, i: int) -> LinearMatch | Refusal | None:
         row_axis=rank - 2,
         col_axis=rank - 1,
         alpha=1.0,
-        n_rows=int(np.prod(shape[:-1])),
+        n_rows=int(np.prod(shape[:-1])) * (1 + len(reverse)),
         n_cols=shape[-1],
         rows_refusal=f"gates of {node.op_type} '{graph.names[i]}'",
         cols_refusal=weight_refusal,
         kind="recurrent",
+        more_weights=tuple(reverse),
     )
 
 
-def _rows_rearranged(graph: GraphIndex, name: str) -> tuple[str, str | None] | None:
-    """The stored 2-D weight whose rows, each once, in some order, make up ``Unsqueeze(.., [0])``
-    = ``name``, and why its columns cannot move (None: they can); None for anything else.
+def _rows_rearranged(graph: GraphIndex, name: str) -> tuple[list[str], str | None] | None:
+    """The stored 2-D weights, one per direction, whose rows, each once, in some order, make up
+    the input weight ``name``: ``Unsqueeze(.., [0])`` of one direction's, or a Concat of those
+    along the directions; and why their columns cannot move (None: they can). None for
+    anything else.
 
     torch exports an LSTM or GRU without constant folding (or inside an If branch, where none
-    applies) as ``Unsqueeze(Concat(Slice(W, gate rows), ...), [0])``: its gates reordered.
-    Slices and Concats along the rows keep every column whole, so dividing W's column i by a_i
-    divides the recurrent layer's column i alike, when W and every node between are read by
-    this expression alone."""
+    applies; the dynamo exporter's optimiser leaves weights of realistic size unfolded) as
+    ``Unsqueeze(Concat(Slice(W, gate rows), ...), [0])``: its gates reordered. Slices and
+    Concats along the rows keep every column whole, so dividing W's column i by a_i divides
+    the recurrent layer's column i alike, when W and every node between are read by this
+    expression alone."""
+    node = graph.producer_of(name)
+    if node is None or node.domain not in STANDARD_DOMAINS or name in graph.graph_outputs:
+        return None
+    joined = node.op_type == "Concat" and attr(node, "axis", None) in (0, -3)
+    parts = list(node.input) if joined else [name]
+    found = [_direction(graph, part) for part in parts]
+    if not found or None in found:
+        return None
+    stored = [direction for direction, _ in found]
+    refusals = [why for _, why in found if why is not None]
+    if joined and graph.n_uses(name) != 1:
+        refusals.append(f"input weight '{name}' is also read elsewhere")
+    return stored, (refusals[0] if refusals else None)
+
+
+def _direction(graph: GraphIndex, name: str) -> tuple[str, str | None] | None:
+    """:func:`_rows_rearranged` for ``name`` = ``Unsqueeze(.., [0])`` of one direction's rows:
+    the stored weight and why its columns cannot move, or None."""
     unsqueeze = graph.producer_of(name)
     if (
         unsqueeze is None

@@ -632,6 +632,11 @@ def _units(
                 col_groups=tensor_cols,
             )
         )
+    if (cols != FIXED).any():  # a recurrent layer's other directions: the same columns
+        edits += [
+            TensorEdit(tensor=name, col_axis=layer.col_axis, col_groups=tensor_cols)
+            for name in layer.more_weights
+        ]
     if moves_rows and layer.bn is not None:
         bn = layer.bn
         edits += [TensorEdit(t, row_axis=0, row_groups=rows) for t in (bn.scale, bn.bias)]
