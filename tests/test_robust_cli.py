@@ -858,3 +858,55 @@ def test_an_interrupt_once_out_is_written_is_too_late(dirs, monkeypatch, during,
         assert stderr == f"onnxbalance: error: interrupted (OUT {out} was written)\n"
     else:
         assert (code, stderr) == (0, "")
+
+
+def _deep_constant_chain(reader: str, links: int = 3000) -> onnx.ModelProto:
+    """x -> MatMul -> Relu -> a reader whose constant passes ``links`` nodes first: a Gemm's
+    bias behind Identity nodes, or an LSTM's input weight behind Slices (then Unsqueeze)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    stored = [
+        numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "first"),
+        numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.normal(size=(1, 8, 2)).astype(np.float32), "R"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([2**62], np.int64), "end"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "first"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+    ]
+    source = "b" if reader == "Gemm" else "W"
+    for k in range(links):
+        inputs = [source] if reader == "Gemm" else [source, "zero", "end", "zero"]
+        nodes.append(
+            helper.make_node("Identity" if reader == "Gemm" else "Slice", inputs, [f"c{k}"])
+        )
+        source = f"c{k}"
+    if reader == "Gemm":
+        nodes.append(helper.make_node("Gemm", ["a", "W", source], ["y"], transB=1))
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 8])
+    else:
+        nodes.append(helper.make_node("Unsqueeze", [source, "zero"], ["Wx"]))
+        nodes.append(helper.make_node("LSTM", ["a", "Wx", "R"], ["y"], hidden_size=2))
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 2])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 3])]
+    if reader == "LSTM":
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 3])]
+    graph = helper.make_graph(nodes, "deep", inputs, [output], stored)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("reader", "balanced"), [("Gemm", 4), ("LSTM", 0)])
+def test_thousands_of_nodes_before_a_constant_are_no_traceback(dirs, reader, balanced):
+    # the chain is followed a few links deep at most: beyond, the constant counts as computed
+    # (the Gemm's rows, whose bias it is, are no hidden units; the LSTM's weight fixes them)
+    src, out = dirs
+    onnx.save(_deep_constant_chain(reader), src / "deep.onnx")
+    code, stdout, stderr = run(src / "deep.onnx", out / "o.onnx", "--report", "-", "-q")
+    assert code == 0 and not stderr, stderr
+    report = json.loads(stdout)
+    assert report["units_found"] == 4 and report["units_balanced"] == balanced
+    assert report["verify"]["passed"] if balanced else report["verify"] is None

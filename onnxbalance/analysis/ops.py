@@ -512,38 +512,47 @@ def _direction(graph: GraphIndex, name: str) -> tuple[str, str | None] | None:
 
 def _row_pieces(graph: GraphIndex, name: str) -> tuple[str, np.ndarray, int] | None:
     """(the 2-D constant, the rows of it, in order, and how many times it is read) that
-    ``name`` is made of through Slices and Concats along the first axis, each read once."""
-    if graph.is_constant(name):
-        shape = graph.shape(name)
-        if shape is None or len(shape) != 2 or graph.elem_type(name) not in FLOAT_TYPES:
-            return None
-        return name, np.arange(shape[0]), 1
-    node = graph.producer_of(name)
-    if (
-        node is None
-        or node.domain not in STANDARD_DOMAINS
-        or graph.n_uses(name) != 1
-        or name in graph.graph_outputs
-    ):
-        return None
-    if node.op_type == "Concat" and attr(node, "axis", None) in (0, -2):
-        parts = [_row_pieces(graph, part) for part in node.input]
-        if any(p is None for p in parts) or len({graph.stored_name(p[0]) for p in parts}) != 1:
-            return None
-        rows = np.concatenate([p[1] for p in parts])
-        return parts[0][0], rows, sum(p[2] for p in parts)
-    if node.op_type == "Slice":
-        cuts = slice_cuts(graph, node)
-        inner = _row_pieces(graph, node.input[0])
-        if cuts is None or inner is None:
-            return None
-        stored, rows, reads = inner
-        for axis, start, end, step in cuts:
-            if axis not in (0, -2) or step != 1:
+    ``name`` is made of through Slices and Concats along the first axis, each read once, in at
+    most :data:`_SHAPE_NODES` nodes (exporters use one Slice per gate and a Concat)."""
+    budget = _SHAPE_NODES
+
+    def pieces(name: str) -> tuple[str, np.ndarray, int] | None:
+        nonlocal budget
+        budget -= 1
+        if graph.is_constant(name):
+            shape = graph.shape(name)
+            if shape is None or len(shape) != 2 or graph.elem_type(name) not in FLOAT_TYPES:
                 return None
-            rows = rows[start:end]  # ONNX clamps like Python slicing
-        return stored, rows, reads
-    return None
+            return name, np.arange(shape[0]), 1
+        node = graph.producer_of(name)
+        if (
+            node is None
+            or node.domain not in STANDARD_DOMAINS
+            or graph.n_uses(name) != 1
+            or name in graph.graph_outputs
+            or budget < 0
+        ):
+            return None
+        if node.op_type == "Concat" and attr(node, "axis", None) in (0, -2):
+            parts = [pieces(part) for part in node.input]
+            if None in parts or len({graph.stored_name(p[0]) for p in parts}) != 1:
+                return None
+            rows = np.concatenate([p[1] for p in parts])
+            return parts[0][0], rows, sum(p[2] for p in parts)
+        if node.op_type == "Slice":
+            cuts = slice_cuts(graph, node)
+            inner = pieces(node.input[0])
+            if cuts is None or inner is None:
+                return None
+            stored, rows, reads = inner
+            for axis, start, end, step in cuts:
+                if axis not in (0, -2) or step != 1:
+                    return None
+                rows = rows[start:end]  # ONNX clamps like Python slicing
+            return stored, rows, reads
+        return None
+
+    return pieces(name)
 
 
 def slice_cuts(graph: GraphIndex, node: onnx.NodeProto) -> list[tuple[int, int, int, int]] | None:

@@ -263,9 +263,17 @@ def _names(graph: GraphIndex) -> set[str]:
 # ------------------------------------------------------------------ constant subexpressions
 
 
-def _constant_value(graph: GraphIndex, name: str) -> tuple[onnx.TensorProto, bool] | None:
+_FOLDED_LINKS = 16
+"""Most ops between a stored constant and a value folded from it: exporters write one or two
+(paddle2onnx's Reshape of a bias, Identity nodes of de-duplicated constants)."""
+
+
+def _constant_value(
+    graph: GraphIndex, name: str, links: int = 0
+) -> tuple[onnx.TensorProto, bool] | None:
     """(value, derived) of a constant: a stored one (derived False), or a small subexpression of
-    one that :data:`FOLDS` computes (derived True); None for anything computed from data."""
+    one that :data:`FOLDS` computes in at most :data:`_FOLDED_LINKS` ops (derived True); None
+    for anything computed from data, or longer chains."""
     if graph.is_constant(name):
         if graph.is_overridable(name) or name in graph.sparse:
             return None
@@ -276,7 +284,9 @@ def _constant_value(graph: GraphIndex, name: str) -> tuple[onnx.TensorProto, boo
         return None
     if name in graph.graph_outputs or not node.input or not node.input[0]:
         return None
-    found = _constant_value(graph, node.input[0])
+    if links == _FOLDED_LINKS:
+        return None
+    found = _constant_value(graph, node.input[0], links + 1)
     if found is None:
         return None
     source = found[0]
