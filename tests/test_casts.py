@@ -101,15 +101,20 @@ def _cast_between_layers(target: int, like: bool) -> onnx.ModelProto:
         weights.append(helper.make_tensor("like", target, [], [0]))
     else:
         nodes.insert(2, helper.make_node("Cast", ["h"], ["c"], "there", to=target))
+    model = _four_to_three(nodes, weights, "cast_between_layers")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _four_to_three(nodes, weights, name: str) -> onnx.ModelProto:
+    """``nodes`` and ``weights`` as a model from x [batch, 4] to y [batch, 3]."""
     graph = helper.make_graph(
-        nodes, "cast_between_layers",
+        nodes, name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         weights,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 @pytest.mark.parametrize("like", [False, True], ids=["Cast", "CastLike"])
@@ -149,13 +154,7 @@ def test_a_castlike_reads_only_the_dtype_of_the_units_it_is_like():
         helper.make_node("Gemm", ["h", "W2"], ["y0"], "fc2", transB=1),
         helper.make_node("Add", ["y0", "shift32"], ["y"], "shifted"),
     ]
-    graph = helper.make_graph(
-        nodes, "castlike_of_a_constant",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        weights,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = _four_to_three(nodes, weights, "castlike_of_a_constant")
     units = analyse(model)
     assert units.n_groups == 6 and not units.skipped
     feed = {"x": rng.standard_normal((16, 4)).astype(np.float32)}
