@@ -150,3 +150,44 @@ def test_a_layernorm_over_several_axes_or_with_a_scale_fed_at_run_time_makes_no_
     norm = next(layer for layer in units.layers if layer.name == "norm")
     assert (norm.row_groups == FIXED).all()
     assert any(s.node == "norm" and "also a graph input" in s.reason for s in units.skipped)
+
+
+def test_the_dynamo_exporter_without_its_optimiser_writes_sizes_as_integer_attributes():
+    # its GroupNorm reshapes to sizes held by Constant nodes' value_ints / value_int: constants
+    # like any other (reading them was a KeyError); its scale, computed at run time, is no layer
+    from torch_models import GroupNormHead
+
+    module = randomise(GroupNormHead(), seed=12).eval()
+    example = torch.randn(2, 3, 8, 8)
+    model = export_dynamo(module, example, optimize=False)
+    assert any(a.name in ("value_int", "value_ints") for n in model.graph.node for a in n.attribute)
+    _, report = balance(model, inputs={model.graph.input[0].name: example.numpy()})
+    assert report.units_found == 16  # both convs' channels, stopped by the normalisation
+    assert {e.reason.split("'")[0] for e in report.units_fixed} == {"feeds InstanceNormalization "}
+
+
+def test_a_reshape_to_sizes_given_as_integer_attributes_passes_the_units():
+    rng = np.random.default_rng(13)
+    skew = np.exp(rng.standard_normal((6, 1)))
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((6, 4)) * skew).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal((3, 6)) / skew.T).astype(np.float32), "W2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1"], ["h0"], transB=1),
+        helper.make_node("Relu", ["h0"], ["h"]),
+        helper.make_node("Constant", [], ["flat"], value_ints=[0, -1]),
+        helper.make_node("Reshape", ["h", "flat"], ["f"]),
+        helper.make_node("Gemm", ["f", "W2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "reshape_to_value_ints",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": rng.standard_normal((8, 4)).astype(np.float32)}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_found == report.units_balanced == 6
+    assert_equivalent(model, balanced, feed)

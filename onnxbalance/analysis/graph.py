@@ -41,13 +41,19 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 
 def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The tensor a Constant node holds in its ``value`` attribute (None for other nodes and
-    other attributes: ``value_float``, sparse values, ...)."""
+    """The tensor a Constant node holds in its ``value`` attribute, or an int64 tensor made of
+    its ``value_int``/``value_ints`` (sizes and axes: the dynamo exporter without its optimiser
+    writes them so); None for other nodes and other attributes (``value_float``, strings,
+    sparse values), which are never weights to rewrite in place."""
     if node.op_type != "Constant" or not node.output:
         return None
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
             return attr.t
+        if attr.name in ("value_int", "value_ints"):
+            values = list(attr.ints) if attr.name == "value_ints" else [attr.i]
+            dims = [len(values)] if attr.name == "value_ints" else []
+            return onnx.helper.make_tensor(node.output[0], onnx.TensorProto.INT64, dims, values)
     return None
 
 
@@ -132,7 +138,7 @@ class GraphIndex:
             copy.source for copy in copies for _ in copy.readers
         )
         self.sparse = frozenset(t.values.name for t in graph.sparse_initializer)
-        self._constant_nodes: dict[str, onnx.NodeProto] = {}
+        self._constant_values: dict[str, onnx.TensorProto] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._order: list[int] | None = None
         for i, node in enumerate(self.nodes):
@@ -151,8 +157,9 @@ class GraphIndex:
             for name in node.output:
                 if name:
                     self.producer[name] = i
-            if node.op_type == "Constant" and node.output:
-                self._constant_nodes[node.output[0]] = node
+            value = constant_value(node)
+            if value is not None:
+                self._constant_values[node.output[0]] = value
 
     def topological_order(self) -> list[int]:
         """Node indices, producers first. ONNX requires the stored order to be one; the runtime
@@ -201,19 +208,14 @@ class GraphIndex:
         return self.n_uses(name) + self._copied_reads[name]
 
     def is_constant(self, name: str) -> bool:
-        return name in self._initializers or name in self._constant_nodes
+        return name in self._initializers or name in self._constant_values
 
     def tensor_proto(self, name: str) -> onnx.TensorProto | None:
-        """The stored tensor behind a constant: an initializer or a Constant node's ``value``."""
+        """The stored tensor behind a constant: an initializer or a Constant node's value
+        (:func:`constant_value`)."""
         if name in self._initializers:
             return self._initializers[name]
-        node = self._constant_nodes.get(name)
-        if node is None:
-            return None
-        for attr in node.attribute:
-            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                return attr.t
-        return None
+        return self._constant_values.get(name)
 
     def is_overridable(self, name: str) -> bool:
         """An initializer that is also a graph input: its stored value is only a default."""
