@@ -118,6 +118,9 @@ def _rewrite_constants(
         name = node.output[0] if value is not None else None
         if name in edits and name not in done:
             _fill(value, value, _apply(value, edits[name], scales))
+            if not any(attr.name == "value" for attr in node.attribute):  # value_float(s)
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("value", value))
             done.add(name)
 
 

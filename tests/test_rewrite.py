@@ -485,3 +485,42 @@ def test_overflow_of_a_narrow_dtype_is_refused_naming_the_tensor_and_its_edge_is
     _, _, blocks = rescaled_blocks(tensor, [edit], scales_of(np.log([1, 1, 1.5, 1])))
     with pytest.raises(UnsupportedModelError, match=f"'big_W' overflows {name}"):
         list(blocks)
+
+
+@pytest.mark.parametrize("form", ["value_floats", "value_float"])
+def test_a_bias_held_as_a_constants_list_of_floats_is_rescaled_into_a_tensor(form):
+    # Constant(value_floats=...) is a bias like any other; rescaled, it becomes a value tensor
+    from arch_reference import assert_equivalent
+    from onnx import TensorProto, helper
+
+    from onnxbalance import balance
+
+    rng = np.random.default_rng(14)
+    skew = np.exp(rng.standard_normal((6, 1)))
+    bias = (rng.standard_normal(6) * skew[:, 0]).astype(np.float32)
+    listed = {"value_floats": bias.tolist()} if form == "value_floats" else {"value_float": 0.5}
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((6, 4)) * skew).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal((3, 6)) / skew.T).astype(np.float32), "W2"),
+    ]
+    nodes = [
+        helper.make_node("Constant", [], ["b"], **listed),
+        helper.make_node("Gemm", ["x", "W1", "b"], ["h0"], transB=1),
+        helper.make_node("Relu", ["h0"], ["h"]),
+        helper.make_node("Gemm", ["h", "W2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "listed_bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": rng.standard_normal((8, 4)).astype(np.float32)}
+    balanced, report = balance(model, inputs=feed)
+    assert report.units_found == report.units_balanced == 6 and report.verify.passed
+    assert_equivalent(model, balanced, feed)
+    (constant,) = [n for n in balanced.graph.node if n.op_type == "Constant"]
+    assert [a.name for a in constant.attribute] == ["value"]
+    value = numpy_helper.to_array(constant.attribute[0].t)  # a scalar: one entry per unit
+    assert value.shape == (6,) and not np.allclose(value, bias if form == "value_floats" else 0.5)

@@ -40,20 +40,31 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+_LISTED_VALUES = {
+    "value_int": (onnx.TensorProto.INT64, False),
+    "value_ints": (onnx.TensorProto.INT64, True),
+    "value_float": (onnx.TensorProto.FLOAT, False),
+    "value_floats": (onnx.TensorProto.FLOAT, True),
+}
+"""A Constant's attributes that hold numbers instead of a tensor: (dtype, a list or one)."""
+
+
 def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The tensor a Constant node holds in its ``value`` attribute, or an int64 tensor made of
-    its ``value_int``/``value_ints`` (sizes and axes: the dynamo exporter without its optimiser
-    writes them so); None for other nodes and other attributes (``value_float``, strings,
-    sparse values), which are never weights to rewrite in place."""
+    """The tensor a Constant node holds in its ``value`` attribute, or one made of its
+    ``value_int(s)``/``value_float(s)`` (the dynamo exporter without its optimiser writes sizes
+    and scalars so; :func:`onnxbalance.rewrite.rewrite` turns an edited one into a ``value``);
+    None for other nodes and other attributes (strings, sparse values)."""
     if node.op_type != "Constant" or not node.output:
         return None
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
             return attr.t
-        if attr.name in ("value_int", "value_ints"):
-            values = list(attr.ints) if attr.name == "value_ints" else [attr.i]
-            dims = [len(values)] if attr.name == "value_ints" else []
-            return onnx.helper.make_tensor(node.output[0], onnx.TensorProto.INT64, dims, values)
+        if attr.name in _LISTED_VALUES:
+            data_type, listed = _LISTED_VALUES[attr.name]
+            values = onnx.helper.get_attribute_value(attr)
+            values = list(values) if listed else [values]
+            dims = [len(values)] if listed else []
+            return onnx.helper.make_tensor(node.output[0], data_type, dims, values)
     return None
 
 
