@@ -490,13 +490,7 @@ def _direction(graph: GraphIndex, name: str) -> tuple[str, str | None] | None:
         or name in graph.graph_outputs
     ):
         return None
-    if len(unsqueeze.input) > 1:  # opset >= 13: the axes are an input
-        given = fixed_constant(graph, unsqueeze.input[1])
-        if given is None:
-            return None
-        axes = given.ravel().tolist()
-    else:
-        axes = list(attr(unsqueeze, "axes", []))
+    axes, _ = given_axes(graph, unsqueeze)
     found = _row_pieces(graph, unsqueeze.input[0]) if axes in ([0], [-3]) else None
     if found is None:
         return None
@@ -588,6 +582,19 @@ def is_fixed_constant(graph: GraphIndex, name: str) -> bool:
 def fixed_constant(graph: GraphIndex, name: str) -> np.ndarray | None:
     """The value of a :func:`is_fixed_constant` tensor, None for any other."""
     return graph.array(name) if is_fixed_constant(graph, name) else None
+
+
+def given_axes(graph: GraphIndex, node: onnx.NodeProto) -> tuple[list[int] | None, bool]:
+    """The node's ``axes``: its attribute, or from opset 13 (Squeeze, Unsqueeze, ReduceSum) or
+    18 (other reductions) its second input; None if not given, and whether they are computed at
+    run time (given as an input that is not a constant)."""
+    if len(node.input) > 1 and node.input[1]:
+        axes = fixed_constant(graph, node.input[1])
+        if axes is None:
+            return None, True
+    else:
+        axes = attr(node, "axes", None)
+    return (None if axes is None else [int(a) for a in np.asarray(axes).ravel()]), False
 
 
 Dimension = int | tuple[str, int]

@@ -79,6 +79,7 @@ from .ops import (
     Refusal,
     attr,
     fixed_constant,
+    given_axes,
     is_fixed_constant,
     shape_value,
     slice_cuts,
@@ -350,20 +351,6 @@ REDUCTIONS = frozenset(
 )
 
 
-def _axes(graph: GraphIndex, i: int) -> tuple[list[int] | None, bool]:
-    """Node ``i``'s ``axes``: its attribute, or from opset 13 (Squeeze, ReduceSum) or 18 (other
-    reductions) its second input; None if not given, and whether they are computed at run time
-    (given as an input that is not a constant)."""
-    node = graph.nodes[i]
-    if len(node.input) > 1 and node.input[1]:
-        axes = fixed_constant(graph, node.input[1])
-        if axes is None:
-            return None, True
-    else:
-        axes = attr(node, "axes", None)
-    return (None if axes is None else [int(a) for a in np.asarray(axes).ravel()]), False
-
-
 def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Refusal:
     """Positively homogeneous reductions over axes other than the unit axis (a spatial mean)."""
     node = graph.nodes[i]
@@ -371,7 +358,7 @@ def _reduce(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | Re
     if isinstance(found, Refusal):
         return found
     data, rank = found
-    axes, computed = _axes(graph, i)
+    axes, computed = given_axes(graph, graph.nodes[i])
     if computed:
         return Refusal(f"feeds {_name(graph, i)} whose axes are not a constant")
     if not axes:
@@ -671,7 +658,7 @@ def _squeeze(graph: GraphIndex, i: int, carried: dict[int, Carrier]) -> Step | R
     data = _only_data(graph, i, carried)
     if isinstance(data, Refusal):
         return data
-    axes, _ = _axes(graph, i)
+    axes, _ = given_axes(graph, graph.nodes[i])
     rank = _rank(graph, node.input[0], data)
     if not axes or isinstance(rank, Refusal):
         return _reshape(graph, i, carried)  # no axes: Squeeze drops every axis of size 1
