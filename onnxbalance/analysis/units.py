@@ -172,18 +172,21 @@ def _analyse_graph(graph: GraphIndex, clips: _Clips) -> tuple[ModelUnits, list[s
     else:  # followed as with --rescale-clip: what the option would balance, what it would not
         # (the same layers, diagonal ones included, so that unit numbers agree)
         rescaled = _followed(graph, clips.fresh(rescale=True), diagonal)
-        moving = _moving(rescaled.state)
+        roots = _roots(rescaled.state.parent)
+        moving = _moving(rescaled.state, roots)
         decided = int(moving[behind].sum())
-        _name_other_obstacles(followed.state, rescaled.state, moving)
+        _name_other_obstacles(followed.state, rescaled.state, roots, moving)
     units, weights = _assembled(graph, followed)
     return replace(units, units_behind_clips=decided), weights
 
 
-def _name_other_obstacles(state: _Units, rescaled: _Units, moving: np.ndarray) -> None:
+def _name_other_obstacles(
+    state: _Units, rescaled: _Units, roots: np.ndarray, moving: np.ndarray
+) -> None:
     """Reasons that offer --rescale-clip to units it would not balance: they say instead what
-    would stop them then (the first reason in their group, followed with the option), without
-    naming it (the summary counts the units each option named in their reasons may free)."""
-    roots = _roots(rescaled.parent)
+    would stop them then (the first reason in their group, followed with the option, whose
+    union-find ``roots`` are given), without naming it (the summary counts the units each
+    option named in their reasons may free)."""
     first: dict[int, str] = {}
     for u, why in sorted(rescaled.reason.items()):
         first.setdefault(int(roots[u]), why)
