@@ -14,7 +14,7 @@ import onnx
 import pytest
 from arch_reference import assert_equivalent
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import OPSET
+from onnx_models import HID, IN, OPSET, OUT, Net
 
 from onnxbalance import balance
 from onnxbalance.analysis import analyse
@@ -101,20 +101,15 @@ def _cast_between_layers(target: int, like: bool) -> onnx.ModelProto:
         weights.append(helper.make_tensor("like", target, [], [0]))
     else:
         nodes.insert(2, helper.make_node("Cast", ["h"], ["c"], "there", to=target))
-    model = _four_to_three(nodes, weights, "cast_between_layers")
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def _four_to_three(nodes, weights, name: str) -> onnx.ModelProto:
-    """``nodes`` and ``weights`` as a model from x [batch, 4] to y [batch, 3]."""
     graph = helper.make_graph(
-        nodes, name,
+        nodes, "cast_between_layers",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         weights,
     )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 @pytest.mark.parametrize("like", [False, True], ids=["Cast", "CastLike"])
@@ -140,24 +135,15 @@ def test_casts_pass_the_units_to_float_types_only(target, like):
 
 def test_a_castlike_reads_only_the_dtype_of_the_units_it_is_like():
     # CastLike(k, h) takes h's dtype, never its values: h's units reach nothing there
-    rng = np.random.default_rng(5)
-    skew = np.exp(rng.standard_normal((6, 1)))
-    weights = [
-        numpy_helper.from_array((rng.standard_normal((6, 4)) * skew).astype(np.float32), "W1"),
-        numpy_helper.from_array((rng.standard_normal((3, 6)) / skew.T).astype(np.float32), "W2"),
-        numpy_helper.from_array(rng.standard_normal(3), "shift"),  # float64, cast like h
-    ]
-    nodes = [
-        helper.make_node("Gemm", ["x", "W1"], ["h0"], "fc1", transB=1),
-        helper.make_node("Relu", ["h0"], ["h"], "relu"),
-        helper.make_node("CastLike", ["shift", "h"], ["shift32"], "like_h"),
-        helper.make_node("Gemm", ["h", "W2"], ["y0"], "fc2", transB=1),
-        helper.make_node("Add", ["y0", "shift32"], ["y"], "shifted"),
-    ]
-    model = _four_to_three(nodes, weights, "castlike_of_a_constant")
+    net = Net("castlike_of_a_constant", seed=5)
+    h = net.relu(net.gemm(net.input("x", ["N", IN]), IN, HID, "fc1"), "relu")
+    shift = net.op("CastLike", [net.const("shift", net.rng.standard_normal(OUT)), h], "like_h")
+    net.op("Add", [net.gemm(h, HID, OUT, "fc2"), shift], "shifted", output="y")
+    net.output("y")
+    model = net.build()
     units = analyse(model)
     assert units.n_groups == 6 and not units.skipped
-    feed = {"x": rng.standard_normal((16, 4)).astype(np.float32)}
+    feed = {"x": net.rng.standard_normal((16, IN)).astype(np.float32)}
     balanced, report = balance(model, inputs=feed)
     assert report.units_balanced == 6 and report.norm_after < report.norm_before * (1 - 1e-3)
     assert_equivalent(model, balanced, feed)

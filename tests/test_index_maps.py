@@ -14,7 +14,7 @@ from arch_reference import assert_equivalent
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import IN
+from onnx_models import IN, Net
 
 from onnxbalance import balance
 from onnxbalance.analysis import analyse
@@ -338,40 +338,20 @@ def test_pixel_shuffles_tie_or_spread_the_channels(op, mode, channels, shared):
 def test_slices_at_sizes_computed_from_shapes_select_channels():
     # h[:, :half] and h[:, half:], half = h.shape[1] // 2 computed in the graph (Shape, Gather,
     # Div), as exporters that do not fold shapes write it: known before the model runs
-    rng = np.random.default_rng(4)
-    skew = np.exp(rng.standard_normal((8, 1)))
-    weights = [
-        numpy_helper.from_array((rng.standard_normal((8, IN)) * skew).astype(np.float32), "W1"),
-        numpy_helper.from_array((rng.standard_normal((3, 4)) / skew[:4].T).astype(np.float32), "A"),
-        numpy_helper.from_array((rng.standard_normal((3, 4)) / skew[4:].T).astype(np.float32), "B"),
-        numpy_helper.from_array(np.array([1], np.int64), "one"),
-        numpy_helper.from_array(np.array([2], np.int64), "two"),
-        numpy_helper.from_array(np.array([0], np.int64), "zero"),
-        numpy_helper.from_array(np.array([2**62], np.int64), "end"),
-    ]
-    nodes = [
-        helper.make_node("Gemm", ["x", "W1"], ["h0"], transB=1),
-        helper.make_node("Relu", ["h0"], ["h"]),
-        helper.make_node("Shape", ["h"], ["shape"]),
-        helper.make_node("Gather", ["shape", "one"], ["width"]),
-        helper.make_node("Div", ["width", "two"], ["half"]),
-        helper.make_node("Slice", ["h", "zero", "half", "one"], ["first"]),
-        helper.make_node("Slice", ["h", "half", "end", "one"], ["second"]),
-        helper.make_node("Gemm", ["first", "A"], ["ya"], transB=1),
-        helper.make_node("Gemm", ["second", "B"], ["yb"], transB=1),
-        helper.make_node("Add", ["ya", "yb"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "computed_halves",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", IN])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        weights,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    fc1, first, second = analyse(model).layers
-    assert first.col_groups.tolist() == fc1.row_groups[:4].tolist()
-    assert second.col_groups.tolist() == fc1.row_groups[4:].tolist()
-    x = rng.normal(size=(8, IN)).astype(np.float32)
+    net = Net("computed_halves", seed=4)
+    h = net.relu(net.gemm(net.input("x", ["N", IN]), IN, 8, "fc1"), "relu")
+    one, two = net.const("one", np.array([1])), net.const("two", np.array([2]))
+    zero, end = net.const("zero", np.array([0])), net.const("end", np.array([2**62]))
+    width = net.op("Gather", [net.op("Shape", [h], "shape"), one], "width")
+    half = net.op("Div", [width, two], "half")
+    first = net.gemm(net.op("Slice", [h, zero, half, one], "first"), 4, 3, "fc_a", bias=None)
+    second = net.gemm(net.op("Slice", [h, half, end, one], "second"), 4, 3, "fc_b", bias=None)
+    net.output(net.op("Add", [first, second], "join", output="y"))
+    model = net.build()
+    fc1, fc_a, fc_b = analyse(model).layers
+    assert fc_a.col_groups.tolist() == fc1.row_groups[:4].tolist()
+    assert fc_b.col_groups.tolist() == fc1.row_groups[4:].tolist()
+    x = net.rng.normal(size=(8, IN)).astype(np.float32)
     balanced, report = balance(model, inputs={"x": x})
     assert report.units_found == report.units_balanced == 8
     assert_equivalent(model, balanced, {"x": x})

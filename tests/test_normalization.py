@@ -15,6 +15,7 @@ import onnx
 import pytest
 from arch_reference import assert_equivalent
 from onnx import TensorProto, helper, numpy_helper
+from onnx_models import HID, IN, OUT, Net
 
 from onnxbalance import balance
 from onnxbalance.analysis import analyse
@@ -167,27 +168,13 @@ def test_the_dynamo_exporter_without_its_optimiser_writes_sizes_as_integer_attri
 
 
 def test_a_reshape_to_sizes_given_as_integer_attributes_passes_the_units():
-    rng = np.random.default_rng(13)
-    skew = np.exp(rng.standard_normal((6, 1)))
-    weights = [
-        numpy_helper.from_array((rng.standard_normal((6, 4)) * skew).astype(np.float32), "W1"),
-        numpy_helper.from_array((rng.standard_normal((3, 6)) / skew.T).astype(np.float32), "W2"),
-    ]
-    nodes = [
-        helper.make_node("Gemm", ["x", "W1"], ["h0"], transB=1),
-        helper.make_node("Relu", ["h0"], ["h"]),
-        helper.make_node("Constant", [], ["flat"], value_ints=[0, -1]),
-        helper.make_node("Reshape", ["h", "flat"], ["f"]),
-        helper.make_node("Gemm", ["f", "W2"], ["y"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "reshape_to_value_ints",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        weights,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feed = {"x": rng.standard_normal((8, 4)).astype(np.float32)}
+    net = Net("reshape_to_value_ints", seed=13)
+    h = net.relu(net.gemm(net.input("x", ["N", IN]), IN, HID, "fc1"), "relu")
+    net.nodes.append(helper.make_node("Constant", [], ["flat"], value_ints=[0, -1]))
+    net.gemm(net.op("Reshape", [h, "flat"], "flatten"), HID, OUT, "fc2")
+    net.output("fc2_out")
+    model = net.build()
+    feed = {"x": net.rng.standard_normal((8, IN)).astype(np.float32)}
     balanced, report = balance(model, inputs=feed)
-    assert report.units_found == report.units_balanced == 6
+    assert report.units_found == report.units_balanced == HID
     assert_equivalent(model, balanced, feed)

@@ -491,36 +491,24 @@ def test_overflow_of_a_narrow_dtype_is_refused_naming_the_tensor_and_its_edge_is
 def test_a_bias_held_as_a_constants_list_of_floats_is_rescaled_into_a_tensor(form):
     # Constant(value_floats=...) is a bias like any other; rescaled, it becomes a value tensor
     from arch_reference import assert_equivalent
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from onnxbalance import balance
 
-    rng = np.random.default_rng(14)
-    skew = np.exp(rng.standard_normal((6, 1)))
-    bias = (rng.standard_normal(6) * skew[:, 0]).astype(np.float32)
+    net = om.Net("listed_bias", seed=14)
+    bias = net.rng.standard_normal(om.HID).astype(np.float32)
     listed = {"value_floats": bias.tolist()} if form == "value_floats" else {"value_float": 0.5}
-    weights = [
-        numpy_helper.from_array((rng.standard_normal((6, 4)) * skew).astype(np.float32), "W1"),
-        numpy_helper.from_array((rng.standard_normal((3, 6)) / skew.T).astype(np.float32), "W2"),
-    ]
-    nodes = [
-        helper.make_node("Constant", [], ["b"], **listed),
-        helper.make_node("Gemm", ["x", "W1", "b"], ["h0"], transB=1),
-        helper.make_node("Relu", ["h0"], ["h"]),
-        helper.make_node("Gemm", ["h", "W2"], ["y"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "listed_bias",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        weights,
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feed = {"x": rng.standard_normal((8, 4)).astype(np.float32)}
+    net.nodes.append(helper.make_node("Constant", [], ["b"], **listed))
+    weight = net.rand("fc1_W", (om.HID, om.IN))
+    h = net.relu(net.op("Gemm", [net.input("x", ["N", om.IN]), weight, "b"], "fc1", transB=1), "r")
+    net.output(net.gemm(h, om.HID, om.OUT, "fc2", bias=None))
+    model = net.build()
+    feed = {"x": net.rng.standard_normal((8, om.IN)).astype(np.float32)}
     balanced, report = balance(model, inputs=feed)
-    assert report.units_found == report.units_balanced == 6 and report.verify.passed
+    assert report.units_found == report.units_balanced == om.HID and report.verify.passed
     assert_equivalent(model, balanced, feed)
     (constant,) = [n for n in balanced.graph.node if n.op_type == "Constant"]
     assert [a.name for a in constant.attribute] == ["value"]
     value = numpy_helper.to_array(constant.attribute[0].t)  # a scalar: one entry per unit
-    assert value.shape == (6,) and not np.allclose(value, bias if form == "value_floats" else 0.5)
+    assert value.shape == (om.HID,)
+    assert not np.allclose(value, bias if form == "value_floats" else 0.5)
