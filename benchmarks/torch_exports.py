@@ -10,61 +10,35 @@ exports give follow, names left out).
 Modules whose units a non-homogeneous op fixes in every export (attention scores, a
 squeeze-and-excitation gate) show it in every row alike.
 
-Needs torch (the test extra). Usage: PYTHONPATH=. python benchmarks/torch_exports.py
+Needs torch (the test extra); the exports and the seeded weights are the suite's
+(tests/torch_models.py). Usage: PYTHONPATH=. python benchmarks/torch_exports.py
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-import warnings
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from onnxbalance import OnnxBalanceError, balance
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-EXPORTS: dict[str, Callable[[nn.Module, torch.Tensor], onnx.ModelProto]] = {}
+from torch_models import export, export_dynamo, randomise  # noqa: E402
 
+from onnxbalance import OnnxBalanceError, balance  # noqa: E402
 
-def _export(name: str):
-    def register(function):
-        EXPORTS[name] = function
-        return function
-
-    return register
-
-
-@_export("torchscript")
-def _torchscript(module, example):
-    buffer = io.BytesIO()
-    torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17)
-    return onnx.load_from_string(buffer.getvalue())
-
-
-@_export("torchscript, no folding")
-def _torchscript_unfolded(module, example):
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        module, (example,), buffer, dynamo=False, opset_version=17, do_constant_folding=False
-    )
-    return onnx.load_from_string(buffer.getvalue())
-
-
-@_export("dynamo")
-def _dynamo(module, example):
-    return torch.onnx.export(module, (example,), dynamo=True, verbose=False).model_proto
-
-
-@_export("dynamo, no optimiser")
-def _dynamo_raw(module, example):
-    return torch.onnx.export(
-        module, (example,), dynamo=True, optimize=False, verbose=False
-    ).model_proto
+EXPORTS: dict[str, Callable[[nn.Module, torch.Tensor], onnx.ModelProto]] = {
+    "torchscript": export,
+    "torchscript, no folding": lambda module, example: export(module, example, fold=False),
+    "dynamo": export_dynamo,
+    "dynamo, no optimiser": lambda module, example: export_dynamo(module, example, optimize=False),
+}
 
 
 class Mlp(nn.Module):
@@ -141,31 +115,16 @@ MODULES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def skewed(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded weights, rows of each layer scaled by exp(N(0, 1)): something to balance."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.normal_(0.0, 0.2, generator=generator)
-            if parameter.dim() >= 2:
-                spread = torch.exp(torch.randn(parameter.shape[0], generator=generator))
-                parameter.mul_(spread.view(-1, *[1] * (parameter.dim() - 1)))
-        for child in module.modules():
-            if isinstance(child, nn.BatchNorm2d):
-                child.running_var.uniform_(0.5, 2.0, generator=generator)
-    return module.eval()
-
-
 def main() -> int:
-    warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)  # the dynamo exporter's notes on missing torchvision
     print(f"{'module':40s} {'export':24s} {'found':>6s} {'balanced':>8s} {'ratio':>7s}  verified")
     for label, (make, shape) in MODULES.items():
-        module = skewed(make(), seed=0)
+        torch.manual_seed(0)  # the recurrent weights, which randomise leaves as built
+        module = randomise(make(), seed=0).eval()
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
         reasons: dict[str, set[str]] = {}
-        for export_name, export in EXPORTS.items():
-            model = export(module, example)
+        for export_name, exported in EXPORTS.items():
+            model = exported(module, example)
             feed = {model.graph.input[0].name: example.numpy()}
             try:
                 _, report = balance(model, inputs=feed)
